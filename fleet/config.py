@@ -1,0 +1,747 @@
+"""Loading desired_state.toml and hosts/*.toml into a validated `Desired`.
+
+The only reader of those files.  Loading never stops at the first problem: every finding is
+collected as a `Finding` (file, key path, line where known, what is wrong, how to fix it) so
+that `fleet check` can report all of them in one run.  Domain rules (Sidekiq queues, placement,
+env keys) live in `fleet.policy`; this module checks structure, types and references.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+import networkx as nx
+
+from fleet.errors import ConfigError
+from fleet.model import (
+    DEFAULT_SIDEKIQ_COMMAND,
+    KINDS,
+    Desired,
+    DiscoveryPattern,
+    EnvFile,
+    Finding,
+    HealthCheck,
+    Host,
+    Kind,
+    PlacementRule,
+    SecretSource,
+    Service,
+    SidekiqSpec,
+    UnitSpec,
+)
+from fleet.textutil import did_you_mean
+
+# Names that end up in remote commands and file paths are restricted up front, so that no
+# later stage has to wonder whether a name can carry shell syntax or a path separator.
+HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.@-]{0,250}\.(service|socket|timer|target|path)$")
+UNIT_GLOB = re.compile(r"^[A-Za-z0-9*?\[\]:_.@-]{1,255}$")
+ADDRESS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
+USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+ENV_KEY = re.compile(r"^[A-Za-z0-9_]{1,128}$")
+ROLE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESTART_VALUES = ("no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always")
+MAX_FILE_BYTES = 1 << 20  # a 1 MiB desired state is already absurd; refuse before parsing
+
+HOST_KEYS = ("name", "address", "port", "user", "sudo", "roles")
+TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files")
+SERVICE_KEYS = (
+    "kind", "unit", "hosts", "requires", "observe_only", "unit_file", "health",
+    "max_unavailable", "concurrency", "queues", "sidekiq_command",
+)  # fmt: skip
+UNIT_FILE_KEYS = (
+    "description", "user", "group", "working_directory", "environment", "environment_files",
+    "exec_start", "exec_reload", "restart", "restart_sec", "after", "wanted_by",
+)  # fmt: skip
+HEALTH_KEYS = ("command", "http", "tcp", "timeout")
+ENV_FILE_KEYS = ("path", "services", "hosts", "owner", "group", "mode", "values", "sensitive", "overrides")
+
+
+@dataclass
+class _Ctx:
+    """Collects findings for one file; knows its text so it can point at lines."""
+
+    file: str
+    text: str = ""
+    findings: list[Finding] = field(default_factory=list)
+
+    def error(self, key: str, message: str, hint: str = "", code: str = "config.invalid") -> None:
+        self.findings.append(
+            Finding("error", code, message, file=self.file, key=key, line=locate(self.text, key), hint=hint)
+        )
+
+    def warn(self, key: str, message: str, hint: str = "", code: str = "config.warning") -> None:
+        self.findings.append(
+            Finding("warning", code, message, file=self.file, key=key, line=locate(self.text, key), hint=hint)
+        )
+
+
+def locate(text: str, key: str) -> int | None:
+    """Best-effort line number of a dotted key path in TOML text (tomllib keeps no positions).
+
+    Looks for the deepest table header that is a prefix of the key, then for `leaf =` after it.
+    Good enough to send a reader to the right place; None when unsure.
+    """
+    if not text or not key:
+        return None
+    parts = key.split(".")
+    lines = text.splitlines()
+    start, depth = 0, 0
+    for n in range(len(parts), 0, -1):
+        header = ".".join(parts[:n])
+        for i, line in enumerate(lines):
+            s = line.strip()
+            if s in (f"[{header}]", f"[[{header}]]"):
+                start, depth = i, n
+                break
+        if depth:
+            break
+    if depth == len(parts):
+        return start + 1
+    for leaf in parts[depth:]:
+        pat = re.compile(rf'^\s*"?{re.escape(leaf)}"?\s*=|[{{,]\s*"?{re.escape(leaf)}"?\s*=')
+        for i in range(start, len(lines)):
+            if i > start and lines[i].lstrip().startswith("[") and depth:
+                break
+            if pat.search(lines[i]):
+                start = i
+                break
+        else:
+            return start + 1 if depth else None
+    return start + 1
+
+
+def read_toml(path: Path, ctx: _Ctx) -> dict[str, Any] | None:
+    """Parse one TOML file; syntax errors become findings with line and column."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        ctx.error("", f"cannot read {path}: {e.strerror or e}", "check the path and permissions", "config.unreadable")
+        return None
+    if len(raw) > MAX_FILE_BYTES:
+        ctx.error("", f"file is {len(raw)} bytes; fleet refuses files over {MAX_FILE_BYTES} bytes",
+                  "this is not a desired-state file, or it is generated wrongly", "config.too-large")
+        return None
+    try:
+        ctx.text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        ctx.error("", f"file is not valid UTF-8 (byte {e.start})", "save the file as UTF-8", "config.encoding")
+        return None
+    try:
+        return tomllib.loads(ctx.text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        line, col = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+        what = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg) if m else msg
+        ctx.findings.append(
+            Finding("error", "toml.syntax", f"TOML syntax error: {what}", file=ctx.file, line=line,
+                    column=col, hint="fix the syntax at that position; see docs/desired-state.md")
+        )
+        return None
+
+
+# ------------------------------------------------------------------ typed accessors
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "a boolean (true/false)", float: "a number",
+             list: "an array", dict: "a table"}
+    ts = t if isinstance(t, tuple) else (t,)
+    return " or ".join(names.get(x, x.__name__) for x in ts)
+
+
+def _get(ctx: _Ctx, table: dict[str, Any], prefix: str, key: str, typ: type | tuple[type, ...],
+         required: bool = False, default: Any = None) -> Any:
+    path = f"{prefix}.{key}" if prefix else key
+    if key not in table:
+        if required:
+            ctx.error(path, f"missing required key '{path}'", f"add `{key} = …` (see docs/desired-state.md)",
+                      "config.missing-key")
+        return default
+    value = table[key]
+    types = typ if isinstance(typ, tuple) else (typ,)
+    # bool is a subclass of int in Python; TOML keeps them apart, and so do we.
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        ctx.error(path, f"'{path}' must be {_type_name(typ)}, not {_toml_type(value)}", "",
+                  "config.wrong-type")
+        return default
+    return value
+
+
+def _toml_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "a table"
+    return type(v).__name__
+
+
+def _str_list(ctx: _Ctx, table: dict[str, Any], prefix: str, key: str, required: bool = False) -> list[str]:
+    value = _get(ctx, table, prefix, key, list, required, [])
+    out: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            ctx.error(f"{prefix}.{key}", f"'{prefix}.{key}[{i}]' must be a string, not {_toml_type(item)}",
+                      code="config.wrong-type")
+        else:
+            out.append(item)
+    return out
+
+
+def _unknown_keys(ctx: _Ctx, table: dict[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
+    for key in table:
+        if key not in allowed:
+            path = f"{prefix}.{key}" if prefix else key
+            hint = did_you_mean(key, allowed) or f"allowed keys here: {', '.join(allowed)}"
+            ctx.error(path, f"unknown key '{path}'", hint, "config.unknown-key")
+
+
+def _check_name(ctx: _Ctx, path: str, value: str, pattern: re.Pattern[str], what: str) -> bool:
+    if not pattern.match(value):
+        ctx.error(path, f"{what} {value!r} contains characters fleet does not accept",
+                  f"use only the characters matched by {pattern.pattern}", "config.bad-name")
+        return False
+    return True
+
+
+def _no_control(ctx: _Ctx, path: str, value: str) -> bool:
+    if any(ord(c) < 32 and c != "\t" for c in value):
+        ctx.error(path, f"'{path}' contains a newline or control character",
+                  "unit file settings are single lines; remove it", "config.bad-value")
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ hosts
+
+
+def load_hosts(hosts_dir: Path) -> tuple[tuple[Host, ...], list[Finding]]:
+    """One Host per `*.toml` file in hosts_dir, sorted by name."""
+    findings: list[Finding] = []
+    if not hosts_dir.is_dir():
+        raise ConfigError(f"hosts directory {hosts_dir} does not exist", file=str(hosts_dir),
+                          hint="create it with one <name>.toml per host, or pass --hosts DIR")
+    hosts: list[Host] = []
+    for path in sorted(hosts_dir.glob("*.toml")):
+        ctx = _Ctx(str(path))
+        host = _load_host(path, ctx)
+        findings += ctx.findings
+        if host is not None:
+            hosts.append(host)
+    if not hosts and not findings:
+        findings.append(Finding("error", "hosts.empty", f"no host files (*.toml) in {hosts_dir}",
+                                file=str(hosts_dir), hint="add one <name>.toml per host"))
+    seen: dict[tuple[str, int], Host] = {}
+    for h in hosts:
+        other = seen.get((h.address.lower(), h.port))
+        if other is not None:
+            findings.append(Finding("error", "hosts.same-address",
+                                    f"hosts {other.name} and {h.name} both point at {h.address}:{h.port}",
+                                    file=h.source, key="address",
+                                    hint="two names for one machine would make fleet act on it twice; "
+                                         "give each host its own address"))
+        seen[(h.address.lower(), h.port)] = h
+    return tuple(hosts), findings
+
+
+def _load_host(path: Path, ctx: _Ctx) -> Host | None:
+    data = read_toml(path, ctx)
+    if data is None:
+        return None
+    stem = path.stem
+    if not _check_name(ctx, "", stem, HOST_NAME, "host file name"):
+        return None
+    _unknown_keys(ctx, data, "", HOST_KEYS)
+    name = _get(ctx, data, "", "name", str, default=stem)
+    if name != stem:
+        ctx.error("name", f"file {path.name} declares name = {name!r}; the file name says {stem!r}",
+                  f"rename the file to {name}.toml or set name = \"{stem}\"", "hosts.name-mismatch")
+    address = _get(ctx, data, "", "address", str, required=True)
+    port = _get(ctx, data, "", "port", int, default=22)
+    user = _get(ctx, data, "", "user", str, default="root")
+    sudo = _get(ctx, data, "", "sudo", bool, default=False)
+    roles = _str_list(ctx, data, "", "roles")
+    ok = address is not None and _check_name(ctx, "address", address, ADDRESS, "address")
+    if not 1 <= port <= 65535:
+        ctx.error("port", f"port {port} is outside 1–65535", "use the host's SSH port", "hosts.bad-port")
+        ok = False
+    if not _check_name(ctx, "user", user, USER_NAME, "user name"):
+        ok = False
+    for r in roles:
+        ok = _check_name(ctx, "roles", r, ROLE, "role") and ok
+    if sudo and user == "root":
+        ctx.warn("sudo", "sudo = true with user = \"root\" is redundant", "drop `sudo` or use a non-root user")
+    if not ok or any(f.is_error for f in ctx.findings):
+        return None
+    return Host(name=stem, address=address, port=port, user=user, sudo=sudo, roles=tuple(roles), source=str(path))
+
+
+# ------------------------------------------------------------------ desired state
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The result of loading: a Desired (None when the files are unusable) and every finding."""
+
+    desired: Desired | None
+    findings: tuple[Finding, ...]
+    texts: tuple[tuple[str, str], ...] = ()  # (file, text) of what was read, to point at lines
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.is_error)
+
+
+def load(desired_path: Path, hosts_dir: Path) -> Loaded:
+    """Load and structurally validate the desired state and inventory.  Never raises on bad
+    content; raises ConfigError only when a file or directory is missing altogether."""
+    if not desired_path.is_file():
+        raise ConfigError(f"desired state file {desired_path} does not exist", file=str(desired_path),
+                          hint="run fleet in the directory holding desired_state.toml, or pass --dir/--desired")
+    hosts, findings = load_hosts(hosts_dir)
+    ctx = _Ctx(str(desired_path))
+    data = read_toml(desired_path, ctx)
+    texts = ((ctx.file, ctx.text),)
+    if data is None:
+        return Loaded(None, tuple(findings + ctx.findings), texts)
+    desired = _build_desired(data, hosts, ctx, desired_path, hosts_dir)
+    return Loaded(desired, tuple(findings + ctx.findings), texts)
+
+
+def with_lines(findings: list[Finding], loaded: Loaded) -> list[Finding]:
+    """Give findings made without the file text (the policies) a line number where one is found."""
+    texts = dict(loaded.texts)
+    out = []
+    for f in findings:
+        if f.line is None and f.key and f.file in texts:
+            f = replace(f, line=locate(texts[f.file], f.key))
+        out.append(f)
+    return out
+
+
+def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, path: Path, hosts_dir: Path) -> Desired:
+    _unknown_keys(ctx, data, "", TOP_KEYS)
+    fleet_t = _get(ctx, data, "", "fleet", dict, default={})
+    _unknown_keys(ctx, fleet_t, "fleet", ("name",))
+    name = _get(ctx, fleet_t, "fleet", "name", str, default=path.parent.resolve().name or "fleet")
+
+    placement, extra_keys = _load_policy(ctx, _get(ctx, data, "", "policy", dict, default={}))
+    discover = _load_discover(ctx, _get(ctx, data, "", "discover", list, default=[]))
+    host_names = [h.name for h in hosts]
+
+    services_t = _get(ctx, data, "", "services", dict, default={})
+    services: list[Service] = []
+    for sname, st in services_t.items():
+        prefix = f"services.{sname}"
+        if not _check_name(ctx, prefix, sname, SERVICE_NAME, "service name"):
+            continue
+        if not isinstance(st, dict):
+            ctx.error(prefix, f"'{prefix}' must be a table", f"write it as [{prefix}]", "config.wrong-type")
+            continue
+        svc = _load_service(ctx, sname, st, host_names, hosts_dir)
+        if svc is not None:
+            services.append(svc)
+    if not services_t:
+        ctx.error("services", "no services declared", "declare at least one [services.NAME] table",
+                  "config.missing-key")
+
+    declared = list(services_t)
+    _check_references(ctx, services, declared)
+    env_files = _load_env_files(ctx, _get(ctx, data, "", "env_files", dict, default={}), services, declared,
+                                host_names, hosts_dir)
+    return Desired(name=name, hosts=hosts, services=tuple(services), env_files=tuple(env_files),
+                   discover=tuple(discover), placement=tuple(placement), extra_env_keys=tuple(extra_keys),
+                   source=str(path), hosts_dir=str(hosts_dir))
+
+
+def _load_policy(ctx: _Ctx, policy: dict[str, Any]) -> tuple[list[PlacementRule], list[str]]:
+    _unknown_keys(ctx, policy, "policy", ("placement", "env"))
+    rules: list[PlacementRule] = []
+    placement = _get(ctx, policy, "policy", "placement", dict, default={})
+    for role, rt in placement.items():
+        prefix = f"policy.placement.{role}"
+        if not isinstance(rt, dict):
+            ctx.error(prefix, f"'{prefix}' must be a table", f"write [{prefix}] with forbid = [...]",
+                      "config.wrong-type")
+            continue
+        _unknown_keys(ctx, rt, prefix, ("forbid",))
+        forbid = _str_list(ctx, rt, prefix, "forbid", required=True)
+        for k in forbid:
+            if k not in KINDS:
+                ctx.error(f"{prefix}.forbid", f"unknown service kind {k!r} in {prefix}.forbid",
+                          did_you_mean(k, KINDS) or f"kinds: {', '.join(KINDS)}", "config.bad-value")
+        rules.append(PlacementRule(role=role, forbid=tuple(k for k in forbid if k in KINDS)))
+    env = _get(ctx, policy, "policy", "env", dict, default={})
+    _unknown_keys(ctx, env, "policy.env", ("extra_keys",))
+    extra = _str_list(ctx, env, "policy.env", "extra_keys")
+    return rules, extra
+
+
+def _load_discover(ctx: _Ctx, items: list[Any]) -> list[DiscoveryPattern]:
+    out: list[DiscoveryPattern] = []
+    for i, item in enumerate(items):
+        prefix = f"discover[{i}]"
+        if not isinstance(item, dict):
+            ctx.error("discover", f"'{prefix}' must be a table", "write it as [[discover]] with pattern = \"…\"",
+                      "config.wrong-type")
+            continue
+        _unknown_keys(ctx, item, "discover", ("pattern", "prune"))
+        pattern = _get(ctx, item, "discover", "pattern", str, required=True)
+        prune = _get(ctx, item, "discover", "prune", bool, default=False)
+        if pattern is not None and _check_name(ctx, "discover.pattern", pattern, UNIT_GLOB, "discovery pattern"):
+            out.append(DiscoveryPattern(pattern=pattern, prune=prune))
+    return out
+
+
+def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str], hosts_dir: Path) -> Service | None:
+    prefix = f"services.{name}"
+    _unknown_keys(ctx, st, prefix, SERVICE_KEYS)
+    kind_s = _get(ctx, st, prefix, "kind", str, required=True)
+    kind: Kind | None = None
+    if kind_s is not None:
+        if kind_s in KINDS:
+            kind = Kind(kind_s)
+        else:
+            ctx.error(f"{prefix}.kind", f"unknown kind {kind_s!r}",
+                      did_you_mean(kind_s, KINDS) or f"kinds: {', '.join(KINDS)}", "config.bad-value")
+    unit = _get(ctx, st, prefix, "unit", str, required=True)
+    if unit is not None:
+        _check_name(ctx, f"{prefix}.unit", unit, UNIT_NAME, "unit name")
+    hosts = _str_list(ctx, st, prefix, "hosts", required=True)
+    seen: set[str] = set()
+    for h in hosts:
+        if h in seen:
+            ctx.error(f"{prefix}.hosts", f"host {h!r} is listed twice in {prefix}.hosts", "list each host once",
+                      "config.duplicate")
+        seen.add(h)
+        if h not in host_names:
+            hint = did_you_mean(h, host_names) or f"add {hosts_dir}/{h}.toml or remove it from the list"
+            ctx.error(f"{prefix}.hosts", f"service {name!r} names host {h!r}, which has no file in {hosts_dir}/",
+                      hint, "config.unknown-host")
+    requires = _str_list(ctx, st, prefix, "requires")
+    observe_only = _get(ctx, st, prefix, "observe_only", bool, default=False)
+    max_unavailable = _get(ctx, st, prefix, "max_unavailable", int, default=1)
+    if max_unavailable < 1:
+        ctx.error(f"{prefix}.max_unavailable", "max_unavailable must be at least 1",
+                  "1 rolls one host at a time", "config.bad-value")
+    health = _load_health(ctx, prefix, _get(ctx, st, prefix, "health", dict))
+
+    sidekiq: SidekiqSpec | None = None
+    sidekiq_keys = [k for k in ("concurrency", "queues", "sidekiq_command") if k in st]
+    if kind == Kind.SIDEKIQ:
+        sidekiq = _load_sidekiq(ctx, prefix, st)
+    elif kind is not None and sidekiq_keys:
+        for k in sidekiq_keys:
+            ctx.error(f"{prefix}.{k}", f"'{k}' only applies to kind = \"sidekiq\"",
+                      "remove it, or set kind = \"sidekiq\"", "config.bad-key")
+
+    unit_t = _get(ctx, st, prefix, "unit_file", dict)
+    unit_spec: UnitSpec | None = None
+    if observe_only:
+        if unit_t is not None:
+            ctx.error(f"{prefix}.unit_file", f"{name} is observe_only, so fleet never writes its unit",
+                      "remove [unit_file], or set observe_only = false", "config.bad-key")
+    elif unit_t is None:
+        if kind is not None:
+            ctx.error(f"{prefix}.unit_file", f"service {name!r} needs a [{prefix}.unit_file] table",
+                      "describe the unit (exec_start, user …), or set observe_only = true for distro units",
+                      "config.missing-key")
+    else:
+        unit_spec = _load_unit(ctx, f"{prefix}.unit_file", unit_t, sidekiq)
+
+    # Keep a service whose only faults are recoverable (unknown keys, unknown hosts, …) so that
+    # the policies still judge the rest of the fleet; drop it only when its essence is missing.
+    if kind is None or unit is None or not UNIT_NAME.match(unit) or (
+            not observe_only and unit_spec is None) or (kind == Kind.SIDEKIQ and sidekiq is None):
+        return None
+    return Service(name=name, kind=kind, unit=unit, hosts=tuple(h for h in hosts if h in host_names),
+                   requires=tuple(requires),
+                   observe_only=observe_only, unit_spec=unit_spec, sidekiq=sidekiq, health=health,
+                   max_unavailable=max_unavailable)
+
+
+def _load_health(ctx: _Ctx, prefix: str, ht: dict[str, Any] | None) -> HealthCheck | None:
+    if ht is None:
+        return None
+    p = f"{prefix}.health"
+    _unknown_keys(ctx, ht, p, HEALTH_KEYS)
+    command = _get(ctx, ht, p, "command", str)
+    http = _get(ctx, ht, p, "http", str)
+    tcp = _get(ctx, ht, p, "tcp", int)
+    timeout = _get(ctx, ht, p, "timeout", (int, float), default=10)
+    given = [k for k, v in (("command", command), ("http", http), ("tcp", tcp)) if v is not None]
+    if len(given) != 1:
+        ctx.error(p, f"{p} needs exactly one of command, http, tcp (has {', '.join(given) or 'none'})",
+                  "for example health = { http = \"http://127.0.0.1:3000/health\" }", "config.bad-value")
+        return None
+    if http is not None and not re.match(r"^https?://[^\s'\"]+$", http):
+        ctx.error(f"{p}.http", f"{http!r} is not an http:// or https:// URL", "", "config.bad-value")
+        return None
+    if tcp is not None and not 1 <= tcp <= 65535:
+        ctx.error(f"{p}.tcp", f"port {tcp} is outside 1–65535", "", "config.bad-value")
+        return None
+    if command is not None and not _no_control(ctx, f"{p}.command", command):
+        return None
+    if timeout <= 0:
+        ctx.error(f"{p}.timeout", "timeout must be positive (seconds)", "", "config.bad-value")
+        return None
+    return HealthCheck(command=command, http=http, tcp=tcp, timeout=float(timeout))
+
+
+def _load_sidekiq(ctx: _Ctx, prefix: str, st: dict[str, Any]) -> SidekiqSpec | None:
+    concurrency = _get(ctx, st, prefix, "concurrency", int, required=True)
+    command = _get(ctx, st, prefix, "sidekiq_command", str, default=DEFAULT_SIDEKIQ_COMMAND)
+    raw = _get(ctx, st, prefix, "queues", (dict, list), required=True)
+    queues: list[tuple[str, int | None]] = []
+    if isinstance(raw, dict):
+        for q, w in raw.items():
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                ctx.error(f"{prefix}.queues.{q}", f"weight of queue {q!r} must be a positive integer",
+                          "for example queues = { default = 8, push = 6 }", "config.bad-value")
+                continue
+            queues.append((q, w))
+    elif isinstance(raw, list):
+        for q in raw:
+            if not isinstance(q, str):
+                ctx.error(f"{prefix}.queues", "queue names must be strings", "", "config.wrong-type")
+                continue
+            queues.append((q, None))
+    if raw is not None and not queues and not any(f.key.startswith(f"{prefix}.queues") for f in ctx.findings):
+        ctx.error(f"{prefix}.queues", "a Sidekiq process must serve at least one queue",
+                  "for example queues = { default = 8, push = 6 }", "config.bad-value")
+    if concurrency is not None and not 1 <= concurrency <= 1000:
+        ctx.error(f"{prefix}.concurrency", f"concurrency {concurrency} is outside 1–1000", "", "config.bad-value")
+        return None
+    for q, _ in queues:
+        if not re.match(r"^[A-Za-z0-9_-]+$", q):
+            ctx.error(f"{prefix}.queues", f"queue name {q!r} contains characters Sidekiq does not use", "",
+                      "config.bad-name")
+            return None
+    if concurrency is None or not queues or not _no_control(ctx, f"{prefix}.sidekiq_command", command):
+        return None
+    return SidekiqSpec(concurrency=concurrency, queues=tuple(queues), command=command)
+
+
+def _load_unit(ctx: _Ctx, p: str, ut: dict[str, Any], sidekiq: SidekiqSpec | None) -> UnitSpec | None:
+    _unknown_keys(ctx, ut, p, UNIT_FILE_KEYS)
+    get_s: Callable[[str], str | None] = lambda k: _get(ctx, ut, p, k, str)  # noqa: E731
+    exec_start = get_s("exec_start")
+    if sidekiq is not None:
+        if exec_start is not None:
+            ctx.error(f"{p}.exec_start", "a Sidekiq service's ExecStart is derived from concurrency and queues",
+                      "remove exec_start; set concurrency, queues (and sidekiq_command) on the service",
+                      "config.bad-key")
+        exec_start = sidekiq.exec_start()
+    elif exec_start is None:
+        ctx.error(f"{p}.exec_start", f"missing required key '{p}.exec_start'",
+                  "the command systemd starts, with an absolute path", "config.missing-key")
+        return None
+    if not exec_start.startswith("/") and not exec_start.startswith("-/"):
+        ctx.error(f"{p}.exec_start", f"ExecStart must start with an absolute path, got {exec_start.split()[0]!r}",
+                  "write the full path of the executable", "config.bad-value")
+    env_t = _get(ctx, ut, p, "environment", dict, default={})
+    environment: list[tuple[str, str]] = []
+    for k, v in env_t.items():
+        if not ENV_KEY.match(k):
+            ctx.error(f"{p}.environment.{k}", f"environment variable name {k!r} is not valid",
+                      "use letters, digits and underscores", "config.bad-name")
+        elif isinstance(v, (str, int)) and not isinstance(v, bool):
+            environment.append((k, str(v)))
+        else:
+            ctx.error(f"{p}.environment.{k}", f"'{p}.environment.{k}' must be a string", "", "config.wrong-type")
+    if sidekiq is not None and "DB_POOL" not in env_t:
+        environment.append(("DB_POOL", str(sidekiq.concurrency)))  # one connection per Sidekiq thread
+    env_files = _str_list(ctx, ut, p, "environment_files")
+    for f in env_files:
+        if not f.startswith("/") or "/../" in f + "/":
+            ctx.error(f"{p}.environment_files", f"environment file {f!r} must be an absolute path without '..'",
+                      "", "config.bad-value")
+    restart = get_s("restart")
+    if restart is not None and restart not in RESTART_VALUES:
+        ctx.error(f"{p}.restart", f"Restart={restart!r} is not a systemd value",
+                  did_you_mean(restart, RESTART_VALUES) or f"one of {', '.join(RESTART_VALUES)}", "config.bad-value")
+    user = get_s("user")
+    if user is not None:
+        _check_name(ctx, f"{p}.user", user, USER_NAME, "user name")
+    spec_fields = {k: get_s(k) for k in ("description", "group", "working_directory", "exec_reload", "restart_sec")}
+    for k, v in [("exec_start", exec_start), *spec_fields.items(), *((f"environment.{k}", v) for k, v in environment)]:
+        if v is not None:
+            _no_control(ctx, f"{p}.{k}", v)
+    after = _str_list(ctx, ut, p, "after") if "after" in ut else ["network.target"]
+    wanted_by = _str_list(ctx, ut, p, "wanted_by") if "wanted_by" in ut else ["multi-user.target"]
+    for u in after + wanted_by:
+        _check_name(ctx, p, u, UNIT_NAME, "unit name")
+    return UnitSpec(exec_start=exec_start, description=spec_fields["description"] or "", user=user,
+                    group=spec_fields["group"], working_directory=spec_fields["working_directory"],
+                    environment=tuple(environment), environment_files=tuple(env_files),
+                    exec_reload=spec_fields["exec_reload"], restart=restart, restart_sec=spec_fields["restart_sec"],
+                    after=tuple(after), wanted_by=tuple(wanted_by))
+
+
+def _check_references(ctx: _Ctx, services: list[Service], declared: list[str]) -> None:
+    """`declared` holds every service name in the file, including ones that failed to load, so
+    that a broken service is reported once, not again by everything that refers to it."""
+    names = [s.name for s in services]
+    graph: nx.DiGraph = nx.DiGraph()
+    graph.add_nodes_from(names)
+    for s in services:
+        for r in s.requires:
+            if r == s.name:
+                ctx.error(f"services.{s.name}.requires", f"service {s.name!r} requires itself", "remove it",
+                          "config.cycle")
+            elif r not in declared:
+                ctx.error(f"services.{s.name}.requires", f"service {s.name!r} requires unknown service {r!r}",
+                          did_you_mean(r, declared) or "declare it or remove it from requires",
+                          "config.unknown-service")
+            elif r in names:
+                graph.add_edge(r, s.name)
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        cycle = []
+    if cycle:
+        chain = " -> ".join([e[1] for e in cycle] + [cycle[0][1]])
+        ctx.error(f"services.{cycle[0][1]}.requires", f"dependency cycle: {chain} (each requires the previous)",
+                  "break the cycle by removing one of these requires", "config.cycle")
+    owners: dict[tuple[str, str], str] = {}
+    for s in services:
+        for h in s.hosts:
+            other = owners.get((h, s.unit))
+            if other is not None:
+                ctx.error(f"services.{s.name}.unit",
+                          f"services {other!r} and {s.name!r} both claim {s.unit} on host {h}",
+                          "give each service its own unit name on a host", "config.duplicate-unit")
+            owners[(h, s.unit)] = s.name
+
+
+def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], declared: list[str],
+                    host_names: list[str], hosts_dir: Path) -> list[EnvFile]:
+    out: list[EnvFile] = []
+    by_name = {s.name: s for s in services}
+    for name, et in table.items():
+        p = f"env_files.{name}"
+        if not isinstance(et, dict):
+            ctx.error(p, f"'{p}' must be a table", f"write it as [{p}]", "config.wrong-type")
+            continue
+        before = len(ctx.findings)
+        _unknown_keys(ctx, et, p, ENV_FILE_KEYS)
+        path = _get(ctx, et, p, "path", str, required=True)
+        if path is not None and _no_control(ctx, f"{p}.path", path) and (
+                not path.startswith("/") or "/../" in path + "/"):
+            ctx.error(f"{p}.path", f"env file path {path!r} must be absolute, without '..'", "", "config.bad-value")
+        svc_names = _str_list(ctx, et, p, "services")
+        hosts = _str_list(ctx, et, p, "hosts")
+        for s in svc_names:
+            if s not in declared:
+                ctx.error(f"{p}.services", f"env file {name!r} names unknown service {s!r}",
+                          did_you_mean(s, declared) or "declare the service or remove it", "config.unknown-service")
+        for h in hosts:
+            if h not in host_names:
+                ctx.error(f"{p}.hosts", f"env file {name!r} names host {h!r}, which has no file in {hosts_dir}/",
+                          did_you_mean(h, host_names), "config.unknown-host")
+        resolved = list(dict.fromkeys(hosts + [h for s in svc_names if s in by_name for h in by_name[s].hosts]))
+        if not svc_names and not hosts:
+            ctx.error(p, f"env file {name!r} says neither which services nor which hosts need it",
+                      "add services = [...] or hosts = [...]", "config.missing-key")
+        owner = _get(ctx, et, p, "owner", str)
+        group = _get(ctx, et, p, "group", str)
+        for k, v in (("owner", owner), ("group", group)):
+            if v is not None:
+                _check_name(ctx, f"{p}.{k}", v, USER_NAME, k)
+        mode = _get(ctx, et, p, "mode", str, default="0600")
+        if not re.match(r"^0?[0-7]{3}$", mode):
+            ctx.error(f"{p}.mode", f"mode {mode!r} is not an octal file mode", "for example mode = \"0600\"",
+                      "config.bad-value")
+        values = _env_values(ctx, f"{p}.values", _get(ctx, et, p, "values", dict, default={}))
+        sensitive: list[tuple[str, SecretSource]] = []
+        for k, src in _get(ctx, et, p, "sensitive", dict, default={}).items():
+            source = _secret_source(ctx, f"{p}.sensitive.{k}", src)
+            if source is not None:
+                sensitive.append((k, source))
+        overrides: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+        for h, ot in _get(ctx, et, p, "overrides", dict, default={}).items():
+            op = f"{p}.overrides.{h}"
+            if h not in resolved:
+                ctx.error(op, f"override for host {h!r}, which does not get env file {name!r}",
+                          did_you_mean(h, resolved) or "remove the override or add the host", "config.unknown-host")
+            if not isinstance(ot, dict):
+                ctx.error(op, f"'{op}' must be a table of KEY = \"value\"", "", "config.wrong-type")
+                continue
+            overrides.append((h, tuple(_env_values(ctx, op, ot))))
+        if any(f.is_error for f in ctx.findings[before:]) or path is None:
+            continue
+        out.append(EnvFile(name=name, path=path, hosts=tuple(resolved), services=tuple(svc_names),
+                           values=tuple(values), sensitive=tuple(sensitive), overrides=tuple(overrides),
+                           owner=owner, group=group, mode=mode if len(mode) == 4 else "0" + mode))
+    _check_env_conflicts(ctx, out)
+    return out
+
+
+def _env_values(ctx: _Ctx, p: str, table: dict[str, Any]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for k, v in table.items():
+        if not ENV_KEY.match(k):
+            ctx.error(f"{p}.{k}", f"{k!r} is not a valid environment variable name",
+                      "use letters, digits and underscores", "config.bad-name")
+        elif isinstance(v, bool):
+            out.append((k, "true" if v else "false"))
+        elif isinstance(v, (str, int)):
+            out.append((k, str(v)))
+        else:
+            ctx.error(f"{p}.{k}", f"'{p}.{k}' must be a string, not {_toml_type(v)}", "", "config.wrong-type")
+    return out
+
+
+def _secret_source(ctx: _Ctx, p: str, src: Any) -> SecretSource | None:
+    if isinstance(src, str):
+        if src in ("file", "present"):
+            return SecretSource(src)
+        m = re.match(r"^env:([A-Za-z_][A-Za-z0-9_]*)$", src)
+        if m:
+            return SecretSource("env", m.group(1))
+    ctx.error(p, f"'{p}' must say where the secret comes from, not hold it",
+              "use \"file\" (local secrets file), \"env:VARIABLE\" or \"present\" (never managed); "
+              "if you wrote the secret itself here, rotate it: it is now in the repository",
+              "env.bad-secret-source")
+    return None
+
+
+def _check_env_conflicts(ctx: _Ctx, files: list[EnvFile]) -> None:
+    """The same path declared twice for one host would make two tables fight over one file."""
+    claimed: dict[tuple[str, str], str] = {}
+    for ef in files:
+        for h in ef.hosts:
+            other = claimed.get((h, ef.path))
+            if other is not None and other != ef.name:
+                ctx.error(f"env_files.{ef.name}.path",
+                          f"env files {other!r} and {ef.name!r} both write {ef.path} on host {h}",
+                          "merge them, and use [env_files.NAME.overrides.HOST] for per-host values",
+                          "env.duplicate-path")
+            claimed[(h, ef.path)] = ef.name
+
+
+def default_paths(directory: str, desired: str | None, hosts: str | None) -> tuple[Path, Path]:
+    base = Path(directory)
+    return (Path(desired) if desired else base / "desired_state.toml",
+            Path(hosts) if hosts else base / "hosts")
+

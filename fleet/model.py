@@ -1,0 +1,228 @@
+"""The declared fleet as plain, immutable data.
+
+Everything downstream (policy, diff, plan, render) reads these frozen dataclasses; only
+`fleet.config` builds them from files.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    """What a service is, which decides the domain rules that apply to it."""
+
+    WEB = "web"
+    STREAMING = "streaming"
+    SIDEKIQ = "sidekiq"
+    POSTGRES = "postgres"
+    REDIS = "redis"
+    GENERIC = "generic"
+
+
+KINDS: tuple[str, ...] = tuple(k.value for k in Kind)
+
+# Sidekiq queues Mastodon uses (fasp since 4.4).  Mastodon's admin dashboard flags any
+# queue that no process listens to.
+SIDEKIQ_QUEUES: tuple[str, ...] = (
+    "default",
+    "push",
+    "ingress",
+    "mailers",
+    "pull",
+    "scheduler",
+    "fasp",
+)
+
+DEFAULT_SIDEKIQ_COMMAND = "/home/mastodon/.rbenv/shims/bundle exec sidekiq"
+
+
+@dataclass(frozen=True)
+class Host:
+    """One inventory file in hosts/."""
+
+    name: str
+    address: str
+    port: int = 22
+    user: str = "root"
+    sudo: bool = False
+    roles: tuple[str, ...] = ()
+    source: str = ""  # the file it came from, for messages
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Exactly one of command / http / tcp is set; all run on the host itself."""
+
+    command: str | None = None
+    http: str | None = None
+    tcp: int | None = None
+    timeout: float = 10.0
+
+    def describe(self) -> str:
+        if self.http is not None:
+            return f"GET {self.http}"
+        if self.tcp is not None:
+            return f"TCP port {self.tcp}"
+        return f"command `{self.command}`"
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """The contents of a systemd unit fleet writes (never for observe-only services)."""
+
+    exec_start: str
+    description: str = ""
+    user: str | None = None
+    group: str | None = None
+    working_directory: str | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    environment_files: tuple[str, ...] = ()
+    exec_reload: str | None = None
+    restart: str | None = None
+    restart_sec: str | None = None
+    after: tuple[str, ...] = ("network.target",)
+    wanted_by: tuple[str, ...] = ("multi-user.target",)
+
+    def env(self) -> dict[str, str]:
+        return dict(self.environment)
+
+
+@dataclass(frozen=True)
+class SidekiqSpec:
+    concurrency: int
+    queues: tuple[tuple[str, int | None], ...]  # (queue, weight) in order
+    command: str = DEFAULT_SIDEKIQ_COMMAND
+
+    def queue_names(self) -> tuple[str, ...]:
+        return tuple(q for q, _ in self.queues)
+
+    def argv_tail(self) -> list[str]:
+        args = ["-c", str(self.concurrency)]
+        for queue, weight in self.queues:
+            args += ["-q", queue if weight is None else f"{queue},{weight}"]
+        return args
+
+    def exec_start(self) -> str:
+        return " ".join([self.command, *self.argv_tail()])
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    kind: Kind
+    unit: str
+    hosts: tuple[str, ...]
+    requires: tuple[str, ...] = ()
+    observe_only: bool = False
+    unit_spec: UnitSpec | None = None  # None exactly when observe_only
+    sidekiq: SidekiqSpec | None = None
+    health: HealthCheck | None = None
+    max_unavailable: int = 1
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where a sensitive value comes from; the value itself is never in the model."""
+
+    kind: str  # "file" | "env" | "present"
+    var: str | None = None  # for kind == "env"
+
+    def describe(self) -> str:
+        return f"env:{self.var}" if self.kind == "env" else self.kind
+
+
+@dataclass(frozen=True)
+class EnvFile:
+    name: str
+    path: str
+    hosts: tuple[str, ...]  # resolved: explicit hosts plus the hosts of `services`
+    services: tuple[str, ...] = ()
+    values: tuple[tuple[str, str], ...] = ()
+    sensitive: tuple[tuple[str, SecretSource], ...] = ()
+    overrides: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()  # host -> values
+    owner: str | None = None
+    group: str | None = None
+    mode: str = "0600"
+
+    def values_for(self, host: str) -> dict[str, str]:
+        """The non-sensitive key/values this file must hold on `host`."""
+        merged = dict(self.values)
+        merged.update(dict(dict(self.overrides).get(host, ())))
+        return merged
+
+    def sensitive_keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.sensitive)
+
+
+@dataclass(frozen=True)
+class DiscoveryPattern:
+    pattern: str  # a systemd unit glob, e.g. "mastodon-*"
+    prune: bool = False
+
+
+@dataclass(frozen=True)
+class PlacementRule:
+    role: str
+    forbid: tuple[str, ...]  # service kinds
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The whole declared fleet: inventory, services, env files and policy."""
+
+    name: str
+    hosts: tuple[Host, ...]
+    services: tuple[Service, ...]
+    env_files: tuple[EnvFile, ...] = ()
+    discover: tuple[DiscoveryPattern, ...] = ()
+    placement: tuple[PlacementRule, ...] = ()
+    extra_env_keys: tuple[str, ...] = ()
+    source: str = ""
+    hosts_dir: str = ""
+
+    def host(self, name: str) -> Host | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+    def service(self, name: str) -> Service | None:
+        return next((s for s in self.services if s.name == name), None)
+
+    def services_on(self, host: str) -> tuple[Service, ...]:
+        return tuple(s for s in self.services if host in s.hosts)
+
+    def env_files_on(self, host: str) -> tuple[EnvFile, ...]:
+        return tuple(e for e in self.env_files if host in e.hosts)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnostic: an error stops the run, a warning is reported and allowed."""
+
+    severity: str  # "error" | "warning"
+    code: str  # stable identifier, e.g. "env.unknown-key"
+    message: str  # what is wrong
+    file: str = ""
+    key: str = ""  # dotted key path, e.g. services.web.hosts
+    line: int | None = None
+    column: int | None = None
+    hint: str = ""  # how to fix it
+    host: str = ""
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "message": self.message,
+            "file": self.file,
+            "key": self.key,
+            "line": self.line,
+            "column": self.column,
+            "hint": self.hint,
+            "host": self.host,
+        }

@@ -1,0 +1,51 @@
+"""Small pure helpers shared by the loader, the policies and the renderers."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions and
+    transpositions each cost 1 (so `3_BUCKET`→`S3_BUCKET` is 1, `frtiz`→`fritz` is 1)."""
+    a, b = a.lower(), b.lower()
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cost = 0 if ca == cb else 1
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def suggest(word: str, candidates: Iterable[str]) -> str | None:
+    """The closest candidate, if it is close enough to be a plausible typo."""
+    best: tuple[int, str] | None = None
+    for cand in candidates:
+        d = edit_distance(word, cand)
+        if best is None or d < best[0]:
+            best = (d, cand)
+    if best is None:
+        return None
+    limit = max(1, min(3, len(word) // 3))
+    return best[1] if best[0] <= limit else None
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    s = suggest(word, candidates)
+    return f"did you mean {s}?" if s else ""
+
+
+def mask(value: str) -> str:
+    """How a secret is shown anywhere fleet prints or stores it."""
+    return f"(sensitive, sha256:{sha256_hex(value)[:8]})"
+
+
+def sha256_hex(value: str | bytes) -> str:
+    data = value.encode() if isinstance(value, str) else value
+    return hashlib.sha256(data).hexdigest()
