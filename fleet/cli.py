@@ -6,12 +6,17 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fleet import __version__, config, policy
+from fleet.collect.collector import collect
+from fleet.collect.transport import SSHTransport
 from fleet.errors import FleetError
-from fleet.model import Finding
-from fleet.render import findings_summary, findings_text, use_color
+from fleet.model import Desired, Finding, HostResult, HostState
+from fleet.render import findings_summary, findings_text, status_text, use_color
+from fleet.status import build_status, status_json
+from fleet.targets import Targets, resolve
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -46,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", metavar="DIR", help="fleet's state directory (default: DIR/.fleet)")
     parser.add_argument("--lab", action="store_true",
                         help="talk to the local lab hosts (see `fleet lab`) instead of the real addresses")
+    parser.add_argument("--accept-new-host-keys", action="store_true",
+                        help="record UNKNOWN SSH host keys in known_hosts on first use (like OpenSSH "
+                             "accept-new); changed keys are always refused")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds to connect and authenticate to a host (default 10)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p_check = sub.add_parser(
@@ -56,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p_check.add_argument("--json", action="store_true", help="machine-readable findings (see docs/desired-state.md)")
 
+    p_status = sub.add_parser(
+        "status", help="what runs where: every service on every host, live",
+        description="Collect the actual systemd state of every host (one SSH round trip each, in parallel) "
+                    "and show one row per service and per undeclared unit, one column per host.",
+        epilog="exit codes:\n  0  every host answered\n  1  a host could not be reached or observed "
+               "(everything that answered is still shown), or invalid input\n"
+               "JSON schema: docs/status.md\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _host_options(p_status)
+    p_status.add_argument("--json", action="store_true", help="machine-readable report (docs/status.md)")
+
     try:
         from fleet.lab.cli import add_lab_parser
     except ImportError:  # pragma: no cover - lab package absent in a stripped install
@@ -63,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_lab_parser(sub)
     return parser
+
+
+def _host_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", metavar="HOSTS", help="only these hosts: names or globs, comma-separated")
+    p.add_argument("--forks", type=int, metavar="N", help="hosts contacted in parallel (default: all, up to 32)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds the remote collection may run per host (default 60)")
 
 
 def _finish_paths(args: argparse.Namespace) -> None:
@@ -102,7 +130,51 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_ERROR if errors else EXIT_OK
 
 
-COMMANDS = {"check": cmd_check}
+def load_valid(args: argparse.Namespace) -> Desired:
+    """The desired state for commands that act on it: any error-level finding stops them."""
+    loaded, findings = load_checked(args)
+    errors = [f for f in findings if f.is_error]
+    if errors or loaded.desired is None:
+        print(findings_text(errors, color=use_color(sys.stderr.isatty())), file=sys.stderr)
+        raise FleetError(f"the desired state has {findings_summary(errors)}", hint="fix them (see `fleet check`)")
+    return loaded.desired
+
+
+def open_transport(args: argparse.Namespace, targets: Targets) -> SSHTransport:
+    return SSHTransport(ssh_config=targets.ssh_config, known_hosts=targets.known_hosts,
+                        accept_new=args.accept_new_host_keys, connect_timeout=args.connect_timeout,
+                        command_timeout=getattr(args, "timeout", 60.0))
+
+
+def observe(args: argparse.Namespace, desired: Desired, targets: Targets) -> dict[str, HostResult]:
+    """Collect every target host, with progress on stderr when a person is watching."""
+    tty = sys.stderr.isatty()
+
+    def progress(name: str, result: HostResult) -> None:
+        if tty:
+            what = "ok" if isinstance(result, HostState) else f"FAILED ({result.kind})"
+            print(f"  {name}: {what}", file=sys.stderr)
+
+    if tty:
+        print(f"collecting {len(targets.hosts)} host(s){' (lab)' if targets.lab else ''}…", file=sys.stderr)
+    with open_transport(args, targets) as transport:
+        return collect(desired, transport, targets.hosts, forks=args.forks, timeout=args.timeout, progress=progress)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    desired = load_valid(args)
+    targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
+    results = observe(args, desired, targets)
+    report = build_status(replace(desired, hosts=targets.hosts), results)
+    if args.json:
+        json.dump(status_json(report), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(status_text(report))
+    return EXIT_ERROR if report.unreachable else EXIT_OK
+
+
+COMMANDS = {"check": cmd_check, "status": cmd_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,7 +78,9 @@ SECRET_KEYS = frozenset(
     }
 )  # fmt: skip
 
-_SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|_PASS$|PRIVATE_KEY|TOKEN|API_KEY|ACCESS_KEY)")
+# Also used, as a POSIX ERE, by the remote collection script: keep it to plain alternation.
+SECRET_NAME_PATTERN = "(SECRET|PASSWORD|PASSWD|_PASS$|PRIVATE_KEY|TOKEN|API_KEY|ACCESS_KEY)"
+_SECRET_NAME = re.compile(SECRET_NAME_PATTERN)
 
 BOOLEAN_KEYS = frozenset(
     {"S3_ENABLED", "SINGLE_USER_MODE", "AUTHORIZED_FETCH", "LIMITED_FEDERATION_MODE", "ES_ENABLED",

@@ -226,3 +226,111 @@ class Finding:
             "hint": self.hint,
             "host": self.host,
         }
+
+
+# ---------------------------------------------------------------- observed state
+# What the collector found on a host.  Built only by fleet.collect.parse from text a host
+# printed; secrets never appear here in clear (only sha256 fingerprints).
+
+
+@dataclass(frozen=True)
+class UnitState:
+    unit: str
+    load_state: str  # loaded | not-found | masked | error …
+    active_state: str  # active | inactive | failed | activating …
+    sub_state: str  # running | dead | exited | auto-restart …
+    unit_file_state: str  # enabled | disabled | static | masked | "" …
+    exec_start: tuple[str, ...] = ()  # argv of the first ExecStart
+    main_pid: int = 0
+    fragment_path: str = ""
+    drop_in_paths: tuple[str, ...] = ()
+    active_enter: str = ""
+    n_restarts: int = 0
+    result: str = ""
+    text_hash: str = ""  # sha256 over (path, file hash) of fragment and drop-ins; "" when no file
+    text: str | None = None  # full text (fragment then drop-ins), only for fleet-managed units
+    environment: tuple[tuple[str, str], ...] = ()  # Environment=, secret-looking values masked
+    environment_files: tuple[str, ...] = ()  # EnvironmentFile= paths
+
+    @property
+    def exists(self) -> bool:
+        return self.load_state not in ("not-found", "")
+
+    @property
+    def running(self) -> bool:
+        return self.active_state == "active" and self.sub_state == "running"
+
+    @property
+    def enabled(self) -> bool:
+        return self.unit_file_state in ("enabled", "enabled-runtime", "static", "alias", "indirect", "generated")
+
+    def state(self) -> str:
+        """How the status table shows it: `missing`, or ActiveState/SubState."""
+        if not self.exists:
+            return "missing"
+        return f"{self.active_state}/{self.sub_state}"
+
+
+@dataclass(frozen=True)
+class EnvFileState:
+    path: str
+    present: bool
+    mode: str = ""  # octal, e.g. "0600"
+    owner: str = ""
+    group: str = ""
+    size: int = 0
+    keys: tuple[str, ...] = ()  # every key, in file order (duplicates kept)
+    values: tuple[tuple[str, str], ...] = ()  # non-sensitive keys only
+    secrets: tuple[tuple[str, str], ...] = ()  # sensitive key -> sha256 of its raw value
+    invalid_lines: int = 0  # lines that are neither KEY=value, comments nor blank
+
+    def value_map(self) -> dict[str, str]:
+        return dict(self.values)
+
+    def secret_map(self) -> dict[str, str]:
+        return dict(self.secrets)
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    hostname: str = ""
+    os: str = ""
+    kernel: str = ""
+    systemd_version: str = ""
+    system_state: str = ""  # systemctl is-system-running: running | degraded | …
+    uptime_seconds: float = 0.0
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    mem_total_kb: int = 0
+    mem_available_kb: int = 0
+
+
+@dataclass(frozen=True)
+class HostState:
+    """A host that answered: everything the collector saw, at `collected_at` (epoch seconds)."""
+
+    host: str
+    facts: HostFacts
+    units: tuple[UnitState, ...]
+    env_files: tuple[EnvFileState, ...]
+    collected_at: float = 0.0
+    duration: float = 0.0
+
+    def unit(self, name: str) -> UnitState | None:
+        return next((u for u in self.units if u.unit == name), None)
+
+    def env_file(self, path: str) -> EnvFileState | None:
+        return next((e for e in self.env_files if e.path == path), None)
+
+
+@dataclass(frozen=True)
+class HostError:
+    """A host that could not be observed.  Never treated as an empty host."""
+
+    host: str
+    kind: str  # unreachable | auth | hostkey | timeout | protocol | sudo | parse | …
+    message: str
+    hint: str = ""
+    collected_at: float = 0.0
+
+
+HostResult = HostState | HostError

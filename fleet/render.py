@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
-from fleet.model import Finding
+from tabulate import tabulate
+
+from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
+from fleet.status import Cell, StatusReport
 
 
 def use_color(stream_isatty: bool) -> bool:
@@ -43,3 +47,84 @@ def findings_summary(findings: Sequence[Finding]) -> str:
     errors = sum(f.is_error for f in findings)
     warnings = len(findings) - errors
     return f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+
+
+# ---------------------------------------------------------------- status
+
+_MARK = {"ok": "", "drift": " (!)", "unmanaged": " (unmanaged)", "present": " (undeclared)", "absent": "",
+         "unknown": "?"}
+
+
+def _cell_text(c: Cell) -> str:
+    if c.status == "absent":
+        return "·"
+    if c.status == "unknown":
+        return "?"
+    text = c.state + _MARK[c.status]
+    if c.status == "drift" and c.detail:
+        text += f"\n{c.detail}"
+    return text
+
+
+def status_text(report: StatusReport, *, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    out: list[str] = []
+    headers = ["SERVICE", "UNIT", *report.hosts]
+    table = []
+    for row in report.rows:
+        label = row.service if row.service else "(undeclared)"
+        table.append([label, row.unit, *(_cell_text(c) for c in row.cells)])
+    out.append(tabulate(table, headers=headers, tablefmt="simple"))
+    out.append("legend: (!) differs from the desired state · (unmanaged) runs where nobody declared it · "
+               "(undeclared) installed, not declared here · '·' absent · '?' host did not answer")
+    out.append("")
+    out.append(hosts_text(report, now))
+    out.append("")
+    out.append(sidekiq_text(report))
+    return "\n".join(out).rstrip() + "\n"
+
+
+def hosts_text(report: StatusReport, now: float) -> str:
+    rows = []
+    for name in report.hosts:
+        r = report.results[name]
+        if isinstance(r, HostError):
+            rows.append([name, f"NO: {r.kind}", "", "", "", "", r.message + (f" — {r.hint}" if r.hint else "")])
+            continue
+        f = r.facts
+        used = f.mem_total_kb - f.mem_available_kb
+        mem = f"{used / 1024:.0f}/{f.mem_total_kb / 1024:.0f} MiB" if f.mem_total_kb else ""
+        age = max(0.0, now - r.collected_at)
+        systemd = f.systemd_version.split()[0] if f.systemd_version else "?"
+        rows.append([name, "yes", f.system_state, " ".join(f"{x:.2f}" for x in f.load), mem,
+                     f"{age:.0f}s ago ({r.duration:.2f}s)", f"{f.os}, systemd {systemd}"])
+    return tabulate(rows, headers=["HOST", "REACHABLE", "SYSTEM", "LOAD", "MEMORY", "DATA", "DETAIL"],
+                    tablefmt="simple")
+
+
+def sidekiq_text(report: StatusReport) -> str:
+    out = ["Sidekiq"]
+    rows = []
+    for p in report.sidekiq:
+        queues = " ".join(q if w is None else f"{q},{w}" for q, w in p.queues) or "(config/sidekiq.yml)"
+        rows.append([p.host, p.unit, p.concurrency if p.concurrency is not None else "?", queues,
+                     p.db_pool if p.db_pool is not None else "?", "" if p.declared else "UNDECLARED"])
+    if rows:
+        out.append(tabulate(rows, headers=["HOST", "UNIT", "-c", "QUEUES", "DB_POOL", ""], tablefmt="simple"))
+    else:
+        out.append("  no running Sidekiq process found")
+    cover = []
+    for q in SIDEKIQ_QUEUES:
+        servers = [f"{p.host}:{p.unit}" for p in report.sidekiq if q in dict(p.queues)]
+        cover.append([q, ", ".join(servers) if servers else "NOBODY (!)"])
+    out.append("")
+    out.append(tabulate(cover, headers=["QUEUE", "SERVED BY"], tablefmt="simple"))
+    if report.queue_findings:
+        out.append("")
+        out += [f"! {f.message}" for f in report.queue_findings if f.code != "sidekiq.queue-unserved"]
+        unserved = [f for f in report.queue_findings if f.code == "sidekiq.queue-unserved"]
+        if unserved:
+            out.append(f"! {len(unserved)} queue(s) served by no running Sidekiq process: their jobs pile up")
+    if report.unreachable:
+        out.append(f"note: {len(report.unreachable)} host(s) did not answer; queue coverage may be incomplete")
+    return "\n".join(out)

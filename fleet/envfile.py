@@ -1,0 +1,60 @@
+"""The .env file format, both ways: how fleet writes a value and how it reads one back.
+
+Mastodon's .env.production is read by two parsers: systemd's EnvironmentFile= and Ruby's
+dotenv.  fleet writes values in the subset both agree on: bare when the value only holds
+safe characters, otherwise double-quoted with `\\`, `"`, `$` and newlines escaped.  Reading
+accepts what people write by hand too (single quotes, `export`, inline comments).
+
+Secrets are compared by fingerprint: the sha256 of the value *as written in the file* (the
+raw text after `=`), which the collector computes on the host so the value never travels.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fleet.textutil import sha256_hex
+
+_BARE = re.compile(r"^[A-Za-z0-9_./:@,+=%-]*$")
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": "$"}
+
+
+def render_value(value: str) -> str:
+    """The text fleet writes after `KEY=` for `value`."""
+    if _BARE.match(value):
+        return value
+    out = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    out = out.replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{out}"'
+
+
+def parse_value(raw: str) -> str:
+    """The value a raw `KEY=raw` text stands for (inverse of render_value)."""
+    raw = raw.strip()
+    if len(raw) >= 2 and raw[0] == raw[-1] == "'":
+        return raw[1:-1]
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        inner, out, i = raw[1:-1], [], 0
+        while i < len(inner):
+            c = inner[i]
+            if c == "\\" and i + 1 < len(inner) and inner[i + 1] in _ESCAPES:
+                out.append(_ESCAPES[inner[i + 1]])
+                i += 2
+            else:
+                out.append(c)
+                i += 1
+        return "".join(out)
+    # unquoted: an inline comment starts at whitespace followed by '#'
+    return re.split(r"\s+#", raw, maxsplit=1)[0].strip()
+
+
+def fingerprint(value: str) -> str:
+    """sha256 of the raw text fleet would write: what the collector reports for a secret."""
+    return sha256_hex(render_value(value))
+
+
+def render_file(items: list[tuple[str, str]], header: str = "") -> str:
+    """A whole env file: a header comment, then KEY=value lines in the given order."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines += [f"{k}={render_value(v)}" for k, v in items]
+    return "\n".join(lines) + "\n"
