@@ -1,0 +1,1245 @@
+"""The SSH transport: the only module in fleet that imports paramiko.
+
+It owns everything between "run this command on that host" and bytes coming back:
+
+* resolving a `Host` through an OpenSSH client config (HostName/Port/User/IdentityFile/
+  IdentitiesOnly/UserKnownHostsFile/GlobalKnownHostsFile/HostKeyAlias/ConnectTimeout/
+  ProxyJump/ProxyCommand/HashKnownHosts), parsed once per transport;
+* strict host-key checking against known_hosts files, parsed once per transport and shared by
+  every connection; unknown keys are refused unless `accept_new` was asked for explicitly,
+  changed or revoked keys are always refused;
+* public-key authentication with configured identity files, ssh-agent and the default
+  ~/.ssh/id_* files, private keys loaded once per transport;
+* one lazily opened connection per host, reused by later calls; one channel per command,
+  stdout and stderr read concurrently in the calling thread, output capped, time bounded;
+* `run_many`, which turns every per-host outcome, failures included, into a value.
+
+Why paramiko directly and not `fabric.Connection`: fabric hard-codes paramiko's AutoAddPolicy
+(silent acceptance of any host key), re-reads private key files on every connection, and runs
+each command through invoke's Runner with extra threads.  docs/TRANSPORT.md has the details and
+the measurements.
+
+Every value that reaches a remote shell must go through `quote`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import fnmatch
+import getpass
+import hashlib
+import hmac
+import logging
+import os
+import select
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import paramiko
+
+from fleet.errors import ConfigError, TransportError
+from fleet.model import Host
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+DEFAULT_MAX_OUTPUT = 64 * MIB
+DEFAULT_USER_KNOWN_HOSTS = "~/.ssh/known_hosts"
+DEFAULT_GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+DEFAULT_KNOWN_HOSTS: tuple[str, ...] = (DEFAULT_USER_KNOWN_HOSTS, DEFAULT_GLOBAL_KNOWN_HOSTS)
+# The default identities OpenSSH tries, restricted to the key types paramiko can load.
+DEFAULT_IDENTITY_FILES: tuple[str, ...] = ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ed25519")
+DEFAULT_MAX_CONNECTIONS = 64
+MAX_PROXY_JUMPS = 8
+
+_CHUNK = 64 * 1024
+_STDIN_POLL = 0.02  # poll interval while stdin is waiting for window space (seconds)
+
+# What `sudo -n` prints when it cannot run the command without asking for something.
+_SUDO_REFUSALS = (
+    "a password is required",
+    "a terminal is required",
+    "you must have a tty",
+    "is not in the sudoers file",
+    "is not allowed to run sudo",
+    "may not run sudo",
+    "is not allowed to execute",
+)
+
+
+# --------------------------------------------------------------------------- shell helpers
+
+
+def quote(value: str) -> str:
+    """Quote `value` as ONE word for a POSIX shell (shlex.quote).
+
+    Every value that reaches a remote shell — unit names, paths, file contents, environment
+    values, anything that came from a file or a host — must go through this function; commands
+    are strings run by the remote user's shell, so an unquoted value is a command injection.
+    """
+    return shlex.quote(value)
+
+
+def sudo_command(command: str) -> str:
+    """`command` wrapped to run as root through non-interactive sudo.
+
+    `-n` makes sudo fail instead of prompting for a password (there is no terminal to answer
+    it); `sh -c` runs the whole command line, pipes and redirections included, as root.
+    Standard input passes through sudo to the command.
+    """
+    return f"sudo -n -- sh -c {quote(command)}"
+
+
+def sudo_refusal(exit_code: int, stderr: bytes) -> str | None:
+    """What sudo said when it refused to run the command, or None if it did not refuse.
+
+    sudo's refusal ("sudo: a password is required") is the last thing on stderr, since the
+    command never started; earlier lines may come from sshd or the login shell ("Could not
+    chdir to home directory ...").  Only failed commands are looked at.
+    """
+    if exit_code == 0:
+        return None
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if exit_code == 127 and "sudo" in last and "not found" in last:
+        return last
+    if last.startswith("sudo:") and any(phrase in last for phrase in _SUDO_REFUSALS):
+        return last
+    return None
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one command did on one host.
+
+    `command` is the command as the caller gave it (before any sudo wrapping); `exit_code` is
+    -1 when the remote side sent no exit status (the command was killed by a signal);
+    `duration` is the wall time of the command's channel, connection setup excluded.
+    """
+
+    host: str
+    command: str
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+# --------------------------------------------------------------------------- host keys
+
+
+def fingerprint(blob: bytes) -> str:
+    """OpenSSH's SHA256 fingerprint of a public key blob: `SHA256:` + unpadded base64."""
+    digest = hashlib.sha256(blob).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def blob_key_type(blob: bytes) -> str:
+    """The key type name embedded at the start of an SSH public key blob."""
+    if len(blob) < 4:
+        return "?"
+    length = int.from_bytes(blob[:4], "big")
+    return blob[4 : 4 + length].decode("ascii", "replace")
+
+
+def hostkey_name(address: str, port: int) -> str:
+    """How known_hosts names a host: `address` on port 22, `[address]:port` otherwise."""
+    address = address.lower()
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+def hash_hostname(name: str, salt: bytes) -> str:
+    """The `|1|salt|hmac` form OpenSSH writes with HashKnownHosts (HMAC-SHA1, base64)."""
+    digest = hmac.new(salt, name.encode(), hashlib.sha1).digest()
+    b64 = base64.b64encode
+    return f"|1|{b64(salt).decode()}|{b64(digest).decode()}"
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("|1|"):
+        parts = pattern.split("|")
+        if len(parts) != 4:
+            return False
+        try:
+            salt = base64.b64decode(parts[2])
+        except (binascii.Error, ValueError):
+            return False
+        return hmac.compare_digest(hash_hostname(name, salt), pattern)
+    return fnmatch.fnmatchcase(name, pattern.lower())
+
+
+@dataclass(frozen=True)
+class KnownKey:
+    """One usable line of a known_hosts file."""
+
+    file: str
+    line: int
+    patterns: tuple[str, ...]
+    key_type: str
+    blob: bytes
+    marker: str = ""  # "", "@revoked" or "@cert-authority"
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.blob)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    def matches(self, name: str) -> bool:
+        """Whether this line applies to `name` (already in `hostkey_name` form)."""
+        name = name.lower()
+        matched = False
+        for pattern in self.patterns:
+            if pattern.startswith("!"):
+                if _pattern_matches(pattern[1:], name):
+                    return False  # a negated pattern vetoes the whole line
+            elif _pattern_matches(pattern, name):
+                matched = True
+        return matched
+
+
+class KnownHosts:
+    """The parsed contents of one known_hosts file (plain, hashed, `[addr]:port`, wildcard and
+    negated patterns, `@revoked`; `@cert-authority` lines are kept but never trusted)."""
+
+    def __init__(self, path: str, keys: Sequence[KnownKey] = ()) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._exact: dict[str, list[KnownKey]] = {}
+        self._scan: list[KnownKey] = []
+        self._lines = 0
+        for key in keys:
+            self._index(key)
+
+    def _index(self, key: KnownKey) -> None:
+        self._lines = max(self._lines, key.line)
+        if all(not p.startswith(("|", "!")) and not any(c in p for c in "*?") for p in key.patterns):
+            for pattern in key.patterns:
+                self._exact.setdefault(pattern.lower(), []).append(key)
+        else:
+            self._scan.append(key)
+
+    @classmethod
+    def load(cls, path: str) -> KnownHosts:
+        """Parse `path`; a missing or unreadable file is an empty set of keys."""
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("cannot read known_hosts file %s: %s", path, exc)
+            return cls(path)
+        return cls.parse(path, text)
+
+    @classmethod
+    def parse(cls, path: str, text: str) -> KnownHosts:
+        keys: list[KnownKey] = []
+        lineno = 0
+        for lineno, raw in enumerate(text.splitlines(), start=1):
+            fields = raw.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            marker = ""
+            if fields[0].startswith("@"):
+                marker, fields = fields[0], fields[1:]
+            if len(fields) < 3:
+                continue
+            try:
+                blob = base64.b64decode(fields[2], validate=True)
+            except (binascii.Error, ValueError):
+                log.debug("%s:%d: not a key, skipped", path, lineno)
+                continue
+            keys.append(KnownKey(path, lineno, tuple(fields[0].split(",")), fields[1], blob, marker))
+        known = cls(path, keys)
+        known._lines = lineno
+        return known
+
+    def lookup(self, name: str) -> list[KnownKey]:
+        """Every line that applies to `name`, in file order."""
+        name = name.lower()
+        with self._lock:
+            found = list(self._exact.get(name, ()))
+            found += [key for key in self._scan if key.matches(name)]
+        return sorted(found, key=lambda k: k.line)
+
+    def append(self, name: str, key_type: str, blob: bytes, *, hashed: bool = False) -> KnownKey:
+        """Record a key for `name` at the end of the file (created 0600, parent 0700)."""
+        field0 = hash_hostname(name.lower(), os.urandom(20)) if hashed else name.lower()
+        line = f"{field0} {key_type} {base64.b64encode(blob).decode()}\n"
+        with self._lock:
+            parent = os.path.dirname(self.path)
+            if parent:
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "r+b") as f:
+                existing = f.read()
+                prefix = b"\n" if existing and not existing.endswith(b"\n") else b""
+                f.write(prefix + line.encode())
+            self._lines = existing.count(b"\n") + (1 if prefix else 0) + 1
+            key = KnownKey(self.path, self._lines, (field0,), key_type, blob)
+        with self._lock:
+            self._index(key)
+        return key
+
+
+@dataclass(frozen=True)
+class HostKeyCheck:
+    """The verdict on an offered host key: known, unknown, changed, other-type or revoked.
+
+    `stored` is the known_hosts line the verdict rests on (None when unknown).
+    """
+
+    verdict: str
+    stored: KnownKey | None = None
+
+    @property
+    def trusted(self) -> bool:
+        return self.verdict == "known"
+
+
+def check_host_key(entries: Sequence[KnownKey], blob: bytes) -> HostKeyCheck:
+    """Judge the offered key `blob` against the known_hosts lines that apply to the host.
+
+    Like OpenSSH: a matching @revoked line refuses, a matching plain line accepts, a plain line
+    with the same key type but another key means the key CHANGED.  A host for which only keys
+    of other types are known is refused too ("other-type") rather than treated as new: the
+    transport asks for the known types first, so the server no longer offering them is news.
+    """
+    key_type = blob_key_type(blob)
+    plain = [e for e in entries if not e.marker]
+    for entry in entries:
+        if entry.marker == "@revoked" and entry.blob == blob:
+            return HostKeyCheck("revoked", entry)
+    for entry in plain:
+        if entry.blob == blob:
+            return HostKeyCheck("known", entry)
+    for entry in plain:
+        if blob_key_type(entry.blob) == key_type:
+            return HostKeyCheck("changed", entry)
+    if plain:
+        return HostKeyCheck("other-type", plain[0])
+    return HostKeyCheck("unknown")
+
+
+def _host_key_pub_path(key_type: str) -> str:
+    short = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa", "ssh-dss": "dsa"}.get(key_type)
+    if short is None:
+        short = "ecdsa" if key_type.startswith("ecdsa-") else key_type
+    return f"/etc/ssh/ssh_host_{short}_key.pub"
+
+
+def hostkey_error(
+    name: str, address: str, port: int, blob: bytes, check: HostKeyCheck, record_to: str | None
+) -> TransportError:
+    """The refusal for an offered host key that is not trusted, saying how to verify it."""
+    key_type = blob_key_type(blob)
+    offered = f"{key_type} {fingerprint(blob)}"
+    where = f"{name} ({address}:{port})"
+    verify = (
+        f"verify on the host's console that `ssh-keygen -lf {_host_key_pub_path(key_type)}` "
+        f"prints {fingerprint(blob)} (`ssh-keyscan -p {port} {address} | ssh-keygen -lf -` "
+        "shows what the network offers)"
+    )
+    stored = check.stored
+    if check.verdict == "unknown":
+        target = record_to or DEFAULT_USER_KNOWN_HOSTS
+        return TransportError(
+            name,
+            "hostkey",
+            f"host key of {where} is not known; the server offered {offered}",
+            hint=(
+                f"{verify}; then add it to {target} "
+                f"(`ssh-keyscan -p {port} {address} >> {target}`) "
+                "or re-run with --accept-new-host-keys"
+            ),
+        )
+    assert stored is not None
+    known = f"{blob_key_type(stored.blob)} {stored.fingerprint} ({stored.where})"
+    remove = f"`ssh-keygen -R {quote(hostkey_name(address, port))} -f {quote(stored.file)}`"
+    if check.verdict == "revoked":
+        return TransportError(
+            name,
+            "hostkey",
+            f"host key of {where} is REVOKED: {offered} is marked @revoked at {stored.where}",
+            hint="the host offers a key that was explicitly revoked; do not connect until the "
+            "host's keys have been regenerated and verified",
+        )
+    if check.verdict == "changed":
+        return TransportError(
+            name,
+            "hostkey",
+            f"host key of {where} has CHANGED (possible man-in-the-middle attack): the server "
+            f"offered {offered}, known_hosts has {known}",
+            hint=f"if the host was legitimately reinstalled, {verify}, then remove the old line "
+            f"with {remove} and accept the new key; fleet never replaces a known key itself",
+        )
+    return TransportError(
+        name,
+        "hostkey",
+        f"host key of {where} does not match: the server offered {offered}, but known_hosts "
+        f"only has keys of another type for it, e.g. {known}",
+        hint=f"{verify}; if the host's keys really changed, remove the old lines with {remove} and accept the new key",
+    )
+
+
+# --------------------------------------------------------------------------- ssh_config
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """A `Host` resolved through the ssh config: where and how to connect."""
+
+    name: str
+    address: str
+    port: int
+    user: str
+    hostkey_name: str  # the name looked up in (and written to) known_hosts
+    identity_files: tuple[str, ...] = ()
+    identities_only: bool = False
+    known_hosts: tuple[str, ...] = DEFAULT_KNOWN_HOSTS
+    record_to: str | None = None  # where accept-new records keys
+    hash_known_hosts: bool = False
+    connect_timeout: float = 10.0
+    proxy_jump: str | None = None
+    proxy_command: str | None = None
+
+
+def _load_ssh_config(path: str) -> paramiko.SSHConfig:
+    try:
+        return paramiko.SSHConfig.from_path(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the ssh config {path}: {exc.strerror or exc}",
+            file=path,
+            hint="pass an existing OpenSSH client config, or none to use ~/.ssh/config",
+        ) from exc
+
+
+def _config_files(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    files = tuple(os.path.expanduser(v) for v in value.split())
+    return () if files == ("none",) else files
+
+
+def _parse_jump(spec: str) -> tuple[str | None, str, int | None]:
+    """`[user@]host[:port]` (or ssh://[user@]host[:port]) → (user, host, port)."""
+    spec = spec.strip().removeprefix("ssh://")
+    user, _, hostport = spec.rpartition("@")
+    host, port = hostport, None
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif hostport.count(":") == 1:
+        host, port_text = hostport.split(":")
+        port = int(port_text)
+    return (user or None), host, port
+
+
+# --------------------------------------------------------------------------- transport
+
+
+@dataclass
+class _Slot:
+    """One host's connection and counters; `lock` serializes everything done on it."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    transport: paramiko.Transport | None = None
+    last_used: float = 0.0
+    pinned: bool = False  # a ProxyJump host: other connections tunnel through it
+    connections: int = 0
+    channels: int = 0
+
+
+class _Deadlines:
+    """One watchdog thread per SSHTransport that runs an action once a deadline passes.
+
+    paramiko's `Channel.exec_command` waits for the server's reply without a timeout; the
+    watchdog closes the channel so that a server that never answers cannot hang a run.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._items: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._next = 0
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def arm(self, deadline: float, action: Callable[[], None]) -> int:
+        with self._cv:
+            self._next += 1
+            self._items[self._next] = (deadline, action)
+            self._stopped = False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="fleet-ssh-deadlines", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+            return self._next
+
+    def disarm(self, token: int) -> bool:
+        """False when the action already ran."""
+        with self._cv:
+            return self._items.pop(token, None) is not None
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            due: list[Callable[[], None]] = []
+            with self._cv:
+                if self._stopped:
+                    self._thread = None
+                    return
+                now = time.monotonic()
+                for token, (deadline, action) in list(self._items.items()):
+                    if deadline <= now:
+                        due.append(action)
+                        del self._items[token]
+                if not due:
+                    nearest = min((d for d, _ in self._items.values()), default=None)
+                    self._cv.wait(None if nearest is None else max(0.0, nearest - now))
+                    continue
+            for action in due:
+                try:
+                    action()
+                except Exception:  # noqa: BLE001 - a failing close must not kill the watchdog
+                    log.debug("deadline action failed", exc_info=True)
+
+
+class SSHTransport:
+    """Runs commands on hosts over SSH; see the module docstring and docs/TRANSPORT.md.
+
+    Thread-safe: calls for different hosts run concurrently, calls for the same host
+    serialize on that host's connection.  Use as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self,
+        *,
+        ssh_config: str | None = None,
+        known_hosts: Sequence[str] | None = None,
+        accept_new: bool = False,
+        connect_timeout: float = 10.0,
+        command_timeout: float = 60.0,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        allow_agent: bool = True,
+        look_for_keys: bool = True,
+    ) -> None:
+        """
+        ssh_config: an OpenSSH client config; None means ~/.ssh/config when it exists.
+        known_hosts: the files host keys are checked against; None means ~/.ssh/known_hosts and
+            /etc/ssh/ssh_known_hosts.  A host whose config entry names UserKnownHostsFile uses
+            those files (plus GlobalKnownHostsFile or /etc/ssh/ssh_known_hosts) instead.
+        accept_new: record unknown host keys in the first (user) known_hosts file, like
+            StrictHostKeyChecking=accept-new.  Changed keys are refused regardless.
+        connect_timeout: seconds for TCP connect + SSH handshake + authentication (a host's
+            ConnectTimeout in the ssh config wins).
+        command_timeout: seconds a command may run when `run` is not given a timeout.
+        max_output: bytes of stdout (and, separately, of stderr) read before the command is
+            aborted with kind "output-too-large".
+        max_connections: idle connections beyond this many are closed, least recently used
+            first (each open connection costs a paramiko thread and a socket).
+        allow_agent / look_for_keys: use ssh-agent keys / the default ~/.ssh/id_* files.
+        """
+        if ssh_config is None:
+            default = os.path.expanduser("~/.ssh/config")
+            ssh_config = default if os.path.isfile(default) else None
+        self.ssh_config_path = ssh_config
+        self._config = _load_ssh_config(ssh_config) if ssh_config else None
+        explicit = known_hosts is not None
+        files = tuple(known_hosts) if known_hosts is not None else DEFAULT_KNOWN_HOSTS
+        self.known_hosts: tuple[str, ...] = tuple(os.path.expanduser(f) for f in files)
+        self._record_to: str | None = (
+            (self.known_hosts[0] if self.known_hosts else None)
+            if explicit
+            else os.path.expanduser(DEFAULT_USER_KNOWN_HOSTS)
+        )
+        self.accept_new = accept_new
+        self.connect_timeout = float(connect_timeout)
+        self.command_timeout = float(command_timeout)
+        self.max_output = int(max_output)
+        self.max_connections = max(1, int(max_connections))
+        self.allow_agent = allow_agent
+        self.look_for_keys = look_for_keys
+        self._lock = threading.Lock()  # guards _slots (never held while doing network I/O)
+        self._slots: dict[str, _Slot] = {}
+        self._files_lock = threading.Lock()
+        self._known: dict[str, KnownHosts] = {}
+        self._keys: dict[str, tuple[paramiko.PKey | None, str]] = {}
+        self._deadlines = _Deadlines()
+
+    # ------------------------------------------------------------------ public API
+
+    def __enter__(self) -> SSHTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every open connection (a later `run` opens a new one)."""
+        with self._lock:
+            slots = list(self._slots.values())
+        # Tunnelled connections first, the ProxyJump hosts they run through last.
+        for slot in sorted(slots, key=lambda s: s.pinned):
+            with slot.lock:
+                if slot.transport is not None:
+                    slot.transport.close()
+                    slot.transport = None
+        self._deadlines.stop()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per host: how many connections (attempts) and channels (commands, tunnels) this
+        transport has opened, e.g. {"fritz": {"connections": 1, "channels": 1}}."""
+        with self._lock:
+            return {name: {"connections": s.connections, "channels": s.channels} for name, s in self._slots.items()}
+
+    def resolve(self, host: Host) -> SSHTarget:
+        """Where and how `host` is reached: its ssh config entry (looked up by the host's
+        NAME) wins for HostName/Port/User, the inventory's address/port/user fill the rest."""
+        cfg: dict[str, Any] = dict(self._config.lookup(host.name)) if self._config else {}
+        hostname = cfg.get("hostname")
+        address = hostname if hostname and hostname != host.name else host.address
+        port = int(cfg["port"]) if "port" in cfg else host.port
+        user = str(cfg.get("user", host.user))
+        alias = cfg.get("hostkeyalias")
+        user_files = _config_files(cfg.get("userknownhostsfile"))
+        if user_files is not None:
+            global_files = _config_files(cfg.get("globalknownhostsfile"))
+            known = user_files + (global_files if global_files is not None else (DEFAULT_GLOBAL_KNOWN_HOSTS,))
+            record_to = user_files[0] if user_files else None
+        else:
+            known, record_to = self.known_hosts, self._record_to
+        jump = cfg.get("proxyjump")
+        command = cfg.get("proxycommand")
+        return SSHTarget(
+            name=host.name,
+            address=address,
+            port=port,
+            user=user,
+            hostkey_name=str(alias).lower() if alias else hostkey_name(address, port),
+            identity_files=tuple(os.path.expanduser(p) for p in cfg.get("identityfile", [])),
+            identities_only=str(cfg.get("identitiesonly", "no")).lower() == "yes",
+            known_hosts=known,
+            record_to=record_to,
+            hash_known_hosts=str(cfg.get("hashknownhosts", "no")).lower() == "yes",
+            connect_timeout=(float(cfg["connecttimeout"]) if "connecttimeout" in cfg else self.connect_timeout),
+            proxy_jump=None if not jump or jump == "none" else str(jump),
+            proxy_command=None if not command or command == "none" else str(command),
+        )
+
+    def run(
+        self,
+        host: Host,
+        command: str,
+        *,
+        sudo: bool | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> RunResult:
+        """Run `command` (a shell command line) on `host` and return what it did.
+
+        A non-zero exit code is a RunResult, not an error.  Raises TransportError when the
+        command could not be run or finished: unreachable, auth, hostkey, timeout, protocol,
+        sudo (sudo wanted a password or refused), output-too-large.  With `sudo` (default:
+        `host.sudo`) the command runs as `sudo -n -- sh -c <command>`.  `stdin` is sent to the
+        command, then end-of-file.  `timeout` (default: command_timeout) bounds the command,
+        not the connection setup (connect_timeout).
+        """
+        use_sudo = host.sudo if sudo is None else sudo
+        wire = sudo_command(command) if use_sudo else command
+        limit = self.command_timeout if timeout is None else float(timeout)
+        slot = self._slot(host.name)
+        with slot.lock:
+            transport = self._ensure_connected(host.name, slot, lambda: self.resolve(host), ())
+            result = self._exec(host.name, slot, transport, command, wire, stdin, limit)
+        if use_sudo:
+            refusal = sudo_refusal(result.exit_code, result.stderr)
+            if refusal is not None:
+                raise TransportError(
+                    host.name,
+                    "sudo",
+                    f"sudo on {host.name} refused to run the command non-interactively: {refusal}",
+                    hint=f"give {self.resolve(host).user} passwordless sudo (NOPASSWD in "
+                    "/etc/sudoers.d/) for the commands fleet runs, or connect as root "
+                    "(sudo = false in the host's inventory file)",
+                )
+        return result
+
+    def run_many(
+        self,
+        hosts: Sequence[Host],
+        command_for: Callable[[Host], str] | str,
+        *,
+        forks: int | None = None,
+        sudo: bool | None = None,
+        timeout: float | None = None,
+        on_done: Callable[[str, RunResult | TransportError], None] | None = None,
+    ) -> dict[str, RunResult | TransportError]:
+        """Run a command on every host in parallel; every host gets a value.
+
+        `command_for` is one command for all hosts or a function of the host.  At most `forks`
+        hosts (default: min(len(hosts), 32)) run at once.  Each outcome is a RunResult or a
+        TransportError; an unexpected exception becomes TransportError(kind="protocol").
+        `on_done(host_name, outcome)` is called in the calling thread as hosts finish.
+        The dict is in `hosts` order; a host name listed twice runs once.
+        """
+        unique = list({h.name: h for h in reversed(hosts)}.values())[::-1]
+        outcomes: dict[str, RunResult | TransportError] = {}
+        if not unique:
+            return outcomes
+        workers = max(1, forks if forks is not None else min(len(unique), 32))
+
+        def one(host: Host) -> RunResult | TransportError:
+            try:
+                command = command_for(host) if callable(command_for) else command_for
+                return self.run(host, command, sudo=sudo, timeout=timeout)
+            except TransportError as exc:
+                return exc
+            except Exception as exc:  # noqa: BLE001 - one host's bug must not hide the others
+                log.debug("unexpected error on %s", host.name, exc_info=True)
+                return TransportError(host.name, "protocol", f"{host.name}: {type(exc).__name__}: {exc}")
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet-ssh") as pool:
+            futures: dict[Future[RunResult | TransportError], str] = {
+                pool.submit(one, host): host.name for host in unique
+            }
+            try:
+                for future in as_completed(futures):
+                    name = futures[future]
+                    outcomes[name] = future.result()
+                    if on_done is not None:
+                        on_done(name, outcomes[name])
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        return {h.name: outcomes[h.name] for h in unique}
+
+    # ------------------------------------------------------------------ connections
+
+    def _slot(self, name: str) -> _Slot:
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is None:
+                slot = self._slots[name] = _Slot()
+            return slot
+
+    def _ensure_connected(
+        self,
+        name: str,
+        slot: _Slot,
+        resolve: Callable[[], SSHTarget],
+        via: tuple[str, ...],
+    ) -> paramiko.Transport:
+        """The host's open transport, opening it if needed.  Caller holds `slot.lock`."""
+        slot.last_used = time.monotonic()
+        if slot.transport is not None:
+            if slot.transport.is_active():
+                return slot.transport
+            slot.transport.close()
+            slot.transport = None
+        target = resolve()
+        self._evict_idle(keep=slot)
+        with self._lock:
+            slot.connections += 1  # attempts: a refused connection still cost one
+        transport = self._connect(target, via)
+        slot.transport = transport
+        return transport
+
+    def _evict_idle(self, keep: _Slot) -> None:
+        """Close least-recently-used idle connections so at most max_connections stay open."""
+        with self._lock:
+            candidates = [s for s in self._slots.values() if s is not keep and s.transport is not None and not s.pinned]
+            open_now = sum(1 for s in self._slots.values() if s.transport is not None)
+        excess = open_now + 1 - self.max_connections
+        for slot in sorted(candidates, key=lambda s: s.last_used):
+            if excess <= 0:
+                break
+            if slot.lock.acquire(blocking=False):  # busy slots are not idle
+                try:
+                    if slot.transport is not None:
+                        slot.transport.close()
+                        slot.transport = None
+                        excess -= 1
+                finally:
+                    slot.lock.release()
+
+    def _connect(self, target: SSHTarget, via: tuple[str, ...]) -> paramiko.Transport:
+        """TCP (or tunnel) + handshake + host-key check + authentication, all within the
+        target's connect timeout."""
+        started = time.monotonic()
+        deadline = started + target.connect_timeout
+        transport: paramiko.Transport | None = None
+        phase = "TCP connect"
+        try:
+            sock = self._open_socket(target, deadline, via)
+            phase = "SSH handshake"
+            transport = paramiko.Transport(sock)
+            remaining = _remaining(deadline)
+            transport.banner_timeout = remaining
+            transport.handshake_timeout = remaining
+            self._prefer_known_key_types(transport, target)
+            transport.start_client(timeout=remaining)
+            self._verify_host_key(transport, target)
+            phase = "authentication"
+            transport.auth_timeout = _remaining(deadline)
+            self._authenticate(transport, target, deadline)
+            log.debug(
+                "connected to %s (%s:%d) in %.3fs: hostkey=%s cipher=%s mac=%s",
+                target.name,
+                target.address,
+                target.port,
+                time.monotonic() - started,
+                transport.host_key_type,
+                transport.local_cipher,
+                transport.local_mac,
+            )
+            return transport
+        except BaseException as exc:
+            if transport is not None:
+                transport.close()
+            if isinstance(exc, TransportError) or not isinstance(exc, Exception):
+                raise
+            raise _connect_error(exc, target, phase, deadline) from exc
+
+    def _open_socket(
+        self, target: SSHTarget, deadline: float, via: tuple[str, ...]
+    ) -> socket.socket | paramiko.Channel | paramiko.ProxyCommand:
+        if target.proxy_jump:
+            return self._tunnel(target, deadline, via)
+        if target.proxy_command:
+            return paramiko.ProxyCommand(target.proxy_command)
+        sock = socket.create_connection((target.address, target.port), timeout=_remaining(deadline))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _tunnel(self, target: SSHTarget, deadline: float, via: tuple[str, ...]) -> paramiko.Channel:
+        """A direct-tcpip channel to the target through its ProxyJump host(s)."""
+        assert target.proxy_jump is not None
+        hops = [h.strip() for h in target.proxy_jump.split(",") if h.strip()]
+        last, before = hops[-1], ",".join(hops[:-1]) or None
+        if last in via or len(via) >= MAX_PROXY_JUMPS:
+            raise TransportError(
+                target.name,
+                "protocol",
+                f"ProxyJump for {target.name} loops or is too long: {' -> '.join((*via, last))}",
+                hint="check the ProxyJump settings in the ssh config",
+            )
+        user, jump_host, port = _parse_jump(last)
+
+        def resolve_jump() -> SSHTarget:
+            base = Host(name=jump_host, address=jump_host, user=getpass.getuser())
+            jt = self.resolve(base)
+            return replace(
+                jt,
+                name=last,
+                user=user or jt.user,
+                port=port or jt.port,
+                hostkey_name=hostkey_name(jt.address, port or jt.port),
+                proxy_jump=before if before is not None else jt.proxy_jump,
+            )
+
+        slot = self._slot(last)
+        slot.pinned = True
+        try:
+            with slot.lock:
+                jump = self._ensure_connected(last, slot, resolve_jump, (*via, target.name))
+            channel = jump.open_channel(
+                "direct-tcpip",
+                (target.address, target.port),
+                ("127.0.0.1", 0),
+                timeout=_remaining(deadline),
+            )
+        except TransportError as exc:
+            raise TransportError(target.name, exc.kind, f"via ProxyJump {last}: {exc.message}", hint=exc.hint) from exc
+        except paramiko.ChannelException as exc:
+            raise TransportError(
+                target.name,
+                "unreachable",
+                f"ProxyJump host {last} could not connect to {target.address}:{target.port}: {exc.text}",
+                hint=f"check that {last} can reach {target.address}:{target.port} and allows TCP forwarding",
+            ) from exc
+        with self._lock:
+            slot.channels += 1
+        return channel
+
+    # ------------------------------------------------------------------ host keys
+
+    def _known_hosts_file(self, path: str) -> KnownHosts:
+        with self._files_lock:
+            known = self._known.get(path)
+            if known is None:
+                known = self._known[path] = KnownHosts.load(path)
+            return known
+
+    def _known_entries(self, target: SSHTarget) -> list[KnownKey]:
+        entries: list[KnownKey] = []
+        for path in target.known_hosts:
+            entries += self._known_hosts_file(path).lookup(target.hostkey_name)
+        return entries
+
+    def _prefer_known_key_types(self, transport: paramiko.Transport, target: SSHTarget) -> None:
+        """Ask for the key types known_hosts has for this host first, as OpenSSH does, so a
+        host with a known RSA key is not judged by its (unknown) ed25519 key."""
+        known_types: list[str] = []
+        for entry in self._known_entries(target):
+            if entry.marker:
+                continue
+            key_type = blob_key_type(entry.blob)
+            names = ["rsa-sha2-512", "rsa-sha2-256"] if key_type == "ssh-rsa" else [key_type]
+            known_types += [n for n in names if n not in known_types]
+        if not known_types:
+            return
+        options = transport.get_security_options()
+        available = list(options.key_types)
+        first = [t for t in known_types if t in available]
+        if first:
+            options.key_types = first + [t for t in available if t not in first]
+
+    def _verify_host_key(self, transport: paramiko.Transport, target: SSHTarget) -> None:
+        blob = transport.get_remote_server_key().asbytes()
+        check = check_host_key(self._known_entries(target), blob)
+        if check.trusted:
+            return
+        if check.verdict == "unknown" and self.accept_new and target.record_to:
+            key = self._known_hosts_file(target.record_to).append(
+                target.hostkey_name, blob_key_type(blob), blob, hashed=target.hash_known_hosts
+            )
+            log.warning(
+                "recorded new host key of %s (%s:%d): %s %s in %s",
+                target.name,
+                target.address,
+                target.port,
+                blob_key_type(blob),
+                fingerprint(blob),
+                key.where,
+            )
+            return
+        raise hostkey_error(target.name, target.address, target.port, blob, check, target.record_to)
+
+    # ------------------------------------------------------------------ authentication
+
+    def _load_key(self, path: str) -> tuple[paramiko.PKey | None, str]:
+        """The private key at `path`, parsed once per transport; (None, why) if unusable."""
+        with self._files_lock:
+            cached = self._keys.get(path)
+        if cached is not None:
+            return cached
+        loaded: tuple[paramiko.PKey | None, str]
+        try:
+            loaded = (paramiko.PKey.from_path(path), "")
+        except FileNotFoundError:
+            loaded = (None, "missing")
+        except (paramiko.PasswordRequiredException, TypeError):
+            loaded = (None, "encrypted; add it to ssh-agent")
+        except (paramiko.SSHException, ValueError, OSError) as exc:
+            loaded = (None, f"unusable: {exc}")
+        with self._files_lock:
+            return self._keys.setdefault(path, loaded)
+
+    def _candidate_keys(self, target: SSHTarget) -> Iterator[tuple[str, paramiko.PKey | None, str]]:
+        """(label, key or None, why not) in the order they are offered."""
+        for path in target.identity_files:
+            key, why = self._load_key(path)
+            yield path, key, why
+        if self.allow_agent and not target.identities_only and os.environ.get("SSH_AUTH_SOCK"):
+            agent = paramiko.Agent()
+            try:
+                for agent_key in agent.get_keys():
+                    comment = getattr(agent_key, "comment", "") or ""
+                    label = f"agent:{comment or fingerprint(agent_key.asbytes())}"
+                    yield label, agent_key, ""
+            finally:
+                agent.close()
+        if self.look_for_keys and not target.identity_files:
+            for path in DEFAULT_IDENTITY_FILES:
+                full = os.path.expanduser(path)
+                if os.path.isfile(full):
+                    key, why = self._load_key(full)
+                    yield full, key, why
+
+    def _authenticate(self, transport: paramiko.Transport, target: SSHTarget, deadline: float) -> None:
+        tried: list[str] = []
+        allowed: list[str] | None = None
+        who = f"{target.user}@{target.name} ({target.address}:{target.port})"
+        for label, key, why in self._candidate_keys(target):
+            if key is None:
+                tried.append(f"{label} ({why})")
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError("authentication timed out")
+            try:
+                remaining = transport.auth_publickey(target.user, key)
+            except paramiko.BadAuthenticationType as exc:
+                allowed = list(exc.allowed_types)
+                tried.append(f"{label} (not offered)")
+                break
+            except paramiko.AuthenticationException:
+                tried.append(label)
+                continue
+            if not remaining:
+                return
+            raise TransportError(
+                target.name,
+                "auth",
+                f"{who} needs further authentication ({', '.join(remaining)}) after the key "
+                f"{label}; fleet only does public-key authentication",
+                hint="use a key that is sufficient on its own for this user",
+            )
+        message = f"authentication as {who} failed; "
+        message += f"keys tried: {', '.join(tried)}" if tried else "no keys to offer"
+        if allowed is not None:
+            message += f"; the server allows only: {', '.join(allowed)}"
+        raise TransportError(
+            target.name,
+            "auth",
+            message,
+            hint=f"put one of these public keys in ~{target.user}/.ssh/authorized_keys on the "
+            "host, or name the right key with IdentityFile in the ssh config, or load it into "
+            "ssh-agent",
+        )
+
+    # ------------------------------------------------------------------ commands
+
+    def _exec(
+        self,
+        name: str,
+        slot: _Slot,
+        transport: paramiko.Transport,
+        command: str,
+        wire: str,
+        stdin: bytes | None,
+        limit: float,
+    ) -> RunResult:
+        """One channel, one command; stdout/stderr read in this thread until EOF and exit
+        status, stdin fed as the window allows, all bounded by `limit` seconds."""
+        started = time.monotonic()
+        deadline = started + limit
+        try:
+            channel = transport.open_session(timeout=max(limit, 0.001))
+        except Exception as exc:
+            slot.transport = None
+            transport.close()
+            raise _lost(name, command, exc) from exc
+        with self._lock:
+            slot.channels += 1
+        try:
+            return self._exec_channel(name, transport, channel, command, wire, stdin, deadline, started, limit)
+        except TransportError:
+            raise
+        except Exception as exc:
+            if not transport.is_active():
+                slot.transport = None
+                raise _lost(name, command, exc) from exc
+            raise
+        finally:
+            channel.close()
+            if not transport.is_active():
+                slot.transport = None
+
+    def _exec_channel(
+        self,
+        name: str,
+        transport: paramiko.Transport,
+        channel: paramiko.Channel,
+        command: str,
+        wire: str,
+        stdin: bytes | None,
+        deadline: float,
+        started: float,
+        limit: float,
+    ) -> RunResult:
+        def timed_out() -> TransportError:
+            return TransportError(
+                name,
+                "timeout",
+                f"`{_short(command)}` on {name} did not finish within {limit:g}s; the channel was closed",
+                hint="raise the timeout, or look on the host for what hangs",
+            )
+
+        token = self._deadlines.arm(deadline, channel.close)
+        try:
+            channel.exec_command(wire)
+        except paramiko.SSHException as exc:
+            if time.monotonic() >= deadline:
+                raise timed_out() from exc
+            raise
+        finally:
+            if not self._deadlines.disarm(token):
+                raise timed_out()
+        channel.settimeout(0.0)
+        pending = memoryview(stdin) if stdin else None
+        if pending is None:
+            channel.shutdown_write()
+        stdout, stderr = bytearray(), bytearray()
+        poller = select.poll()
+        poller.register(channel.fileno(), select.POLLIN)
+        while True:
+            if pending is not None:
+                pending = _feed(channel, pending)
+            _drain(channel.recv_ready, channel.recv, stdout, self.max_output, name, command, "stdout")
+            _drain(channel.recv_stderr_ready, channel.recv_stderr, stderr, self.max_output, name, command, "stderr")
+            if (channel.eof_received or channel.closed) and not (channel.recv_ready() or channel.recv_stderr_ready()):
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise timed_out()
+            wait = min(remaining, _STDIN_POLL) if pending is not None else remaining
+            poller.poll(max(1, int(wait * 1000)))
+        if not channel.status_event.wait(max(0.0, deadline - time.monotonic())):
+            raise timed_out()
+        exit_code = channel.recv_exit_status()
+        if exit_code == -1 and not transport.is_active():
+            raise _lost(name, command, EOFError("connection closed before the exit status"))
+        return RunResult(
+            host=name,
+            command=command,
+            exit_code=exit_code,
+            stdout=bytes(stdout),
+            stderr=bytes(stderr),
+            duration=time.monotonic() - started,
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+def _short(command: str, limit: int = 80) -> str:
+    one_line = " ".join(command.split())
+    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+
+
+def _feed(channel: paramiko.Channel, pending: memoryview) -> memoryview | None:
+    """Send as much of `pending` as the channel window takes now; EOF once all is sent."""
+    try:
+        while pending and channel.send_ready():
+            sent = channel.send(bytes(pending[:_CHUNK]))
+            if sent <= 0:
+                break
+            pending = pending[sent:]
+    except (TimeoutError, OSError):
+        return None  # the command stopped reading (exited or closed stdin): drop the rest
+    if pending:
+        return pending
+    channel.shutdown_write()
+    return None
+
+
+def _drain(
+    ready: Callable[[], bool],
+    recv: Callable[[int], bytes],
+    into: bytearray,
+    cap: int,
+    name: str,
+    command: str,
+    stream: str,
+) -> None:
+    while ready():
+        chunk = recv(_CHUNK)
+        if not chunk:
+            return
+        if len(into) + len(chunk) > cap:
+            raise TransportError(
+                name,
+                "output-too-large",
+                f"{stream} of `{_short(command)}` on {name} exceeded {_size(cap)}; the command was aborted",
+                hint="narrow the command's output, or raise max_output if this much is expected",
+            )
+        into += chunk
+
+
+def _size(n: int) -> str:
+    return f"{n / MIB:g} MiB" if n >= MIB else f"{n} bytes"
+
+
+def _lost(name: str, command: str, exc: BaseException) -> TransportError:
+    return TransportError(
+        name,
+        "unreachable",
+        f"connection to {name} was lost while running `{_short(command)}`: {type(exc).__name__}: {exc}",
+        hint="the host or the network went away; check the host and retry",
+    )
+
+
+def _connect_error(exc: Exception, target: SSHTarget, phase: str, deadline: float) -> TransportError:
+    """Map what socket/paramiko raised while connecting to one of the documented kinds."""
+    where = f"{target.name} ({target.address}:{target.port})"
+    ssh = f"ssh -p {target.port} {target.user}@{target.address} true"
+    if isinstance(exc, socket.gaierror):
+        return TransportError(
+            target.name,
+            "unreachable",
+            f"cannot resolve {target.address} (host {target.name}): {exc.strerror or exc}",
+            hint=f"check the address in the inventory file or HostName for {target.name} in the ssh config",
+        )
+    timed_out = isinstance(exc, TimeoutError) or time.monotonic() >= deadline
+    if not timed_out and isinstance(exc, paramiko.SSHException):
+        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+    if timed_out:
+        return TransportError(
+            target.name,
+            "timeout",
+            f"connecting to {where} timed out after {target.connect_timeout:g}s (during {phase})",
+            hint=f"is the host up and port {target.port} reachable? try `{ssh}`; raise "
+            "ConnectTimeout in the ssh config for slow links",
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return TransportError(
+            target.name,
+            "unreachable",
+            f"cannot reach {where}: connection refused",
+            hint=f"is sshd running and listening on port {target.port}? try `{ssh}`",
+        )
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError | OSError):
+        code = getattr(exc, "errno", None)
+        reason = os.strerror(code) if isinstance(code, int) and code else str(exc)
+        if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            reason = f"no route ({reason})"
+        return TransportError(
+            target.name,
+            "unreachable",
+            f"cannot reach {where}: {reason}",
+            hint=f"check the network path to {target.address}; try `{ssh}`",
+        )
+    if isinstance(exc, EOFError | ConnectionError):
+        return TransportError(
+            target.name,
+            "unreachable",
+            f"{where} closed the connection during the {phase}",
+            hint=f"sshd may be refusing connections (MaxStartups, firewall, fail2ban); try `{ssh}`",
+        )
+    return TransportError(
+        target.name,
+        "protocol",
+        f"SSH {phase} with {where} failed: {type(exc).__name__}: {exc}",
+        hint=f"try `ssh -v -p {target.port} {target.user}@{target.address} true` to see where it fails",
+    )

@@ -1,0 +1,433 @@
+"""The SSH transport against a real, throwaway OpenSSH server on 127.0.0.1.
+
+The server (`sshd -D -e -f <config>`) listens only on 127.0.0.1 on a random high port, with
+its own host keys and authorized_keys in a temp dir.  Without /usr/sbin/sshd these tests are
+skipped, unless CI=true or FLEET_REQUIRE_LAB=1, where a missing sshd is a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import os
+import resource
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet.collect.transport import RunResult, SSHTransport, fingerprint, quote
+from fleet.errors import TransportError
+from fleet.model import Host
+
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+REQUIRED = os.environ.get("CI") == "true" or os.environ.get("FLEET_REQUIRE_LAB") == "1"
+
+
+@dataclass
+class Sshd:
+    port: int
+    dir: Path
+    user: str
+    key: Path
+    known_hosts: Path  # knows the server's ed25519 key
+    ssh_config: Path  # Host *: the client key, IdentitiesOnly
+    host_keys: dict[str, bytes]  # key type -> public blob
+    log: Path
+
+    def host(self, name: str = "loop", **kw: Any) -> Host:
+        return Host(name=name, address="127.0.0.1", port=self.port, user=self.user, **kw)
+
+    def transport(self, **kw: Any) -> SSHTransport:
+        kw.setdefault("ssh_config", str(self.ssh_config))
+        kw.setdefault("known_hosts", [str(self.known_hosts)])
+        return SSHTransport(allow_agent=False, look_for_keys=False, **kw)
+
+    def accepted(self) -> int:
+        """How many logins the server has accepted so far."""
+        return self.log.read_text(errors="replace").count("Accepted publickey")
+
+
+def keygen(path: Path, key_type: str = "ed25519") -> bytes:
+    bits = ["-b", "2048"] if key_type == "rsa" else []
+    subprocess.run(["ssh-keygen", "-q", "-t", key_type, *bits, "-N", "", "-f", str(path)], check=True)
+    return base64.b64decode(path.with_suffix(".pub").read_text().split()[1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def known_line(name: str, type_: str, blob: bytes) -> str:
+    return f"{name} {type_} {base64.b64encode(blob).decode()}\n"
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[Sshd]:
+    if SSHD is None:
+        message = "needs OpenSSH's sshd (apt-get install openssh-server)"
+        if REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    # Not under pytest's 0700 basetemp: sshd reads authorized_keys as the logging-in user.
+    d = Path(tempfile.mkdtemp(prefix="fleet-sshd-"))
+    d.chmod(0o755)
+    host_keys = {
+        "ssh-ed25519": keygen(d / "ssh_host_ed25519_key"),
+        "ssh-rsa": keygen(d / "ssh_host_rsa_key", "rsa"),
+    }
+    keygen(d / "client_key")
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    (d / "authorized_keys").chmod(0o644)
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
+    log = d / "sshd.log"
+    for _attempt in range(5):
+        port = free_port()
+        (d / "sshd_config").write_text(
+            f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/ssh_host_ed25519_key
+HostKey {d}/ssh_host_rsa_key
+PidFile none
+AuthorizedKeysFile {d}/authorized_keys
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+MaxStartups 200
+MaxSessions 50
+LogLevel INFO
+"""
+        )
+        with open(log, "ab") as err:
+            proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=err)
+        deadline = time.monotonic() + 10
+        up = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                up = True
+                break
+            except OSError:
+                time.sleep(0.05)
+        if up:
+            break
+        proc.kill()
+        proc.wait()
+    else:
+        pytest.fail(f"sshd did not start: {log.read_text(errors='replace')[-2000:]}")
+    known = d / "known_hosts"
+    known.write_text(known_line(f"[127.0.0.1]:{port}", "ssh-ed25519", host_keys["ssh-ed25519"]))
+    config = d / "ssh_config"
+    config.write_text(f"Host *\n    IdentityFile {d}/client_key\n    IdentitiesOnly yes\n")
+    try:
+        yield Sshd(port, d, getpass.getuser(), d / "client_key", known, config, host_keys, log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def test_run_returns_stdout_stderr_and_exit_code_separately(sshd: Sshd) -> None:
+    with sshd.transport() as transport:
+        result = transport.run(sshd.host(), "echo out; echo err >&2; exit 3")
+    assert (result.stdout, result.stderr, result.exit_code) == (b"out\n", b"err\n", 3)
+    assert not result.ok and result.host == "loop" and result.duration > 0
+
+
+def test_stdin_reaches_the_command_and_ends_with_eof(sshd: Sshd) -> None:
+    data = os.urandom(3 * 1024 * 1024)  # more than one channel window
+    with sshd.transport() as transport:
+        result = transport.run(sshd.host(), "sha256sum", stdin=data)
+    import hashlib
+
+    assert result.ok and result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_large_stdout_and_stderr_together_do_not_deadlock(sshd: Sshd) -> None:
+    command = "head -c 5000000 /dev/zero; head -c 5000000 /dev/zero >&2; head -c 100 /dev/zero"
+    with sshd.transport() as transport:
+        result = transport.run(sshd.host(), command, timeout=30)
+    assert len(result.stdout) == 5000100 and len(result.stderr) == 5000000
+
+
+def test_quoted_values_reach_the_remote_command_intact(sshd: Sshd) -> None:
+    value = 'it\'s "$HOME" `id` $(id) \\ ; * \n second line'
+    with sshd.transport() as transport:
+        plain = transport.run(sshd.host(), f"printf %s {quote(value)}")
+        as_root = transport.run(sshd.host(), f"printf %s {quote(value)}", sudo=True)
+    assert plain.stdout.decode() == value
+    assert as_root.stdout.decode() == value
+
+
+@pytest.mark.skipif(shutil.which("sudo") is None, reason="sudo not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="sudo -n without a password needs the test to run as root")
+def test_sudo_runs_as_root_and_stdin_still_reaches_the_command(sshd: Sshd) -> None:
+    with sshd.transport() as transport:
+        whoami = transport.run(sshd.host(sudo=True), "id -u")
+        fed = transport.run(sshd.host(), "cat; id -u", sudo=True, stdin=b"through sudo\n")
+        plain = transport.run(sshd.host(sudo=True), "id -un", sudo=False)
+    assert whoami.stdout == b"0\n"
+    assert fed.stdout == b"through sudo\n0\n"
+    assert plain.ok
+
+
+def test_a_hung_command_times_out_and_the_connection_stays_usable(sshd: Sshd) -> None:
+    with sshd.transport() as transport:
+        started = time.monotonic()
+        with pytest.raises(TransportError) as hung:
+            transport.run(sshd.host(), "sleep 30", timeout=1)
+        assert hung.value.kind == "timeout" and "sleep 30" in hung.value.message
+        assert time.monotonic() - started < 4
+        assert transport.run(sshd.host(), "echo after").stdout == b"after\n"
+        assert transport.stats()["loop"] == {"connections": 1, "channels": 2}
+
+
+def test_output_beyond_max_output_aborts_without_reading_it_all(sshd: Sshd) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    started = time.monotonic()
+    with sshd.transport(max_output=4 * 1024 * 1024) as transport:
+        with pytest.raises(TransportError) as big:
+            transport.run(sshd.host(), "head -c 1000000000 /dev/zero", timeout=60)
+        assert big.value.kind == "output-too-large" and "4 MiB" in big.value.message
+        assert transport.run(sshd.host(), "echo fine").ok
+    assert time.monotonic() - started < 15
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 64, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+# --------------------------------------------------------------------------- host keys
+
+
+def test_an_unknown_host_key_is_refused_before_authenticating(sshd: Sshd) -> None:
+    empty = sshd.dir / "empty_known_hosts"
+    empty.write_text("")
+    accepted = sshd.accepted()
+    with sshd.transport(known_hosts=[str(empty)]) as transport:
+        with pytest.raises(TransportError) as unknown:
+            transport.run(sshd.host("stranger"), "true")
+    error = unknown.value
+    assert error.kind == "hostkey" and error.host == "stranger"
+    assert f"stranger (127.0.0.1:{sshd.port})" in error.message
+    assert f"ssh-ed25519 {fingerprint(sshd.host_keys['ssh-ed25519'])}" in error.message
+    assert f"ssh-keyscan -p {sshd.port} 127.0.0.1 | ssh-keygen -lf -" in error.hint
+    assert empty.read_text() == ""
+    assert sshd.accepted() == accepted  # never logged in
+
+
+def test_a_changed_host_key_is_refused_even_with_accept_new(sshd: Sshd) -> None:
+    impostor = keygen(sshd.dir / "impostor_key")
+    changed = sshd.dir / "changed_known_hosts"
+    changed.write_text("# old\n" + known_line(f"[127.0.0.1]:{sshd.port}", "ssh-ed25519", impostor))
+    with sshd.transport(known_hosts=[str(changed)], accept_new=True) as transport:
+        with pytest.raises(TransportError) as refused:
+            transport.run(sshd.host(), "true")
+    message = refused.value.message
+    assert refused.value.kind == "hostkey" and "CHANGED" in message and "man-in-the-middle" in message
+    assert fingerprint(impostor) in message and fingerprint(sshd.host_keys["ssh-ed25519"]) in message
+    assert f"{changed}:2" in message
+
+
+def test_accept_new_records_the_key_and_later_runs_trust_it(sshd: Sshd) -> None:
+    recorded = sshd.dir / "new" / "known_hosts"
+    with sshd.transport(known_hosts=[str(recorded)], accept_new=True) as transport:
+        assert transport.run(sshd.host(), "true").ok
+    assert recorded.read_text() == known_line(f"[127.0.0.1]:{sshd.port}", "ssh-ed25519", sshd.host_keys["ssh-ed25519"])
+    with sshd.transport(known_hosts=[str(recorded)]) as transport:
+        assert transport.run(sshd.host(), "true").ok
+
+
+def test_hashed_known_hosts_entries_are_trusted(sshd: Sshd) -> None:
+    hashed = sshd.dir / "hashed_known_hosts"
+    shutil.copy(sshd.known_hosts, hashed)
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(hashed)], check=True, capture_output=True)
+    assert hashed.read_text().startswith("|1|")
+    with sshd.transport(known_hosts=[str(hashed)]) as transport:
+        assert transport.run(sshd.host(), "true").ok
+
+
+def test_a_host_known_by_its_rsa_key_is_asked_for_that_key_type(sshd: Sshd) -> None:
+    rsa_only = sshd.dir / "rsa_known_hosts"
+    rsa_only.write_text(known_line(f"[127.0.0.1]:{sshd.port}", "ssh-rsa", sshd.host_keys["ssh-rsa"]))
+    with sshd.transport(known_hosts=[str(rsa_only)]) as transport:
+        assert transport.run(sshd.host(), "true").ok
+
+
+# --------------------------------------------------------------------------- failures as kinds
+
+
+def test_connection_refused_is_unreachable_and_does_not_hide_other_hosts(sshd: Sshd) -> None:
+    closed = free_port()
+    hosts = [sshd.host("a"), Host(name="dead", address="127.0.0.1", port=closed, user=sshd.user), sshd.host("b")]
+    done: list[str] = []
+    with sshd.transport() as transport:
+        outcomes = transport.run_many(hosts, lambda h: f"echo {quote(h.name)}", on_done=lambda n, _: done.append(n))
+    a, dead, b = outcomes["a"], outcomes["dead"], outcomes["b"]
+    assert isinstance(a, RunResult) and a.stdout == b"a\n"
+    assert isinstance(b, RunResult) and b.stdout == b"b\n"
+    assert isinstance(dead, TransportError) and dead.kind == "unreachable"
+    assert "connection refused" in dead.message and f"127.0.0.1:{closed}" in dead.message
+    assert sorted(done) == ["a", "b", "dead"]
+
+
+def test_an_unresolvable_address_is_unreachable(sshd: Sshd) -> None:
+    with sshd.transport() as transport:
+        with pytest.raises(TransportError) as dns:
+            transport.run(Host(name="ghost", address="fleet-no-such-host.invalid"), "true")
+    assert dns.value.kind == "unreachable" and "cannot resolve" in dns.value.message
+
+
+def test_a_server_that_never_speaks_is_a_connect_timeout(sshd: Sshd) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+    host = Host(name="silent", address="127.0.0.1", port=silent.getsockname()[1])
+    started = time.monotonic()
+    try:
+        with sshd.transport(connect_timeout=1) as transport:
+            with pytest.raises(TransportError) as hung:
+                transport.run(host, "true")
+    finally:
+        silent.close()
+        for s in held:
+            s.close()
+    assert hung.value.kind == "timeout" and "SSH handshake" in hung.value.message
+    assert time.monotonic() - started < 4
+
+
+def test_a_key_the_server_does_not_know_is_an_auth_failure_naming_the_key(sshd: Sshd) -> None:
+    stranger = sshd.dir / "stranger_key"
+    keygen(stranger)
+    config = sshd.dir / "wrong_key_config"
+    config.write_text(f"Host *\n    IdentityFile {stranger}\n    IdentityFile {sshd.dir}/missing_key\n")
+    with sshd.transport(ssh_config=str(config)) as transport:
+        with pytest.raises(TransportError) as denied:
+            transport.run(sshd.host(), "true")
+    assert denied.value.kind == "auth"
+    assert f"{sshd.user}@loop" in denied.value.message
+    assert str(stranger) in denied.value.message and "missing_key (missing)" in denied.value.message
+
+
+@pytest.fixture
+def user_without_sudo(sshd: Sshd) -> Iterator[str]:
+    if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("sudo") is None:
+        pytest.skip("creating a user without sudo rights needs root, useradd and sudo")
+    name = f"fleetns{secrets.token_hex(3)}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
+    subprocess.run(["usermod", "-p", "*", name], check=True)  # not "locked": sshd (UsePAM no) lets it in
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+def test_sudo_asking_for_a_password_is_kind_sudo(sshd: Sshd, user_without_sudo: str) -> None:
+    host = Host(name="nosudo", address="127.0.0.1", port=sshd.port, user=user_without_sudo, sudo=True)
+    with sshd.transport() as transport:
+        assert transport.run(host, "id -un", sudo=False).stdout.decode().strip() == user_without_sudo
+        with pytest.raises(TransportError) as refused:
+            transport.run(host, "id -u")
+    assert refused.value.kind == "sudo" and "password is required" in refused.value.message
+
+
+# --------------------------------------------------------------------------- ssh_config and reuse
+
+
+def test_a_lab_style_config_entry_redirects_the_host_name(sshd: Sshd) -> None:
+    config = sshd.dir / "lab_config"
+    config.write_text(
+        f"""Host fritz
+    HostName 127.0.0.1
+    Port {sshd.port}
+    User {sshd.user}
+    IdentityFile {sshd.key}
+    IdentitiesOnly yes
+    UserKnownHostsFile {sshd.known_hosts}
+"""
+    )
+    inventory = Host(name="fritz", address="fritz.example.invalid", port=22, user="nobody-here")
+    with SSHTransport(ssh_config=str(config), known_hosts=[], allow_agent=False, look_for_keys=False) as transport:
+        result = transport.run(inventory, "id -un")
+    assert result.stdout.decode().strip() == sshd.user
+
+
+def test_proxy_jump_tunnels_through_the_jump_host(sshd: Sshd) -> None:
+    config = sshd.dir / "jump_config"
+    config.write_text(
+        f"""Host behind
+    HostName 127.0.0.1
+    Port {sshd.port}
+    ProxyJump {sshd.user}@127.0.0.1:{sshd.port}
+Host *
+    IdentityFile {sshd.key}
+    IdentitiesOnly yes
+"""
+    )
+    with sshd.transport(ssh_config=str(config)) as transport:
+        result = transport.run(Host(name="behind", address="unused.invalid", user=sshd.user), "echo tunnelled")
+        stats = transport.stats()
+    assert result.stdout == b"tunnelled\n"
+    assert stats["behind"] == {"connections": 1, "channels": 1}
+    assert stats[f"{sshd.user}@127.0.0.1:{sshd.port}"] == {"connections": 1, "channels": 1}
+
+
+def test_one_run_many_opens_one_connection_and_one_channel_per_host(sshd: Sshd) -> None:
+    hosts = [sshd.host(f"h{i}") for i in range(12)]
+    accepted = sshd.accepted()
+    with sshd.transport() as transport:
+        outcomes = transport.run_many(hosts, "hostname", forks=6)
+        stats = transport.stats()
+    assert all(isinstance(o, RunResult) and o.ok for o in outcomes.values())
+    assert stats == {h.name: {"connections": 1, "channels": 1} for h in hosts}
+    deadline = time.monotonic() + 5
+    while sshd.accepted() < accepted + 12 and time.monotonic() < deadline:
+        time.sleep(0.05)  # sshd's log line may trail the session
+    assert sshd.accepted() == accepted + 12
+
+
+def test_later_runs_on_a_host_reuse_its_connection(sshd: Sshd) -> None:
+    with sshd.transport() as transport:
+        for i in range(3):
+            assert transport.run(sshd.host(), f"echo {i}").stdout == f"{i}\n".encode()
+        transport.run_many([sshd.host(), sshd.host("other")], "true")
+        assert transport.stats() == {
+            "loop": {"connections": 1, "channels": 4},
+            "other": {"connections": 1, "channels": 1},
+        }
+
+
+def test_idle_connections_beyond_the_limit_are_closed(sshd: Sshd) -> None:
+    with sshd.transport(max_connections=2) as transport:
+        transport.run_many([sshd.host(f"m{i}") for i in range(5)], "true", forks=1)
+        open_now = sum(1 for slot in transport._slots.values() if slot.transport is not None)
+        assert open_now <= 2
+        assert transport.run(sshd.host("m0"), "true").ok
+
+
+def test_a_dropped_connection_is_reopened_on_the_next_run(sshd: Sshd) -> None:
+    with sshd.transport() as transport:
+        assert transport.run(sshd.host(), "true").ok
+        slot = transport._slots["loop"]
+        assert slot.transport is not None
+        slot.transport.close()
+        assert transport.run(sshd.host(), "echo again").stdout == b"again\n"
+        assert transport.stats()["loop"]["connections"] == 2
