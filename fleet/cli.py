@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -14,7 +15,9 @@ from fleet.collect.collector import collect
 from fleet.collect.transport import SSHTransport
 from fleet.errors import FleetError
 from fleet.model import Desired, Finding, HostResult, HostState
-from fleet.render import findings_summary, findings_text, status_text, use_color
+from fleet.plan import Plan, build_plan, plan_from_json
+from fleet.render import findings_summary, findings_text, plan_text, status_text, use_color
+from fleet.secrets import ensure_lab_secrets, load_secrets
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
 
@@ -76,6 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _host_options(p_status)
     p_status.add_argument("--json", action="store_true", help="machine-readable report (docs/status.md)")
+
+    p_plan = sub.add_parser(
+        "plan", help="what would change, host by host, ordered by dependencies (changes nothing)",
+        description="Collect the fleet, diff it against the desired state and print the plan: grouped by host, "
+                    "with unit diffs, env key diffs (secrets masked) and the order of waves.",
+        epilog="exit codes (like terraform plan -detailed-exitcode):\n  0  no changes\n  1  error (invalid "
+               "desired state, policy errors, missing secrets)\n  2  changes are pending (or the plan is "
+               "incomplete because a host could not be observed)\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _host_options(p_plan)
+    p_plan.add_argument("-o", "--out", metavar="FILE", help="save the plan as JSON for `fleet show`/`fleet apply`")
+    p_plan.add_argument("--json", action="store_true", help="print the plan as JSON (docs/plan.md)")
+    p_plan.add_argument("--no-prune", action="store_true",
+                        help="do not prune undeclared units this run (they are still reported)")
+    p_plan.add_argument("--secrets", metavar="FILE",
+                        help="secrets file for \"file\" sources "
+                             "(default: STATE/secrets.toml; with --lab: STATE/lab/secrets.toml)")
+
+    p_show = sub.add_parser("show", help="print a saved plan file",
+                            description="Print a plan saved with `fleet plan -o FILE`.",
+                            epilog="exit codes: 0 no changes, 1 unreadable plan, 2 changes\n",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_show.add_argument("plan_file", metavar="FILE")
+    p_show.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     try:
         from fleet.lab.cli import add_lab_parser
@@ -174,7 +201,69 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_ERROR if report.unreachable else EXIT_OK
 
 
-COMMANDS = {"check": cmd_check, "status": cmd_status}
+def secrets_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "secrets", None):
+        return Path(args.secrets)
+    return Path(args.state_dir) / ("lab" if args.lab else "") / "secrets.toml"
+
+
+def compute_plan(args: argparse.Namespace) -> Plan:
+    desired = load_valid(args)
+    targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
+    path = secrets_path(args)
+    if args.lab and not getattr(args, "secrets", None) and ensure_lab_secrets(desired, path):
+        print(f"lab: generated random secrets in {path}", file=sys.stderr)
+    secret_values, findings = load_secrets(desired, path)
+    errors = [f for f in findings if f.is_error]
+    for f in findings:
+        if not f.is_error:
+            print(findings_text([f]), file=sys.stderr)
+    if errors:
+        print(findings_text(errors, color=use_color(sys.stderr.isatty())), file=sys.stderr)
+        raise FleetError(f"{len(errors)} secret(s) cannot be resolved; nothing was planned")
+    scoped = replace(desired, hosts=targets.hosts)
+    results = observe(args, scoped, targets)
+    return build_plan(scoped, results, secret_values, prune=not args.no_prune, lab=args.lab)
+
+
+def _plan_exit(plan: Plan) -> int:
+    return EXIT_CHANGES if plan.changes or not plan.complete else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = compute_plan(args)
+    if args.out:
+        write_private_file(Path(args.out), plan.to_json())
+    if args.json:
+        sys.stdout.write(plan.to_json())
+    else:
+        sys.stdout.write(plan_text(plan, color=use_color(sys.stdout.isatty())))
+        if args.out:
+            print(f"Saved to {args.out} (plan {plan.plan_id}); apply exactly this with `fleet apply {args.out}`.")
+    return _plan_exit(plan)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    path = Path(args.plan_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise FleetError(f"cannot read plan {path}: {e.strerror or e}") from e
+    plan = plan_from_json(text, str(path))
+    sys.stdout.write(plan.to_json() if args.json else plan_text(plan, color=use_color(sys.stdout.isatty())))
+    return _plan_exit(plan)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Atomically, mode 0600: plans hold no secrets, but do describe the fleet."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+COMMANDS = {"check": cmd_check, "status": cmd_status, "plan": cmd_plan, "show": cmd_show}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 from tabulate import tabulate
 
+from fleet.diff import Change
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
+from fleet.plan import Plan
 from fleet.status import Cell, StatusReport
 
 
@@ -128,3 +130,84 @@ def sidekiq_text(report: StatusReport) -> str:
     if report.unreachable:
         out.append(f"note: {len(report.unreachable)} host(s) did not answer; queue coverage may be incomplete")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- plan
+
+SYMBOLS = {"write-unit": "~", "write-env": "~", "daemon-reload": "~", "enable": "+", "start": "+",
+           "restart": "↻", "stop": "-", "disable": "-", "prune": "-"}
+
+
+def _symbol(c: Change) -> str:
+    if c.action in ("write-unit", "write-env") and c.before == "absent":
+        return "+"
+    return SYMBOLS.get(c.action, "?")
+
+
+def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> str:
+    out = [f"Plan for {plan.fleet}{' (lab)' if plan.lab else ''}: {len(plan.hosts)} host(s), "
+           f"computed {plan.created_at}"]
+    for host, kind, message in plan.unknown:
+        out.append(_paint(f"! {host}: UNKNOWN — could not be observed ({kind}): {message}", "31", color))
+        out.append("  nothing is planned for it; this plan is INCOMPLETE and `fleet apply` will refuse it "
+                   "(exclude the host with --limit to proceed without it)")
+    by_host: dict[str, list[Change]] = {}
+    for c in plan.changes:
+        by_host.setdefault(c.host, []).append(c)
+    colors = {"+": "32", "~": "33", "-": "31", "↻": "36"}
+    for host in plan.hosts:
+        cs = by_host.get(host, [])
+        if not cs:
+            continue
+        out.append("")
+        out.append(f"on {host}:")
+        for c in cs:
+            sym = _symbol(c)
+            target = "" if c.action == "daemon-reload" else f" {c.target}"
+            out.append(_paint(f"  {sym} {c.action}{target}", colors.get(sym, "0"), color) + f"  — {c.reason}")
+            if c.action == "prune":
+                out.append(f"      was {c.before}; will be {c.after}")
+            elif c.action in ("start", "restart", "enable") and c.before:
+                out.append(f"      was {c.before}")
+            for key, op, before, after in c.keys:
+                if op == "set":
+                    out.append(_paint(f"      + {key} = {after}", "32", color))
+                elif op == "remove":
+                    out.append(_paint(f"      - {key} (was {before})", "31", color))
+                else:
+                    out.append(_paint(f"      ~ {key}: {before} → {after}", "33", color))
+            if c.remove_files and c.action == "write-unit":
+                out += [f"      - remove {p}" for p in c.remove_files]
+            if c.diff:
+                for line in c.diff.rstrip("\n").split("\n"):
+                    code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
+                    out.append("      " + _paint(line, code, color and code != "0"))
+    if plan.notes:
+        out.append("")
+        out.append("Reported, not changed:")
+        out += [f"  • {n}" for n in plan.notes]
+    if plan.problems:
+        out.append("")
+        out.append("Cannot be fixed by fleet:")
+        out += [f"  ! {p}" for p in plan.problems]
+    if show_waves and plan.waves and plan.changes:
+        out.append("")
+        out.append(f"Order ({len(plan.waves)} wave(s); each wave runs in parallel after the previous one):")
+        for i, wave in enumerate(plan.waves, 1):
+            out.append(f"  {i}. " + ", ".join(_short(plan.change(cid)) for cid in wave))
+    out.append("")
+    out.append(summary_line(plan))
+    return "\n".join(out) + "\n"
+
+
+def _short(c: Change) -> str:
+    return f"{c.host}:{c.action}" + ("" if c.action == "daemon-reload" else f" {c.target.rsplit('/', 1)[-1]}")
+
+
+def summary_line(plan: Plan) -> str:
+    if plan.empty:
+        tail = " (incomplete: some hosts could not be observed)" if not plan.complete else ""
+        return f"No changes. The fleet matches the desired state{tail}."
+    s = plan.summary()
+    return ("Plan: " + ", ".join(f"{s[k]} to {k}" for k in ("install", "change", "start", "restart", "stop", "prune"))
+            + "." + ("" if plan.complete else " INCOMPLETE."))

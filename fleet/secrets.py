@@ -1,0 +1,99 @@
+"""Resolving sensitive env values at plan/apply time, from the operator's side only.
+
+Sources (declared per key in [env_files.NAME.sensitive]):
+  "file"     the local secrets file (TOML: [NAME] KEY = "value"), default <state>/secrets.toml
+  "env:VAR"  the operator's environment variable VAR
+  "present"  never resolved: the host keeps its own value
+Values are returned in memory only; nothing here prints or stores them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as random_source
+import stat
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+from fleet.model import Desired, Finding
+
+
+def load_secrets(desired: Desired, secrets_file: Path,
+                 environ: Mapping[str, str] | None = None) -> tuple[dict[tuple[str, str], str], list[Finding]]:
+    """(env file name, key) -> value for every resolvable secret, plus findings for the rest."""
+    env = os.environ if environ is None else environ
+    findings: list[Finding] = []
+    table: dict[str, object] = {}
+    needs_file = any(src.kind == "file" for ef in desired.env_files for _, src in ef.sensitive)
+    if needs_file and secrets_file.is_file():
+        mode = secrets_file.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            findings.append(Finding("warning", "secrets.mode",
+                                    f"{secrets_file} is readable by others (mode {oct(mode & 0o777)})",
+                                    file=str(secrets_file), hint=f"chmod 600 {secrets_file}"))
+        try:
+            table = tomllib.loads(secrets_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            # The parser's message may quote the offending line, which may hold a secret.
+            where = ""
+            if isinstance(e, tomllib.TOMLDecodeError):
+                where = str(e)[str(e).find("(at line"):] if "(at line" in str(e) else ""
+            findings.append(Finding("error", "secrets.unreadable", f"cannot read the secrets file {where}".strip(),
+                                    file=str(secrets_file),
+                                    hint="fix its TOML syntax: [ENV_FILE_NAME] KEY = \"value\""))
+            return {}, findings
+    values: dict[tuple[str, str], str] = {}
+    for ef in desired.env_files:
+        section = table.get(ef.name, {})
+        for key, src in ef.sensitive:
+            where = f"env_files.{ef.name}.sensitive.{key}"
+            if src.kind == "env":
+                assert src.var is not None
+                if src.var in env:
+                    values[(ef.name, key)] = env[src.var]
+                else:
+                    findings.append(Finding("error", "secrets.missing",
+                                            f"{key}: environment variable {src.var} is not set",
+                                            file=desired.source, key=where,
+                                            hint=f"export {src.var}=… before running fleet"))
+            elif src.kind == "file":
+                value = section.get(key) if isinstance(section, dict) else None
+                if isinstance(value, str):
+                    values[(ef.name, key)] = value
+                else:
+                    findings.append(Finding(
+                        "error", "secrets.missing",
+                        f"{key}: no value in the secrets file" + ("" if secrets_file.is_file() else " (file missing)"),
+                        file=str(secrets_file), key=f"{ef.name}.{key}",
+                        hint=f"add [{ef.name}] {key} = \"…\" to {secrets_file} (mode 0600), or pass --secrets FILE"))
+    return values, findings
+
+
+def ensure_lab_secrets(desired: Desired, path: Path) -> bool:
+    """The lab has no real secrets: make random ones for every "file" key that lacks a value,
+    so that `fleet --lab plan/apply` work out of the box.  Returns True if it wrote the file.
+    Only ever called for the lab's own secrets file."""
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, tomllib.TOMLDecodeError):
+        table = {}
+    changed = False
+    for ef in desired.env_files:
+        section = table.setdefault(ef.name, {})
+        for key, src in ef.sensitive:
+            if src.kind == "file" and not isinstance(section.get(key), str):
+                section[key] = random_source.token_hex(24)
+                changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["# Random secrets for the lab only (written by fleet --lab). Never use them elsewhere."]
+        for name, section in table.items():
+            lines.append(f"\n[{name}]")
+            lines += [f'{k} = "{v}"' for k, v in section.items() if isinstance(v, str)]
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    return changed

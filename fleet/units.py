@@ -1,0 +1,70 @@
+"""Rendering the systemd unit fleet writes for a service: a pure function of the declaration.
+
+The text is deterministic (same declaration, same bytes), so a hash comparison with what the
+collector saw on a host says whether the unit must be rewritten.
+"""
+
+from __future__ import annotations
+
+from fleet.model import Service
+from fleet.textutil import sha256_hex
+
+UNIT_DIR = "/etc/systemd/system"
+
+
+def unit_path(unit: str) -> str:
+    return f"{UNIT_DIR}/{unit}"
+
+
+def _env_assignment(key: str, value: str) -> str:
+    # systemd expands %-specifiers in Environment=; a literal % must be doubled.  Quoting the
+    # whole assignment keeps spaces; backslashes and quotes are escaped C-style.
+    v = value.replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{key}={v}"'
+
+
+def render_unit(service: Service) -> str:
+    """The unit file text for a managed service.  Raises ValueError for observe-only ones."""
+    spec = service.unit_spec
+    if spec is None:
+        raise ValueError(f"service {service.name} is observe-only: fleet never writes its unit")
+    lines = [
+        f"# Managed by fleet (service {service.name}). Local edits are overwritten by `fleet apply`.",
+        "[Unit]",
+        f"Description={spec.description or service.name}",
+    ]
+    if spec.after:
+        lines.append(f"After={' '.join(spec.after)}")
+    lines += ["", "[Service]", "Type=simple"]
+    if spec.user:
+        lines.append(f"User={spec.user}")
+    if spec.group:
+        lines.append(f"Group={spec.group}")
+    if spec.working_directory:
+        lines.append(f"WorkingDirectory={spec.working_directory}")
+    for key, value in spec.environment:
+        lines.append(f"Environment={_env_assignment(key, value)}")
+    for path in spec.environment_files:
+        lines.append(f"EnvironmentFile={path}")
+    lines.append(f"ExecStart={spec.exec_start}")
+    if spec.exec_reload:
+        lines.append(f"ExecReload={spec.exec_reload}")
+    if spec.restart:
+        lines.append(f"Restart={spec.restart}")
+    if spec.restart_sec:
+        lines.append(f"RestartSec={spec.restart_sec}")
+    if spec.wanted_by:
+        lines += ["", "[Install]", f"WantedBy={' '.join(spec.wanted_by)}"]
+    return "\n".join(lines) + "\n"
+
+
+def desired_text_hash(service: Service) -> str:
+    """The text hash the collector would report for this unit once fleet has written it
+    (fragment in /etc/systemd/system, no drop-ins); see fleet.collect.parse."""
+    path = unit_path(service.unit)
+    return sha256_hex(f"{path} {sha256_hex(render_unit(service))}")
+
+
+def as_observed_text(service: Service) -> str:
+    """The rendered unit in the collector's `systemctl cat`-like form, for unified diffs."""
+    return f"# {unit_path(service.unit)}\n{render_unit(service)}"
