@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what fleet and its lab need on a Debian 12 machine (as root), and fleet itself
+# into ./.venv.  Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(systemd-container debootstrap openssh-client openssh-server iproute2 zstd python3 python3-venv ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "setup: fleet installed in $(pwd)/.venv ($(.venv/bin/fleet --version))" >&2
