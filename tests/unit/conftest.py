@@ -28,12 +28,15 @@ SMALL_HOSTS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ExampleTexts:
     """The shipped example, as text: desired_state.toml and hosts/<file> -> text."""
 
     desired: str
     hosts: Mapping[str, str]
+
+    def __repr__(self) -> str:  # hypothesis prints fixture arguments with every failing example
+        return "ExampleTexts(<the shipped example>)"
 
 
 @dataclass
