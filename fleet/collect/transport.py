@@ -33,9 +33,11 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import select
 import shlex
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,10 +45,20 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import paramiko
-
 from fleet.errors import ConfigError, TransportError
 from fleet.model import Host
+
+# paramiko.config imports invoke (only for `Match exec` in ssh configs), which pulls in asyncio
+# and unittest.mock: ~45 ms of CPU on every fleet invocation.  Import paramiko without it and
+# bring invoke in only when a config actually uses `Match exec` (see _load_ssh_config).
+if "invoke" in sys.modules or "paramiko" in sys.modules:
+    import paramiko
+else:
+    sys.modules["invoke"] = None  # type: ignore[assignment]  # makes `import invoke` fail
+    try:
+        import paramiko
+    finally:
+        del sys.modules["invoke"]
 
 log = logging.getLogger(__name__)
 
@@ -421,15 +433,24 @@ class SSHTarget:
     proxy_command: str | None = None
 
 
+_MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
+
+
 def _load_ssh_config(path: str) -> paramiko.SSHConfig:
     try:
-        return paramiko.SSHConfig.from_path(path)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except OSError as exc:
         raise ConfigError(
             f"cannot read the ssh config {path}: {exc.strerror or exc}",
             file=path,
             hint="pass an existing OpenSSH client config, or none to use ~/.ssh/config",
         ) from exc
+    if _MATCH_EXEC.search(text) and getattr(paramiko.config, "invoke", True) is None:
+        import invoke  # `Match exec` runs its command through invoke
+
+        setattr(paramiko.config, "invoke", invoke)  # noqa: B010 - not in paramiko's stubs
+    return paramiko.SSHConfig.from_text(text)
 
 
 def _config_files(value: str | None) -> tuple[str, ...] | None:
@@ -831,7 +852,8 @@ class SSHTransport:
             return self._tunnel(target, deadline, via)
         if target.proxy_command:
             return paramiko.ProxyCommand(target.proxy_command)
-        sock = socket.create_connection((target.address, target.port), timeout=_remaining(deadline))
+        raw = socket.create_connection((target.address, target.port), timeout=_remaining(deadline))
+        sock: socket.socket = _QuickAckSocket(fileno=raw.detach()) if _QUICKACK is not None else raw
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
@@ -1124,6 +1146,28 @@ class SSHTransport:
 
 
 # --------------------------------------------------------------------------- helpers
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+class _QuickAckSocket(socket.socket):
+    """A TCP socket that acknowledges every segment at once instead of after Linux's 40 ms
+    delayed-ACK timer.
+
+    sshd does not set TCP_NODELAY on non-interactive sessions, so when it writes two small
+    packets in a row (e.g. a debug message, then the channel-open confirmation) Nagle holds
+    the second until the first is ACKed, and the client delays that ACK by 40 ms.  That
+    stall happened twice per connection on the loopback sshd (68 ms -> 20 ms wall per
+    connect+command, see docs/TRANSPORT.md).  TCP_QUICKACK is not sticky, hence per recv.
+    """
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if _QUICKACK is not None:
+            try:
+                self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
+        return super().recv(bufsize, flags)
 
 
 def _remaining(deadline: float) -> float:

@@ -6,6 +6,7 @@ import base64
 import shlex
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -345,6 +346,31 @@ def test_proxy_jump_and_host_key_alias_come_from_the_config(tmp_path: Path) -> N
     assert tr._parse_jump("ops@bastion.example:2022") == ("ops", "bastion.example", 2022)
     assert tr._parse_jump("bastion") == (None, "bastion", None)
     assert tr._parse_jump("ssh://[::1]:2200") == (None, "::1", 2200)
+
+
+def test_match_exec_in_the_config_still_works(tmp_path: Path) -> None:
+    """paramiko is imported without invoke; a config using `Match exec` brings it back."""
+    config = tmp_path / "ssh_config"
+    config.write_text('Match host fritz exec "test -d /"\n  User from-exec\nMatch host fritz exec "false"\n  Port 9\n')
+    code = (
+        "from fleet.collect.transport import SSHTransport; from fleet.model import Host; "
+        f"t = SSHTransport(ssh_config={str(config)!r}).resolve(Host(name='fritz', address='a')); "
+        "print(t.user, t.port)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,  # invoke.run mirrors stdin
+        cwd=Path(__file__).parents[2],
+    ).stdout
+    assert out.split() == ["from-exec", "22"]
+
+
+def test_importing_the_transport_does_not_import_invoke() -> None:
+    code = "import sys, fleet.collect.transport, paramiko; assert 'invoke' not in sys.modules, 'invoke imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 def test_a_missing_explicit_ssh_config_is_a_config_error(tmp_path: Path) -> None:
