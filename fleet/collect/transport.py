@@ -693,9 +693,16 @@ class SSHTransport:
         wire = sudo_command(command) if use_sudo else command
         limit = self.command_timeout if timeout is None else float(timeout)
         slot = self._slot(host.name)
-        with slot.lock:
-            transport = self._ensure_connected(host.name, slot, lambda: self.resolve(host), ())
-            result = self._exec(host.name, slot, transport, command, wire, stdin, limit)
+        try:
+            with slot.lock:
+                transport = self._ensure_connected(host.name, slot, lambda: self.resolve(host), ())
+                result = self._exec(host.name, slot, transport, command, wire, stdin, limit)
+        except TransportError:
+            raise
+        except Exception as exc:  # e.g. a malformed Port in the ssh config: still this host's failure
+            raise TransportError(
+                host.name, "protocol", f"{host.name}: {type(exc).__name__}: {exc}", hint="see the debug log"
+            ) from exc
         if use_sudo:
             refusal = sudo_refusal(result.exit_code, result.stderr)
             if refusal is not None:
@@ -1059,14 +1066,28 @@ class SSHTransport:
         status, stdin fed as the window allows, all bounded by `limit` seconds."""
         started = time.monotonic()
         deadline = started + limit
+        with self._lock:
+            slot.channels += 1
         try:
             channel = transport.open_session(timeout=max(limit, 0.001))
+        except paramiko.ChannelException as exc:
+            raise TransportError(
+                name,
+                "protocol",
+                f"{name} refused to open a session channel: {exc.text}",
+                hint="check sshd's MaxSessions and the user's login restrictions on the host",
+            ) from exc
         except Exception as exc:
+            if transport.is_active() and time.monotonic() >= deadline:
+                raise TransportError(
+                    name,
+                    "timeout",
+                    f"{name} did not open a session channel within {limit:g}s",
+                    hint="the host may be overloaded; retry, or raise the timeout",
+                ) from exc
             slot.transport = None
             transport.close()
             raise _lost(name, command, exc) from exc
-        with self._lock:
-            slot.channels += 1
         try:
             return self._exec_channel(name, transport, channel, command, wire, stdin, deadline, started, limit)
         except TransportError:
@@ -1075,7 +1096,12 @@ class SSHTransport:
             if not transport.is_active():
                 slot.transport = None
                 raise _lost(name, command, exc) from exc
-            raise
+            raise TransportError(
+                name,
+                "protocol",
+                f"running `{_short(command)}` on {name} failed: {type(exc).__name__}: {exc}",
+                hint=f"the server refused or broke off the command; check sshd's log on {name}",
+            ) from exc
         finally:
             channel.close()
             if not transport.is_active():

@@ -373,6 +373,14 @@ def test_importing_the_transport_does_not_import_invoke() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
+def test_a_broken_config_value_is_that_hosts_failure_not_a_crash(tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text("Host fritz\n  Port twenty-two\n")
+    with pytest.raises(TransportError) as broken:
+        SSHTransport(ssh_config=str(config)).run(Host(name="fritz", address="a"), "true")
+    assert broken.value.kind == "protocol" and "twenty-two" in broken.value.message
+
+
 def test_a_missing_explicit_ssh_config_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as missing:
         SSHTransport(ssh_config=str(tmp_path / "nope"))
