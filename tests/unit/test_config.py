@@ -822,3 +822,14 @@ def test_default_paths_resolve_against_dir_unless_given() -> None:
     assert config.default_paths("/srv/fleet", None, None) == (Path("/srv/fleet/desired_state.toml"),
                                                               Path("/srv/fleet/hosts"))
     assert config.default_paths("/srv", "/etc/d.toml", "/etc/h") == (Path("/etc/d.toml"), Path("/etc/h"))
+
+
+def test_every_toml_example_in_the_format_docs_is_valid_toml() -> None:
+    import re
+    import tomllib
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "desired-state.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    assert len(blocks) >= 8
+    for block in blocks:
+        tomllib.loads(block)
