@@ -1,0 +1,309 @@
+"""Builders for observed host states, as the collector would report them (test-only).
+
+`converged(desired, secrets)` is what every host reports once fleet has applied everything;
+`bare(desired)` is hosts with nothing installed.  The small mutators each introduce one kind of
+drift into a `HostState` and return a new one (the model is frozen).  They follow the
+collector's conventions (fleet.collect.parse / script):
+
+* a unit's `text_hash` is sha256 over "PATH FILEHASH" lines of its fragment then its drop-ins;
+* env file keys that are declared sensitive or look secret are reported as fingerprints
+  (`envfile.fingerprint`, the sha256 of the raw text after `=`), never as values;
+* modes are four octal digits ("0600").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from fleet import config
+from fleet.envfile import fingerprint
+from fleet.mastodon import SECRET_KEYS, looks_secret
+from fleet.model import (
+    Desired,
+    EnvFile,
+    EnvFileState,
+    HostError,
+    HostFacts,
+    HostState,
+    Service,
+    UnitState,
+)
+from fleet.textutil import mask, sha256_hex
+from fleet.units import as_observed_text, desired_text_hash, unit_path
+
+REPO = Path(__file__).resolve().parents[2]
+DISTRO_UNIT_DIR = "/lib/systemd/system"
+ENV_PATH = "/home/mastodon/live/.env.production"
+
+# Secrets for the shipped example, chosen to need quoting in an env file ($, quotes, spaces,
+# backslashes, a newline, unicode) so that fingerprints of rendered values are exercised.
+EXAMPLE_SECRETS: dict[tuple[str, str], str] = {
+    ("mastodon", "SECRET_KEY_BASE"): "s3cr3t-key-base-0123456789abcdef",
+    ("mastodon", "OTP_SECRET"): 'otp with "quotes" and $HOME',
+    ("mastodon", "VAPID_PRIVATE_KEY"): "vapid\\private`key`",
+    ("mastodon", "DB_PASS"): "hunter2-db-pass",
+    ("mastodon", "AWS_ACCESS_KEY_ID"): "AKIAEXAMPLEACCESSKEY",
+    ("mastodon", "AWS_SECRET_ACCESS_KEY"): "aws/secret+key=with\nnewline",
+    ("mastodon", "SMTP_PASSWORD"): "smtp pässwörd ✓",
+}
+
+
+@functools.cache
+def example() -> Desired:
+    """The shipped example (desired_state.toml + hosts/), loaded once; it must load cleanly."""
+    loaded = config.load(REPO / "desired_state.toml", REPO / "hosts")
+    assert loaded.desired is not None and not loaded.errors, loaded.findings
+    return loaded.desired
+
+
+def service(desired: Desired, name: str) -> Service:
+    s = desired.service(name)
+    assert s is not None, f"no service {name}"
+    return s
+
+
+def unit_of(state: HostState, unit: str) -> UnitState:
+    u = state.unit(unit)
+    assert u is not None, f"{state.host} reports no {unit}"
+    return u
+
+
+# ---------------------------------------------------------------- units
+
+
+def file_hash_line(path: str, content: str) -> str:
+    return f"{path} {sha256_hex(content)}"
+
+
+def text_hash(files: Iterable[tuple[str, str]]) -> str:
+    """The collector's text hash of a unit made of (path, content) files, fragment first."""
+    return sha256_hex("\n".join(file_hash_line(p, c) for p, c in files))
+
+
+def exec_argv(service: Service) -> tuple[str, ...]:
+    assert service.unit_spec is not None
+    return tuple(service.unit_spec.exec_start.split())
+
+
+def managed_unit(service: Service, *, pid: int = 4242) -> UnitState:
+    """A fleet-written unit, loaded, enabled and running exactly as declared."""
+    spec = service.unit_spec
+    assert spec is not None, f"{service.name} is observe-only"
+    return UnitState(
+        unit=service.unit, load_state="loaded", active_state="active", sub_state="running",
+        unit_file_state="enabled", exec_start=exec_argv(service), main_pid=pid,
+        fragment_path=unit_path(service.unit), drop_in_paths=(), active_enter="Mon 2026-11-23 10:00:00 UTC",
+        n_restarts=0, result="success", text_hash=desired_text_hash(service), text=as_observed_text(service),
+        environment=tuple((k, mask(v) if looks_secret(k) else v) for k, v in spec.environment),
+        environment_files=spec.environment_files,
+    )
+
+
+def distro_unit(unit: str, *, active: str = "active", sub: str = "running", enabled: str = "enabled",
+                argv: tuple[str, ...] = (), pid: int = 900) -> UnitState:
+    """A unit shipped by a package (fragment under /lib/systemd/system), e.g. postgresql."""
+    path = f"{DISTRO_UNIT_DIR}/{unit}"
+    return UnitState(
+        unit=unit, load_state="loaded", active_state=active, sub_state=sub, unit_file_state=enabled,
+        exec_start=argv, main_pid=pid if active == "active" else 0, fragment_path=path,
+        text_hash=text_hash([(path, f"[Unit]\nDescription={unit} from its package\n")]), result="success",
+    )
+
+
+def observe_only_unit(service: Service) -> UnitState:
+    """How a distro-managed data store reports when healthy.  Debian's postgresql.service is
+    a oneshot wrapper (active/exited); redis-server is active/running."""
+    sub = "exited" if service.kind.value == "postgres" else "running"
+    return distro_unit(service.unit, sub=sub, argv=() if sub == "exited" else (f"/usr/bin/{service.name}",))
+
+
+def hand_made_unit(unit: str, argv: str, *, active: bool = True, enabled: bool = True,
+                   directory: str = "/etc/systemd/system", pid: int = 3131) -> UnitState:
+    """A unit somebody wrote by hand, e.g. a Sidekiq on the CDN node."""
+    path = f"{directory}/{unit}"
+    content = f"[Service]\nExecStart={argv}\n"
+    return UnitState(
+        unit=unit, load_state="loaded", active_state="active" if active else "inactive",
+        sub_state="running" if active else "dead", unit_file_state="enabled" if enabled else "disabled",
+        exec_start=tuple(argv.split()), main_pid=pid if active else 0, fragment_path=path,
+        text_hash=text_hash([(path, content)]), text=f"# {path}\n{content}",
+    )
+
+
+def undeclared_sidekiq(unit: str = "mastodon-sidekiq.service", args: str = "-c 10 -q default",
+                       **kw: object) -> UnitState:
+    return hand_made_unit(unit, f"/home/mastodon/.rbenv/shims/bundle exec sidekiq {args}", **kw)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- env files
+
+
+def collector_secret_keys(ef: EnvFile) -> set[str]:
+    """Keys whose values the collector reports only as fingerprints in this file."""
+    return set(ef.sensitive_keys()) | set(SECRET_KEYS)
+
+
+def is_reported_secret(ef: EnvFile, key: str) -> bool:
+    return key in collector_secret_keys(ef) or looks_secret(key)
+
+
+def env_state_from(ef: EnvFile, items: Iterable[tuple[str, str]], *, owner: str, group: str, mode: str,
+                   extra_secrets: Iterable[tuple[str, str]] = ()) -> EnvFileState:
+    """The collector's report of a file holding `items` (KEY, value) in order; `extra_secrets`
+    are (KEY, fingerprint) pairs for values fleet never sees ("present" secrets)."""
+    keys: list[str] = []
+    values: list[tuple[str, str]] = []
+    secrets: list[tuple[str, str]] = []
+    for k, v in items:
+        keys.append(k)
+        if is_reported_secret(ef, k):
+            secrets.append((k, fingerprint(v)))
+        else:
+            values.append((k, v))
+    for k, fp in extra_secrets:
+        keys.append(k)
+        secrets.append((k, fp))
+    return EnvFileState(path=ef.path, present=True, mode=mode, owner=owner, group=group,
+                        size=sum(len(k) + len(v) + 2 for k, v in items), keys=tuple(keys), values=tuple(values),
+                        secrets=tuple(secrets))
+
+
+def converged_env(ef: EnvFile, host: str, secrets: Mapping[tuple[str, str], str]) -> EnvFileState:
+    items = list(ef.values_for(host).items())
+    items += [(k, secrets[(ef.name, k)]) for k, src in ef.sensitive
+              if src.kind != "present" and (ef.name, k) in secrets]
+    present = [(k, sha256_hex(f"the host's own {k}")) for k, src in ef.sensitive if src.kind == "present"]
+    return env_state_from(ef, items, owner=ef.owner or "root", group=ef.group or "root",
+                          mode=ef.mode.rjust(4, "0"), extra_secrets=present)
+
+
+# ---------------------------------------------------------------- hosts
+
+
+def facts(host: str) -> HostFacts:
+    return HostFacts(hostname=host, os="Debian GNU/Linux 12 (bookworm)", kernel="6.1.0-27-amd64",
+                     systemd_version="252", system_state="running", uptime_seconds=86400.0,
+                     load=(0.1, 0.2, 0.3), mem_total_kb=8_000_000, mem_available_kb=4_000_000)
+
+
+def converged_host(desired: Desired, host: str, secrets: Mapping[tuple[str, str], str]) -> HostState:
+    units = tuple(observe_only_unit(s) if s.observe_only else managed_unit(s, pid=1000 + i)
+                  for i, s in enumerate(desired.services_on(host)))
+    envs = tuple(converged_env(ef, host, secrets) for ef in desired.env_files_on(host))
+    return HostState(host=host, facts=facts(host), units=units, env_files=envs, collected_at=1_800_000_000.0)
+
+
+def converged(desired: Desired, secrets: Mapping[tuple[str, str], str]) -> dict[str, HostState]:
+    """Every host as it reports once fleet has applied everything."""
+    return {h.name: converged_host(desired, h.name, secrets) for h in desired.hosts}
+
+
+def bare_host(desired: Desired, host: str) -> HostState:
+    """A host with none of its declared units and its env files absent."""
+    envs = tuple(EnvFileState(path=ef.path, present=False) for ef in desired.env_files_on(host))
+    return HostState(host=host, facts=facts(host), units=(), env_files=envs, collected_at=1_800_000_000.0)
+
+
+def bare(desired: Desired) -> dict[str, HostState]:
+    return {h.name: bare_host(desired, h.name) for h in desired.hosts}
+
+
+def unreachable(host: str) -> HostError:
+    return HostError(host=host, kind="unreachable", message=f"{host}: connection refused",
+                     hint="is sshd running?")
+
+
+# ---------------------------------------------------------------- mutators
+
+
+def with_unit(state: HostState, unit: UnitState) -> HostState:
+    """`unit` added, or replacing the unit of the same name."""
+    others = tuple(u for u in state.units if u.unit != unit.unit)
+    return dataclasses.replace(state, units=others + (unit,))
+
+
+def without_unit(state: HostState, unit: str) -> HostState:
+    return dataclasses.replace(state, units=tuple(u for u in state.units if u.unit != unit))
+
+
+def change_unit(state: HostState, unit: str, **fields: object) -> HostState:
+    u = state.unit(unit)
+    assert u is not None, f"{state.host} has no {unit}"
+    return with_unit(state, dataclasses.replace(u, **fields))  # type: ignore[arg-type]
+
+
+def stopped(state: HostState, unit: str) -> HostState:
+    return change_unit(state, unit, active_state="inactive", sub_state="dead", main_pid=0)
+
+
+def failed(state: HostState, unit: str) -> HostState:
+    return change_unit(state, unit, active_state="failed", sub_state="failed", main_pid=0, result="exit-code")
+
+
+def disabled(state: HostState, unit: str) -> HostState:
+    return change_unit(state, unit, unit_file_state="disabled")
+
+
+def edited(state: HostState, unit: str, extra_line: str = "Nice=5") -> HostState:
+    """The unit's fragment was edited in place: another text, another hash."""
+    u = state.unit(unit)
+    assert u is not None and u.text is not None
+    content = u.text.split("\n", 1)[1] + extra_line + "\n"
+    return change_unit(state, unit, text=f"# {u.fragment_path}\n{content}",
+                       text_hash=text_hash([(u.fragment_path, content)]))
+
+
+def with_drop_in(state: HostState, unit: str, name: str = "override.conf",
+                 content: str = "[Service]\nEnvironment=DB_POOL=5\n",
+                 directory: str = "/etc/systemd/system") -> HostState:
+    """A drop-in next to the unit (as `systemctl edit` makes), which changes its text hash."""
+    u = state.unit(unit)
+    assert u is not None and u.text is not None
+    path = f"{directory}/{unit}.d/{name}"
+    fragment = u.text.split("\n", 1)[1]
+    return change_unit(state, unit, drop_in_paths=u.drop_in_paths + (path,),
+                       text=f"{u.text}# {path}\n{content}",
+                       text_hash=text_hash([(u.fragment_path, fragment), (path, content)]))
+
+
+def _replace_env(state: HostState, path: str, env: EnvFileState) -> HostState:
+    return dataclasses.replace(state, env_files=tuple(env if e.path == path else e for e in state.env_files))
+
+
+def env_of(state: HostState, path: str = ENV_PATH) -> EnvFileState:
+    e = state.env_file(path)
+    assert e is not None, f"{state.host} reports no {path}"
+    return e
+
+
+def set_env_value(state: HostState, key: str, value: str, path: str = ENV_PATH) -> HostState:
+    """A non-secret key now holds `value` (added at the end when it was not there)."""
+    e = env_of(state, path)
+    values = dict(e.values)
+    keys = e.keys if key in values else e.keys + (key,)
+    values[key] = value
+    return _replace_env(state, path, dataclasses.replace(e, keys=keys, values=tuple(values.items())))
+
+
+def set_env_secret(state: HostState, key: str, value: str, path: str = ENV_PATH) -> HostState:
+    """A secret key now holds `value` (reported by fingerprint only)."""
+    e = env_of(state, path)
+    secrets = dict(e.secrets)
+    keys = e.keys if key in secrets else e.keys + (key,)
+    secrets[key] = fingerprint(value)
+    return _replace_env(state, path, dataclasses.replace(e, keys=keys, secrets=tuple(secrets.items())))
+
+
+def drop_env_key(state: HostState, key: str, path: str = ENV_PATH) -> HostState:
+    e = env_of(state, path)
+    return _replace_env(state, path, dataclasses.replace(
+        e, keys=tuple(k for k in e.keys if k != key), values=tuple((k, v) for k, v in e.values if k != key),
+        secrets=tuple((k, v) for k, v in e.secrets if k != key)))
+
+
+def env_meta(state: HostState, path: str = ENV_PATH, **fields: str) -> HostState:
+    """Change owner / group / mode of an env file."""
+    return _replace_env(state, path, dataclasses.replace(env_of(state, path), **fields))  # type: ignore[arg-type]
