@@ -61,6 +61,10 @@ else:
         del sys.modules["invoke"]
 
 log = logging.getLogger(__name__)
+# paramiko's transport thread logs failures (with tracebacks) that fleet reports as
+# TransportErrors anyway; without a handler Python would print them on stderr.  An app that
+# configures logging (e.g. --debug) still gets them through propagation.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 MIB = 1024 * 1024
 DEFAULT_MAX_OUTPUT = 64 * MIB
@@ -1120,10 +1124,12 @@ class SSHTransport:
         limit: float,
     ) -> RunResult:
         def timed_out() -> TransportError:
+            _signal(channel, "TERM")
             return TransportError(
                 name,
                 "timeout",
-                f"`{_short(command)}` on {name} did not finish within {limit:g}s; the channel was closed",
+                f"`{_short(command)}` on {name} did not finish within {limit:g}s; it was sent SIGTERM "
+                "and its channel closed",
                 hint="raise the timeout, or look on the host for what hangs",
             )
 
@@ -1208,6 +1214,27 @@ def _short(command: str, limit: int = 80) -> str:
     return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
 
 
+def _signal(channel: paramiko.Channel, name: str) -> None:
+    """Best effort: ask sshd to signal the command's process group (RFC 4254 "signal" request).
+
+    Otherwise a command that writes nothing outlives its closed channel.  OpenSSH >= 7.9
+    honours it for exec sessions of non-root users only: root sessions run without a
+    privilege-separated child and sshd logs "session signalling requires privilege
+    separation".  paramiko has no public call for it, hence the private send."""
+    if channel.closed:
+        return
+    try:
+        message = paramiko.Message()
+        message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+        message.add_int(channel.remote_chanid)
+        message.add_string("signal")
+        message.add_boolean(False)
+        message.add_string(name)
+        channel.get_transport()._send_user_message(message)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - closing the channel is the fallback anyway
+        log.debug("could not send signal %s", name, exc_info=True)
+
+
 def _feed(channel: paramiko.Channel, pending: memoryview) -> memoryview | None:
     """Send as much of `pending` as the channel window takes now; EOF once all is sent."""
     try:
@@ -1271,7 +1298,8 @@ def _connect_error(exc: Exception, target: SSHTarget, phase: str, deadline: floa
             f"cannot resolve {target.address} (host {target.name}): {exc.strerror or exc}",
             hint=f"check the address in the inventory file or HostName for {target.name} in the ssh config",
         )
-    timed_out = isinstance(exc, TimeoutError) or time.monotonic() >= deadline
+    timed_out = isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError)
+    timed_out = timed_out or time.monotonic() >= deadline
     if not timed_out and isinstance(exc, paramiko.SSHException):
         timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
     if timed_out:
@@ -1300,7 +1328,8 @@ def _connect_error(exc: Exception, target: SSHTarget, phase: str, deadline: floa
             f"cannot reach {where}: {reason}",
             hint=f"check the network path to {target.address}; try `{ssh}`",
         )
-    if isinstance(exc, EOFError | ConnectionError):
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, EOFError | ConnectionError) or isinstance(cause, EOFError | ConnectionError):
         return TransportError(
             target.name,
             "unreachable",
@@ -1310,6 +1339,6 @@ def _connect_error(exc: Exception, target: SSHTarget, phase: str, deadline: floa
     return TransportError(
         target.name,
         "protocol",
-        f"SSH {phase} with {where} failed: {type(exc).__name__}: {exc}",
+        f"{phase} with {where} failed: {type(exc).__name__}: {exc}",
         hint=f"try `ssh -v -p {target.port} {target.user}@{target.address} true` to see where it fails",
     )

@@ -193,8 +193,8 @@ def test_a_hung_command_times_out_and_the_connection_stays_usable(sshd: Sshd) ->
     with sshd.transport() as transport:
         started = time.monotonic()
         with pytest.raises(TransportError) as hung:
-            transport.run(sshd.host(), "sleep 30", timeout=1)
-        assert hung.value.kind == "timeout" and "sleep 30" in hung.value.message
+            transport.run(sshd.host(), "sleep 6", timeout=1)  # root: sshd cannot signal it
+        assert hung.value.kind == "timeout" and "sleep 6" in hung.value.message
         assert time.monotonic() - started < 4
         assert transport.run(sshd.host(), "echo after").stdout == b"after\n"
         assert transport.stats()["loop"] == {"connections": 1, "channels": 2}
@@ -314,6 +314,21 @@ def test_a_server_that_never_speaks_is_a_connect_timeout(sshd: Sshd) -> None:
     assert time.monotonic() - started < 4
 
 
+def test_a_server_that_hangs_up_at_once_is_unreachable(sshd: Sshd, capfd: pytest.CaptureFixture[str]) -> None:
+    rude = socket.socket()
+    rude.bind(("127.0.0.1", 0))
+    rude.listen()
+    threading.Thread(target=lambda: rude.accept()[0].close(), daemon=True).start()
+    try:
+        with sshd.transport() as transport:
+            with pytest.raises(TransportError) as closed:
+                transport.run(Host(name="rude", address="127.0.0.1", port=rude.getsockname()[1]), "true")
+    finally:
+        rude.close()
+    assert closed.value.kind == "unreachable" and "closed the connection" in closed.value.message
+    assert "Traceback" not in capfd.readouterr().err  # paramiko's own logging stays quiet
+
+
 def test_a_key_the_server_does_not_know_is_an_auth_failure_naming_the_key(sshd: Sshd) -> None:
     stranger = sshd.dir / "stranger_key"
     keygen(stranger)
@@ -338,6 +353,19 @@ def user_without_sudo(sshd: Sshd) -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["userdel", name], check=False)
+
+
+def test_a_timed_out_command_of_a_non_root_user_is_terminated(sshd: Sshd, user_without_sudo: str) -> None:
+    marker = str(secrets.randbelow(10**6) + 10**6)  # a sleep length nobody else uses
+    host = Host(name="plain-user", address="127.0.0.1", port=sshd.port, user=user_without_sudo)
+    with sshd.transport() as transport:
+        with pytest.raises(TransportError) as hung:
+            transport.run(host, f"sleep {marker}", timeout=1)
+    assert hung.value.kind == "timeout"
+    deadline = time.monotonic() + 5
+    while subprocess.run(["pgrep", "-u", user_without_sudo, "-f", f"sleep {marker}"]).returncode == 0:
+        assert time.monotonic() < deadline, "the timed-out command is still running"
+        time.sleep(0.05)
 
 
 def test_sudo_asking_for_a_password_is_kind_sudo(sshd: Sshd, user_without_sudo: str) -> None:
