@@ -1,0 +1,204 @@
+"""build_status: what runs where, one row per declared service and per undeclared unit found
+by discovery, one cell per host; plus which Sidekiq process serves which queue."""
+
+from __future__ import annotations
+
+import pytest
+from observed import (
+    EXAMPLE_SECRETS,
+    change_unit,
+    converged,
+    disabled,
+    distro_unit,
+    example,
+    set_env_value,
+    stopped,
+    undeclared_sidekiq,
+    unit_of,
+    unreachable,
+    with_unit,
+    without_unit,
+)
+
+from fleet.model import HostResult, HostState
+from fleet.status import (
+    ABSENT,
+    DRIFT,
+    OK,
+    PRESENT,
+    UNKNOWN,
+    UNMANAGED,
+    Cell,
+    Row,
+    StatusReport,
+    build_status,
+    parse_sidekiq_argv,
+    status_json,
+)
+
+S = EXAMPLE_SECRETS
+BUNDLE = ("/home/mastodon/.rbenv/shims/bundle", "exec", "sidekiq")
+
+
+@pytest.fixture
+def fleet() -> dict[str, HostState]:
+    return converged(example(), S)
+
+
+def status(observed: dict[str, HostState] | dict[str, HostResult]) -> StatusReport:
+    return build_status(example(), dict(observed))
+
+
+def row(report: StatusReport, unit: str) -> Row:
+    return next(r for r in report.rows if r.unit == unit)
+
+
+def cell(report: StatusReport, unit: str, host: str) -> Cell:
+    return next(c for c in row(report, unit).cells if c.host == host)
+
+
+def test_a_converged_fleet_is_ok_wherever_a_service_is_declared_and_absent_elsewhere(
+        fleet: dict[str, HostState]) -> None:
+    report = status(fleet)
+    assert report.hosts == ("franz", "freud", "fritz", "nietzsche")
+    assert [r.service for r in report.rows] == [s.name for s in example().services]
+    for r in report.rows:
+        for c in r.cells:
+            assert c.status == (OK if c.host in r.declared_hosts else ABSENT), (r.unit, c)
+    assert report.unreachable == ()
+
+
+def test_a_converged_fleet_serves_every_queue_with_declared_processes_and_no_findings(
+        fleet: dict[str, HostState]) -> None:
+    report = status(fleet)
+    assert {(p.host, p.unit) for p in report.sidekiq} == {
+        ("freud", "mastodon-sidekiq-default.service"), ("freud", "mastodon-sidekiq-push-pull.service"),
+        ("nietzsche", "mastodon-sidekiq-push-pull.service"), ("nietzsche", "mastodon-sidekiq-scheduler.service")}
+    assert all(p.declared for p in report.sidekiq)
+    default = next(p for p in report.sidekiq if p.unit == "mastodon-sidekiq-default.service")
+    assert (default.concurrency, default.queues, default.db_pool) == (
+        25, (("default", 8), ("ingress", 6), ("mailers", 2)), 25)
+    assert report.queue_findings == ()
+
+
+def test_an_undeclared_sidekiq_on_the_cdn_node_is_an_unmanaged_row_and_process(fleet: dict[str, HostState]) -> None:
+    fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq())
+    report = status(fleet)
+    r = row(report, "mastodon-sidekiq.service")
+    assert (r.service, r.kind, r.declared_hosts) == (None, "", ())
+    assert cell(report, "mastodon-sidekiq.service", "franz").status == UNMANAGED
+    assert cell(report, "mastodon-sidekiq.service", "franz").state == "active/running"
+    assert {c.status for c in r.cells if c.host != "franz"} == {ABSENT}
+    (proc,) = [p for p in report.sidekiq if p.host == "franz"]
+    assert (proc.unit, proc.declared, proc.concurrency, proc.queues) == (
+        "mastodon-sidekiq.service", False, 10, (("default", None),))
+
+
+def test_a_declared_service_running_on_a_host_it_is_not_declared_for_is_unmanaged_there(
+        fleet: dict[str, HostState]) -> None:
+    fleet["franz"] = with_unit(fleet["franz"], unit_of(fleet["freud"], "mastodon-sidekiq-default.service"))
+    report = status(fleet)
+    assert cell(report, "mastodon-sidekiq-default.service", "franz").status == UNMANAGED
+    assert cell(report, "mastodon-sidekiq-default.service", "freud").status == OK
+    assert not any(r.service is None for r in report.rows)
+    moved = [p for p in report.sidekiq if p.host == "franz"]
+    assert [p.declared for p in moved] == [False]
+
+
+def test_drift_says_what_is_wrong(fleet: dict[str, HostState]) -> None:
+    fleet["fritz"] = disabled(stopped(fleet["fritz"], "mastodon-web.service"), "mastodon-streaming.service")
+    report = status(fleet)
+    web = cell(report, "mastodon-web.service", "fritz")
+    assert (web.status, web.state, web.detail) == (DRIFT, "inactive/dead", "should be active/running")
+    streaming = cell(report, "mastodon-streaming.service", "fritz")
+    assert (streaming.status, streaming.detail) == (DRIFT, "disabled")
+
+
+def test_a_different_command_line_is_drift(fleet: dict[str, HostState]) -> None:
+    argv = (*BUNDLE, "-c", "25", "-q", "default")
+    fleet["freud"] = change_unit(fleet["freud"], "mastodon-sidekiq-default.service", exec_start=argv)
+    c = cell(status(fleet), "mastodon-sidekiq-default.service", "freud")
+    assert (c.status, c.detail) == (DRIFT, "ExecStart differs")
+
+
+def test_a_missing_declared_unit_is_drift_not_absent(fleet: dict[str, HostState]) -> None:
+    fleet["nietzsche"] = without_unit(fleet["nietzsche"], "redis-server.service")
+    c = cell(status(fleet), "redis-server.service", "nietzsche")
+    assert (c.status, c.state, c.detail) == (DRIFT, "missing", "not installed")
+
+
+def test_postgres_left_installed_on_the_old_db_host_is_present_or_unmanaged(fleet: dict[str, HostState]) -> None:
+    fleet["freud"] = with_unit(fleet["freud"], distro_unit("postgresql.service", sub="exited"))
+    fleet["fritz"] = with_unit(fleet["fritz"], distro_unit("postgresql.service", active="inactive", sub="dead"))
+    report = status(fleet)
+    assert cell(report, "postgresql.service", "freud").status == UNMANAGED
+    assert cell(report, "postgresql.service", "fritz").status == PRESENT
+    assert cell(report, "postgresql.service", "nietzsche").status == OK
+
+
+def test_the_postgres_instance_unit_is_no_row_of_its_own(fleet: dict[str, HostState]) -> None:
+    fleet["nietzsche"] = with_unit(fleet["nietzsche"], distro_unit("postgresql@15-main.service"))
+    assert not any(r.unit == "postgresql@15-main.service" for r in status(fleet).rows)
+
+
+def test_an_unreachable_host_is_unknown_in_every_row(fleet: dict[str, HostState]) -> None:
+    observed: dict[str, HostResult] = {**fleet, "nietzsche": unreachable("nietzsche")}
+    report = status(observed)
+    assert {cell(report, r.unit, "nietzsche").status for r in report.rows} == {UNKNOWN}
+    assert [e.host for e in report.unreachable] == ["nietzsche"]
+    doc = status_json(report)
+    assert doc["hosts"]["nietzsche"]["reachable"] is False
+    assert doc["hosts"]["nietzsche"]["error"]["kind"] == "unreachable"
+
+
+def test_a_queue_nobody_serves_is_a_finding_once_the_scheduler_stops(fleet: dict[str, HostState]) -> None:
+    fleet["nietzsche"] = stopped(fleet["nietzsche"], "mastodon-sidekiq-scheduler.service")
+    findings = status(fleet).queue_findings
+    assert findings and any("scheduler" in f.message for f in findings)
+
+
+def test_db_pool_from_the_env_file_overrides_the_units_environment(fleet: dict[str, HostState]) -> None:
+    fleet["freud"] = set_env_value(fleet["freud"], "DB_POOL", "10")
+    procs = {p.unit: p for p in status(fleet).sidekiq if p.host == "freud"}
+    assert procs["mastodon-sidekiq-default.service"].db_pool == 10
+
+
+def test_the_status_json_marks_declared_cells(fleet: dict[str, HostState]) -> None:
+    fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq())
+    doc = status_json(status(fleet))
+    web = next(r for r in doc["services"] if r["unit"] == "mastodon-web.service")
+    assert web["cells"]["franz"]["declared"] is True and web["cells"]["freud"]["declared"] is False
+    assert web["cells"]["franz"]["unit"]["text_hash"]
+    assert [p["declared"] for p in doc["sidekiq"]["processes"] if p["host"] == "franz"] == [False]
+    assert "franz:mastodon-sidekiq.service" in doc["sidekiq"]["queues"]["default"]
+
+
+# ------------------------------------------------------------------ parse_sidekiq_argv
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("-c", "10", "-q", "default"), (10, (("default", None),))),
+    (("-q", "default,8", "-q", "push,6"), (None, (("default", 8), ("push", 6)))),
+    (("--concurrency=5", "--queue=x"), (5, (("x", None),))),
+    (("--concurrency", "7", "--queue", "mailers,2"), (7, (("mailers", 2),))),
+    (("-C", "config/sidekiq.yml"), (None, ())),
+    (("-c", "many", "-q", ""), (None, ())),
+    (("-c",), (None, ())),
+])
+def test_sidekiq_concurrency_and_weighted_queues_are_read_from_the_command_line(
+        args: tuple[str, ...], expected: tuple[int | None, tuple[tuple[str, int | None], ...]]) -> None:
+    assert parse_sidekiq_argv((*BUNDLE, *args)) == expected
+
+
+def test_a_bare_sidekiq_binary_counts_as_sidekiq() -> None:
+    assert parse_sidekiq_argv(("/usr/local/bin/sidekiq", "-c", "3")) == (3, ())
+
+
+@pytest.mark.parametrize("argv", [
+    ("/home/mastodon/.rbenv/shims/bundle", "exec", "puma", "-C", "config/puma.rb"),
+    ("/usr/bin/node", "./streaming"),
+    ("/usr/bin/sidekiq-like", "-q", "default"),
+    (),
+])
+def test_other_commands_are_not_sidekiq(argv: tuple[str, ...]) -> None:
+    assert parse_sidekiq_argv(argv) is None
