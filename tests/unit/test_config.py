@@ -98,6 +98,15 @@ def test_locate_does_not_place_a_top_level_key_inside_another_table() -> None:
     assert config.locate(text, "services") in (None, 1)
 
 
+@pytest.mark.xfail(strict=True, reason="bug: config.locate splits with str.splitlines(), which also breaks at "
+                                       "U+0085, U+2028 and U+2029 (valid in TOML strings and comments), so later lines "
+                                       "are numbered too high")
+@pytest.mark.parametrize("separator", ["\x85", "\u2028", "\u2029"])
+def test_locate_counts_lines_as_toml_does(separator: str) -> None:
+    text = f'# a comment with {separator} in it\n[services.web]\nkind = "web"\n'
+    assert config.locate(text, "services.web.kind") == 3
+
+
 # ------------------------------------------------------------------ read_toml
 
 
