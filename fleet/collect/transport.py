@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import errno
 import fnmatch
 import getpass
@@ -40,7 +41,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -824,6 +825,7 @@ class SSHTransport:
         started = time.monotonic()
         deadline = started + target.connect_timeout
         transport: paramiko.Transport | None = None
+        sock: socket.socket | paramiko.Channel | paramiko.ProxyCommand | None = None
         phase = "TCP connect"
         try:
             sock = self._open_socket(target, deadline, via)
@@ -852,6 +854,8 @@ class SSHTransport:
         except BaseException as exc:
             if transport is not None:
                 transport.close()
+            elif sock is not None:
+                sock.close()
             if isinstance(exc, TransportError) or not isinstance(exc, Exception):
                 raise
             raise _connect_error(exc, target, phase, deadline) from exc
@@ -890,7 +894,7 @@ class SSHTransport:
                 name=last,
                 user=user or jt.user,
                 port=port or jt.port,
-                hostkey_name=hostkey_name(jt.address, port or jt.port),
+                hostkey_name=jt.hostkey_name if port in (None, jt.port) else hostkey_name(jt.address, port),
                 proxy_jump=before if before is not None else jt.proxy_jump,
             )
 
@@ -987,12 +991,12 @@ class SSHTransport:
             loaded = (None, "missing")
         except (paramiko.PasswordRequiredException, TypeError):
             loaded = (None, "encrypted; add it to ssh-agent")
-        except (paramiko.SSHException, ValueError, OSError) as exc:
-            loaded = (None, f"unusable: {exc}")
+        except Exception as exc:  # noqa: BLE001 - unreadable, unknown type, bad format: skip the key
+            loaded = (None, f"unusable: {type(exc).__name__}: {exc}")
         with self._files_lock:
             return self._keys.setdefault(path, loaded)
 
-    def _candidate_keys(self, target: SSHTarget) -> Iterator[tuple[str, paramiko.PKey | None, str]]:
+    def _candidate_keys(self, target: SSHTarget) -> Generator[tuple[str, paramiko.PKey | None, str], None, None]:
         """(label, key or None, why not) in the order they are offered."""
         for path in target.identity_files:
             key, why = self._load_key(path)
@@ -1014,10 +1018,20 @@ class SSHTransport:
                     yield full, key, why
 
     def _authenticate(self, transport: paramiko.Transport, target: SSHTarget, deadline: float) -> None:
+        with contextlib.closing(self._candidate_keys(target)) as candidates:  # closes the agent
+            self._offer_keys(transport, target, candidates, deadline)
+
+    def _offer_keys(
+        self,
+        transport: paramiko.Transport,
+        target: SSHTarget,
+        candidates: Iterator[tuple[str, paramiko.PKey | None, str]],
+        deadline: float,
+    ) -> None:
         tried: list[str] = []
         allowed: list[str] | None = None
         who = f"{target.user}@{target.name} ({target.address}:{target.port})"
-        for label, key, why in self._candidate_keys(target):
+        for label, key, why in candidates:
             if key is None:
                 tried.append(f"{label} ({why})")
                 continue

@@ -342,6 +342,35 @@ def test_a_key_the_server_does_not_know_is_an_auth_failure_naming_the_key(sshd: 
     assert str(stranger) in denied.value.message and "missing_key (missing)" in denied.value.message
 
 
+@pytest.mark.skipif(shutil.which("ssh-agent") is None, reason="ssh-agent not installed")
+def test_keys_in_ssh_agent_are_used_unless_identities_only(sshd: Sshd, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = sshd.dir / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while not sock.exists():
+            assert time.monotonic() < deadline, "ssh-agent did not start"
+            time.sleep(0.02)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(sshd.key)], env=env, check=True, capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        no_keys = sshd.dir / "agent_config"
+        no_keys.write_text("")
+        only = sshd.dir / "identities_only_config"
+        only.write_text("Host *\n    IdentitiesOnly yes\n")
+        with SSHTransport(
+            ssh_config=str(no_keys), known_hosts=[str(sshd.known_hosts)], look_for_keys=False
+        ) as transport:
+            assert transport.run(sshd.host(), "echo via agent").stdout == b"via agent\n"
+        with SSHTransport(ssh_config=str(only), known_hosts=[str(sshd.known_hosts)], look_for_keys=False) as transport:
+            with pytest.raises(TransportError) as denied:
+                transport.run(sshd.host(), "true")
+        assert denied.value.kind == "auth" and "no keys to offer" in denied.value.message
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+
+
 @pytest.fixture
 def user_without_sudo(sshd: Sshd) -> Iterator[str]:
     if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("sudo") is None:
