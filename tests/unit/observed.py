@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
+
+from hypothesis import strategies as st
 
 from fleet import config
 from fleet.envfile import fingerprint
@@ -27,6 +30,7 @@ from fleet.model import (
     EnvFileState,
     HostError,
     HostFacts,
+    HostResult,
     HostState,
     Service,
     UnitState,
@@ -307,3 +311,83 @@ def drop_env_key(state: HostState, key: str, path: str = ENV_PATH) -> HostState:
 def env_meta(state: HostState, path: str = ENV_PATH, **fields: str) -> HostState:
     """Change owner / group / mode of an env file."""
     return _replace_env(state, path, dataclasses.replace(env_of(state, path), **fields))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- random fleets (hypothesis)
+
+MUTATIONS = ("stop", "fail", "disable", "edit", "drop-in", "remove-unit", "env-value", "env-secret", "env-drop",
+             "env-extra", "env-mode", "env-absent", "undeclared", "old-postgres")
+
+# Values a host may hold: anything a parsed env file can yield (one line, no NUL).
+host_values = st.text(st.characters(codec="utf-8", exclude_characters="\x00\n\r"), max_size=20)
+
+
+def mutate(desired: Desired, state: HostState, what: str, draw: Callable[[st.SearchStrategy[Any]], Any]) -> HostState:
+    """One random drift of kind `what` on `state`, or `state` itself when it does not apply."""
+    host = state.host
+    units = [u.unit for u in state.units]
+    managed = [u for u in units if (s := _declared(desired, host, u)) is not None and not s.observe_only]
+    env = state.env_file(ENV_PATH)
+    has_env = env is not None and env.present
+    if what in ("stop", "fail", "disable", "remove-unit") and units:
+        unit = draw(st.sampled_from(units))
+        fn = {"stop": stopped, "fail": failed, "disable": disabled, "remove-unit": without_unit}[what]
+        return fn(state, unit)
+    if what in ("edit", "drop-in") and managed:
+        unit = draw(st.sampled_from(managed))
+        if what == "edit":
+            return edited(state, unit)
+        return with_drop_in(state, unit, name=f"local-{draw(st.integers(0, 9))}.conf")
+    if what == "env-value" and has_env:
+        ef = desired.env_files_on(host)[0]
+        return set_env_value(state, draw(st.sampled_from(sorted(ef.values_for(host)))), draw(host_values))
+    if what == "env-secret" and has_env:
+        return set_env_secret(state, draw(st.sampled_from(sorted(desired.env_files[0].sensitive_keys()))),
+                              draw(host_values))
+    if what == "env-drop" and has_env and env is not None and env.keys:
+        return drop_env_key(state, draw(st.sampled_from(env.keys)))
+    if what == "env-extra" and has_env:
+        key = draw(st.sampled_from(["3_BUCKET", "OLD_FLAG", "REDIS_PASSWORD", "S3_ENDPOINT"]))
+        return set_env_secret(state, key, draw(host_values)) if looks_secret(key) else set_env_value(
+            state, key, draw(host_values))
+    if what == "env-mode" and has_env:
+        return env_meta(state, mode=draw(st.sampled_from(["0644", "0640", "0600"])),
+                        owner=draw(st.sampled_from(["root", "mastodon"])))
+    if what == "env-absent" and has_env:
+        return _replace_env(state, ENV_PATH, EnvFileState(path=ENV_PATH, present=False))
+    if what == "undeclared":
+        elsewhere = [managed_unit(s) for s in desired.services if s.unit_spec and host not in s.hosts]
+        made = [undeclared_sidekiq(), hand_made_unit("mastodon-old-web.service", "/usr/bin/old-web -p 3000")]
+        unit = draw(st.sampled_from(elsewhere + made))
+        unit = dataclasses.replace(
+            unit, active_state=draw(st.sampled_from(["active", "inactive", "failed"])),
+            unit_file_state=draw(st.sampled_from(["enabled", "disabled", "static", "enabled-runtime"])),
+            fragment_path=draw(st.sampled_from([unit.fragment_path, f"{DISTRO_UNIT_DIR}/{unit.unit}"])))
+        return with_unit(state, unit)
+    if what == "old-postgres" and _declared(desired, host, "postgresql.service") is None:
+        return with_unit(state, distro_unit("postgresql.service", sub="exited"))
+    return state
+
+
+def _declared(desired: Desired, host: str, unit: str) -> Service | None:
+    return next((s for s in desired.services_on(host) if s.unit == unit), None)
+
+
+@st.composite
+def fleets(draw: st.DrawFn, desired: Desired, secrets: Mapping[tuple[str, str], str], *,
+           unreachable_hosts: bool = False) -> dict[str, HostResult]:
+    """Each host bare, converged, or converged then drifted by a few random mutations (and, if
+    asked, unreachable)."""
+    kinds = ["bare", "converged", "drifted"] + (["unreachable"] if unreachable_hosts else [])
+    out: dict[str, HostResult] = {}
+    for h in desired.hosts:
+        kind = draw(st.sampled_from(kinds), label=f"{h.name} is")
+        if kind == "unreachable":
+            out[h.name] = unreachable(h.name)
+            continue
+        state = bare_host(desired, h.name) if kind == "bare" else converged_host(desired, h.name, secrets)
+        if kind == "drifted":
+            for what in draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=4), label=f"{h.name} drift"):
+                state = mutate(desired, state, what, draw)
+        out[h.name] = state
+    return out

@@ -1,0 +1,217 @@
+"""A pure, test-only simulator of executing a plan: what the hosts would report afterwards.
+
+`simulate(plan, desired, secrets, observed)` runs every change of a `Plan` wave by wave (or of a
+plain change list, in order) against a copy of the observed states and returns the states the
+collector would then report.  It models systemd closely enough to catch ordering mistakes:
+
+* write-unit changes the file on disk (text hash, fragment, drop-ins listed in the change are
+  deleted); what systemd has loaded (ExecStart, Environment) only changes at the host's next
+  daemon-reload, and enabling/starting a unit whose file changed since the last reload fails;
+* write-env replaces the file's keys, values, secret fingerprints, owner, group and mode;
+* a process started before a later write of its unit file or of an env file it loads runs
+  with stale configuration: `simulate` reports that as a `SimulationError` at the end;
+* enable / start / restart / stop / disable do what systemctl does; prune runs its steps
+  (stop, disable, remove — a removed unit disappears from the collector's listing);
+* an observe-only unit that is not installed is assumed to come from its distro package
+  (fleet never writes it); unreachable hosts (HostError) are left alone, and any change for
+  one is an error.
+
+When given a Plan it also checks that every change runs after all of its dependencies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from observed import DISTRO_UNIT_DIR, env_state_from, exec_argv, text_hash
+
+from fleet.diff import (
+    DAEMON_RELOAD,
+    DISABLE,
+    ENABLE,
+    PRUNE,
+    RESTART,
+    START,
+    STOP,
+    WRITE_ENV,
+    WRITE_UNIT,
+    Change,
+)
+from fleet.model import Desired, EnvFile, EnvFileState, HostError, HostResult, HostState, UnitState
+from fleet.plan import Plan
+from fleet.textutil import sha256_hex
+from fleet.units import as_observed_text, desired_text_hash, render_unit, unit_path
+
+
+class SimulationError(AssertionError):
+    """The plan could not have been executed as written (or left stale processes behind)."""
+
+
+@dataclass
+class _Host:
+    state: HostState
+    units: dict[str, UnitState]
+    envs: dict[str, EnvFileState]
+    unreloaded: set[str] = field(default_factory=set)  # units whose file changed since daemon-reload
+    pending: dict[str, dict[str, object]] = field(default_factory=dict)  # what the next reload loads
+    started: dict[str, int] = field(default_factory=dict)  # unit -> clock of its last (re)start
+    unit_written: dict[str, int] = field(default_factory=dict)
+    env_written: dict[str, int] = field(default_factory=dict)
+
+
+def simulate(plan: Plan | Sequence[Change], desired: Desired, secrets: Mapping[tuple[str, str], str],
+             observed: Mapping[str, HostResult]) -> dict[str, HostResult]:
+    hosts = {name: _Host(r, {u.unit: u for u in r.units}, {e.path: e for e in r.env_files})
+             for name, r in observed.items() if isinstance(r, HostState)}
+    if isinstance(plan, Plan):
+        done: set[str] = set()
+        for now, wave in enumerate(plan.waves, 1):
+            for cid in wave:
+                missing = [d for d in plan.deps.get(cid, ()) if d not in done]
+                if missing:
+                    raise SimulationError(f"{cid} runs in a wave before its dependencies {missing}")
+            # A wave runs in parallel: its changes share one clock tick, so none of them counts
+            # as having happened before another (see the checks that compare ticks).
+            for cid in wave:
+                _execute(plan.change(cid), desired, secrets, hosts, observed, now)
+            done.update(wave)
+        if done != {c.id for c in plan.changes}:
+            raise SimulationError(f"changes in no wave: {sorted({c.id for c in plan.changes} - done)}")
+    else:
+        for now, c in enumerate(plan, 1):
+            _execute(c, desired, secrets, hosts, observed, now)
+    _check_no_stale_processes(desired, hosts)
+    out: dict[str, HostResult] = dict(observed)
+    for name, h in hosts.items():
+        out[name] = dataclasses.replace(h.state, units=tuple(h.units.values()), env_files=tuple(h.envs.values()))
+    return out
+
+
+def _execute(c: Change, desired: Desired, secrets: Mapping[tuple[str, str], str], hosts: dict[str, _Host],
+             observed: Mapping[str, HostResult], now: int) -> None:
+    if isinstance(observed.get(c.host), HostError):
+        raise SimulationError(f"{c.id}: a change for unreachable host {c.host}")
+    h = hosts.get(c.host)
+    if h is None:
+        raise SimulationError(f"{c.id}: host {c.host} was not observed")
+    u = h.units.get(c.target)
+    if c.action == WRITE_UNIT:
+        _write_unit(c, desired, h, u, now)
+    elif c.action == WRITE_ENV:
+        _write_env(c, desired, secrets, h, now)
+    elif c.action == DAEMON_RELOAD:
+        for name in [n for n in h.unreloaded if h.unit_written[n] < now]:
+            h.units[name] = dataclasses.replace(h.units[name], **h.pending.pop(name))  # type: ignore[arg-type]
+            h.unreloaded.discard(name)
+    elif c.action in (ENABLE, START, RESTART):
+        if c.target in h.unreloaded:
+            raise SimulationError(f"{c.id}: {c.target} changed on disk and systemd was not reloaded first")
+        if u is None or not u.exists:
+            u = _package_unit(c, desired)
+        if c.action == ENABLE:
+            h.units[c.target] = dataclasses.replace(u, unit_file_state="enabled")
+        else:
+            h.units[c.target] = dataclasses.replace(u, active_state="active", sub_state=_running_sub(c, desired),
+                                                    main_pid=50_000 + now, result="success")
+            h.started[c.target] = now
+    elif c.action in (STOP, DISABLE, PRUNE):
+        if u is None:
+            raise SimulationError(f"{c.id}: {c.target} is not on {c.host}")
+        steps = c.steps if c.action == PRUNE else (c.action,)
+        for step in steps:
+            if step == "stop":
+                u = dataclasses.replace(u, active_state="inactive", sub_state="dead", main_pid=0)
+                h.started.pop(c.target, None)
+            elif step == "disable":
+                u = dataclasses.replace(u, unit_file_state="disabled")
+            elif step == "remove":
+                if u.active_state == "active":
+                    raise SimulationError(f"{c.id}: removes the unit file of a running unit")
+                u = None
+                break
+            else:
+                raise SimulationError(f"{c.id}: unknown prune step {step!r}")
+        if u is None:
+            del h.units[c.target]
+        else:
+            h.units[c.target] = u
+    else:
+        raise SimulationError(f"{c.id}: unknown action {c.action!r}")
+
+
+def _write_unit(c: Change, desired: Desired, h: _Host, u: UnitState | None, now: int) -> None:
+    s = desired.service(c.service or "")
+    if s is None or s.unit_spec is None:
+        raise SimulationError(f"{c.id}: write-unit for {c.service!r}, which is not a managed service")
+    if c.content_hash != sha256_hex(render_unit(s)):
+        raise SimulationError(f"{c.id}: content_hash is not the hash of the rendered unit")
+    drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p not in c.remove_files)
+    path = unit_path(s.unit)
+    # Drop-ins fleet cannot delete stay part of the unit, and of its hash.
+    files = [(path, render_unit(s))] + [(p, f"(content of {p})") for p in drop_ins]
+    new_hash = desired_text_hash(s) if not drop_ins else text_hash(files)
+    base = u if u is not None and u.exists else UnitState(
+        unit=s.unit, load_state="loaded", active_state="inactive", sub_state="dead", unit_file_state="disabled")
+    h.units[s.unit] = dataclasses.replace(base, fragment_path=path, drop_in_paths=drop_ins, text_hash=new_hash,
+                                          text=as_observed_text(s))
+    h.unreloaded.add(s.unit)
+    h.pending[s.unit] = {"exec_start": exec_argv(s), "environment": s.unit_spec.environment,
+                         "environment_files": s.unit_spec.environment_files, "load_state": "loaded"}
+    h.unit_written[s.unit] = now
+
+
+def _write_env(c: Change, desired: Desired, secrets: Mapping[tuple[str, str], str], h: _Host, now: int) -> None:
+    ef = _env_file(desired, c)
+    meta = dict(c.meta)
+    old = h.envs.get(ef.path)
+    had = old if old is not None and old.present else None
+    items = list(ef.values_for(c.host).items())
+    items += [(k, secrets[(ef.name, k)]) for k, src in ef.sensitive
+              if src.kind != "present" and (ef.name, k) in secrets]
+    kept = [(k, fp) for k, src in ef.sensitive if src.kind == "present"
+            for fp in [dict(had.secrets).get(k) if had else None] if fp is not None]
+    h.envs[ef.path] = env_state_from(
+        ef, items, owner=meta.get("owner") or (had.owner if had else "root"),
+        group=meta.get("group") or (had.group if had else "root"), mode=meta.get("mode") or ef.mode,
+        extra_secrets=kept)
+    h.env_written[ef.path] = now
+
+
+def _env_file(desired: Desired, c: Change) -> EnvFile:
+    name = dict(c.meta).get("name")
+    for ef in desired.env_files_on(c.host):
+        if ef.path == c.target and (name is None or ef.name == name):
+            return ef
+    raise SimulationError(f"{c.id}: no env file declared at {c.target} for {c.host}")
+
+
+def _package_unit(c: Change, desired: Desired) -> UnitState:
+    s = desired.service(c.service or "")
+    if s is None or not s.observe_only:
+        raise SimulationError(f"{c.id}: {c.target} is not installed and fleet does not install it")
+    path = f"{DISTRO_UNIT_DIR}/{s.unit}"
+    return UnitState(unit=s.unit, load_state="loaded", active_state="inactive", sub_state="dead",
+                     unit_file_state="disabled", fragment_path=path, text_hash=text_hash([(path, "package")]))
+
+
+def _running_sub(c: Change, desired: Desired) -> str:
+    s = desired.service(c.service or "")
+    return "exited" if s is not None and s.observe_only and s.kind.value == "postgres" else "running"
+
+
+def _check_no_stale_processes(desired: Desired, hosts: dict[str, _Host]) -> None:
+    for name, h in hosts.items():
+        if h.unreloaded:
+            raise SimulationError(f"{name}: unit files of {sorted(h.unreloaded)} written, systemd never reloaded")
+        for s in desired.services_on(name):
+            u = h.units.get(s.unit)
+            if u is None or u.active_state != "active":
+                continue
+            since = h.started.get(s.unit, 0)
+            if s.unit in h.unit_written and h.unit_written[s.unit] >= since:
+                raise SimulationError(f"{name}: {s.unit} still runs its old unit file")
+            for path in s.unit_spec.environment_files if s.unit_spec else ():
+                if path in h.env_written and h.env_written[path] >= since:
+                    raise SimulationError(f"{name}: {s.unit} still runs with the old {path}")
