@@ -381,7 +381,12 @@ def user_without_sudo(sshd: Sshd) -> Iterator[str]:
     try:
         yield name
     finally:
-        subprocess.run(["userdel", name], check=False)
+        # userdel refuses (exit 8) while sshd's session processes for the user are still exiting.
+        deadline = time.monotonic() + 10
+        while subprocess.run(["userdel", name], capture_output=True).returncode == 8 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if name in subprocess.run(["getent", "passwd", name], capture_output=True, text=True).stdout:
+            subprocess.run(["userdel", "--force", name], check=False, capture_output=True)
 
 
 def test_a_timed_out_command_of_a_non_root_user_is_terminated(sshd: Sshd, user_without_sudo: str) -> None:
