@@ -39,6 +39,25 @@ files:
 """
 
 
+def _global_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, suppress: bool) -> None:
+    def d(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--dir", default=d("."), metavar="DIR",
+                   help="directory holding desired_state.toml and hosts/ (default: current directory)")
+    p.add_argument("--desired", default=d(None), metavar="FILE",
+                   help="desired-state file (default: DIR/desired_state.toml)")
+    p.add_argument("--hosts", default=d(None), metavar="DIR", help="inventory directory (default: DIR/hosts)")
+    p.add_argument("--state-dir", default=d(None), metavar="DIR", help="fleet's state directory (default: DIR/.fleet)")
+    p.add_argument("--lab", action="store_true", default=d(False),
+                   help="talk to the local lab hosts (see `fleet lab`) instead of the real addresses")
+    p.add_argument("--accept-new-host-keys", action="store_true", default=d(False),
+                   help="record UNKNOWN SSH host keys in known_hosts on first use (like OpenSSH "
+                        "accept-new); changed keys are always refused")
+    p.add_argument("--connect-timeout", type=float, default=d(10.0), metavar="S",
+                   help="seconds to connect and authenticate to a host (default 10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleet",
@@ -47,22 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fleet {__version__}")
-    parser.add_argument("--dir", default=".", metavar="DIR",
-                        help="directory holding desired_state.toml and hosts/ (default: current directory)")
-    parser.add_argument("--desired", metavar="FILE", help="desired-state file (default: DIR/desired_state.toml)")
-    parser.add_argument("--hosts", metavar="DIR", help="inventory directory (default: DIR/hosts)")
-    parser.add_argument("--state-dir", metavar="DIR", help="fleet's state directory (default: DIR/.fleet)")
-    parser.add_argument("--lab", action="store_true",
-                        help="talk to the local lab hosts (see `fleet lab`) instead of the real addresses")
-    parser.add_argument("--accept-new-host-keys", action="store_true",
-                        help="record UNKNOWN SSH host keys in known_hosts on first use (like OpenSSH "
-                             "accept-new); changed keys are always refused")
-    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
-                        help="seconds to connect and authenticate to a host (default 10)")
+    _global_options(parser, suppress=False)
+    # The same options after the command (`fleet check --dir X`); SUPPRESS keeps a value given
+    # before the command unless it is given again after it.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common.add_argument_group("global options (also accepted before the command)"), suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p_check = sub.add_parser(
-        "check", help="validate the desired state, the inventory and the domain policies (offline)",
+        "check", parents=[common], help="validate the desired state, the inventory and the domain policies (offline)",
         description="Validate desired_state.toml and hosts/ and apply the domain policies (Sidekiq queues, "
                     "placement, env keys).  Prints every finding at once, each with file, key, line and a hint.",
         epilog="exit codes:\n  0  no errors (warnings allowed)\n  1  at least one error\n",
@@ -70,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("--json", action="store_true", help="machine-readable findings (see docs/desired-state.md)")
 
     p_status = sub.add_parser(
-        "status", help="what runs where: every service on every host, live",
+        "status", parents=[common], help="what runs where: every service on every host, live",
         description="Collect the actual systemd state of every host (one SSH round trip each, in parallel) "
                     "and show one row per service and per undeclared unit, one column per host.",
         epilog="exit codes:\n  0  every host answered\n  1  a host could not be reached or observed "
@@ -81,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_status.add_argument("--json", action="store_true", help="machine-readable report (docs/status.md)")
 
     p_plan = sub.add_parser(
-        "plan", help="what would change, host by host, ordered by dependencies (changes nothing)",
+        "plan", parents=[common], help="what would change, host by host, ordered by dependencies (changes nothing)",
         description="Collect the fleet, diff it against the desired state and print the plan: grouped by host, "
                     "with unit diffs, env key diffs (secrets masked) and the order of waves.",
         epilog="exit codes (like terraform plan -detailed-exitcode):\n  0  no changes\n  1  error (invalid "
@@ -97,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="secrets file for \"file\" sources "
                              "(default: STATE/secrets.toml; with --lab: STATE/lab/secrets.toml)")
 
-    p_show = sub.add_parser("show", help="print a saved plan file",
+    p_show = sub.add_parser("show", parents=[common], help="print a saved plan file",
                             description="Print a plan saved with `fleet plan -o FILE`.",
                             epilog="exit codes: 0 no changes, 1 unreadable plan, 2 changes\n",
                             formatter_class=argparse.RawDescriptionHelpFormatter)

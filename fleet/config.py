@@ -95,7 +95,7 @@ def locate(text: str, key: str) -> int | None:
     if not text or not key:
         return None
     parts = key.split(".")
-    lines = text.splitlines()
+    lines = text.split("\n")  # TOML's line breaks; splitlines() would also break at U+2028 etc.
     start, depth = 0, 0
     for n in range(len(parts), 0, -1):
         header = ".".join(parts[:n])
@@ -108,10 +108,15 @@ def locate(text: str, key: str) -> int | None:
             break
     if depth == len(parts):
         return start + 1
+    if depth == 0:  # e.g. "services": point at the first [services.…] table
+        for i, line in enumerate(lines):
+            if line.strip().startswith((f"[{parts[0]}.", f"[[{parts[0]}.")):
+                return i + 1
     for leaf in parts[depth:]:
         pat = re.compile(rf'^\s*"?{re.escape(leaf)}"?\s*=|[{{,]\s*"?{re.escape(leaf)}"?\s*=')
         for i in range(start, len(lines)):
-            if i > start and lines[i].lstrip().startswith("[") and depth:
+            # a key never continues past the next table header (top-level keys: the first one)
+            if (i > start or not depth) and lines[i].lstrip().startswith("["):
                 break
             if pat.search(lines[i]):
                 start = i
@@ -174,8 +179,8 @@ def _get(ctx: _Ctx, table: dict[str, Any], prefix: str, key: str, typ: type | tu
     # bool is a subclass of int in Python; TOML keeps them apart, and so do we.
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
-        ctx.error(path, f"'{path}' must be {_type_name(typ)}, not {_toml_type(value)}", "",
-                  "config.wrong-type")
+        ctx.error(path, f"'{path}' must be {_type_name(typ)}, not {_toml_type(value)}",
+                  f"write {key} as {_type_name(typ)} (see docs/desired-state.md)", "config.wrong-type")
         return default
     return value
 
@@ -202,7 +207,7 @@ def _str_list(ctx: _Ctx, table: dict[str, Any], prefix: str, key: str, required:
     for i, item in enumerate(value):
         if not isinstance(item, str):
             ctx.error(f"{prefix}.{key}", f"'{prefix}.{key}[{i}]' must be a string, not {_toml_type(item)}",
-                      code="config.wrong-type")
+                      "quote it: every item of this list is a string", code="config.wrong-type")
         else:
             out.append(item)
     return out
@@ -217,7 +222,7 @@ def _unknown_keys(ctx: _Ctx, table: dict[str, Any], prefix: str, allowed: tuple[
 
 
 def _check_name(ctx: _Ctx, path: str, value: str, pattern: re.Pattern[str], what: str) -> bool:
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         ctx.error(path, f"{what} {value!r} contains characters fleet does not accept",
                   f"use only the characters matched by {pattern.pattern}", "config.bad-name")
         return False
@@ -348,6 +353,8 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
     placement, extra_keys = _load_policy(ctx, _get(ctx, data, "", "policy", dict, default={}))
     discover = _load_discover(ctx, _get(ctx, data, "", "discover", list, default=[]))
     host_names = [h.name for h in hosts]
+    # A host whose file is invalid is reported in its own file; references to it stay valid.
+    host_files = sorted({p.stem for p in hosts_dir.glob("*.toml")} | set(host_names))
 
     services_t = _get(ctx, data, "", "services", dict, default={})
     services: list[Service] = []
@@ -358,7 +365,7 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
         if not isinstance(st, dict):
             ctx.error(prefix, f"'{prefix}' must be a table", f"write it as [{prefix}]", "config.wrong-type")
             continue
-        svc = _load_service(ctx, sname, st, host_names, hosts_dir)
+        svc = _load_service(ctx, sname, st, host_names, host_files, hosts_dir)
         if svc is not None:
             services.append(svc)
     if not services_t:
@@ -368,7 +375,7 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
     declared = list(services_t)
     _check_references(ctx, services, declared)
     env_files = _load_env_files(ctx, _get(ctx, data, "", "env_files", dict, default={}), services, declared,
-                                host_names, hosts_dir)
+                                host_files, hosts_dir)
     return Desired(name=name, hosts=hosts, services=tuple(services), env_files=tuple(env_files),
                    discover=tuple(discover), placement=tuple(placement), extra_env_keys=tuple(extra_keys),
                    source=str(path), hosts_dir=str(hosts_dir))
@@ -413,7 +420,8 @@ def _load_discover(ctx: _Ctx, items: list[Any]) -> list[DiscoveryPattern]:
     return out
 
 
-def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str], hosts_dir: Path) -> Service | None:
+def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str], host_files: list[str],
+                  hosts_dir: Path) -> Service | None:
     prefix = f"services.{name}"
     _unknown_keys(ctx, st, prefix, SERVICE_KEYS)
     kind_s = _get(ctx, st, prefix, "kind", str, required=True)
@@ -434,8 +442,8 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
             ctx.error(f"{prefix}.hosts", f"host {h!r} is listed twice in {prefix}.hosts", "list each host once",
                       "config.duplicate")
         seen.add(h)
-        if h not in host_names:
-            hint = did_you_mean(h, host_names) or f"add {hosts_dir}/{h}.toml or remove it from the list"
+        if h not in host_files:
+            hint = did_you_mean(h, host_files) or f"add {hosts_dir}/{h}.toml or remove it from the list"
             ctx.error(f"{prefix}.hosts", f"service {name!r} names host {h!r}, which has no file in {hosts_dir}/",
                       hint, "config.unknown-host")
     requires = _str_list(ctx, st, prefix, "requires")
@@ -467,11 +475,11 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
                       "describe the unit (exec_start, user …), or set observe_only = true for distro units",
                       "config.missing-key")
     else:
-        unit_spec = _load_unit(ctx, f"{prefix}.unit_file", unit_t, sidekiq)
+        unit_spec = _load_unit(ctx, f"{prefix}.unit_file", unit_t, sidekiq, derived=kind == Kind.SIDEKIQ)
 
     # Keep a service whose only faults are recoverable (unknown keys, unknown hosts, …) so that
     # the policies still judge the rest of the fleet; drop it only when its essence is missing.
-    if kind is None or unit is None or not UNIT_NAME.match(unit) or (
+    if kind is None or unit is None or not UNIT_NAME.fullmatch(unit) or (
             not observe_only and unit_spec is None) or (kind == Kind.SIDEKIQ and sidekiq is None):
         return None
     return Service(name=name, kind=kind, unit=unit, hosts=tuple(h for h in hosts if h in host_names),
@@ -494,16 +502,19 @@ def _load_health(ctx: _Ctx, prefix: str, ht: dict[str, Any] | None) -> HealthChe
         ctx.error(p, f"{p} needs exactly one of command, http, tcp (has {', '.join(given) or 'none'})",
                   "for example health = { http = \"http://127.0.0.1:3000/health\" }", "config.bad-value")
         return None
-    if http is not None and not re.match(r"^https?://[^\s'\"]+$", http):
-        ctx.error(f"{p}.http", f"{http!r} is not an http:// or https:// URL", "", "config.bad-value")
+    if http is not None and not re.fullmatch(r"https?://[^\s'\"]+", http):
+        ctx.error(f"{p}.http", f"{http!r} is not an http:// or https:// URL",
+                  "for example http = \"http://127.0.0.1:3000/health\"", "config.bad-value")
         return None
     if tcp is not None and not 1 <= tcp <= 65535:
-        ctx.error(f"{p}.tcp", f"port {tcp} is outside 1–65535", "", "config.bad-value")
+        ctx.error(f"{p}.tcp", f"port {tcp} is outside 1–65535",
+                  "the TCP port the service listens on, e.g. tcp = 5432", "config.bad-value")
         return None
     if command is not None and not _no_control(ctx, f"{p}.command", command):
         return None
-    if timeout <= 0:
-        ctx.error(f"{p}.timeout", "timeout must be positive (seconds)", "", "config.bad-value")
+    if not 0 < timeout < 86400:  # also refuses nan and inf
+        ctx.error(f"{p}.timeout", f"timeout must be positive and below a day (seconds), got {timeout}",
+                  "for example timeout = 30", "config.bad-value")
         return None
     return HealthCheck(command=command, http=http, tcp=tcp, timeout=float(timeout))
 
@@ -523,17 +534,19 @@ def _load_sidekiq(ctx: _Ctx, prefix: str, st: dict[str, Any]) -> SidekiqSpec | N
     elif isinstance(raw, list):
         for q in raw:
             if not isinstance(q, str):
-                ctx.error(f"{prefix}.queues", "queue names must be strings", "", "config.wrong-type")
+                ctx.error(f"{prefix}.queues", "queue names must be strings",
+                          "for example queues = [\"default\", \"push\"]", "config.wrong-type")
                 continue
             queues.append((q, None))
     if raw is not None and not queues and not any(f.key.startswith(f"{prefix}.queues") for f in ctx.findings):
         ctx.error(f"{prefix}.queues", "a Sidekiq process must serve at least one queue",
                   "for example queues = { default = 8, push = 6 }", "config.bad-value")
     if concurrency is not None and not 1 <= concurrency <= 1000:
-        ctx.error(f"{prefix}.concurrency", f"concurrency {concurrency} is outside 1–1000", "", "config.bad-value")
+        ctx.error(f"{prefix}.concurrency", f"concurrency {concurrency} is outside 1–1000",
+                  "Sidekiq threads per process; Mastodon's default is 25", "config.bad-value")
         return None
     for q, _ in queues:
-        if not re.match(r"^[A-Za-z0-9_-]+$", q):
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", q):
             ctx.error(f"{prefix}.queues", f"queue name {q!r} contains characters Sidekiq does not use", "",
                       "config.bad-name")
             return None
@@ -542,19 +555,28 @@ def _load_sidekiq(ctx: _Ctx, prefix: str, st: dict[str, Any]) -> SidekiqSpec | N
     return SidekiqSpec(concurrency=concurrency, queues=tuple(queues), command=command)
 
 
-def _load_unit(ctx: _Ctx, p: str, ut: dict[str, Any], sidekiq: SidekiqSpec | None) -> UnitSpec | None:
+def _load_unit(ctx: _Ctx, p: str, ut: dict[str, Any], sidekiq: SidekiqSpec | None,
+               derived: bool) -> UnitSpec | None:
+    """`derived`: the service is a Sidekiq one, whose ExecStart comes from `sidekiq` (None when
+    its settings were invalid: already reported, so no second finding about exec_start)."""
     _unknown_keys(ctx, ut, p, UNIT_FILE_KEYS)
     get_s: Callable[[str], str | None] = lambda k: _get(ctx, ut, p, k, str)  # noqa: E731
     exec_start = get_s("exec_start")
-    if sidekiq is not None:
+    if derived:
         if exec_start is not None:
             ctx.error(f"{p}.exec_start", "a Sidekiq service's ExecStart is derived from concurrency and queues",
                       "remove exec_start; set concurrency, queues (and sidekiq_command) on the service",
                       "config.bad-key")
+        if sidekiq is None:
+            return None
         exec_start = sidekiq.exec_start()
     elif exec_start is None:
         ctx.error(f"{p}.exec_start", f"missing required key '{p}.exec_start'",
                   "the command systemd starts, with an absolute path", "config.missing-key")
+        return None
+    if not exec_start.strip():
+        ctx.error(f"{p}.exec_start", "ExecStart is empty", "write the command systemd starts, with an absolute path",
+                  "config.bad-value")
         return None
     if not exec_start.startswith("/") and not exec_start.startswith("-/"):
         ctx.error(f"{p}.exec_start", f"ExecStart must start with an absolute path, got {exec_start.split()[0]!r}",
@@ -562,20 +584,23 @@ def _load_unit(ctx: _Ctx, p: str, ut: dict[str, Any], sidekiq: SidekiqSpec | Non
     env_t = _get(ctx, ut, p, "environment", dict, default={})
     environment: list[tuple[str, str]] = []
     for k, v in env_t.items():
-        if not ENV_KEY.match(k):
+        if not ENV_KEY.fullmatch(k):
             ctx.error(f"{p}.environment.{k}", f"environment variable name {k!r} is not valid",
                       "use letters, digits and underscores", "config.bad-name")
         elif isinstance(v, (str, int)) and not isinstance(v, bool):
             environment.append((k, str(v)))
         else:
-            ctx.error(f"{p}.environment.{k}", f"'{p}.environment.{k}' must be a string", "", "config.wrong-type")
+            ctx.error(f"{p}.environment.{k}", f"'{p}.environment.{k}' must be a string",
+                      f"write {k} = \"…\"", "config.wrong-type")
     if sidekiq is not None and "DB_POOL" not in env_t:
         environment.append(("DB_POOL", str(sidekiq.concurrency)))  # one connection per Sidekiq thread
     env_files = _str_list(ctx, ut, p, "environment_files")
     for f in env_files:
         if not f.startswith("/") or "/../" in f + "/":
             ctx.error(f"{p}.environment_files", f"environment file {f!r} must be an absolute path without '..'",
-                      "", "config.bad-value")
+                      "for example \"/home/mastodon/live/.env.production\"", "config.bad-value")
+        else:
+            _no_control(ctx, f"{p}.environment_files", f)
     restart = get_s("restart")
     if restart is not None and restart not in RESTART_VALUES:
         ctx.error(f"{p}.restart", f"Restart={restart!r} is not a systemd value",
@@ -648,7 +673,8 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
         path = _get(ctx, et, p, "path", str, required=True)
         if path is not None and _no_control(ctx, f"{p}.path", path) and (
                 not path.startswith("/") or "/../" in path + "/"):
-            ctx.error(f"{p}.path", f"env file path {path!r} must be absolute, without '..'", "", "config.bad-value")
+            ctx.error(f"{p}.path", f"env file path {path!r} must be absolute, without '..'",
+                      "for example path = \"/home/mastodon/live/.env.production\"", "config.bad-value")
         svc_names = _str_list(ctx, et, p, "services")
         hosts = _str_list(ctx, et, p, "hosts")
         for s in svc_names:
@@ -658,7 +684,8 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
         for h in hosts:
             if h not in host_names:
                 ctx.error(f"{p}.hosts", f"env file {name!r} names host {h!r}, which has no file in {hosts_dir}/",
-                          did_you_mean(h, host_names), "config.unknown-host")
+                          did_you_mean(h, host_names) or f"add {hosts_dir}/{h}.toml or remove it from the list",
+                          "config.unknown-host")
         resolved = list(dict.fromkeys(hosts + [h for s in svc_names if s in by_name for h in by_name[s].hosts]))
         if not svc_names and not hosts:
             ctx.error(p, f"env file {name!r} says neither which services nor which hosts need it",
@@ -669,7 +696,7 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
             if v is not None:
                 _check_name(ctx, f"{p}.{k}", v, USER_NAME, k)
         mode = _get(ctx, et, p, "mode", str, default="0600")
-        if not re.match(r"^0?[0-7]{3}$", mode):
+        if not re.fullmatch(r"0?[0-7]{3}", mode):
             ctx.error(f"{p}.mode", f"mode {mode!r} is not an octal file mode", "for example mode = \"0600\"",
                       "config.bad-value")
         values = _env_values(ctx, f"{p}.values", _get(ctx, et, p, "values", dict, default={}))
@@ -685,7 +712,8 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
                 ctx.error(op, f"override for host {h!r}, which does not get env file {name!r}",
                           did_you_mean(h, resolved) or "remove the override or add the host", "config.unknown-host")
             if not isinstance(ot, dict):
-                ctx.error(op, f"'{op}' must be a table of KEY = \"value\"", "", "config.wrong-type")
+                ctx.error(op, f"'{op}' must be a table of KEY = \"value\"",
+                          f"write it as [{op}] with KEY = \"value\" lines", "config.wrong-type")
                 continue
             overrides.append((h, tuple(_env_values(ctx, op, ot))))
         if any(f.is_error for f in ctx.findings[before:]) or path is None:
@@ -700,7 +728,7 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
 def _env_values(ctx: _Ctx, p: str, table: dict[str, Any]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for k, v in table.items():
-        if not ENV_KEY.match(k):
+        if not ENV_KEY.fullmatch(k):
             ctx.error(f"{p}.{k}", f"{k!r} is not a valid environment variable name",
                       "use letters, digits and underscores", "config.bad-name")
         elif isinstance(v, bool):
@@ -708,7 +736,8 @@ def _env_values(ctx: _Ctx, p: str, table: dict[str, Any]) -> list[tuple[str, str
         elif isinstance(v, (str, int)):
             out.append((k, str(v)))
         else:
-            ctx.error(f"{p}.{k}", f"'{p}.{k}' must be a string, not {_toml_type(v)}", "", "config.wrong-type")
+            ctx.error(f"{p}.{k}", f"'{p}.{k}' must be a string, not {_toml_type(v)}",
+                      f"write {k} = \"…\" (env files hold text)", "config.wrong-type")
     return out
 
 
@@ -716,7 +745,7 @@ def _secret_source(ctx: _Ctx, p: str, src: Any) -> SecretSource | None:
     if isinstance(src, str):
         if src in ("file", "present"):
             return SecretSource(src)
-        m = re.match(r"^env:([A-Za-z_][A-Za-z0-9_]*)$", src)
+        m = re.fullmatch(r"env:([A-Za-z_][A-Za-z0-9_]*)", src)
         if m:
             return SecretSource("env", m.group(1))
     ctx.error(p, f"'{p}' must say where the secret comes from, not hold it",

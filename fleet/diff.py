@@ -30,7 +30,7 @@ from fleet.model import (
     UnitState,
 )
 from fleet.textutil import mask, sha256_hex
-from fleet.units import UNIT_DIR, as_observed_text, desired_text_hash, render_unit, unit_path
+from fleet.units import UNIT_DIR, as_observed_text, desired_text_hash, mask_unit_text, render_unit, unit_path
 
 # Actions, in the order they naturally happen on one host.
 WRITE_UNIT = "write-unit"
@@ -163,8 +163,8 @@ def _service_changes(s: Service, state: HostState, env_written: set[str]) -> lis
     rewritten = False
     if s.unit_spec is not None:
         drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p.startswith(UNIT_DIR + "/"))
-        if u is None or not u.exists or u.text_hash != desired_text_hash(s):
-            before_text = (u.text or "") if u is not None else ""
+        if _unit_needs_write(s, u, drop_ins):
+            before_text = mask_unit_text(u.text or "") if u is not None else ""
             udiff = "".join(difflib.unified_diff(
                 before_text.splitlines(keepends=True), as_observed_text(s).splitlines(keepends=True),
                 fromfile=f"{host}:{s.unit} (now)", tofile=f"{host}:{s.unit} (desired)"))
@@ -192,6 +192,17 @@ def _service_changes(s: Service, state: HostState, env_written: set[str]) -> lis
         out.append(Change(host, RESTART, s.unit, f"running, and {why}", s.name,
                           before=describe_unit(u), after="active/running with the new configuration"))
     return out
+
+
+def _unit_needs_write(s: Service, u: UnitState | None, own_drop_ins: tuple[str, ...]) -> bool:
+    """Drop-ins outside /etc/systemd/system (a package's, `systemctl edit --runtime`) are not
+    fleet's to remove, so only the fragment and fleet's own directory are compared."""
+    if u is None or not u.exists or own_drop_ins:
+        return True
+    if u.file_hashes:
+        fragment = dict(u.file_hashes).get(u.fragment_path)
+        return u.fragment_path != unit_path(s.unit) or fragment != sha256_hex(render_unit(s))
+    return u.text_hash != desired_text_hash(s)  # plain data without per-file hashes
 
 
 def desired_env_items(ef: EnvFile, host: str, secrets: Mapping[tuple[str, str], str]) -> list[tuple[str, str]]:
@@ -263,7 +274,7 @@ def _env_change(ef: EnvFile, state: HostState, secrets: Mapping[tuple[str, str],
                   before="absent" if not obs.present else f"{len(obs.keys)} keys, {obs.owner}:{obs.group} {obs.mode}",
                   after=f"{len(want_values) + len(sensitive)} keys, {ef.owner or 'root'}:{ef.group or 'root'} {mode}",
                   keys=tuple(keys), content_hash=env_digest(ef, host, secrets),
-                  meta=(("group", ef.group or ""), ("mode", mode), ("owner", ef.owner or ""), ("name", ef.name)))
+                  meta=(("group", ef.group or ""), ("mode", mode), ("name", ef.name), ("owner", ef.owner or "")))
 
 
 def _prune_changes(desired: Desired, state: HostState, prune: bool) -> tuple[list[Change], list[str]]:

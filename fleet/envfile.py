@@ -21,7 +21,7 @@ _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": "$"}
 
 def render_value(value: str) -> str:
     """The text fleet writes after `KEY=` for `value`."""
-    if _BARE.match(value):
+    if _BARE.fullmatch(value):
         return value
     out = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
     out = out.replace("\n", "\\n").replace("\r", "\\r")

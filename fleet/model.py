@@ -248,6 +248,7 @@ class UnitState:
     n_restarts: int = 0
     result: str = ""
     text_hash: str = ""  # sha256 over (path, file hash) of fragment and drop-ins; "" when no file
+    file_hashes: tuple[tuple[str, str], ...] = ()  # (path, sha256) of fragment then drop-ins
     text: str | None = None  # full text (fragment then drop-ins), only for fleet-managed units
     environment: tuple[tuple[str, str], ...] = ()  # Environment=, secret-looking values masked
     environment_files: tuple[str, ...] = ()  # EnvironmentFile= paths

@@ -118,7 +118,7 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
             unknown=tuple((u["host"], u["kind"], u["message"]) for u in d.get("unknown", ())),
             notes=tuple(d.get("notes", ())), problems=tuple(d.get("problems", ())), lab=bool(d.get("lab", False)),
         )
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise PlanFileError(f"{source}: plan is incomplete or damaged (missing {e})",
                             hint="recompute it with `fleet plan -o FILE`") from e
 

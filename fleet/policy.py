@@ -29,10 +29,11 @@ class SidekiqProcess:
     file: str = ""
 
 
-def check_queues(processes: Sequence[SidekiqProcess], *, what: str = "declared") -> list[Finding]:
-    """Every Mastodon queue served somewhere; `scheduler` exactly once; DB_POOL ≥ -c."""
+def check_queues(processes: Sequence[SidekiqProcess], *, what: str = "declared", file: str = "") -> list[Finding]:
+    """Every Mastodon queue served somewhere; `scheduler` exactly once; DB_POOL ≥ -c.
+    `file` is where fleet-wide findings point (default: where the processes are declared)."""
     out: list[Finding] = []
-    file = next((p.file for p in processes if p.file), "")
+    file = file or next((p.file for p in processes if p.file), "")
     served = {q for p in processes for q in p.queues}
     for q in SIDEKIQ_QUEUES:
         if q not in served:
@@ -113,10 +114,25 @@ def check_env_value(file: str, path: str, key: str, value: str, host: str = "") 
 def check(desired: Desired) -> list[Finding]:
     """All domain rules over the declared fleet."""
     out: list[Finding] = []
-    out += check_queues(declared_sidekiq(desired))
+    out += check_queues(declared_sidekiq(desired), file=desired.source)
+    out += _check_unit_secrets(desired)
     out += check_placement(desired, ((h, s.kind, s.unit, f"services.{s.name}.hosts")
                                      for s in desired.services for h in s.hosts))
     out += _check_env_files(desired)
+    return out
+
+
+def _check_unit_secrets(desired: Desired) -> list[Finding]:
+    """A unit's Environment= is as public as the repository: secrets belong in an env file."""
+    out = []
+    for s in desired.services:
+        for k, _ in s.unit_spec.environment if s.unit_spec else ():
+            if looks_secret(k):
+                out.append(Finding(
+                    "error", "env.secret-in-clear",
+                    f"{k} is a secret, and its value is written in clear in the repository (unit Environment=)",
+                    file=desired.source, key=f"services.{s.name}.unit_file.environment.{k}",
+                    hint=f"move {k} to an env file's [sensitive] table and rotate it: it is in the history now"))
     return out
 
 

@@ -6,8 +6,11 @@ collector saw on a host says whether the unit must be rewritten.
 
 from __future__ import annotations
 
+import shlex
+
+from fleet.mastodon import looks_secret
 from fleet.model import Service
-from fleet.textutil import sha256_hex
+from fleet.textutil import mask, sha256_hex
 
 UNIT_DIR = "/etc/systemd/system"
 
@@ -68,3 +71,32 @@ def desired_text_hash(service: Service) -> str:
 def as_observed_text(service: Service) -> str:
     """The rendered unit in the collector's `systemctl cat`-like form, for unified diffs."""
     return f"# {unit_path(service.unit)}\n{render_unit(service)}"
+
+
+def masked_environment(value: str) -> tuple[tuple[str, str], ...]:
+    """KEY=value pairs of an `Environment=` value (systemd's quoting), secret-looking values
+    replaced by their mask at once."""
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        words = value.split()
+    out = []
+    for w in words:
+        k, sep, v = w.partition("=")
+        if sep:
+            out.append((k, mask(v) if looks_secret(k) else v))
+    return tuple(out)
+
+
+def mask_unit_text(text: str) -> str:
+    """A hand-edited unit may carry a secret in Environment=: mask it before the text is kept
+    anywhere (plans show unit texts as diffs)."""
+    lines = []
+    for line in text.split("\n"):
+        stripped = line.lstrip()
+        if stripped.startswith("Environment="):
+            pairs = masked_environment(stripped[len("Environment="):])
+            if any(looks_secret(k) for k, _ in pairs):
+                line = "Environment=" + " ".join(f'"{k}={v}"' for k, v in pairs)
+        lines.append(line)
+    return "\n".join(lines)

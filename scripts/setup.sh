@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(systemd-container debootstrap openssh-client openssh-server iproute2 zstd python3 python3-venv ca-certificates)
+packages=(systemd-container debootstrap openssh-client openssh-server iproute2 zstd python3 python3-venv ca-certificates sudo)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

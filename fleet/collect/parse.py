@@ -7,15 +7,14 @@ version — raises `ParseError` naming the section, never another exception.
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Iterator
 
 from fleet.collect.script import SCRIPT_VERSION
 from fleet.envfile import parse_value
 from fleet.errors import ParseError
-from fleet.mastodon import looks_secret
 from fleet.model import EnvFileState, HostFacts, HostState, UnitState
-from fleet.textutil import mask, sha256_hex
+from fleet.textutil import sha256_hex
+from fleet.units import mask_unit_text, masked_environment
 
 _PROP = re.compile(r"^([A-Za-z][A-Za-z0-9]*)=(.*)$")
 _HASH = re.compile(r"^([0-9a-f]{64})  (/.+)$")
@@ -138,7 +137,7 @@ def parse_texts(host: str, lines: list[str]) -> dict[str, list[tuple[str, str]]]
             raise ParseError(f"{host}: unexpected line in unit texts: {line[:80]!r}", host=host, section="text")
     out: dict[str, list[tuple[str, str]]] = {}
     for unit, path, body in files:
-        out.setdefault(unit, []).append((path, "".join(f"{b}\n" for b in body)))
+        out.setdefault(unit, []).append((path, mask_unit_text("".join(f"{b}\n" for b in body))))
     return out
 
 
@@ -166,7 +165,8 @@ def parse_units(host: str, lines: list[str], hashes: dict[str, str],
         drop_ins = tuple(b.get("DropInPaths", "").split())
         fragment = b.get("FragmentPath", "")
         files = ([fragment] if fragment else []) + list(drop_ins)
-        text_hash = sha256_hex("\n".join(f"{p} {hashes.get(p, '-')}" for p in files)) if files else ""
+        file_hashes = tuple((p, hashes.get(p, "-")) for p in files)
+        text_hash = sha256_hex("\n".join(f"{p} {h}" for p, h in file_hashes)) if files else ""
         text = None
         if unit in texts:
             text = "".join(f"# {p}\n{content}" for p, content in texts[unit])
@@ -184,8 +184,9 @@ def parse_units(host: str, lines: list[str], hashes: dict[str, str],
             n_restarts=_int(b.get("NRestarts", "0")),
             result=b.get("Result", ""),
             text_hash=text_hash,
+            file_hashes=file_hashes,
             text=text,
-            environment=parse_environment(b.get("Environment", "")),
+            environment=masked_environment(b.get("Environment", "")),
             environment_files=tuple(m.group(1) for m in _ENVFILE.finditer(b.get("EnvironmentFiles", ""))),
         )
     return tuple(units.values())
@@ -195,21 +196,6 @@ def parse_exec_start(value: str) -> tuple[str, ...]:
     """argv of the first command in systemd's `{ path=… ; argv[]=… ; … }` rendering."""
     m = _ARGV.search(value)
     return tuple(m.group(1).split()) if m else ()
-
-
-def parse_environment(value: str) -> tuple[tuple[str, str], ...]:
-    """systemd's `Environment=` rendering: space-separated KEY=value words, quoted if needed.
-    Values of secret-looking keys are replaced by their mask at once."""
-    try:
-        words = shlex.split(value)
-    except ValueError:
-        words = value.split()
-    out = []
-    for w in words:
-        k, sep, v = w.partition("=")
-        if sep:
-            out.append((k, mask(v) if looks_secret(k) else v))
-    return tuple(out)
 
 
 def parse_env(host: str, path: str, lines: list[str]) -> EnvFileState:

@@ -348,8 +348,6 @@ def test_fleet_check_help_explains_json_and_exit_codes(fleet_exe: str) -> None:
     assert re.search(r"^\s*1\s+at least one error", r.stdout, re.M)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `fleet check --help` does not mention --dir/--desired/--hosts "
-                                       "(they exist only on the top-level parser); issue item 5 asks it to")
 def test_fleet_check_help_explains_dir_desired_and_hosts(fleet_exe: str) -> None:
     out = run_fleet(fleet_exe, "check", "--help").stdout
     assert all(option in out for option in ("--dir", "--desired", "--hosts"))

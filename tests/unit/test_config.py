@@ -90,17 +90,12 @@ def test_locate_returns_none_without_text_or_key_or_match() -> None:
     assert config.locate("a = 1\n", "zzz") is None
 
 
-@pytest.mark.xfail(strict=True, reason="bug: config.locate matches a top-level key path against `key =` "
-                                       "lines inside any table (depth 0 ignores table headers)")
 def test_locate_does_not_place_a_top_level_key_inside_another_table() -> None:
     text = '[services.web]\nkind = "web"\n\n[env_files.m]\nservices = ["web"]\n'
     # "services" is the [services.*] tables, never the `services = [...]` of an env file.
     assert config.locate(text, "services") in (None, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: config.locate splits with str.splitlines(), which also breaks at "
-                                       "U+0085, U+2028 and U+2029 (valid in TOML strings and comments), so later lines "
-                                       "are numbered too high")
 @pytest.mark.parametrize("separator", ["\x85", "\u2028", "\u2029"])
 def test_locate_counts_lines_as_toml_does(separator: str) -> None:
     text = f'# a comment with {separator} in it\n[services.web]\nkind = "web"\n'
@@ -297,8 +292,6 @@ def test_one_broken_host_file_does_not_hide_the_others(tmp_path: Path) -> None:
     assert {Path(f.file).name for f in findings} == {"a.toml", "c.toml"}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: config.py validates names with re.match and `$`, which accepts "
-                                       "a trailing newline; HOST_NAME/ADDRESS/USER_NAME/UNIT_NAME… need fullmatch")
 def test_an_address_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
     d = write_hosts(tmp_path, {"a.toml": 'address = "a.example\\n"\n'})
     hosts, findings = config.load_hosts(d)
@@ -415,16 +408,11 @@ def test_a_service_key_of_the_wrong_type_names_the_expected_type(
     assert [x.message for x in f] == [expected]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: config._get reports config.wrong-type with an empty hint; the issue "
-                                       "asks every finding to say how to fix it")
 def test_a_wrong_type_finding_says_how_to_fix_it(example: FleetDir) -> None:
     example.edit("concurrency = 25", 'concurrency = "25"')
     assert only(example.load().findings, "config.wrong-type").hint
 
 
-@pytest.mark.xfail(strict=True, reason="bug: config._load_service passes sidekiq=None to _load_unit when a "
-                                       "sidekiq service's concurrency/queues are invalid, so it also claims "
-                                       "unit_file.exec_start is missing (which a sidekiq service must not set)")
 def test_a_sidekiq_service_with_a_bad_concurrency_does_not_also_ask_for_exec_start(example: FleetDir) -> None:
     example.edit("concurrency = 25", 'concurrency = "25"')
     assert [f.code for f in example.load().findings] == ["config.wrong-type"]
@@ -487,8 +475,6 @@ def test_a_host_listed_twice_for_a_service_is_an_error(make_fleet: MakeFleet) ->
     assert f.message == "host 'a' is listed twice in services.app.hosts"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a host file with any error is dropped by config._load_host, and "
-                                       "services naming that host then claim it 'has no file in hosts/'")
 def test_a_service_on_a_host_whose_file_is_invalid_does_not_claim_the_file_is_missing(example: FleetDir) -> None:
     example.edit("port = 22", "port = 0", file="hosts/franz.toml")
     assert "config.unknown-host" not in [f.code for f in example.load().findings]
@@ -634,7 +620,6 @@ def test_a_malformed_health_check_is_an_error(make_fleet: MakeFleet, health: str
     assert f.key == key and text in f.message
 
 
-@pytest.mark.xfail(strict=True, reason="bug: config._load_health accepts timeout = nan (nan <= 0 is False)")
 def test_a_health_timeout_of_nan_is_an_error(make_fleet: MakeFleet) -> None:
     fd = make_fleet(generic("app", extra="health = { tcp = 80, timeout = nan }"))
     assert only(fd.load().findings, "config.bad-value").key == "services.app.health.timeout"
@@ -662,9 +647,6 @@ def test_a_relative_exec_start_is_an_error_naming_the_program(make_fleet: MakeFl
     assert f.message == "ExecStart must start with an absolute path, got 'bundle'"
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="bug: config._load_unit does exec_start.split()[0] on an empty or blank exec_start "
-                          "and crashes with IndexError instead of reporting a finding")
 def test_an_empty_exec_start_is_a_finding_not_a_crash(make_fleet: MakeFleet) -> None:
     f = only(make_fleet(generic("app", unit_file='exec_start = ""')).load().findings, "config.bad-value")
     assert f.key == "services.app.unit_file.exec_start"
@@ -688,8 +670,6 @@ def test_a_newline_in_a_unit_setting_is_an_error(make_fleet: MakeFleet) -> None:
     assert "newline or control character" in f.message
 
 
-@pytest.mark.xfail(strict=True, reason="bug: UNIT_NAME is checked with re.match and `$`, so a unit name "
-                                       "ending in a newline is accepted")
 def test_a_unit_name_with_a_trailing_newline_is_refused(make_fleet: MakeFleet) -> None:
     fd = make_fleet(generic("app", unit="app.service\\n"))
     assert only(fd.load().findings, "config.bad-name").key == "services.app.unit"

@@ -43,24 +43,14 @@ def load_and_check(fleet_dir: FleetDirClass, desired: str | bytes, hosts: dict[s
         return loaded
 
 
-# Known bug (test_policy.py::test_a_fleet_without_sidekiq_still_says_which_file_to_fix): with no
-# Sidekiq process declared, these findings carry no file.  Exempt until fixed.
-KNOWN_FILELESS = {"sidekiq.queue-unserved", "sidekiq.scheduler-count"}
-
-
-# Known bug (test_config.py::test_locate_counts_lines_as_toml_does): locate() also breaks lines at
-# these characters, so line numbers drift after one.  The upper bound is not checked for such texts.
-PYTHON_ONLY_LINE_BREAKS = "\v\f\x1c\x1d\x1e\x85\u2028\u2029"
-
-
 def assert_well_formed(f: Finding, texts: dict[str, str]) -> None:
     assert f.severity in ("error", "warning"), f
     assert f.code and f.message, f
-    assert f.file or f.code in KNOWN_FILELESS, f  # every finding says which file (or directory) to look at
+    assert f.file, f  # every finding says which file (or directory) to look at
     if f.line is not None:
         assert f.line >= 1, f
         text = texts.get(f.file)
-        if text is not None and not any(c in text for c in PYTHON_ONLY_LINE_BREAKS):
+        if text is not None:
             assert f.line <= max(1, text.count("\n") + 1), f
 
 
@@ -199,13 +189,6 @@ UNIT_FILE_KEYS = [*config.UNIT_FILE_KEYS, "exec_stat"]
 ENV_FILE_KEYS = [*config.ENV_FILE_KEYS, "value"]
 
 
-def blank_exec_start(unit_file: dict[str, Any]) -> bool:
-    """Known bug (test_config.py::test_an_empty_exec_start_is_a_finding_not_a_crash): an empty or
-    blank exec_start crashes the loader.  Kept out of this property until it is fixed."""
-    v = unit_file.get("exec_start")
-    return isinstance(v, str) and not v.strip()
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(service=st.dictionaries(st.sampled_from(SERVICE_KEYS), VALUES, max_size=8),
        unit_file=st.one_of(st.none(), st.dictionaries(st.sampled_from(UNIT_FILE_KEYS), VALUES, max_size=6)),
@@ -217,8 +200,6 @@ def test_wrong_types_in_any_service_or_env_file_slot_give_only_findings(
     service.pop("unit_file", None)  # written as its own table below
     if kind is not None:
         service["kind"] = kind
-    if unit_file is not None and blank_exec_start(unit_file):
-        unit_file.pop("exec_start")
     text = table("services.s", service)
     if unit_file is not None:
         text += table("services.s.unit_file", unit_file)

@@ -369,8 +369,6 @@ def test_a_public_vapid_key_is_not_a_secret(example: FleetDir) -> None:
     assert policy.check(loaded_desired(example)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: policy only looks for secrets in env_files; a secret written in "
-                                       "services.NAME.unit_file.environment is not reported")
 def test_a_secret_in_a_unit_environment_is_flagged(example: FleetDir) -> None:
     example.edit('environment = { NODE_ENV = "production", PORT = "4000" }',
                  'environment = { NODE_ENV = "production", PORT = "4000", DB_PASS = "hunter2" }')
@@ -398,8 +396,6 @@ def test_the_shipped_example_passes_every_policy(example: FleetDir) -> None:
     assert policy.check(loaded_desired(example)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: policy.check_queues takes `file` from the processes, so with no "
-                                       "Sidekiq process declared its findings have file='' and no line")
 def test_a_fleet_without_sidekiq_still_says_which_file_to_fix(example: FleetDir) -> None:
     d = loaded_desired(example)
     d = dataclasses.replace(d, services=tuple(s for s in d.services if s.kind is not Kind.SIDEKIQ))
