@@ -1,0 +1,78 @@
+"""Driving the real `fleet` command against the lab, and shaping lab hosts by hand.
+
+The hand-made changes here play the operator who "tinkers" on a host; fleet then has to see
+them.  Everything goes through the real OpenSSH client or the real `fleet` console script.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fleet_argv() -> list[str]:
+    exe = shutil.which("fleet") or str(Path(sys.executable).with_name("fleet"))
+    return [exe]
+
+
+def fleet(lab: Any, *args: str, state_dir: Path | None = None, timeout: float = 180,
+          directory: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`fleet --lab --dir REPO --state-dir LAB_STATE ARGS…`, captured."""
+    argv = [*fleet_argv(), "--lab", "--dir", str(directory or REPO), "--state-dir",
+            str(state_dir or lab.state_dir), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def fleet_json(lab: Any, *args: str, ok_codes: tuple[int, ...] = (0,), **kw: Any) -> dict[str, Any]:
+    done = fleet(lab, *args, "--json", **kw)
+    assert done.returncode in ok_codes, f"fleet {' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
+def install_unit(lab: Any, host: str, unit: str, text: str, *, start: bool = True, enable: bool = True) -> None:
+    """Write a unit by hand into /etc/systemd/system, as an operator would."""
+    lab.ssh(host, f"cat > /etc/systemd/system/{unit}", user="root", input=text)
+    cmds = ["systemctl daemon-reload"]
+    if enable:
+        cmds.append(f"systemctl enable --quiet {unit}")
+    if start:
+        cmds.append(f"systemctl start {unit}")
+    lab.ssh(host, " && ".join(cmds), user="root")
+
+
+def sidekiq_unit(args: str, description: str = "hand-made sidekiq") -> str:
+    return (
+        f"[Unit]\nDescription={description}\n\n[Service]\nType=simple\nUser=mastodon\n"
+        "WorkingDirectory=/home/mastodon/live\nEnvironment=\"RAILS_ENV=production\" \"DB_POOL=25\"\n"
+        f"ExecStart=/home/mastodon/.rbenv/shims/bundle exec sidekiq {args}\nRestart=always\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+
+
+def reset_host(lab: Any, host: str) -> None:
+    """Back to bare: no Mastodon units, no env file, databases stopped and disabled."""
+    lab.ssh(host, "systemctl disable --now 'mastodon-*' postgresql redis-server >/dev/null 2>&1; "
+                  "rm -rf /etc/systemd/system/mastodon-* /home/mastodon/live/.env.production; "
+                  "systemctl daemon-reload; systemctl reset-failed", user="root", check=False)
+
+
+def reset_all(lab: Any) -> None:
+    for h in lab.names:
+        reset_host(lab, h)
+
+
+def wait_for_ssh(lab: Any, host: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lab.ssh(host, "true", check=False, timeout=10).returncode == 0:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{host} did not answer SSH again within {timeout}s")
