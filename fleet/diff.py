@@ -30,7 +30,7 @@ from fleet.model import (
     UnitState,
 )
 from fleet.textutil import mask, sha256_hex
-from fleet.units import UNIT_DIR, as_observed_text, desired_text_hash, mask_unit_text, render_unit, unit_path
+from fleet.units import UNIT_DIR, as_observed_text, mask_unit_text, render_unit, unit_file_differs, unit_path
 
 # Actions, in the order they naturally happen on one host.
 WRITE_UNIT = "write-unit"
@@ -163,7 +163,7 @@ def _service_changes(s: Service, state: HostState, env_written: set[str]) -> lis
     rewritten = False
     if s.unit_spec is not None:
         drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p.startswith(UNIT_DIR + "/"))
-        if _unit_needs_write(s, u, drop_ins):
+        if unit_file_differs(s, u):
             before_text = mask_unit_text(u.text or "") if u is not None else ""
             udiff = "".join(difflib.unified_diff(
                 before_text.splitlines(keepends=True), as_observed_text(s).splitlines(keepends=True),
@@ -192,17 +192,6 @@ def _service_changes(s: Service, state: HostState, env_written: set[str]) -> lis
         out.append(Change(host, RESTART, s.unit, f"running, and {why}", s.name,
                           before=describe_unit(u), after="active/running with the new configuration"))
     return out
-
-
-def _unit_needs_write(s: Service, u: UnitState | None, own_drop_ins: tuple[str, ...]) -> bool:
-    """Drop-ins outside /etc/systemd/system (a package's, `systemctl edit --runtime`) are not
-    fleet's to remove, so only the fragment and fleet's own directory are compared."""
-    if u is None or not u.exists or own_drop_ins:
-        return True
-    if u.file_hashes:
-        fragment = dict(u.file_hashes).get(u.fragment_path)
-        return u.fragment_path != unit_path(s.unit) or fragment != sha256_hex(render_unit(s))
-    return u.text_hash != desired_text_hash(s)  # plain data without per-file hashes
 
 
 def desired_env_items(ef: EnvFile, host: str, secrets: Mapping[tuple[str, str], str]) -> list[tuple[str, str]]:

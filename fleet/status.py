@@ -13,6 +13,7 @@ from typing import Any
 
 from fleet.model import SIDEKIQ_QUEUES, Desired, Finding, HostError, HostResult, HostState, Service, UnitState
 from fleet.policy import SidekiqProcess, check_queues
+from fleet.units import unit_file_differs
 
 # Cell statuses, from best to worst news:
 OK = "ok"  # declared here and as declared
@@ -116,6 +117,8 @@ def _declared_cell(s: Service, host: str, result: HostResult) -> Cell:
         problems.append(u.unit_file_state or "not enabled")
     if s.unit_spec is not None and u.exec_start and tuple(s.unit_spec.exec_start.split()) != u.exec_start:
         problems.append("ExecStart differs")
+    elif s.unit_spec is not None and unit_file_differs(s, u):
+        problems.append("unit file differs")
     return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u)
 
 

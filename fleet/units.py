@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 
 from fleet.mastodon import looks_secret
-from fleet.model import Service
+from fleet.model import Service, UnitState
 from fleet.textutil import mask, sha256_hex
 
 UNIT_DIR = "/etc/systemd/system"
@@ -84,7 +84,8 @@ def masked_environment(value: str) -> tuple[tuple[str, str], ...]:
     for w in words:
         k, sep, v = w.partition("=")
         if sep:
-            out.append((k, mask(v) if looks_secret(k) else v))
+            masked = looks_secret(k) and v != "(masked-on-host)"
+            out.append((k, mask(v) if masked else v))
     return tuple(out)
 
 
@@ -100,3 +101,15 @@ def mask_unit_text(text: str) -> str:
                 line = "Environment=" + " ".join(f'"{k}={v}"' for k, v in pairs)
         lines.append(line)
     return "\n".join(lines)
+
+
+def unit_file_differs(service: Service, u: UnitState | None) -> bool:
+    """Would fleet rewrite this managed unit?  Drop-ins outside /etc/systemd/system (a
+    package's, `systemctl edit --runtime`) are not fleet's to remove, so only the fragment and
+    drop-ins in fleet's own directory count."""
+    if u is None or not u.exists or any(p.startswith(UNIT_DIR + "/") for p in u.drop_in_paths):
+        return True
+    if u.file_hashes:
+        fragment = dict(u.file_hashes).get(u.fragment_path)
+        return u.fragment_path != unit_path(service.unit) or fragment != sha256_hex(render_unit(service))
+    return u.text_hash != desired_text_hash(service)  # plain data without per-file hashes

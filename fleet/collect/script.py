@@ -73,13 +73,39 @@ fi
 systemctl show --no-pager -p Version -p SystemState
 """
 
+# awk: replace the value of every secret-looking KEY=value word of an Environment= line by a
+# placeholder, so that a secret someone put into a unit never leaves the host.  Quoted values
+# with spaces span several words: masking continues to the closing quote.
+_MASK_AWK = r"""
+function maskenv(line,   head, n, w, i, out, k, masking) {
+  head = line; sub(/Environment=.*/, "", head)
+  n = split(substr(line, length(head) + 13), w, " ")
+  out = ""; masking = 0
+  for (i = 1; i <= n; i++) {
+    if (masking) { if (w[i] ~ /"$/) masking = 0; continue }
+    k = w[i]; sub(/^"/, "", k); sub(/=.*/, "", k)
+    if (index(w[i], "=") && k ~ secret_re) {
+      out = out (out == "" ? "" : " ") (substr(w[i], 1, 1) == "\"" ? "\"" : "") k "=(masked-on-host)"
+      if (substr(w[i], 1, 1) == "\"") { if (w[i] ~ /.."$/) out = out "\""; else { masking = 1; out = out "\"" } }
+      continue
+    }
+    out = out (out == "" ? "" : " ") w[i]
+  }
+  return head "Environment=" out
+}
+"""
+
 # awk: dump fragment and drop-ins of the managed units, each line prefixed so that no line
 # of a file can ever be mistaken for a section marker.
-_TEXT_AWK = r"""
+_TEXT_AWK = _MASK_AWK + r"""
 function dump(f, u,   l, n) {
   print "@@file " u " " f
   n = 0
-  while ((getline l < f) > 0) { if (++n > maxl) { print "@@truncated"; break } print "|" l }
+  while ((getline l < f) > 0) {
+    if (++n > maxl) { print "@@truncated"; break }
+    if (l ~ /^[ \t]*Environment=/) l = maskenv(l)
+    print "|" l
+  }
   close(f)
 }
 function flush(   i, k) {
@@ -139,8 +165,9 @@ def build_script(spec: CollectSpec) -> str:
     declared = " ".join(q(u) for u in spec.units)
     parts.append(f"names=$(printf '%s\\n' {found}{declared} | awk 'NF && !s[$0]++')")
     props = ",".join(UNIT_PROPERTIES)
-    parts.append(f'if [ -n "$names" ]; then show=$(systemctl show --no-pager -p {props} -- $names 2>&1); '
-                 'else show=; fi')
+    mask_show = _MASK_AWK + "/^Environment=/ { print maskenv($0); next } { print }"
+    parts.append(f'if [ -n "$names" ]; then show=$(systemctl show --no-pager -p {props} -- $names 2>&1 | '
+                 f'awk -v secret_re={q(SECRET_NAME_PATTERN)} {q(mask_show)}); else show=; fi')
     parts.append('printf \'%s\\n\' "$show"')
     parts.append("echo '@@hashes'")
     parts.append(
@@ -151,7 +178,8 @@ def build_script(spec: CollectSpec) -> str:
     parts.append("echo '@@text'")
     if spec.managed:
         managed = " " + " ".join(spec.managed) + " "
-        parts.append(f"printf '%s\\n\\n' \"$show\" | awk -v m={q(managed)} -v maxl={MAX_TEXT_LINES} {q(_TEXT_AWK)}")
+        parts.append(f"printf '%s\\n\\n' \"$show\" | awk -v m={q(managed)} -v maxl={MAX_TEXT_LINES} "
+                     f"-v secret_re={q(SECRET_NAME_PATTERN)} {q(_TEXT_AWK)}")
     for path, sensitive in spec.env_files:
         sens = " " + " ".join(sorted(set(sensitive) | SECRET_KEYS)) + " "
         p = q(path)
