@@ -5,7 +5,9 @@
 drift into a `HostState` and return a new one (the model is frozen).  They follow the
 collector's conventions (fleet.collect.parse / script):
 
-* a unit's `text_hash` is sha256 over "PATH FILEHASH" lines of its fragment then its drop-ins;
+* a unit reports (path, sha256) of its fragment then its drop-ins as `file_hashes`, and its
+  `text_hash` is sha256 over those as "PATH FILEHASH" lines;
+* a declared unit that is not installed is listed as LoadState=not-found;
 * env file keys that are declared sensitive or look secret are reported as fingerprints
   (`envfile.fingerprint`, the sha256 of the raw text after `=`), never as values;
 * modes are four octal digits ("0600").
@@ -36,7 +38,7 @@ from fleet.model import (
     UnitState,
 )
 from fleet.textutil import mask, sha256_hex
-from fleet.units import as_observed_text, desired_text_hash, unit_path
+from fleet.units import as_observed_text, render_unit, unit_path
 
 REPO = Path(__file__).resolve().parents[2]
 DISTRO_UNIT_DIR = "/lib/systemd/system"
@@ -78,13 +80,14 @@ def unit_of(state: HostState, unit: str) -> UnitState:
 # ---------------------------------------------------------------- units
 
 
-def file_hash_line(path: str, content: str) -> str:
-    return f"{path} {sha256_hex(content)}"
+def hashed(files: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """`text_hash` and `file_hashes` of a unit made of (path, content) files, fragment first."""
+    file_hashes = tuple((p, sha256_hex(c)) for p, c in files)
+    return {"file_hashes": file_hashes, "text_hash": hashes_to_text_hash(file_hashes)}
 
 
-def text_hash(files: Iterable[tuple[str, str]]) -> str:
-    """The collector's text hash of a unit made of (path, content) files, fragment first."""
-    return sha256_hex("\n".join(file_hash_line(p, c) for p, c in files))
+def hashes_to_text_hash(file_hashes: Iterable[tuple[str, str]]) -> str:
+    return sha256_hex("\n".join(f"{p} {h}" for p, h in file_hashes))
 
 
 def exec_argv(service: Service) -> tuple[str, ...]:
@@ -100,7 +103,8 @@ def managed_unit(service: Service, *, pid: int = 4242) -> UnitState:
         unit=service.unit, load_state="loaded", active_state="active", sub_state="running",
         unit_file_state="enabled", exec_start=exec_argv(service), main_pid=pid,
         fragment_path=unit_path(service.unit), drop_in_paths=(), active_enter="Mon 2026-11-23 10:00:00 UTC",
-        n_restarts=0, result="success", text_hash=desired_text_hash(service), text=as_observed_text(service),
+        n_restarts=0, result="success", **hashed([(unit_path(service.unit), render_unit(service))]),
+        text=as_observed_text(service),
         environment=tuple((k, mask(v) if looks_secret(k) else v) for k, v in spec.environment),
         environment_files=spec.environment_files,
     )
@@ -113,7 +117,7 @@ def distro_unit(unit: str, *, active: str = "active", sub: str = "running", enab
     return UnitState(
         unit=unit, load_state="loaded", active_state=active, sub_state=sub, unit_file_state=enabled,
         exec_start=argv, main_pid=pid if active == "active" else 0, fragment_path=path,
-        text_hash=text_hash([(path, f"[Unit]\nDescription={unit} from its package\n")]), result="success",
+        **hashed([(path, f"[Unit]\nDescription={unit} from its package\n")]), result="success",
     )
 
 
@@ -133,7 +137,7 @@ def hand_made_unit(unit: str, argv: str, *, active: bool = True, enabled: bool =
         unit=unit, load_state="loaded", active_state="active" if active else "inactive",
         sub_state="running" if active else "dead", unit_file_state="enabled" if enabled else "disabled",
         exec_start=tuple(argv.split()), main_pid=pid if active else 0, fragment_path=path,
-        text_hash=text_hash([(path, content)]), text=f"# {path}\n{content}",
+        **hashed([(path, content)]), text=f"# {path}\n{content}",
     )
 
 
@@ -205,10 +209,17 @@ def converged(desired: Desired, secrets: Mapping[tuple[str, str], str]) -> dict[
     return {h.name: converged_host(desired, h.name, secrets) for h in desired.hosts}
 
 
+def not_found(unit: str) -> UnitState:
+    """How systemctl shows a unit name it has no file for."""
+    return UnitState(unit=unit, load_state="not-found", active_state="inactive", sub_state="dead",
+                     unit_file_state="", result="success")
+
+
 def bare_host(desired: Desired, host: str) -> HostState:
-    """A host with none of its declared units and its env files absent."""
+    """A host with none of its declared units installed and its env files absent."""
+    units = tuple(not_found(s.unit) for s in desired.services_on(host))
     envs = tuple(EnvFileState(path=ef.path, present=False) for ef in desired.env_files_on(host))
-    return HostState(host=host, facts=facts(host), units=(), env_files=envs, collected_at=1_800_000_000.0)
+    return HostState(host=host, facts=facts(host), units=units, env_files=envs, collected_at=1_800_000_000.0)
 
 
 def bare(desired: Desired) -> dict[str, HostState]:
@@ -251,26 +262,35 @@ def disabled(state: HostState, unit: str) -> HostState:
     return change_unit(state, unit, unit_file_state="disabled")
 
 
+def _files(u: UnitState) -> list[tuple[str, str]]:
+    """(path, content) of each file in a unit's collected text, split at its "# PATH" headers."""
+    assert u.text is not None, f"{u.unit}: no text collected"
+    headers = {f"# {p}" for p in (u.fragment_path, *u.drop_in_paths)}
+    files: list[tuple[str, list[str]]] = []
+    for line in u.text.splitlines(keepends=True):
+        if line.rstrip("\n") in headers:
+            files.append((line[2:].rstrip("\n"), []))
+        else:
+            files[-1][1].append(line)
+    return [(p, "".join(c)) for p, c in files]
+
+
 def edited(state: HostState, unit: str, extra_line: str = "Nice=5") -> HostState:
     """The unit's fragment was edited in place: another text, another hash."""
-    u = state.unit(unit)
-    assert u is not None and u.text is not None
-    content = u.text.split("\n", 1)[1] + extra_line + "\n"
-    return change_unit(state, unit, text=f"# {u.fragment_path}\n{content}",
-                       text_hash=text_hash([(u.fragment_path, content)]))
+    files = _files(unit_of(state, unit))
+    files[0] = (files[0][0], files[0][1] + extra_line + "\n")
+    return change_unit(state, unit, text="".join(f"# {p}\n{c}" for p, c in files), **hashed(files))
 
 
 def with_drop_in(state: HostState, unit: str, name: str = "override.conf",
                  content: str = "[Service]\nEnvironment=DB_POOL=5\n",
                  directory: str = "/etc/systemd/system") -> HostState:
     """A drop-in next to the unit (as `systemctl edit` makes), which changes its text hash."""
-    u = state.unit(unit)
-    assert u is not None and u.text is not None
+    u = unit_of(state, unit)
     path = f"{directory}/{unit}.d/{name}"
-    fragment = u.text.split("\n", 1)[1]
+    files = [*_files(u), (path, content)]
     return change_unit(state, unit, drop_in_paths=u.drop_in_paths + (path,),
-                       text=f"{u.text}# {path}\n{content}",
-                       text_hash=text_hash([(u.fragment_path, fragment), (path, content)]))
+                       text="".join(f"# {p}\n{c}" for p, c in files), **hashed(files))
 
 
 def _replace_env(state: HostState, path: str, env: EnvFileState) -> HostState:

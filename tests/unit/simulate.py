@@ -25,7 +25,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from observed import DISTRO_UNIT_DIR, env_state_from, exec_argv, text_hash
+from observed import DISTRO_UNIT_DIR, env_state_from, exec_argv, hashed, hashes_to_text_hash
 
 from fleet.diff import (
     DAEMON_RELOAD,
@@ -42,7 +42,7 @@ from fleet.diff import (
 from fleet.model import Desired, EnvFile, EnvFileState, HostError, HostResult, HostState, UnitState
 from fleet.plan import Plan
 from fleet.textutil import sha256_hex
-from fleet.units import as_observed_text, desired_text_hash, render_unit, unit_path
+from fleet.units import as_observed_text, render_unit, unit_path
 
 
 class SimulationError(AssertionError):
@@ -149,13 +149,13 @@ def _write_unit(c: Change, desired: Desired, h: _Host, u: UnitState | None, now:
         raise SimulationError(f"{c.id}: content_hash is not the hash of the rendered unit")
     drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p not in c.remove_files)
     path = unit_path(s.unit)
-    # Drop-ins fleet cannot delete stay part of the unit, and of its hash.
-    files = [(path, render_unit(s))] + [(p, f"(content of {p})") for p in drop_ins]
-    new_hash = desired_text_hash(s) if not drop_ins else text_hash(files)
+    # Drop-ins fleet does not delete stay part of the unit, and of its hashes.
+    kept = dict(u.file_hashes if u else ())
+    file_hashes = ((path, sha256_hex(render_unit(s))),) + tuple((p, kept.get(p, sha256_hex(p))) for p in drop_ins)
     base = u if u is not None and u.exists else UnitState(
         unit=s.unit, load_state="loaded", active_state="inactive", sub_state="dead", unit_file_state="disabled")
-    h.units[s.unit] = dataclasses.replace(base, fragment_path=path, drop_in_paths=drop_ins, text_hash=new_hash,
-                                          text=as_observed_text(s))
+    h.units[s.unit] = dataclasses.replace(base, fragment_path=path, drop_in_paths=drop_ins, file_hashes=file_hashes,
+                                          text_hash=hashes_to_text_hash(file_hashes), text=as_observed_text(s))
     h.unreloaded.add(s.unit)
     h.pending[s.unit] = {"exec_start": exec_argv(s), "environment": s.unit_spec.environment,
                          "environment_files": s.unit_spec.environment_files, "load_state": "loaded"}
@@ -193,7 +193,7 @@ def _package_unit(c: Change, desired: Desired) -> UnitState:
         raise SimulationError(f"{c.id}: {c.target} is not installed and fleet does not install it")
     path = f"{DISTRO_UNIT_DIR}/{s.unit}"
     return UnitState(unit=s.unit, load_state="loaded", active_state="inactive", sub_state="dead",
-                     unit_file_state="disabled", fragment_path=path, text_hash=text_hash([(path, "package")]))
+                     unit_file_state="disabled", fragment_path=path, **hashed([(path, "package")]))
 
 
 def _running_sub(c: Change, desired: Desired) -> str:
