@@ -388,12 +388,9 @@ def test_a_daemon_reload_follows_unit_writes_only(desired: Desired, fleet: dict[
     assert DAEMON_RELOAD not in {c.action for c in diff(desired, fleet, S).changes}
 
 
-# ------------------------------------------------------------------ known bugs
+# ------------------------------------------------------------------ what the host wrote into a unit
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a managed unit's text is kept verbatim from the host (collect/parse.py "
-                                       "parse_texts) and diff copies it into the unified diff, so a secret in a "
-                                       "hand-edited Environment= line lands in the plan in clear")
 def test_a_secret_in_a_hand_edited_unit_never_reaches_the_unified_diff(desired: Desired,
                                                                       fleet: dict[str, HostState]) -> None:
     """Through the collector's parser, as on a real host: someone added a password to the unit."""
@@ -407,3 +404,31 @@ def test_a_secret_in_a_hand_edited_unit_never_reaches_the_unified_diff(desired: 
     w = one(diff(desired, fleet, S), "fritz", WRITE_UNIT, WEB)
     assert "DB_PASS" in w.diff and "RAILS_ENV=x" in w.diff
     assert "hunter2-on-the-host" not in w.diff
+
+
+def test_a_drop_in_outside_etc_is_not_fleets_to_remove_and_forces_no_rewrite(desired: Desired,
+                                                                             fleet: dict[str, HostState]) -> None:
+    fleet["fritz"] = with_drop_in(fleet["fritz"], WEB, content="[Service]\nNice=5\n", directory="/run/systemd/system")
+    assert diff(desired, fleet, S).changes == ()
+
+
+def test_a_drop_in_in_etc_next_to_a_drop_in_in_run_is_removed_alone(desired: Desired,
+                                                                   fleet: dict[str, HostState]) -> None:
+    state = with_drop_in(fleet["fritz"], WEB, name="runtime.conf", directory="/run/systemd/system")
+    fleet["fritz"] = with_drop_in(state, WEB, name="local.conf")
+    w = one(diff(desired, fleet, S), "fritz", WRITE_UNIT, WEB)
+    assert w.remove_files == ("/etc/systemd/system/mastodon-web.service.d/local.conf",)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: diff._service_changes (via units.unit_file_differs) ignores drop-ins "
+                                       "outside /etc/systemd/system without reporting them, so a runtime drop-in "
+                                       "that replaces ExecStart yields an empty, silent plan while build_status "
+                                       "shows the cell as drift 'ExecStart differs'")
+def test_a_drop_in_fleet_may_not_remove_that_changes_the_command_is_reported_by_the_plan(
+        desired: Desired, fleet: dict[str, HostState]) -> None:
+    path = "/run/systemd/system/mastodon-web.service.d/evil.conf"
+    state = with_drop_in(fleet["fritz"], WEB, name="evil.conf", directory="/run/systemd/system",
+                         content="[Service]\nExecStart=\nExecStart=/usr/bin/other -x\n")
+    fleet["fritz"] = change_unit(state, WEB, exec_start=("/usr/bin/other", "-x"))
+    d = diff(desired, fleet, S)
+    assert any(path in text for text in d.problems + d.notes + tuple(c.reason for c in d.changes))
