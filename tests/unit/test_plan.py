@@ -11,6 +11,7 @@ import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ from observed import (
 )
 from simulate import SimulationError, simulate
 
+from fleet.collect.parse import parse_host
 from fleet.diff import diff
 from fleet.model import Desired, HostResult, HostState
 from fleet.plan import PLAN_FORMAT, Plan, PlanFileError, build_plan, desired_hash, fingerprint, plan_from_json
@@ -169,9 +171,6 @@ def test_a_round_tripped_plan_writes_the_same_json_document() -> None:
     assert again.plan_id == plan.plan_id
 
 
-@pytest.mark.xfail(strict=True, reason="bug: diff._env_change builds Change.meta unsorted (group, mode, owner, "
-                                       "name) while Change.from_dict sorts it, so a plan with a write-env is not "
-                                       "equal to itself after plan_from_json(plan.to_json())")
 def test_a_plan_with_env_writes_survives_the_json_round_trip_unchanged() -> None:
     plan = plan_for(bare(example()))
     assert plan_from_json(plan.to_json()) == plan
@@ -204,8 +203,6 @@ def test_a_plan_missing_a_change_field_is_a_plan_file_error() -> None:
         plan_from_json(json.dumps(doc))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: plan_from_json catches KeyError/TypeError/AttributeError but not the "
-                                       "ValueError dict() raises for a damaged change `meta`, so it escapes raw")
 @pytest.mark.parametrize("meta", ["x", [["owner"]], [[1, 2, 3]]])
 def test_a_plan_with_a_damaged_meta_field_is_a_plan_file_error(meta: Any) -> None:
     doc = json.loads(plan_for(bare(example())).to_json())
@@ -299,14 +296,41 @@ def test_executing_a_move_stops_the_old_instance_only_after_starting_the_new() -
     assert after["franz"].unit("mastodon-sidekiq-default.service") is None  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: diff rewrites a unit whenever it has a drop-in outside "
-                                       "/etc/systemd/system (e.g. /run/systemd/system/*.d from `systemctl edit "
-                                       "--runtime`), which fleet never removes: every plan rewrites and restarts it")
 def test_a_unit_with_a_drop_in_fleet_may_not_remove_converges_after_one_apply() -> None:
     d = example()
     observed = converged(d, S)
     observed["fritz"] = with_drop_in(observed["fritz"], "mastodon-web.service", directory="/run/systemd/system")
     after = simulate(plan_for(observed), d, S, observed)
+    assert diff(d, after, S).changes == ()
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "collect"
+CAPTURED = {"franz": "drifted-franz", "fritz": "bare-fritz", "freud": "bare-freud", "nietzsche": "databases-nietzsche"}
+
+
+@pytest.mark.skipif(not all((FIXTURES / f"{n}.txt").is_file() for n in CAPTURED.values()),
+                    reason="captured lab output (tests/fixtures/collect) not present")
+def test_the_postmortem_fleet_as_captured_on_the_lab_gets_a_plan_that_converges_it() -> None:
+    """Real collector output: franz has the hand-made Sidekiq and web (with a drop-in) and a
+    hand-written env file; fritz and freud are bare; nietzsche runs the databases."""
+    d = example()
+    observed: dict[str, HostResult] = {h: parse_host(h, (FIXTURES / f"{n}.txt").read_text())
+                                       for h, n in CAPTURED.items()}
+    plan = plan_for(observed)
+    franz = {c.action: c for c in plan.changes if c.host == "franz"}
+    assert set(franz) == {"write-env", "write-unit", "restart", "prune", "daemon-reload"}
+    assert franz["prune"].target == "mastodon-sidekiq.service"
+    assert franz["prune"].steps == ("stop", "disable", "remove")
+    assert franz["write-unit"].remove_files == ("/etc/systemd/system/mastodon-web.service.d/override.conf",)
+    assert "-Environment=PORT=3001" in franz["write-unit"].diff
+    env = franz["write-env"]
+    assert {("S3_ENABLED", "change", "FALSE", "true"), ("3_BUCKET", "remove", "hachyderm-media", "")} <= set(env.keys)
+    assert "1 line(s) are not KEY=value" in env.reason and "0644" in env.reason
+    assert not any(c.host == "nietzsche" and "postgres" in c.target for c in plan.changes)
+    text = plan.to_json()
+    for secret in ("do-not-leak-me", "also secret", "clear-secret-in-unit"):
+        assert secret not in text
+    after = simulate(plan, d, S, observed)
     assert diff(d, after, S).changes == ()
 
 

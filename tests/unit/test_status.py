@@ -10,12 +10,14 @@ from observed import (
     converged,
     disabled,
     distro_unit,
+    edited,
     example,
     set_env_value,
     stopped,
     undeclared_sidekiq,
     unit_of,
     unreachable,
+    with_drop_in,
     with_unit,
     without_unit,
 )
@@ -119,6 +121,15 @@ def test_a_different_command_line_is_drift(fleet: dict[str, HostState]) -> None:
     fleet["freud"] = change_unit(fleet["freud"], "mastodon-sidekiq-default.service", exec_start=argv)
     c = cell(status(fleet), "mastodon-sidekiq-default.service", "freud")
     assert (c.status, c.detail) == (DRIFT, "ExecStart differs")
+
+
+def test_an_edited_unit_file_is_drift_but_a_runtime_drop_in_is_not(fleet: dict[str, HostState]) -> None:
+    fleet["fritz"] = edited(fleet["fritz"], "mastodon-web.service")
+    fleet["franz"] = with_drop_in(fleet["franz"], "mastodon-web.service", directory="/run/systemd/system")
+    report = status(fleet)
+    fritz = cell(report, "mastodon-web.service", "fritz")
+    assert (fritz.status, fritz.detail) == (DRIFT, "unit file differs")
+    assert cell(report, "mastodon-web.service", "franz").status == OK
 
 
 def test_a_missing_declared_unit_is_drift_not_absent(fleet: dict[str, HostState]) -> None:
