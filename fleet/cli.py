@@ -10,13 +10,17 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from fleet import __version__, config, policy
+from tabulate import tabulate
+
+from fleet import __version__, config, policy, remote
+from fleet.apply import Executor, check_contents, describe_holder
 from fleet.collect.collector import collect
 from fleet.collect.transport import SSHTransport
-from fleet.errors import FleetError
+from fleet.errors import FleetError, TransportError
+from fleet.journal import Journal, journal_path, log_json, operator, parse_since, sentence
 from fleet.model import Desired, Finding, HostResult, HostState
 from fleet.plan import Plan, build_plan, plan_from_json
-from fleet.render import findings_summary, findings_text, plan_text, status_text, use_color
+from fleet.render import apply_summary, apply_text, findings_summary, findings_text, plan_text, status_text, use_color
 from fleet.secrets import ensure_lab_secrets, load_secrets
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
@@ -115,6 +119,45 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p_show.add_argument("plan_file", metavar="FILE")
     p_show.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p_apply = sub.add_parser(
+        "apply", parents=[common], help="make the fleet match the desired state: ordered, health-gated, journaled",
+        description="Without PLAN: compute a plan, show it and ask for confirmation.  With PLAN (from "
+                    "`fleet plan -o PLAN`): apply exactly that plan, after checking that its hosts have not changed "
+                    "since (a stale plan is refused).  Changes run wave by wave, hosts in parallel; every start or "
+                    "restart must pass its health gate or the rollout halts and that service is rolled back.  Every "
+                    "step is written to the journal (`fleet log`).",
+        epilog="exit codes:\n  0  applied (or nothing to do)\n  1  a step failed (rolled back where it can be), "
+               "the plan is stale/incomplete, a host is locked, or invalid input\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_apply.add_argument("plan_file", nargs="?", metavar="PLAN", help="a saved plan to apply exactly")
+    _host_options(p_apply)
+    p_apply.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p_apply.add_argument("--no-prune", action="store_true", help="do not prune undeclared units this run")
+    p_apply.add_argument("--secrets", metavar="FILE", help="secrets file (as for `fleet plan`)")
+    p_apply.add_argument("--settle", type=float, default=3.0, metavar="S",
+                         help="seconds a started unit must stay up without restarting (default 3)")
+    p_apply.add_argument("--start-timeout", type=float, default=30.0, metavar="S",
+                         help="seconds a unit may take to become active (default 30)")
+
+    p_lock = sub.add_parser(
+        "lock", parents=[common], help="show or break the per-host apply locks",
+        description="Every apply takes a lock on each host it changes (/var/lib/fleet/lock on the host).  "
+                    "`status` shows who holds them; `break` removes a stale one left by an apply that died.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_lock.add_argument("lock_action", choices=("status", "break"))
+    _host_options(p_lock)
+    p_lock.add_argument("--yes", action="store_true", help="break without asking")
+
+    p_log = sub.add_parser(
+        "log", parents=[common], help="who changed what, from what to what, when (the journal)",
+        description="Print the journal of applies as sentences, oldest first, times in UTC.",
+        epilog="--since accepts 2026-11-28, 2026-11-28T14:03, '2026-11-28 14:03:07' (UTC) or 30m, 2h, 3d, 1w.\n"
+               "exit codes: 0 ok, 1 unreadable journal\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_log.add_argument("--host", metavar="HOST", help="only steps on this host")
+    p_log.add_argument("--since", metavar="TIME", help="only steps since TIME")
+    p_log.add_argument("--json", action="store_true", help="one object per step (docs/journal.md)")
 
     try:
         from fleet.lab.cli import add_lab_parser
@@ -256,12 +299,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    path = Path(args.plan_file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise FleetError(f"cannot read plan {path}: {e.strerror or e}") from e
-    plan = plan_from_json(text, str(path))
+    plan = plan_from_json(_read(Path(args.plan_file)), args.plan_file)
     sys.stdout.write(plan.to_json() if args.json else plan_text(plan, color=use_color(sys.stdout.isatty())))
     return _plan_exit(plan)
 
@@ -275,7 +313,166 @@ def write_private_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-COMMANDS = {"check": cmd_check, "status": cmd_status, "plan": cmd_plan, "show": cmd_show}
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"{question} Only 'yes' will be accepted: ").strip() == "yes"
+    except EOFError:
+        return False
+
+
+def _stale_reasons(saved: Plan, fresh: Plan) -> list[str]:
+    """What differs between the saved plan and one computed now: the reader's 'what changed'."""
+    old = {c.id: c for c in saved.changes}
+    new = {c.id: c for c in fresh.changes if c.host in saved.fingerprints}
+    out = [f"{h}: observed state changed since the plan" for h in saved.fingerprints
+           if fresh.fingerprints.get(h) not in (None, saved.fingerprints[h])]
+    out += [f"  no longer needed: {cid}" for cid in old if cid not in new]
+    out += [f"  newly needed: {cid} ({new[cid].reason})" for cid in new if cid not in old]
+    out += [f"  different now: {cid} (was {old[cid].before!r}, now {new[cid].before!r})"
+            for cid in new if cid in old and new[cid].before != old[cid].before]
+    return out[:30]
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    desired = load_valid(args)
+    saved: Plan | None = None
+    if args.plan_file:
+        if args.limit:
+            raise FleetError("a saved plan covers its own hosts; --limit cannot change it",
+                             hint="make a new plan with `fleet plan --limit … -o FILE`")
+        saved = plan_from_json(_read(Path(args.plan_file)), args.plan_file)
+        if saved.lab != args.lab:
+            raise FleetError(f"{args.plan_file} was computed {'for the lab' if saved.lab else 'for real hosts'}; "
+                             f"this run is {'--lab' if args.lab else 'not --lab'}", hint="use the matching --lab")
+        args.limit = ",".join(saved.hosts)
+        if not saved.complete:
+            raise FleetError(f"{args.plan_file} is incomplete: {', '.join(h for h, _, _ in saved.unknown)} could not "
+                             "be observed when it was computed", hint="plan again, or exclude them with --limit")
+    plan = compute_plan(args)  # observes the hosts now: the saved plan is checked against this
+    if saved is not None:
+        if saved.desired_hash != plan.desired_hash:
+            raise FleetError("the desired state changed since the plan was computed; refusing a stale plan",
+                             hint="compute a new plan with `fleet plan -o FILE` and review it")
+        reasons = _stale_reasons(saved, plan)
+        if reasons:
+            raise FleetError("refusing a stale plan: the hosts changed since it was computed\n  "
+                             + "\n  ".join(reasons), hint="compute a new plan with `fleet plan -o FILE` and review it")
+        plan = saved
+    else:
+        sys.stdout.write(plan_text(plan, color=use_color(sys.stdout.isatty())))
+    if not plan.complete:
+        raise FleetError("the plan is incomplete (a host could not be observed); nothing was changed",
+                         hint="fix the host, or exclude it with --limit")
+    if plan.empty:
+        print("Nothing to apply.")
+        return EXIT_OK
+    if saved is None and not args.yes:
+        if not sys.stdin.isatty():
+            raise FleetError("refusing to apply without confirmation: no terminal to ask on",
+                             hint="review with `fleet plan`, then run `fleet apply --yes` (or apply a saved plan)")
+        if not _confirm(f"Apply these {len(plan.changes)} change(s) to {len({c.host for c in plan.changes})} host(s)?"):
+            print("Apply cancelled; nothing was changed.")
+            return EXIT_ERROR
+    return _execute(args, desired, plan)
+
+
+def _execute(args: argparse.Namespace, desired: Desired, plan: Plan) -> int:
+    targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=",".join(plan.hosts))
+    scoped = replace(desired, hosts=targets.hosts)
+    secret_values, _ = load_secrets(scoped, secrets_path(args))
+    check_contents(plan, scoped, secret_values)
+    touched = sorted({c.host for c in plan.changes})
+    who = operator()
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    with open_transport(args, targets) as transport, Journal.open(journal_path(args.state_dir)) as journal:
+        run_id = journal.start_run(operator=who, plan_id=plan.plan_id, plan_hash=plan.plan_id,
+                                   desired_hash=plan.desired_hash, fleet=plan.fleet, lab=plan.lab)
+        ex = Executor(plan, scoped, targets.hosts, secret_values, transport, journal, run_id, settle=args.settle,
+                      start_timeout=args.start_timeout, report=report, forks=args.forks)
+        try:
+            ex.lock(touched, who)
+        except FleetError as e:
+            journal.finish_run(run_id, "refused", e.message)
+            raise
+        outcome = "interrupted"
+        try:
+            result = ex.execute()
+            outcome = "ok" if result.ok else "failed"
+        finally:
+            ex.unlock(touched)
+            if outcome == "interrupted":
+                journal.finish_run(run_id, outcome, "interrupted")
+        summary = apply_summary(result)
+        journal.finish_run(run_id, outcome, summary.splitlines()[0])
+    sys.stdout.write(apply_text(result))
+    print(f"Journal: run {run_id} — `fleet log` shows every step.")
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    desired = load_valid(args)
+    if args.lock_action == "break" and not args.limit:
+        raise FleetError("`fleet lock break` needs --limit HOSTS", hint="name the hosts whose stale lock to break")
+    targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
+    rows, code = [], EXIT_OK
+    with open_transport(args, targets) as transport:
+        for host in targets.hosts:
+            try:
+                out = transport.run(host, remote.read_lock(), timeout=30).stdout.decode("utf-8", "replace")
+            except TransportError as e:
+                rows.append([host.name, f"unknown ({e.kind})", e.message])
+                code = EXIT_ERROR
+                continue
+            if not out.startswith("@@held"):
+                rows.append([host.name, "free", ""])
+                continue
+            holder = describe_holder(out.split("\n", 1)[1].strip() if "\n" in out else "")
+            if args.lock_action == "break":
+                if not args.yes and not _confirm(f"{host.name} is locked by {holder}. Break this lock?"):
+                    rows.append([host.name, "locked (kept)", holder])
+                    code = EXIT_ERROR
+                    continue
+                transport.run(host, remote.break_lock(), timeout=30)
+                rows.append([host.name, "broken", holder])
+            else:
+                rows.append([host.name, "locked", holder])
+    print(tabulate(rows, headers=["HOST", "LOCK", "HOLDER"], tablefmt="simple"))
+    return code
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    path = journal_path(args.state_dir)
+    if not path.exists():
+        print(f"No journal yet at {path}: nothing has been applied from this state directory.")
+        return EXIT_OK
+    since = parse_since(args.since) if args.since else None
+    with Journal.open(path) as journal:
+        steps = journal.steps(host=args.host, since=since)
+        runs = journal.runs()
+    if args.json:
+        json.dump(log_json(steps, runs), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        by_id = {r.id: r for r in runs}
+        for step in steps:
+            print(sentence(step, by_id.get(step.run_id)))
+    return EXIT_OK
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise FleetError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+COMMANDS = {"check": cmd_check, "status": cmd_status, "plan": cmd_plan, "show": cmd_show, "apply": cmd_apply,
+            "lock": cmd_lock, "log": cmd_log}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -300,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fleet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fleet log | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def entry() -> None:

@@ -123,6 +123,9 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
     unknown: list[HostError] = []
     notes: list[str] = []
     problems: list[str] = []
+    # Make-before-break needs the whole fleet in view: with a host excluded (--limit) or
+    # unobservable, the instance a prune would stop may be the only one left.  Report instead.
+    whole = all(isinstance(observed.get(h.name), HostState) for h in desired.hosts)
     for host in desired.hosts:
         result = observed.get(host.name)
         if result is None:
@@ -131,7 +134,7 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
             unknown.append(result)
             continue
         changes += _host_changes(desired, result, secrets, problems)
-        pruned, host_notes = _prune_changes(desired, result, prune)
+        pruned, host_notes = _prune_changes(desired, result, prune, whole)
         changes += pruned
         notes += host_notes
         # A prune that removes a unit file reloads systemd itself, after its stop: it must not
@@ -152,11 +155,11 @@ def _host_changes(desired: Desired, state: HostState, secrets: Mapping[tuple[str
             out.append(c)
             env_written.add(ef.path)
     for s in desired.services_on(host):
-        out += _service_changes(s, state, env_written)
+        out += _service_changes(s, state, env_written, problems)
     return out
 
 
-def _service_changes(s: Service, state: HostState, env_written: set[str]) -> list[Change]:
+def _service_changes(s: Service, state: HostState, env_written: set[str], problems: list[str]) -> list[Change]:
     host = state.host
     u = state.unit(s.unit)
     out: list[Change] = []
@@ -177,6 +180,11 @@ def _service_changes(s: Service, state: HostState, env_written: set[str]) -> lis
                               after=unit_path(s.unit), diff=udiff,
                               content_hash=sha256_hex(render_unit(s)), remove_files=drop_ins))
             rewritten = True
+    foreign = [p for p in (u.drop_in_paths if u else ()) if not p.startswith(UNIT_DIR + "/")]
+    if foreign:
+        problems.append(f"on {host}, {s.unit} also reads drop-in(s) {', '.join(foreign)}, outside "
+                        f"{UNIT_DIR}: fleet does not remove them, and they may change the unit "
+                        f"(now {describe_unit(u)}); remove them by hand if they are not wanted")
     if u is None or not u.exists or not u.enabled:
         out.append(Change(host, ENABLE, s.unit, "declared units start at boot", s.name,
                           before=(u.unit_file_state or "absent") if u is not None else "absent", after="enabled"))
@@ -266,7 +274,7 @@ def _env_change(ef: EnvFile, state: HostState, secrets: Mapping[tuple[str, str],
                   meta=(("group", ef.group or ""), ("mode", mode), ("name", ef.name), ("owner", ef.owner or "")))
 
 
-def _prune_changes(desired: Desired, state: HostState, prune: bool) -> tuple[list[Change], list[str]]:
+def _prune_changes(desired: Desired, state: HostState, prune: bool, whole: bool) -> tuple[list[Change], list[str]]:
     host = state.host
     declared_here = {s.unit for s in desired.services_on(host)}
     out: list[Change] = []
@@ -280,9 +288,11 @@ def _prune_changes(desired: Desired, state: HostState, prune: bool) -> tuple[lis
             continue  # declared for another host, not matching discovery: not our business here
         if not active and not u.enabled and not u.fragment_path.startswith(UNIT_DIR + "/"):
             continue  # an installed, idle distro unit (postgresql on a non-db host): nothing to say
-        if not (pattern.prune and prune):
-            why = ("pruning is off for this run (--no-prune)" if pattern.prune
-                   else f"{pattern.pattern} has prune = false")
+        if not (pattern.prune and prune and whole):
+            why = (f"{pattern.pattern} has prune = false" if not pattern.prune
+                   else "pruning is off for this run (--no-prune)" if not prune
+                   else "not every host is in view (--limit or unreachable), so fleet cannot make sure "
+                        "it runs elsewhere before stopping it here")
             notes.append(f"on {host}, {u.unit} is undeclared ({describe_unit(u)}); left alone: {why}")
             continue
         steps = [s for s, need in (("stop", active), ("disable", u.enabled and u.unit_file_state != "static"),

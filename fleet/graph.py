@@ -8,7 +8,8 @@ An edge a -> b means "b must happen after a".  Rules:
   * make-before-break: every prune after every start/restart in the plan, so a service that
     moves is running on its new host before it stops on the old one;
   * rolling restarts: restarts of one service are chained across its hosts in batches of
-    `max_unavailable`, so never more than that many of its instances restart at once.
+    `max_unavailable`, so never more than that many of its instances restart at once, and they
+    wait for the starts of that service's missing instances.
 Waves are the topological generations: everything in a wave may run in parallel.
 """
 
@@ -72,6 +73,11 @@ def build_graph(changes: Sequence[Change], desired: Desired) -> nx.DiGraph:
                 g.add_edge(r.id, p.id)
 
     for name, svc in service_units.items():
+        # An instance being started is not available yet: restarts of the same service wait for
+        # it, so a rolling restart never takes down the last instance that is up.
+        for st in (c for c in runs if c.service == name and c.action == START):
+            for rs in (c for c in runs if c.service == name and c.action == RESTART and c.host != st.host):
+                g.add_edge(st.id, rs.id)
         restarts = sorted((c for c in runs if c.service == name and c.action == RESTART),
                           key=lambda c: svc.hosts.index(c.host) if c.host in svc.hosts else 0)
         k = max(1, svc.max_unavailable)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from tabulate import tabulate
 
+from fleet.apply import ApplyResult
 from fleet.diff import Change
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
 from fleet.plan import Plan
@@ -211,3 +212,39 @@ def summary_line(plan: Plan) -> str:
     s = plan.summary()
     return ("Plan: " + ", ".join(f"{s[k]} to {k}" for k in ("install", "change", "start", "restart", "stop", "prune"))
             + "." + ("" if plan.complete else " INCOMPLETE."))
+
+
+# ---------------------------------------------------------------- apply
+
+
+def apply_summary(result: ApplyResult) -> str:
+    n = {k: sum(1 for o in result.outcomes if o.outcome == k) for k in ("ok", "failed", "skipped")}
+    head = "Apply complete" if result.ok else "Apply FAILED"
+    return f"{head}: {n['ok']} done, {n['failed']} failed, {n['skipped']} not attempted."
+
+
+def apply_text(result: ApplyResult) -> str:
+    out = ["", apply_summary(result)]
+    failed = result.failed
+    if failed:
+        out.append("")
+        out.append("Failed:")
+        for o in failed:
+            c = o.change
+            out.append(f"  ✗ on {c.host}, {c.action} {c.target}: {o.error}")
+            if o.rollback:
+                out.append(f"    {o.rollback}")
+            if o.detail:
+                out.append("    last journal lines of the unit:")
+                out += [f"      {line}" for line in o.detail.splitlines()]
+        done = [o for o in result.outcomes if o.outcome == "ok"]
+        if done:
+            out.append("")
+            out.append("Done before the halt:")
+            out += [f"  ✓ on {o.change.host}, {o.change.action} {o.change.target}" for o in done]
+        skipped = [o for o in result.outcomes if o.outcome == "skipped"]
+        if skipped:
+            out.append("")
+            out.append("Not attempted:")
+            out += [f"  · on {o.change.host}, {o.change.action} {o.change.target}" for o in skipped]
+    return "\n".join(out) + "\n"

@@ -420,10 +420,6 @@ def test_a_drop_in_in_etc_next_to_a_drop_in_in_run_is_removed_alone(desired: Des
     assert w.remove_files == ("/etc/systemd/system/mastodon-web.service.d/local.conf",)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: diff._service_changes (via units.unit_file_differs) ignores drop-ins "
-                                       "outside /etc/systemd/system without reporting them, so a runtime drop-in "
-                                       "that replaces ExecStart yields an empty, silent plan while build_status "
-                                       "shows the cell as drift 'ExecStart differs'")
 def test_a_drop_in_fleet_may_not_remove_that_changes_the_command_is_reported_by_the_plan(
         desired: Desired, fleet: dict[str, HostState]) -> None:
     path = "/run/systemd/system/mastodon-web.service.d/evil.conf"

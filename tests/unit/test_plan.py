@@ -119,8 +119,15 @@ def test_a_limited_plan_covers_only_the_observed_hosts() -> None:
     assert [c.id for c in plan.changes] == ["fritz:start:mastodon-web.service"]
 
 
+def whole_drifted() -> dict[str, HostResult]:
+    """drifted() with every host in view, so that fleet may prune (make-before-break)."""
+    observed = drifted()
+    observed["nietzsche"] = converged(example(), S)["nietzsche"]
+    return observed
+
+
 def test_the_plan_carries_each_changes_dependencies_and_its_waves() -> None:
-    plan = plan_for(drifted())
+    plan = plan_for(whole_drifted())
     assert set(plan.deps) == {c.id for c in plan.changes}
     position = {cid: i for i, w in enumerate(plan.waves) for cid in w}
     for cid, deps in plan.deps.items():
@@ -131,8 +138,14 @@ def test_the_plan_carries_each_changes_dependencies_and_its_waves() -> None:
                           "left alone: postgresql* has prune = false",)
 
 
+def test_an_unreachable_host_stops_all_pruning_because_make_before_break_cannot_be_checked() -> None:
+    plan = plan_for(drifted())
+    assert not any(c.action == "prune" for c in plan.changes)
+    assert any("mastodon-sidekiq.service" in n and "not every host is in view" in n for n in plan.notes)
+
+
 def test_no_prune_leaves_undeclared_units_alone_and_says_so() -> None:
-    plan = plan_for(drifted(), prune=False)
+    plan = plan_for(whole_drifted(), prune=False)
     assert not any(c.action == "prune" for c in plan.changes)
     assert any("mastodon-sidekiq.service" in n and "--no-prune" in n for n in plan.notes)
 

@@ -1,0 +1,325 @@
+"""Executing a plan: wave by wave, hosts in parallel, health-gated, halting at the first failure.
+
+The I/O edge of the write path.  What to do is decided by the plan (and its graph); this module
+only carries it out through a transport and writes down every step in the journal — the intent
+before a step runs and its outcome after, so a crash mid-apply leaves "started, never finished"
+visible.  A failed health gate halts the rollout: nothing new starts, what is in flight finishes,
+the failed service on that host is put back to its previous unit/env content, dependents are
+skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fleet import remote
+from fleet.diff import (
+    DAEMON_RELOAD,
+    DISABLE,
+    ENABLE,
+    PRUNE,
+    RESTART,
+    START,
+    STOP,
+    WRITE_ENV,
+    WRITE_UNIT,
+    Change,
+    desired_env_items,
+    env_digest,
+)
+from fleet.envfile import render_file
+from fleet.errors import FleetError, TransportError
+from fleet.model import Desired, Host, Service
+from fleet.plan import Plan
+from fleet.textutil import sha256_hex
+from fleet.units import render_unit, unit_path
+
+MAX_WORKERS = 32
+
+
+class RunnerLike(Protocol):
+    """What the executor needs of a transport (fleet.collect.transport.SSHTransport)."""
+
+    def run(self, host: Host, command: str, *, sudo: bool | None = None, stdin: bytes | None = None,
+            timeout: float | None = None) -> object: ...
+
+
+class JournalLike(Protocol):
+    """What the executor needs of the journal (fleet.journal.Journal)."""
+
+    def step_started(self, run_id: str, change: Change) -> int: ...
+    def step_finished(self, step_id: int, outcome: str, error: str = "") -> None: ...
+    def record_skipped(self, run_id: str, change: Change, reason: str) -> int: ...
+
+
+class StaleInputError(FleetError):
+    """The desired state or the secrets changed since the plan was computed."""
+
+
+@dataclass
+class StepOutcome:
+    change: Change
+    outcome: str  # ok | failed | skipped
+    error: str = ""
+    detail: str = ""  # e.g. the unit's last journal lines
+    duration: float = 0.0
+    rollback: str = ""
+
+
+@dataclass
+class ApplyResult:
+    run_id: str
+    outcomes: list[StepOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[StepOutcome]:
+        return [o for o in self.outcomes if o.outcome == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not any(o.outcome == "skipped" for o in self.outcomes)
+
+
+def check_contents(plan: Plan, desired: Desired, secrets: Mapping[tuple[str, str], str]) -> None:
+    """Refuse to write anything other than what the plan showed: every unit text and env file
+    content must hash to what the plan recorded."""
+    problems = []
+    for c in plan.changes:
+        if c.action == WRITE_UNIT:
+            svc = desired.service(c.service or "")
+            if svc is None or svc.unit_spec is None or sha256_hex(render_unit(svc)) != c.content_hash:
+                problems.append(f"{c.host}: the unit {c.target} would differ from the plan")
+        elif c.action == WRITE_ENV:
+            ef = next((e for e in desired.env_files if e.path == c.target and c.host in e.hosts), None)
+            if ef is None or env_digest(ef, c.host, secrets) != c.content_hash:
+                problems.append(f"{c.host}: {c.target} would differ from the plan (desired state or a secret changed)")
+    if problems:
+        raise StaleInputError("the plan no longer matches what would be written:\n  " + "\n  ".join(problems),
+                              hint="compute a new plan with `fleet plan -o FILE`, review it, and apply that")
+
+
+def holder_info(run_id: str, plan_id: str, operator: str) -> str:
+    return json.dumps({"run_id": run_id, "operator": operator, "from": socket.gethostname(),
+                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "plan_id": plan_id},
+                      sort_keys=True)
+
+
+def _out(result: object) -> tuple[str, str]:
+    stdout = getattr(result, "stdout", b"")
+    stderr = getattr(result, "stderr", b"")
+    return (stdout.decode("utf-8", "replace") if isinstance(stdout, bytes) else str(stdout),
+            stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else str(stderr))
+
+
+class Executor:
+    def __init__(self, plan: Plan, desired: Desired, hosts: Sequence[Host], secrets: Mapping[tuple[str, str], str],
+                 transport: RunnerLike, journal: JournalLike, run_id: str, *, settle: float = 3.0,
+                 start_timeout: float = 30.0, report: Callable[[str], None] = lambda s: None,
+                 forks: int | None = None) -> None:
+        self.plan, self.desired, self.secrets = plan, desired, secrets
+        self.hosts = {h.name: h for h in hosts}
+        self.transport, self.journal, self.run_id = transport, journal, run_id
+        self.settle, self.start_timeout = settle, start_timeout
+        self.report = report
+        self.forks = forks or MAX_WORKERS
+        self.halted: str = ""
+        self._lock = threading.Lock()
+        self.written: dict[str, list[str]] = {}  # host -> files written this run (for rollback)
+
+    # ------------------------------------------------------------------ locks
+
+    def lock(self, hosts: Sequence[str], operator: str) -> None:
+        """Take every host's lock, or none: a refusal names the holder."""
+        info = holder_info(self.run_id, self.plan.plan_id, operator)
+        taken: list[str] = []
+        refusals: list[str] = []
+
+        def one(name: str) -> tuple[str, str | None]:
+            try:
+                out, _ = _out(self.transport.run(self.hosts[name], remote.acquire_lock(info), timeout=30))
+            except TransportError as e:
+                return name, f"{name}: cannot take the lock: {e.message}"
+            if out.startswith("@@locked"):
+                return name, None
+            holder = out.split("\n", 1)[1].strip() if "\n" in out else "(unknown holder)"
+            return name, f"{name}: locked by another apply: {describe_holder(holder)}"
+
+        with ThreadPoolExecutor(max_workers=min(self.forks, max(1, len(hosts)))) as pool:
+            for name, refusal in pool.map(one, hosts):
+                if refusal is None:
+                    taken.append(name)
+                else:
+                    refusals.append(refusal)
+        if refusals:
+            self.unlock(taken)
+            raise FleetError("cannot lock the hosts, nothing was changed:\n  " + "\n  ".join(refusals),
+                             hint="wait for that apply to finish; if it died, check with `fleet lock status` and "
+                                  "break it with `fleet lock break --limit HOST` (docs/apply.md)")
+
+    def unlock(self, hosts: Sequence[str]) -> None:
+        for name in hosts:
+            try:
+                self.transport.run(self.hosts[name], remote.release_lock(self.run_id), timeout=30)
+            except TransportError as e:
+                self.report(f"warning: could not release the lock on {name}: {e.message}")
+
+    # ------------------------------------------------------------------ execution
+
+    def execute(self) -> ApplyResult:
+        result = ApplyResult(self.run_id)
+        by_id = {c.id: c for c in self.plan.changes}
+        for n, wave in enumerate(self.plan.waves, 1):
+            changes = [by_id[cid] for cid in wave]
+            if self.halted:
+                for c in changes:
+                    result.outcomes.append(self._skip(c))
+                continue
+            self.report(f"wave {n}/{len(self.plan.waves)}: {len(changes)} change(s)")
+            per_host: dict[str, list[Change]] = {}
+            for c in changes:
+                per_host.setdefault(c.host, []).append(c)
+            with ThreadPoolExecutor(max_workers=min(self.forks, len(per_host))) as pool:
+                for outcomes in pool.map(self._run_host, per_host.values()):
+                    result.outcomes += outcomes
+        return result
+
+    def _skip(self, c: Change) -> StepOutcome:
+        reason = f"not attempted: the rollout halted ({self.halted})"
+        self.journal.record_skipped(self.run_id, c, reason)
+        return StepOutcome(c, "skipped", reason)
+
+    def _run_host(self, changes: list[Change]) -> list[StepOutcome]:
+        out = []
+        for c in changes:
+            with self._lock:
+                halted = self.halted
+            if halted:
+                out.append(self._skip(c))
+                continue
+            out.append(self._run_change(c))
+        return out
+
+    def _run_change(self, c: Change) -> StepOutcome:
+        step = self.journal.step_started(self.run_id, c)
+        t0 = time.monotonic()
+        outcome = StepOutcome(c, "ok")
+        try:
+            self._do(c, outcome)
+        except TransportError as e:
+            outcome.outcome, outcome.error = "failed", f"{e.kind}: {e.message}"
+        except FleetError as e:
+            outcome.outcome, outcome.error = "failed", e.message
+        outcome.duration = time.monotonic() - t0
+        if outcome.outcome == "failed":
+            with self._lock:
+                if not self.halted:
+                    self.halted = f"{c.action} {c.target} failed on {c.host}"
+            if c.action in (START, RESTART):
+                outcome.rollback = self._rollback(c)
+        error = outcome.error + (f"; {outcome.rollback}" if outcome.rollback else "")
+        self.journal.step_finished(step, outcome.outcome, error)
+        mark = "ok" if outcome.outcome == "ok" else "FAILED: " + outcome.error
+        self.report(f"  {c.host}: {c.action} {c.target} — {mark} ({outcome.duration:.1f}s)")
+        return outcome
+
+    def _run(self, c: Change, command: str, *, stdin: bytes | None = None, timeout: float = 120) -> str:
+        res = self.transport.run(self.hosts[c.host], command, stdin=stdin, timeout=timeout)
+        out, err = _out(res)
+        if "@@ok" not in out and "@@gate" not in out:
+            tail = (err.strip().splitlines() or out.strip().splitlines() or ["(no output)"])[-1]
+            raise FleetError(f"exit {getattr(res, 'exit_code', '?')}: {tail}")
+        return out
+
+    def _do(self, c: Change, outcome: StepOutcome) -> None:
+        if c.action == WRITE_UNIT:
+            svc = self._service(c)
+            self._run(c, remote.remove_files(c.remove_files, run_id=self.run_id))
+            self._write(c, unit_path(c.target), render_unit(svc), mode="0644", owner="root", group="root")
+        elif c.action == WRITE_ENV:
+            ef = next(e for e in self.desired.env_files if e.path == c.target and c.host in e.hosts)
+            items = desired_env_items(ef, c.host, self.secrets)
+            text = render_file(items, header="Managed by fleet: local edits are overwritten by `fleet apply`.")
+            keep = tuple(k for k, src in ef.sensitive if src.kind == "present")
+            self._write(c, c.target, text, mode=ef.mode, owner=ef.owner, group=ef.group, keep_keys=keep)
+        elif c.action == DAEMON_RELOAD:
+            self._run(c, remote.systemctl("daemon-reload"))
+        elif c.action == ENABLE:
+            self._run(c, remote.systemctl("enable --quiet", c.target))
+        elif c.action in (START, RESTART):
+            self._run(c, remote.systemctl("start" if c.action == START else "restart", c.target),
+                      timeout=self.start_timeout + 30)
+            self._gate(c, outcome)
+        elif c.action == PRUNE:
+            self._run(c, remote.prune(c.target, c.steps, c.remove_files, run_id=self.run_id), timeout=120)
+        elif c.action in (STOP, DISABLE):
+            self._run(c, remote.systemctl("stop" if c.action == STOP else "disable --quiet", c.target))
+        else:
+            raise FleetError(f"unknown action {c.action!r} in the plan")
+
+    def _write(self, c: Change, path: str, text: str, **kw: object) -> None:
+        self._run(c, remote.write_file(path, run_id=self.run_id, **kw),  # type: ignore[arg-type]
+                  stdin=text.encode("utf-8"))
+        with self._lock:
+            self.written.setdefault(c.host, []).append(path)
+
+    def _service(self, c: Change) -> Service:
+        svc = self.desired.service(c.service or "")
+        if svc is None:
+            raise FleetError(f"the plan names service {c.service!r}, which the desired state no longer declares")
+        return svc
+
+    def _gate(self, c: Change, outcome: StepOutcome) -> None:
+        svc = self._service(c)
+        check = svc.health
+        budget = self.start_timeout + self.settle + (check.timeout if check else 0) + 30
+        out = self._run(c, remote.health_gate(c.target, check, settle=self.settle, start_timeout=self.start_timeout),
+                        timeout=budget)
+        if "@@gate ok" in out:
+            return
+        line = next((ln for ln in out.splitlines() if ln.startswith("@@gate fail")), "@@gate fail (no reason)")
+        outcome.detail = "\n".join(ln[2:] for ln in out.splitlines() if ln.startswith("| "))
+        raise FleetError(line[len("@@gate fail "):])
+
+    def _rollback(self, c: Change) -> str:
+        """Put the failed service on this host back to its previous unit/env content."""
+        svc = self.desired.service(c.service or "")
+        if svc is None:
+            return ""
+        with self._lock:
+            written = list(self.written.get(c.host, []))
+        mine = [p for p in written if p == unit_path(svc.unit)
+                or (svc.unit_spec is not None and p in svc.unit_spec.environment_files)]
+        host = self.hosts[c.host]
+        was_running = c.before.startswith("active")
+        try:
+            if not was_running:  # stop first: a crash-looping new unit must not restart meanwhile
+                self.transport.run(host, remote.systemctl("stop", svc.unit), timeout=self.start_timeout + 30)
+            for path in mine:
+                self.transport.run(host, remote.restore_file(path, run_id=self.run_id), timeout=60)
+            if mine:
+                self.transport.run(host, remote.systemctl("daemon-reload"), timeout=60)
+            if was_running:
+                self.transport.run(host, remote.systemctl("restart", svc.unit), timeout=self.start_timeout + 30)
+        except TransportError as e:
+            return f"rollback on {c.host} failed: {e.message}"
+        restored = ", ".join(mine) if mine else "nothing written"
+        return (f"rolled back {svc.unit} on {c.host}: restored {restored}; "
+                + ("restarted it" if was_running else "stopped it (it was not running before)"))
+
+
+def describe_holder(holder: str) -> str:
+    """The lock holder as a sentence: who, from where, since when, which run and plan."""
+    try:
+        h = json.loads(holder)
+        return (f"{h.get('operator', '?')} from {h.get('from', '?')} since {h.get('since', '?')} "
+                f"(run {h.get('run_id', '?')}, plan {h.get('plan_id', '?')})")
+    except ValueError:
+        return holder[:200]
+
