@@ -596,7 +596,8 @@ def _ending(step: StepRecord, run: RunRecord | None) -> str:
     if step.outcome == "failed":
         return f"FAILED: {error}" if error else "FAILED"
     if step.outcome == "skipped":
-        return f"not attempted ({error})" if error else "not attempted"
+        why = re.sub(r"^not attempted\b[:,]?\s*", "", error, flags=re.IGNORECASE)  # the executor may say it too
+        return f"not attempted ({why})" if why else "not attempted"
     if step.outcome == "rolled-back":
         return f"rolled back: {error}" if error else "rolled back"
     return step.outcome + (f": {error}" if error else "")

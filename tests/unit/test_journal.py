@@ -138,6 +138,12 @@ def test_a_skipped_step_is_recorded_without_running_with_its_reason(j: Journal) 
         "— not attempted (halted: franz:prune:mastodon-sidekiq.service failed)")
 
 
+def test_a_skip_reason_that_already_says_not_attempted_is_not_said_twice(j: Journal) -> None:
+    run = new_run(j)
+    j.record_skipped(run, START_DEFAULT, "not attempted: the rollout halted (start x failed on y)", now=NOW)
+    assert sentence(only_step(j), j.run(run)).endswith("— not attempted (the rollout halted (start x failed on y))")
+
+
 def test_a_run_records_who_what_plan_and_how_it_ended(j: Journal) -> None:
     run_id = new_run(j, lab=True)
     assert j.run(run_id) == RunRecord(run_id, "alice@laptop", NOW, None, "p1", "ph", "dh", "hachyderm", True,
