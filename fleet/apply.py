@@ -11,6 +11,7 @@ skipped.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -105,10 +106,59 @@ def check_contents(plan: Plan, desired: Desired, secrets: Mapping[tuple[str, str
                               hint="compute a new plan with `fleet plan -o FILE`, review it, and apply that")
 
 
-def holder_info(run_id: str, plan_id: str, operator: str) -> str:
-    return json.dumps({"run_id": run_id, "operator": operator, "from": socket.gethostname(),
-                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "plan_id": plan_id},
-                      sort_keys=True)
+def holder_info(token: str, operator: str, *, run_id: str = "", plan_id: str = "") -> str:
+    """What a lock says about its holder: who, from where, since when, which run and plan."""
+    return json.dumps({"token": token, "operator": operator, "from": socket.gethostname(), "pid": os.getpid(),
+                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run_id": run_id,
+                       "plan_id": plan_id}, sort_keys=True)
+
+
+def lock_hosts(transport: RunnerLike, hosts: Sequence[Host], holder: str, *, forks: int = MAX_WORKERS) -> None:
+    """Take every host's lock, or none: a refusal names the holder.  Taken before the hosts are
+    observed, so that what is planned is what is applied, and two applies never overlap."""
+    def one(host: Host) -> tuple[Host, str | None]:
+        try:
+            out, _ = _out(transport.run(host, remote.acquire_lock(holder), timeout=30))
+        except TransportError as e:
+            return host, f"{host.name}: cannot take the lock ({e.kind}): {e.message}"
+        if out.startswith("@@locked"):
+            return host, None
+        held = out.split("\n", 1)[1].strip() if "\n" in out else "(unknown holder)"
+        return host, f"{host.name}: locked by another apply: {describe_holder(held)}"
+
+    taken: list[Host] = []
+    refusals: list[str] = []
+    with ThreadPoolExecutor(max_workers=min(forks, max(1, len(hosts)))) as pool:
+        for host, refusal in pool.map(one, hosts):
+            if refusal is None:
+                taken.append(host)
+            else:
+                refusals.append(refusal)
+    if refusals:
+        unlock_hosts(transport, taken, json.loads(holder)["token"])
+        raise FleetError("cannot lock the hosts, nothing was changed:\n  " + "\n  ".join(refusals),
+                         hint="a host fleet cannot reach cannot be planned either: fix it or exclude it with "
+                              "--limit; a host locked by an apply that died: see `fleet lock status`, then "
+                              "`fleet lock break --limit HOST` (docs/apply.md)")
+
+
+def relabel_lock(transport: RunnerLike, hosts: Sequence[Host], holder: str) -> None:
+    """Once the plan is known, the lock also names the run and the plan."""
+    for host in hosts:
+        try:
+            transport.run(host, remote.update_lock(holder, json.loads(holder)["token"]), timeout=30)
+        except TransportError:
+            pass  # the lock still names its holder; the run id is only a convenience
+
+
+def unlock_hosts(transport: RunnerLike, hosts: Sequence[Host], token: str,
+                 report: Callable[[str], None] = lambda s: None) -> None:
+    for host in hosts:
+        try:
+            transport.run(host, remote.release_lock(token), timeout=30)
+        except TransportError as e:
+            report(f"warning: could not release the lock on {host.name}: {e.message} "
+                   f"(break it with `fleet lock break --limit {host.name}`)")
 
 
 def _out(result: object) -> tuple[str, str]:
@@ -132,43 +182,6 @@ class Executor:
         self.halted: str = ""
         self._lock = threading.Lock()
         self.written: dict[str, list[str]] = {}  # host -> files written this run (for rollback)
-
-    # ------------------------------------------------------------------ locks
-
-    def lock(self, hosts: Sequence[str], operator: str) -> None:
-        """Take every host's lock, or none: a refusal names the holder."""
-        info = holder_info(self.run_id, self.plan.plan_id, operator)
-        taken: list[str] = []
-        refusals: list[str] = []
-
-        def one(name: str) -> tuple[str, str | None]:
-            try:
-                out, _ = _out(self.transport.run(self.hosts[name], remote.acquire_lock(info), timeout=30))
-            except TransportError as e:
-                return name, f"{name}: cannot take the lock: {e.message}"
-            if out.startswith("@@locked"):
-                return name, None
-            holder = out.split("\n", 1)[1].strip() if "\n" in out else "(unknown holder)"
-            return name, f"{name}: locked by another apply: {describe_holder(holder)}"
-
-        with ThreadPoolExecutor(max_workers=min(self.forks, max(1, len(hosts)))) as pool:
-            for name, refusal in pool.map(one, hosts):
-                if refusal is None:
-                    taken.append(name)
-                else:
-                    refusals.append(refusal)
-        if refusals:
-            self.unlock(taken)
-            raise FleetError("cannot lock the hosts, nothing was changed:\n  " + "\n  ".join(refusals),
-                             hint="wait for that apply to finish; if it died, check with `fleet lock status` and "
-                                  "break it with `fleet lock break --limit HOST` (docs/apply.md)")
-
-    def unlock(self, hosts: Sequence[str]) -> None:
-        for name in hosts:
-            try:
-                self.transport.run(self.hosts[name], remote.release_lock(self.run_id), timeout=30)
-            except TransportError as e:
-                self.report(f"warning: could not release the lock on {name}: {e.message}")
 
     # ------------------------------------------------------------------ execution
 

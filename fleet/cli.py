@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets as random_source
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tabulate import tabulate
 
 from fleet import __version__, config, policy, remote
-from fleet.apply import Executor, check_contents, describe_holder
+from fleet.apply import Executor, check_contents, describe_holder, holder_info, lock_hosts, relabel_lock, unlock_hosts
 from fleet.collect.collector import collect
 from fleet.collect.transport import SSHTransport
 from fleet.errors import FleetError, TransportError
@@ -24,6 +25,7 @@ from fleet.render import apply_summary, apply_text, findings_summary, findings_t
 from fleet.secrets import ensure_lab_secrets, load_secrets
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
+from fleet.textutil import sha256_hex
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -228,7 +230,8 @@ def open_transport(args: argparse.Namespace, targets: Targets) -> SSHTransport:
                         command_timeout=getattr(args, "timeout", 60.0))
 
 
-def observe(args: argparse.Namespace, desired: Desired, targets: Targets) -> dict[str, HostResult]:
+def observe(args: argparse.Namespace, desired: Desired, targets: Targets,
+            transport: SSHTransport) -> dict[str, HostResult]:
     """Collect every target host, with progress on stderr when a person is watching."""
     tty = sys.stderr.isatty()
 
@@ -239,14 +242,14 @@ def observe(args: argparse.Namespace, desired: Desired, targets: Targets) -> dic
 
     if tty:
         print(f"collecting {len(targets.hosts)} host(s){' (lab)' if targets.lab else ''}…", file=sys.stderr)
-    with open_transport(args, targets) as transport:
-        return collect(desired, transport, targets.hosts, forks=args.forks, timeout=args.timeout, progress=progress)
+    return collect(desired, transport, targets.hosts, forks=args.forks, timeout=args.timeout, progress=progress)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     desired = load_valid(args)
     targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
-    results = observe(args, desired, targets)
+    with open_transport(args, targets) as transport:
+        results = observe(args, desired, targets, transport)
     report = build_status(replace(desired, hosts=targets.hosts), results)
     if args.json:
         json.dump(status_json(report), sys.stdout, indent=2)
@@ -262,7 +265,17 @@ def secrets_path(args: argparse.Namespace) -> Path:
     return Path(args.state_dir) / ("lab" if args.lab else "") / "secrets.toml"
 
 
-def compute_plan(args: argparse.Namespace) -> Plan:
+@dataclass(frozen=True)
+class Prepared:
+    """What a planning command works with: the desired state scoped to its hosts, where those
+    hosts are, and the resolved secrets (in memory only)."""
+
+    desired: Desired
+    targets: Targets
+    secrets: dict[tuple[str, str], str]
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
     desired = load_valid(args)
     targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
     path = secrets_path(args)
@@ -276,9 +289,12 @@ def compute_plan(args: argparse.Namespace) -> Plan:
     if errors:
         print(findings_text(errors, color=use_color(sys.stderr.isatty())), file=sys.stderr)
         raise FleetError(f"{len(errors)} secret(s) cannot be resolved; nothing was planned")
-    scoped = replace(desired, hosts=targets.hosts)
-    results = observe(args, scoped, targets)
-    return build_plan(scoped, results, secret_values, prune=not args.no_prune, lab=args.lab)
+    return Prepared(replace(desired, hosts=targets.hosts), targets, secret_values)
+
+
+def compute_plan(args: argparse.Namespace, prep: Prepared, transport: SSHTransport) -> Plan:
+    results = observe(args, prep.desired, prep.targets, transport)
+    return build_plan(prep.desired, results, prep.secrets, prune=not args.no_prune, lab=args.lab)
 
 
 def _plan_exit(plan: Plan) -> int:
@@ -286,7 +302,9 @@ def _plan_exit(plan: Plan) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan = compute_plan(args)
+    prep = prepare(args)
+    with open_transport(args, prep.targets) as transport:
+        plan = compute_plan(args, prep, transport)
     if args.out:
         write_private_file(Path(args.out), plan.to_json())
     if args.json:
@@ -313,6 +331,11 @@ def write_private_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def lock_token() -> str:
+    """A random lock token: only the apply that took a lock can release it."""
+    return random_source.token_hex(8)
+
+
 def _confirm(question: str) -> bool:
     if not sys.stdin.isatty():
         return False
@@ -336,7 +359,6 @@ def _stale_reasons(saved: Plan, fresh: Plan) -> list[str]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    desired = load_valid(args)
     saved: Plan | None = None
     if args.plan_file:
         if args.limit:
@@ -346,11 +368,42 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if saved.lab != args.lab:
             raise FleetError(f"{args.plan_file} was computed {'for the lab' if saved.lab else 'for real hosts'}; "
                              f"this run is {'--lab' if args.lab else 'not --lab'}", hint="use the matching --lab")
-        args.limit = ",".join(saved.hosts)
         if not saved.complete:
             raise FleetError(f"{args.plan_file} is incomplete: {', '.join(h for h, _, _ in saved.unknown)} could not "
                              "be observed when it was computed", hint="plan again, or exclude them with --limit")
-    plan = compute_plan(args)  # observes the hosts now: the saved plan is checked against this
+        args.limit = ",".join(saved.hosts)
+    prep = prepare(args)
+    who = operator()
+    token = lock_token()
+    holder = holder_info(token, who)
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    with open_transport(args, prep.targets) as transport:
+        # Lock first, then observe: what is planned is what gets applied, and a second apply
+        # started meanwhile is refused instead of planning against a moving fleet.
+        lock_hosts(transport, prep.targets.hosts, holder, forks=args.forks or 32)
+        try:
+            plan = _plan_under_lock(args, prep, transport, saved)
+            if plan is None:
+                return EXIT_OK
+            return _execute(args, prep, plan, transport, token, who, report)
+        except _Cancelled:
+            print("Apply cancelled; nothing was changed.")
+            return EXIT_ERROR
+        finally:
+            unlock_hosts(transport, prep.targets.hosts, token, report)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _plan_under_lock(args: argparse.Namespace, prep: Prepared, transport: SSHTransport,
+                     saved: Plan | None) -> Plan | None:
+    """The plan to execute (None: nothing to do), after the stale check or the confirmation."""
+    plan = compute_plan(args, prep, transport)
     if saved is not None:
         if saved.desired_hash != plan.desired_hash:
             raise FleetError("the desired state changed since the plan was computed; refusing a stale plan",
@@ -367,48 +420,35 @@ def cmd_apply(args: argparse.Namespace) -> int:
                          hint="fix the host, or exclude it with --limit")
     if plan.empty:
         print("Nothing to apply.")
-        return EXIT_OK
+        return None
     if saved is None and not args.yes:
         if not sys.stdin.isatty():
             raise FleetError("refusing to apply without confirmation: no terminal to ask on",
                              hint="review with `fleet plan`, then run `fleet apply --yes` (or apply a saved plan)")
-        if not _confirm(f"Apply these {len(plan.changes)} change(s) to {len({c.host for c in plan.changes})} host(s)?"):
-            print("Apply cancelled; nothing was changed.")
-            return EXIT_ERROR
-    return _execute(args, desired, plan)
+        n_hosts = len({c.host for c in plan.changes})
+        if not _confirm(f"Apply these {len(plan.changes)} change(s) to {n_hosts} host(s)?"):
+            raise _Cancelled()
+    return plan
 
 
-def _execute(args: argparse.Namespace, desired: Desired, plan: Plan) -> int:
-    targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=",".join(plan.hosts))
-    scoped = replace(desired, hosts=targets.hosts)
-    secret_values, _ = load_secrets(scoped, secrets_path(args))
-    check_contents(plan, scoped, secret_values)
-    touched = sorted({c.host for c in plan.changes})
-    who = operator()
-
-    def report(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    with open_transport(args, targets) as transport, Journal.open(journal_path(args.state_dir)) as journal:
-        run_id = journal.start_run(operator=who, plan_id=plan.plan_id, plan_hash=plan.plan_id,
+def _execute(args: argparse.Namespace, prep: Prepared, plan: Plan, transport: SSHTransport, token: str, who: str,
+             report: Callable[[str], None]) -> int:
+    check_contents(plan, prep.desired, prep.secrets)
+    touched = [h for h in prep.targets.hosts if any(c.host == h.name for c in plan.changes)]
+    with Journal.open(journal_path(args.state_dir)) as journal:
+        run_id = journal.start_run(operator=who, plan_id=plan.plan_id, plan_hash=sha256_hex(plan.to_json()),
                                    desired_hash=plan.desired_hash, fleet=plan.fleet, lab=plan.lab)
-        ex = Executor(plan, scoped, targets.hosts, secret_values, transport, journal, run_id, settle=args.settle,
-                      start_timeout=args.start_timeout, report=report, forks=args.forks)
-        try:
-            ex.lock(touched, who)
-        except FleetError as e:
-            journal.finish_run(run_id, "refused", e.message)
-            raise
+        relabel_lock(transport, touched, holder_info(token, who, run_id=run_id, plan_id=plan.plan_id))
+        ex = Executor(plan, prep.desired, prep.targets.hosts, prep.secrets, transport, journal, run_id,
+                      settle=args.settle, start_timeout=args.start_timeout, report=report, forks=args.forks)
         outcome = "interrupted"
         try:
             result = ex.execute()
             outcome = "ok" if result.ok else "failed"
         finally:
-            ex.unlock(touched)
             if outcome == "interrupted":
                 journal.finish_run(run_id, outcome, "interrupted")
-        summary = apply_summary(result)
-        journal.finish_run(run_id, outcome, summary.splitlines()[0])
+        journal.finish_run(run_id, outcome, apply_summary(result))
     sys.stdout.write(apply_text(result))
     print(f"Journal: run {run_id} — `fleet log` shows every step.")
     return EXIT_OK if result.ok else EXIT_ERROR

@@ -7,6 +7,7 @@ prints a `@@…` result line the executor checks, so a failure is never mistaken
 
 from __future__ import annotations
 
+import json
 import shlex
 
 from fleet.model import HealthCheck
@@ -149,10 +150,21 @@ def acquire_lock(holder_json: str) -> str:
             f"else echo @@held; cat {q(LOCK + '/holder')} 2>/dev/null; fi\n")
 
 
-def release_lock(run_id: str) -> str:
+def _ours(token: str) -> str:
+    """A test that the lock's holder record carries exactly our token (see apply.holder_info)."""
+    return f"grep -qF -- {q(json.dumps({'token': token})[1:-1])} {q(LOCK + '/holder')} 2>/dev/null"
+
+
+def release_lock(token: str) -> str:
     """Release only our own lock: another apply's lock is never removed by a release."""
-    return (f"if grep -qF -- {q(run_id)} {q(LOCK + '/holder')} 2>/dev/null; then rm -rf -- {q(LOCK)}; fi; "
-            "echo @@ok\n")
+    return f"if {_ours(token)}; then rm -rf -- {q(LOCK)}; fi; echo @@ok\n"
+
+
+def update_lock(holder_json: str, token: str) -> str:
+    """Rewrite the holder of a lock we hold (to add the run and plan ids)."""
+    h = q(LOCK + "/holder")
+    return (f"if {_ours(token)}; then printf '%s\\n' {q(holder_json)} > {h}.new && "
+            f"mv -f {h}.new {h}; fi; echo @@ok\n")
 
 
 def read_lock() -> str:
