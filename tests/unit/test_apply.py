@@ -1,0 +1,680 @@
+"""The executor: waves, one step at a time per host, contents on stdin, health gates that halt
+and roll back, all-or-nothing locks, the stale-input check, and what the journal holds after a
+run, a failure and a crash.
+
+The transport is an in-memory fake that records every command (with its stdin and the change
+running on that host) and answers by the command's text; lock commands alone run for real with
+`sh` in a per-host directory, so lock semantics are the shell's, not the fake's.  The journal
+is a real `Journal` on tmp_path, watched by a recorder that keeps the order of events across
+threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from conftest import FleetDir
+from observed import EXAMPLE_SECRETS, bare, converged, edited, example, service, with_drop_in
+
+from fleet import remote
+from fleet.apply import (
+    ApplyResult,
+    Executor,
+    StaleInputError,
+    check_contents,
+    describe_holder,
+    holder_info,
+    lock_hosts,
+    relabel_lock,
+    unlock_hosts,
+)
+from fleet.diff import Change
+from fleet.envfile import render_value
+from fleet.errors import FleetError, TransportError
+from fleet.journal import Journal, StepRecord
+from fleet.model import Desired, Host, HostResult
+from fleet.plan import Plan, build_plan
+from fleet.units import render_unit, unit_path
+
+S = EXAMPLE_SECRETS
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+ENV = "/home/mastodon/live/.env.production"
+WEB = "mastodon-web.service"
+STATE = "/FLEET-STATE"  # remote.STATE while these tests run; the fake maps it to a dir per host
+OTHER_HOLDER = json.dumps({"token": "0ther0ther0ther0", "run_id": "20261128T140307-0ther1", "operator": "bob@desk",
+                           "from": "build-box", "since": "2026-11-28T14:03:07Z", "plan_id": "feedbeef"}, sort_keys=True)
+
+
+def plan_for(observed: Mapping[str, HostResult], desired: Desired | None = None,
+             secrets: Mapping[tuple[str, str], str] = S) -> Plan:
+    return build_plan(desired or example(), observed, secrets, now=NOW)
+
+
+def bare_plan() -> Plan:
+    return plan_for(bare(example()))
+
+
+def web_edited_on_fritz_and_franz() -> Plan:
+    """write-unit on both → daemon-reload on both → restart on fritz → restart on franz."""
+    fleet = converged(example(), S)
+    return plan_for(fleet | {h: edited(fleet[h], WEB) for h in ("fritz", "franz")})
+
+
+# ------------------------------------------------------------------ the fakes
+
+
+@dataclass
+class Result:
+    stdout: bytes
+    stderr: bytes = b""
+    exit_code: int = 0
+
+
+@dataclass
+class Call:
+    seq: int
+    host: str
+    command: str
+    stdin: bytes | None
+    change: str | None  # the change running on that host when the command was sent
+
+
+class Recorder:
+    """The executor's journal: a real Journal, plus the order of start/end/skip events."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.events: list[tuple[str, str]] = []
+        self.running: dict[str, str] = {}  # host -> change id
+        self._changes: dict[int, Change] = {}
+        self._lock = threading.Lock()
+
+    def step_started(self, run_id: str, change: Change) -> int:
+        step = self.journal.step_started(run_id, change)
+        with self._lock:
+            self.events.append(("start", change.id))
+            self.running[change.host] = change.id
+            self._changes[step] = change
+        return step
+
+    def step_finished(self, step_id: int, outcome: str, error: str = "") -> None:
+        with self._lock:
+            change = self._changes[step_id]
+            self.events.append(("end", change.id))
+            self.running.pop(change.host, None)
+        self.journal.step_finished(step_id, outcome, error)
+
+    def record_skipped(self, run_id: str, change: Change, reason: str) -> int:
+        with self._lock:
+            self.events.append(("skip", change.id))
+        return self.journal.record_skipped(run_id, change, reason)
+
+    def index(self, kind: str, change_id: str) -> int:
+        return self.events.index((kind, change_id))
+
+
+Hook = Callable[[Call], "Result | None"]
+
+
+class FakeTransport:
+    """Records every command; answers `@@ok`, `@@gate ok` (or what `gates` says for a host and
+    unit), and runs lock commands for real with sh in `<root>/<host>`.  `hook` runs first and
+    may wait, raise (a TransportError, or a BaseException for a crash) or answer instead."""
+
+    def __init__(self, root: Path, recorder: Recorder) -> None:
+        self.root = root
+        self.recorder = recorder
+        self.calls: list[Call] = []
+        self.gates: dict[tuple[str, str], str] = {}
+        self.hook: Hook = lambda call: None
+        self.delay = 0.0
+        self._lock = threading.Lock()
+
+    def run(self, host: Host, command: str, *, sudo: bool | None = None, stdin: bytes | None = None,
+            timeout: float | None = None) -> Result:
+        with self._lock:
+            call = Call(len(self.calls), host.name, command, stdin, self.recorder.running.get(host.name))
+            self.calls.append(call)
+        answer = self.hook(call)
+        if answer is not None:
+            return answer
+        if self.delay:
+            time.sleep(self.delay)
+        if f"{STATE}/lock" in command:
+            return self.shell(host.name, command)
+        if command.startswith("u="):
+            return Result(self.gates.get((host.name, gate_unit(command)), "@@gate ok\n").encode())
+        return Result(b"@@ok\n")
+
+    def state_dir(self, host: str) -> Path:
+        return self.root / host / "state"
+
+    def shell(self, host: str, command: str) -> Result:
+        self.state_dir(host).parent.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["sh", "-c", command.replace(STATE, str(self.state_dir(host)))], capture_output=True,
+                           check=False, timeout=10)
+        return Result(r.stdout, r.stderr, r.returncode)
+
+    def hold(self, host: str, holder: str = OTHER_HOLDER) -> None:
+        """Another apply holds `host`."""
+        assert self.shell(host, remote.acquire_lock(holder)).stdout == b"@@locked\n"
+
+    def holder(self, host: str) -> str | None:
+        f = self.state_dir(host) / "lock" / "holder"
+        return f.read_text().strip() if f.exists() else None
+
+    def on(self, host: str) -> list[Call]:
+        return [c for c in self.calls if c.host == host]
+
+
+def gate_unit(command: str) -> str:
+    return shlex.split(command.split("\n", 1)[0][2:])[0]
+
+
+@dataclass
+class Rig:
+    fake: FakeTransport
+    journal: Journal
+    recorder: Recorder
+    runs: list[str] = field(default_factory=list)
+
+    def executor(self, plan: Plan, desired: Desired | None = None,
+                 secrets: Mapping[tuple[str, str], str] = S) -> Executor:
+        desired = desired or example()
+        run_id = self.journal.start_run(operator="tester@ci", plan_id=plan.plan_id, plan_hash=plan.plan_id,
+                                        desired_hash=plan.desired_hash, fleet=plan.fleet, lab=False)
+        self.runs.append(run_id)
+        return Executor(plan, desired, desired.hosts, secrets, self.fake, self.recorder, run_id, settle=0.1,
+                        start_timeout=1)
+
+    def steps(self, run_id: str) -> dict[str, StepRecord]:
+        steps = self.journal.steps(run_id=run_id)
+        assert len({s.change_id for s in steps}) == len(steps), "each change is recorded once"
+        return {s.change_id: s for s in steps}
+
+
+@pytest.fixture
+def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    monkeypatch.setattr(remote, "STATE", STATE)
+    monkeypatch.setattr(remote, "LOCK", f"{STATE}/lock")
+    monkeypatch.setattr(remote, "BACKUPS", f"{STATE}/backup")
+    journal = Journal.open(tmp_path / "journal.sqlite")
+    recorder = Recorder(journal)
+    yield Rig(FakeTransport(tmp_path / "hosts", recorder), journal, recorder)
+    journal.close()
+
+
+def outcomes(result: ApplyResult) -> dict[str, str]:
+    return {o.change.id: o.outcome for o in result.outcomes}
+
+
+def fail_gate(rig: Rig, host: str, unit: str, reason: str = "unit failed to start (failed/failed)") -> None:
+    rig.fake.gates[(host, unit)] = (f"@@gate fail {reason}\n| Nov 28 14:03:07 {host} puma[100]: boot failed\n"
+                                    f"| Nov 28 14:03:08 {host} systemd[1]: {unit}: Failed\n")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.005)
+
+
+# ------------------------------------------------------------------ order
+
+
+def test_every_change_starts_only_after_all_of_its_dependencies_finished(rig: Rig) -> None:
+    plan = bare_plan()
+    rig.fake.delay = 0.002
+    result = rig.executor(plan).execute()
+    assert result.ok and set(outcomes(result).values()) == {"ok"}
+    assert sorted(outcomes(result)) == sorted(c.id for c in plan.changes)
+    for c in plan.changes:
+        for dep in plan.deps[c.id]:
+            assert rig.recorder.index("end", dep) < rig.recorder.index("start", c.id), f"{c.id} before {dep}"
+
+
+def test_a_wave_finishes_on_every_host_before_the_next_wave_starts(rig: Rig) -> None:
+    plan = bare_plan()
+    rig.fake.delay = 0.002
+    rig.executor(plan).execute()
+    for earlier, later in zip(plan.waves, plan.waves[1:], strict=False):
+        last_end = max(rig.recorder.index("end", c) for c in earlier)
+        first_start = min(rig.recorder.index("start", c) for c in later)
+        assert last_end < first_start
+
+
+def test_each_host_runs_its_steps_one_at_a_time_while_hosts_run_in_parallel(rig: Rig) -> None:
+    rig.fake.delay = 0.02
+    rig.executor(bare_plan()).execute()
+    running: dict[str, str] = {}
+    most = 0
+    for kind, cid in rig.recorder.events:
+        host = cid.split(":", 1)[0]
+        if kind == "start":
+            assert host not in running, f"{cid} started while {running.get(host)} was running on {host}"
+            running[host] = cid
+            most = max(most, len(running))
+        elif kind == "end":
+            assert running.pop(host) == cid
+    assert most > 1, "hosts of one wave run in parallel"
+
+
+def test_every_command_of_a_step_is_sent_while_that_step_runs(rig: Rig) -> None:
+    plan = bare_plan()
+    rig.executor(plan).execute()
+    assert all(c.change is not None and c.change.startswith(c.host + ":") for c in rig.fake.calls)
+    assert {c.change for c in rig.fake.calls} == {c.id for c in plan.changes}
+
+
+# ------------------------------------------------------------------ what is sent
+
+
+def test_file_contents_go_on_stdin_and_a_secret_never_appears_in_any_command(rig: Rig) -> None:
+    plan = bare_plan()
+    rig.executor(plan).execute()
+    env_writes = [c for c in rig.fake.calls if c.change and ":write-env:" in c.change]
+    assert {c.host for c in env_writes} == {"franz", "freud", "fritz", "nietzsche"}
+    for value in S.values():
+        for call in rig.fake.calls:
+            assert value not in call.command and render_value(value) not in call.command
+            in_stdin = call.stdin is not None and render_value(value).encode() in call.stdin
+            assert in_stdin == (call in env_writes), f"{value!r} in the stdin of {call.change}"
+
+
+def test_a_unit_file_is_written_from_its_rendered_text_as_root_0644(rig: Rig) -> None:
+    rig.executor(bare_plan()).execute()
+    web = service(example(), "web")
+    [call] = [c for c in rig.fake.on("fritz") if c.change == f"fritz:write-unit:{WEB}" and c.stdin is not None]
+    assert call.stdin == render_unit(web).encode()
+    assert call.command == remote.write_file(unit_path(WEB), mode="0644", owner="root", group="root",
+                                             run_id=rig.runs[0])
+
+
+def test_an_env_file_is_written_with_its_declared_owner_group_and_mode(rig: Rig) -> None:
+    rig.executor(bare_plan()).execute()
+    [call] = [c for c in rig.fake.on("freud") if c.change == f"freud:write-env:{ENV}"]
+    assert call.command == remote.write_file(ENV, mode="0600", owner="mastodon", group="mastodon",
+                                             run_id=rig.runs[0])
+    text = call.stdin.decode() if call.stdin else ""
+    assert "LOCAL_DOMAIN=hachyderm.io\n" in text and "S3_ENABLED=true\n" in text
+
+
+def test_a_present_secret_is_never_sent_and_the_hosts_own_line_is_kept(rig: Rig, example: FleetDir) -> None:
+    desired = example.edit('DB_PASS = "file"', 'DB_PASS = "present"').load().desired
+    assert desired is not None
+    plan = plan_for(bare(desired), desired)
+    rig.executor(plan, desired).execute()
+    [call] = [c for c in rig.fake.on("fritz") if c.change == f"fritz:write-env:{ENV}"]
+    assert call.command == remote.write_file(ENV, mode="0600", owner="mastodon", group="mastodon",
+                                             run_id=rig.runs[0], keep_keys=("DB_PASS",))
+    assert call.stdin is not None and b"DB_PASS" not in call.stdin
+    assert S[("mastodon", "DB_PASS")].encode() not in b"".join(c.stdin or b"" for c in rig.fake.calls)
+
+
+def test_every_started_unit_is_health_gated_with_its_check_and_the_settle_time(rig: Rig) -> None:
+    plan = bare_plan()
+    rig.executor(plan).execute()
+    gates = [c for c in rig.fake.calls if c.command.startswith("u=")]
+    started = {c.id for c in plan.changes if c.action in ("start", "restart")}
+    assert {c.change for c in gates} == started
+    [web_gate] = [c for c in gates if c.change == f"fritz:start:{WEB}"]
+    assert web_gate.command == remote.health_gate(WEB, service(example(), "web").health, settle=0.1,
+                                                  start_timeout=1)
+
+
+# ------------------------------------------------------------------ the journal
+
+
+def test_after_a_run_the_journal_has_every_step_with_an_outcome_and_no_secret(rig: Rig, tmp_path: Path) -> None:
+    plan = bare_plan()
+    ex = rig.executor(plan)
+    ex.execute()
+    steps = rig.steps(ex.run_id)
+    assert sorted(steps) == sorted(c.id for c in plan.changes)
+    assert {s.outcome for s in steps.values()} == {"ok"}
+    assert rig.journal.unfinished() == []
+    rig.journal.close()
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("journal.sqlite*"))
+    for value in S.values():
+        assert value.encode() not in stored and render_value(value).encode() not in stored
+
+
+def test_a_crash_during_a_step_leaves_it_visible_as_unfinished(rig: Rig) -> None:
+    plan = bare_plan()
+    crash_in = f"fritz:write-unit:{WEB}"
+
+    def crash(call: Call) -> Result | None:
+        if call.change == crash_in:
+            raise KeyboardInterrupt
+        return None
+
+    rig.fake.hook = crash
+    ex = rig.executor(plan)
+    with pytest.raises(KeyboardInterrupt):
+        ex.execute()
+    assert [s.change_id for s in rig.journal.unfinished()] == [crash_in]
+    steps = rig.steps(ex.run_id)
+    later = {c for wave in plan.waves[1:] for c in wave}
+    assert not later & set(steps), "nothing after the crash's wave was started"
+
+
+# ------------------------------------------------------------------ failures halt the rollout
+
+
+def test_a_failed_gate_halts_the_rollout_and_every_later_wave_is_skipped(rig: Rig) -> None:
+    plan = bare_plan()
+    fail_gate(rig, "nietzsche", "postgresql.service")
+    ex = rig.executor(plan)
+    result = ex.execute()
+    assert not result.ok
+    got = outcomes(result)
+    pg = "nietzsche:start:postgresql.service"
+    assert got[pg] == "failed"
+    assert got["nietzsche:start:redis-server.service"] == "skipped", "the host's next step in the same wave"
+    assert {got[c] for c in plan.waves[-1]} == {"skipped"}
+    assert {got[c] for wave in plan.waves[:3] for c in wave} == {"ok"}
+    steps = rig.steps(ex.run_id)
+    assert sorted(steps) == sorted(c.id for c in plan.changes)
+    assert rig.journal.unfinished() == []
+    assert all(steps[c].outcome == "skipped" for c in plan.waves[-1])
+    assert steps[plan.waves[-1][0]].error == (
+        "not attempted: the rollout halted (start postgresql.service failed on nietzsche)")
+    assert not any(c.change in plan.waves[-1] for c in rig.fake.calls), "a skipped step sends nothing"
+
+
+def test_a_failed_gate_fails_its_step_with_the_reason_the_journal_lines_and_the_rollback(rig: Rig) -> None:
+    fail_gate(rig, "nietzsche", "postgresql.service", "unit restarted during the settle period (NRestarts 0 -> 1)")
+    ex = rig.executor(bare_plan())
+    [failed] = ex.execute().failed
+    assert failed.error == "unit restarted during the settle period (NRestarts 0 -> 1)"
+    assert failed.detail == ("Nov 28 14:03:07 nietzsche puma[100]: boot failed\n"
+                             "Nov 28 14:03:08 nietzsche systemd[1]: postgresql.service: Failed")
+    assert failed.rollback == ("rolled back postgresql.service on nietzsche: restored nothing written; "
+                               "stopped it (it was not running before)")
+    step = rig.steps(ex.run_id)["nietzsche:start:postgresql.service"]
+    assert step.outcome == "failed"
+    assert step.error == f"{failed.error}; {failed.rollback}"
+
+
+def test_a_failed_start_is_rolled_back_by_stopping_the_unit_and_restoring_its_files(rig: Rig) -> None:
+    fail_gate(rig, "fritz", WEB)
+    ex = rig.executor(bare_plan())
+    result = ex.execute()
+    [failed] = result.failed
+    assert failed.change.id == f"fritz:start:{WEB}"
+    after_gate = [c.command for c in rig.fake.on("fritz") if c.change == failed.change.id][2:]
+    assert after_gate[0] == remote.systemctl("stop", WEB), "stopped first: a crash-looping unit must not restart"
+    assert sorted(after_gate[1:3]) == sorted([remote.restore_file(unit_path(WEB), run_id=ex.run_id),
+                                              remote.restore_file(ENV, run_id=ex.run_id)])
+    assert after_gate[3:] == [remote.systemctl("daemon-reload")], "no restart: it was not running before"
+    assert failed.rollback.startswith(f"rolled back {WEB} on fritz: restored ")
+    assert failed.rollback.endswith("; stopped it (it was not running before)")
+    assert ENV in failed.rollback and unit_path(WEB) in failed.rollback
+    assert outcomes(result)["fritz:start:mastodon-streaming.service"] == "skipped"
+
+
+def test_a_failed_restart_is_rolled_back_by_restoring_the_unit_reloading_and_restarting_it(rig: Rig) -> None:
+    plan = web_edited_on_fritz_and_franz()
+    assert [len(w) for w in plan.waves] == [2, 2, 1, 1]
+    fail_gate(rig, "fritz", WEB)
+    ex = rig.executor(plan)
+    result = ex.execute()
+    assert outcomes(result) == {f"fritz:write-unit:{WEB}": "ok", f"franz:write-unit:{WEB}": "ok",
+                                "fritz:daemon-reload:systemd": "ok", "franz:daemon-reload:systemd": "ok",
+                                f"fritz:restart:{WEB}": "failed", f"franz:restart:{WEB}": "skipped"}
+    after_gate = [c.command for c in rig.fake.on("fritz") if c.change == f"fritz:restart:{WEB}"][2:]
+    assert after_gate == [remote.restore_file(unit_path(WEB), run_id=ex.run_id), remote.systemctl("daemon-reload"),
+                          remote.systemctl("restart", WEB)]
+    assert result.failed[0].rollback == (f"rolled back {WEB} on fritz: restored {unit_path(WEB)}; restarted it")
+    assert not any(c.host == "franz" and "restart" in c.command for c in rig.fake.calls)
+
+
+def test_a_transport_error_fails_that_step_and_halts_the_rollout(rig: Rig) -> None:
+    plan = web_edited_on_fritz_and_franz()
+
+    def unreachable_franz(call: Call) -> Result | None:
+        if call.host == "franz":
+            raise TransportError("franz", "unreachable", "franz: connection refused")
+        return None
+
+    rig.fake.hook = unreachable_franz
+    ex = rig.executor(plan)
+    result = ex.execute()
+    got = outcomes(result)
+    assert got[f"franz:write-unit:{WEB}"] == "failed"
+    assert [o.error for o in result.failed] == ["unreachable: franz: connection refused"]
+    assert {got[c] for wave in plan.waves[1:] for c in wave} == {"skipped"}
+    assert ex.halted == f"write-unit {WEB} failed on franz"
+    assert rig.journal.unfinished() == []
+
+
+def test_steps_in_flight_on_other_hosts_finish_when_one_host_fails(rig: Rig) -> None:
+    plan = bare_plan()
+    failed_now = threading.Event()
+
+    def nietzsche_fails_while_others_write(call: Call) -> Result | None:
+        if call.host == "nietzsche":
+            wait_until(lambda: len(rig.recorder.running) == 4)
+            failed_now.set()
+            raise TransportError("nietzsche", "timeout", "nietzsche: no answer within 120s")
+        failed_now.wait(5)
+        time.sleep(0.05)  # still in flight when the failure is recorded
+        return None
+
+    rig.fake.hook = nietzsche_fails_while_others_write
+    result = rig.executor(plan).execute()
+    got = outcomes(result)
+    first = {h: next(c for c in plan.waves[0] if c.startswith(h + ":")) for h in ("franz", "freud", "fritz")}
+    assert {got[c] for c in first.values()} == {"ok"}, "in-flight steps finish"
+    rest_of_wave = [c for c in plan.waves[0] if c not in first.values() and not c.startswith("nietzsche:")]
+    assert {got[c] for c in rest_of_wave} == {"skipped"}, "nothing new starts"
+    assert [o.change.host for o in result.failed] == ["nietzsche"]
+    assert {got[c] for wave in plan.waves[1:] for c in wave} == {"skipped"}
+
+
+def test_a_rollback_that_cannot_reach_the_host_says_so(rig: Rig) -> None:
+    fail_gate(rig, "fritz", WEB)
+
+    def gone_after_the_gate(call: Call) -> Result | None:
+        if call.host == "fritz" and any(c.command.startswith("u=") for c in rig.fake.on("fritz")):
+            if not call.command.startswith("u="):
+                raise TransportError("fritz", "unreachable", "fritz: connection reset")
+        return None
+
+    rig.fake.hook = gone_after_the_gate
+    ex = rig.executor(web_edited_on_fritz_and_franz())
+    [failed] = ex.execute().failed
+    assert failed.rollback == "rollback on fritz failed: fritz: connection reset"
+    assert rig.steps(ex.run_id)[f"fritz:restart:{WEB}"].error == (
+        "unit failed to start (failed/failed); rollback on fritz failed: fritz: connection reset")
+
+
+def test_a_command_that_does_not_confirm_with_ok_fails_its_step_with_its_last_error_line(rig: Rig) -> None:
+    def refuse(call: Call) -> Result | None:
+        if call.host == "fritz" and "mktemp" in call.command:
+            return Result(b"", b"mkdir: cannot create directory\nmktemp: Read-only file system\n", 1)
+        return None
+
+    rig.fake.hook = refuse
+    result = rig.executor(web_edited_on_fritz_and_franz()).execute()
+    [failed] = result.failed
+    assert failed.change.id == f"fritz:write-unit:{WEB}"
+    assert failed.error == "exit 1: mktemp: Read-only file system"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: Executor._rollback restores only the unit file and env files it "
+                                       "wrote; drop-ins removed by the write-unit step (remove_files) stay "
+                                       "removed, so the unit does not run as it did before")
+def test_a_failed_restart_after_removing_a_drop_in_restores_the_drop_in_too(rig: Rig) -> None:
+    fleet = converged(example(), S)
+    plan = plan_for(fleet | {"fritz": with_drop_in(fleet["fritz"], WEB)})
+    [write] = [c for c in plan.changes if c.action == "write-unit"]
+    [drop_in] = write.remove_files
+    fail_gate(rig, "fritz", WEB)
+    ex = rig.executor(plan)
+    ex.execute()
+    rollback = [c.command for c in rig.fake.on("fritz") if c.change == f"fritz:restart:{WEB}"][2:]
+    assert remote.restore_file(drop_in, run_id=ex.run_id) in rollback
+
+
+@pytest.mark.xfail(strict=True, reason="bug: Executor._gate passes a gate when '@@gate ok' appears anywhere in "
+                                       "the output, including the unit's own journal lines after '@@gate fail'")
+def test_a_failed_gate_is_not_taken_for_a_pass_when_the_units_journal_mentions_gate_ok(rig: Rig) -> None:
+    rig.fake.gates[("fritz", WEB)] = "@@gate fail unit failed to start (failed/failed)\n| echo '@@gate ok'\n"
+    result = rig.executor(web_edited_on_fritz_and_franz()).execute()
+    assert outcomes(result)[f"fritz:restart:{WEB}"] == "failed"
+
+
+# ------------------------------------------------------------------ locks
+
+
+def hosts(*names: str) -> list[Host]:
+    desired = example()
+    return [h for h in desired.hosts if h.name in names] if names else list(desired.hosts)
+
+
+def test_lock_hosts_takes_every_host_and_unlock_hosts_releases_them(rig: Rig) -> None:
+    lock_hosts(rig.fake, hosts(), holder_info("0123456789abcdef", "tester@ci"))
+    for h in hosts():
+        holder = json.loads(rig.fake.holder(h.name) or "{}")
+        assert (holder["token"], holder["operator"]) == ("0123456789abcdef", "tester@ci")
+    unlock_hosts(rig.fake, hosts(), "0123456789abcdef")
+    assert all(rig.fake.holder(h.name) is None for h in hosts())
+
+
+def test_lock_refused_by_one_held_host_names_the_holder_and_releases_the_hosts_already_locked(rig: Rig) -> None:
+    rig.fake.hold("nietzsche")
+    with pytest.raises(FleetError) as e:
+        lock_hosts(rig.fake, hosts(), holder_info("0123456789abcdef", "tester@ci"))
+    assert "nothing was changed" in e.value.message
+    assert ("nietzsche: locked by another apply: bob@desk from build-box since 2026-11-28T14:03:07Z "
+            "(run 20261128T140307-0ther1, plan feedbeef)") in e.value.message
+    assert all(rig.fake.holder(h) is None for h in ("franz", "freud", "fritz")), "all or nothing"
+    assert rig.fake.holder("nietzsche") == OTHER_HOLDER, "the other apply keeps its lock"
+
+
+def test_lock_on_an_unreachable_host_locks_nothing(rig: Rig) -> None:
+    def freud_down(call: Call) -> Result | None:
+        if call.host == "freud":
+            raise TransportError("freud", "unreachable", "freud: no route to host")
+        return None
+
+    rig.fake.hook = freud_down
+    with pytest.raises(FleetError, match=r"freud: cannot take the lock \(unreachable\): freud: no route to host"):
+        lock_hosts(rig.fake, hosts("franz", "freud", "fritz"), holder_info("0123456789abcdef", "tester@ci"))
+    assert rig.fake.holder("franz") is None and rig.fake.holder("fritz") is None
+
+
+def test_unlock_hosts_releases_only_the_lock_its_token_took(rig: Rig) -> None:
+    rig.fake.hold("fritz")
+    lock_hosts(rig.fake, hosts("franz"), holder_info("0123456789abcdef", "tester@ci"))
+    unlock_hosts(rig.fake, hosts("franz", "fritz"), "0123456789abcdef")
+    assert rig.fake.holder("franz") is None
+    assert rig.fake.holder("fritz") == OTHER_HOLDER
+
+
+def test_unlock_hosts_that_cannot_reach_a_host_reports_it_and_carries_on(rig: Rig) -> None:
+    lock_hosts(rig.fake, hosts("franz", "fritz"), holder_info("0123456789abcdef", "tester@ci"))
+    reports: list[str] = []
+
+    def franz_down(call: Call) -> Result | None:
+        if call.host == "franz":
+            raise TransportError("franz", "unreachable", "franz: connection refused")
+        return None
+
+    rig.fake.hook = franz_down
+    unlock_hosts(rig.fake, hosts("franz", "fritz"), "0123456789abcdef", reports.append)
+    assert len(reports) == 1
+    assert reports[0].startswith("warning: could not release the lock on franz: franz: connection refused")
+    assert "fleet lock break --limit franz" in reports[0]
+    assert rig.fake.holder("fritz") is None
+
+
+def test_relabel_lock_names_the_run_and_plan_in_the_lock_this_apply_holds(rig: Rig) -> None:
+    rig.fake.hold("fritz")
+    lock_hosts(rig.fake, hosts("franz"), holder_info("0123456789abcdef", "tester@ci"))
+    relabel_lock(rig.fake, hosts("franz", "fritz"),
+                 holder_info("0123456789abcdef", "tester@ci", run_id="20261128T140307-a1b2c3", plan_id="abc"))
+    mine = json.loads(rig.fake.holder("franz") or "{}")
+    assert (mine["token"], mine["run_id"], mine["plan_id"]) == ("0123456789abcdef", "20261128T140307-a1b2c3", "abc")
+    assert rig.fake.holder("fritz") == OTHER_HOLDER
+
+
+def test_relabel_lock_carries_on_past_an_unreachable_host(rig: Rig) -> None:
+    lock_hosts(rig.fake, hosts("franz", "fritz"), holder_info("0123456789abcdef", "tester@ci"))
+
+    def franz_down(call: Call) -> Result | None:
+        if call.host == "franz":
+            raise TransportError("franz", "unreachable", "franz: connection refused")
+        return None
+
+    rig.fake.hook = franz_down
+    relabel_lock(rig.fake, hosts("franz", "fritz"), holder_info("0123456789abcdef", "tester@ci", run_id="r-2"))
+    assert json.loads(rig.fake.holder("fritz") or "{}")["run_id"] == "r-2"
+
+
+def test_describe_holder_says_who_from_where_since_when_and_which_run() -> None:
+    assert describe_holder(OTHER_HOLDER) == ("bob@desk from build-box since 2026-11-28T14:03:07Z "
+                                             "(run 20261128T140307-0ther1, plan feedbeef)")
+    assert describe_holder("not json at all") == "not json at all"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: describe_holder calls .get on whatever json.loads returns, so a "
+                                       "holder file holding valid JSON that is not an object raises AttributeError")
+def test_describe_holder_of_a_holder_file_that_is_json_but_not_an_object_does_not_raise() -> None:
+    assert "42" in describe_holder("42")
+
+
+# ------------------------------------------------------------------ check_contents
+
+
+def test_check_contents_accepts_the_inputs_the_plan_was_computed_from() -> None:
+    check_contents(bare_plan(), example(), S)
+
+
+def test_check_contents_refuses_when_a_units_rendered_text_differs_from_the_plan() -> None:
+    desired = example()
+    web = service(desired, "web")
+    assert web.unit_spec is not None
+    changed = dataclasses.replace(web, unit_spec=dataclasses.replace(web.unit_spec, description="puma, renamed"))
+    desired = dataclasses.replace(desired, services=tuple(changed if s.name == "web" else s
+                                                          for s in desired.services))
+    with pytest.raises(StaleInputError) as e:
+        check_contents(bare_plan(), desired, S)
+    assert f"fritz: the unit {WEB} would differ from the plan" in e.value.message
+    assert f"franz: the unit {WEB} would differ from the plan" in e.value.message
+    assert "mastodon-streaming" not in e.value.message
+    assert "fleet plan -o FILE" in e.value.hint
+
+
+def test_check_contents_refuses_when_an_env_secret_differs_from_the_plan_without_showing_it() -> None:
+    secrets = dict(S)
+    secrets[("mastodon", "DB_PASS")] = "a-new-db-pass"
+    with pytest.raises(StaleInputError) as e:
+        check_contents(bare_plan(), example(), secrets)
+    assert f"fritz: {ENV} would differ from the plan" in e.value.message
+    assert "a-new-db-pass" not in str(e.value) and S[("mastodon", "DB_PASS")] not in str(e.value)
+
+
+def test_check_contents_refuses_when_a_secret_is_no_longer_available() -> None:
+    secrets = {k: v for k, v in S.items() if k != ("mastodon", "SMTP_PASSWORD")}
+    with pytest.raises(StaleInputError, match="would differ from the plan"):
+        check_contents(bare_plan(), example(), secrets)
+
+
+def test_check_contents_refuses_when_the_service_is_no_longer_declared() -> None:
+    desired = example()
+    desired = dataclasses.replace(desired, services=tuple(s for s in desired.services if s.name != "streaming"))
+    with pytest.raises(StaleInputError, match="fritz: the unit mastodon-streaming.service would differ"):
+        check_contents(bare_plan(), desired, S)
