@@ -175,8 +175,8 @@ def _service_changes(s: Service, state: HostState, env_written: set[str], proble
             reason = "unit file differs from the declaration" if installed else "unit is not installed"
             if drop_ins:
                 reason += f"; removes {len(drop_ins)} drop-in(s) fleet did not write"
-            out.append(Change(host, WRITE_UNIT, s.unit, reason, s.name,
-                              before=f"{u.fragment_path or unit_path(s.unit)}" if installed else "absent",
+            before = (u.fragment_path or unit_path(s.unit)) if u is not None and installed else "absent"
+            out.append(Change(host, WRITE_UNIT, s.unit, reason, s.name, before=before,
                               after=unit_path(s.unit), diff=udiff,
                               content_hash=sha256_hex(render_unit(s)), remove_files=drop_ins))
             rewritten = True

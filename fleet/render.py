@@ -101,8 +101,8 @@ def hosts_text(report: StatusReport, now: float) -> str:
         systemd = f.systemd_version.split()[0] if f.systemd_version else "?"
         rows.append([name, "yes", f.system_state, " ".join(f"{x:.2f}" for x in f.load), mem,
                      f"{age:.0f}s ago ({r.duration:.2f}s)", f"{f.os}, systemd {systemd}"])
-    return tabulate(rows, headers=["HOST", "REACHABLE", "SYSTEM", "LOAD", "MEMORY", "DATA", "DETAIL"],
-                    tablefmt="simple")
+    return str(tabulate(rows, headers=["HOST", "REACHABLE", "SYSTEM", "LOAD", "MEMORY", "DATA", "DETAIL"],
+                        tablefmt="simple"))
 
 
 def sidekiq_text(report: StatusReport) -> str:

@@ -13,18 +13,11 @@ from typing import Protocol
 
 from fleet.collect.parse import parse_host
 from fleet.collect.script import build_script, spec_for
+from fleet.collect.transport import RunResult
 from fleet.errors import ParseError, TransportError
 from fleet.model import Desired, Host, HostError, HostResult
 
 DEFAULT_MAX_FORKS = 32
-
-
-class RunResultLike(Protocol):
-    host: str
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    duration: float
 
 
 class Runner(Protocol):
@@ -38,8 +31,8 @@ class Runner(Protocol):
         forks: int | None = None,
         sudo: bool | None = None,
         timeout: float | None = None,
-        on_done: Callable[[str, RunResultLike | TransportError], None] | None = None,
-    ) -> dict[str, RunResultLike | TransportError]: ...
+        on_done: Callable[[str, RunResult | TransportError], None] | None = None,
+    ) -> dict[str, RunResult | TransportError]: ...
 
 
 def collect(
@@ -56,7 +49,7 @@ def collect(
     scripts = {h.name: build_script(spec_for(desired, h.name)) for h in targets}
     results: dict[str, HostResult] = {}
 
-    def done(name: str, outcome: RunResultLike | TransportError) -> None:
+    def done(name: str, outcome: RunResult | TransportError) -> None:
         results[name] = to_result(name, outcome)
         if progress is not None:
             progress(name, results[name])
@@ -71,7 +64,7 @@ def collect(
     return {h.name: results[h.name] for h in targets if h.name in results}
 
 
-def to_result(host: str, outcome: RunResultLike | TransportError) -> HostResult:
+def to_result(host: str, outcome: RunResult | TransportError) -> HostResult:
     now = time.time()
     if isinstance(outcome, TransportError):
         return HostError(host=host, kind=outcome.kind, message=outcome.message, hint=outcome.hint, collected_at=now)

@@ -43,7 +43,7 @@ def _sections(host: str, text: str) -> Iterator[tuple[str, list[str]]]:
     if lines[0] != f"@@fleet {SCRIPT_VERSION}":
         raise ParseError(f"{host}: collection output version {lines[0][8:]!r}, expected {SCRIPT_VERSION}",
                          host=host, section="header")
-    name, body = "", []
+    name, body = "", list[str]()
     ended = False
     for line in lines[1:]:
         if line.startswith("@@") and not line.startswith(("@@file ", "@@truncated")):
