@@ -28,7 +28,7 @@ from fleet import remote
 from fleet.model import HealthCheck
 
 SH = "sh"
-SCRIPTS = settings(max_examples=40, deadline=None,
+SCRIPTS = settings(max_examples=25, deadline=None,
                    suppress_health_check=[HypothesisHealthCheck.function_scoped_fixture])
 
 # Values the remote shell must only ever see quoted.
