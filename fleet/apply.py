@@ -254,6 +254,8 @@ class Executor:
         if c.action == WRITE_UNIT:
             svc = self._service(c)
             self._run(c, remote.remove_files(c.remove_files, run_id=self.run_id))
+            with self._lock:  # backed up: a rollback puts them back with the unit
+                self.written.setdefault(c.host, []).extend(c.remove_files)
             self._write(c, unit_path(c.target), render_unit(svc), mode="0644", owner="root", group="root")
         elif c.action == WRITE_ENV:
             ef = next(e for e in self.desired.env_files if e.path == c.target and c.host in e.hosts)
@@ -294,7 +296,7 @@ class Executor:
         budget = self.start_timeout + self.settle + (check.timeout if check else 0) + 30
         out = self._run(c, remote.health_gate(c.target, check, settle=self.settle, start_timeout=self.start_timeout),
                         timeout=budget)
-        if "@@gate ok" in out:
+        if "@@gate ok" in out.splitlines():  # the marker line itself, not a log line quoting it
             return
         line = next((ln for ln in out.splitlines() if ln.startswith("@@gate fail")), "@@gate fail (no reason)")
         outcome.detail = "\n".join(ln[2:] for ln in out.splitlines() if ln.startswith("| "))
@@ -307,7 +309,8 @@ class Executor:
             return ""
         with self._lock:
             written = list(self.written.get(c.host, []))
-        mine = [p for p in written if p == unit_path(svc.unit)
+        unit_file = unit_path(svc.unit)
+        mine = [p for p in written if p == unit_file or p.startswith(unit_file + ".d/")
                 or (svc.unit_spec is not None and p in svc.unit_spec.environment_files)]
         host = self.hosts[c.host]
         was_running = c.before.startswith("active")
@@ -329,10 +332,14 @@ class Executor:
 
 def describe_holder(holder: str) -> str:
     """The lock holder as a sentence: who, from where, since when, which run and plan."""
+    if not holder.strip():
+        return "another apply that is just starting (it has not recorded its holder yet)"
     try:
         h = json.loads(holder)
-        return (f"{h.get('operator', '?')} from {h.get('from', '?')} since {h.get('since', '?')} "
-                f"(run {h.get('run_id', '?')}, plan {h.get('plan_id', '?')})")
     except ValueError:
-        return holder[:200]
-
+        h = None
+    if not isinstance(h, dict):
+        return holder.strip()[:200]
+    text = f"{h.get('operator', '?')} from {h.get('from', '?')} since {h.get('since', '?')}"
+    ids = [f"{k} {h[k2]}" for k, k2 in (("run", "run_id"), ("plan", "plan_id")) if h.get(k2)]
+    return text + (f" ({', '.join(ids)})" if ids else "")

@@ -46,7 +46,7 @@ def write_file(path: str, *, mode: str, run_id: str, owner: str | None = None, g
         lines.append(
             f"if [ -f {p} ]; then awk -v keys={q(keys)} "
             "'{ l = $0; sub(/^[ \\t]*(export[ \\t]+)?/, \"\", l); k = l; sub(/[ \\t]*=.*/, \"\", k); "
-            f"if (index(l, \"=\") && index(keys, \" \" k \" \")) print $0 }}' {p} >> \"$tmp\"; fi"
+            f"if (index(l, \"=\") && k !~ /[ \\t]/ && index(keys, \" \" k \" \")) print $0 }}' {p} >> \"$tmp\"; fi"
         )
     lines.append(f'chmod {q(mode)} "$tmp"')
     if owner or group:

@@ -513,9 +513,6 @@ def test_a_command_that_does_not_confirm_with_ok_fails_its_step_with_its_last_er
     assert failed.error == "exit 1: mktemp: Read-only file system"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Executor._rollback restores only the unit file and env files it "
-                                       "wrote; drop-ins removed by the write-unit step (remove_files) stay "
-                                       "removed, so the unit does not run as it did before")
 def test_a_failed_restart_after_removing_a_drop_in_restores_the_drop_in_too(rig: Rig) -> None:
     fleet = converged(example(), S)
     plan = plan_for(fleet | {"fritz": with_drop_in(fleet["fritz"], WEB)})
@@ -528,8 +525,6 @@ def test_a_failed_restart_after_removing_a_drop_in_restores_the_drop_in_too(rig:
     assert remote.restore_file(drop_in, run_id=ex.run_id) in rollback
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Executor._gate passes a gate when '@@gate ok' appears anywhere in "
-                                       "the output, including the unit's own journal lines after '@@gate fail'")
 def test_a_failed_gate_is_not_taken_for_a_pass_when_the_units_journal_mentions_gate_ok(rig: Rig) -> None:
     rig.fake.gates[("fritz", WEB)] = "@@gate fail unit failed to start (failed/failed)\n| echo '@@gate ok'\n"
     result = rig.executor(web_edited_on_fritz_and_franz()).execute()
@@ -630,8 +625,6 @@ def test_describe_holder_says_who_from_where_since_when_and_which_run() -> None:
     assert describe_holder("not json at all") == "not json at all"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: describe_holder calls .get on whatever json.loads returns, so a "
-                                       "holder file holding valid JSON that is not an object raises AttributeError")
 def test_describe_holder_of_a_holder_file_that_is_json_but_not_an_object_does_not_raise() -> None:
     assert "42" in describe_holder("42")
 

@@ -225,8 +225,6 @@ def test_keep_keys_carries_over_exactly_the_lines_of_the_present_keys(state: Sta
     assert "old-db-pass" not in target.read_text(), "a key not declared present is dropped"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: write_file's awk looks the text before '=' up as a substring of "
-                                       "' K1 K2 ', so the invalid line 'DB_PASS OTP_SECRET=x' survives the rewrite")
 def test_keep_keys_does_not_carry_over_an_invalid_line_made_of_two_kept_keys(state: State, etc: Path) -> None:
     target = write(etc / ".env.production", "DB_PASS OTP_SECRET=x\nDB_PASS=kept\n", mode=0o600)
     sh(remote.write_file(str(target), mode="0600", run_id="r1", keep_keys=("DB_PASS", "OTP_SECRET")),
