@@ -7,6 +7,7 @@ import json
 import os
 import secrets as random_source
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,14 +16,27 @@ from tabulate import tabulate
 
 from fleet import __version__, config, policy, remote
 from fleet.apply import Executor, check_contents, describe_holder, holder_info, lock_hosts, relabel_lock, unlock_hosts
+from fleet.audit import JournalStep, ObservedChange, attribute, build_audit, changes_between
 from fleet.collect.collector import collect
 from fleet.collect.transport import SSHTransport
 from fleet.errors import FleetError, TransportError
-from fleet.journal import Journal, journal_path, log_json, operator, parse_since, sentence
+from fleet.journal import Journal, SnapshotRecord, journal_path, log_json, operator, parse_since, sentence
 from fleet.model import Desired, Finding, HostResult, HostState
 from fleet.plan import Plan, build_plan, plan_from_json
-from fleet.render import apply_summary, apply_text, findings_summary, findings_text, plan_text, status_text, use_color
+from fleet.render import (
+    apply_summary,
+    apply_text,
+    audit_json,
+    audit_markdown,
+    audit_text,
+    findings_summary,
+    findings_text,
+    plan_text,
+    status_text,
+    use_color,
+)
 from fleet.secrets import ensure_lab_secrets, load_secrets
+from fleet.snapshot import host_summary, pack, unpack
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
 from fleet.textutil import sha256_hex
@@ -161,6 +175,37 @@ def build_parser() -> argparse.ArgumentParser:
     p_log.add_argument("--since", metavar="TIME", help="only steps since TIME")
     p_log.add_argument("--json", action="store_true", help="one object per step (docs/journal.md)")
 
+    p_audit = sub.add_parser(
+        "audit", parents=[common], help="post-incident state audit: what runs where, drift, findings, what changed",
+        description="Collect the fleet live and report what runs where, drift (managed/changed/missing/unmanaged, "
+                    "with coverage), the domain policies judged on what actually runs, and — with --since — every "
+                    "change since then, attributed to a journaled fleet apply or marked as changed outside fleet.",
+        epilog="exit codes:\n  0  no error-level findings\n  1  could not audit (invalid input)\n"
+               "  2  error-level findings (a host unreachable counts as one)\n"
+               "--since: a snapshot id from `fleet history`, or a time (2026-11-28, 2026-11-28T14:03, 2h, 3d)\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _host_options(p_audit)
+    p_audit.add_argument("--since", metavar="TIME|SNAPSHOT", help="also report what changed since then")
+    p_audit.add_argument("--format", choices=("text", "md", "json"), default="text",
+                         help="text (default), md (ready for a postmortem) or json")
+
+    p_history = sub.add_parser("history", parents=[common], help="list the kept observations (snapshots)",
+                               description="Every status, plan, apply and audit keeps its observation in the "
+                                           "journal; this lists them, oldest first.")
+    p_history.add_argument("--since", metavar="TIME", help="only snapshots since TIME")
+    p_history.add_argument("--json", action="store_true")
+
+    p_diff = sub.add_parser(
+        "diff", parents=[common], help="what changed between two snapshots, or a snapshot and now",
+        description="Compare two observations: A and B are snapshot ids from `fleet history`; B defaults to "
+                    "`now` (collect live).  Each change is attributed to a fleet apply or marked as changed "
+                    "outside fleet.",
+        epilog="exit codes: 0 no changes, 1 error, 2 changes\n", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_diff.add_argument("snap_a", metavar="A")
+    p_diff.add_argument("snap_b", metavar="B", nargs="?", default="now")
+    _host_options(p_diff)
+    p_diff.add_argument("--json", action="store_true")
+
     try:
         from fleet.lab.cli import add_lab_parser
     except ImportError:  # pragma: no cover - lab package absent in a stripped install
@@ -232,7 +277,8 @@ def open_transport(args: argparse.Namespace, targets: Targets) -> SSHTransport:
 
 def observe(args: argparse.Namespace, desired: Desired, targets: Targets,
             transport: SSHTransport) -> dict[str, HostResult]:
-    """Collect every target host, with progress on stderr when a person is watching."""
+    """Collect every target host, with progress on stderr when a person is watching, and keep
+    the observation as a snapshot in the journal (`fleet history`)."""
     tty = sys.stderr.isatty()
 
     def progress(name: str, result: HostResult) -> None:
@@ -242,7 +288,22 @@ def observe(args: argparse.Namespace, desired: Desired, targets: Targets,
 
     if tty:
         print(f"collecting {len(targets.hosts)} host(s){' (lab)' if targets.lab else ''}…", file=sys.stderr)
-    return collect(desired, transport, targets.hosts, forks=args.forks, timeout=args.timeout, progress=progress)
+    results = collect(desired, transport, targets.hosts, forks=args.forks, timeout=args.timeout, progress=progress)
+    args.snapshot_id = keep_snapshot(args, desired, results)
+    return results
+
+
+def keep_snapshot(args: argparse.Namespace, desired: Desired, results: dict[str, HostResult]) -> str:
+    """Store the observation; a journal that cannot be written is a warning, never a failure of
+    a read command."""
+    try:
+        with Journal.open(journal_path(args.state_dir)) as journal:
+            return journal.save_snapshot(command=args.command, fleet=desired.name, lab=args.lab,
+                                         hosts=host_summary(results), data=pack(results), operator=operator(),
+                                         keep_days=desired.snapshot_retention_days)
+    except FleetError as e:
+        print(f"warning: this observation was not kept in the journal: {e.message}", file=sys.stderr)
+        return ""
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -504,6 +565,117 @@ def cmd_log(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _baseline(journal: Journal, since: str) -> SnapshotRecord:
+    """--since: a snapshot id, or the last snapshot taken at or before a time."""
+    snaps = journal.snapshots()
+    exact = next((x for x in snaps if x.id == since), None)
+    if exact is not None:
+        return exact
+    t = parse_since(since)
+    before = [x for x in snaps if x.taken <= t]
+    if before:
+        return before[-1]
+    raise FleetError(f"no snapshot was taken at or before {since}",
+                     hint="see `fleet history` for what is kept" + (f"; the oldest is {snaps[0].id}" if snaps else ""))
+
+
+def _changes_since(journal: Journal, base: SnapshotRecord, new: dict[str, HostResult],
+                   until: float) -> tuple[list[ObservedChange], list[tuple[float, str]]]:
+    data = journal.snapshot_data(base.id)
+    assert data is not None
+    old = unpack(data)
+    scope = set(new)
+    old = {h: r for h, r in old.items() if h in scope}
+    runs = {r.id: r for r in journal.runs(since=base.taken)}
+    steps = [x for x in journal.steps(since=base.taken) if x.started is None or x.started <= until]
+    changes = attribute(changes_between(old, new),
+                        [JournalStep(x.run_id, x.host, x.action, x.target, x.started, x.outcome) for x in steps],
+                        {rid: r.operator for rid, r in runs.items()}, base.taken, until)
+    timeline = [(x.started or x.ended or base.taken, sentence(x, runs.get(x.run_id))[20:]) for x in steps]
+    timeline += [(until, f"{c.what} — changed outside fleet (between {base.id} and now)")
+                 for c in changes if not c.run_id]
+    return changes, sorted(timeline, key=lambda t: t[0])
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    desired = load_valid(args)
+    args.command = "audit"
+    targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
+    scoped = replace(desired, hosts=targets.hosts)
+    base: SnapshotRecord | None = None
+    if args.since:  # resolved before observing, so that "now" is never its own baseline
+        with Journal.open(journal_path(args.state_dir)) as journal:
+            base = _baseline(journal, args.since)
+    with open_transport(args, targets) as transport:
+        results = observe(args, scoped, targets, transport)
+    report = build_audit(scoped, results)
+    report.snapshot_id = args.snapshot_id
+    if base is not None:
+        with Journal.open(journal_path(args.state_dir)) as journal:
+            report.changes, report.timeline = _changes_since(journal, base, results, time.time())
+        taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(base.taken))
+        report.since = f"snapshot {base.id} ({base.command}, {taken})"
+    if args.format == "json":
+        json.dump(audit_json(report), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif args.format == "md":
+        sys.stdout.write(audit_markdown(report))
+    else:
+        sys.stdout.write(audit_text(report))
+    return EXIT_CHANGES if report.errors else EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    path = journal_path(args.state_dir)
+    if not path.exists():
+        print(f"No journal yet at {path}: nothing has been observed from this state directory.")
+        return EXIT_OK
+    with Journal.open(path) as journal:
+        snaps = journal.snapshots(since=parse_since(args.since) if args.since else None)
+    if args.json:
+        json.dump([{"id": x.id, "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x.taken)),
+                    "operator": x.operator, "command": x.command, "fleet": x.fleet, "lab": x.lab, "hosts": x.hosts}
+                   for x in snaps], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    rows = [[x.id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x.taken)), x.operator, x.command,
+             x.fleet + (" (lab)" if x.lab else ""),
+             ", ".join(h if v == "ok" else f"{h}: {v}" for h, v in sorted(x.hosts.items()))] for x in snaps]
+    print(tabulate(rows, headers=["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"], tablefmt="simple"))
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    path = journal_path(args.state_dir)
+    if not path.exists():
+        raise FleetError(f"no journal at {path}", hint="snapshots are kept by status, plan, apply and audit")
+    with Journal.open(path) as journal:
+        a = _baseline(journal, args.snap_a)
+    if args.snap_b == "now":
+        desired = load_valid(args)
+        targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
+        with open_transport(args, targets) as transport:
+            new = observe(args, replace(desired, hosts=targets.hosts), targets, transport)
+        until = time.time()
+    else:
+        with Journal.open(path) as journal:
+            b = _baseline(journal, args.snap_b)
+            data = journal.snapshot_data(b.id)
+        assert data is not None
+        new, until = unpack(data), b.taken
+    with Journal.open(path) as journal:
+        changes, _ = _changes_since(journal, a, new, until)
+    if args.json:
+        json.dump([{"host": c.host, "target": c.target, "change": c.what, "attribution": c.attribution,
+                    "run_id": c.run_id or None} for c in changes], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"Changes from {a.id} to {args.snap_b}:" if changes else f"No changes from {a.id} to {args.snap_b}.")
+        for c in changes:
+            print(f"  • {c.what} — {c.attribution}")
+    return EXIT_CHANGES if changes else EXIT_OK
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -512,7 +684,7 @@ def _read(path: Path) -> str:
 
 
 COMMANDS = {"check": cmd_check, "status": cmd_status, "plan": cmd_plan, "show": cmd_show, "apply": cmd_apply,
-            "lock": cmd_lock, "log": cmd_log}
+            "lock": cmd_lock, "log": cmd_log, "audit": cmd_audit, "history": cmd_history, "diff": cmd_diff}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

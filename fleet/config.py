@@ -347,8 +347,14 @@ def with_lines(findings: list[Finding], loaded: Loaded) -> list[Finding]:
 def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, path: Path, hosts_dir: Path) -> Desired:
     _unknown_keys(ctx, data, "", TOP_KEYS)
     fleet_t = _get(ctx, data, "", "fleet", dict, default={})
-    _unknown_keys(ctx, fleet_t, "fleet", ("name",))
+    _unknown_keys(ctx, fleet_t, "fleet", ("name", "snapshot_retention_days"))
     name = _get(ctx, fleet_t, "fleet", "name", str, default=path.parent.resolve().name or "fleet")
+    retention = _get(ctx, fleet_t, "fleet", "snapshot_retention_days", (int, float), default=90)
+    if not 0 < retention < 36500:  # also refuses nan
+        ctx.error("fleet.snapshot_retention_days",
+                  f"snapshot_retention_days must be above 0 and below 100 years, got {retention}",
+                  "for example snapshot_retention_days = 90", "config.bad-value")
+        retention = 90
 
     placement, extra_keys = _load_policy(ctx, _get(ctx, data, "", "policy", dict, default={}))
     discover = _load_discover(ctx, _get(ctx, data, "", "discover", list, default=[]))
@@ -378,6 +384,7 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
                                 host_files, hosts_dir)
     return Desired(name=name, hosts=hosts, services=tuple(services), env_files=tuple(env_files),
                    discover=tuple(discover), placement=tuple(placement), extra_env_keys=tuple(extra_keys),
+                   snapshot_retention_days=float(retention),
                    source=str(path), hosts_dir=str(hosts_dir))
 
 

@@ -56,7 +56,7 @@ RUN_OUTCOMES = ("ok", "failed", "refused", "interrupted")
 STEP_OUTCOMES = ("ok", "failed", "skipped", "rolled-back")
 
 # One entry per schema version: entry i takes a journal from user_version i to i + 1.
-# Never edit a released entry; append a new one (the snapshots table will be version 2).
+# Never edit a released entry; append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE runs (
@@ -94,6 +94,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX steps_run ON steps(run_id)",
         "CREATE INDEX runs_started ON runs(started)",
     ),
+    (
+        """CREATE TABLE snapshots (
+            id TEXT PRIMARY KEY,             -- time-sortable, like run ids
+            taken REAL NOT NULL,             -- UNIX seconds
+            operator TEXT NOT NULL,          -- user@machine
+            command TEXT NOT NULL,           -- status | plan | apply | audit
+            fleet TEXT NOT NULL,
+            lab INTEGER NOT NULL,
+            hosts TEXT NOT NULL,             -- JSON: {host: "ok" | error kind}
+            data BLOB NOT NULL               -- zlib(JSON) of the observed state (fleet/snapshot.py), masked
+        )""",
+        "CREATE INDEX snapshots_taken ON snapshots(taken)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -121,6 +134,17 @@ class RunRecord:
     lab: bool
     outcome: str | None
     summary: str
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    id: str
+    taken: float
+    operator: str
+    command: str
+    fleet: str
+    lab: bool
+    hosts: dict[str, str]  # host -> "ok" or the error kind
 
 
 @dataclass(frozen=True)
@@ -355,6 +379,39 @@ class Journal:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def save_snapshot(self, *, command: str, fleet: str, lab: bool, hosts: Mapping[str, str], data: bytes,
+                      operator: str, keep_days: float | None = None, now: float | None = None) -> str:
+        """Store one collection (already compact and masked: fleet/snapshot.py); snapshots older
+        than `keep_days` are deleted in the same transaction (the retention setting)."""
+        taken = time.time() if now is None else now
+        snap_id = new_run_id(taken)
+        with self._writing("store a snapshot") as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT INTO snapshots (id, taken, operator, command, fleet, lab, hosts, data) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (snap_id, taken, operator, command, fleet, int(lab), json.dumps(dict(hosts)), data))
+                if keep_days is not None:
+                    conn.execute("DELETE FROM snapshots WHERE taken < ?", (taken - keep_days * 86400,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return snap_id
+
+    def snapshots(self, since: float | None = None) -> list[SnapshotRecord]:
+        """Every snapshot (without its data), oldest first."""
+        rows = self._connection().execute(
+            "SELECT id, taken, operator, command, fleet, lab, hosts FROM snapshots WHERE taken >= ? "
+            "ORDER BY taken, id", (since if since is not None else float("-inf"),)).fetchall()
+        return [SnapshotRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6])) for r in rows]
+
+    def snapshot_data(self, snap_id: str) -> bytes | None:
+        row = self._connection().execute("SELECT data FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def close(self) -> None:
         """Close the connection (SQLite checkpoints the WAL into the main file).  Idempotent."""

@@ -179,6 +179,7 @@ class Desired:
     discover: tuple[DiscoveryPattern, ...] = ()
     placement: tuple[PlacementRule, ...] = ()
     extra_env_keys: tuple[str, ...] = ()
+    snapshot_retention_days: float = 90.0  # how long the journal keeps observed snapshots
     source: str = ""
     hosts_dir: str = ""
 

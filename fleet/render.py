@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 from fleet.apply import ApplyResult
+from fleet.audit import AuditReport
 from fleet.diff import Change
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
 from fleet.plan import Plan
-from fleet.status import Cell, StatusReport
+from fleet.status import Cell, StatusReport, status_json
 
 
 def use_color(stream_isatty: bool) -> bool:
@@ -248,3 +249,102 @@ def apply_text(result: ApplyResult) -> str:
             out.append("Not attempted:")
             out += [f"  · on {o.change.host}, {o.change.action} {o.change.target}" for o in skipped]
     return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- audit
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t is not None else "?"
+
+
+def audit_text(report: AuditReport, *, now: float | None = None) -> str:
+    out = [f"Audit of {report.fleet}, {_when(now or time.time())}"
+           + (f" (snapshot {report.snapshot_id})" if report.snapshot_id else ""), ""]
+    out.append(status_text(report.status, now=now).rstrip())
+    out += ["", drift_line(report)]
+    rows = [[i.host, i.kind, i.target, i.cls, i.detail] for i in report.drift.items if i.cls != "managed"]
+    if rows:
+        out.append(tabulate(rows, headers=["HOST", "KIND", "TARGET", "CLASS", "DETAIL"], tablefmt="simple"))
+    out += ["", f"Findings on the observed fleet: {findings_summary(report.findings)}"]
+    for f in sorted(report.findings, key=lambda f: (not f.is_error, f.host)):
+        out.append(f"  {f.severity}: {f.message}" + (f" — {f.hint}" if f.hint else ""))
+    if report.since:
+        out += ["", f"Changes since {report.since}:"]
+        if not report.changes:
+            out.append("  none")
+        for c in report.changes:
+            out.append(f"  • {c.what} — {c.attribution}")
+        if report.timeline:
+            out += ["", "Timeline:"]
+            out += [f"  {_when(t)}  {text}" for t, text in report.timeline]
+    return "\n".join(out) + "\n"
+
+
+def drift_line(report: AuditReport) -> str:
+    d = report.drift
+    return (f"Drift: {d.count('managed')} managed and matching, {d.count('changed')} changed, "
+            f"{d.count('missing')} missing, {d.count('unmanaged')} unmanaged — coverage {d.coverage:.0%}")
+
+
+def _md(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+
+def _md_table(headers: list[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def audit_markdown(report: AuditReport, *, now: float | None = None) -> str:
+    """Ready to paste into a postmortem: headings, tables, a timeline."""
+    st = report.status
+    out = [f"# Fleet audit: {report.fleet}", "",
+           f"Taken {_when(now or time.time())}" + (f", snapshot `{report.snapshot_id}`" if report.snapshot_id else "")
+           + ".", "", "## Summary", "",
+           f"- Hosts: {len(st.hosts) - len(st.unreachable)} observed, {len(st.unreachable)} unreachable"
+           + (f" ({', '.join(e.host for e in st.unreachable)})" if st.unreachable else ""),
+           f"- {drift_line(report)}",
+           f"- Findings: {findings_summary(report.findings)}", "", "## What runs where", ""]
+    rows: list[list[object]] = []
+    for row in st.rows:
+        rows.append([row.service or "*(undeclared)*", f"`{row.unit}`",
+                     *(_cell_text(c).replace("\n", " — ") for c in row.cells)])
+    out += _md_table(["Service", "Unit", *st.hosts], rows)
+    out += ["", "### Sidekiq queues", ""]
+    cover = [[q, ", ".join(f"{p.host} `{p.unit}`" for p in st.sidekiq if q in dict(p.queues)) or "**nobody**"]
+             for q in SIDEKIQ_QUEUES]
+    out += _md_table(["Queue", "Served by"], cover)
+    out += ["", "## Drift", ""]
+    drift = [[i.host, i.kind, f"`{i.target}`", i.cls, i.detail] for i in report.drift.items if i.cls != "managed"]
+    out += _md_table(["Host", "Kind", "Target", "Class", "Detail"], drift) if drift else ["No drift."]
+    out += ["", "## Findings", ""]
+    fs = [[f.severity, f.host or "fleet", f.message, f.hint] for f in
+          sorted(report.findings, key=lambda f: (not f.is_error, f.host))]
+    out += _md_table(["Severity", "Host", "Finding", "How to fix"], fs) if fs else ["None."]
+    if report.since:
+        out += ["", f"## Changes since {report.since}", ""]
+        ch = [[c.host, c.what, c.attribution] for c in report.changes]
+        out += _md_table(["Host", "Change", "Made by"], ch) if ch else ["None."]
+        out += ["", "## Timeline", ""]
+        out += [f"- **{_when(t)}** — {_md(text)}" for t, text in report.timeline] or ["- (nothing journaled)"]
+    return "\n".join(out) + "\n"
+
+
+def audit_json(report: AuditReport) -> dict[str, object]:
+    return {
+        "format": 1,
+        "fleet": report.fleet,
+        "snapshot": report.snapshot_id,
+        "status": status_json(report.status),
+        "drift": {"coverage": round(report.drift.coverage, 4),
+                  "counts": {c: report.drift.count(c) for c in ("managed", "changed", "missing", "unmanaged")},
+                  "items": [{"host": i.host, "kind": i.kind, "target": i.target, "class": i.cls, "detail": i.detail}
+                            for i in report.drift.items]},
+        "findings": [f.as_dict() for f in report.findings],
+        "since": report.since,
+        "changes": [{"host": c.host, "target": c.target, "change": c.what, "attribution": c.attribution,
+                     "run_id": c.run_id or None} for c in report.changes],
+        "timeline": [{"time": _when(t), "event": text} for t, text in report.timeline],
+    }

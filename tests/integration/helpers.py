@@ -58,10 +58,17 @@ def sidekiq_unit(args: str, description: str = "hand-made sidekiq") -> str:
 
 
 def reset_host(lab: Any, host: str) -> None:
-    """Back to bare: no Mastodon units, no env file, databases stopped and disabled."""
-    lab.ssh(host, "systemctl disable --now 'mastodon-*' postgresql redis-server >/dev/null 2>&1; "
-                  "rm -rf /etc/systemd/system/mastodon-* /home/mastodon/live/.env.production; "
+    """Back to bare: no Mastodon units (stopped, disabled, files gone), no env file, no lock,
+    databases stopped and disabled.  (`systemctl disable` takes no globs: name the units.)"""
+    lab.ssh(host, "systemctl stop 'mastodon-*' 2>/dev/null; "
+                  "units=$(cd /etc/systemd/system && ls -d mastodon-*.service 2>/dev/null); "
+                  "[ -z \"$units\" ] || systemctl disable --quiet $units; "
+                  "systemctl disable --now --quiet postgresql redis-server 2>/dev/null; "
+                  "rm -rf /etc/systemd/system/mastodon-* /home/mastodon/live/.env.production "
+                  "/home/mastodon/live/STANDIN_FAIL /var/lib/fleet/lock; "
                   "systemctl daemon-reload; systemctl reset-failed", user="root", check=False)
+    left = lab.ssh(host, "systemctl list-units --no-legend --plain 'mastodon-*'", user="root").stdout.strip()
+    assert not left, f"{host} still runs {left}"
 
 
 def reset_all(lab: Any) -> None:

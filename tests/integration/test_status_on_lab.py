@@ -10,14 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import fleet, fleet_json, install_unit, reset_all, sidekiq_unit, wait_for_ssh
+from helpers import REPO, fleet, fleet_json, install_unit, reset_all, sidekiq_unit, wait_for_ssh
 
-WEB_UNIT = (
-    "[Unit]\nDescription=hand-made web\n\n[Service]\nType=simple\nUser=mastodon\n"
-    "WorkingDirectory=/home/mastodon/live\nEnvironment=\"PORT=3000\"\n"
-    "ExecStart=/home/mastodon/.rbenv/shims/bundle exec puma -C config/puma.rb\n\n"
-    "[Install]\nWantedBy=multi-user.target\n"
-)
+from fleet import config
+from fleet.units import render_unit
+
+
+def web_unit() -> str:
+    """Exactly the unit fleet would write for web: its cell must then be "ok"."""
+    desired = config.load(REPO / "desired_state.toml", REPO / "hosts").desired
+    assert desired is not None
+    web = desired.service("web")
+    assert web is not None
+    return render_unit(web)
 
 
 @pytest.fixture
@@ -26,7 +31,9 @@ def drifted(lab: Any) -> Iterator[Any]:
     Sidekiq on freud installed but stopped, and an undeclared Sidekiq running only
     `-q default` on franz, the CDN node."""
     reset_all(lab)
-    install_unit(lab, "fritz", "mastodon-web.service", WEB_UNIT)
+    lab.ssh("fritz", "install -o mastodon -g mastodon -m 600 /dev/null /home/mastodon/live/.env.production",
+            user="root")
+    install_unit(lab, "fritz", "mastodon-web.service", web_unit())
     install_unit(lab, "freud", "mastodon-sidekiq-default.service",
                  sidekiq_unit("-c 25 -q default,8 -q ingress,6 -q mailers,2"), start=False)
     install_unit(lab, "franz", "mastodon-sidekiq.service", sidekiq_unit("-c 10 -q default"))
