@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_audit.add_argument("--since", metavar="TIME|SNAPSHOT", help="also report what changed since then")
     p_audit.add_argument("--format", choices=("text", "md", "json"), default="text",
                          help="text (default), md (ready for a postmortem) or json")
+    p_audit.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
 
     p_history = sub.add_parser("history", parents=[common], help="list the kept observations (snapshots)",
                                description="Every status, plan, apply and audit keeps its observation in the "

@@ -19,7 +19,7 @@ def test_the_postmortem_incident_is_audited_attributed_and_repaired(lab: Any) ->
     reset_all(lab)
     converge = fleet(lab, "apply", "--yes", "--settle", "1", timeout=300)
     assert converge.returncode == 0, converge.stdout + converge.stderr
-    clean = fleet_json(lab, "audit", "--format", "json")
+    clean = fleet_json(lab, "audit")
     assert [f for f in clean["findings"] if f["severity"] == "error"] == []
     baseline = clean["snapshot"]
     assert baseline in [s["id"] for s in snapshots(lab)]
@@ -73,7 +73,7 @@ def test_the_postmortem_incident_is_audited_attributed_and_repaired(lab: Any) ->
     repair = fleet(lab, "apply", "--yes", "--settle", "1", timeout=300)
     assert repair.returncode == 0, repair.stdout + repair.stderr
     run_id = repair.stdout.rsplit("Journal: run ", 1)[1].split()[0]
-    after = fleet_json(lab, "audit", "--format", "json")
+    after = fleet_json(lab, "audit")
     assert [f for f in after["findings"] if f["severity"] == "error"] == []
     assert after["drift"]["coverage"] == 1
 
