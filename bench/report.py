@@ -1,0 +1,199 @@
+"""Tables of a results JSON: `python -m bench.report bench/results/DATE.json` (markdown)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from tabulate import tabulate as _tabulate
+
+
+def tabulate(*args: Any, **kwargs: Any) -> str:
+    return str(_tabulate(*args, **kwargs))
+
+
+def _ms(s: float | None) -> str:
+    return "—" if s is None else f"{s * 1000:.0f} ms"
+
+
+def _s(s: float | None) -> str:
+    return "—" if s is None else (f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s")
+
+
+def machine_table(m: dict[str, Any]) -> str:
+    rows = [[k, ", ".join(map(str, v)) if isinstance(v, list | tuple) else v] for k, v in m.items()]
+    return tabulate(rows, headers=["machine", ""], tablefmt="github")
+
+
+def status_table(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for r in rows:
+        c = r.get("counts", {})
+        out.append([
+            r["hosts"], r["runs"], _ms(r["floor_median_s"]), _ms(r["fleet_median_s"]),
+            f"{r['ratio_median']:.2f}", f"{r['ratio_of_medians']:.2f}",
+            f"{min(x['ratio'] for x in r['rows']):.2f}–{max(x['ratio'] for x in r['rows']):.2f}",
+            _ms(r["fleet_cpu_median_s"]), _ms(r["floor_client_cpu_median_s"]),
+            f"{r['fleet_maxrss_max_mb']:.0f} MB",
+            f"{r['floor_machine_utilisation']:.0%} / {r['fleet_machine_utilisation']:.0%}"
+            if "floor_machine_utilisation" in r else "—",
+            f"{c.get('max_connections', '?')} / {c.get('max_channels', '?')}" if c else "—",
+            f"{c.get('sshd_max_connections', '?')} / {c.get('sshd_max_channels', '?')}" if c else "—",
+        ])
+    return tabulate(out, tablefmt="github", headers=[
+        "N", "runs", "OpenSSH floor (median)", "fleet status (median)", "ratio (median of runs)",
+        "ratio of medians", "ratio range", "fleet CPU", "ssh clients' CPU", "fleet peak RSS",
+        "machine CPU busy, floor / fleet",
+        "conn / chan per host (stats)", "conn / chan per host (sshd log)"])
+
+
+def status_runs_table(r: dict[str, Any]) -> str:
+    return tabulate([[x["run"], x["first"], _ms(x["floor_s"]), _ms(x["fleet_s"]), f"{x['ratio']:.2f}"]
+                     for x in r["rows"]], headers=["run", "first", "floor", "fleet", "ratio"], tablefmt="github")
+
+
+def profile_table(p: dict[str, Any]) -> str:
+    rows = [[k, _ms(v["wall_s"]), _ms(v["cpu_s"])] for k, v in p["steps"].items()]
+    rows.append(["total, measured inside", _ms(p["total_wall_s"]), _ms(p["total_cpu_s"])])
+    if "process_wall_s" in p:
+        rows.append(["the process, measured outside (incl. exit)", _ms(p["process_wall_s"]), _ms(p["process_cpu_s"])])
+    return tabulate(rows, headers=[f"fleet status, N={p['hosts']}: step", "wall", "CPU (all threads)"],
+                    tablefmt="github")
+
+
+def phase_table(p: dict[str, Any]) -> str:
+    rows = [[k, v["calls"], _ms(v["mean_s"]), _ms(v["max_s"])] for k, v in p["phases"].items()]
+    return tabulate(rows, headers=[f"collect phase, N={p['hosts']}", "calls", "mean wall per call", "max"],
+                    tablefmt="github")
+
+
+def thread_table(p: dict[str, Any]) -> str:
+    rows = [[k, _ms(v), _ms(v / p["hosts"])] for k, v in p["thread_cpu_s"].items()]
+    return tabulate(rows, headers=[f"collect CPU by thread, N={p['hosts']}", "total", "per host"],
+                    tablefmt="github")
+
+
+def core_table(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r["hosts"], r["scenario"], "—", "—", "—", r["error"], "—", "—", "—", "—", "—"])
+            continue
+        out.append([r["hosts"], r["scenario"], r["changes"], r["edges"], r["waves"], _s(r["median_s"]),
+                    _s(r.get("diff_s")), _s(r.get("graph_s")),
+                    "— (too slow)" if r.get("tracemalloc_peak_mb") is None else f"{r['tracemalloc_peak_mb']:.1f} MB",
+                    f"{r['maxrss_mb']:.0f} MB", f"{r['plan_json_bytes'] / 2**20:.1f} MB"])
+    return tabulate(out, tablefmt="github", headers=[
+        "hosts ×20 svc", "scenario", "changes", "edges", "waves", "build_plan (median)", "of it: diff",
+        "graph (order)", "peak (tracemalloc)", "process max RSS", "plan JSON"])
+
+
+def growth_table(rows: list[dict[str, Any]]) -> str:
+    return tabulate([[g["scenario"], f"{g['from']} → {g['to']}", f"{g['time_exponent']:.2f}",
+                      "—" if g["memory_exponent"] is None else f"{g['memory_exponent']:.2f}"] for g in rows],
+                    headers=["scenario", "hosts", "time exponent", "memory exponent"], tablefmt="github")
+
+
+def proposals_table(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r["hosts"], r["scenario"], "—", "—", "—", "—", "—", r["error"][:60]])
+            continue
+        def same(value: object) -> str:
+            return "yes" if value is True else "NO" if value is False else "—"
+
+        out.append([r["hosts"], r["scenario"], _s(r.get("current_s")), _s(r["proposed_median_s"]),
+                    f"{r['speedup']:.1f}×" if "speedup" in r else "—", f"{r['proposed_peak_mb']:.1f} MB",
+                    _s(r.get("barrier_median_s")),
+                    f"{r['barrier_peak_mb']:.1f} MB" if "barrier_peak_mb" in r else "—",
+                    f"{r['make_before_break_edges']} of {r['edges']}",
+                    f"{same(r.get('identical'))} / {same(r.get('barrier_identical_to_proposed'))}"])
+    return tabulate(out, tablefmt="github", headers=[
+        "hosts ×20 svc", "scenario", "fleet build_plan", "proposed 1–4", "speed-up", "peak 1–4 (tracemalloc)",
+        "proposed 1–5 (barrier)", "peak 1–5", "edges from make-before-break",
+        "identical plan (1–4 vs fleet / 1–5 vs 1–4)"])
+
+
+def imports_table(rows: list[dict[str, Any]]) -> str:
+    return tabulate([[r["case"], _ms(r["cpu_median_s"]), _ms(r["wall_median_s"])] for r in rows],
+                    headers=["fresh process", "CPU (median)", "wall (median)"], tablefmt="github")
+
+
+def proposals_growth(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Time exponents between successive sizes for fleet's build_plan and the proposals."""
+    import math
+
+    out = []
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        rs = sorted((r for r in rows if r["scenario"] == scenario and "proposed_median_s" in r),
+                    key=lambda r: r["hosts"])
+        for a, b in zip(rs, rs[1:], strict=False):
+            k = math.log(b["hosts"] / a["hosts"])
+            out.append({"scenario": scenario, "from": a["hosts"], "to": b["hosts"],
+                        "proposed": math.log(b["proposed_median_s"] / a["proposed_median_s"]) / k,
+                        "barrier": math.log(b["barrier_median_s"] / a["barrier_median_s"]) / k
+                        if "barrier_median_s" in a and "barrier_median_s" in b else None})
+    return out
+
+
+def proposals_growth_table(rows: list[dict[str, Any]]) -> str:
+    return tabulate([[g["scenario"], f"{g['from']} → {g['to']}", f"{g['proposed']:.2f}",
+                      "—" if g["barrier"] is None else f"{g['barrier']:.2f}"] for g in proposals_growth(rows)],
+                    headers=["scenario", "hosts", "time exponent 1–4", "time exponent 1–5"], tablefmt="github")
+
+
+def apply_table(a: dict[str, Any]) -> str:
+    rows = [[w["wave"], w["steps"], w.get("hosts", 0), ", ".join(w.get("actions", [])),
+             _s(w.get("slowest_step_s")), f"{_s(w.get('slowest_lane_s'))} ({w.get('slowest_lane_host', '')}, "
+             f"{w.get('lane_steps', 0)} steps)", _s(w.get("wall_s"))] for w in a["waves"]]
+    return tabulate(rows, headers=["wave", "steps", "hosts", "actions", "slowest step", "slowest host lane",
+                                   "wave wall"], tablefmt="github")
+
+
+def apply_summary(a: dict[str, Any]) -> str:
+    rows = [
+        ["fleet apply (whole command)", _s(a["apply_wall_s"])],
+        ["executor (first step start → last step end)", _s(a["executor_wall_s"])],
+        ["fixed cost (lock, observe, plan check, relabel, unlock, start-up)", _s(a["overhead_s"])],
+        ["sum of the waves' slowest steps", _s(a["sum_slowest_step_s"])],
+        ["sum of the waves' slowest host lanes", _s(a["sum_slowest_lane_s"])],
+        ["sum of all steps", _s(a["sum_all_steps_s"])],
+    ]
+    return tabulate(rows, headers=[f"apply of the example: {a['changes']} changes, {a['n_waves']} waves, "
+                                   f"settle {a['settle_s']:g} s", ""], tablefmt="github")
+
+
+def render(results: dict[str, Any]) -> str:
+    parts = ["## Machine", machine_table(results["machine"])]
+    if results.get("status"):
+        parts += ["## fleet status vs the OpenSSH floor", status_table(results["status"])]
+        for r in results["status"]:
+            parts += [f"### N={r['hosts']}: runs", status_runs_table(r)]
+            if r.get("profile"):
+                parts += [profile_table(r["profile"]), phase_table(r["profile"]), thread_table(r["profile"])]
+    if results.get("imports"):
+        parts += ["## fixed cost: interpreter and imports", imports_table(results["imports"])]
+    if results.get("apply"):
+        parts += ["## apply", apply_summary(results["apply"]), apply_table(results["apply"])]
+    if results.get("core"):
+        parts += ["## pure core", core_table(results["core"]["cases"]), growth_table(results["core"]["growth"])]
+    if results.get("proposals"):
+        parts += ["## pure core with the proposed fixes (bench/proposals.py)", proposals_table(results["proposals"]),
+                  proposals_growth_table(results["proposals"])]
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m bench.report RESULTS.json", file=sys.stderr)
+        return 64
+    with open(args[0], encoding="utf-8") as f:
+        sys.stdout.write(render(json.load(f)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

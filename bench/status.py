@@ -1,0 +1,225 @@
+"""`fleet --lab status --json` against the OpenSSH floor, on a converged generated fleet.
+
+The floor: one OpenSSH client process per host, all started at once, each running fleet's own
+remote collection script for that host (`build_script(spec_for(desired, host))`, wrapped by
+`sudo_command` for hosts with `sudo = true`, exactly as the transport sends it), with the key
+exchange paramiko negotiates forced on OpenSSH (`-o KexAlgorithms=…`).  Floor and fleet runs
+alternate, so both see the same machine load; each run's ratio is fleet / floor of that run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.inventory import write_inventory
+from bench.lab import Lab, Measured, run_parallel
+
+KEX = "curve25519-sha256@libssh.org"  # verified per run by `negotiated_algorithms`
+
+
+def _load(directory: Path, state_dir: Path) -> tuple[Any, Any]:
+    from fleet import config
+    from fleet.targets import resolve
+
+    loaded = config.load(directory / "desired_state.toml", directory / "hosts")
+    if loaded.desired is None:
+        raise RuntimeError(f"generated inventory in {directory} does not load: {loaded.findings}")
+    return loaded.desired, resolve(loaded.desired, state_dir=str(state_dir), lab=True)
+
+
+def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
+    """One OpenSSH command line per host, carrying fleet's exact remote command for it."""
+    from fleet.collect.script import build_script, spec_for
+    from fleet.collect.transport import sudo_command
+
+    desired, targets = _load(directory, lab.state_dir)
+    argvs = []
+    for host in targets.hosts:
+        script = build_script(spec_for(desired, host.name))
+        wire = sudo_command(script) if host.sudo else script
+        argvs.append(lab.ssh_argv(host.name, wire, "-o", f"KexAlgorithms={kex}"))
+    return argvs
+
+
+def negotiated_algorithms(lab: Lab, directory: Path) -> dict[str, Any]:
+    """What paramiko (through fleet's transport) and OpenSSH actually negotiate with a lab host."""
+    from fleet.collect.transport import SSHTransport
+
+    desired, targets = _load(directory, lab.state_dir)
+    host = targets.hosts[-1]
+    lines: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("paramiko.transport")
+    handler = Grab(level=logging.DEBUG)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with SSHTransport(ssh_config=targets.ssh_config, known_hosts=targets.known_hosts) as t:
+            t.run(host, "true")
+            slot = t._slots[host.name]  # noqa: SLF001 - read-only look at the negotiated transport
+            assert slot.transport is not None
+            pt = slot.transport
+            paramiko_side = {
+                "kex": next((ln.split(": ", 1)[1] for ln in lines if ln.startswith("Kex: ")), "?"),
+                "host_key": pt.host_key_type, "cipher": pt.local_cipher, "mac": pt.local_mac,
+            }
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    verbose = lab.ssh(host.name, "true", "-v", "-o", f"KexAlgorithms={KEX}")
+    openssh = {k: next((ln.split(f"{k}: ", 1)[1].strip() for ln in verbose.stderr.splitlines()
+                        if f"debug1: kex: {k}: " in ln), "?") for k in ("algorithm", "host key algorithm")}
+    cipher = next((ln for ln in verbose.stderr.splitlines() if "debug1: kex: server->client cipher:" in ln), "")
+    openssh["cipher"] = cipher.split("cipher: ", 1)[1].split()[0] if cipher else "?"
+    default = lab.ssh(host.name, "true", "-v")
+    openssh_default = next((ln.split("algorithm: ", 1)[1].strip() for ln in default.stderr.splitlines()
+                            if "debug1: kex: algorithm: " in ln), "?")
+    return {"host": host.name, "paramiko": paramiko_side, "openssh_forced": openssh,
+            "openssh_default_kex": openssh_default}
+
+
+def count_connections(lab: Lab, directory: Path) -> dict[str, Any]:
+    """Connections and channels per host during one collection, as fleet status runs it
+    (SSHTransport.stats() in-process), cross-checked with each host's sshd log."""
+    from fleet.collect.collector import collect
+    from fleet.collect.transport import SSHTransport
+
+    desired, targets = _load(directory, lab.state_dir)
+    # sshd at LogLevel VERBOSE logs "Starting session: command …" per channel (INFO only logs
+    # the connection's "Accepted publickey").  The lab hosts are disposable.  Read by syslog
+    # identifier, not by unit: a non-root login's session process runs in its session scope.
+    for h in targets.hosts:
+        lab.root(h.name, h.sudo, "echo 'LogLevel VERBOSE' > /etc/ssh/sshd_config.d/zz-bench-verbose.conf"
+                                 " && systemctl reload ssh")
+    time.sleep(1.2)
+    since = int(time.time())
+    time.sleep(1.1)
+    with SSHTransport(ssh_config=targets.ssh_config, known_hosts=targets.known_hosts) as t:
+        results = collect(desired, t, targets.hosts)
+        stats = t.stats()
+    time.sleep(1.1)
+    until = int(time.time())
+    time.sleep(1.1)
+    sshd: dict[str, dict[str, int]] = {}
+    for h in targets.hosts:
+        log = lab.root(h.name, h.sudo, f"journalctl -q -t sshd --since @{since} --until @{until} -o cat").stdout
+        sshd[h.name] = {"connections": log.count("Accepted publickey"),
+                        "channels": log.count("Starting session: command")}
+    ok = all(type(r).__name__ == "HostState" for r in results.values())
+    per_host = {h.name: {"fleet": stats.get(h.name, {}), "sshd": sshd.get(h.name, {})} for h in targets.hosts}
+    return {
+        "all_observed": ok,
+        "per_host": per_host,
+        "max_connections": max(s.get("connections", 0) for s in stats.values()),
+        "max_channels": max(s.get("channels", 0) for s in stats.values()),
+        "sshd_max_connections": max(s["connections"] for s in sshd.values()),
+        "sshd_max_channels": max(s["channels"] for s in sshd.values()),
+        "one_and_one": all(s == {"connections": 1, "channels": 1} for s in stats.values())
+        and len(stats) == len(targets.hosts),
+        "sshd_agrees": all(sshd[h] == stats.get(h) for h in sshd),
+    }
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, /proc/stat, 10 ms ticks):
+    sampled around a run, it includes the lab hosts' sshd and scripts, not only the client."""
+    fields = open("/proc/stat").readline().split()[1:]
+    ticks = [int(x) for x in fields[:8]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _check_status(m: Measured, n: int) -> dict[str, Any]:
+    doc = json.loads(m.stdout)
+    reachable = sum(1 for h in doc["hosts"].values() if h["reachable"])
+    cells = [c for row in doc["services"] for c in row["cells"].values() if c["declared"]]
+    ok_cells = sum(1 for c in cells if c["status"] == "ok")
+    durations = [h["duration"] for h in doc["hosts"].values() if h["reachable"]]
+    return {"rc": m.rc, "reachable": reachable, "hosts": n, "declared_cells": len(cells), "ok_cells": ok_cells,
+            "remote_duration_median_s": statistics.median(durations) if durations else None,
+            "remote_duration_max_s": max(durations) if durations else None}
+
+
+def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle: float = 0.5,
+                 counts: bool = True, profile: Any = None) -> dict[str, Any]:
+    """Boot n generated hosts, converge them, then alternate floor and fleet `runs` times."""
+    directory = write_inventory(work / f"fleet-{n}", n)
+    state = str(lab.state_dir)
+    result: dict[str, Any] = {"hosts": n, "runs": runs}
+    report(f"[status N={n}] lab up")
+    up = lab.up(directory / "hosts", tag=f"up-{n}")
+    result["lab_up_s"] = up.wall_s
+    report(f"[status N={n}] converging: fleet --lab apply --yes --settle {settle}")
+    conv = lab.fleet("--lab", "--dir", str(directory), "--state-dir", state, "apply", "--yes",
+                     "--settle", str(settle), tag=f"converge-{n}")
+    result["converge"] = {"rc": conv.rc, "wall_s": conv.wall_s, "summary": conv.stdout.strip().splitlines()[-2:]}
+    if conv.rc != 0:
+        raise RuntimeError(f"converging {n} hosts failed:\n{conv.stdout[-2000:]}\n{conv.stderr[-2000:]}")
+    fleet_args = ["--lab", "--dir", str(directory), "--state-dir", state, "status", "--json"]
+    first = lab.fleet(*fleet_args, tag=f"status-{n}-check")
+    result["check"] = _check_status(first, n)
+    report(f"[status N={n}] converged: {result['check']}")
+    result["algorithms"] = negotiated_algorithms(lab, directory)
+    floors = floor_argvs(lab, directory)
+    result["script_bytes_max"] = max(len(a[-1]) for a in floors)
+    # warm-up of both (page cache, sshd's first fork after boot)
+    run_parallel(floors, out_dir=work / "logs", tag=f"floor-{n}-warm")
+    lab.fleet(*fleet_args, tag=f"status-{n}-warm")
+    rows = []
+    for i in range(runs):
+        order = ("floor", "fleet") if i % 2 == 0 else ("fleet", "floor")
+        row: dict[str, Any] = {"run": i + 1, "first": order[0]}
+        for which in order:
+            time.sleep(0.3)
+            busy0 = machine_busy()
+            if which == "floor":
+                wall, each = run_parallel(floors, out_dir=work / "logs", tag=f"floor-{n}-{i}")
+                bad = [m.rc for m in each if m.rc != 0]
+                row["floor_s"] = wall
+                row["floor_client_cpu_s"] = sum(m.cpu_s for m in each)
+                row["floor_failures"] = len(bad)
+                row["floor_stdout_bytes"] = sum(len(m.stdout) for m in each)
+            else:
+                m = lab.fleet(*fleet_args, tag=f"status-{n}-{i}")
+                row["fleet_s"] = m.wall_s
+                row["fleet_cpu_s"] = m.cpu_s
+                row["fleet_maxrss_mb"] = m.maxrss_mb
+                row["fleet_rc"] = m.rc
+            row[f"{which}_machine_cpu_s"] = machine_busy() - busy0
+        row["ratio"] = row["fleet_s"] / row["floor_s"]
+        rows.append(row)
+        report(f"[status N={n}] run {i + 1}/{runs}: floor {row['floor_s'] * 1000:.0f} ms, "
+               f"fleet {row['fleet_s'] * 1000:.0f} ms, ratio {row['ratio']:.2f}")
+    result["rows"] = rows
+    med = statistics.median
+    result["floor_median_s"] = med(r["floor_s"] for r in rows)
+    result["fleet_median_s"] = med(r["fleet_s"] for r in rows)
+    result["ratio_median"] = med(r["ratio"] for r in rows)
+    result["ratio_of_medians"] = result["fleet_median_s"] / result["floor_median_s"]
+    result["fleet_cpu_median_s"] = med(r["fleet_cpu_s"] for r in rows)
+    result["floor_client_cpu_median_s"] = med(r["floor_client_cpu_s"] for r in rows)
+    result["fleet_maxrss_max_mb"] = max(r["fleet_maxrss_mb"] for r in rows)
+    result["floor_machine_cpu_median_s"] = med(r["floor_machine_cpu_s"] for r in rows)
+    result["fleet_machine_cpu_median_s"] = med(r["fleet_machine_cpu_s"] for r in rows)
+    ncpu = os.cpu_count() or 1
+    result["floor_machine_utilisation"] = result["floor_machine_cpu_median_s"] / (ncpu * result["floor_median_s"])
+    result["fleet_machine_utilisation"] = result["fleet_machine_cpu_median_s"] / (ncpu * result["fleet_median_s"])
+    result["all_ok"] = all(r["fleet_rc"] == 0 and r["floor_failures"] == 0 for r in rows)
+    if profile is not None:
+        report(f"[status N={n}] in-process profile of one collection")
+        result["profile"] = profile(directory)
+    if counts:
+        report(f"[status N={n}] counting connections and channels per host")
+        result["counts"] = count_connections(lab, directory)
+    return result
