@@ -120,7 +120,8 @@ def lock_hosts(transport: RunnerLike, hosts: Sequence[Host], holder: str, *, for
         try:
             out, _ = _out(transport.run(host, remote.acquire_lock(holder), timeout=30))
         except TransportError as e:
-            return host, f"{host.name}: cannot take the lock ({e.kind}): {e.message}"
+            how = f"\n    {e.hint}" if e.hint else ""  # e.g. how to check and accept a changed host key
+            return host, f"{host.name}: cannot take the lock ({e.kind}): {e.message}{how}"
         if out.startswith("@@locked"):
             return host, None
         held = out.split("\n", 1)[1].strip() if "\n" in out else "(unknown holder)"

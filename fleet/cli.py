@@ -271,9 +271,11 @@ def load_valid(args: argparse.Namespace) -> Desired:
 
 
 def open_transport(args: argparse.Namespace, targets: Targets) -> SSHTransport:
+    # 4 MiB: a real collection is tens of KB (unit texts are capped at 5,000 lines); a host that
+    # prints more is refused ("output-too-large") before its output can cost much memory.
     return SSHTransport(ssh_config=targets.ssh_config, known_hosts=targets.known_hosts,
                         accept_new=args.accept_new_host_keys, connect_timeout=args.connect_timeout,
-                        command_timeout=getattr(args, "timeout", 60.0))
+                        command_timeout=getattr(args, "timeout", 60.0), max_output=4 << 20)
 
 
 def observe(args: argparse.Namespace, desired: Desired, targets: Targets,

@@ -8,7 +8,10 @@ env keys) live in `fleet.policy`; this module checks structure, types and refere
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +54,10 @@ USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ENV_KEY = re.compile(r"^[A-Za-z0-9_]{1,128}$")
 ROLE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESTART_VALUES = ("no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always")
+# Units no prune pattern may ever match: pruning them would cut fleet (and everyone) off the host.
+VITAL_UNITS = ("ssh.service", "sshd.service", "systemd-journald.service", "systemd-logind.service",
+               "dbus.service", "systemd-networkd.service", "networking.service", "getty@tty1.service",
+               "cron.service", "systemd-udevd.service", "systemd-resolved.service", "polkit.service")
 MAX_FILE_BYTES = 1 << 20  # a 1 MiB desired state is already absurd; refuse before parsing
 
 HOST_KEYS = ("name", "address", "port", "user", "sudo", "roles")
@@ -129,12 +136,21 @@ def locate(text: str, key: str) -> int | None:
 def read_toml(path: Path, ctx: _Ctx) -> dict[str, Any] | None:
     """Parse one TOML file; syntax errors become findings with line and column."""
     try:
-        raw = path.read_bytes()
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            ctx.error("", f"{path} is not a regular file", "replace it with a TOML file", "config.unreadable")
+            return None
+        if st.st_size > MAX_FILE_BYTES:  # refuse before reading: a huge file costs its size in memory
+            ctx.error("", f"file is {st.st_size} bytes; fleet refuses files over {MAX_FILE_BYTES} bytes",
+                      "this is not a desired-state file, or it is generated wrongly", "config.too-large")
+            return None
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         ctx.error("", f"cannot read {path}: {e.strerror or e}", "check the path and permissions", "config.unreadable")
         return None
     if len(raw) > MAX_FILE_BYTES:
-        ctx.error("", f"file is {len(raw)} bytes; fleet refuses files over {MAX_FILE_BYTES} bytes",
+        ctx.error("", f"file is over {MAX_FILE_BYTES} bytes; fleet refuses it",
                   "this is not a desired-state file, or it is generated wrongly", "config.too-large")
         return None
     try:
@@ -258,15 +274,24 @@ def load_hosts(hosts_dir: Path) -> tuple[tuple[Host, ...], list[Finding]]:
                                 file=str(hosts_dir), hint="add one <name>.toml per host"))
     seen: dict[tuple[str, int], Host] = {}
     for h in hosts:
-        other = seen.get((h.address.lower(), h.port))
+        other = seen.get((_same_address(h.address), h.port))
         if other is not None:
             findings.append(Finding("error", "hosts.same-address",
                                     f"hosts {other.name} and {h.name} both point at {h.address}:{h.port}",
                                     file=h.source, key="address",
                                     hint="two names for one machine would make fleet act on it twice; "
                                          "give each host its own address"))
-        seen[(h.address.lower(), h.port)] = h
+        seen[(_same_address(h.address), h.port)] = h
     return tuple(hosts), findings
+
+
+def _same_address(address: str) -> str:
+    """One spelling per machine: DNS names are case-insensitive and may end in a dot; IP
+    addresses have many spellings (0::1 is ::1)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address.lower().rstrip(".")
 
 
 def _load_host(path: Path, ctx: _Ctx) -> Host | None:
@@ -423,7 +448,13 @@ def _load_discover(ctx: _Ctx, items: list[Any]) -> list[DiscoveryPattern]:
         pattern = _get(ctx, item, "discover", "pattern", str, required=True)
         prune = _get(ctx, item, "discover", "prune", bool, default=False)
         if pattern is not None and _check_name(ctx, "discover.pattern", pattern, UNIT_GLOB, "discovery pattern"):
-            out.append(DiscoveryPattern(pattern=pattern, prune=prune))
+            vital = [u for u in VITAL_UNITS if fnmatch.fnmatchcase(u, pattern)]
+            if prune and vital:
+                ctx.error("discover.pattern", f"pattern {pattern!r} with prune = true would stop {', '.join(vital)}",
+                          "narrow the pattern (e.g. \"mastodon-*\"); fleet prunes every undeclared unit it matches",
+                          "config.dangerous-prune")
+            else:
+                out.append(DiscoveryPattern(pattern=pattern, prune=prune))
     return out
 
 
@@ -679,8 +710,9 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
         _unknown_keys(ctx, et, p, ENV_FILE_KEYS)
         path = _get(ctx, et, p, "path", str, required=True)
         if path is not None and _no_control(ctx, f"{p}.path", path) and (
-                not path.startswith("/") or "/../" in path + "/"):
-            ctx.error(f"{p}.path", f"env file path {path!r} must be absolute, without '..'",
+                not path.startswith("/") or "/../" in path + "/" or path.endswith("/") or "/./" in path + "/"):
+            ctx.error(f"{p}.path", f"env file path {path!r} must be an absolute file path, without '..' or a "
+                                   "trailing '/'",
                       "for example path = \"/home/mastodon/live/.env.production\"", "config.bad-value")
         svc_names = _str_list(ctx, et, p, "services")
         hosts = _str_list(ctx, et, p, "hosts")
@@ -740,6 +772,10 @@ def _env_values(ctx: _Ctx, p: str, table: dict[str, Any]) -> list[tuple[str, str
                       "use letters, digits and underscores", "config.bad-name")
         elif isinstance(v, bool):
             out.append((k, "true" if v else "false"))
+        elif isinstance(v, str) and any(ord(c) < 32 and c not in "\t\n" or c == "\x7f" for c in v):
+            ctx.error(f"{p}.{k}", f"the value of {k} contains a control character (NUL, CR, escape …)",
+                      "an env file cannot carry it: systemd and Mastodon would read something else; remove it",
+                      "config.bad-value")
         elif isinstance(v, (str, int)):
             out.append((k, str(v)))
         else:

@@ -23,8 +23,9 @@ def render_value(value: str) -> str:
     """The text fleet writes after `KEY=` for `value`."""
     if _BARE.fullmatch(value):
         return value
+    # A newline stays a real newline inside the quotes: systemd's EnvironmentFile= and dotenv both
+    # read a quoted value across lines, while `\n` would mean a newline to one and not the other.
     out = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
-    out = out.replace("\n", "\\n").replace("\r", "\\r")
     return f'"{out}"'
 
 

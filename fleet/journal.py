@@ -709,6 +709,9 @@ def parse_since(text: str, *, now: float | None = None) -> float:
     s = text.strip()
     m = _RELATIVE.fullmatch(s.lower())
     if m:
+        if len(m.group(1)) > 9:  # beyond 30 years in seconds; a float would overflow further on
+            raise FleetError(f"--since {text!r} reaches back further than fleet keeps anything",
+                             hint=f"accepted forms: {SINCE_FORMS}")
         return (time.time() if now is None else now) - int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?\s*(Z|z|[+-]\d{2}:?\d{2})?", s):
         try:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleet.diff import (
+    ACTIONS,
     DAEMON_RELOAD,
     ENABLE,
     PRUNE,
@@ -102,6 +103,9 @@ class Plan:
 def plan_from_json(text: str, source: str = "plan") -> Plan:
     try:
         d = json.loads(text)
+    except RecursionError as e:
+        raise PlanFileError(f"{source} nests too deeply to be a plan",
+                            hint="pass a file written by `fleet plan -o FILE`") from e
     except ValueError as e:
         raise PlanFileError(f"{source} is not JSON: {e}", hint="pass a file written by `fleet plan -o FILE`") from e
     if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
@@ -110,6 +114,7 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
                             hint="recompute it with `fleet plan -o FILE`")
     try:
         changes = tuple(Change.from_dict(c) for c in d["changes"])
+        _validate(changes, d, source)
         return Plan(
             fleet=str(d["fleet"]), created_at=str(d["created_at"]), desired_hash=str(d["desired_hash"]),
             hosts=tuple(d["hosts"]), fingerprints={str(k): str(v) for k, v in d["fingerprints"].items()},
@@ -121,6 +126,23 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise PlanFileError(f"{source}: plan is incomplete or damaged (missing {e})",
                             hint="recompute it with `fleet plan -o FILE`") from e
+
+
+def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> None:
+    """A plan file is data from disk: check it is whole before anything reads it."""
+    ids = {c.id for c in changes}
+    waves = [cid for w in d["waves"] for cid in w]
+    if sorted(waves) != sorted(ids):
+        raise PlanFileError(f"{source}: its waves and its changes do not match (edited or damaged)",
+                            hint="recompute it with `fleet plan -o FILE`")
+    for c in changes:
+        if c.action not in ACTIONS or any(len(k) != 4 or k[1] not in ("set", "change", "remove") for k in c.keys):
+            raise PlanFileError(f"{source}: change {c.id[:80]!r} is malformed",
+                                hint="recompute it with `fleet plan -o FILE`")
+    deps = {c["id"]: c.get("deps", ()) for c in d["changes"]}
+    if any(dep not in ids for ds in deps.values() for dep in ds):
+        raise PlanFileError(f"{source}: a change depends on one the plan does not contain",
+                            hint="recompute it with `fleet plan -o FILE`")
 
 
 def desired_hash(desired: Desired) -> str:

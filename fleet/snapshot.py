@@ -86,10 +86,12 @@ def pack(results: Mapping[str, HostResult]) -> bytes:
 
 def unpack(data: bytes) -> dict[str, HostResult]:
     try:
-        record = json.loads(zlib.decompress(data))
-    except (zlib.error, ValueError) as e:
-        raise FleetError(f"a snapshot in the journal is damaged ({e})", hint="pick another snapshot") from e
-    return from_record(record)
+        return from_record(json.loads(zlib.decompress(data)))
+    except FleetError:
+        raise
+    except (zlib.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise FleetError(f"a snapshot in the journal is damaged ({type(e).__name__}: {e})",
+                         hint="pick another snapshot (fleet history)") from e
 
 
 def host_summary(results: Mapping[str, HostResult]) -> dict[str, str]:

@@ -19,6 +19,11 @@ def unit_path(unit: str) -> str:
     return f"{UNIT_DIR}/{unit}"
 
 
+def _literal(value: str) -> str:
+    """systemd expands %-specifiers in paths too: a literal % is written %%."""
+    return value.replace("%", "%%")
+
+
 def _env_assignment(key: str, value: str) -> str:
     # systemd expands %-specifiers in Environment=; a literal % must be doubled.  Quoting the
     # whole assignment keeps spaces; backslashes and quotes are escaped C-style.
@@ -34,7 +39,7 @@ def render_unit(service: Service) -> str:
     lines = [
         f"# Managed by fleet (service {service.name}). Local edits are overwritten by `fleet apply`.",
         "[Unit]",
-        f"Description={spec.description or service.name}",
+        f"Description={_literal(spec.description or service.name)}",
     ]
     if spec.after:
         lines.append(f"After={' '.join(spec.after)}")
@@ -44,11 +49,11 @@ def render_unit(service: Service) -> str:
     if spec.group:
         lines.append(f"Group={spec.group}")
     if spec.working_directory:
-        lines.append(f"WorkingDirectory={spec.working_directory}")
+        lines.append(f"WorkingDirectory={_literal(spec.working_directory)}")
     for key, value in spec.environment:
         lines.append(f"Environment={_env_assignment(key, value)}")
     for path in spec.environment_files:
-        lines.append(f"EnvironmentFile={path}")
+        lines.append(f"EnvironmentFile={_literal(path)}")
     lines.append(f"ExecStart={spec.exec_start}")
     if spec.exec_reload:
         lines.append(f"ExecReload={spec.exec_reload}")

@@ -6,6 +6,7 @@ version — raises `ParseError` naming the section, never another exception.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 
@@ -240,7 +241,9 @@ def _int(s: str) -> int:
 
 
 def _float(s: str) -> float:
+    """Facts are shown and written as JSON: a host printing nan or 1e999 gets 0."""
     try:
-        return float(s.strip() or 0)
+        value = float(s.strip() or 0)
     except ValueError:
         return 0.0
+    return value if math.isfinite(value) else 0.0

@@ -125,6 +125,23 @@ END { flush() }
 # awk: classify each line of an env file; sensitive values go to the shell loop for hashing
 # and never to stdout.
 _ENV_AWK = r"""
+# A double-quoted value may span lines (fleet writes a newline in a value that way): it ends at
+# the first line ending in an unescaped quote.
+function esc(v, dbl,   out, i, c) {
+  out = ""
+  for (i = 1; i <= length(v); i++) {
+    c = substr(v, i, 1)
+    if (c == "\n") out = out "\\n"; else if (dbl && c == "\\") out = out "\\\\"; else out = out c
+  }
+  return out
+}
+function closed(v,   n, i) {
+  sub(/[ \t]+$/, "", v)
+  if (length(v) < 2 || substr(v, length(v), 1) != "\"") return 0
+  n = 0
+  for (i = length(v) - 1; i >= 1 && substr(v, i, 1) == "\\"; i--) n++
+  return n % 2 == 0
+}
 { line = $0; sub(/^[ \t]+/, "", line); sub(/\r$/, "", line) }
 line == "" || substr(line, 1, 1) == "#" { next }
 NR > maxl { print "invalid"; exit }
@@ -133,10 +150,15 @@ NR > maxl { print "invalid"; exit }
   eq = index(line, "=")
   if (eq < 2) { print "invalid"; next }
   k = substr(line, 1, eq - 1); sub(/[ \t]+$/, "", k)
-  v = substr(line, eq + 1); sub(/^[ \t]+/, "", v); sub(/[ \t]+$/, "", v)
+  v = substr(line, eq + 1); sub(/^[ \t]+/, "", v)
+  if (substr(v, 1, 1) == "\"")
+    while (!closed(v) && NR <= maxl && (getline nxt) > 0) { sub(/\r$/, "", nxt); v = v "\n" nxt }
+  sub(/[ \t]+$/, "", v)
   if (k !~ /^[A-Za-z0-9_.]+$/) { print "invalid"; next }
-  if (index(s, " " k " ") || k ~ secret_re) print "S " k " " v
-  else print "V " k " " v
+  # one line per key on the way out: newlines travel as \n (and, for secrets, \ as \\, so that
+  # the shell's printf %b restores the exact raw text before hashing it)
+  if (index(s, " " k " ") || k ~ secret_re) print "S " k " " esc(v, 1)
+  else print "V " k " " esc(v, 0)
 }
 """
 
@@ -189,7 +211,7 @@ def build_script(spec: CollectSpec) -> str:
             f"awk -v s={q(sens)} -v secret_re={q(SECRET_NAME_PATTERN)} -v maxl={MAX_ENV_LINES} {q(_ENV_AWK)} {p} "
             "| while IFS= read -r l; do case $l in "
             "'S '*) k=${l#S }; v=${k#* }; k=${k%% *}; "
-            "set -- $(printf '%s' \"$v\" | sha256sum); echo \"secret $k $1\";; "
+            "set -- $(printf '%b' \"$v\" | sha256sum); echo \"secret $k $1\";; "
             "*) printf '%s\\n' \"$l\";; esac; done; "
             "else echo absent; fi"
         )
