@@ -205,7 +205,7 @@ class Executor:
         return result
 
     def _skip(self, c: Change) -> StepOutcome:
-        reason = f"not attempted: the rollout halted ({self.halted})"
+        reason = f"not attempted: the rollout halted after {self.halted}"
         self.journal.record_skipped(self.run_id, c, reason)
         return StepOutcome(c, "skipped", reason)
 
@@ -234,7 +234,7 @@ class Executor:
         if outcome.outcome == "failed":
             with self._lock:
                 if not self.halted:
-                    self.halted = f"{c.action} {c.target} failed on {c.host}"
+                    self.halted = f"{c.action} {c.target} failed on {c.host}"  # "… halted after <this>"
             if c.action in (START, RESTART):
                 outcome.rollback = self._rollback(c)
         error = outcome.error + (f"; {outcome.rollback}" if outcome.rollback else "")
@@ -247,7 +247,9 @@ class Executor:
         res = self.transport.run(self.hosts[c.host], command, stdin=stdin, timeout=timeout)
         out, err = _out(res)
         if "@@ok" not in out and "@@gate" not in out:
-            tail = (err.strip().splitlines() or out.strip().splitlines() or ["(no output)"])[-1]
+            lines = err.strip().splitlines() or out.strip().splitlines() or ["(no output)"]
+            # systemctl's cause comes before its "See systemctl status …" line: keep a few lines
+            tail = " / ".join(line.strip() for line in lines[-3:])
             raise FleetError(f"exit {getattr(res, 'exit_code', '?')}: {tail}")
         return out
 
@@ -269,8 +271,10 @@ class Executor:
         elif c.action == ENABLE:
             self._run(c, remote.systemctl("enable --quiet", c.target))
         elif c.action in (START, RESTART):
-            self._run(c, remote.systemctl("start" if c.action == START else "restart", c.target),
-                      timeout=self.start_timeout + 30)
+            # reset-failed first: a unit that crash-looped earlier (this run's rollback, or by
+            # hand) would otherwise be refused by systemd's start limit for a while.
+            self._run(c, remote.reset_failed(c.target) + remote.systemctl(
+                "start" if c.action == START else "restart", c.target), timeout=self.start_timeout + 30)
             self._gate(c, outcome)
         elif c.action == PRUNE:
             self._run(c, remote.prune(c.target, c.steps, c.remove_files, run_id=self.run_id), timeout=120)
@@ -317,7 +321,8 @@ class Executor:
         was_running = c.before.startswith("active")
         try:
             if not was_running:  # stop first: a crash-looping new unit must not restart meanwhile
-                self.transport.run(host, remote.systemctl("stop", svc.unit), timeout=self.start_timeout + 30)
+                self.transport.run(host, remote.systemctl("stop", svc.unit) + remote.reset_failed(svc.unit),
+                                   timeout=self.start_timeout + 30)
             for path in mine:
                 self.transport.run(host, remote.restore_file(path, run_id=self.run_id), timeout=60)
             if mine:
@@ -341,6 +346,7 @@ def describe_holder(holder: str) -> str:
         h = None
     if not isinstance(h, dict):
         return holder.strip()[:200]
-    text = f"{h.get('operator', '?')} from {h.get('from', '?')} since {h.get('since', '?')}"
+    pid = f" (pid {h['pid']})" if h.get("pid") else ""
+    text = f"{h.get('operator', '?')} from {h.get('from', '?')}{pid} since {h.get('since', '?')}"
     ids = [f"{k} {h[k2]}" for k, k2 in (("run", "run_id"), ("plan", "plan_id")) if h.get(k2)]
     return text + (f" ({', '.join(ids)})" if ids else "")

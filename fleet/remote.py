@@ -83,6 +83,11 @@ def systemctl(verb: str, unit: str | None = None) -> str:
     return f"systemctl {verb}{target} && echo @@ok\n"
 
 
+def reset_failed(unit: str) -> str:
+    """Forget a unit's failed state and start-limit counter (never fails)."""
+    return f"systemctl reset-failed -- {q(unit)} 2>/dev/null; "
+
+
 def prune(unit: str, steps: tuple[str, ...], files: tuple[str, ...], *, run_id: str) -> str:
     """Stop, disable and (if fleet may) remove an undeclared unit, then reload systemd."""
     parts = ["set -e"]

@@ -1096,19 +1096,25 @@ class SSHTransport:
                 hint="check sshd's MaxSessions and the user's login restrictions on the host",
             ) from exc
         except Exception as exc:
-            if transport.is_active() and time.monotonic() >= deadline:
+            slot.transport = None  # a connection that cannot open a channel in time is not reused
+            transport.close()
+            if time.monotonic() >= deadline:
                 raise TransportError(
                     name,
                     "timeout",
                     f"{name} did not open a session channel within {limit:g}s",
-                    hint="the host may be overloaded; retry, or raise the timeout",
+                    hint="the host may be overloaded or cut off; retry, or raise the timeout",
                 ) from exc
-            slot.transport = None
-            transport.close()
             raise _lost(name, command, exc) from exc
         try:
             return self._exec_channel(name, transport, channel, command, wire, stdin, deadline, started, limit)
-        except TransportError:
+        except TransportError as exc:
+            if exc.kind == "timeout":
+                # The host may be gone (network cut) rather than the command slow: the next
+                # command reconnects, bounded by the connect timeout, instead of waiting out its
+                # own timeout on a dead connection.
+                slot.transport = None
+                transport.close()
             raise
         except Exception as exc:
             if not transport.is_active():

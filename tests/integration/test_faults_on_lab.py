@@ -388,11 +388,6 @@ def test_units_that_fail_to_start_fail_their_gates_are_rolled_back_and_a_rerun_c
     assert_rerun_converges(lab)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: fleet/apply.py Executor._rollback stops a unit whose start burst hit systemd's "
-                          "start limit but never runs `systemctl reset-failed`, and Executor._do starts units "
-                          "without it: a re-run within StartLimitIntervalSec (10 s) fails with 'exit 1: See "
-                          "\"systemctl status …\"' (Executor._run keeps only the last stderr line)")
 def test_a_rerun_right_after_the_cause_of_a_start_failure_is_fixed_converges(converged: Any) -> None:
     lab = converged
     lab.ssh("fritz", "chmod 644 /usr/bin/node && systemctl stop mastodon-streaming.service", user="root")
@@ -451,10 +446,6 @@ def test_fleet_killed_mid_apply_leaves_a_stale_lock_naming_its_run_and_a_step_ne
     assert_rerun_converges(lab)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: fleet/apply.py describe_holder() drops the holder's pid, which holder_info() "
-                          "records: `fleet lock status` and the refusal name user, machine, time, run and plan "
-                          "but not the process to check with `ps` before breaking (docs/apply.md, Locks, step 1)")
 def test_a_stale_lock_names_the_process_that_held_it(converged: Any) -> None:
     lab = converged
     lab.ssh("fritz", "systemctl stop mastodon-streaming.service", user="root")
@@ -577,11 +568,6 @@ def test_a_network_cut_to_a_host_mid_apply_times_out_instead_of_hanging(bare: An
     assert_rerun_converges(lab)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: fleet/collect/transport.py SSHTransport._exec keeps a connection on which a "
-                          "session channel could not be opened within the timeout (and one whose command timed "
-                          "out): every later command on that host waits out its own full timeout on the dead "
-                          "connection instead of failing within connect_timeout (rollback 40 s, unlock 30 s)")
 def test_after_a_network_cut_the_next_command_fails_within_the_connect_timeout(lab: Any) -> None:
     from fleet.collect.transport import SSHTransport
     from fleet.errors import TransportError

@@ -389,7 +389,7 @@ def test_a_failed_gate_halts_the_rollout_and_every_later_wave_is_skipped(rig: Ri
     assert rig.journal.unfinished() == []
     assert all(steps[c].outcome == "skipped" for c in plan.waves[-1])
     assert steps[plan.waves[-1][0]].error == (
-        "not attempted: the rollout halted (start postgresql.service failed on nietzsche)")
+        "not attempted: the rollout halted after start postgresql.service failed on nietzsche")
     assert not any(c.change in plan.waves[-1] for c in rig.fake.calls), "a skipped step sends nothing"
 
 
@@ -414,7 +414,8 @@ def test_a_failed_start_is_rolled_back_by_stopping_the_unit_and_restoring_its_fi
     [failed] = result.failed
     assert failed.change.id == f"fritz:start:{WEB}"
     after_gate = [c.command for c in rig.fake.on("fritz") if c.change == failed.change.id][2:]
-    assert after_gate[0] == remote.systemctl("stop", WEB), "stopped first: a crash-looping unit must not restart"
+    assert after_gate[0] == remote.systemctl("stop", WEB) + remote.reset_failed(WEB), \
+        "stopped first (a crash-looping unit must not restart), and its failed state forgotten"
     assert sorted(after_gate[1:3]) == sorted([remote.restore_file(unit_path(WEB), run_id=ex.run_id),
                                               remote.restore_file(ENV, run_id=ex.run_id)])
     assert after_gate[3:] == [remote.systemctl("daemon-reload")], "no restart: it was not running before"
@@ -500,7 +501,7 @@ def test_a_rollback_that_cannot_reach_the_host_says_so(rig: Rig) -> None:
         "unit failed to start (failed/failed); rollback on fritz failed: fritz: connection reset")
 
 
-def test_a_command_that_does_not_confirm_with_ok_fails_its_step_with_its_last_error_line(rig: Rig) -> None:
+def test_a_command_that_does_not_confirm_with_ok_fails_its_step_with_its_last_error_lines(rig: Rig) -> None:
     def refuse(call: Call) -> Result | None:
         if call.host == "fritz" and "mktemp" in call.command:
             return Result(b"", b"mkdir: cannot create directory\nmktemp: Read-only file system\n", 1)
@@ -510,7 +511,7 @@ def test_a_command_that_does_not_confirm_with_ok_fails_its_step_with_its_last_er
     result = rig.executor(web_edited_on_fritz_and_franz()).execute()
     [failed] = result.failed
     assert failed.change.id == f"fritz:write-unit:{WEB}"
-    assert failed.error == "exit 1: mktemp: Read-only file system"
+    assert failed.error == "exit 1: mkdir: cannot create directory / mktemp: Read-only file system"
 
 
 def test_a_failed_restart_after_removing_a_drop_in_restores_the_drop_in_too(rig: Rig) -> None:
