@@ -152,6 +152,7 @@ def run_proposals(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_lab(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
     from bench.apply_bench import bench_apply
+    from bench.remote_cost import measure_remote_cost
     from bench.status import bench_status
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -166,8 +167,12 @@ def run_lab(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
             if not args.no_status:
                 results["status"] = []
                 for n in args.sizes:
+                    cost = None
+                    if n == min(args.sizes):
+                        def cost(d: Path) -> dict[str, Any]:
+                            return measure_remote_cost(lab, d)
                     r = bench_status(lab, n, args.runs, args.work, log, settle=args.converge_settle,
-                                     profile=lambda d, n=n: _profile(lab, d, n))
+                                     profile=lambda d, n=n: _profile(lab, d, n), remote_cost=cost)
                     results["status"].append(r)
                     _save(results, out)
         finally:

@@ -21,19 +21,25 @@ waves) to fleet's own `build_plan` on the same input:
    `nx.topological_generations` first (linear; it raises NetworkXUnfeasible on a cycle) and
    only then call `find_cycle`, to name the cycle in the error.
 
+6. (constant factor) `_service_changes` renders every unit text two or three times per host
+   (`unit_file_differs`, `as_observed_text`, `content_hash`) and runs difflib for every host
+   that lacks the unit, although the text and the diff body depend on the service only.
+   Proposal: render once per service per plan; compute a new unit's diff body once.
+
 5. (changes the graph, not the plan) make-before-break adds an edge from every start/restart to
    every prune: |runs| × |prunes| edges, quadratic in hosts when drift grows with the fleet.
    Proposal: one barrier node (runs -> barrier -> prunes) that adds no wave of its own; the plan's
    deps and waves stay exactly the same.
 
 `python -m bench.proposals --hosts 1000 --scenario drift` prints one JSON object: timings of
-fleet's build_plan, of 1-4 and of 1-5, whether the plans are identical, and the edge count the
+fleet's build_plan, of 1-4 and of 1-6, whether the plans are identical, and the edge count the
 make-before-break rule contributes.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import statistics
 import sys
@@ -50,6 +56,7 @@ from bench import core
 from fleet import diff as diff_mod
 from fleet import graph as graph_mod
 from fleet import plan as plan_mod
+from fleet import units as units_mod
 from fleet.diff import DAEMON_RELOAD, ENABLE, PRUNE, RESTART, START, WRITE_ENV, WRITE_UNIT, Change, Diff
 from fleet.model import Desired, EnvFile, HostError, HostResult, HostState, Service
 
@@ -180,7 +187,10 @@ def build_graph(changes: Sequence[Change], desired: Desired) -> nx.DiGraph:
 
 def order(changes: Sequence[Change], desired: Desired) -> tuple[graph_mod.Deps, graph_mod.Waves]:
     """fleet.graph.order: topological generations first; find_cycle only to name a cycle."""
-    g = build_graph(changes, desired)
+    return _deps_and_waves(build_graph(changes, desired), changes)
+
+
+def _deps_and_waves(g: nx.DiGraph, changes: Sequence[Change]) -> tuple[graph_mod.Deps, graph_mod.Waves]:
     try:
         generations = list(nx.topological_generations(g))
     except nx.NetworkXUnfeasible:
@@ -220,6 +230,8 @@ def order_barrier(changes: Sequence[Change], desired: Desired) -> tuple[graph_mo
     """Same deps and waves as fleet.graph.order: the barrier adds no wave of its own (its incoming
     edges weigh 0 in the longest-path layering), and a prune's deps list every run, as before."""
     g = build_graph_barrier(changes, desired)
+    if BARRIER not in g:  # nothing to prune: exactly proposal 4
+        return _deps_and_waves(g, changes)
     try:
         topo = list(nx.topological_sort(g))
     except nx.NetworkXUnfeasible:
@@ -251,23 +263,73 @@ def order_barrier(changes: Sequence[Change], desired: Desired) -> tuple[graph_mo
     return deps, waves
 
 
+# ----------------------------------------------------------------------------- 6. per-service work once
+
+_RENDERED: dict[int, tuple[Service, str]] = {}
+_real_render_unit = units_mod.render_unit
+_real_unified_diff = difflib.unified_diff
+_DIFF_BODIES: dict[tuple[str, str], list[str]] = {}
+
+
+def render_unit_once(service: Service) -> str:
+    """fleet.units.render_unit, rendered once per Service object (it is a pure function of it)."""
+    hit = _RENDERED.get(id(service))
+    if hit is not None and hit[0] is service:
+        return hit[1]
+    text = _real_render_unit(service)
+    _RENDERED[id(service)] = (service, text)
+    return text
+
+
+class _DifflibOnce:
+    """difflib with unified_diff's body computed once per (before, after) pair: every host
+    that lacks a unit gets the same body, only the ---/+++ headers name the host."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(difflib, name)
+
+    @staticmethod
+    def unified_diff(a: Sequence[str], b: Sequence[str], fromfile: str = "", tofile: str = "",
+                     **kw: Any) -> list[str]:
+        if kw:
+            return list(_real_unified_diff(a, b, fromfile, tofile, **kw))
+        key = ("".join(a), "".join(b))
+        body = _DIFF_BODIES.get(key)
+        if body is None:
+            body = list(_real_unified_diff(a, b, "F", "T"))[2:]
+            _DIFF_BODIES[key] = body
+        if not body:
+            return []
+        return [f"--- {fromfile}\n", f"+++ {tofile}\n", *body]
+
+
 # ----------------------------------------------------------------------------- switching
 
 
 @contextmanager
 def proposed(barrier: bool = False) -> Any:
-    """Route build_plan through the proposed functions (1-4, or 1-5), for this process only."""
+    """Route build_plan through the proposed functions (1-4, or with `barrier` 1-6), for this
+    process only."""
     saved = (Desired.services_on, Desired.env_files_on, vars(plan_mod)["diff"], vars(plan_mod)["order"])
     Desired.services_on = services_on  # type: ignore[method-assign]
     Desired.env_files_on = env_files_on  # type: ignore[method-assign]
     vars(plan_mod)["diff"] = diff
     vars(plan_mod)["order"] = order_barrier if barrier else order
+    if barrier:  # the "1-6" variant: also render each unit and each new-unit diff body once
+        vars(units_mod)["render_unit"] = render_unit_once
+        vars(diff_mod)["render_unit"] = render_unit_once
+        vars(diff_mod)["difflib"] = _DifflibOnce()
     try:
         yield
     finally:
         Desired.services_on, Desired.env_files_on = saved[0], saved[1]  # type: ignore[method-assign]
         vars(plan_mod)["diff"], vars(plan_mod)["order"] = saved[2], saved[3]
+        vars(units_mod)["render_unit"] = _real_render_unit
+        vars(diff_mod)["render_unit"] = _real_render_unit
+        vars(diff_mod)["difflib"] = difflib
         _INDEX.clear()
+        _RENDERED.clear()
+        _DIFF_BODIES.clear()
 
 
 def _timed(fn: Any, repeats: int) -> tuple[list[float], Any]:

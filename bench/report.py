@@ -57,7 +57,8 @@ def profile_table(p: dict[str, Any]) -> str:
     rows = [[k, _ms(v["wall_s"]), _ms(v["cpu_s"])] for k, v in p["steps"].items()]
     rows.append(["total, measured inside", _ms(p["total_wall_s"]), _ms(p["total_cpu_s"])])
     if "process_wall_s" in p:
-        rows.append(["the process, measured outside (incl. exit)", _ms(p["process_wall_s"]), _ms(p["process_cpu_s"])])
+        rows.append(["the process seen from outside (+ the bench's wait for paramiko's threads, exit)",
+                     _ms(p["process_wall_s"]), _ms(p["process_cpu_s"])])
     return tabulate(rows, headers=[f"fleet status, N={p['hosts']}: step", "wall", "CPU (all threads)"],
                     tablefmt="github")
 
@@ -112,8 +113,14 @@ def proposals_table(rows: list[dict[str, Any]]) -> str:
                     f"{same(r.get('identical'))} / {same(r.get('barrier_identical_to_proposed'))}"])
     return tabulate(out, tablefmt="github", headers=[
         "hosts ×20 svc", "scenario", "fleet build_plan", "proposed 1–4", "speed-up", "peak 1–4 (tracemalloc)",
-        "proposed 1–5 (barrier)", "peak 1–5", "edges from make-before-break",
-        "identical plan (1–4 vs fleet / 1–5 vs 1–4)"])
+        "proposed 1–6", "peak 1–6", "edges from make-before-break",
+        "identical plan (1–4 vs fleet / 1–6 vs 1–4)"])
+
+
+def remote_cost_table(rc: dict[str, Any]) -> str:
+    rows = [[k, _ms(v["wall_s"]), _ms(v["client_cpu_s"]), _ms(v["remote_cpu_s"])] for k, v in rc["cases"].items()]
+    return tabulate(rows, headers=["one host, alone (OpenSSH client, median)", "wall", "client CPU",
+                                   "remote-side CPU (sshd, PAM, sudo, script, PID 1)"], tablefmt="github")
 
 
 def imports_table(rows: list[dict[str, Any]]) -> str:
@@ -141,7 +148,7 @@ def proposals_growth(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def proposals_growth_table(rows: list[dict[str, Any]]) -> str:
     return tabulate([[g["scenario"], f"{g['from']} → {g['to']}", f"{g['proposed']:.2f}",
                       "—" if g["barrier"] is None else f"{g['barrier']:.2f}"] for g in proposals_growth(rows)],
-                    headers=["scenario", "hosts", "time exponent 1–4", "time exponent 1–5"], tablefmt="github")
+                    headers=["scenario", "hosts", "time exponent 1–4", "time exponent 1–6"], tablefmt="github")
 
 
 def apply_table(a: dict[str, Any]) -> str:
@@ -171,7 +178,9 @@ def render(results: dict[str, Any]) -> str:
         parts += ["## fleet status vs the OpenSSH floor", status_table(results["status"])]
         for r in results["status"]:
             parts += [f"### N={r['hosts']}: runs", status_runs_table(r)]
-            if r.get("profile"):
+            if r.get("remote_cost", {}).get("cases"):
+                parts += [remote_cost_table(r["remote_cost"])]
+            if r.get("profile", {}).get("steps"):
                 parts += [profile_table(r["profile"]), phase_table(r["profile"]), thread_table(r["profile"])]
     if results.get("imports"):
         parts += ["## fixed cost: interpreter and imports", imports_table(results["imports"])]

@@ -152,7 +152,7 @@ def _check_status(m: Measured, n: int) -> dict[str, Any]:
 
 
 def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle: float = 0.5,
-                 counts: bool = True, profile: Any = None) -> dict[str, Any]:
+                 counts: bool = True, profile: Any = None, remote_cost: Any = None) -> dict[str, Any]:
     """Boot n generated hosts, converge them, then alternate floor and fleet `runs` times."""
     directory = write_inventory(work / f"fleet-{n}", n)
     state = str(lab.state_dir)
@@ -218,7 +218,16 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
     result["all_ok"] = all(r["fleet_rc"] == 0 and r["floor_failures"] == 0 for r in rows)
     if profile is not None:
         report(f"[status N={n}] in-process profile of one collection")
-        result["profile"] = profile(directory)
+        try:
+            result["profile"] = profile(directory)
+        except Exception as exc:  # noqa: BLE001
+            result["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if remote_cost is not None:
+        report(f"[status N={n}] remote cost of one host's collection, one at a time")
+        try:
+            result["remote_cost"] = remote_cost(directory)
+        except Exception as exc:  # noqa: BLE001 - a side measurement must not lose the main one
+            result["remote_cost"] = {"error": f"{type(exc).__name__}: {exc}"}
     if counts:
         report(f"[status N={n}] counting connections and channels per host")
         result["counts"] = count_connections(lab, directory)
