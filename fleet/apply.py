@@ -283,9 +283,11 @@ class Executor:
         else:
             raise FleetError(f"unknown action {c.action!r} in the plan")
 
-    def _write(self, c: Change, path: str, text: str, **kw: object) -> None:
-        self._run(c, remote.write_file(path, run_id=self.run_id, **kw),  # type: ignore[arg-type]
-                  stdin=text.encode("utf-8"))
+    def _write(self, c: Change, path: str, text: str, *, mode: str, owner: str | None, group: str | None,
+               keep_keys: tuple[str, ...] = ()) -> None:
+        data = text.encode("utf-8")
+        self._run(c, remote.write_file(path, run_id=self.run_id, mode=mode, owner=owner, group=group,
+                                       keep_keys=keep_keys, sha256=sha256_hex(data)), stdin=data)
         with self._lock:
             self.written.setdefault(c.host, []).append(path)
 

@@ -25,11 +25,11 @@ def backup_name(path: str) -> str:
 
 
 def write_file(path: str, *, mode: str, run_id: str, owner: str | None = None, group: str | None = None,
-               keep_keys: tuple[str, ...] = ()) -> str:
+               keep_keys: tuple[str, ...] = (), sha256: str | None = None) -> str:
     """Atomically replace `path` with stdin: temp file in the same directory, mode and owner set,
     then rename.  The previous file is kept in the run's backup directory for rollback.
     `keep_keys`: env keys whose lines are carried over from the old file (values fleet never
-    sees: secrets declared "present")."""
+    sees: secrets declared "present").  `sha256`: the content's hash, checked before the rename."""
     p, bdir = q(path), q(f"{BACKUPS}/{run_id}")
     backup = q(f"{BACKUPS}/{run_id}/{backup_name(path)}")
     lines = [
@@ -41,6 +41,9 @@ def write_file(path: str, *, mode: str, run_id: str, owner: str | None = None, g
         "trap 'rm -f -- \"$tmp\"' EXIT",
         'cat > "$tmp"',
     ]
+    if sha256 is not None:  # a connection lost mid-transfer must not install a truncated file
+        lines.append(f'set -- $(sha256sum "$tmp"); [ "$1" = {q(sha256)} ] || '
+                     '{ echo "the content arrived incomplete; nothing was replaced" >&2; exit 1; }')
     if keep_keys:
         keys = " " + " ".join(keep_keys) + " "
         lines.append(

@@ -12,6 +12,7 @@ threads.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shlex
 import subprocess
@@ -298,15 +299,16 @@ def test_a_unit_file_is_written_from_its_rendered_text_as_root_0644(rig: Rig) ->
     [call] = [c for c in rig.fake.on("fritz") if c.change == f"fritz:write-unit:{WEB}" and c.stdin is not None]
     assert call.stdin == render_unit(web).encode()
     assert call.command == remote.write_file(unit_path(WEB), mode="0644", owner="root", group="root",
-                                             run_id=rig.runs[0])
+                                             run_id=rig.runs[0], sha256=hashlib.sha256(call.stdin).hexdigest())
 
 
 def test_an_env_file_is_written_with_its_declared_owner_group_and_mode(rig: Rig) -> None:
     rig.executor(bare_plan()).execute()
     [call] = [c for c in rig.fake.on("freud") if c.change == f"freud:write-env:{ENV}"]
+    assert call.stdin is not None
     assert call.command == remote.write_file(ENV, mode="0600", owner="mastodon", group="mastodon",
-                                             run_id=rig.runs[0])
-    text = call.stdin.decode() if call.stdin else ""
+                                             run_id=rig.runs[0], sha256=hashlib.sha256(call.stdin).hexdigest())
+    text = call.stdin.decode()
     assert "LOCAL_DOMAIN=hachyderm.io\n" in text and "S3_ENABLED=true\n" in text
 
 
@@ -316,9 +318,10 @@ def test_a_present_secret_is_never_sent_and_the_hosts_own_line_is_kept(rig: Rig,
     plan = plan_for(bare(desired), desired)
     rig.executor(plan, desired).execute()
     [call] = [c for c in rig.fake.on("fritz") if c.change == f"fritz:write-env:{ENV}"]
-    assert call.command == remote.write_file(ENV, mode="0600", owner="mastodon", group="mastodon",
-                                             run_id=rig.runs[0], keep_keys=("DB_PASS",))
     assert call.stdin is not None and b"DB_PASS" not in call.stdin
+    assert call.command == remote.write_file(ENV, mode="0600", owner="mastodon", group="mastodon",
+                                             run_id=rig.runs[0], keep_keys=("DB_PASS",),
+                                             sha256=hashlib.sha256(call.stdin).hexdigest())
     assert S[("mastodon", "DB_PASS")].encode() not in b"".join(c.stdin or b"" for c in rig.fake.calls)
 
 
