@@ -74,8 +74,9 @@ def _global_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, sup
     p.add_argument("--accept-new-host-keys", action="store_true", default=d(False),
                    help="record UNKNOWN SSH host keys in known_hosts on first use (like OpenSSH "
                         "accept-new); changed keys are always refused")
-    p.add_argument("--connect-timeout", type=float, default=d(10.0), metavar="S",
-                   help="seconds to connect and authenticate to a host (default 10)")
+    p.add_argument("--connect-timeout", type=float, default=d(None), metavar="S",
+                   help="seconds to connect and authenticate to a host (default: the ssh config's "
+                        "ConnectTimeout, else 10)")
 
 
 def build_parser() -> argparse.ArgumentParser:

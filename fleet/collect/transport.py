@@ -566,7 +566,7 @@ class SSHTransport:
         ssh_config: str | None = None,
         known_hosts: Sequence[str] | None = None,
         accept_new: bool = False,
-        connect_timeout: float = 10.0,
+        connect_timeout: float | None = None,
         command_timeout: float = 60.0,
         max_output: int = DEFAULT_MAX_OUTPUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -580,8 +580,9 @@ class SSHTransport:
             those files (plus GlobalKnownHostsFile or /etc/ssh/ssh_known_hosts) instead.
         accept_new: record unknown host keys in the first (user) known_hosts file, like
             StrictHostKeyChecking=accept-new.  Changed keys are refused regardless.
-        connect_timeout: seconds for TCP connect + SSH handshake + authentication (a host's
-            ConnectTimeout in the ssh config wins).
+        connect_timeout: seconds for TCP connect + SSH handshake + authentication.  Given, it wins
+            over a host's ConnectTimeout in the ssh config (like `ssh -o` over the config file);
+            None means that ConnectTimeout, else 10 s.
         command_timeout: seconds a command may run when `run` is not given a timeout.
         max_output: bytes of stdout (and, separately, of stderr) read before the command is
             aborted with kind "output-too-large".
@@ -603,7 +604,8 @@ class SSHTransport:
             else os.path.expanduser(DEFAULT_USER_KNOWN_HOSTS)
         )
         self.accept_new = accept_new
-        self.connect_timeout = float(connect_timeout)
+        self._connect_timeout_given = connect_timeout is not None
+        self.connect_timeout = float(connect_timeout) if connect_timeout is not None else 10.0
         self.command_timeout = float(command_timeout)
         self.max_output = int(max_output)
         self.max_connections = max(1, int(max_connections))
@@ -671,7 +673,8 @@ class SSHTransport:
             known_hosts=known,
             record_to=record_to,
             hash_known_hosts=str(cfg.get("hashknownhosts", "no")).lower() == "yes",
-            connect_timeout=(float(cfg["connecttimeout"]) if "connecttimeout" in cfg else self.connect_timeout),
+            connect_timeout=(float(cfg["connecttimeout"]) if "connecttimeout" in cfg and not self._connect_timeout_given
+                             else self.connect_timeout),
             proxy_jump=None if not jump or jump == "none" else str(jump),
             proxy_command=None if not command or command == "none" else str(command),
         )
