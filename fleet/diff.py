@@ -133,13 +133,13 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
         if isinstance(result, HostError):
             unknown.append(result)
             continue
-        changes += _host_changes(desired, result, secrets, problems)
+        host_changes = _host_changes(desired, result, secrets, problems)
         pruned, host_notes = _prune_changes(desired, result, prune, whole)
-        changes += pruned
+        changes += host_changes + pruned
         notes += host_notes
         # A prune that removes a unit file reloads systemd itself, after its stop: it must not
         # hold up the reload that new units on this host wait for.
-        if any(c.action == WRITE_UNIT and c.host == host.name for c in changes):
+        if any(c.action == WRITE_UNIT for c in host_changes):
             changes.append(Change(host.name, DAEMON_RELOAD, "systemd", "unit files changed on this host"))
     return Diff(changes=tuple(changes), unknown=tuple(unknown), notes=tuple(notes), problems=tuple(problems))
 

@@ -60,12 +60,15 @@ def build_graph(changes: Sequence[Change], desired: Desired) -> nx.DiGraph:
                     if w.action == WRITE_ENV and w.target in loads:
                         g.add_edge(w.id, c.id)
 
+    runs_of: dict[str, list[Change]] = defaultdict(list)  # service -> its starts and restarts
+    for c in runs:
+        runs_of[c.service or ""].append(c)
+
     for c in runs:
         svc = service_units.get(c.service or "")
         for req in svc.requires if svc is not None else ():
-            for r in runs:
-                if r.service == req:
-                    g.add_edge(r.id, c.id)
+            for r in runs_of.get(req, ()):
+                g.add_edge(r.id, c.id)
 
     for p in changes:
         if p.action == PRUNE:
@@ -73,13 +76,17 @@ def build_graph(changes: Sequence[Change], desired: Desired) -> nx.DiGraph:
                 g.add_edge(r.id, p.id)
 
     for name, svc in service_units.items():
+        mine = runs_of.get(name, [])
         # An instance being started is not available yet: restarts of the same service wait for
         # it, so a rolling restart never takes down the last instance that is up.
-        for st in (c for c in runs if c.service == name and c.action == START):
-            for rs in (c for c in runs if c.service == name and c.action == RESTART and c.host != st.host):
-                g.add_edge(st.id, rs.id)
-        restarts = sorted((c for c in runs if c.service == name and c.action == RESTART),
-                          key=lambda c: svc.hosts.index(c.host) if c.host in svc.hosts else 0)
+        starts = [c for c in mine if c.action == START]
+        restarts_here = [c for c in mine if c.action == RESTART]
+        for st in starts:
+            for rs in restarts_here:
+                if rs.host != st.host:
+                    g.add_edge(st.id, rs.id)
+        position = {h: i for i, h in enumerate(svc.hosts)}
+        restarts = sorted(restarts_here, key=lambda c: position.get(c.host, 0))
         k = max(1, svc.max_unavailable)
         for i in range(k, len(restarts)):
             g.add_edge(restarts[i - k].id, restarts[i].id)
@@ -94,14 +101,16 @@ def order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, Waves]:
     """(dependencies of each change, waves).  A cycle raises CycleError naming it."""
     g = build_graph(changes, desired)
     try:
-        cycle = nx.find_cycle(g)
-    except nx.NetworkXNoCycle:
-        cycle = []
+        generations = list(nx.topological_generations(g))
+        cycle: list[tuple[str, str]] = []
+    except nx.NetworkXUnfeasible:  # only then look for the cycle, to name it (find_cycle is costly)
+        generations = []
+        cycle = list(nx.find_cycle(g))
     if cycle:
         chain = " -> ".join([a for a, _ in cycle] + [cycle[0][0]])
         raise CycleError(f"the changes cannot be ordered: {chain}",
                          hint="this comes from `requires` between services; break the cycle there")
     position = {c.id: i for i, c in enumerate(changes)}
     deps = {n: tuple(sorted(g.predecessors(n), key=position.__getitem__)) for n in g.nodes}
-    waves = tuple(tuple(sorted(gen, key=position.__getitem__)) for gen in nx.topological_generations(g))
+    waves = tuple(tuple(sorted(gen, key=position.__getitem__)) for gen in generations)
     return deps, waves

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 
 class Kind(StrEnum):
@@ -190,10 +191,24 @@ class Desired:
         return next((s for s in self.services if s.name == name), None)
 
     def services_on(self, host: str) -> tuple[Service, ...]:
-        return tuple(s for s in self.services if host in s.hosts)
+        return self._by_host[0].get(host, ())
 
     def env_files_on(self, host: str) -> tuple[EnvFile, ...]:
-        return tuple(e for e in self.env_files if host in e.hosts)
+        return self._by_host[1].get(host, ())
+
+    @cached_property
+    def _by_host(self) -> tuple[dict[str, tuple[Service, ...]], dict[str, tuple[EnvFile, ...]]]:
+        """host -> its services and env files, built once: scanning every host list for every
+        host made planning quadratic in the fleet's size (bench/, docs/PERFORMANCE.md)."""
+        services: dict[str, list[Service]] = {}
+        for s in self.services:
+            for h in dict.fromkeys(s.hosts):
+                services.setdefault(h, []).append(s)
+        envs: dict[str, list[EnvFile]] = {}
+        for e in self.env_files:
+            for h in dict.fromkeys(e.hosts):
+                envs.setdefault(h, []).append(e)
+        return ({h: tuple(v) for h, v in services.items()}, {h: tuple(v) for h, v in envs.items()})
 
 
 @dataclass(frozen=True)

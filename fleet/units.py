@@ -7,6 +7,7 @@ collector saw on a host says whether the unit must be rewritten.
 from __future__ import annotations
 
 import shlex
+from functools import lru_cache
 
 from fleet.mastodon import looks_secret
 from fleet.model import Service, UnitState
@@ -31,6 +32,7 @@ def _env_assignment(key: str, value: str) -> str:
     return f'"{key}={v}"'
 
 
+@lru_cache(maxsize=4096)  # a service's unit is the same on each of its hosts: render it once
 def render_unit(service: Service) -> str:
     """The unit file text for a managed service.  Raises ValueError for observe-only ones."""
     spec = service.unit_spec
