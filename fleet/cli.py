@@ -603,7 +603,6 @@ def _changes_since(journal: Journal, base: SnapshotRecord, new: dict[str, HostRe
 
 def cmd_audit(args: argparse.Namespace) -> int:
     desired = load_valid(args)
-    args.command = "audit"
     targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
     scoped = replace(desired, hosts=targets.hosts)
     base: SnapshotRecord | None = None

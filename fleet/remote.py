@@ -147,10 +147,6 @@ def health_gate(unit: str, check: HealthCheck | None, *, settle: float, start_ti
     return "\n".join(lines) + "\n"
 
 
-def journal_tail(unit: str, lines: int = 15) -> str:
-    return f"journalctl -u {q(unit)} -n {lines} --no-pager -o short-iso 2>/dev/null | sed 's/^/| /'; echo @@ok\n"
-
-
 def acquire_lock(holder_json: str) -> str:
     """mkdir is atomic: the first apply to create the lock directory holds the host."""
     return (f"mkdir -p {q(STATE)} && chmod 700 {q(STATE)} && if mkdir {q(LOCK)} 2>/dev/null; then "

@@ -44,6 +44,17 @@ def load_secrets(desired: Desired, secrets_file: Path,
                                     hint="fix its TOML syntax: [ENV_FILE_NAME] KEY = \"value\""))
             return {}, findings
     values: dict[tuple[str, str], str] = {}
+
+    def usable(key: str, value: str, where: str, file: str) -> bool:
+        """Like `fleet check` for declared values: no control character but tab and newline."""
+        if any(ord(c) < 32 and c not in "\t\n" or c == "\x7f" for c in value):
+            findings.append(Finding("error", "secrets.bad-value",
+                                    f"{key}: the value holds a control character (NUL, CR, escape …) that no "
+                                    "env file can carry", file=file, key=where,
+                                    hint="fix the value (it is not shown here)"))
+            return False
+        return True
+
     for ef in desired.env_files:
         section = table.get(ef.name, {})
         for key, src in ef.sensitive:
@@ -51,7 +62,8 @@ def load_secrets(desired: Desired, secrets_file: Path,
             if src.kind == "env":
                 assert src.var is not None
                 if src.var in env:
-                    values[(ef.name, key)] = env[src.var]
+                    if usable(key, env[src.var], where, desired.source):
+                        values[(ef.name, key)] = env[src.var]
                 else:
                     findings.append(Finding("error", "secrets.missing",
                                             f"{key}: environment variable {src.var} is not set",
@@ -60,7 +72,8 @@ def load_secrets(desired: Desired, secrets_file: Path,
             elif src.kind == "file":
                 value = section.get(key) if isinstance(section, dict) else None
                 if isinstance(value, str):
-                    values[(ef.name, key)] = value
+                    if usable(key, value, f"{ef.name}.{key}", str(secrets_file)):
+                        values[(ef.name, key)] = value
                 else:
                     findings.append(Finding(
                         "error", "secrets.missing",

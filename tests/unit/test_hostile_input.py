@@ -621,7 +621,7 @@ def test_a_failed_script_with_a_flood_of_stderr_reports_only_its_last_line() -> 
 @pytest.mark.xfail(strict=True, reason="bug: fleet/collect/parse.py _sections splits the whole output into a list of "
                                        "lines (and parse_facts/parse_units build dicts of them): ~20 bytes of memory "
                                        "per byte of output, so the 64 MiB the transport accepts per host "
-                                       "(DEFAULT_MAX_OUTPUT, not lowered by cli.open_transport) costs ~1.3 GiB")
+                                       "(DEFAULT_MAX_OUTPUT; the CLI caps it at 4 MiB) costs ~1.3 GiB")
 def test_the_largest_output_the_transport_accepts_costs_bounded_memory_to_parse() -> None:
     sample = 2 << 20
     output = b"@@fleet 1\n@@facts\n" + b"k=v\n" * (sample // 4)

@@ -405,7 +405,6 @@ def test_every_builder_makes_a_script_sh_accepts_whatever_the_values(value: str)
         remote.systemctl("restart", value),
         remote.health_gate(value, HealthCheck(command=value, timeout=2), settle=0.1, start_timeout=1),
         remote.health_gate(value, HealthCheck(http=value, timeout=2), settle=0.1, start_timeout=1),
-        remote.journal_tail(value),
         remote.acquire_lock(value),
         remote.release_lock(value),
         remote.update_lock(value, value),
@@ -725,10 +724,3 @@ def test_health_gate_never_runs_the_unit_name_as_code(systemd: FakeSystemd, tmp_
     assert out(r) == "@@gate ok\n"
     assert os.listdir(cwd) == []
     assert systemd.calls("systemctl")[0][-1] == unit
-
-
-def test_journal_tail_prefixes_every_line(systemd: FakeSystemd) -> None:
-    r = sh(remote.journal_tail("mastodon-web.service", 5), env=systemd.env)
-    assert out(r).splitlines() == ["| Nov 28 14:03:07 host puma[100]: boot failed: no database",
-                                   "| Nov 28 14:03:08 host systemd[1]: mastodon-web.service: Failed", "@@ok"]
-

@@ -34,6 +34,11 @@ nasty_text = st.text(
     max_size=40)
 
 
+# What can reach an env file at all: `fleet check` and the secrets loader refuse control
+# characters other than tab and newline (a CR, a NUL … cannot be carried portably).
+env_text = nasty_text.filter(lambda v: not any(ord(c) < 32 and c not in "\t\n" or c == "\x7f" for c in v))
+
+
 def generic(exec_start: str = "/usr/bin/thing --flag", **spec: object) -> Service:
     return Service(name="thing", kind=Kind.GENERIC, unit="thing.service", hosts=("a",),
                    unit_spec=UnitSpec(exec_start=exec_start, **spec))  # type: ignore[arg-type]
@@ -191,7 +196,7 @@ _TOOLS = all(shutil.which(t) for t in ("sh", "awk", "sha256sum", "stat"))
 
 @pytest.mark.skipif(not _TOOLS, reason="needs sh, awk, sha256sum and stat to run the collection script")
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(nasty_text, min_size=1, max_size=6))
+@given(st.lists(env_text, min_size=1, max_size=6))
 def test_the_collector_reads_a_rendered_file_back_with_the_same_values_and_fingerprints(values: list[str]) -> None:
     plain = [(f"KEY_{i}", v) for i, v in enumerate(values)]
     secret = [(f"SECRET_{i}", v) for i, v in enumerate(values)]
