@@ -30,7 +30,15 @@ from fleet.model import (
     UnitState,
 )
 from fleet.textutil import mask, sha256_hex
-from fleet.units import UNIT_DIR, as_observed_text, mask_unit_text, render_unit, unit_file_differs, unit_path
+from fleet.units import (
+    UNIT_DIR,
+    as_observed_text,
+    instance_owner,
+    mask_unit_text,
+    render_unit,
+    unit_file_differs,
+    unit_path,
+)
 
 # Actions, in the order they naturally happen on one host.
 WRITE_UNIT = "write-unit"
@@ -280,7 +288,7 @@ def _prune_changes(desired: Desired, state: HostState, prune: bool, whole: bool)
     out: list[Change] = []
     notes: list[str] = []
     for u in state.units:
-        if u.unit in declared_here or not u.exists or _companion_of(desired, host, u.unit):
+        if u.unit in declared_here or not u.exists or instance_owner(desired.services_on(host), u.unit) is not None:
             continue
         pattern = _matching_pattern(desired.discover, u.unit)
         active = u.active_state in ("active", "activating", "reloading")
@@ -311,14 +319,6 @@ def _prune_changes(desired: Desired, state: HostState, prune: bool, whole: bool)
 
 def _matching_pattern(patterns: tuple[DiscoveryPattern, ...], unit: str) -> DiscoveryPattern | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(unit, p.pattern)), None)
-
-
-def _companion_of(desired: Desired, host: str, unit: str) -> bool:
-    """`postgresql@15-main.service` is part of `postgresql.service` where that is declared."""
-    if "@" not in unit:
-        return False
-    stem = unit.split("@", 1)[0]
-    return any(s.unit.rsplit(".", 1)[0] == stem for s in desired.services_on(host))
 
 
 def _service_of(desired: Desired, unit: str) -> str | None:

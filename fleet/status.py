@@ -13,7 +13,7 @@ from typing import Any
 
 from fleet.model import SIDEKIQ_QUEUES, Desired, Finding, HostError, HostResult, HostState, Service, UnitState
 from fleet.policy import SidekiqProcess, check_queues
-from fleet.units import unit_file_differs
+from fleet.units import instance_owner, unit_file_differs
 
 # Cell statuses, from best to worst news:
 OK = "ok"  # declared here and as declared
@@ -79,7 +79,7 @@ def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusRepo
         r = results[h]
         if isinstance(r, HostState):
             for u in r.units:
-                if u.unit not in declared_units and u.exists and _companion(desired, u.unit) is None:
+                if u.unit not in declared_units and u.exists and instance_owner(desired.services, u.unit) is None:
                     extra.setdefault(u.unit)
     for unit in sorted(extra):
         cells = tuple(_undeclared_cell(h, results[h], unit) for h in hosts)
@@ -91,14 +91,6 @@ def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusRepo
         what="running")
     return StatusReport(fleet=desired.name, hosts=hosts, results=results, rows=tuple(rows), sidekiq=tuple(procs),
                         queue_findings=tuple(findings))
-
-
-def _companion(desired: Desired, unit: str) -> Service | None:
-    """`postgresql@15-main.service` belongs to the service that declares `postgresql.service`."""
-    if "@" not in unit:
-        return None
-    stem = unit.split("@", 1)[0]
-    return next((s for s in desired.services if s.unit.rsplit(".", 1)[0] == stem), None)
 
 
 def _declared_cell(s: Service, host: str, result: HostResult) -> Cell:

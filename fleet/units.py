@@ -7,6 +7,7 @@ collector saw on a host says whether the unit must be rewritten.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterable
 from functools import lru_cache
 
 from fleet.mastodon import looks_secret
@@ -120,3 +121,12 @@ def unit_file_differs(service: Service, u: UnitState | None) -> bool:
         fragment = dict(u.file_hashes).get(u.fragment_path)
         return u.fragment_path != unit_path(service.unit) or fragment != sha256_hex(render_unit(service))
     return u.text_hash != desired_text_hash(service)  # plain data without per-file hashes
+
+
+def instance_owner(services: Iterable[Service], unit: str) -> Service | None:
+    """The service an instance unit belongs to: `postgresql@15-main.service` is part of the
+    service that declares `postgresql.service`."""
+    if "@" not in unit:
+        return None
+    stem = unit.split("@", 1)[0]
+    return next((s for s in services if s.unit.rsplit(".", 1)[0] == stem), None)
