@@ -108,7 +108,8 @@ def prune(unit: str, steps: tuple[str, ...], files: tuple[str, ...], *, run_id: 
 def health_gate(unit: str, check: HealthCheck | None, *, settle: float, start_timeout: float) -> str:
     """After a start/restart: the unit must reach active (running, or exited for oneshot-style
     distro units such as Debian's postgresql.service), stay there
-    without restarting for `settle` seconds, then the health check must pass within its timeout.
+    without restarting for `settle` seconds, then the health check must pass within its timeout
+    while the unit stays up (a stop or restart meanwhile fails the gate at once, with that reason).
     Prints `@@gate ok` or `@@gate fail REASON` followed by the unit's last journal lines."""
     u = q(unit)
     lines = [
@@ -138,9 +139,14 @@ def health_gate(unit: str, check: HealthCheck | None, *, settle: float, start_ti
             probe = f"timeout 3 bash -c {q(f'exec 3<>/dev/tcp/127.0.0.1/{check.tcp}')}"
         else:
             probe = f"timeout {t} sh -c {q(check.command or 'true')}"
+        # While waiting for the check, keep watching the unit: a unit that dies or restarts meanwhile
+        # fails at once with that reason, not after the whole timeout as "did not pass".
         lines += [
             f"hend=$(( $(date +%s) + {t} ))",
-            f"until {probe} >/dev/null 2>&1; do [ $(date +%s) -lt $hend ] || "
+            f"until {probe} >/dev/null 2>&1; do set -- $(st); "
+            "[ \"$1\" = active ] || fail \"unit stopped before its health check passed (now $1/$2)\"; "
+            "[ \"$3\" = \"$n0\" ] && [ \"$4\" = \"$p0\" ] || fail \"unit restarted before its health check "
+            "passed (NRestarts $n0 -> $3, MainPID $p0 -> $4)\"; [ $(date +%s) -lt $hend ] || "
             f"fail {q(f'health check {check.describe()} did not pass within {t}s')}; sleep 0.5; done",
         ]
     lines.append("echo '@@gate ok'")

@@ -689,6 +689,30 @@ def test_health_gate_fails_within_its_timeout_when_the_http_check_never_passes(s
     assert len(systemd.calls("curl")) >= 2, "it retries until the timeout"
 
 
+def test_health_gate_fails_at_once_when_the_unit_restarts_while_its_health_check_is_awaited(
+        systemd: FakeSystemd) -> None:
+    # started (call 1), still the same process after the settle period (call 2), then a crash-restart
+    systemd.show("active", "running", n_restarts=0, pid=100, call=1)
+    systemd.show("active", "running", n_restarts=0, pid=100, call=2)
+    systemd.show("activating", "auto-restart", n_restarts=1, pid=0)
+    systemd.curl_exits(7)
+    text, took = gate(systemd, HealthCheck(http="http://127.0.0.1:3000/health", timeout=30))
+    assert text.splitlines()[0] == ("@@gate fail unit stopped before its health check passed "
+                                    "(now activating/auto-restart)")
+    assert took < 10, "it does not wait out the 30 s health timeout"
+
+
+def test_health_gate_names_a_restart_with_a_new_pid_while_its_health_check_is_awaited(systemd: FakeSystemd) -> None:
+    systemd.show("active", "running", n_restarts=0, pid=100, call=1)
+    systemd.show("active", "running", n_restarts=0, pid=100, call=2)
+    systemd.show("active", "running", n_restarts=1, pid=200)
+    systemd.curl_exits(7)
+    text, took = gate(systemd, HealthCheck(http="http://127.0.0.1:3000/health", timeout=30))
+    assert text.splitlines()[0] == ("@@gate fail unit restarted before its health check passed "
+                                    "(NRestarts 0 -> 1, MainPID 100 -> 200)")
+    assert took < 10
+
+
 def test_health_gate_passes_when_the_tcp_port_accepts_connections(systemd: FakeSystemd) -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
