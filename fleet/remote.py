@@ -125,11 +125,14 @@ def health_gate(unit: str, check: HealthCheck | None, *, settle: float, start_ti
         "[ $(date +%s) -lt $end ] || fail \"unit did not reach active/running within "
         f"{int(start_timeout)}s (now $1/$2)\"; sleep 0.2; done",
         "n0=$3; p0=$4",
+        # still up, as the same process? A counted restart is named first: a crash loop caught
+        # between two of its restarts (activating/auto-restart) is a restart, not a stop.
+        "up() { set -- $(st); r=\"(NRestarts $n0 -> $3, MainPID $p0 -> $4)\"; "
+        "[ \"$3\" = \"$n0\" ] || fail \"unit restarted $when $r\"; "
+        "[ \"$1\" = active ] || fail \"unit stopped $when (now $1/$2)\"; "
+        "[ \"$4\" = \"$p0\" ] || fail \"unit restarted $when $r\"; }",
         f"sleep {settle:g}",
-        "set -- $(st)",
-        "[ \"$1\" = active ] || fail \"unit stopped during the settle period (now $1/$2)\"",
-        "[ \"$3\" = \"$n0\" ] && [ \"$4\" = \"$p0\" ] || fail \"unit restarted during the settle period "
-        "(NRestarts $n0 -> $3, MainPID $p0 -> $4)\"",
+        "when='during the settle period'; up",
     ]
     if check is not None:
         t = int(check.timeout)
@@ -143,10 +146,8 @@ def health_gate(unit: str, check: HealthCheck | None, *, settle: float, start_ti
         # fails at once with that reason, not after the whole timeout as "did not pass".
         lines += [
             f"hend=$(( $(date +%s) + {t} ))",
-            f"until {probe} >/dev/null 2>&1; do set -- $(st); "
-            "[ \"$1\" = active ] || fail \"unit stopped before its health check passed (now $1/$2)\"; "
-            "[ \"$3\" = \"$n0\" ] && [ \"$4\" = \"$p0\" ] || fail \"unit restarted before its health check "
-            "passed (NRestarts $n0 -> $3, MainPID $p0 -> $4)\"; [ $(date +%s) -lt $hend ] || "
+            "when='before its health check passed'",
+            f"until {probe} >/dev/null 2>&1; do up; [ $(date +%s) -lt $hend ] || "
             f"fail {q(f'health check {check.describe()} did not pass within {t}s')}; sleep 0.5; done",
         ]
     lines.append("echo '@@gate ok'")

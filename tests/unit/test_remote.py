@@ -689,16 +689,22 @@ def test_health_gate_fails_within_its_timeout_when_the_http_check_never_passes(s
     assert len(systemd.calls("curl")) >= 2, "it retries until the timeout"
 
 
-def test_health_gate_fails_at_once_when_the_unit_restarts_while_its_health_check_is_awaited(
+def test_health_gate_names_a_crash_loop_caught_between_two_restarts_a_restart(systemd: FakeSystemd) -> None:
+    systemd.show("active", "running", n_restarts=0, pid=100, call=1)
+    systemd.show("activating", "auto-restart", n_restarts=1, pid=0)
+    assert gate(systemd)[0].splitlines()[0] == ("@@gate fail unit restarted during the settle period "
+                                                "(NRestarts 0 -> 1, MainPID 100 -> 0)")
+
+
+def test_health_gate_fails_at_once_when_the_unit_stops_while_its_health_check_is_awaited(
         systemd: FakeSystemd) -> None:
-    # started (call 1), still the same process after the settle period (call 2), then a crash-restart
+    # started (call 1), still the same process after the settle period (call 2), then it exits
     systemd.show("active", "running", n_restarts=0, pid=100, call=1)
     systemd.show("active", "running", n_restarts=0, pid=100, call=2)
-    systemd.show("activating", "auto-restart", n_restarts=1, pid=0)
+    systemd.show("failed", "failed", n_restarts=0, pid=0)
     systemd.curl_exits(7)
     text, took = gate(systemd, HealthCheck(http="http://127.0.0.1:3000/health", timeout=30))
-    assert text.splitlines()[0] == ("@@gate fail unit stopped before its health check passed "
-                                    "(now activating/auto-restart)")
+    assert text.splitlines()[0] == "@@gate fail unit stopped before its health check passed (now failed/failed)"
     assert took < 10, "it does not wait out the 30 s health timeout"
 
 
