@@ -6,11 +6,12 @@ version — raises `ParseError` naming the section, never another exception.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from fleet.collect.script import SCRIPT_VERSION
+from fleet.collect.script import MAX_ENV_LINES, MAX_TEXT_LINES, SCRIPT_VERSION, UNIT_PROPERTIES
 from fleet.envfile import parse_value
 from fleet.errors import ParseError
 from fleet.model import EnvFileState, HostFacts, HostState, UnitState
@@ -34,62 +35,112 @@ def parse_host(host: str, text: str, *, collected_at: float = 0.0, duration: flo
                          hint="run `fleet status` again; if it persists, report the host's output") from e
 
 
-def _sections(host: str, text: str) -> Iterator[tuple[str, list[str]]]:
-    lines = text.split("\n")
-    if not lines or not lines[0].startswith("@@fleet "):
-        first = lines[0][:80] if lines else ""
-        raise ParseError(f"{host}: output does not start with the fleet header (got {first!r})", host=host,
+# What one host's output may hold.  Beyond these, the output is refused with a ParseError rather
+# than parsed: a parse costs memory in proportion to what it keeps, and these bound what it keeps
+# (docs/RELIABILITY.md, "a host that prints 100 MB").
+MAX_FACT_LINES = 1_000  # the script prints about a dozen
+MAX_UNITS = 10_000  # systemctl show blocks: declared units plus discovered ones
+MAX_UNIT_LINES = MAX_UNITS * (len(UNIT_PROPERTIES) + 4)
+MAX_FILES = 50_000  # unit fragments and drop-ins, in @@hashes and in @@text
+MAX_ENV_FILES = 1_000
+_FACTS = ("hostname", "os", "kernel", "Version", "SystemState", "uptime", "load", "mem_total_kb",
+          "mem_available_kb")
+_UNIT_PROPS = frozenset(UNIT_PROPERTIES)
+_HEADER = re.compile(r"^@@(?!file |truncated)(.*)$", re.MULTILINE)
+
+
+def _too_much(host: str, section: str, what: str) -> ParseError:
+    return ParseError(f"{host}: the {section} section of the collection output holds more than {what}; "
+                      "fleet refuses it", host=host,
+                      section=section, hint="the host printed far more than its units and env files; inspect "
+                                            "it by hand (a shell profile or a wrapper printing to stdout?)")
+
+
+def _sections(host: str, text: str) -> Iterator[tuple[str, int, int]]:
+    """(name, start, stop) of each complete section: its body is text[start:stop], without its last
+    newline.  Nothing is copied: the output may be large and sections are parsed where they lie."""
+    nl = text.find("\n")
+    first = text if nl < 0 else text[:nl]
+    if not first.startswith("@@fleet "):
+        raise ParseError(f"{host}: output does not start with the fleet header (got {first[:80]!r})", host=host,
                          section="header",
                          hint="something on the host prints to stdout before commands run (a shell profile?)")
-    if lines[0] != f"@@fleet {SCRIPT_VERSION}":
-        raise ParseError(f"{host}: collection output version {lines[0][8:]!r}, expected {SCRIPT_VERSION}",
+    if first != f"@@fleet {SCRIPT_VERSION}":
+        raise ParseError(f"{host}: collection output version {first[8:88]!r}, expected {SCRIPT_VERSION}",
                          host=host, section="header")
-    name, body = "", list[str]()
-    ended = False
-    for line in lines[1:]:
-        if line.startswith("@@") and not line.startswith(("@@file ", "@@truncated")):
+    name, start = "", 0
+    if nl >= 0:
+        for m in _HEADER.finditer(text, nl + 1):
             if name:
-                yield name, body
-            if line == "@@end":
-                ended = True
-                break
-            name, body = line[2:], []
-        else:
-            body.append(line)
-    if not ended:
-        raise ParseError(f"{host}: collection output is truncated (no @@end after section {name or 'header'!r})",
-                         host=host, section=name or "header",
-                         hint="the connection dropped or the output was cut; run again")
+                yield name, start, m.start() - 1
+            if m.group(1) == "end":
+                return
+            name, start = m.group(1), m.end() + 1
+    raise ParseError(f"{host}: collection output is truncated (no @@end after section {name[:40] or 'header'!r})",
+                     host=host, section=name[:40] or "header",
+                     hint="the connection dropped or the output was cut; run again")
+
+
+def _lines(text: str, start: int, stop: int, window: int = 1 << 16) -> Iterator[str]:
+    """The lines of text[start:stop], split a window of whole lines at a time: C-speed splitting,
+    and never a list of all the lines of a large output."""
+    while True:
+        cut = stop
+        if stop - start > window:
+            cut = text.rfind("\n", start, start + window)
+            if cut < 0:  # one line longer than the window
+                cut = text.find("\n", start + window, stop)
+                cut = stop if cut < 0 else cut
+        yield from text[start:cut].split("\n")
+        if cut >= stop:
+            return
+        start = cut + 1
+
+
+def _capped(lines: Iterable[str], limit: int, host: str, section: str) -> Iterator[str]:
+    for n, line in enumerate(lines):
+        if n >= limit:
+            raise _too_much(host, section, f"{limit:,} lines")
+        yield line
 
 
 def _parse(host: str, text: str, collected_at: float, duration: float) -> HostState:
-    sections: dict[str, list[str]] = {}
-    env_sections: list[tuple[str, list[str]]] = []
-    for name, body in _sections(host, text):
+    facts: HostFacts | None = None
+    blocks: list[dict[str, str]] | None = None
+    hashes: dict[str, str] | None = None
+    texts: dict[str, list[tuple[str, str]]] | None = None
+    env_files: list[EnvFileState] = []
+    for name, start, stop in _sections(host, text):
+        lines = _lines(text, start, stop)
         if name.startswith("env "):
-            env_sections.append((name[4:], body))
-        elif name in ("facts", "units", "hashes", "text"):
-            sections[name] = body
+            if len(env_files) >= MAX_ENV_FILES:
+                raise _too_much(host, "env", f"{MAX_ENV_FILES:,} env files")
+            env_files.append(parse_env(host, name[4:], lines))
+        elif name == "facts":
+            facts = parse_facts(host, _capped(lines, MAX_FACT_LINES, host, name))
+        elif name == "units":
+            blocks = unit_blocks(host, _capped(lines, MAX_UNIT_LINES, host, name))
+        elif name == "hashes":
+            hashes = parse_hashes(host, lines)
+        elif name == "text":
+            texts = parse_texts(host, lines)
         else:
-            raise ParseError(f"{host}: unknown section {name[:40]!r} in collection output", host=host, section=name)
-    for required in ("facts", "units", "hashes", "text"):
-        if required not in sections:
+            raise ParseError(f"{host}: unknown section {name[:40]!r} in collection output", host=host,
+                             section=name[:40])
+    for required, value in (("facts", facts), ("units", blocks), ("hashes", hashes), ("text", texts)):
+        if value is None:
             raise ParseError(f"{host}: section {required!r} missing from collection output", host=host,
                              section=required)
-    facts = parse_facts(host, sections["facts"])
-    hashes = parse_hashes(host, sections["hashes"])
-    texts = parse_texts(host, sections["text"])
-    units = parse_units(host, sections["units"], hashes, texts)
-    env_files = tuple(parse_env(host, path, body) for path, body in env_sections)
-    return HostState(host=host, facts=facts, units=units, env_files=env_files, collected_at=collected_at,
-                     duration=duration)
+    assert facts is not None and blocks is not None and hashes is not None and texts is not None
+    return HostState(host=host, facts=facts, units=build_units(host, blocks, hashes, texts),
+                     env_files=tuple(env_files), collected_at=collected_at, duration=duration)
 
 
-def parse_facts(host: str, lines: list[str]) -> HostFacts:
+def parse_facts(host: str, lines: Iterable[str]) -> HostFacts:
     kv: dict[str, str] = {}
     for line in lines:
-        if "=" in line:
-            k, v = line.split("=", 1)
+        k, eq, v = line.partition("=")
+        if eq and k in _FACTS:
             kv[k] = v
     load = tuple(_float(x) for x in kv.get("load", "").split()[:3])
     os_name = kv.get("os", "")
@@ -108,11 +159,13 @@ def parse_facts(host: str, lines: list[str]) -> HostFacts:
     )
 
 
-def parse_hashes(host: str, lines: list[str]) -> dict[str, str]:
+def parse_hashes(host: str, lines: Iterable[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in lines:
         if not line:
             continue
+        if len(out) >= MAX_FILES:
+            raise _too_much(host, "hashes", f"{MAX_FILES:,} unit files")
         m = _HASH.match(line)
         if not m:
             raise ParseError(f"{host}: unexpected line in unit hashes: {line[:80]!r}", host=host, section="hashes")
@@ -120,42 +173,70 @@ def parse_hashes(host: str, lines: list[str]) -> dict[str, str]:
     return out
 
 
-def parse_texts(host: str, lines: list[str]) -> dict[str, list[tuple[str, str]]]:
+def parse_texts(host: str, lines: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
     """unit -> [(path, content)] in the order printed (fragment first, then drop-ins)."""
-    files: list[tuple[str, str, list[str]]] = []  # (unit, path, lines)
+    out: dict[str, list[tuple[str, str]]] = {}
+    files = 0
+    body: list[str] | None = None  # the current file's lines: one file at most is held as a list
+
+    def close() -> None:
+        if body is not None:
+            out[unit].append((path, mask_unit_text("".join(f"{b}\n" for b in body))))
+
+    unit = path = ""
     for line in lines:
         if line.startswith("@@file "):
             parts = line[7:].split(" ", 1)
             if len(parts) != 2:
                 raise ParseError(f"{host}: malformed file header {line[:80]!r}", host=host, section="text")
-            files.append((parts[0], parts[1], []))
+            close()
+            files += 1
+            if files > MAX_FILES:
+                raise _too_much(host, "text", f"{MAX_FILES:,} unit files")
+            unit, path = parts
+            out.setdefault(unit, [])
+            body = []
         elif line == "@@truncated":
             raise ParseError(f"{host}: a unit file is longer than fleet accepts", host=host, section="text",
                              hint="a unit file of thousands of lines is not a unit file; inspect it by hand")
-        elif line.startswith("|") and files:
-            files[-1][2].append(line[1:])
+        elif line.startswith("|") and body is not None:
+            if len(body) >= MAX_TEXT_LINES:
+                raise ParseError(f"{host}: a unit file is longer than fleet accepts ({path[:80]})", host=host,
+                                 section="text",
+                                 hint="a unit file of thousands of lines is not a unit file; inspect it by hand")
+            body.append(line[1:])
         elif line:
             raise ParseError(f"{host}: unexpected line in unit texts: {line[:80]!r}", host=host, section="text")
-    out: dict[str, list[tuple[str, str]]] = {}
-    for unit, path, body in files:
-        out.setdefault(unit, []).append((path, mask_unit_text("".join(f"{b}\n" for b in body))))
+    close()
     return out
 
 
-def parse_units(host: str, lines: list[str], hashes: dict[str, str],
+def parse_units(host: str, lines: Iterable[str], hashes: dict[str, str],
                 texts: dict[str, list[tuple[str, str]]]) -> tuple[UnitState, ...]:
+    return build_units(host, unit_blocks(host, lines), hashes, texts)
+
+
+def unit_blocks(host: str, lines: Iterable[str]) -> list[dict[str, str]]:
+    """The `systemctl show` blocks, each keeping only the properties fleet asked for."""
     blocks: list[dict[str, str]] = []
     cur: dict[str, str] = {}
-    for line in lines + [""]:
+    for line in itertools.chain(lines, ("",)):
         if not line:
             if cur:
+                if len(blocks) >= MAX_UNITS:
+                    raise _too_much(host, "units", f"{MAX_UNITS:,} units")
                 blocks.append(cur)
                 cur = {}
             continue
         m = _PROP.match(line)
-        if m:
+        if m and m.group(1) in _UNIT_PROPS:
             cur[m.group(1)] = m.group(2)
         # other lines are systemctl's complaints about a name; the unit is then simply absent
+    return blocks
+
+
+def build_units(host: str, blocks: list[dict[str, str]], hashes: dict[str, str],
+                texts: dict[str, list[tuple[str, str]]]) -> tuple[UnitState, ...]:
     units: dict[str, UnitState] = {}
     for b in blocks:
         if "Id" not in b:
@@ -199,8 +280,14 @@ def parse_exec_start(value: str) -> tuple[str, ...]:
     return tuple(m.group(1).split()) if m else ()
 
 
-def parse_env(host: str, path: str, lines: list[str]) -> EnvFileState:
-    lines = [line for line in lines if line]
+def parse_env(host: str, path: str, lines: Iterable[str]) -> EnvFileState:
+    kept: list[str] = []
+    for line in lines:
+        if line:
+            if len(kept) >= MAX_ENV_LINES + 2:  # the script prints meta, MAX_ENV_LINES keys at most, `invalid`
+                raise _too_much(host, "env", f"{MAX_ENV_LINES:,} keys for {path[:80]}")
+            kept.append(line)
+    lines = kept
     if lines == ["absent"]:
         return EnvFileState(path=path, present=False)
     if not lines or not lines[0].startswith("meta "):

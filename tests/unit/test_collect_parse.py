@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet import config
-from fleet.collect.parse import parse_exec_start, parse_host
+from fleet.collect.parse import _lines, parse_exec_start, parse_host
 from fleet.collect.script import CollectSpec, build_script, spec_for
 from fleet.envfile import fingerprint
 from fleet.errors import ParseError
@@ -170,3 +170,11 @@ def test_hostile_names_reach_the_script_only_quoted() -> None:
     done = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)
     assert done.returncode == 0, done.stderr
     assert "'/tmp/it'\"'\"'s; rm -rf / $(reboot) `id`.env'" in script
+
+
+@given(st.text(alphabet="ab\n\r", max_size=80), st.data(), st.integers(min_value=1, max_value=12))
+def test_lines_splits_exactly_like_str_split_whatever_the_window(text: str, data: st.DataObject,
+                                                                  window: int) -> None:
+    start = data.draw(st.integers(min_value=0, max_value=len(text)))
+    stop = data.draw(st.integers(min_value=start, max_value=len(text)))
+    assert list(_lines(text, start, stop, window)) == text[start:stop].split("\n")

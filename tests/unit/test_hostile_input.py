@@ -8,8 +8,8 @@ whole (test_collect_parse), the transport's output cap against a real sshd
 (test_transport_sshd), fleet's own render/parse round trip of env values
 (test_units_envfile), shell quoting of remote commands (test_remote, test_transport).
 
-A test marked `xfail(strict=True, reason="bug: …")` documents a defect found here: it must
-keep failing until fleet/ is fixed, then the marker goes (docs/RELIABILITY.md lists them).
+A defect these tests find is marked `xfail(strict=True, reason="bug: …")` until fleet/ is fixed,
+then the marker goes (docs/RELIABILITY.md lists what was found and fixed).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from fleet import cli, config
 from fleet.collect.collector import collect, to_result
 from fleet.collect.parse import parse_env, parse_facts, parse_hashes, parse_host, parse_texts, parse_units
 from fleet.collect.script import CollectSpec, build_script, spec_for
-from fleet.collect.transport import DEFAULT_MAX_OUTPUT, RunResult
+from fleet.collect.transport import RunResult
 from fleet.envfile import render_file
 from fleet.errors import FleetError, ParseError, TransportError
 from fleet.journal import parse_since
@@ -618,22 +618,77 @@ def test_a_failed_script_with_a_flood_of_stderr_reports_only_its_last_line() -> 
     assert result.message.endswith("(exit 127): sh: 1: systemctl: not found") and len(result.message) < 200
 
 
-@pytest.mark.xfail(strict=True, reason="bug: fleet/collect/parse.py _sections splits the whole output into a list of "
-                                       "lines (and parse_facts/parse_units build dicts of them): ~20 bytes of memory "
-                                       "per byte of output, so the 64 MiB the transport accepts per host "
-                                       "(DEFAULT_MAX_OUTPUT; the CLI caps it at 4 MiB) costs ~1.3 GiB")
-def test_the_largest_output_the_transport_accepts_costs_bounded_memory_to_parse() -> None:
-    sample = 2 << 20
-    output = b"@@fleet 1\n@@facts\n" + b"k=v\n" * (sample // 4)
+def _output_with(section: str, body: bytes) -> bytes:
+    """A complete collection output (ending in @@end, so every section is parsed) whose `section`
+    is replaced by `body`; the others come from a real capture."""
+    parts = fixture_text("bare-fritz").split("\n@@")
+    head, rest = parts[0], parts[1:]
+    out = [head.encode()]
+    for part in rest:
+        name = part.split("\n", 1)[0]
+        if name == "end":
+            break
+        if name == section or (section == "env" and name.startswith("env ")):
+            continue
+        out.append(b"@@" + part.encode())
+    out.append(body.removesuffix(b"\n"))
+    out.append(b"@@end\n")
+    return b"\n".join(out)
+
+
+SAMPLE = 4 << 20  # what the CLI's transport accepts per host
+
+
+def _repeat(chunk: Callable[[int], bytes]) -> bytes:
+    out, size, i = [], 0, 0
+    while size < SAMPLE:
+        c = chunk(i)
+        out.append(c)
+        size, i = size + len(c), i + 1
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("section,body", [
+    ("facts", b"@@facts\n" + b"k=v\n" * (SAMPLE // 4)),
+    ("facts", b"@@facts\n" + b"hostname=x\n" * (SAMPLE // 11)),
+    ("units", b"@@units\n" + _repeat(lambda i: b"Id=u%d.service\nLoadState=loaded\nActiveState=active\n\n" % i)),
+    ("units", b"@@units\nId=u.service\n" + _repeat(lambda i: b"X%d=1\n" % i)),
+    ("units", b"@@units\n" + b"\n" * SAMPLE),
+    ("hashes", b"@@hashes\n" + _repeat(lambda i: b"%s  /etc/systemd/system/u%d.service\n" % (b"0" * 64, i))),
+    ("text", b"@@text\n" + _repeat(lambda i: b"@@file u%d.service /etc/systemd/system/u%d.service\n" % (i, i)
+                                    + b"|x\n" * 4999)),
+    ("text", b"@@text\n" + _repeat(lambda i: b"@@file u.service /p%d\n|x\n" % i)),
+    ("env", _repeat(lambda i: b"@@env /p%d\nmeta 600 root root 9\nV K v\n" % i)),
+    ("env", b"@@env /p\nmeta 600 root root 9\n" + _repeat(lambda i: b"V K%d v\n" % i)),
+], ids=["facts-unknown-keys", "facts-one-key-repeated", "units-many-blocks", "units-one-huge-block",
+        "units-blank-lines", "hashes-many-files", "text-many-long-files", "text-many-files", "env-many-files",
+        "env-many-keys"])
+def test_the_largest_output_the_transport_accepts_costs_bounded_memory_to_parse(section: str, body: bytes) -> None:
+    """Every section, flooded: the parse keeps a bounded amount (a parse error past fleet's limits) and
+    at most a few bytes of memory per byte of output.  Bugs this found: `_sections` split the whole
+    output into a list of lines (~20 bytes per byte), facts and unit blocks kept every key printed."""
+    output = _output_with(section, body)
+    assert len(output) >= SAMPLE
     tracemalloc.start()
     try:
-        to_result("fritz", RunResult("fritz", "script", 0, output, b"", 1.0))
+        result = to_result("fritz", RunResult("fritz", "script", 0, output, b"", 1.0))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    projected = peak * DEFAULT_MAX_OUTPUT / len(output)
-    gib = projected / (1 << 30)
-    assert projected < 512 << 20, f"parsing {DEFAULT_MAX_OUTPUT >> 20} MiB would peak near {gib:.1f} GiB"
+    assert isinstance(result, HostState) or (result.kind == "parse" and result.message.startswith("fritz:")), result
+    assert peak < 4 * len(output), f"parsing {len(output) >> 20} MiB peaked at {peak >> 20} MiB"
+
+
+def test_a_flooded_section_is_refused_by_name_and_the_output_before_it_still_parses() -> None:
+    result = to_result("fritz", RunResult("fritz", "script", 0, _output_with(
+        "hashes", b"@@hashes\n" + b"".join(b"%s  /x%d\n" % (b"0" * 64, i) for i in range(60_000))), b"", 1.0))
+    assert isinstance(result, HostError) and result.kind == "parse"
+    assert result.message == ("fritz: the hashes section of the collection output holds more than 50,000 unit "
+                              "files; fleet refuses it")
+    assert "shell profile" in result.hint
+    assert isinstance(to_result("fritz", RunResult("fritz", "script", 0, _output_with(
+        "hashes", b"@@hashes\n" + b"".join(b"%s  /x%d\n" % (b"0" * 64, i) for i in range(100))), b"", 1.0)),
+        HostState)
 
 
 def test_a_host_reporting_nan_or_infinite_facts_still_gives_strict_json(example: FleetDir) -> None:
