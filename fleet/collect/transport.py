@@ -12,6 +12,8 @@ It owns everything between "run this command on that host" and bytes coming back
   ~/.ssh/id_* files, private keys loaded once per transport;
 * one lazily opened connection per host, reused by later calls; one channel per command,
   stdout and stderr read concurrently in the calling thread, output capped, time bounded;
+  calls for one host from several threads share its connection, each on its own channel, at
+  most `max_sessions` at once (under OpenSSH's default MaxSessions of 10);
 * `run_many`, which turns every per-host outcome, failures included, into a value.
 
 Why paramiko directly and not `fabric.Connection`: fabric hard-codes paramiko's AutoAddPolicy
@@ -75,6 +77,7 @@ DEFAULT_KNOWN_HOSTS: tuple[str, ...] = (DEFAULT_USER_KNOWN_HOSTS, DEFAULT_GLOBAL
 # The default identities OpenSSH tries, restricted to the key types paramiko can load.
 DEFAULT_IDENTITY_FILES: tuple[str, ...] = ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ed25519")
 DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_MAX_SESSIONS = 8  # channels at once on one connection; sshd's MaxSessions defaults to 10
 MAX_PROXY_JUMPS = 8
 
 _CHUNK = 64 * 1024
@@ -485,10 +488,15 @@ def _parse_jump(spec: str) -> tuple[str | None, str, int | None]:
 
 @dataclass
 class _Slot:
-    """One host's connection and counters; `lock` serializes everything done on it."""
+    """One host's connection and counters.  `lock` serializes opening (and closing) the
+    connection; commands run on it concurrently, `sessions` bounding how many at once, `busy`
+    counting those in flight (guarded by the transport's lock) so that a busy connection is never
+    evicted as idle."""
 
+    sessions: threading.BoundedSemaphore
     lock: threading.Lock = field(default_factory=threading.Lock)
     transport: paramiko.Transport | None = None
+    busy: int = 0
     last_used: float = 0.0
     pinned: bool = False  # a ProxyJump host: other connections tunnel through it
     connections: int = 0
@@ -556,8 +564,9 @@ class _Deadlines:
 class SSHTransport:
     """Runs commands on hosts over SSH; see the module docstring and docs/TRANSPORT.md.
 
-    Thread-safe: calls for different hosts run concurrently, calls for the same host
-    serialize on that host's connection.  Use as a context manager, or call `close()`.
+    Thread-safe: calls for different hosts run concurrently; calls for the same host share that
+    host's one connection and run concurrently too, each on its own channel, at most
+    `max_sessions` at once.  Use as a context manager, or call `close()`.
     """
 
     def __init__(
@@ -570,6 +579,7 @@ class SSHTransport:
         command_timeout: float = 60.0,
         max_output: int = DEFAULT_MAX_OUTPUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
         allow_agent: bool = True,
         look_for_keys: bool = True,
     ) -> None:
@@ -588,6 +598,7 @@ class SSHTransport:
             aborted with kind "output-too-large".
         max_connections: idle connections beyond this many are closed, least recently used
             first (each open connection costs a paramiko thread and a socket).
+        max_sessions: commands run at once on one host's connection; more wait their turn.
         allow_agent / look_for_keys: use ssh-agent keys / the default ~/.ssh/id_* files.
         """
         if ssh_config is None:
@@ -609,6 +620,7 @@ class SSHTransport:
         self.command_timeout = float(command_timeout)
         self.max_output = int(max_output)
         self.max_connections = max(1, int(max_connections))
+        self.max_sessions = max(1, int(max_sessions))
         self.allow_agent = allow_agent
         self.look_for_keys = look_for_keys
         self._lock = threading.Lock()  # guards _slots (never held while doing network I/O)
@@ -702,9 +714,16 @@ class SSHTransport:
         limit = self.command_timeout if timeout is None else float(timeout)
         slot = self._slot(host.name)
         try:
-            with slot.lock:
-                transport = self._ensure_connected(host.name, slot, lambda: self.resolve(host), ())
-                result = self._exec(host.name, slot, transport, command, wire, stdin, limit)
+            with slot.sessions:
+                with slot.lock:
+                    transport = self._ensure_connected(host.name, slot, lambda: self.resolve(host), ())
+                    with self._lock:
+                        slot.busy += 1
+                try:
+                    result = self._exec(host.name, slot, transport, command, wire, stdin, limit)
+                finally:
+                    with self._lock:
+                        slot.busy -= 1
         except TransportError:
             raise
         except Exception as exc:  # e.g. a malformed Port in the ssh config: still this host's failure
@@ -779,7 +798,7 @@ class SSHTransport:
         with self._lock:
             slot = self._slots.get(name)
             if slot is None:
-                slot = self._slots[name] = _Slot()
+                slot = self._slots[name] = _Slot(sessions=threading.BoundedSemaphore(self.max_sessions))
             return slot
 
     def _ensure_connected(
@@ -791,31 +810,35 @@ class SSHTransport:
     ) -> paramiko.Transport:
         """The host's open transport, opening it if needed.  Caller holds `slot.lock`."""
         slot.last_used = time.monotonic()
-        if slot.transport is not None:
-            if slot.transport.is_active():
-                return slot.transport
-            slot.transport.close()
-            slot.transport = None
+        current = slot.transport
+        if current is not None:
+            if current.is_active():
+                return current
+            self._drop(slot, current)
         target = resolve()
         self._evict_idle(keep=slot)
         with self._lock:
             slot.connections += 1  # attempts: a refused connection still cost one
         transport = self._connect(target, via)
-        slot.transport = transport
+        with self._lock:  # _drop compares and clears under this lock
+            slot.transport = transport
         return transport
 
     def _evict_idle(self, keep: _Slot) -> None:
         """Close least-recently-used idle connections so at most max_connections stay open."""
         with self._lock:
-            candidates = [s for s in self._slots.values() if s is not keep and s.transport is not None and not s.pinned]
+            candidates = [s for s in self._slots.values()
+                          if s is not keep and s.transport is not None and not s.pinned and not s.busy]
             open_now = sum(1 for s in self._slots.values() if s.transport is not None)
         excess = open_now + 1 - self.max_connections
         for slot in sorted(candidates, key=lambda s: s.last_used):
             if excess <= 0:
                 break
-            if slot.lock.acquire(blocking=False):  # busy slots are not idle
+            if slot.lock.acquire(blocking=False):  # a slot being connected is not idle either
                 try:
-                    if slot.transport is not None:
+                    with self._lock:
+                        idle = not slot.busy
+                    if idle and slot.transport is not None:
                         slot.transport.close()
                         slot.transport = None
                         excess -= 1
@@ -1099,8 +1122,7 @@ class SSHTransport:
                 hint="check sshd's MaxSessions and the user's login restrictions on the host",
             ) from exc
         except Exception as exc:
-            slot.transport = None  # a connection that cannot open a channel in time is not reused
-            transport.close()
+            self._drop(slot, transport)  # a connection that cannot open a channel in time is not reused
             if time.monotonic() >= deadline:
                 raise TransportError(
                     name,
@@ -1115,13 +1137,13 @@ class SSHTransport:
             if exc.kind == "timeout":
                 # The host may be gone (network cut) rather than the command slow: the next
                 # command reconnects, bounded by the connect timeout, instead of waiting out its
-                # own timeout on a dead connection.
-                slot.transport = None
-                transport.close()
+                # own timeout on a dead connection.  Commands running beside it on the same
+                # connection end as "connection lost": on a dead connection they would anyway.
+                self._drop(slot, transport)
             raise
         except Exception as exc:
             if not transport.is_active():
-                slot.transport = None
+                self._drop(slot, transport)
                 raise _lost(name, command, exc) from exc
             raise TransportError(
                 name,
@@ -1132,7 +1154,14 @@ class SSHTransport:
         finally:
             channel.close()
             if not transport.is_active():
+                self._drop(slot, transport)
+
+    def _drop(self, slot: _Slot, transport: paramiko.Transport) -> None:
+        """Forget and close a broken connection, unless another thread already replaced it."""
+        with self._lock:
+            if slot.transport is transport:
                 slot.transport = None
+        transport.close()
 
     def _exec_channel(
         self,

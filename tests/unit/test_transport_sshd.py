@@ -495,3 +495,64 @@ def test_a_dropped_connection_is_reopened_on_the_next_run(sshd: Sshd) -> None:
         slot.transport.close()
         assert transport.run(sshd.host(), "echo again").stdout == b"again\n"
         assert transport.stats()["loop"]["connections"] == 2
+
+
+def _in_threads(fn: Any, n: int) -> list[Any]:
+    results: list[Any] = [None] * n
+
+    def one(i: int) -> None:
+        try:
+            results[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - the assertion shows it
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_commands_for_one_host_from_several_threads_run_at_once_on_its_one_connection(
+        sshd: Sshd, tmp_path: Path) -> None:
+    # A barrier: each command waits until all four have started.  Run one after the other, the
+    # first would wait for the others until its timeout.
+    d = tmp_path / "barrier"
+    d.mkdir(mode=0o777)
+    d.chmod(0o777)
+    cmd = (f"touch {quote(str(d))}/$1 && while [ $(ls {quote(str(d))} | wc -l) -lt 4 ]; do sleep 0.05; done; "
+           "echo $1")
+    with sshd.transport() as transport:
+        results = _in_threads(lambda i: transport.run(sshd.host(), f"set -- c{i}; {cmd}", timeout=10), 4)
+        stats = transport.stats()
+    assert [r.stdout if isinstance(r, RunResult) else r for r in results] == [f"c{i}\n".encode() for i in range(4)]
+    assert stats == {"loop": {"connections": 1, "channels": 4}}
+
+
+def test_no_more_than_max_sessions_commands_run_at_once_on_one_host(sshd: Sshd, tmp_path: Path) -> None:
+    d = tmp_path / "running"
+    d.mkdir(mode=0o777)
+    d.chmod(0o777)
+    q = quote(str(d))
+    with sshd.transport(max_sessions=2) as transport:
+        results = _in_threads(lambda i: transport.run(
+            sshd.host(), f"touch {q}/r{i}; ls {q} | wc -l; sleep 0.4; rm {q}/r{i}", timeout=20), 6)
+    assert all(isinstance(r, RunResult) and r.ok for r in results), results
+    assert max(int(r.stdout) for r in results) <= 2
+
+
+def test_a_connection_busy_with_a_command_is_not_closed_as_idle(sshd: Sshd, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    with sshd.transport(max_connections=1) as transport:
+        busy = threading.Thread(target=lambda: results.append(transport.run(
+            sshd.host("busy"), f"while [ ! -e {quote(str(flag))} ]; do sleep 0.05; done; echo done", timeout=20)))
+        results: list[Any] = []
+        busy.start()
+        deadline = time.monotonic() + 10
+        while transport.stats().get("busy", {}).get("channels", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert transport.run(sshd.host("other"), "true").ok  # over the limit: evicts idle connections only
+        flag.touch()
+        busy.join(20)
+    assert results and isinstance(results[0], RunResult) and results[0].stdout == b"done\n"
