@@ -43,6 +43,7 @@ from fleet.textutil import sha256_hex
 from fleet.units import render_unit, unit_path
 
 MAX_WORKERS = 32
+STEPS_PER_HOST = 8  # a host's changes run at once in a wave (the transport's max_sessions)
 
 
 class RunnerLike(Protocol):
@@ -210,15 +211,18 @@ class Executor:
         return StepOutcome(c, "skipped", reason)
 
     def _run_host(self, changes: list[Change]) -> list[StepOutcome]:
-        out = []
-        for c in changes:
-            with self._lock:
-                halted = self.halted
-            if halted:
-                out.append(self._skip(c))
-                continue
-            out.append(self._run_change(c))
-        return out
+        """One host's changes of one wave: independent of each other (the graph put them in one
+        wave), so they run at once, each on its own channel of the host's one connection — e.g.
+        postgres and redis starting and passing their health gates side by side."""
+        if len(changes) == 1:
+            return [self._run_one(changes[0])]
+        with ThreadPoolExecutor(max_workers=min(len(changes), STEPS_PER_HOST)) as pool:
+            return list(pool.map(self._run_one, changes))
+
+    def _run_one(self, c: Change) -> StepOutcome:
+        with self._lock:
+            halted = self.halted
+        return self._skip(c) if halted else self._run_change(c)
 
     def _run_change(self, c: Change) -> StepOutcome:
         step = self.journal.step_started(self.run_id, c)
