@@ -144,23 +144,37 @@ def lock_hosts(transport: RunnerLike, hosts: Sequence[Host], holder: str, *, for
                               "`fleet lock break --limit HOST` (docs/apply.md)")
 
 
+def _each_host(hosts: Sequence[Host], fn: Callable[[Host], None], forks: int = MAX_WORKERS) -> None:
+    """fn on every host, hosts in parallel (one round trip of wall time, not one per host)."""
+    if len(hosts) <= 1:
+        for host in hosts:
+            fn(host)
+        return
+    with ThreadPoolExecutor(max_workers=min(forks, len(hosts))) as pool:
+        list(pool.map(fn, hosts))
+
+
 def relabel_lock(transport: RunnerLike, hosts: Sequence[Host], holder: str) -> None:
     """Once the plan is known, the lock also names the run and the plan."""
-    for host in hosts:
+    def one(host: Host) -> None:
         try:
             transport.run(host, remote.update_lock(holder, json.loads(holder)["token"]), timeout=30)
         except TransportError:
             pass  # the lock still names its holder; the run id is only a convenience
 
+    _each_host(hosts, one)
+
 
 def unlock_hosts(transport: RunnerLike, hosts: Sequence[Host], token: str,
                  report: Callable[[str], None] = lambda s: None) -> None:
-    for host in hosts:
+    def one(host: Host) -> None:
         try:
             transport.run(host, remote.release_lock(token), timeout=30)
         except TransportError as e:
             report(f"warning: could not release the lock on {host.name}: {e.message} "
                    f"(break it with `fleet lock break --limit {host.name}`)")
+
+    _each_host(hosts, one)
 
 
 def _out(result: object) -> tuple[str, str]:

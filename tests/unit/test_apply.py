@@ -721,3 +721,24 @@ def test_check_contents_refuses_when_the_service_is_no_longer_declared() -> None
     desired = dataclasses.replace(desired, services=tuple(s for s in desired.services if s.name != "streaming"))
     with pytest.raises(StaleInputError, match="fritz: the unit mastodon-streaming.service would differ"):
         check_contents(bare_plan(), desired, S)
+
+
+@pytest.mark.parametrize("action", ["relabel", "unlock"])
+def test_relabel_and_unlock_reach_the_hosts_in_parallel(rig: Rig, action: str) -> None:
+    holder = holder_info("0123456789abcdef", "tester@ci")
+    lock_hosts(rig.fake, hosts(), holder)
+    barrier = threading.Barrier(len(hosts()), timeout=5)  # host by host, the first would wait alone
+
+    def meet(call: Call) -> Result | None:
+        barrier.wait()
+        return None
+
+    rig.fake.hook = meet
+    if action == "relabel":
+        relabel_lock(rig.fake, hosts(), holder_info("0123456789abcdef", "tester@ci", run_id="r1"))
+    else:
+        unlock_hosts(rig.fake, hosts(), "0123456789abcdef")
+    rig.fake.hook = lambda call: None
+    assert all((rig.fake.holder(h.name) is None) == (action == "unlock") for h in hosts())
+    if action == "relabel":
+        assert all('"run_id": "r1"' in (rig.fake.holder(h.name) or "") for h in hosts())
