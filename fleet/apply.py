@@ -126,7 +126,7 @@ def lock_hosts(transport: RunnerLike, hosts: Sequence[Host], holder: str, *, for
         if out.startswith("@@locked"):
             return host, None
         held = out.split("\n", 1)[1].strip() if "\n" in out else "(unknown holder)"
-        return host, f"{host.name}: locked by another apply: {describe_holder(held)}"
+        return host, f"{host.name}: locked by another apply: {describe_holder(held)}{stale_note(held)}"
 
     taken: list[Host] = []
     refusals: list[str] = []
@@ -370,3 +370,29 @@ def describe_holder(holder: str) -> str:
     text = f"{h.get('operator', '?')} from {h.get('from', '?')}{pid} since {h.get('since', '?')}"
     ids = [f"{k} {h[k2]}" for k, k2 in (("run", "run_id"), ("plan", "plan_id")) if h.get(k2)]
     return text + (f" ({', '.join(ids)})" if ids else "")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or not a pid we can judge: assume it runs
+    return True
+
+
+def stale_note(holder: str, *, machine: str | None = None, alive: Callable[[int], bool] = _pid_alive) -> str:
+    """'; its process … is gone: the lock is stale' when the holder is an apply started on this very
+    machine whose process no longer runs (killed, or the machine rebooted).  Empty otherwise:
+    a holder on another machine cannot be judged from here."""
+    try:
+        h = json.loads(holder)
+    except ValueError:
+        return ""
+    if not isinstance(h, dict) or h.get("from") != (machine or socket.gethostname()):
+        return ""
+    pid = h.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or alive(pid):
+        return ""
+    return f"; its process {pid} on this machine is gone: the lock is stale"

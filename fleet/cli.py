@@ -15,7 +15,16 @@ from pathlib import Path
 from tabulate import tabulate
 
 from fleet import __version__, config, policy, remote
-from fleet.apply import Executor, check_contents, describe_holder, holder_info, lock_hosts, relabel_lock, unlock_hosts
+from fleet.apply import (
+    Executor,
+    check_contents,
+    describe_holder,
+    holder_info,
+    lock_hosts,
+    relabel_lock,
+    stale_note,
+    unlock_hosts,
+)
 from fleet.audit import JournalStep, ObservedChange, attribute, build_audit, changes_between
 from fleet.collect.collector import collect
 from fleet.collect.transport import SSHTransport
@@ -536,7 +545,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
             if not out.startswith("@@held"):
                 rows.append([host.name, "free", ""])
                 continue
-            holder = describe_holder(out.split("\n", 1)[1].strip() if "\n" in out else "")
+            held = out.split("\n", 1)[1].strip() if "\n" in out else ""
+            holder = describe_holder(held) + stale_note(held)
             if args.lock_action == "break":
                 if not args.yes and not _confirm(f"{host.name} is locked by {holder}. Break this lock?"):
                     rows.append([host.name, "locked (kept)", holder])

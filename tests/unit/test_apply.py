@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import shlex
+import socket
 import subprocess
 import threading
 import time
@@ -37,6 +38,7 @@ from fleet.apply import (
     holder_info,
     lock_hosts,
     relabel_lock,
+    stale_note,
     unlock_hosts,
 )
 from fleet.diff import Change
@@ -742,3 +744,28 @@ def test_relabel_and_unlock_reach_the_hosts_in_parallel(rig: Rig, action: str) -
     assert all((rig.fake.holder(h.name) is None) == (action == "unlock") for h in hosts())
     if action == "relabel":
         assert all('"run_id": "r1"' in (rig.fake.holder(h.name) or "") for h in hosts())
+
+
+def test_a_lock_held_by_a_gone_process_on_this_machine_is_called_stale() -> None:
+    holder = holder_info("0123456789abcdef", "ops@vm")  # this machine, this pid
+    gone = json.dumps({**json.loads(holder), "pid": 4242})
+    assert stale_note(gone, alive=lambda pid: pid != 4242) == (
+        "; its process 4242 on this machine is gone: the lock is stale")
+    assert stale_note(holder) == "", "this very process runs"
+    assert stale_note(gone, alive=lambda pid: True) == ""
+    elsewhere = json.dumps({**json.loads(gone), "from": "another-machine.example"})
+    assert stale_note(elsewhere, alive=lambda pid: False) == "", "a holder elsewhere cannot be judged from here"
+    assert stale_note("not json", alive=lambda pid: False) == ""
+    assert stale_note(json.dumps({**json.loads(gone), "pid": "4242"}), alive=lambda pid: False) == ""
+
+
+def test_the_refusal_of_a_lock_says_when_its_holder_is_gone(rig: Rig) -> None:
+    stale = holder_info("feedfeedfeedfeed", "ops@vm")
+    with subprocess.Popen(["true"]) as p:
+        p.wait()
+    stale = json.dumps({**json.loads(stale), "pid": p.pid})  # a process that has exited
+    rig.fake.hold("franz", stale)
+    with pytest.raises(FleetError) as e:
+        lock_hosts(rig.fake, hosts(), holder_info("0123456789abcdef", "tester@ci"))
+    assert f"franz: locked by another apply: ops@vm from {socket.gethostname()} (pid {p.pid})" in e.value.message
+    assert f"its process {p.pid} on this machine is gone: the lock is stale" in e.value.message
