@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from fleet.diff import DISABLE, ENABLE, PRUNE, RESTART, START, STOP, WRITE_ENV, WRITE_UNIT
 from fleet.model import Desired, Finding, HostResult, HostState, Kind, UnitState
 from fleet.policy import SidekiqProcess, check_env_keys, check_env_value, check_placement, check_queues
 from fleet.snapshot import short_secret
@@ -185,6 +186,8 @@ class ObservedChange:
     attribution: str = ""  # "fleet apply run R by alice@laptop" | "changed outside fleet"
     run_id: str = ""
     at: float | None = None  # when the attributed step ran
+    kind: str = ""  # which kind of change (a key of EXPLAINED_BY): what a fleet step could have done
+    key: str = ""  # for kind "env-key": the key
 
 
 def changes_between(old: Mapping[str, HostResult], new: Mapping[str, HostResult]) -> list[ObservedChange]:
@@ -208,20 +211,24 @@ def _unit_changes(host: str, a: HostState, b: HostState) -> list[ObservedChange]
     for name in sorted(set(ua) | set(ub)):
         x, y = ua.get(name), ub.get(name)
         if x is None and y is not None:
-            out.append(ObservedChange(host, name, f"on {host}, {name} appeared ({_desc(y)})"))
+            out.append(ObservedChange(host, name, f"on {host}, {name} appeared ({_desc(y)})", kind="unit-appeared"))
         elif y is None and x is not None:
-            out.append(ObservedChange(host, name, f"on {host}, {name} disappeared (was {_desc(x)})"))
+            out.append(ObservedChange(host, name, f"on {host}, {name} disappeared (was {_desc(x)})",
+                                      kind="unit-disappeared"))
         elif x is not None and y is not None:
             if x.exec_start != y.exec_start:
                 out.append(ObservedChange(host, name, f"on {host}, ExecStart of {name} changed from "
-                                                      f"`{' '.join(x.exec_start)}` to `{' '.join(y.exec_start)}`"))
+                                                      f"`{' '.join(x.exec_start)}` to `{' '.join(y.exec_start)}`",
+                                          kind="unit-text"))
             elif x.text_hash != y.text_hash:
-                out.append(ObservedChange(host, name, f"on {host}, the unit file of {name} changed"))
+                out.append(ObservedChange(host, name, f"on {host}, the unit file of {name} changed", kind="unit-text"))
             if x.state() != y.state():
-                out.append(ObservedChange(host, name, f"on {host}, {name} went from {x.state()} to {y.state()}"))
+                out.append(ObservedChange(host, name, f"on {host}, {name} went from {x.state()} to {y.state()}",
+                                          kind="unit-state"))
             if x.unit_file_state != y.unit_file_state:
                 before, after = x.unit_file_state or "no unit file", y.unit_file_state or "no unit file"
-                out.append(ObservedChange(host, name, f"on {host}, {name} went from {before} to {after}"))
+                out.append(ObservedChange(host, name, f"on {host}, {name} went from {before} to {after}",
+                                          kind="unit-enablement"))
     return out
 
 
@@ -237,7 +244,8 @@ def _env_changes(host: str, a: HostState, b: HostState) -> list[ObservedChange]:
         x, y = a.env_file(path), b.env_file(path)
         xp, yp = bool(x and x.present), bool(y and y.present)
         if xp != yp:
-            out.append(ObservedChange(host, path, f"on {host}, {path} {'appeared' if yp else 'disappeared'}"))
+            out.append(ObservedChange(host, path, f"on {host}, {path} {'appeared' if yp else 'disappeared'}",
+                                      kind="env-presence"))
             continue
         if not (x and y and xp):
             continue
@@ -249,15 +257,18 @@ def _env_changes(host: str, a: HostState, b: HostState) -> list[ObservedChange]:
                 return f"(sensitive, {v})" if sensitive else f"`{v}`"
 
             if k not in xv:
-                out.append(ObservedChange(host, path, f"on {host}, {k} was added to {path} ({shown(yv[k])})"))
+                what = f"on {host}, {k} was added to {path} ({shown(yv[k])})"
             elif k not in yv:
-                out.append(ObservedChange(host, path, f"on {host}, {k} was removed from {path} (was {shown(xv[k])})"))
+                what = f"on {host}, {k} was removed from {path} (was {shown(xv[k])})"
             elif xv[k] != yv[k]:
-                out.append(ObservedChange(host, path, f"on {host}, {k} in {path} changed from {shown(xv[k])} "
-                                                      f"to {shown(yv[k])}"))
+                what = f"on {host}, {k} in {path} changed from {shown(xv[k])} to {shown(yv[k])}"
+            else:
+                continue
+            out.append(ObservedChange(host, path, what, kind="env-key", key=k))
         if (x.mode, x.owner, x.group) != (y.mode, y.owner, y.group):
             out.append(ObservedChange(host, path, f"on {host}, owner/mode of {path} changed from "
-                                                  f"{x.owner}:{x.group} {x.mode} to {y.owner}:{y.group} {y.mode}"))
+                                                  f"{x.owner}:{x.group} {x.mode} to {y.owner}:{y.group} {y.mode}",
+                                      kind="env-meta"))
     return out
 
 
@@ -271,27 +282,55 @@ class JournalStep:
     target: str
     started: float | None
     outcome: str | None
+    keys: tuple[str, ...] = ()  # for write-env: the keys the step set, changed or removed
+
+
+# Which journaled actions can explain each kind of observed change.  A failed start/restart
+# counts for file and state changes: its rollback restored (or removed) files and stopped or
+# restarted the unit.
+_ROLLBACK = frozenset({START, RESTART})
+EXPLAINED_BY: Mapping[str, frozenset[str]] = {
+    "unit-appeared": frozenset({WRITE_UNIT}),
+    "unit-disappeared": frozenset({PRUNE}) | _ROLLBACK,
+    "unit-text": frozenset({WRITE_UNIT}) | _ROLLBACK,
+    "unit-state": frozenset({START, RESTART, STOP, PRUNE}),
+    "unit-enablement": frozenset({ENABLE, DISABLE, PRUNE, WRITE_UNIT}) | _ROLLBACK,
+    "env-presence": frozenset({WRITE_ENV}) | _ROLLBACK,
+    "env-key": frozenset({WRITE_ENV}),
+    "env-meta": frozenset({WRITE_ENV}),
+}
 
 
 def attribute(changes: Sequence[ObservedChange], steps: Sequence[JournalStep], operators: Mapping[str, str],
               t0: float, t1: float) -> list[ObservedChange]:
-    """A change made between t0 and t1 is fleet's when a journaled step touched the same host and
-    target in that window; otherwise it was made outside fleet."""
+    """A change seen between t0 and t1 is fleet's when a journaled step in that window, on the
+    same host and target, could have made it: the right kind of action (a write-env that did not
+    touch a key does not explain that key's change, a start does not explain a new ExecStart);
+    otherwise it was made outside fleet — even while an apply ran."""
     out = []
     for c in changes:
         step = next((s for s in steps if s.host == c.host and s.started is not None and t0 <= s.started <= t1
-                     and s.outcome in ("ok", "failed", None) and _touches(s, c.target)), None)
+                     and s.outcome in ("ok", "failed", None) and _explains(s, c)), None)
         if step is None:
-            out.append(ObservedChange(c.host, c.target, c.what, "changed outside fleet"))
+            out.append(replace(c, attribution="changed outside fleet", run_id="", at=None))
         else:
             who = operators.get(step.run_id, "?")
-            out.append(ObservedChange(c.host, c.target, c.what, f"fleet apply run {step.run_id} by {who}",
-                                      step.run_id, step.started))
+            out.append(replace(c, attribution=f"fleet apply run {step.run_id} by {who}", run_id=step.run_id,
+                               at=step.started))
     return out
 
 
-def _touches(step: JournalStep, target: str) -> bool:
-    return step.target == target or (step.action == "prune" and step.target == target)
+def _explains(step: JournalStep, c: ObservedChange) -> bool:
+    if step.target != c.target:
+        return False
+    actions = EXPLAINED_BY.get(c.kind)
+    if actions is None:  # a change fleet does not classify: the target is all there is to go by
+        return True
+    if step.action not in actions:
+        return False
+    if step.action in _ROLLBACK and c.kind not in ("unit-state",) and step.outcome != "failed":
+        return False  # only a failed start/restart rolled files back
+    return c.kind != "env-key" or c.key in step.keys
 
 
 @dataclass

@@ -603,7 +603,8 @@ def _changes_since(journal: Journal, base: SnapshotRecord, new: dict[str, HostRe
     runs = {r.id: r for r in journal.runs(since=base.taken)}
     steps = [x for x in journal.steps(since=base.taken) if x.started is None or x.started <= until]
     changes = attribute(changes_between(old, new),
-                        [JournalStep(x.run_id, x.host, x.action, x.target, x.started, x.outcome) for x in steps],
+                        [JournalStep(x.run_id, x.host, x.action, x.target, x.started, x.outcome,
+                                     tuple(k[0] for k in x.keys)) for x in steps],
                         {rid: r.operator for rid, r in runs.items()}, base.taken, until)
     timeline = [(x.started or x.ended or base.taken, sentence(x, runs.get(x.run_id))[20:]) for x in steps]
     timeline += [(until, f"{c.what} — changed outside fleet (between {base.id} and now)")
