@@ -534,6 +534,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
         raise FleetError("`fleet lock break` needs --limit HOSTS", hint="name the hosts whose stale lock to break")
     targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
     rows, code = [], EXIT_OK
+    broken: dict[str, list[str]] = {}  # run id in the broken lock's holder -> hosts
     with open_transport(args, targets) as transport:
         for host in targets.hosts:
             try:
@@ -554,10 +555,40 @@ def cmd_lock(args: argparse.Namespace) -> int:
                     continue
                 transport.run(host, remote.break_lock(), timeout=30)
                 rows.append([host.name, "broken", holder])
+                broken.setdefault(_holder_run(held), []).append(host.name)
             else:
                 rows.append([host.name, "locked", holder])
     print(tabulate(rows, headers=["HOST", "LOCK", "HOLDER"], tablefmt="simple"))
+    _close_broken_runs(args, broken)
     return code
+
+
+def _holder_run(holder: str) -> str:
+    try:
+        h = json.loads(holder)
+    except ValueError:
+        return ""
+    return str(h.get("run_id") or "") if isinstance(h, dict) else ""
+
+
+def _close_broken_runs(args: argparse.Namespace, broken: dict[str, list[str]]) -> None:
+    """A run whose lock was broken will never finish: say so in this state directory's journal
+    (when that run is in it), so that `fleet log` stops showing it as possibly still running.
+    Its unfinished steps stay as they are: "started, never finished" is what is known of them."""
+    path = journal_path(args.state_dir)
+    runs = [r for r in broken if r]
+    if not runs or not path.exists():
+        return
+    with Journal.open(path) as journal:
+        for run_id in runs:
+            run = journal.run(run_id)
+            if run is None or run.ended is not None:
+                continue
+            hosts = ", ".join(broken[run_id])
+            journal.finish_run(run_id, "interrupted",
+                               f"never finished: its lock on {hosts} was broken by {operator()}")
+            print(f"Journal: run {run_id} marked interrupted (its lock was broken); "
+                  "`fleet log` shows the steps it started and never finished.")
 
 
 def cmd_log(args: argparse.Namespace) -> int:
