@@ -54,7 +54,7 @@ DISABLE = "disable"
 ACTIONS = (WRITE_UNIT, WRITE_ENV, DAEMON_RELOAD, ENABLE, START, RESTART, PRUNE, STOP, DISABLE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     """One step on one host.  `before`/`after` are short human texts, masked."""
 
@@ -134,6 +134,7 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
     # Make-before-break needs the whole fleet in view: with a host excluded (--limit) or
     # unobservable, the instance a prune would stop may be the only one left.  Report instead.
     whole = all(isinstance(observed.get(h.name), HostState) for h in desired.hosts)
+    units = _UnitTexts()
     for host in desired.hosts:
         result = observed.get(host.name)
         if result is None:
@@ -141,7 +142,7 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
         if isinstance(result, HostError):
             unknown.append(result)
             continue
-        host_changes = _host_changes(desired, result, secrets, problems)
+        host_changes = _host_changes(desired, result, secrets, problems, units)
         pruned, host_notes = _prune_changes(desired, result, prune, whole)
         changes += host_changes + pruned
         notes += host_notes
@@ -152,8 +153,36 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
     return Diff(changes=tuple(changes), unknown=tuple(unknown), notes=tuple(notes), problems=tuple(problems))
 
 
+class _UnitTexts:
+    """A managed unit's text depends on its service only, and so does the diff that installs it
+    where it is missing: worked out once per service and diff(), not once per host (a first
+    install of 1,000 hosts would render and diff each unit 1,000 times)."""
+
+    def __init__(self) -> None:
+        self._rendered: dict[int, tuple[Service, str, str]] = {}
+        self._bodies: dict[tuple[str, str], str] = {}
+
+    def of(self, s: Service) -> tuple[str, str]:
+        """(sha256 of the rendered unit, the rendered unit as the collector shows it)."""
+        hit = self._rendered.get(id(s))
+        if hit is None or hit[0] is not s:
+            hit = (s, sha256_hex(render_unit(s)), as_observed_text(s))
+            self._rendered[id(s)] = hit
+        return hit[1], hit[2]
+
+    def unified_diff(self, before: str, after: str, fromfile: str, tofile: str) -> str:
+        """`difflib.unified_diff` of the two texts, joined; only its ---/+++ lines name the host."""
+        body = self._bodies.get((before, after))
+        if body is None:
+            lines = list(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                              fromfile="-", tofile="+"))
+            body = "".join(lines[2:])  # without the two header lines, which unified_diff omits for no change
+            self._bodies[(before, after)] = body
+        return f"--- {fromfile}\n+++ {tofile}\n{body}" if body else ""
+
+
 def _host_changes(desired: Desired, state: HostState, secrets: Mapping[tuple[str, str], str],
-                  problems: list[str]) -> list[Change]:
+                  problems: list[str], units: _UnitTexts) -> list[Change]:
     out: list[Change] = []
     host = state.host
     env_written: set[str] = set()
@@ -163,22 +192,23 @@ def _host_changes(desired: Desired, state: HostState, secrets: Mapping[tuple[str
             out.append(c)
             env_written.add(ef.path)
     for s in desired.services_on(host):
-        out += _service_changes(s, state, env_written, problems)
+        out += _service_changes(s, state, env_written, problems, units)
     return out
 
 
-def _service_changes(s: Service, state: HostState, env_written: set[str], problems: list[str]) -> list[Change]:
+def _service_changes(s: Service, state: HostState, env_written: set[str], problems: list[str],
+                     units: _UnitTexts) -> list[Change]:
     host = state.host
     u = state.unit(s.unit)
     out: list[Change] = []
     rewritten = False
     if s.unit_spec is not None:
         drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p.startswith(UNIT_DIR + "/"))
-        if unit_file_differs(s, u):
+        content_hash, observed_text = units.of(s)
+        if unit_file_differs(s, u, content_hash):
             before_text = mask_unit_text(u.text or "") if u is not None else ""
-            udiff = "".join(difflib.unified_diff(
-                before_text.splitlines(keepends=True), as_observed_text(s).splitlines(keepends=True),
-                fromfile=f"{host}:{s.unit} (now)", tofile=f"{host}:{s.unit} (desired)"))
+            udiff = units.unified_diff(before_text, observed_text,
+                                       fromfile=f"{host}:{s.unit} (now)", tofile=f"{host}:{s.unit} (desired)")
             installed = u is not None and u.exists
             reason = "unit file differs from the declaration" if installed else "unit is not installed"
             if drop_ins:
@@ -186,7 +216,7 @@ def _service_changes(s: Service, state: HostState, env_written: set[str], proble
             before = (u.fragment_path or unit_path(s.unit)) if u is not None and installed else "absent"
             out.append(Change(host, WRITE_UNIT, s.unit, reason, s.name, before=before,
                               after=unit_path(s.unit), diff=udiff,
-                              content_hash=sha256_hex(render_unit(s)), remove_files=drop_ins))
+                              content_hash=content_hash, remove_files=drop_ins))
             rewritten = True
     foreign = [p for p in (u.drop_in_paths if u else ()) if not p.startswith(UNIT_DIR + "/")]
     if foreign:

@@ -1,4 +1,4 @@
-"""Ordering: the one place that decides what happens before what (networkx).
+"""Ordering: the one place that decides what happens before what.
 
 An edge a -> b means "b must happen after a".  Rules:
   * per host: unit writes -> daemon-reload -> enable/start/restart; an env file write before
@@ -11,12 +11,21 @@ An edge a -> b means "b must happen after a".  Rules:
     `max_unavailable`, so never more than that many of its instances restart at once, and they
     wait for the starts of that service's missing instances.
 Waves are the topological generations: everything in a wave may run in parallel.
+
+`order` works on plain lists (changes are numbered by their position in the plan) and holds
+make-before-break as one barrier: runs -> barrier -> prunes instead of |runs| x |prunes| edges.
+The barrier is no change and takes no wave (its incoming edges weigh nothing), so the waves are
+those of the full graph, and a prune's deps still list every start/restart it waits for.
+`build_graph` spells the same rules out as a networkx graph, every edge explicit; `order` only
+builds it to name a cycle.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import networkx as nx
 
@@ -29,68 +38,117 @@ class CycleError(FleetError):
     pass
 
 
-def build_graph(changes: Sequence[Change], desired: Desired) -> nx.DiGraph:
-    g: nx.DiGraph = nx.DiGraph()
-    by_id = {c.id: c for c in changes}
-    g.add_nodes_from(by_id)
-    by_host: dict[str, list[Change]] = defaultdict(list)
-    for c in changes:
-        by_host[c.host].append(c)
-    runs = [c for c in changes if c.action in (START, RESTART)]
+@dataclass(frozen=True)
+class _Rules:
+    """The ordering rules applied to a list of changes, by position in that list.
+
+    `node[i]` is the node of change i: the position of the last change with its id (a change id
+    is a node, as in networkx).  `edges` holds every edge a -> b but make-before-break's, each as
+    the number a * (len(changes) + 1) + b (plain ints: a large plan makes hundreds of thousands
+    of edges, and a tuple each would keep Python's garbage collector busy), in the order the
+    rules make them.  Make-before-break ("every prune after every run") is `runs` and `prunes`,
+    to be put in at `mbb_at` when the edges are spelled out.
+    """
+
+    ids: list[str]
+    node: list[int]
+    edges: list[int]
+    runs: list[int]  # positions of the starts/restarts, in plan order
+    prunes: list[int]  # positions of the prunes, in plan order
+    mbb_at: int
+
+
+def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
+    ids = [c.id for c in changes]
+    last = {cid: i for i, cid in enumerate(ids)}
+    node = [last[cid] for cid in ids]
+    width = len(ids) + 1
+    edges: list[int] = []
+    add = edges.append
+    by_host: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(changes):
+        by_host[c.host].append(i)
+    runs = [i for i, c in enumerate(changes) if c.action in (START, RESTART)]
     service_units = {s.name: s for s in desired.services}
 
     for cs in by_host.values():
-        reload_ = [c for c in cs if c.action == DAEMON_RELOAD]
-        for c in cs:
+        reload_ = [node[i] for i in cs if changes[i].action == DAEMON_RELOAD]
+        enables: dict[str, list[int]] = defaultdict(list)  # target -> this host's enables of it
+        unit_writes: dict[str, list[int]] = defaultdict(list)
+        env_writes: dict[str, list[int]] = defaultdict(list)
+        for i in cs:
+            a = changes[i].action
+            if a == ENABLE:
+                enables[changes[i].target].append(node[i])
+            elif a == WRITE_UNIT:
+                unit_writes[changes[i].target].append(node[i])
+            elif a == WRITE_ENV:
+                env_writes[changes[i].target].append(node[i])
+        for i in cs:
+            c, n = changes[i], node[i]
             if c.action == WRITE_UNIT:
                 for r in reload_:
-                    g.add_edge(c.id, r.id)
+                    add(n * width + r)
             if c.action in (ENABLE, START, RESTART):
                 for r in reload_:
-                    g.add_edge(r.id, c.id)
+                    add(r * width + n)
             if c.action in (START, RESTART):
-                for e in cs:
-                    if e.action == ENABLE and e.target == c.target:
-                        g.add_edge(e.id, c.id)
-                    if e.action == WRITE_UNIT and e.target == c.target and not reload_:
-                        g.add_edge(e.id, c.id)
+                for e in enables.get(c.target, ()):
+                    add(e * width + n)
+                if not reload_:
+                    for e in unit_writes.get(c.target, ()):
+                        add(e * width + n)
                 svc = service_units.get(c.service or "")
                 loads = svc.unit_spec.environment_files if svc is not None and svc.unit_spec else ()
-                for w in cs:
-                    if w.action == WRITE_ENV and w.target in loads:
-                        g.add_edge(w.id, c.id)
+                for path in dict.fromkeys(loads):
+                    for w in env_writes.get(path, ()):
+                        add(w * width + n)
 
-    runs_of: dict[str, list[Change]] = defaultdict(list)  # service -> its starts and restarts
-    for c in runs:
-        runs_of[c.service or ""].append(c)
+    runs_of: dict[str, list[int]] = defaultdict(list)  # service -> positions of its starts and restarts
+    for i in runs:
+        runs_of[changes[i].service or ""].append(i)
 
-    for c in runs:
-        svc = service_units.get(c.service or "")
+    for i in runs:
+        svc = service_units.get(changes[i].service or "")
         for req in svc.requires if svc is not None else ():
             for r in runs_of.get(req, ()):
-                g.add_edge(r.id, c.id)
+                add(node[r] * width + node[i])
 
-    for p in changes:
-        if p.action == PRUNE:
-            for r in runs:
-                g.add_edge(r.id, p.id)
+    mbb_at = len(edges)
 
     for name, svc in service_units.items():
         mine = runs_of.get(name, [])
         # An instance being started is not available yet: restarts of the same service wait for
         # it, so a rolling restart never takes down the last instance that is up.
-        starts = [c for c in mine if c.action == START]
-        restarts_here = [c for c in mine if c.action == RESTART]
+        starts = [i for i in mine if changes[i].action == START]
+        restarts_here = [i for i in mine if changes[i].action == RESTART]
         for st in starts:
             for rs in restarts_here:
-                if rs.host != st.host:
-                    g.add_edge(st.id, rs.id)
+                if changes[rs].host != changes[st].host:
+                    add(node[st] * width + node[rs])
         position = {h: i for i, h in enumerate(svc.hosts)}
-        restarts = sorted(restarts_here, key=lambda c: position.get(c.host, 0))
+        restarts = sorted(restarts_here, key=lambda i: position.get(changes[i].host, 0))
         k = max(1, svc.max_unavailable)
-        for i in range(k, len(restarts)):
-            g.add_edge(restarts[i - k].id, restarts[i].id)
+        for j in range(k, len(restarts)):
+            add(node[restarts[j - k]] * width + node[restarts[j]])
+    prunes = [i for i, c in enumerate(changes) if c.action == PRUNE]
+    return _Rules(ids=ids, node=node, edges=edges, runs=runs, prunes=prunes, mbb_at=mbb_at)
+
+
+def _graph(rules: _Rules) -> nx.DiGraph:
+    ids, node, width = rules.ids, rules.node, len(rules.ids) + 1
+    g: nx.DiGraph = nx.DiGraph()
+    g.add_nodes_from(dict.fromkeys(ids))
+    g.add_edges_from((ids[e // width], ids[e % width]) for e in rules.edges[:rules.mbb_at])
+    g.add_edges_from((ids[node[r]], ids[node[p]]) for p in rules.prunes for r in rules.runs)
+    g.add_edges_from((ids[e // width], ids[e % width]) for e in rules.edges[rules.mbb_at:])
     return g
+
+
+def build_graph(changes: Sequence[Change], desired: Desired) -> nx.DiGraph:
+    """Every rule as an explicit networkx graph of change ids (make-before-break as one edge per
+    run and prune)."""
+    return _graph(_rules(changes, desired))
 
 
 Deps = dict[str, tuple[str, ...]]
@@ -99,18 +157,55 @@ Waves = tuple[tuple[str, ...], ...]
 
 def order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, Waves]:
     """(dependencies of each change, waves).  A cycle raises CycleError naming it."""
-    g = build_graph(changes, desired)
-    try:
-        generations = list(nx.topological_generations(g))
-        cycle: list[tuple[str, str]] = []
-    except nx.NetworkXUnfeasible:  # only then look for the cycle, to name it (find_cycle is costly)
-        generations = []
-        cycle = list(nx.find_cycle(g))
-    if cycle:
+    rules = _rules(changes, desired)
+    ids, node = rules.ids, rules.node
+    width = len(ids) + 1
+    barrier = width - 1  # one node more: runs -> barrier -> prunes, if there are both
+    nodes = sorted(set(node))  # positions of the distinct change ids
+    runs = sorted({node[i] for i in rules.runs})
+    prunes = sorted({node[i] for i in rules.prunes})
+    mbb = bool(runs and prunes)
+    mbb_edges = [r * width + barrier for r in runs] + [barrier * width + p for p in prunes] if mbb else []
+    edges = set(rules.edges).union(mbb_edges)  # a rule may make an edge twice, networkx keeps one
+    out_edges = sorted(edges)  # a -> b as a * width + b: grouped by a, then b
+    in_edges = sorted([e % width * width + e // width for e in edges])  # as b * width + a: grouped by b, then a
+    out_at = [bisect_left(out_edges, v * width) for v in range(width + 1)]  # v's edges: out_edges[out_at[v]:...]
+    in_at = [bisect_left(in_edges, v * width) for v in range(width + 1)]
+
+    # Longest-path layering (Kahn): a change's wave is one more than its latest predecessor's,
+    # which is what topological generations are.  The barrier sits in its latest run's wave.
+    indegree = [in_at[v + 1] - in_at[v] for v in range(width)]
+    level = [0] * width
+    ready = [v for v in nodes if not indegree[v]]
+    done = 0
+    while ready:
+        u = ready.pop()
+        done += 1
+        here, base = level[u], u * width
+        for e in out_edges[out_at[u]:out_at[u + 1]]:
+            v = e - base
+            at = here if v == barrier else here + 1
+            if at > level[v]:
+                level[v] = at
+            indegree[v] -= 1
+            if not indegree[v]:
+                ready.append(v)
+    if done < len(nodes) + mbb:
+        cycle = list(nx.find_cycle(_graph(rules)))
         chain = " -> ".join([a for a, _ in cycle] + [cycle[0][0]])
         raise CycleError(f"the changes cannot be ordered: {chain}",
                          hint="this comes from `requires` between services; break the cycle there")
-    position = {c.id: i for i, c in enumerate(changes)}
-    deps = {n: tuple(sorted(g.predecessors(n), key=position.__getitem__)) for n in g.nodes}
-    waves = tuple(tuple(sorted(gen, key=position.__getitem__)) for gen in generations)
-    return deps, waves
+
+    run_ids = tuple(ids[r] for r in runs)
+    sources = [e % width for e in in_edges]  # in_edges' a, so that v's deps are sources[in_at[v]:in_at[v + 1]]
+    deps: Deps = {}
+    for v in dict.fromkeys(node):  # in plan order of first appearance, as networkx lists nodes
+        before = sources[in_at[v]:in_at[v + 1]]  # ascending: in plan order
+        if mbb and before and before[-1] == barrier:  # a prune: after every run, and what else it waits for
+            deps[ids[v]] = tuple(ids[u] for u in sorted(set(before[:-1]).union(runs))) if len(before) > 1 else run_ids
+        else:
+            deps[ids[v]] = tuple(map(ids.__getitem__, before))
+    waves_at: dict[int, list[str]] = defaultdict(list)
+    for v in nodes:
+        waves_at[level[v]].append(ids[v])
+    return deps, tuple(tuple(waves_at[k]) for k in sorted(waves_at))

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
+from types import GeneratorType
 from typing import Any
 
 from fleet.diff import (
@@ -81,23 +83,65 @@ class Plan:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        return self._data(list(self._change_dicts()))
+
+    def _data(self, changes: Iterable[dict[str, Any]]) -> dict[str, Any]:
         return {
             "format": self.format, "fleet": self.fleet, "created_at": self.created_at,
             "desired_hash": self.desired_hash, "hosts": list(self.hosts), "fingerprints": self.fingerprints,
             "complete": self.complete, "lab": self.lab, "summary": self.summary(),
             "unknown": [{"host": h, "kind": k, "message": m} for h, k, m in self.unknown],
             "notes": list(self.notes), "problems": list(self.problems),
-            "changes": [c.as_dict() | {"deps": list(self.deps.get(c.id, ()))} for c in self.changes],
+            "changes": changes,
             "waves": [list(w) for w in self.waves],
         }
 
+    def _change_dicts(self) -> Iterator[dict[str, Any]]:
+        return (c.as_dict() | {"deps": list(self.deps.get(c.id, ()))} for c in self.changes)
+
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        """`json.dumps(self.to_dict(), indent=2)`, the same text, written change by change."""
+        return indented_json(self._data(self._change_dicts())) + "\n"
 
     @property
     def plan_id(self) -> str:
         """Content hash: the same plan saved twice has the same id."""
         return sha256_hex(json.dumps(self.to_dict(), sort_keys=True))[:16]
+
+
+_string = encode_basestring_ascii  # json's own C function for a string, as json.dumps writes it
+
+
+def indented_json(value: Any, newline: str = "\n") -> str:
+    """`json.dumps(value, indent=2)`, the same text, at C speed for the strings.  json's own
+    indenting encoder is written in Python and, given a plan's whole dict, keeps every change's
+    dict alive at once: for a first install of 1,000 hosts (62,000 changes, 55 MB) it took longer
+    than planning.  A generator stands for a list whose items are made and written one by one.
+    `newline` is a newline and the indentation of the line `value` starts on."""
+    if type(value) is str:
+        return _string(value)
+    if type(value) is dict and (not value or set(map(type, value)) == {str}):
+        if not value:
+            return "{}"
+        inner = newline + "  "
+        return "{" + inner + ("," + inner).join([
+            _string(k) + ": " + (_string(v) if type(v) is str else indented_json(v, inner))
+            for k, v in value.items()]) + newline + "}"
+    if type(value) in (list, tuple, GeneratorType):
+        inner = newline + "  "
+        items = [_string(v) if type(v) is str else indented_json(v, inner) for v in value]
+        return "[" + inner + ("," + inner).join(items) + newline + "]" if items else "[]"
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is int:
+        return int.__repr__(value)
+    # Anything else (floats, subclasses, dicts with other keys, what json refuses): json itself;
+    # its lines only need this line's indentation, since no JSON string holds a raw newline.
+    return json.dumps(value, indent=2).replace("\n", newline)
 
 
 def plan_from_json(text: str, source: str = "plan") -> Plan:

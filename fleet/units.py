@@ -69,11 +69,12 @@ def render_unit(service: Service) -> str:
     return "\n".join(lines) + "\n"
 
 
-def desired_text_hash(service: Service) -> str:
+def desired_text_hash(service: Service, content_hash: str | None = None) -> str:
     """The text hash the collector would report for this unit once fleet has written it
-    (fragment in /etc/systemd/system, no drop-ins); see fleet.collect.parse."""
+    (fragment in /etc/systemd/system, no drop-ins); see fleet.collect.parse.  `content_hash`:
+    sha256 of `render_unit(service)`, when the caller has it already."""
     path = unit_path(service.unit)
-    return sha256_hex(f"{path} {sha256_hex(render_unit(service))}")
+    return sha256_hex(f"{path} {content_hash or sha256_hex(render_unit(service))}")
 
 
 def as_observed_text(service: Service) -> str:
@@ -111,16 +112,18 @@ def mask_unit_text(text: str) -> str:
     return "\n".join(lines)
 
 
-def unit_file_differs(service: Service, u: UnitState | None) -> bool:
+def unit_file_differs(service: Service, u: UnitState | None, content_hash: str | None = None) -> bool:
     """Would fleet rewrite this managed unit?  Drop-ins outside /etc/systemd/system (a
     package's, `systemctl edit --runtime`) are not fleet's to remove, so only the fragment and
-    drop-ins in fleet's own directory count."""
+    drop-ins in fleet's own directory count.  `content_hash`: sha256 of `render_unit(service)`,
+    when the caller has it already (a plan asks for every host of a service)."""
     if u is None or not u.exists or any(p.startswith(UNIT_DIR + "/") for p in u.drop_in_paths):
         return True
+    want = content_hash or sha256_hex(render_unit(service))
     if u.file_hashes:
         fragment = dict(u.file_hashes).get(u.fragment_path)
-        return u.fragment_path != unit_path(service.unit) or fragment != sha256_hex(render_unit(service))
-    return u.text_hash != desired_text_hash(service)  # plain data without per-file hashes
+        return u.fragment_path != unit_path(service.unit) or fragment != want
+    return u.text_hash != desired_text_hash(service, want)  # plain data without per-file hashes
 
 
 def instance_owner(services: Iterable[Service], unit: str) -> Service | None:

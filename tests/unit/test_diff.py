@@ -7,6 +7,7 @@ former db host, nietzsche db + worker); observed states come from tests/unit/obs
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 
 import pytest
@@ -53,7 +54,7 @@ from fleet.diff import (
 from fleet.envfile import fingerprint
 from fleet.model import Desired, HostResult, HostState, SecretSource
 from fleet.textutil import sha256_hex
-from fleet.units import as_observed_text, render_unit
+from fleet.units import as_observed_text, mask_unit_text, render_unit
 
 S = EXAMPLE_SECRETS
 MASKED = re.compile(r"^\(sensitive, sha256:[0-9a-f]{8}\)$")
@@ -227,6 +228,26 @@ def test_a_unified_diff_of_a_new_unit_is_the_whole_rendered_text(desired: Desire
     w = one(diff(desired, {"fritz": bare_host(desired, "fritz")}, S), "fritz", WRITE_UNIT, STREAMING)
     added = [ln[1:] for ln in w.diff.splitlines(keepends=True)[3:]]
     assert "".join(added) == as_observed_text(service(desired, "streaming"))
+
+
+def test_every_unit_diff_is_difflibs_for_its_own_host_although_bodies_are_computed_once(desired: Desired) -> None:
+    """diff() diffs a (before, after) pair of texts once and reuses the body on every host."""
+    observed: dict[str, HostResult] = dict(bare(desired))
+    observed["fritz"] = edited(converged(desired, S)["fritz"], WEB, "Nice=5")
+    observed["franz"] = edited(converged(desired, S)["franz"], WEB, "Nice=5")
+    observed["freud"] = edited(converged(desired, S)["freud"], SK_DEFAULT, "Nice=7")
+    writes = [c for c in diff(desired, observed, S).changes if c.action == WRITE_UNIT]
+    assert {c.host for c in writes} == {"fritz", "franz", "freud", "nietzsche"}
+    for c in writes:
+        state = observed[c.host]
+        assert isinstance(state, HostState)
+        u = state.unit(c.target)
+        before = mask_unit_text(u.text or "") if u is not None and u.exists else ""
+        after = as_observed_text(service(desired, c.service or ""))
+        want = "".join(difflib.unified_diff(
+            before.splitlines(keepends=True), after.splitlines(keepends=True),
+            fromfile=f"{c.host}:{c.target} (now)", tofile=f"{c.host}:{c.target} (desired)"))
+        assert c.diff == want and want
 
 
 def test_a_stopped_unit_is_started_and_a_disabled_one_enabled_without_rewrites(

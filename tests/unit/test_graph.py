@@ -8,25 +8,31 @@ changes on a two-host fleet built directly from dataclasses.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 
 import networkx as nx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from observed import (
     ENV_PATH,
     EXAMPLE_SECRETS,
     bare,
     bare_host,
     converged,
+    edited,
     example,
+    fleets,
     service,
     set_env_value,
+    stopped,
     undeclared_sidekiq,
     unit_of,
     with_unit,
 )
 
-from fleet.diff import Change, diff
+from fleet.diff import DAEMON_RELOAD, ENABLE, PRUNE, RESTART, START, WRITE_ENV, WRITE_UNIT, Change, diff
 from fleet.graph import CycleError, build_graph, order
 from fleet.model import Desired, Host, HostResult, Kind, Service, UnitSpec
 
@@ -258,3 +264,166 @@ def test_a_cycle_between_services_with_nothing_to_start_is_no_error() -> None:
     desired = _tiny({"x": ("y",), "y": ("x",)})
     deps, waves = order(_starts(("z", "a")), desired)
     assert waves == (("a:start:z.service",),)
+
+
+# ------------------------------------------------------------------ against a straightforward reference
+#
+# order() keeps make-before-break as one barrier node (runs -> barrier -> prunes) and computes the
+# waves itself.  The reference below is the rules as first written: every edge explicit in a
+# networkx graph, one per (run, prune) pair, and networkx's topological generations as waves.
+
+
+def reference_graph(changes: Sequence[Change], desired: Desired) -> nx.DiGraph:
+    g: nx.DiGraph = nx.DiGraph()
+    g.add_nodes_from(c.id for c in changes)
+    service_units = {s.name: s for s in desired.services}
+    runs = [c for c in changes if c.action in (START, RESTART)]
+    by_host: dict[str, list[Change]] = defaultdict(list)
+    for c in changes:
+        by_host[c.host].append(c)
+    for cs in by_host.values():
+        reload_ = [c for c in cs if c.action == DAEMON_RELOAD]
+        for c in cs:
+            if c.action == WRITE_UNIT:
+                g.add_edges_from((c.id, r.id) for r in reload_)
+            if c.action in (ENABLE, START, RESTART):
+                g.add_edges_from((r.id, c.id) for r in reload_)
+            if c.action in (START, RESTART):
+                svc = service_units.get(c.service or "")
+                loads = svc.unit_spec.environment_files if svc is not None and svc.unit_spec else ()
+                for e in cs:
+                    if e.action == ENABLE and e.target == c.target:
+                        g.add_edge(e.id, c.id)
+                    if e.action == WRITE_UNIT and e.target == c.target and not reload_:
+                        g.add_edge(e.id, c.id)
+                    if e.action == WRITE_ENV and e.target in loads:
+                        g.add_edge(e.id, c.id)
+    for c in runs:
+        svc = service_units.get(c.service or "")
+        for r in runs:
+            if svc is not None and r.service in svc.requires:
+                g.add_edge(r.id, c.id)
+    for p in changes:
+        if p.action == PRUNE:
+            g.add_edges_from((r.id, p.id) for r in runs)
+    for name, svc in service_units.items():
+        starts = [c for c in runs if c.service == name and c.action == START]
+        restarts = [c for c in runs if c.service == name and c.action == RESTART]
+        g.add_edges_from((st.id, rs.id) for st in starts for rs in restarts if rs.host != st.host)
+        position = {h: i for i, h in enumerate(svc.hosts)}
+        restarts.sort(key=lambda c: position.get(c.host, 0))
+        k = max(1, svc.max_unavailable)
+        g.add_edges_from((restarts[i - k].id, restarts[i].id) for i in range(k, len(restarts)))
+    return g
+
+
+def reference_order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, Waves]:
+    g = reference_graph(changes, desired)
+    position = {c.id: i for i, c in enumerate(changes)}
+    deps = {n: tuple(sorted(g.predecessors(n), key=position.__getitem__)) for n in g.nodes}
+    waves = tuple(tuple(sorted(gen, key=position.__getitem__)) for gen in nx.topological_generations(g))
+    return deps, waves
+
+
+def assert_as_reference(changes: Sequence[Change], desired: Desired) -> None:
+    deps, waves = order(changes, desired)
+    want_deps, want_waves = reference_order(changes, desired)
+    assert waves == want_waves
+    assert deps == want_deps
+    ids = {c.id for c in changes}
+    assert set(deps) == ids and {d for ds in deps.values() for d in ds} <= ids  # no barrier anywhere
+    assert sorted(c for w in waves for c in w) == sorted(ids)
+    assert set(build_graph(changes, desired).edges) == set(reference_graph(changes, desired).edges)
+
+
+def _move(desired: Desired) -> dict[str, HostResult]:
+    """sidekiq-default moves from franz (still running there) to freud (bare)."""
+    observed: dict[str, HostResult] = dict(converged(desired, S))
+    observed["franz"] = with_unit(converged(desired, S)["franz"], unit_of(converged(desired, S)["freud"], SK_DEFAULT))
+    observed["freud"] = bare_host(desired, "freud")
+    return observed
+
+
+def _everything(desired: Desired) -> dict[str, HostResult]:
+    """Prunes on two hosts, restarts rolling across hosts, a start of a service that also restarts
+    elsewhere, a bare host, an env write."""
+    observed: dict[str, HostResult] = dict(_web_env_drift(desired))
+    observed["fritz"] = with_unit(edited(observed["fritz"], STREAMING), undeclared_sidekiq())  # type: ignore[arg-type]
+    observed["franz"] = with_unit(stopped(observed["franz"], WEB),  # type: ignore[arg-type]
+                                  undeclared_sidekiq("mastodon-sidekiq-old.service"))
+    observed["freud"] = bare_host(desired, "freud")
+    return observed
+
+
+SCENARIOS: dict[str, Callable[[Desired], Mapping[str, HostResult]]] = {
+    "bare": bare,
+    "bare, and an undeclared Sidekiq to prune": lambda d: {**bare(d), "franz": with_unit(
+        bare(d)["franz"], undeclared_sidekiq())},
+    "a move (make-before-break)": _move,
+    "a moved service already running": lambda d: {**converged(d, S), "franz": with_unit(
+        converged(d, S)["franz"], unit_of(converged(d, S)["freud"], SK_DEFAULT))},
+    "rolling restarts": _web_env_drift,
+    "prunes, restarts, starts and installs at once": _everything,
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_order_matches_the_reference_on_the_example(scenario: str) -> None:
+    desired = example()
+    changes = list(diff(desired, SCENARIOS[scenario](desired), S).changes)
+    assert changes
+    assert_as_reference(changes, desired)
+
+
+def test_order_matches_the_reference_with_max_unavailable_two_and_a_move() -> None:
+    desired = example()
+    web = dataclasses.replace(service(desired, "web"), max_unavailable=2)
+    desired2 = dataclasses.replace(desired, services=tuple(web if s.name == "web" else s for s in desired.services))
+    assert_as_reference(list(diff(desired2, _everything(desired2), S).changes), desired2)
+
+
+def _prune(host: str, unit: str) -> Change:
+    return Change(host, "prune", unit, "undeclared", None, steps=("stop",))
+
+
+@pytest.mark.parametrize("changes", [
+    pytest.param([_prune("a", "old.service")], id="a prune and no run"),
+    pytest.param([*_starts(("x", "a"), ("y", "b")), _prune("a", "old.service"), _prune("b", "older.service")],
+                 id="two prunes after two independent starts"),
+    pytest.param([_prune("b", "old.service"), *_starts(("x", "a"), ("y", "b"), ("z", "a"))],
+                 id="a prune listed first waits for a chain of requires"),
+    pytest.param([*_starts(("x", "a")), Change("b", "restart", "y.service", "env", "y"), _prune("a", "old.service")],
+                 id="a restart that requires a start, then a prune"),
+    pytest.param([*_starts(("x", "a")), Change("b", "write-unit", "y.service", "edited", "y"),
+                  Change("b", "daemon-reload", "systemd", "unit files changed"), _prune("b", "old.service")],
+                 id="a prune in the same wave as a reload that waits for a write"),
+])
+def test_order_matches_the_reference_on_hand_made_plans(changes: list[Change]) -> None:
+    assert_as_reference(changes, _tiny({"y": ("x", "x"), "z": ("y",)}))  # x twice: the same edge twice
+
+
+def test_a_prune_waits_in_the_wave_after_the_last_run_and_lists_every_run() -> None:
+    changes = [_prune("b", "old.service"), *_starts(("x", "a"), ("y", "b"), ("z", "a"))]
+    deps, waves = order(changes, _tiny({"y": ("x",), "z": ("y",)}))
+    assert waves == (("a:start:x.service",), ("b:start:y.service",), ("a:start:z.service",), ("b:prune:old.service",))
+    assert deps["b:prune:old.service"] == ("a:start:x.service", "b:start:y.service", "a:start:z.service")
+
+
+def test_a_cycle_is_named_as_in_the_reference_graph() -> None:
+    desired = example()
+    pg = dataclasses.replace(service(desired, "postgres"), requires=("web",))
+    cyclic = dataclasses.replace(desired, services=tuple(pg if s.name == "postgres" else s for s in desired.services))
+    observed = {**bare(cyclic), "franz": with_unit(bare(cyclic)["franz"], undeclared_sidekiq())}
+    changes = list(diff(cyclic, observed, S).changes)
+    cycle = nx.find_cycle(reference_graph(changes, cyclic))
+    with pytest.raises(CycleError) as e:
+        order(changes, cyclic)
+    assert str(e.value).split("\n")[0].split(": ", 1)[1] == " -> ".join([a for a, _ in cycle] + [cycle[0][0]])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_order_matches_the_reference_on_any_fleet(data: st.DataObject) -> None:
+    desired = example()
+    observed = data.draw(fleets(desired, S), label="observed")
+    assert_as_reference(list(diff(desired, observed, S).changes), desired)

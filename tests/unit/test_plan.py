@@ -40,7 +40,16 @@ from simulate import SimulationError, simulate
 from fleet.collect.parse import parse_host
 from fleet.diff import diff
 from fleet.model import Desired, HostResult, HostState
-from fleet.plan import PLAN_FORMAT, Plan, PlanFileError, build_plan, desired_hash, fingerprint, plan_from_json
+from fleet.plan import (
+    PLAN_FORMAT,
+    Plan,
+    PlanFileError,
+    build_plan,
+    desired_hash,
+    fingerprint,
+    indented_json,
+    plan_from_json,
+)
 from fleet.status import DRIFT, OK, build_status
 
 S = EXAMPLE_SECRETS
@@ -187,6 +196,34 @@ def test_a_round_tripped_plan_writes_the_same_json_document() -> None:
 def test_a_plan_with_env_writes_survives_the_json_round_trip_unchanged() -> None:
     plan = plan_for(bare(example()))
     assert plan_from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize("observed", [pytest.param(bare, id="bare"), pytest.param(lambda _: drifted(), id="drifted")])
+def test_the_plan_json_is_the_text_json_writes_with_an_indent_of_two(observed: Any) -> None:
+    plan = plan_for(observed(example()))
+    assert plan.to_json() == json.dumps(plan.to_dict(), indent=2) + "\n"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: (st.lists(inner, max_size=4) | st.lists(inner, max_size=3).map(tuple)
+                   | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+                   | st.dictionaries(st.integers() | st.booleans() | st.none(), inner, max_size=3)),
+    max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_indented_json_writes_what_json_dumps_writes(value: Any) -> None:
+    assert indented_json(value) == json.dumps(value, indent=2)
+
+
+def test_indented_json_writes_a_generator_as_a_list_and_refuses_what_json_refuses() -> None:
+    items: list[Any] = [1, "é\n", {"k": None}]
+    assert indented_json({"a": (x for x in items), "b": (x for x in items[:0])}) == json.dumps(
+        {"a": items, "b": []}, indent=2)
+    with pytest.raises(TypeError):
+        indented_json({"a": [object()]})
 
 
 @pytest.mark.parametrize(("text", "says"), [
