@@ -122,34 +122,6 @@ def _predict(done: list[dict[str, Any]], n: int) -> float | None:
     return float(b["median_s"] * (n / b["hosts"]) ** exponent)
 
 
-def run_proposals(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """bench.proposals: the same plans without the quadratic parts, next to fleet's own."""
-    import subprocess
-
-    out = []
-    scenarios = [s for s in args.core_scenarios.split(",") if s]
-    for n in sorted(args.core_sizes):
-        for scenario in scenarios:
-            current = n <= 1000  # fleet's own build_plan is timed (and compared) up to 1,000 hosts
-            log(f"[proposals] {n} hosts, {scenario}{'' if current else ' (proposed only)'}")
-            cmd = [sys.executable, "-m", "bench.proposals", "--hosts", str(n), "--services", str(args.core_services),
-                   "--scenario", scenario, "--repeats", "1" if n > 1000 else "3"]
-            if not current:
-                cmd.append("--no-current")
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.core_budget, check=False)
-                r = json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-500:]}
-            except subprocess.TimeoutExpired:
-                r = {"error": f"did not finish within {args.core_budget:g} s"}
-            r.setdefault("hosts", n)
-            r.setdefault("scenario", scenario)
-            if "proposed_median_s" in r:
-                log(f"[proposals]   proposed {r['proposed_median_s']:.3f} s"
-                    + (f", current {r['current_s']:.3f} s, identical plan: {r['identical']}" if current else ""))
-            out.append(r)
-    return out
-
-
 def run_lab(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
     from bench.apply_bench import bench_apply
     from bench.remote_cost import measure_remote_cost
@@ -218,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_core:
         results["core"] = run_core(args)
         _save(results, out)
-        if not args.quick:
-            results["proposals"] = run_proposals(args)
-            _save(results, out)
     results["machine"]["loadavg_end"] = __import__("os").getloadavg()
     results["duration_s"] = time.monotonic() - started
     _save(results, out)

@@ -79,42 +79,21 @@ def core_table(rows: list[dict[str, Any]]) -> str:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["hosts"], r["scenario"], "—", "—", "—", r["error"], "—", "—", "—", "—", "—"])
+            out.append([r["hosts"], r["scenario"], "—", "—", "—", r["error"], "—", "—", "—", "—", "—", "—"])
             continue
         out.append([r["hosts"], r["scenario"], r["changes"], r["edges"], r["waves"], _s(r["median_s"]),
                     _s(r.get("diff_s")), _s(r.get("graph_s")),
                     "— (too slow)" if r.get("tracemalloc_peak_mb") is None else f"{r['tracemalloc_peak_mb']:.1f} MB",
-                    f"{r['maxrss_mb']:.0f} MB", f"{r['plan_json_bytes'] / 2**20:.1f} MB"])
+                    f"{r['maxrss_mb']:.0f} MB", f"{r['plan_json_bytes'] / 2**20:.1f} MB", _s(r.get("to_json_s"))])
     return tabulate(out, tablefmt="github", headers=[
         "hosts ×20 svc", "scenario", "changes", "edges", "waves", "build_plan (median)", "of it: diff",
-        "graph (order)", "peak (tracemalloc)", "process max RSS", "plan JSON"])
+        "graph (order)", "peak (tracemalloc)", "process max RSS", "plan JSON", "to_json (once)"])
 
 
 def growth_table(rows: list[dict[str, Any]]) -> str:
     return tabulate([[g["scenario"], f"{g['from']} → {g['to']}", f"{g['time_exponent']:.2f}",
                       "—" if g["memory_exponent"] is None else f"{g['memory_exponent']:.2f}"] for g in rows],
                     headers=["scenario", "hosts", "time exponent", "memory exponent"], tablefmt="github")
-
-
-def proposals_table(rows: list[dict[str, Any]]) -> str:
-    out = []
-    for r in rows:
-        if "error" in r:
-            out.append([r["hosts"], r["scenario"], "—", "—", "—", "—", "—", r["error"][:60]])
-            continue
-        def same(value: object) -> str:
-            return "yes" if value is True else "NO" if value is False else "—"
-
-        out.append([r["hosts"], r["scenario"], _s(r.get("current_s")), _s(r["proposed_median_s"]),
-                    f"{r['speedup']:.1f}×" if "speedup" in r else "—", f"{r['proposed_peak_mb']:.1f} MB",
-                    _s(r.get("barrier_median_s")),
-                    f"{r['barrier_peak_mb']:.1f} MB" if "barrier_peak_mb" in r else "—",
-                    f"{r['make_before_break_edges']} of {r['edges']}",
-                    f"{same(r.get('identical'))} / {same(r.get('barrier_identical_to_proposed'))}"])
-    return tabulate(out, tablefmt="github", headers=[
-        "hosts ×20 svc", "scenario", "fleet build_plan", "proposed 1–4", "speed-up", "peak 1–4 (tracemalloc)",
-        "proposed 1–6", "peak 1–6", "edges from make-before-break",
-        "identical plan (1–4 vs fleet / 1–6 vs 1–4)"])
 
 
 def remote_cost_table(rc: dict[str, Any]) -> str:
@@ -126,29 +105,6 @@ def remote_cost_table(rc: dict[str, Any]) -> str:
 def imports_table(rows: list[dict[str, Any]]) -> str:
     return tabulate([[r["case"], _ms(r["cpu_median_s"]), _ms(r["wall_median_s"])] for r in rows],
                     headers=["fresh process", "CPU (median)", "wall (median)"], tablefmt="github")
-
-
-def proposals_growth(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Time exponents between successive sizes for fleet's build_plan and the proposals."""
-    import math
-
-    out = []
-    for scenario in dict.fromkeys(r["scenario"] for r in rows):
-        rs = sorted((r for r in rows if r["scenario"] == scenario and "proposed_median_s" in r),
-                    key=lambda r: r["hosts"])
-        for a, b in zip(rs, rs[1:], strict=False):
-            k = math.log(b["hosts"] / a["hosts"])
-            out.append({"scenario": scenario, "from": a["hosts"], "to": b["hosts"],
-                        "proposed": math.log(b["proposed_median_s"] / a["proposed_median_s"]) / k,
-                        "barrier": math.log(b["barrier_median_s"] / a["barrier_median_s"]) / k
-                        if "barrier_median_s" in a and "barrier_median_s" in b else None})
-    return out
-
-
-def proposals_growth_table(rows: list[dict[str, Any]]) -> str:
-    return tabulate([[g["scenario"], f"{g['from']} → {g['to']}", f"{g['proposed']:.2f}",
-                      "—" if g["barrier"] is None else f"{g['barrier']:.2f}"] for g in proposals_growth(rows)],
-                    headers=["scenario", "hosts", "time exponent 1–4", "time exponent 1–6"], tablefmt="github")
 
 
 def apply_table(a: dict[str, Any]) -> str:
@@ -187,10 +143,10 @@ def render(results: dict[str, Any]) -> str:
     if results.get("apply"):
         parts += ["## apply", apply_summary(results["apply"]), apply_table(results["apply"])]
     if results.get("core"):
-        parts += ["## pure core", core_table(results["core"]["cases"]), growth_table(results["core"]["growth"])]
-    if results.get("proposals"):
-        parts += ["## pure core with the proposed fixes (bench/proposals.py)", proposals_table(results["proposals"]),
-                  proposals_growth_table(results["proposals"])]
+        run = results.get("core_run")  # the pure core measured in a later run than the rest
+        title = f"## pure core (run of {run['started']}, commit {run['machine'].get('fleet_commit')})" if run else \
+            "## pure core"
+        parts += [title, core_table(results["core"]["cases"]), growth_table(results["core"]["growth"])]
     return "\n\n".join(parts) + "\n"
 
 
