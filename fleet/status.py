@@ -13,7 +13,8 @@ from typing import Any
 
 from fleet.model import SIDEKIQ_QUEUES, Desired, Finding, HostError, HostResult, HostState, Service, UnitState
 from fleet.policy import SidekiqProcess, check_queues
-from fleet.units import instance_owner, unit_file_differs
+from fleet.textutil import sha256_hex
+from fleet.units import instance_owner, render_unit, unit_file_differs
 
 # Cell statuses, from best to worst news:
 OK = "ok"  # declared here and as declared
@@ -71,7 +72,11 @@ def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusRepo
     rows: list[Row] = []
     declared_units = {s.unit for s in desired.services}
     for s in desired.services:
-        cells = tuple(_declared_cell(s, h, results[h]) for h in hosts)
+        # per service, not per cell: a set for "declared here?" and the unit's hash, rendered once
+        # (both are O(hosts) to recompute, which made status quadratic in hosts)
+        here = frozenset(s.hosts)
+        want = sha256_hex(render_unit(s)) if s.unit_spec is not None else None
+        cells = tuple(_declared_cell(s, h, results[h], here, want) for h in hosts)
         rows.append(Row(unit=s.unit, service=s.name, kind=s.kind.value, declared_hosts=s.hosts, cells=cells))
     # Units found by discovery that no service declares, e.g. a hand-made mastodon-sidekiq.service.
     extra: dict[str, None] = {}
@@ -93,11 +98,12 @@ def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusRepo
                         queue_findings=tuple(findings))
 
 
-def _declared_cell(s: Service, host: str, result: HostResult) -> Cell:
+def _declared_cell(s: Service, host: str, result: HostResult, declared_on: frozenset[str],
+                   content_hash: str | None) -> Cell:
     if isinstance(result, HostError):
         return Cell(host, UNKNOWN)
     u = result.unit(s.unit)
-    if host not in s.hosts:
+    if host not in declared_on:
         return _undeclared_cell(host, result, s.unit)
     if u is None or not u.exists:
         return Cell(host, DRIFT, "missing", "not installed", u)
@@ -109,7 +115,7 @@ def _declared_cell(s: Service, host: str, result: HostResult) -> Cell:
         problems.append(u.unit_file_state or "not enabled")
     if s.unit_spec is not None and u.exec_start and tuple(s.unit_spec.exec_start.split()) != u.exec_start:
         problems.append("ExecStart differs")
-    elif s.unit_spec is not None and unit_file_differs(s, u):
+    elif s.unit_spec is not None and unit_file_differs(s, u, content_hash):
         problems.append("unit file differs")
     return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u)
 
