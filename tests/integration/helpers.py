@@ -7,7 +7,6 @@ them.  Everything goes through the real OpenSSH client or the real `fleet` conso
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def fleet_argv() -> list[str]:
-    exe = shutil.which("fleet") or str(Path(sys.executable).with_name("fleet"))
-    return [exe]
+    """The `fleet` console script of the Python running the tests (the checkout's venv), never the
+    first `fleet` on PATH: that may be another checkout's install, and the tests would test it."""
+    exe = Path(sys.executable).with_name("fleet")
+    assert exe.is_file(), f"no `fleet` console script next to {sys.executable}: run `pip install -e .` there"
+    return [str(exe)]
 
 
 def fleet(lab: Any, *args: str, state_dir: Path | None = None, timeout: float = 180,

@@ -9,6 +9,7 @@ test into a test of the unchanged example.
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,3 +133,12 @@ def make_fleet(tmp_path: Path) -> Callable[..., FleetDir]:
 def fleet_dir() -> type[FleetDir]:
     """The FleetDir class itself, for hypothesis tests that build fleets in their own temp dirs."""
     return FleetDir
+
+
+def fleet_executable() -> str:
+    """The `fleet` console script of the Python running these tests (the checkout's venv), never
+    whatever `fleet` comes first on PATH: that may be another checkout's install."""
+    exe = Path(sys.executable).with_name("fleet")
+    if not exe.is_file():
+        pytest.fail(f"no `fleet` console script next to {sys.executable}; run `pip install -e .` in that environment")
+    return str(exe)

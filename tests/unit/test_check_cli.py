@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fleet_executable
 
 from fleet import cli
 
@@ -28,10 +29,7 @@ FINDING_KEYS = {"severity", "code", "message", "file", "key", "line", "column", 
 
 @pytest.fixture(scope="session")
 def fleet_exe() -> str:
-    exe = shutil.which("fleet")
-    if exe is None:
-        pytest.fail("the `fleet` console script is not on PATH; run `pip install -e .`")
-    return exe
+    return fleet_executable()
 
 
 def run_fleet(exe: str, *args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fleet_executable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -199,9 +199,7 @@ def test_a_hostile_name_is_a_finding_naming_its_file_and_key(capsys: pytest.Capt
 
 
 def test_every_hostile_slot_at_once_is_reported_in_one_run_of_the_real_executable(example: FleetDir) -> None:
-    exe = shutil.which("fleet")
-    if exe is None:
-        pytest.fail("the `fleet` console script is not on PATH; run `pip install -e .`")
+    exe = fleet_executable()
     named = [slot.put(example, "$(reboot)") for slot in SLOTS if slot.name not in ("env file path",
                                                                                     "unit environment file")]
     named += [_env_file_path(example, "../x"), _unit_env_file(example, "a\nb")]
