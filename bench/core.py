@@ -57,6 +57,7 @@ from fleet.model import (
     UnitState,
 )
 from fleet.plan import Plan, build_plan
+from fleet.status import build_status
 from fleet.textutil import mask, sha256_hex
 from fleet.units import as_observed_text, render_unit, unit_path
 
@@ -271,6 +272,14 @@ def measure(n_hosts: int, n_services: int, scenario: str, repeats: int) -> dict[
 
     phases = _phases(desired, observed, secrets) if times[0] < 20 else {}
 
+    # `fleet status` on the same observations: the matrix every incident starts with
+    status_times = []
+    for _ in range(min(repeats, 3)):
+        gc.collect()
+        t = time.perf_counter()
+        build_status(desired, dict(observed))
+        status_times.append(time.perf_counter() - t)
+
     peak = None
     if min(times) < TRACEMALLOC_UNDER_S:  # tracemalloc makes Python 2-3x slower
         gc.collect()
@@ -285,7 +294,7 @@ def measure(n_hosts: int, n_services: int, scenario: str, repeats: int) -> dict[
         "changes": len(plan.changes), "edges": edges, "waves": len(plan.waves),
         "plan_json_bytes": len(text),
         "runs": len(times), "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-        **phases, "to_json_s": to_json_s,
+        **phases, "to_json_s": to_json_s, "status_s": statistics.median(status_times),
         "tracemalloc_peak_mb": None if peak is None else peak / 2**20,
         "maxrss_inputs_mb": rss_inputs / 1024,
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -340,7 +349,9 @@ def growth(results: list[dict[str, Any]], scenario: str) -> list[dict[str, Any]]
             out.append({"scenario": scenario, "from": a["hosts"], "to": b["hosts"],
                         "time_exponent": math.log(b["median_s"] / a["median_s"]) / math.log(b["hosts"] / a["hosts"]),
                         "memory_exponent": math.log(mb / ma) / math.log(b["hosts"] / a["hosts"])
-                        if ma and mb else None})
+                        if ma and mb else None,
+                        "status_exponent": math.log(b["status_s"] / a["status_s"]) / math.log(b["hosts"] / a["hosts"])
+                        if a.get("status_s") and b.get("status_s") else None})
     return out
 
 
