@@ -268,7 +268,8 @@ class Executor:
             lines = err.strip().splitlines() or out.strip().splitlines() or ["(no output)"]
             # systemctl's cause comes before its "See systemctl status …" line: keep a few lines
             tail = " / ".join(line.strip() for line in lines[-3:])
-            raise FleetError(f"exit {getattr(res, 'exit_code', '?')}: {tail}")
+            how = getattr(res, "exit_text", None) or f"exit {getattr(res, 'exit_code', '?')}"
+            raise FleetError(f"{how}: {tail}")
         return out
 
     def _do(self, c: Change, outcome: StepOutcome) -> None:

@@ -74,7 +74,7 @@ def to_result(host: str, outcome: RunResult | TransportError) -> HostResult:
         tail = err[-1] if err else "(no error output)"
         kind = "sudo" if "password is required" in tail or "sudo:" in tail else "remote"
         return HostError(host=host, kind=kind,
-                         message=f"the collection script failed on {host} (exit {outcome.exit_code}): {tail}",
+                         message=f"the collection script failed on {host} ({outcome.exit_text}): {tail}",
                          hint="check that the SSH user can run systemctl"
                               + (" (and sudo -n without a password)" if kind == "sudo" else ""),
                          collected_at=now)

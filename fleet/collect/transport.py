@@ -159,6 +159,14 @@ class RunResult:
     def ok(self) -> bool:
         return self.exit_code == 0
 
+    @property
+    def exit_text(self) -> str:
+        """How the command ended, for a message: `exit 3`, or what a missing exit status means."""
+        if self.exit_code == -1:
+            return ("no exit status: the command was killed by a signal or its SSH session closed "
+                    f"(is {self.host} shutting down?)")
+        return f"exit {self.exit_code}"
+
 
 # --------------------------------------------------------------------------- host keys
 

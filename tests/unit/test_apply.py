@@ -41,6 +41,7 @@ from fleet.apply import (
     stale_note,
     unlock_hosts,
 )
+from fleet.collect.transport import RunResult
 from fleet.diff import Change
 from fleet.envfile import render_value
 from fleet.errors import FleetError, TransportError
@@ -469,6 +470,22 @@ def test_a_failed_restart_is_rolled_back_by_restoring_the_unit_reloading_and_res
                           remote.systemctl("restart", WEB)]
     assert result.failed[0].rollback == (f"rolled back {WEB} on fritz: restored {unit_path(WEB)}; restarted it")
     assert not any(c.host == "franz" and "restart" in c.command for c in rig.fake.calls)
+
+
+def test_a_command_that_ends_without_an_exit_status_says_what_that_means(rig: Rig) -> None:
+    # what a host shutting down does to a running command: its session ends, no exit status
+    plan = web_edited_on_fritz_and_franz()
+
+    def killed_on_franz(call: Call) -> Result | None:
+        if call.host == "franz" and call.change is not None:
+            return RunResult("franz", call.command, -1, b"", b"", 0.1)  # type: ignore[return-value]
+        return None
+
+    rig.fake.hook = killed_on_franz
+    result = rig.executor(plan).execute()
+    assert [o.error for o in result.failed] == [
+        "no exit status: the command was killed by a signal or its SSH session closed (is franz shutting "
+        "down?): (no output)"]
 
 
 def test_a_transport_error_fails_that_step_and_halts_the_rollout(rig: Rig) -> None:

@@ -609,6 +609,13 @@ def test_megabytes_of_broken_output_are_a_parse_error_for_that_host_in_bounded_t
     assert time.monotonic() - started < 5
 
 
+def test_a_collection_killed_without_an_exit_status_says_so() -> None:
+    result = to_result("fritz", RunResult("fritz", "script", -1, b"", b"", 1.0))
+    assert isinstance(result, HostError) and result.kind == "remote"
+    assert "(no exit status: the command was killed by a signal or its SSH session closed (is fritz shutting " \
+           "down?))" in result.message
+
+
 def test_a_failed_script_with_a_flood_of_stderr_reports_only_its_last_line() -> None:
     stderr = b"noise\n" * 500_000 + b"sh: 1: systemctl: not found\n"
     result = to_result("fritz", RunResult("fritz", "script", 127, b"", stderr, 1.0))
