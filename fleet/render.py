@@ -114,7 +114,10 @@ def sidekiq_text(report: StatusReport) -> str:
         rows.append([p.host, p.unit, p.concurrency if p.concurrency is not None else "?", queues,
                      p.db_pool if p.db_pool is not None else "?", "" if p.declared else "UNDECLARED"])
     if rows:
-        out.append(tabulate(rows, headers=["HOST", "UNIT", "-c", "QUEUES", "DB_POOL", ""], tablefmt="simple"))
+        headers = ["HOST", "UNIT", "-c", "QUEUES", "DB_POOL", ""]
+        if not any(r[-1] for r in rows):  # no UNDECLARED mark: no empty column either
+            rows, headers = [r[:-1] for r in rows], headers[:-1]
+        out.append(tabulate(rows, headers=headers, tablefmt="simple"))
     else:
         out.append("  no running Sidekiq process found")
     cover = []

@@ -23,6 +23,7 @@ from observed import (
 )
 
 from fleet.model import HostResult, HostState
+from fleet.render import sidekiq_text
 from fleet.status import (
     ABSENT,
     DRIFT,
@@ -213,3 +214,16 @@ def test_a_bare_sidekiq_binary_counts_as_sidekiq() -> None:
 ])
 def test_other_commands_are_not_sidekiq(argv: tuple[str, ...]) -> None:
     assert parse_sidekiq_argv(argv) is None
+
+
+def test_the_sidekiq_table_marks_undeclared_processes_and_has_no_empty_column_otherwise() -> None:
+    desired = example()
+    fleet: dict[str, HostResult] = dict(converged(desired, EXAMPLE_SECRETS))
+    clean = sidekiq_text(build_status(desired, fleet)).splitlines()
+    assert clean[1].split() == ["HOST", "UNIT", "-c", "QUEUES", "DB_POOL"]
+    assert len(clean[2].split()) == 5, clean  # the rule under the headers: no empty sixth column
+    franz = fleet["franz"]
+    assert isinstance(franz, HostState)
+    fleet["franz"] = with_unit(franz, undeclared_sidekiq())
+    marked = sidekiq_text(build_status(desired, fleet))
+    assert "franz      mastodon-sidekiq.service" in marked and "UNDECLARED" in marked
