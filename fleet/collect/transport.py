@@ -163,8 +163,8 @@ class RunResult:
     def exit_text(self) -> str:
         """How the command ended, for a message: `exit 3`, or what a missing exit status means."""
         if self.exit_code == -1:
-            return ("no exit status: the command was killed by a signal or its SSH session closed "
-                    f"(is {self.host} shutting down?)")
+            return ("no exit status: the command was killed by a signal or its SSH session ended "
+                    f"(is {self.host} shutting down, or was its sshd killed?)")
         return f"exit {self.exit_code}"
 
 

@@ -85,3 +85,11 @@ def wait_for_ssh(lab: Any, host: str, timeout: float = 30) -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"{host} did not answer SSH again within {timeout}s")
+
+
+def sshd_back_in(seconds: int) -> str:
+    """A shell command (run on a lab host before stopping its sshd) that starts sshd again after
+    `seconds`.  The timer's accuracy is set tight: by default (AccuracySec=1min) systemd may fire
+    it up to a minute late, and sshd came back 55 s after a 15 s timer."""
+    return (f"systemd-run --quiet --on-active={seconds} --timer-property=AccuracySec=100ms "
+            "systemctl start ssh.service")

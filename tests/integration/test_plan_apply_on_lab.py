@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, fleet, fleet_argv, fleet_json, install_unit, reset_all, sidekiq_unit
+from helpers import REPO, fleet, fleet_argv, fleet_json, install_unit, reset_all, sidekiq_unit, sshd_back_in
 
 SETTLE = ("--settle", "1")
 ENV = "/home/mastodon/live/.env.production"
@@ -251,7 +251,7 @@ def test_apply_without_a_terminal_and_without_yes_refuses(converged: Any) -> Non
 
 def test_an_unreachable_host_makes_the_plan_incomplete_and_apply_refuses(converged: Any, tmp_path: Path) -> None:
     lab = converged
-    lab.ssh("nietzsche", "systemd-run --quiet --on-active=10 systemctl start ssh.service && "
+    lab.ssh("nietzsche", f"{sshd_back_in(10)} && "
                          "systemctl stop ssh.service ssh.socket 2>/dev/null; true", user="root")
     try:
         saved = tmp_path / "plan.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, fleet, fleet_json, install_unit, reset_all, sidekiq_unit, wait_for_ssh
+from helpers import REPO, fleet, fleet_json, install_unit, reset_all, sidekiq_unit, sshd_back_in, wait_for_ssh
 
 from fleet import config
 from fleet.units import render_unit
@@ -94,7 +94,7 @@ def test_status_text_marks_drift_and_unmanaged_cells(drifted: Any) -> None:
 
 def test_a_host_with_sshd_stopped_shows_as_unreachable_while_the_others_report(lab: Any) -> None:
     # Schedule sshd's return before stopping it: a lab host has no console for us to use.
-    lab.ssh("nietzsche", "systemd-run --quiet --on-active=6 systemctl start ssh.service && "
+    lab.ssh("nietzsche", f"{sshd_back_in(6)} && "
                          "systemctl stop ssh.service ssh.socket 2>/dev/null; true", user="root")
     try:
         done = fleet(lab, "status", "--json")

@@ -484,8 +484,8 @@ def test_a_command_that_ends_without_an_exit_status_says_what_that_means(rig: Ri
     rig.fake.hook = killed_on_franz
     result = rig.executor(plan).execute()
     assert [o.error for o in result.failed] == [
-        "no exit status: the command was killed by a signal or its SSH session closed (is franz shutting "
-        "down?): (no output)"]
+        "no exit status: the command was killed by a signal or its SSH session ended (is franz shutting "
+        "down, or was its sshd killed?): (no output)"]
 
 
 def test_a_transport_error_fails_that_step_and_halts_the_rollout(rig: Rig) -> None:

@@ -612,8 +612,8 @@ def test_megabytes_of_broken_output_are_a_parse_error_for_that_host_in_bounded_t
 def test_a_collection_killed_without_an_exit_status_says_so() -> None:
     result = to_result("fritz", RunResult("fritz", "script", -1, b"", b"", 1.0))
     assert isinstance(result, HostError) and result.kind == "remote"
-    assert "(no exit status: the command was killed by a signal or its SSH session closed (is fritz shutting " \
-           "down?))" in result.message
+    assert "(no exit status: the command was killed by a signal or its SSH session ended (is fritz shutting " \
+           "down, or was its sshd killed?))" in result.message
 
 
 def test_a_failed_script_with_a_flood_of_stderr_reports_only_its_last_line() -> None:
