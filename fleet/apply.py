@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from fleet import remote
+from fleet.collect.transport import DEFAULT_MAX_SESSIONS
 from fleet.diff import (
     DAEMON_RELOAD,
     DISABLE,
@@ -43,7 +44,9 @@ from fleet.textutil import sha256_hex
 from fleet.units import render_unit, unit_path
 
 MAX_WORKERS = 32
-STEPS_PER_HOST = 8  # a host's changes run at once in a wave (the transport's max_sessions)
+STEPS_PER_HOST = DEFAULT_MAX_SESSIONS  # a host's changes of a wave at once, as many as its connection carries
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class RunnerLike(Protocol):
@@ -130,12 +133,11 @@ def lock_hosts(transport: RunnerLike, hosts: Sequence[Host], holder: str, *, for
 
     taken: list[Host] = []
     refusals: list[str] = []
-    with ThreadPoolExecutor(max_workers=min(forks, max(1, len(hosts)))) as pool:
-        for host, refusal in pool.map(one, hosts):
-            if refusal is None:
-                taken.append(host)
-            else:
-                refusals.append(refusal)
+    for host, refusal in in_parallel(one, hosts, forks):
+        if refusal is None:
+            taken.append(host)
+        else:
+            refusals.append(refusal)
     if refusals:
         unlock_hosts(transport, taken, json.loads(holder)["token"])
         raise FleetError("cannot lock the hosts, nothing was changed:\n  " + "\n  ".join(refusals),
@@ -144,25 +146,17 @@ def lock_hosts(transport: RunnerLike, hosts: Sequence[Host], holder: str, *, for
                               "`fleet lock break --limit HOST` (docs/apply.md)")
 
 
-def _each_host(hosts: Sequence[Host], fn: Callable[[Host], None], forks: int = MAX_WORKERS) -> None:
-    """fn on every host, hosts in parallel (one round trip of wall time, not one per host)."""
-    if len(hosts) <= 1:
-        for host in hosts:
-            fn(host)
-        return
-    with ThreadPoolExecutor(max_workers=min(forks, len(hosts))) as pool:
-        list(pool.map(fn, hosts))
-
-
 def relabel_lock(transport: RunnerLike, hosts: Sequence[Host], holder: str) -> None:
     """Once the plan is known, the lock also names the run and the plan."""
+    command = remote.update_lock(holder, json.loads(holder)["token"])
+
     def one(host: Host) -> None:
         try:
-            transport.run(host, remote.update_lock(holder, json.loads(holder)["token"]), timeout=30)
+            transport.run(host, command, timeout=30)
         except TransportError:
             pass  # the lock still names its holder; the run id is only a convenience
 
-    _each_host(hosts, one)
+    in_parallel(one, hosts, MAX_WORKERS)
 
 
 def unlock_hosts(transport: RunnerLike, hosts: Sequence[Host], token: str,
@@ -174,7 +168,16 @@ def unlock_hosts(transport: RunnerLike, hosts: Sequence[Host], token: str,
             report(f"warning: could not release the lock on {host.name}: {e.message} "
                    f"(break it with `fleet lock break --limit {host.name}`)")
 
-    _each_host(hosts, one)
+    in_parallel(one, hosts, MAX_WORKERS)
+
+
+def in_parallel(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> list[_R]:
+    """[fn(item) for item in items], up to `workers` at once (in order; the first exception is
+    raised).  Hosts in parallel make one round trip of wall time, not one per host."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _out(result: object) -> tuple[str, str]:
@@ -214,9 +217,8 @@ class Executor:
             per_host: dict[str, list[Change]] = {}
             for c in changes:
                 per_host.setdefault(c.host, []).append(c)
-            with ThreadPoolExecutor(max_workers=min(self.forks, len(per_host))) as pool:
-                for outcomes in pool.map(self._run_host, per_host.values()):
-                    result.outcomes += outcomes
+            for outcomes in in_parallel(self._run_host, list(per_host.values()), self.forks):
+                result.outcomes += outcomes
         return result
 
     def _skip(self, c: Change) -> StepOutcome:
@@ -228,10 +230,7 @@ class Executor:
         """One host's changes of one wave: independent of each other (the graph put them in one
         wave), so they run at once, each on its own channel of the host's one connection — e.g.
         postgres and redis starting and passing their health gates side by side."""
-        if len(changes) == 1:
-            return [self._run_one(changes[0])]
-        with ThreadPoolExecutor(max_workers=min(len(changes), STEPS_PER_HOST)) as pool:
-            return list(pool.map(self._run_one, changes))
+        return in_parallel(self._run_one, changes, STEPS_PER_HOST)
 
     def _run_one(self, c: Change) -> StepOutcome:
         with self._lock:
@@ -357,15 +356,21 @@ class Executor:
                 + ("restarted it" if was_running else "stopped it (it was not running before)"))
 
 
+def parse_holder(holder: str) -> dict[str, Any] | None:
+    """A lock's holder record (see holder_info) as a dict; None when it is not one."""
+    try:
+        h = json.loads(holder)
+    except ValueError:
+        return None
+    return h if isinstance(h, dict) else None
+
+
 def describe_holder(holder: str) -> str:
     """The lock holder as a sentence: who, from where, since when, which run and plan."""
     if not holder.strip():
         return "another apply that is just starting (it has not recorded its holder yet)"
-    try:
-        h = json.loads(holder)
-    except ValueError:
-        h = None
-    if not isinstance(h, dict):
+    h = parse_holder(holder)
+    if h is None:
         return holder.strip()[:200]
     pid = f" (pid {h['pid']})" if h.get("pid") else ""
     text = f"{h.get('operator', '?')} from {h.get('from', '?')}{pid} since {h.get('since', '?')}"
@@ -387,11 +392,8 @@ def stale_note(holder: str, *, machine: str | None = None, alive: Callable[[int]
     """'; its process … is gone: the lock is stale' when the holder is an apply started on this very
     machine whose process no longer runs (killed, or the machine rebooted).  Empty otherwise:
     a holder on another machine cannot be judged from here."""
-    try:
-        h = json.loads(holder)
-    except ValueError:
-        return ""
-    if not isinstance(h, dict) or h.get("from") != (machine or socket.gethostname()):
+    h = parse_holder(holder)
+    if h is None or h.get("from") != (machine or socket.gethostname()):
         return ""
     pid = h.get("pid")
     if not isinstance(pid, int) or pid <= 0 or alive(pid):

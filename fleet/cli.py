@@ -21,6 +21,7 @@ from fleet.apply import (
     describe_holder,
     holder_info,
     lock_hosts,
+    parse_holder,
     relabel_lock,
     stale_note,
     unlock_hosts,
@@ -564,11 +565,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def _holder_run(holder: str) -> str:
-    try:
-        h = json.loads(holder)
-    except ValueError:
-        return ""
-    return str(h.get("run_id") or "") if isinstance(h, dict) else ""
+    h = parse_holder(holder)
+    return str(h.get("run_id") or "") if h is not None else ""
 
 
 def _close_broken_runs(args: argparse.Namespace, broken: dict[str, list[str]]) -> None:
