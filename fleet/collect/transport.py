@@ -844,11 +844,10 @@ class SSHTransport:
                 break
             if slot.lock.acquire(blocking=False):  # a slot being connected is not idle either
                 try:
-                    with self._lock:
-                        idle = not slot.busy
-                    if idle and slot.transport is not None:
-                        slot.transport.close()
-                        slot.transport = None
+                    with self._lock:  # busy only grows under slot.lock, which we hold
+                        idle, current = not slot.busy, slot.transport
+                    if idle and current is not None:
+                        self._drop(slot, current)
                         excess -= 1
                 finally:
                     slot.lock.release()
@@ -1150,8 +1149,7 @@ class SSHTransport:
                 self._drop(slot, transport)
             raise
         except Exception as exc:
-            if not transport.is_active():
-                self._drop(slot, transport)
+            if not transport.is_active():  # (dropped in `finally`)
                 raise _lost(name, command, exc) from exc
             raise TransportError(
                 name,
