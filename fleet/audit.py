@@ -328,7 +328,7 @@ def _explains(step: JournalStep, c: ObservedChange) -> bool:
         return True
     if step.action not in actions:
         return False
-    if step.action in _ROLLBACK and c.kind not in ("unit-state",) and step.outcome != "failed":
+    if step.action in _ROLLBACK and c.kind != "unit-state" and step.outcome != "failed":
         return False  # only a failed start/restart rolled files back
     return c.kind != "env-key" or c.key in step.keys
 

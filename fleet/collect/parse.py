@@ -183,6 +183,10 @@ def parse_texts(host: str, lines: Iterable[str]) -> dict[str, list[tuple[str, st
         if body is not None:
             out[unit].append((path, mask_unit_text("".join(f"{b}\n" for b in body))))
 
+    def too_long(which: str) -> ParseError:  # the script says so (@@truncated), or it did not stop
+        return ParseError(f"{host}: a unit file is longer than fleet accepts{which}", host=host, section="text",
+                          hint="a unit file of thousands of lines is not a unit file; inspect it by hand")
+
     unit = path = ""
     for line in lines:
         if line.startswith("@@file "):
@@ -197,13 +201,10 @@ def parse_texts(host: str, lines: Iterable[str]) -> dict[str, list[tuple[str, st
             out.setdefault(unit, [])
             body = []
         elif line == "@@truncated":
-            raise ParseError(f"{host}: a unit file is longer than fleet accepts", host=host, section="text",
-                             hint="a unit file of thousands of lines is not a unit file; inspect it by hand")
+            raise too_long("")
         elif line.startswith("|") and body is not None:
             if len(body) >= MAX_TEXT_LINES:
-                raise ParseError(f"{host}: a unit file is longer than fleet accepts ({path[:80]})", host=host,
-                                 section="text",
-                                 hint="a unit file of thousands of lines is not a unit file; inspect it by hand")
+                raise too_long(f" ({path[:80]})")
             body.append(line[1:])
         elif line:
             raise ParseError(f"{host}: unexpected line in unit texts: {line[:80]!r}", host=host, section="text")
