@@ -28,6 +28,7 @@ import pytest
 from conftest import FleetDir
 from observed import EXAMPLE_SECRETS, bare, converged, edited, example, service, with_drop_in
 
+from fleet import apply as apply_module
 from fleet import remote
 from fleet.apply import (
     ApplyResult,
@@ -550,6 +551,49 @@ def test_hosts_not_yet_started_in_a_wave_are_not_attempted_after_a_failure(rig: 
     assert {got[c] for c in plan.waves[0] if c.startswith(failing + ":")} == {"failed"}
     assert {got[c] for c in plan.waves[0] if not c.startswith(failing + ":")} == {"skipped"}, "nothing new starts"
     assert not any(c.change is not None and c.host != failing for c in rig.fake.calls)
+
+
+def test_a_hosts_steps_of_one_wave_start_together_so_a_failing_sibling_never_skips_another(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One step at a time per host makes the order of siblings deterministic: the first one fails
+    # before the second is picked up.  The second was sent with the first, so it runs (and here
+    # fails too, being on the same unreachable host); it is never `skipped` by its sibling's
+    # failure.  With the halt checked per step this was {'failed', 'skipped'}: the CI failure of
+    # issue 12, which with 8 threads per host depended on which thread ran first.
+    monkeypatch.setattr(apply_module, "STEPS_PER_HOST", 1)
+    plan = bare_plan()
+    fritz_first_wave = [c for c in plan.waves[0] if c.startswith("fritz:")]
+    assert len(fritz_first_wave) > 1  # what the test needs
+
+    def fritz_is_down(call: Call) -> Result | None:
+        if call.host == "fritz" and call.change is not None:
+            raise TransportError("fritz", "unreachable", "fritz: connection refused")
+        return None
+
+    rig.fake.hook = fritz_is_down
+    got = outcomes(rig.executor(plan, forks=1).execute())
+    assert {got[c] for c in fritz_first_wave} == {"failed"}
+    attempted = {c.change for c in rig.fake.calls if c.change is not None}
+    assert set(fritz_first_wave) <= attempted
+
+
+def test_siblings_of_a_failing_step_on_a_healthy_host_still_run_to_their_end(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(apply_module, "STEPS_PER_HOST", 1)
+    plan = bare_plan()
+    fritz_first_wave = [c for c in plan.waves[0] if c.startswith("fritz:")]
+    failing = fritz_first_wave[0]
+
+    def only_the_first_fails(call: Call) -> Result | None:
+        if call.change == failing:
+            return Result(b"", b"mktemp: No space left on device\n", 1)
+        return None
+
+    rig.fake.hook = only_the_first_fails
+    got = outcomes(rig.executor(plan, forks=1).execute())
+    assert got[failing] == "failed"
+    assert {got[c] for c in fritz_first_wave[1:]} == {"ok"}
+    assert {got[c] for wave in plan.waves[1:] for c in wave} == {"skipped"}
 
 
 def test_a_rollback_that_cannot_reach_the_host_says_so(rig: Rig) -> None:
