@@ -11,6 +11,7 @@ skipped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -42,6 +43,8 @@ from fleet.model import Desired, Host, Service
 from fleet.plan import Plan
 from fleet.textutil import sha256_hex
 from fleet.units import render_unit, unit_path
+
+log = logging.getLogger(__name__)
 
 MAX_WORKERS = 32
 STEPS_PER_HOST = DEFAULT_MAX_SESSIONS  # a host's changes of a wave at once, as many as its connection carries
@@ -146,15 +149,20 @@ def lock_hosts(transport: RunnerLike, hosts: Sequence[Host], holder: str, *, for
                               "`fleet lock break --limit HOST` (docs/apply.md)")
 
 
-def relabel_lock(transport: RunnerLike, hosts: Sequence[Host], holder: str) -> None:
-    """Once the plan is known, the lock also names the run and the plan."""
+def relabel_lock(transport: RunnerLike, hosts: Sequence[Host], holder: str,
+                 report: Callable[[str], None] = lambda s: None) -> None:
+    """Once the plan is known, the lock also names the run and the plan.  A host that cannot be
+    relabelled keeps its lock (which still names its holder) and the apply carries on, but it is
+    said at once: a connection lost here is the first sign of what will fail that host's steps,
+    and silence made such a failure look as if it came from nowhere (issue 12)."""
     command = remote.update_lock(holder, json.loads(holder)["token"])
 
     def one(host: Host) -> None:
         try:
             transport.run(host, command, timeout=30)
-        except TransportError:
-            pass  # the lock still names its holder; the run id is only a convenience
+        except TransportError as e:
+            log.debug("relabelling the lock on %s failed: %s: %s", host.name, e.kind, e.message)
+            report(f"warning: could not record this run in the lock on {host.name} ({e.kind}): {e.message}")
 
     in_parallel(one, hosts, MAX_WORKERS)
 
@@ -243,6 +251,7 @@ class Executor:
 
     def _run_change(self, c: Change) -> StepOutcome:
         step = self.journal.step_started(self.run_id, c)
+        log.debug("step %s: started", c.id)
         t0 = time.monotonic()
         outcome = StepOutcome(c, "ok")
         try:
@@ -259,6 +268,7 @@ class Executor:
             if c.action in (START, RESTART):
                 outcome.rollback = self._rollback(c)
         error = outcome.error + (f"; {outcome.rollback}" if outcome.rollback else "")
+        log.debug("step %s: %s after %.3fs%s", c.id, outcome.outcome, outcome.duration, f": {error}" if error else "")
         self.journal.step_finished(step, outcome.outcome, error)
         mark = "ok" if outcome.outcome == "ok" else "FAILED: " + outcome.error
         self.report(f"  {c.host}: {c.action} {c.target} — {mark} ({outcome.duration:.1f}s)")

@@ -84,6 +84,9 @@ def _global_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, sup
     p.add_argument("--accept-new-host-keys", action="store_true", default=d(False),
                    help="record UNKNOWN SSH host keys in known_hosts on first use (like OpenSSH "
                         "accept-new); changed keys are always refused")
+    p.add_argument("--debug-log", default=d(os.environ.get("FLEET_DEBUG_LOG") or None), metavar="FILE",
+                   help="append a debug log (fleet's steps, SSH connections and channels, paramiko) to FILE; "
+                        "default: $FLEET_DEBUG_LOG.  It names hosts and commands, never secret values")
     p.add_argument("--connect-timeout", type=float, default=d(None), metavar="S",
                    help="seconds to connect and authenticate to a host (default: the ssh config's "
                         "ConnectTimeout, else 10)")
@@ -513,7 +516,7 @@ def _execute(args: argparse.Namespace, prep: Prepared, plan: Plan, transport: SS
     with Journal.open(journal_path(args.state_dir)) as journal:
         run_id = journal.start_run(operator=who, plan_id=plan.plan_id, plan_hash=sha256_hex(plan.to_json()),
                                    desired_hash=plan.desired_hash, fleet=plan.fleet, lab=plan.lab)
-        relabel_lock(transport, touched, holder_info(token, who, run_id=run_id, plan_id=plan.plan_id))
+        relabel_lock(transport, touched, holder_info(token, who, run_id=run_id, plan_id=plan.plan_id), report)
         ex = Executor(plan, prep.desired, prep.targets.hosts, prep.secrets, transport, journal, run_id,
                       settle=args.settle, start_timeout=args.start_timeout, report=report, forks=args.forks)
         outcome = "interrupted"
@@ -741,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 64
     _finish_paths(args)
     try:
+        if args.debug_log:
+            _start_debug_log(args.debug_log)
         if args.command == "lab":
             from fleet.lab.cli import run_lab
 
@@ -755,6 +760,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `fleet log | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+
+
+def _start_debug_log(path: str) -> None:
+    """fleet's and paramiko's debug records, with times and threads, appended to `path`: what a
+    failure that cannot be reproduced at will needs to be diagnosed afterwards.  Commands are
+    logged by their first 80 characters; file contents travel on stdin and are never logged."""
+    import logging
+
+    try:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as e:
+        raise FleetError(f"cannot write the debug log {path}: {e.strerror or e}",
+                         hint="pass a writable path to --debug-log (or FLEET_DEBUG_LOG)") from e
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s.%(msecs)03d pid {os.getpid()} %(threadName)s %(name)s %(levelname)s %(message)s",
+        "%Y-%m-%dT%H:%M:%S"))
+    for name in ("fleet", "paramiko"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+    logging.getLogger("fleet").debug("fleet %s: %s", __version__, " ".join(sys.argv[1:]))
 
 
 def entry() -> None:

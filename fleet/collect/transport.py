@@ -822,6 +822,7 @@ class SSHTransport:
         if current is not None:
             if current.is_active():
                 return current
+            log.debug("connection to %s found closed (%r); reconnecting", name, current.get_exception())
             self._drop(slot, current)
         target = resolve()
         self._evict_idle(keep=slot)
@@ -1119,6 +1120,8 @@ class SSHTransport:
         deadline = started + limit
         with self._lock:
             slot.channels += 1
+            busy = slot.busy
+        log.debug("%s: opening a channel (%d command(s) on this connection) for `%s`", name, busy, _short(command))
         try:
             channel = transport.open_session(timeout=max(limit, 0.001))
         except paramiko.ChannelException as exc:
@@ -1129,6 +1132,8 @@ class SSHTransport:
                 hint="check sshd's MaxSessions and the user's login restrictions on the host",
             ) from exc
         except Exception as exc:
+            log.debug("%s: opening a channel failed: %r (connection active: %s, its error: %r)", name, exc,
+                      transport.is_active(), transport.get_exception())
             self._drop(slot, transport)  # a connection that cannot open a channel in time is not reused
             if time.monotonic() >= deadline:
                 raise TransportError(
@@ -1139,8 +1144,13 @@ class SSHTransport:
                 ) from exc
             raise _lost(name, command, exc) from exc
         try:
-            return self._exec_channel(name, transport, channel, command, wire, stdin, deadline, started, limit)
+            result = self._exec_channel(name, transport, channel, command, wire, stdin, deadline, started, limit)
+            log.debug("%s: channel %d: exit %d after %.3fs, %d+%d bytes out", name, channel.get_id(),
+                      result.exit_code, result.duration, len(result.stdout), len(result.stderr))
+            return result
         except TransportError as exc:
+            log.debug("%s: channel %d: %s: %s (connection active: %s, its error: %r)", name, channel.get_id(),
+                      exc.kind, exc.message, transport.is_active(), transport.get_exception())
             if exc.kind == "timeout":
                 # The host may be gone (network cut) rather than the command slow: the next
                 # command reconnects, bounded by the connect timeout, instead of waiting out its
@@ -1164,6 +1174,7 @@ class SSHTransport:
 
     def _drop(self, slot: _Slot, transport: paramiko.Transport) -> None:
         """Forget and close a broken connection, unless another thread already replaced it."""
+        log.debug("dropping a connection (active=%s, last error %r)", transport.is_active(), transport.get_exception())
         with self._lock:
             if slot.transport is transport:
                 slot.transport = None

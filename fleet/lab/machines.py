@@ -41,6 +41,9 @@ def write_host_files(root: Path, host: LabHost, all_hosts: list[LabHost], client
     lines += [f"{h.address}\t{' '.join((h.name, *h.aliases))}" for h in all_hosts]
     (root / "etc/hosts").write_text("\n".join(lines) + "\n")
     _authorize(root, "root", client_key)
+    level = sshd_log_level()
+    if level:  # e.g. DEBUG1 for the test suite, so that a failed lab test keeps what sshd saw
+        (root / "etc/ssh/sshd_config.d/fleet-lab-log.conf").write_text(f"# fleet lab: {SSHD_LOG_ENV}\nLogLevel {level}\n")
     if host.user != "root":
         if not _passwd_entry(root, host.user):
             system.run(["chroot", root, "useradd", "--create-home", "--shell", "/bin/bash",
@@ -51,6 +54,19 @@ def write_host_files(root: Path, host: LabHost, all_hosts: list[LabHost], client
         sudoers.write_text(f"# fleet lab: the inventory user\n{host.user} ALL=(ALL:ALL) NOPASSWD: ALL\n")
         os.chmod(sudoers, 0o440)
     return host_key
+
+
+SSHD_LOG_ENV = "FLEET_LAB_SSHD_LOG_LEVEL"
+SSHD_LOG_LEVELS = ("QUIET", "FATAL", "ERROR", "INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3")
+
+
+def sshd_log_level() -> str:
+    """sshd's LogLevel on the lab hosts from $FLEET_LAB_SSHD_LOG_LEVEL ("" keeps sshd's INFO)."""
+    level = os.environ.get(SSHD_LOG_ENV, "").strip().upper()
+    if level and level not in SSHD_LOG_LEVELS:
+        raise LabError(f"{SSHD_LOG_ENV}={level!r} is not an sshd LogLevel",
+                       hint=f"one of {', '.join(SSHD_LOG_LEVELS)}, or unset it")
+    return level
 
 
 def _passwd_entry(root: Path, user: str) -> list[str] | None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,3 +192,88 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         down = the_lab.down()
         if down.returncode != 0:
             sys.stderr.write(f"lab teardown failed:\n{down.stdout}\n{down.stderr}\n")
+
+
+# ------------------------------------------------------------------ artifacts of a failed lab test
+# A lab failure that cannot be reproduced at will must be diagnosable afterwards (issue 12): every
+# `fleet` process a test runs appends its debug log (FLEET_DEBUG_LOG) to the test's own file, sshd
+# on the lab hosts logs at DEBUG1 (FLEET_LAB_SSHD_LOG_LEVEL, set before the session's `lab up`),
+# and when a test fails both are kept under ARTIFACTS/<test>/ with each host's ssh.service journal
+# for the test's time span; the failure report names the directory and shows the last error lines.
+
+ARTIFACTS = Path(os.environ.get("FLEET_TEST_ARTIFACTS", REPO / "test-artifacts"))
+os.environ.setdefault("FLEET_LAB_SSHD_LOG_LEVEL", "DEBUG1")
+
+
+def _artifact_dir(item: pytest.Item) -> Path:
+    return ARTIFACTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)[-150:]
+
+
+@pytest.fixture(autouse=True)
+def fleet_debug_log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """Every fleet process of this test appends its debug log here (helpers.fleet inherits it)."""
+    path = tmp_path / "fleet-debug.log"
+    before = os.environ.get("FLEET_DEBUG_LOG")
+    os.environ["FLEET_DEBUG_LOG"] = str(path)
+    request.node.stash[_STARTED] = time.time()
+    request.node.stash[_DEBUG_LOG] = path
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("FLEET_DEBUG_LOG", None)
+        else:
+            os.environ["FLEET_DEBUG_LOG"] = before
+
+
+_STARTED = pytest.StashKey[float]()
+_DEBUG_LOG = pytest.StashKey[Path]()
+
+
+def _lab_hosts() -> list[str]:
+    found = subprocess.run(["pgrep", "-a", "-f", "systemd-nspawn"], capture_output=True, text=True, timeout=10)
+    return sorted(set(re.findall(r" -M (\S+) ", found.stdout)))
+
+
+def keep_artifacts(item: pytest.Item) -> str:
+    """Copy the test's fleet debug log and every running lab host's sshd journal since the test
+    started into the artifact directory; returns a short summary for the failure report."""
+    from helpers import inside
+
+    out = _artifact_dir(item)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    started = item.stash.get(_STARTED, time.time() - 600)
+    lines = [f"kept in {out}"]
+    log = item.stash.get(_DEBUG_LOG, None)
+    if log is not None and log.exists():
+        shutil.copyfile(log, out / "fleet-debug.log")
+        bad = [ln for ln in log.read_text(errors="replace").splitlines()
+               if re.search(r"(?i)error|lost|closed|eof|fail|refused|timeout", ln)]
+        lines += ["fleet debug log, last lines about errors:", *("  " + ln[:300] for ln in bad[-15:])]
+    for host in _lab_hosts():
+        done = inside(host, "journalctl", "--no-pager", "-o", "short-iso-precise", "--since", f"@{int(started) - 1}",
+                      "-u", "ssh.service", "-u", "ssh.socket")
+        if done is None:
+            continue
+        (out / f"{host}-sshd.log").write_text(done.stdout + done.stderr)
+        everything = inside(host, "journalctl", "--no-pager", "-o", "short-iso-precise", "--since",
+                            f"@{int(started) - 1}")
+        if everything is not None:
+            (out / f"{host}-journal.log").write_text(everything.stdout + everything.stderr)
+        bad = [ln for ln in done.stdout.splitlines()
+               if re.search(r"(?i)error|fatal|disconnect|closed|refus|denied|timeout|exceed", ln)]
+        if bad:
+            lines += [f"{host} sshd, last lines about errors:", *("  " + ln[:300] for ln in bad[-10:])]
+    return "\n".join(lines)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when in ("setup", "call") and HERE in Path(str(item.path)).resolve().parents:
+        try:
+            report.sections.append(("lab artifacts", keep_artifacts(item)))
+        except Exception as exc:  # noqa: BLE001 - keeping artifacts must never hide the failure itself
+            report.sections.append(("lab artifacts", f"could not keep them: {type(exc).__name__}: {exc}"))

@@ -93,3 +93,24 @@ def sshd_back_in(seconds: int) -> str:
     it up to a minute late, and sshd came back 55 s after a 15 s timer."""
     return (f"systemd-run --quiet --on-active={seconds} --timer-property=AccuracySec=100ms "
             "systemctl start ssh.service")
+
+
+def container_pid1(host: str) -> int | None:
+    """PID (on this machine) of a lab host's systemd, the child of its systemd-nspawn; None if it
+    does not run.  Entering its namespaces reaches the host even when its sshd is gone."""
+    found = subprocess.run(["pgrep", "-f", f"systemd-nspawn.*-M {host} "], capture_output=True, text=True,
+                           timeout=10)
+    for nspawn in found.stdout.split():
+        child = subprocess.run(["pgrep", "-P", nspawn], capture_output=True, text=True, timeout=10)
+        if child.stdout.split():
+            return int(child.stdout.split()[0])
+    return None
+
+
+def inside(host: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str] | None:
+    """Run a command inside a lab host's namespaces (no SSH involved); None if the host is down."""
+    pid = container_pid1(host)
+    if pid is None:
+        return None
+    return subprocess.run(["nsenter", "-t", str(pid), "-a", *argv], capture_output=True, text=True,
+                          timeout=timeout)

@@ -728,8 +728,12 @@ def test_relabel_lock_carries_on_past_an_unreachable_host(rig: Rig) -> None:
         return None
 
     rig.fake.hook = franz_down
-    relabel_lock(rig.fake, hosts("franz", "fritz"), holder_info("0123456789abcdef", "tester@ci", run_id="r-2"))
+    reports: list[str] = []
+    relabel_lock(rig.fake, hosts("franz", "fritz"), holder_info("0123456789abcdef", "tester@ci", run_id="r-2"),
+                 reports.append)
     assert json.loads(rig.fake.holder("fritz") or "{}")["run_id"] == "r-2"
+    assert reports == ["warning: could not record this run in the lock on franz (unreachable): "
+                       "franz: connection refused"]
 
 
 def test_describe_holder_says_who_from_where_since_when_and_which_run() -> None:
