@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +176,52 @@ class Lab:
         return done
 
 
+LAB_LOCK = Path(os.environ.get("FLEET_LAB_LOCK", "/tmp/fleet-lab-session.lock"))
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the parent pid
+    return pids
+
+
+def _lock_holders(path: Path) -> set[int]:
+    """PIDs holding a flock on `path`, from /proc/locks (`N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...`)."""
+    inode = path.stat().st_ino
+    holders = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(inode):
+            holders.add(int(f[4]))
+    return holders
+
+
+@contextmanager
+def machine_lab_lock() -> Iterator[None]:
+    """There is one lab per machine (fixed names; `up` tears down whatever lab runs): the session
+    holds the machine-wide lab lock while its lab exists, waiting for any other holder.  Inside
+    `flock -x LAB_LOCK pytest …` (the documented way, which other tools use too) the lock is
+    already ours, through an ancestor: then it is not taken twice, which would wait forever."""
+    import fcntl
+
+    LAB_LOCK.touch(exist_ok=True)
+    with open(LAB_LOCK, "rb") as f:
+        if _lock_holders(LAB_LOCK) & _ancestors():
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The lab fleet, up for the whole session; torn down at the end whatever happened."""
@@ -182,6 +229,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     if reason:
         cannot_have_lab(reason)
     the_lab = Lab(repo=REPO, state_dir=tmp_path_factory.mktemp("lab") / ".fleet")
+    with machine_lab_lock():
+        yield from _lab_session(the_lab)
+
+
+def _lab_session(the_lab: Lab) -> Iterator[Lab]:
     try:
         done = the_lab.up()
         if done.returncode != 0:
