@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
 
 import networkx as nx
 
+from fleet.envfile import ENV_KEY_HINT, key_problem
 from fleet.errors import ConfigError
 from fleet.model import (
     DEFAULT_SIDEKIQ_COMMAND,
@@ -51,7 +52,6 @@ UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.@-]{0,250}\.(service|socket|ti
 UNIT_GLOB = re.compile(r"^[A-Za-z0-9*?\[\]:_.@-]{1,255}$")
 ADDRESS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-ENV_KEY = re.compile(r"^[A-Za-z0-9_]{1,128}$")
 ROLE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESTART_VALUES = ("no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always")
 # Units no prune pattern may ever match: pruning them would cut fleet (and everyone) off the host.
@@ -245,6 +245,15 @@ def _check_name(ctx: _Ctx, path: str, value: str, pattern: re.Pattern[str], what
     return True
 
 
+def _check_env_key(ctx: _Ctx, path: str, key: str) -> bool:
+    """Every env variable name, wherever it is declared, through envfile's one validator."""
+    problem = key_problem(key)
+    if problem:
+        ctx.error(path, problem, ENV_KEY_HINT, "config.bad-name")
+        return False
+    return True
+
+
 def _no_control(ctx: _Ctx, path: str, value: str) -> bool:
     if any(ord(c) < 32 and c != "\t" for c in value):
         ctx.error(path, f"'{path}' contains a newline or control character",
@@ -432,7 +441,8 @@ def _load_policy(ctx: _Ctx, policy: dict[str, Any]) -> tuple[list[PlacementRule]
         rules.append(PlacementRule(role=role, forbid=tuple(k for k in forbid if k in KINDS)))
     env = _get(ctx, policy, "policy", "env", dict, default={})
     _unknown_keys(ctx, env, "policy.env", ("extra_keys",))
-    extra = _str_list(ctx, env, "policy.env", "extra_keys")
+    extra = [k for k in _str_list(ctx, env, "policy.env", "extra_keys")
+             if _check_env_key(ctx, "policy.env.extra_keys", k)]
     return rules, extra
 
 
@@ -622,10 +632,9 @@ def _load_unit(ctx: _Ctx, p: str, ut: dict[str, Any], sidekiq: SidekiqSpec | Non
     env_t = _get(ctx, ut, p, "environment", dict, default={})
     environment: list[tuple[str, str]] = []
     for k, v in env_t.items():
-        if not ENV_KEY.fullmatch(k):
-            ctx.error(f"{p}.environment.{k}", f"environment variable name {k!r} is not valid",
-                      "use letters, digits and underscores", "config.bad-name")
-        elif isinstance(v, (str, int)) and not isinstance(v, bool):
+        if not _check_env_key(ctx, f"{p}.environment.{k}", k):
+            continue
+        if isinstance(v, (str, int)) and not isinstance(v, bool):
             environment.append((k, str(v)))
         else:
             ctx.error(f"{p}.environment.{k}", f"'{p}.environment.{k}' must be a string",
@@ -742,7 +751,7 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
         sensitive: list[tuple[str, SecretSource]] = []
         for k, src in _get(ctx, et, p, "sensitive", dict, default={}).items():
             source = _secret_source(ctx, f"{p}.sensitive.{k}", src)
-            if source is not None:
+            if _check_env_key(ctx, f"{p}.sensitive.{k}", k) and source is not None:
                 sensitive.append((k, source))
         overrides: list[tuple[str, tuple[tuple[str, str], ...]]] = []
         for h, ot in _get(ctx, et, p, "overrides", dict, default={}).items():
@@ -767,10 +776,9 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
 def _env_values(ctx: _Ctx, p: str, table: dict[str, Any]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for k, v in table.items():
-        if not ENV_KEY.fullmatch(k):
-            ctx.error(f"{p}.{k}", f"{k!r} is not a valid environment variable name",
-                      "use letters, digits and underscores", "config.bad-name")
-        elif isinstance(v, bool):
+        if not _check_env_key(ctx, f"{p}.{k}", k):
+            continue
+        if isinstance(v, bool):
             out.append((k, "true" if v else "false"))
         elif isinstance(v, str) and any(ord(c) < 32 and c not in "\t\n" or c == "\x7f" for c in v):
             ctx.error(f"{p}.{k}", f"the value of {k} contains a control character (NUL, CR, escape …)",

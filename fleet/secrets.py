@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+from fleet.envfile import ENV_KEY_HINT, key_problem
 from fleet.model import Desired, Finding
 
 
@@ -43,6 +44,13 @@ def load_secrets(desired: Desired, secrets_file: Path,
                                     file=str(secrets_file),
                                     hint="fix its TOML syntax: [ENV_FILE_NAME] KEY = \"value\""))
             return {}, findings
+    for name, section in table.items():
+        for key in section if isinstance(section, dict) else ():
+            problem = key_problem(key)  # the same rule as for every declared key
+            if problem:
+                findings.append(Finding("error", "secrets.bad-key", f"section {name!r}: {problem}",
+                                        file=str(secrets_file), key=name if key_problem(name) is None else "",
+                                        hint=f"rename or remove it: a key is an env variable name ({ENV_KEY_HINT})"))
     values: dict[tuple[str, str], str] = {}
 
     def usable(key: str, value: str, where: str, file: str) -> bool:
