@@ -136,3 +136,157 @@ def test_the_env_file_writer_refuses_a_key_that_would_break_a_line() -> None:
 
     with pytest.raises(FleetError, match="not a valid environment variable name"):
         render_file([("EVIL\nLD_PRELOAD", "/tmp/x.so")])
+
+
+# ====================================================================== paths a host reports
+
+UNIT = "mastodon-evil.service"
+HOSTILE_FRAGMENTS = {
+    "climbs-out": "/etc/systemd/system/../../../etc/shadow",
+    "climbs-out-and-back": "/etc/systemd/system/../system/mastodon-evil.service",
+    "double-slash": "/etc/systemd/system//mastodon-evil.service",
+    "dot-segment": "/etc/systemd/system/./mastodon-evil.service",
+    "another-units-file": "/etc/systemd/system/ssh.service",
+    "a-subdirectory": "/etc/systemd/system/multi-user.target.wants/mastodon-evil.service",
+    "the-directory-itself": "/etc/systemd/system/",
+    "newline": "/etc/systemd/system/mastodon-evil.service\n/etc/passwd",
+}
+HOSTILE_DROP_INS = {
+    "climbs-out": "/etc/systemd/system/mastodon-evil.service.d/../../../../etc/passwd",
+    "not-a-conf": "/etc/systemd/system/mastodon-evil.service.d/authorized_keys",
+    "another-units-dir": "/etc/systemd/system/ssh.service.d/override.conf",
+    "nested": "/etc/systemd/system/mastodon-evil.service.d/x/override.conf",
+    "bare-conf": "/etc/systemd/system/mastodon-evil.service.d/.conf",
+    "prefix-drop-in-dir": "/etc/systemd/system/mastodon-.service.d/override.conf",
+}
+
+
+def _with_hostile_unit(fragment: str = "/etc/systemd/system/mastodon-evil.service",
+                       drop_ins: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
+    from dataclasses import replace
+
+    from observed import converged, example, hand_made_unit, with_unit
+
+    from fleet.model import HostState
+
+    desired = example()
+    fleet: dict[str, HostState] = dict(converged(desired, EXAMPLE_SECRETS()))
+    u = replace(hand_made_unit(UNIT, "/usr/bin/evil"), fragment_path=fragment, drop_in_paths=drop_ins)
+    fleet["franz"] = with_unit(fleet["franz"], u)
+    return desired, fleet
+
+
+def EXAMPLE_SECRETS() -> dict[tuple[str, str], str]:  # noqa: N802 - a constant, imported late
+    from observed import EXAMPLE_SECRETS as S
+
+    return S
+
+
+@pytest.mark.parametrize("path", list(HOSTILE_FRAGMENTS.values()), ids=list(HOSTILE_FRAGMENTS))
+def test_a_pruned_units_fragment_outside_fleets_own_files_is_never_removed_and_is_reported(path: str) -> None:
+    from fleet.plan import build_plan
+
+    desired, fleet = _with_hostile_unit(fragment=path)
+    plan = build_plan(desired, fleet, EXAMPLE_SECRETS())
+    [prune] = [c for c in plan.changes if c.target == UNIT]
+    assert path not in prune.remove_files and "remove" not in prune.steps
+    assert prune.steps == ("stop", "disable")  # the unit is still stopped and disabled
+    assert any("franz" in p and UNIT in p and repr(path)[1:-1] in p for p in plan.problems), plan.problems
+
+
+@pytest.mark.parametrize("path", list(HOSTILE_DROP_INS.values()), ids=list(HOSTILE_DROP_INS))
+def test_a_pruned_units_drop_in_outside_its_own_directory_is_never_removed_and_is_reported(path: str) -> None:
+    from fleet.plan import build_plan
+
+    desired, fleet = _with_hostile_unit(drop_ins=(path,))
+    plan = build_plan(desired, fleet, EXAMPLE_SECRETS())
+    [prune] = [c for c in plan.changes if c.target == UNIT]
+    assert prune.remove_files == ("/etc/systemd/system/mastodon-evil.service",)
+    assert any("franz" in p and UNIT in p and path in p for p in plan.problems), plan.problems
+
+
+@pytest.mark.parametrize("path", list(HOSTILE_DROP_INS.values()), ids=list(HOSTILE_DROP_INS))
+def test_a_managed_units_drop_in_outside_its_own_directory_is_never_removed_by_a_rewrite(path: str) -> None:
+    from observed import change_unit, converged, example
+
+    from fleet.plan import build_plan
+
+    desired = example()
+    fleet = dict(converged(desired, EXAMPLE_SECRETS()))
+    web = "mastodon-web.service"
+    fleet["fritz"] = change_unit(fleet["fritz"], web, drop_in_paths=(path.replace("mastodon-evil.service", web),))
+    plan = build_plan(desired, fleet, EXAMPLE_SECRETS())
+    assert all(not c.remove_files for c in plan.changes if c.host == "fritz"), plan.changes
+    assert any("fritz" in p and web in p for p in plan.problems), plan.problems
+
+
+def test_fleets_own_files_of_a_unit_are_still_removed() -> None:
+    from fleet.plan import build_plan
+
+    own = ("/etc/systemd/system/mastodon-evil.service.d/override.conf",)
+    desired, fleet = _with_hostile_unit(drop_ins=own)
+    plan = build_plan(desired, fleet, EXAMPLE_SECRETS())
+    [prune] = [c for c in plan.changes if c.target == UNIT]
+    assert prune.remove_files == ("/etc/systemd/system/mastodon-evil.service", *own)
+    assert prune.steps == ("stop", "disable", "remove") and not plan.problems
+
+
+@pytest.mark.parametrize(("path", "unit", "ok"), [
+    ("/etc/systemd/system/a.service", "a.service", True),
+    ("/etc/systemd/system/a.service.d/x.conf", "a.service", True),
+    ("/etc/systemd/system/a@.service", "a@1.service", True),  # an instance's template
+    ("/etc/systemd/system/a@.service.d/x.conf", "a@1.service", True),
+    ("/etc/systemd/system/a@1.service.d/x.conf", "a@1.service", True),
+    ("/etc/systemd/system/b.service", "a.service", False),
+    ("/lib/systemd/system/a.service", "a.service", False),
+    ("/etc/systemd/system/a.service.d/../a.service", "a.service", False),
+    ("/etc/systemd/system/a.service.d/x.conf/", "a.service", False),
+    ("etc/systemd/system/a.service", "a.service", False),
+    ("", "a.service", False),
+])
+def test_one_helper_says_which_reported_paths_fleet_may_remove(path: str, unit: str, ok: bool) -> None:
+    from fleet.units import removable_unit_file
+
+    assert removable_unit_file(path, unit) is ok
+
+
+class _Recorder:
+    """A transport and a journal in one: records every command, answers `@@ok`."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+        self.outcomes: list[tuple[str, str]] = []
+
+    def run(self, host: Any, command: str, **kw: Any) -> Any:
+        from fleet.collect.transport import RunResult
+
+        self.commands.append(command)
+        return RunResult(stdout=b"@@ok\n", stderr=b"", exit_code=0)
+
+    def step_started(self, run_id: str, change: Any) -> int:
+        return 1
+
+    def step_finished(self, step_id: int, outcome: str, error: str = "") -> None:
+        self.outcomes.append((outcome, error))
+
+    def record_skipped(self, run_id: str, change: Any, reason: str) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("action", ["write-unit", "prune"])
+def test_the_executor_refuses_to_remove_a_path_that_is_not_the_units_own_file(action: str) -> None:
+    from observed import example
+
+    from fleet.apply import Executor
+    from fleet.diff import Change
+    from fleet.plan import Plan
+
+    desired = example()
+    change = Change("fritz", action, "mastodon-web.service", "edited", "web", content_hash="0" * 64,
+                    remove_files=("/etc/passwd",), steps=("stop", "disable", "remove") if action == "prune" else ())
+    plan = Plan(fleet="x", created_at="", desired_hash="", hosts=("fritz",), fingerprints={}, changes=(change,),
+                deps={change.id: ()}, waves=((change.id,),))
+    rec = _Recorder()
+    result = Executor(plan, desired, desired.hosts, EXAMPLE_SECRETS(), rec, rec, "run1").execute()
+    assert not result.ok and rec.outcomes[0][0] == "failed" and "/etc/passwd" in rec.outcomes[0][1]
+    assert not any("/etc/passwd" in c for c in rec.commands)
