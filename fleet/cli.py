@@ -32,7 +32,7 @@ from fleet.collect.transport import SSHTransport
 from fleet.errors import FleetError, TransportError
 from fleet.journal import Journal, SnapshotRecord, journal_path, log_json, operator, parse_since, sentence
 from fleet.model import Desired, Finding, HostResult, HostState
-from fleet.plan import Plan, build_plan, plan_from_json
+from fleet.plan import Plan, build_plan, first_difference, plan_from_json
 from fleet.render import (
     apply_summary,
     apply_text,
@@ -420,6 +420,24 @@ def _confirm(question: str) -> bool:
         return False
 
 
+def _same_as_saved(saved: Plan, fresh: Plan) -> None:
+    """Refuse a saved plan unless fleet, planning now under the lock from the same desired state
+    and the fresh observation, arrives at exactly that plan.  Stale plans are named by what
+    changed on the hosts; anything else that differs was edited (or damaged)."""
+    again = "compute a new plan with `fleet plan -o FILE` and review it"
+    if saved.desired_hash != fresh.desired_hash:
+        raise FleetError("the desired state changed since the plan was computed; refusing a stale plan", hint=again)
+    reasons = _stale_reasons(saved, fresh)
+    if reasons:
+        raise FleetError("refusing a stale plan: the hosts changed since it was computed\n  " + "\n  ".join(reasons),
+                         hint=again)
+    difference = first_difference(saved, fresh)
+    if difference is not None:
+        raise FleetError("refusing the saved plan: it is not the plan fleet computes now from the same desired "
+                         f"state and hosts (edited, or computed with other options): {difference}",
+                         hint=again + " (a plan made with --no-prune is applied with --no-prune)")
+
+
 def _stale_reasons(saved: Plan, fresh: Plan) -> list[str]:
     """What differs between the saved plan and one computed now: the reader's 'what changed'."""
     old = {c.id: c for c in saved.changes}
@@ -480,14 +498,10 @@ def _plan_under_lock(args: argparse.Namespace, prep: Prepared, transport: SSHTra
     """The plan to execute (None: nothing to do), after the stale check or the confirmation."""
     plan = compute_plan(args, prep, transport)
     if saved is not None:
-        if saved.desired_hash != plan.desired_hash:
-            raise FleetError("the desired state changed since the plan was computed; refusing a stale plan",
-                             hint="compute a new plan with `fleet plan -o FILE` and review it")
-        reasons = _stale_reasons(saved, plan)
-        if reasons:
-            raise FleetError("refusing a stale plan: the hosts changed since it was computed\n  "
-                             + "\n  ".join(reasons), hint="compute a new plan with `fleet plan -o FILE` and review it")
-        plan = saved
+        _same_as_saved(saved, plan)
+        # What runs is the plan computed now, never fields read from the file: the two are
+        # equal by the check above, and the saved plan's time keeps its plan id in the journal.
+        plan = replace(plan, created_at=saved.created_at)
     else:
         sys.stdout.write(plan_text(plan, color=use_color(sys.stdout.isatty())))
     if not plan.complete:

@@ -254,6 +254,12 @@ def _check_env_key(ctx: _Ctx, path: str, key: str) -> bool:
     return True
 
 
+def env_path_ok(path: str) -> bool:
+    """An env file path fleet writes: absolute, a file, no `.`/`..` segment, no control character."""
+    return (path.startswith("/") and not path.endswith("/") and "/../" not in path + "/" and "/./" not in path + "/"
+            and not any(ord(c) < 32 or c == "\x7f" for c in path))
+
+
 def _no_control(ctx: _Ctx, path: str, value: str) -> bool:
     if any(ord(c) < 32 and c != "\t" for c in value):
         ctx.error(path, f"'{path}' contains a newline or control character",
@@ -718,8 +724,7 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
         before = len(ctx.findings)
         _unknown_keys(ctx, et, p, ENV_FILE_KEYS)
         path = _get(ctx, et, p, "path", str, required=True)
-        if path is not None and _no_control(ctx, f"{p}.path", path) and (
-                not path.startswith("/") or "/../" in path + "/" or path.endswith("/") or "/./" in path + "/"):
+        if path is not None and _no_control(ctx, f"{p}.path", path) and not env_path_ok(path):
             ctx.error(f"{p}.path", f"env file path {path!r} must be an absolute file path, without '..' or a "
                                    "trailing '/'",
                       "for example path = \"/home/mastodon/live/.env.production\"", "config.bad-value")

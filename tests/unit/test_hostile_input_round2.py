@@ -261,7 +261,7 @@ class _Recorder:
         from fleet.collect.transport import RunResult
 
         self.commands.append(command)
-        return RunResult(stdout=b"@@ok\n", stderr=b"", exit_code=0)
+        return RunResult(str(host), command, 0, b"@@ok\n", b"", 0.0)
 
     def step_started(self, run_id: str, change: Any) -> int:
         return 1
