@@ -12,8 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tabulate import tabulate
-
 from fleet import __version__, config, policy, remote
 from fleet.apply import (
     Executor,
@@ -43,13 +41,14 @@ from fleet.render import (
     findings_text,
     plan_text,
     status_text,
+    table,
     use_color,
 )
 from fleet.secrets import ensure_lab_secrets, load_secrets
 from fleet.snapshot import host_summary, pack, unpack
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
-from fleet.textutil import sha256_hex
+from fleet.textutil import printable, sha256_hex
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -67,6 +66,12 @@ files:
   DIR/hosts/*.toml         one inventory file per host
   DIR/.fleet/              fleet's state: lab keys and ssh_config, journal
 """
+
+
+def say(text: str = "", *, err: bool = False) -> None:
+    """Print fleet's own words with data in them (names, paths, what a host said), escaped like
+    everything render.py makes: a control character from a file or a host is shown, not obeyed."""
+    print(printable(text), file=sys.stderr if err else sys.stdout, flush=err)
 
 
 def _global_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, suppress: bool) -> None:
@@ -264,8 +269,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print()
         d = loaded.desired
         if d is not None and not errors:
-            print(f"{d.name}: {len(d.hosts)} hosts, {len(d.services)} services, "
-                  f"{len(d.env_files)} env files — {findings_summary(findings)}")
+            say(f"{d.name}: {len(d.hosts)} hosts, {len(d.services)} services, "
+                f"{len(d.env_files)} env files — {findings_summary(findings)}")
         else:
             print(f"check failed: {findings_summary(findings)}")
     return EXIT_ERROR if errors else EXIT_OK
@@ -298,7 +303,7 @@ def observe(args: argparse.Namespace, desired: Desired, targets: Targets,
     def progress(name: str, result: HostResult) -> None:
         if tty:
             what = "ok" if isinstance(result, HostState) else f"FAILED ({result.kind})"
-            print(f"  {name}: {what}", file=sys.stderr)
+            say(f"  {name}: {what}", err=True)
 
     if tty:
         print(f"collecting {len(targets.hosts)} host(s){' (lab)' if targets.lab else ''}…", file=sys.stderr)
@@ -316,7 +321,7 @@ def keep_snapshot(args: argparse.Namespace, desired: Desired, results: dict[str,
                                          hosts=host_summary(results), data=pack(results), operator=operator(),
                                          keep_days=desired.snapshot_retention_days)
     except FleetError as e:
-        print(f"warning: this observation was not kept in the journal: {e.message}", file=sys.stderr)
+        say(f"warning: this observation was not kept in the journal: {e.message}", err=True)
         return ""
 
 
@@ -355,7 +360,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
     path = secrets_path(args)
     if args.lab and not getattr(args, "secrets", None) and ensure_lab_secrets(desired, path):
-        print(f"lab: generated random secrets in {path}", file=sys.stderr)
+        say(f"lab: generated random secrets in {path}", err=True)
     secret_values, findings = load_secrets(desired, path)
     errors = [f for f in findings if f.is_error]
     for f in findings:
@@ -387,7 +392,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(plan_text(plan, color=use_color(sys.stdout.isatty())))
         if args.out:
-            print(f"Saved to {args.out} (plan {plan.plan_id}); apply exactly this with `fleet apply {args.out}`.")
+            say(f"Saved to {args.out} (plan {plan.plan_id}); apply exactly this with `fleet apply {args.out}`.")
     return _plan_exit(plan)
 
 
@@ -471,7 +476,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     holder = holder_info(token, who)
 
     def report(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        say(line, err=True)
 
     with open_transport(args, prep.targets) as transport:
         # Lock first, then observe: what is planned is what gets applied, and a second apply
@@ -539,7 +544,7 @@ def _execute(args: argparse.Namespace, prep: Prepared, plan: Plan, transport: SS
                 journal.finish_run(run_id, outcome, "interrupted")
         journal.finish_run(run_id, outcome, apply_summary(result))
     sys.stdout.write(apply_text(result))
-    print(f"Journal: run {run_id} — `fleet log` shows every step.")
+    say(f"Journal: run {run_id} — `fleet log` shows every step.")
     return EXIT_OK if result.ok else EXIT_ERROR
 
 
@@ -573,7 +578,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
                 broken.setdefault(_holder_run(held), []).append(host.name)
             else:
                 rows.append([host.name, "locked", holder])
-    print(tabulate(rows, headers=["HOST", "LOCK", "HOLDER"], tablefmt="simple"))
+    print(table(rows, ["HOST", "LOCK", "HOLDER"]))
     _close_broken_runs(args, broken)
     return code
 
@@ -599,14 +604,14 @@ def _close_broken_runs(args: argparse.Namespace, broken: dict[str, list[str]]) -
             hosts = ", ".join(broken[run_id])
             journal.finish_run(run_id, "interrupted",
                                f"never finished: its lock on {hosts} was broken by {operator()}")
-            print(f"Journal: run {run_id} marked interrupted (its lock was broken); "
-                  "`fleet log` shows the steps it started and never finished.")
+            say(f"Journal: run {run_id} marked interrupted (its lock was broken); "
+                "`fleet log` shows the steps it started and never finished.")
 
 
 def cmd_log(args: argparse.Namespace) -> int:
     path = journal_path(args.state_dir)
     if not path.exists():
-        print(f"No journal yet at {path}: nothing has been applied from this state directory.")
+        say(f"No journal yet at {path}: nothing has been applied from this state directory.")
         return EXIT_OK
     since = parse_since(args.since) if args.since else None
     with Journal.open(path) as journal:
@@ -618,7 +623,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     else:
         by_id = {r.id: r for r in runs}
         for step in steps:
-            print(sentence(step, by_id.get(step.run_id)))
+            say(printable(sentence(step, by_id.get(step.run_id)), multiline=False))
     return EXIT_OK
 
 
@@ -685,7 +690,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     path = journal_path(args.state_dir)
     if not path.exists():
-        print(f"No journal yet at {path}: nothing has been observed from this state directory.")
+        say(f"No journal yet at {path}: nothing has been observed from this state directory.")
         return EXIT_OK
     with Journal.open(path) as journal:
         snaps = journal.snapshots(since=parse_since(args.since) if args.since else None)
@@ -698,7 +703,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     rows = [[x.id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x.taken)), x.operator, x.command,
              x.fleet + (" (lab)" if x.lab else ""),
              ", ".join(h if v == "ok" else f"{h}: {v}" for h, v in sorted(x.hosts.items()))] for x in snaps]
-    print(tabulate(rows, headers=["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"], tablefmt="simple"))
+    print(table(rows, ["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"]))
     return EXIT_OK
 
 
@@ -727,9 +732,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
                     "run_id": c.run_id or None} for c in changes], sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(f"Changes from {a.id} to {args.snap_b}:" if changes else f"No changes from {a.id} to {args.snap_b}.")
+        say(f"Changes from {a.id} to {args.snap_b}:" if changes else f"No changes from {a.id} to {args.snap_b}.")
         for c in changes:
-            print(f"  • {c.what} — {c.attribution}")
+            say(printable(f"  • {c.what} — {c.attribution}", multiline=False))
     return EXIT_CHANGES if changes else EXIT_OK
 
 
@@ -761,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_lab(args)
         return COMMANDS[args.command](args)
     except FleetError as e:
-        print(f"fleet: error: {e}", file=sys.stderr)
+        say(f"fleet: error: {e}", err=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("fleet: interrupted", file=sys.stderr)

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
+
+# What a terminal acts on instead of showing: C0 controls (ESC starts colour, cursor moves, OSC
+# titles and links; CR and BS overwrite a line), DEL, C1 controls (0x9b is a one-byte CSI), and
+# the Unicode line separators and bidirectional overrides that reorder or break what is shown.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -49,3 +56,19 @@ def mask(value: str) -> str:
 def sha256_hex(value: str | bytes) -> str:
     data = value.encode() if isinstance(value, str) else value
     return hashlib.sha256(data).hexdigest()
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def printable(text: str, *, multiline: bool = True) -> str:
+    """`text` as it is safe to show on a terminal: every control character spelled out, ESC as
+    the four characters `\\x1b`, so that nothing read from a file or a host can colour, move,
+    hide or rewrite what a reviewer sees.  Tabs are kept (they only move to the next column);
+    `multiline` keeps newlines too (unit file diffs, tables), a single-line field (a name, a key,
+    one line of a listing) does not.  Applied to human output only:
+    JSON escapes control characters itself and stays exact."""
+    pattern = _CONTROL_BUT_LINES if multiline else _CONTROL
+    return pattern.sub(_escape, text) if pattern.search(text) else text

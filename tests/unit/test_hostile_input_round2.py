@@ -290,3 +290,172 @@ def test_the_executor_refuses_to_remove_a_path_that_is_not_the_units_own_file(ac
     result = Executor(plan, desired, desired.hosts, EXAMPLE_SECRETS(), rec, rec, "run1").execute()
     assert not result.ok and rec.outcomes[0][0] == "failed" and "/etc/passwd" in rec.outcomes[0][1]
     assert not any("/etc/passwd" in c for c in rec.commands)
+
+
+# ====================================================================== control characters in human output
+
+ESC = "\x1b"
+# What a crafted file or host could use to hide a line from the reviewer: clear the line, move
+# up, set the window title (OSC), conceal, a one-byte CSI, a carriage return, a bidi override.
+PAYLOADS = {
+    "clear-line": "\x1b[2K",
+    "cursor-up": "\x1b[1A",
+    "osc-title": "\x1b]0;pwned\x07",
+    "conceal": "\x1b[8m",
+    "c1-csi": "\x9b2K",
+    "carriage-return": "\r",
+    "backspace": "\x08",
+    "delete": "\x7f",
+    "bidi-override": "\u202e",
+}
+CONTROL = set(map(chr, range(0x20))) - {"\n"} | {"\x7f"} | set(map(chr, range(0x80, 0xA0))) | {"\u202e"}
+
+
+def assert_printable(text: str) -> None:
+    bad = sorted({c for c in text if c in CONTROL and c != "\t"})
+    assert not bad, f"raw control characters {bad!r} in: {text!r}"
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS.values()), ids=list(PAYLOADS))
+def test_a_fleet_name_with_control_characters_is_printed_escaped_by_check(
+        capsys: pytest.CaptureFixture[str], example: FleetDir, payload: str) -> None:
+    example.edit('name = "hachyderm"', f"name = {toml_str('hachyderm' + payload + 'x')}")
+    code, out, err = run(capsys, "--dir", example.root, "check")
+    assert code == 0
+    assert_printable(out + err)
+    assert out.startswith("hachyderm\\x") or out.startswith("hachyderm\\u")
+
+
+def test_a_key_path_with_a_newline_is_printed_escaped_in_findings(capsys: pytest.CaptureFixture[str],
+                                                                 example: FleetDir) -> None:
+    example.edit('SMTP_PASSWORD = "file"', 'SMTP_PASSWORD = "file"\n"EVIL\\nLD_PRELOAD" = "env:EVILVAR"')
+    code, out, _ = run(capsys, "--dir", example.root, "check")
+    assert code == 1
+    assert "[env_files.mastodon.sensitive.EVIL\\x0aLD_PRELOAD]" in out
+    code, out, _ = run(capsys, "--dir", example.root, "check", "--json")
+    keys = [f["key"] for f in json.loads(out)["findings"]]
+    assert "env_files.mastodon.sensitive.EVIL\nLD_PRELOAD" in keys  # JSON stays exact
+
+
+def _hostile_plan_doc() -> dict[str, Any]:
+    from observed import EXAMPLE_SECRETS as S
+    from observed import bare, example
+
+    from fleet.plan import build_plan
+
+    doc: dict[str, Any] = json.loads(build_plan(example(), bare(example()), S).to_json())
+    doc["fleet"] = "hachyderm\x1b]0;owned\x07"
+    doc["changes"][0]["reason"] = "fine\x1b[2K\r  ~ nothing to see here\x1b[8m"
+    doc["notes"] = ["note\x1b[1A"]
+    doc["problems"] = ["problem\x9b2K"]
+    return doc
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_fleet_show_escapes_control_characters_from_the_plan_file(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, color: bool) -> None:
+    import re
+
+    monkeypatch.setattr(cli, "use_color", lambda isatty: color)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_hostile_plan_doc()))
+    code, out, err = run(capsys, "show", path)
+    assert code == 2, err
+    own = re.sub(r"\x1b\[[0-9;]*m", "", out) if color else out  # fleet's own colours, and nothing else
+    assert_printable(own)
+    assert "fine\\x1b[2K\\x0d  ~ nothing to see here\\x1b[8m" in out
+    assert "hachyderm\\x1b]0;owned\\x07" in out and "note\\x1b[1A" in out and "problem\\x9b2K" in out
+    code, out, _ = run(capsys, "show", path, "--json")
+    assert json.loads(out)["changes"][0]["reason"] == "fine\x1b[2K\r  ~ nothing to see here\x1b[8m"
+
+
+def _hostile_observation() -> tuple[Any, dict[str, Any]]:
+    from dataclasses import replace
+
+    from observed import EXAMPLE_SECRETS as S
+    from observed import converged, example, hand_made_unit, set_env_value, unreachable, with_unit
+
+    from fleet.model import HostError, HostState
+
+    desired = example()
+    fleet: dict[str, HostState | HostError] = dict(converged(desired, S))
+    u = replace(hand_made_unit("mastodon-evil.service", "/usr/bin/evil --x \x1b[2K"),
+                active_state="active\x1b[8m", sub_state="running\r")
+    fritz = fleet["fritz"]
+    assert isinstance(fritz, HostState)
+    fleet["fritz"] = set_env_value(with_unit(fritz, u), "S3_BUCKET", "bucket\x1b]0;x\x07")
+    fleet["nietzsche"] = replace(unreachable("nietzsche"), message="refused\x1b[2K\rall good")
+    return desired, fleet
+
+
+def test_status_audit_and_markdown_escape_what_hosts_report() -> None:
+    from fleet.audit import build_audit
+    from fleet.render import audit_markdown, audit_text, status_text
+    from fleet.status import build_status
+
+    desired, fleet = _hostile_observation()
+    assert_printable(status_text(build_status(desired, fleet)))
+    report = build_audit(desired, fleet)
+    assert_printable(audit_text(report))
+    assert_printable(audit_markdown(report))
+    assert "refused\\x1b[2K\\x0dall good" in status_text(build_status(desired, fleet))
+
+
+def test_apply_output_escapes_what_a_host_answered() -> None:
+    from observed import example
+
+    from fleet.apply import ApplyResult, StepOutcome
+    from fleet.diff import Change
+    from fleet.render import apply_text
+
+    c = Change("fritz", "start", "mastodon-web.service", "x", "web")
+    result = ApplyResult("run", [StepOutcome(c, "failed", "exit 1: \x1b[2Kok", detail="| \x1b]0;t\x07 line\r",
+                                             rollback="rolled\x1b[1A back")])
+    assert example() is not None
+    text = apply_text(result)
+    assert_printable(text)
+    assert "exit 1: \\x1b[2Kok" in text
+
+
+def test_fleet_log_escapes_journal_text_and_its_json_stays_exact(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from fleet.diff import Change
+    from fleet.journal import Journal, journal_path
+
+    state = tmp_path / ".fleet"
+    with Journal.open(journal_path(str(state))) as journal:
+        run_id = journal.start_run(operator="eve\x1b[2K@host", plan_id="p", plan_hash="h", desired_hash="d",
+                                   fleet="f\x1b]0;x\x07", lab=False)
+        step = journal.step_started(run_id, Change("fritz", "start", "mastodon-web.service", "why\x1b[1A", "web",
+                                                   before="inactive\r", after="active"))
+        journal.step_finished(step, "failed", "boom\x1b[8m hidden")
+        journal.finish_run(run_id, "failed", "x")
+    code, out, _ = run(capsys, "--state-dir", state, "log")
+    assert code == 0
+    assert_printable(out)
+    assert "eve\\x1b[2K@host" in out and "boom\\x1b[8m hidden" in out
+    code, out, _ = run(capsys, "--state-dir", state, "log", "--json")
+    [entry] = json.loads(out)
+    assert entry["error"] == "boom\x1b[8m hidden" and entry["operator"] == "eve\x1b[2K@host"
+
+
+def test_an_error_naming_a_hostile_path_is_printed_escaped(capsys: pytest.CaptureFixture[str],
+                                                           tmp_path: Path) -> None:
+    code, out, err = run(capsys, "show", tmp_path / "plan\x1b[2K\r.json")
+    assert code == 1 and err.startswith("fleet: error:")
+    assert_printable(err)
+    assert "plan\\x1b[2K\\x0d.json" in err
+
+
+def test_lab_status_escapes_what_a_lab_host_reports(capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from fleet.lab import lifecycle
+
+    state = lifecycle.LabStatus(hosts=[lifecycle.HostStatus("fritz", "10.0.0.1", "root", True,
+                                                            "degraded\x1b[2K\rrunning", True)],
+                                booted="now\x1b]0;x\x07", ssh_config="/x", recorded=True)
+    monkeypatch.setattr(lifecycle, "status", lambda paths, hosts_dir: state)
+    code, out, err = run(capsys, "--dir", tmp_path, "lab", "status")
+    assert code == 1
+    assert_printable(out + err)
+    assert "degraded\\x1b[2K\\x0drunning" in out
