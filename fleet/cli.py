@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import secrets as random_source
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +49,7 @@ from fleet.secrets import ensure_lab_secrets, load_secrets
 from fleet.snapshot import host_summary, pack, unpack
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
-from fleet.textutil import printable, sha256_hex
+from fleet.textutil import positive_int_option, printable, seconds_option, sha256_hex
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -89,7 +90,7 @@ def _global_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, sup
     p.add_argument("--accept-new-host-keys", action="store_true", default=d(False),
                    help="record UNKNOWN SSH host keys in known_hosts on first use (like OpenSSH "
                         "accept-new); changed keys are always refused")
-    p.add_argument("--connect-timeout", type=float, default=d(None), metavar="S",
+    p.add_argument("--connect-timeout", type=seconds_option(), default=d(None), metavar="S",
                    help="seconds to connect and authenticate to a host (default: the ssh config's "
                         "ConnectTimeout, else 10)")
 
@@ -167,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_apply.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p_apply.add_argument("--no-prune", action="store_true", help="do not prune undeclared units this run")
     p_apply.add_argument("--secrets", metavar="FILE", help="secrets file (as for `fleet plan`)")
-    p_apply.add_argument("--settle", type=float, default=3.0, metavar="S",
+    p_apply.add_argument("--settle", type=seconds_option(zero_ok=True), default=3.0, metavar="S",
                          help="seconds a started unit must stay up without restarting (default 3)")
-    p_apply.add_argument("--start-timeout", type=float, default=30.0, metavar="S",
+    p_apply.add_argument("--start-timeout", type=seconds_option(), default=30.0, metavar="S",
                          help="seconds a unit may take to become active (default 30)")
 
     p_lock = sub.add_parser(
@@ -234,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _host_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", metavar="HOSTS", help="only these hosts: names or globs, comma-separated")
-    p.add_argument("--forks", type=int, metavar="N", help="hosts contacted in parallel (default: all, up to 32)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+    p.add_argument("--forks", type=positive_int_option, metavar="N",
+                   help="hosts contacted in parallel (default: all, up to 32)")
+    p.add_argument("--timeout", type=seconds_option(), default=60.0, metavar="S",
                    help="seconds the remote collection may run per host (default 60)")
 
 
@@ -249,11 +251,7 @@ def _finish_paths(args: argparse.Namespace) -> None:
 
 def load_checked(args: argparse.Namespace) -> tuple[config.Loaded, list[Finding]]:
     """Load the files and run every policy; returns the load and all findings."""
-    loaded = config.load(Path(args.desired), Path(args.hosts))
-    findings = list(loaded.findings)
-    if loaded.desired is not None:
-        findings += config.with_lines(policy.check(loaded.desired), loaded)
-    return loaded, findings
+    return config.load_checked(Path(args.desired), Path(args.hosts), policy.check)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -382,11 +380,13 @@ def _plan_exit(plan: Plan) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.out:  # before any host is contacted: a plan computed for nothing costs every host a round trip
+        check_writable(Path(args.out), "the plan")
     prep = prepare(args)
     with open_transport(args, prep.targets) as transport:
         plan = compute_plan(args, prep, transport)
     if args.out:
-        write_private_file(Path(args.out), plan.to_json())
+        write_private_file(Path(args.out), plan.to_json(), "the plan")
     if args.json:
         sys.stdout.write(plan.to_json())
     else:
@@ -402,13 +402,37 @@ def cmd_show(args: argparse.Namespace) -> int:
     return _plan_exit(plan)
 
 
-def write_private_file(path: Path, text: str) -> None:
-    """Atomically, mode 0600: plans hold no secrets, but do describe the fleet."""
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work, a path `write_private_file` could not write: its directory is
+    missing, not a directory or not writable, or the path is a directory."""
+    parent = path.parent
+    hint = "name a file in an existing, writable directory, e.g. -o plan.json"
+    if path.is_dir():
+        raise FleetError(f"cannot write {what} to {path}: it is a directory", hint=hint)
+    try:
+        st = os.stat(parent)
+    except OSError as e:
+        raise FleetError(f"cannot write {what} to {path}: {parent}: {e.strerror or e}", hint=hint) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise FleetError(f"cannot write {what} to {path}: {parent} is {config.file_kind(st.st_mode)}, "
+                         "not a directory", hint=hint)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FleetError(f"cannot write {what} to {path}: {parent} is not writable", hint=hint)
+
+
+def write_private_file(path: Path, text: str, what: str = "the file") -> None:
+    """Atomically, mode 0600: plans hold no secrets, but do describe the fleet.  A failure (a
+    full disk, a directory that went away) is a FleetError, and leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FleetError(f"cannot write {what} to {path}: {e.strerror or e}",
+                         hint="check the free space and permissions, then run the command again") from None
 
 
 def lock_token() -> str:
@@ -739,10 +763,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _read(path: Path) -> str:
+    """A plan file's text: a directory, a FIFO (never waited on), a device or bytes that are not
+    UTF-8 are refused in one line."""
+    hint = "pass a plan file written by `fleet plan -o FILE`"
     try:
-        return path.read_text(encoding="utf-8")
+        raw = config.read_regular_file(path)
+    except config.NotAFileError as e:
+        raise FleetError(f"cannot read {path}: it is {e.kind}, not a file", hint=hint) from None
     except OSError as e:
-        raise FleetError(f"cannot read {path}: {e.strerror or e}") from e
+        raise FleetError(f"cannot read {path}: {e.strerror or e}", hint=hint) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FleetError(f"{path} is not a plan: it is not UTF-8 text (byte {e.start})", hint=hint) from None
 
 
 COMMANDS = {"check": cmd_check, "status": cmd_status, "plan": cmd_plan, "show": cmd_show, "apply": cmd_apply,

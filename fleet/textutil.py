@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 # What a terminal acts on instead of showing: C0 controls (ESC starts colour, cursor moves, OSC
 # titles and links; CR and BS overwrite a line), DEL, C1 controls (0x9b is a one-byte CSI), and
@@ -72,3 +74,35 @@ def printable(text: str, *, multiline: bool = True) -> str:
     JSON escapes control characters itself and stays exact."""
     pattern = _CONTROL_BUT_LINES if multiline else _CONTROL
     return pattern.sub(_escape, text) if pattern.search(text) else text
+
+
+MAX_SECONDS = 86400.0  # a day: longer than any wait fleet has a reason for; bigger overflows timers
+
+
+def seconds_option(*, zero_ok: bool = False) -> Callable[[str], float]:
+    """An argparse `type=` for a duration in seconds: finite, above 0 (or 0 when `zero_ok`), at
+    most a day.  nan, inf and -1 would reach timers and shell arithmetic as OverflowError, a
+    negative wait or "timed out after -5s"; argparse names the option in its error."""
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0) and value <= MAX_SECONDS):
+            least = "0 or more" if zero_ok else "above 0"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds {least} and at most "
+                                             f"{MAX_SECONDS:.0f} (a day)")
+        return value
+
+    return seconds
+
+
+def positive_int_option(text: str) -> int:
+    """An argparse `type=` for a count that must be at least 1 (e.g. --forks)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value

@@ -19,7 +19,7 @@ from tabulate import tabulate
 from fleet.errors import LabError
 from fleet.lab import lifecycle
 from fleet.lab.settings import LabPaths
-from fleet.textutil import printable
+from fleet.textutil import printable, seconds_option
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # an error, or (status) not every host up
@@ -62,7 +62,7 @@ def add_lab_commands(parser: argparse.ArgumentParser) -> None:
                              description="Tear down any previous lab, then boot one host per "
                              "inventory file; returns when all answer SSH with a finished boot.")
     add_location_options(up)
-    up.add_argument("--timeout", type=float, default=lifecycle.DEFAULT_TIMEOUT, metavar="SECONDS",
+    up.add_argument("--timeout", type=seconds_option(), default=lifecycle.DEFAULT_TIMEOUT, metavar="SECONDS",
                     help="how long hosts may take to boot (default: %(default)s)")
     down = commands.add_parser("down", help="remove every trace of the lab (idempotent)")
     add_location_options(down)

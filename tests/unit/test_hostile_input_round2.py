@@ -15,6 +15,8 @@ them).  Saved plans edited into harm have their own file, test_saved_plan_verifi
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -459,3 +461,282 @@ def test_lab_status_escapes_what_a_lab_host_reports(capsys: pytest.CaptureFixtur
     assert code == 1
     assert_printable(out + err)
     assert "degraded\\x1b[2K\\x0drunning" in out
+
+
+
+# ====================================================================== tracebacks become one-line errors
+
+
+class Contacted(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the command gets as far as contacting (or even connecting to) a host."""
+    def refuse(*a: Any, **kw: Any) -> Any:
+        raise Contacted("a host was contacted")
+
+    monkeypatch.setattr(cli, "open_transport", refuse)
+    monkeypatch.setattr(cli, "observe", refuse)
+
+
+def one_line_error(err: str) -> str:
+    assert "Traceback" not in err
+    first, *rest = err.rstrip("\n").split("\n")
+    assert first.startswith("fleet: error: "), err
+    assert all(line.startswith("  hint: ") for line in rest), err
+    return first
+
+
+DEEP = 100_000
+
+
+@pytest.mark.parametrize("shape", ["arrays", "inline-tables"])
+def test_a_deeply_nested_desired_state_is_a_finding_not_a_traceback(capsys: pytest.CaptureFixture[str],
+                                                                   example: FleetDir, shape: str) -> None:
+    value = "[" * DEEP + "]" * DEEP if shape == "arrays" else "{a=" * 3000 + "1" + "}" * 3000
+    example.edit('name = "hachyderm"', f"name = {value}")
+    code, out, err = run(capsys, "--dir", example.root, "check")
+    assert code == 1 and "Traceback" not in out + err
+    assert "nests too deeply" in out and "desired_state.toml" in out
+
+
+def test_a_deeply_nested_host_file_is_a_finding_for_that_host(capsys: pytest.CaptureFixture[str],
+                                                             example: FleetDir) -> None:
+    example.write("hosts/franz.toml", "roles = " + "[" * DEEP + "]" * DEEP + "\n")
+    code, out, err = run(capsys, "--dir", example.root, "check")
+    assert code == 1 and "Traceback" not in out + err
+    assert "franz.toml" in out and "nests too deeply" in out
+
+
+@pytest.mark.parametrize("shape", ["arrays", "inline-tables"])
+def test_a_deeply_nested_secrets_file_is_a_one_line_error_before_any_host(
+        capsys: pytest.CaptureFixture[str], example: FleetDir, tmp_path: Path, no_hosts: None, shape: str) -> None:
+    deep = tmp_path / "secrets.toml"
+    value = "[" * DEEP + "]" * DEEP if shape == "arrays" else "{a=" * 3000 + "1" + "}" * 3000
+    deep.write_text(f"[mastodon]\nDB_PASS = {value}\n")
+    deep.chmod(0o600)
+    code, out, err = run(capsys, "--dir", example.root, "plan", "--secrets", deep)
+    assert code == 1 and "Traceback" not in out + err
+    assert "nests too deeply" in err
+
+
+def test_lab_secrets_that_nest_too_deeply_are_refused_without_a_traceback(example: FleetDir,
+                                                                         tmp_path: Path) -> None:
+    from fleet.secrets import ensure_lab_secrets
+
+    path = tmp_path / "secrets.toml"
+    path.write_text("x = " + "[" * DEEP + "]" * DEEP + "\n")
+    desired = example.load().desired
+    assert desired is not None
+    with pytest.raises(FleetError, match="nests too deeply"):
+        ensure_lab_secrets(desired, path)
+    assert path.read_text().startswith("x = [[[")  # nothing was overwritten
+
+
+@pytest.mark.parametrize("where", ["missing-directory", "a-directory", "a-file-as-directory"])
+def test_plan_to_an_unwritable_path_is_refused_before_any_host_is_contacted(
+        capsys: pytest.CaptureFixture[str], example: FleetDir, tmp_path: Path, no_hosts: None, where: str) -> None:
+    (tmp_path / "file").write_text("x")
+    out_path = {"missing-directory": tmp_path / "nonexistent" / "dir" / "p.json",
+                "a-directory": tmp_path,
+                "a-file-as-directory": tmp_path / "file" / "p.json"}[where]
+    code, out, err = run(capsys, "--dir", example.root, "plan", "-o", out_path)
+    assert code == 1
+    assert str(out_path) in one_line_error(err)
+
+
+def test_a_plan_that_cannot_be_written_at_the_end_is_a_clean_error(
+        capsys: pytest.CaptureFixture[str], example: FleetDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from observed import EXAMPLE_SECRETS as S
+    from observed import bare
+    from observed import example as example_desired
+
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text("[mastodon]\n" + "".join(f"{k} = {toml_str(v)}\n" for (_, k), v in S.items()))
+    secrets.chmod(0o600)
+
+    class Nothing:
+        def __enter__(self) -> Nothing:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    def observe(args: Any, desired: Any, targets: Any, transport: Any) -> Any:
+        args.snapshot_id = ""
+        return bare(example_desired())
+
+    def full_disk(*a: Any, **kw: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "open_transport", lambda args, targets: Nothing())
+    monkeypatch.setattr(cli, "observe", observe)
+    monkeypatch.setattr(cli.os, "replace", full_disk)
+    out_path = tmp_path / "p.json"
+    code, out, err = run(capsys, "--dir", example.root, "plan", "--secrets", secrets, "-o", out_path)
+    assert code == 1
+    assert "No space left on device" in one_line_error(err) and str(out_path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["example", "secrets.toml"]  # no temporary file left
+
+
+def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run fn(*args) in a thread; fail (instead of hanging) if it blocks."""
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(fn(*args)), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "blocked"
+    return result[0]
+
+
+PLAN_FILES = {
+    "invalid-utf8": lambda p: p.write_bytes(b"{\"format\": 1, \"fleet\": \"\xff\xfe\"}"),
+    "binary": lambda p: p.write_bytes(bytes(range(256)) * 4),
+    "a-directory": lambda p: p.mkdir(),
+    "a-fifo": lambda p: os.mkfifo(p),
+}
+
+
+@pytest.mark.parametrize("command", ["show", "apply"])
+@pytest.mark.parametrize("kind", list(PLAN_FILES))
+def test_a_plan_file_that_is_not_text_or_not_a_file_is_a_one_line_error(
+        capsys: pytest.CaptureFixture[str], example: FleetDir, tmp_path: Path, no_hosts: None,
+        command: str, kind: str) -> None:
+    path = tmp_path / "plan.json"
+    PLAN_FILES[kind](path)
+    code = _in_thread(cli.main, ["--dir", str(example.root), command, str(path)])
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert str(path) in one_line_error(err)
+
+
+FLOAT_OPTIONS = [
+    (["apply"], "--start-timeout"), (["apply"], "--settle"), (["apply"], "--timeout"), (["status"], "--timeout"),
+    (["plan"], "--timeout"), (["audit"], "--timeout"), (["lock", "status"], "--timeout"),
+    (["diff", "x"], "--timeout"), (["status"], "--connect-timeout"), (["--connect-timeout"], ""),
+    (["lab", "up"], "--timeout"),
+]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-1", "1e400", "1e9"])
+@pytest.mark.parametrize(("command", "option"), FLOAT_OPTIONS, ids=[" ".join(c + [o]) for c, o in FLOAT_OPTIONS])
+def test_every_duration_option_refuses_absurd_values_naming_the_option(
+        capsys: pytest.CaptureFixture[str], example: FleetDir, no_hosts: None, command: list[str], option: str,
+        value: str) -> None:
+    if option:  # the option after the command
+        argv = ["--dir", str(example.root), *command, f"{option}={value}"]
+    else:  # a global option before the command
+        argv = ["--dir", str(example.root), f"{command[0]}={value}", "status"]
+    code, out, err = run(capsys, *argv)
+    assert code == 64, err
+    assert "Traceback" not in err
+    assert f"argument {option or command[0]}" in err and "seconds" in err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--settle", "0"), ("--start-timeout", "0.5"), ("--timeout", "7")])
+def test_sensible_durations_are_still_accepted(example: FleetDir, option: str, value: str) -> None:
+    args = cli.build_parser().parse_args(["apply", f"{option}={value}"])
+    assert getattr(args, option[2:].replace("-", "_")) == float(value)
+
+
+@pytest.mark.parametrize("option", ["--start-timeout", "--timeout", "--connect-timeout"])
+def test_a_zero_duration_is_refused(capsys: pytest.CaptureFixture[str], option: str) -> None:
+    code, _, err = run(capsys, "apply", f"{option}=0")
+    assert code == 64 and f"argument {option}" in err
+
+
+# ====================================================================== wrong answers
+
+
+@pytest.mark.parametrize("limit", [",,", ",", " ", " , "])
+@pytest.mark.parametrize("command", ["status", "plan", "apply", "audit"])
+def test_a_limit_that_selects_no_host_is_an_error(capsys: pytest.CaptureFixture[str], example: FleetDir,
+                                                 no_hosts: None, command: str, limit: str) -> None:
+    code, out, err = run(capsys, "--dir", example.root, command, "--limit", limit, "--yes" if command == "apply"
+                         else "--timeout=5")
+    assert code == 1
+    assert "--limit" in one_line_error(err) and "matches the desired state" not in out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "-32", "x"])
+def test_forks_must_be_a_positive_number(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    code, _, err = run(capsys, "status", f"--forks={value}")
+    assert code == 64 and "argument --forks" in err
+
+
+def test_an_unreadable_hosts_directory_is_one_error_naming_it_and_the_reason(
+        capsys: pytest.CaptureFixture[str], example: FleetDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_scandir = os.scandir
+    hosts = str(example.hosts_dir)
+
+    def scandir(path: Any = ".") -> Any:  # root reads any directory: simulate `chmod 000 hosts`
+        if os.fspath(path).rstrip("/") == hosts:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, out, err = run(capsys, "--dir", example.root, "check")
+    assert code == 1
+    line = one_line_error(err)
+    assert hosts in line and "Permission denied" in line
+    assert out == ""
+
+
+def test_a_hosts_path_through_a_file_says_so(capsys: pytest.CaptureFixture[str], example: FleetDir,
+                                            tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    code, _, err = run(capsys, "--dir", example.root, "--hosts", tmp_path / "afile" / "hosts", "check")
+    assert code == 1
+    assert "Not a directory" in one_line_error(err)
+    code, _, err = run(capsys, "--dir", example.root, "--hosts", tmp_path / "afile", "check")
+    assert code == 1 and "is a file, not a directory" in one_line_error(err)
+
+
+@pytest.mark.parametrize(("kind", "says"), [("directory", "is a directory, not a file"),
+                                            ("fifo", "is a FIFO (named pipe), not a file")])
+def test_a_desired_state_that_is_not_a_file_says_what_it_is(capsys: pytest.CaptureFixture[str], example: FleetDir,
+                                                           kind: str, says: str) -> None:
+    example.desired_path.unlink()
+    if kind == "directory":
+        example.desired_path.mkdir()
+    else:
+        os.mkfifo(example.desired_path)
+    code = _in_thread(cli.main, ["--dir", str(example.root), "check"])
+    _, err = capsys.readouterr()
+    assert code == 1
+    line = one_line_error(err)
+    assert says in line and "does not exist" not in line
+
+
+def test_a_broken_host_file_is_the_root_cause_without_its_follow_on_policy_findings(
+        capsys: pytest.CaptureFixture[str], example: FleetDir) -> None:
+    """Port 70000 on freud (the Sidekiq host) used to come after 8 queue errors it caused."""
+    example.edit("port = 22", "port = 70000", file="hosts/freud.toml")
+    code, report = check_json(capsys, example.root)
+    assert code == 1
+    errors = [f for f in report["findings"] if f["severity"] == "error"]
+    assert [(f["code"], f["file"].rsplit("/", 1)[-1]) for f in errors] == [("hosts.bad-port", "freud.toml")], errors
+    assert "findings that follow from this were not shown" in errors[0]["message"]
+    code, out, _ = run(capsys, "--dir", example.root, "check")
+    assert out.startswith("error: ") and "port 70000" in out.split("\n")[1]
+
+
+def test_a_finding_that_does_not_follow_from_the_broken_host_is_still_shown(
+        capsys: pytest.CaptureFixture[str], example: FleetDir) -> None:
+    example.edit("port = 22", "port = 70000", file="hosts/freud.toml")
+    example.edit("queues = { push = 6, pull = 4, fasp = 1 }", "queues = { push = 6, fasp = 1 }")  # pull: nobody
+    _, report = check_json(capsys, example.root)
+    codes = sorted(f["code"] for f in report["findings"] if f["severity"] == "error")
+    assert codes == ["hosts.bad-port", "sidekiq.queue-unserved"], report["findings"]
+    assert any("'pull'" in f["message"] for f in report["findings"])
+
+
+def test_a_broken_sidekiq_service_is_the_root_cause_of_its_unserved_queues(
+        capsys: pytest.CaptureFixture[str], example: FleetDir) -> None:
+    example.edit("concurrency = 25", 'concurrency = "25"')
+    _, report = check_json(capsys, example.root)
+    errors = [f for f in report["findings"] if f["severity"] == "error"]
+    assert [f["code"] for f in errors] == ["config.wrong-type"], errors
+    assert "findings that follow from this were not shown" in errors[0]["message"]
