@@ -42,7 +42,7 @@ from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Host, Service
 from fleet.plan import Plan
 from fleet.textutil import sha256_hex
-from fleet.units import render_unit, unit_path
+from fleet.units import UNIT_DIR, removable_unit_file, render_unit, unit_path
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,10 @@ class Executor:
         return out
 
     def _do(self, c: Change, outcome: StepOutcome) -> None:
+        refused = [p for p in c.remove_files if not removable_unit_file(p, c.target)]
+        if refused:  # the diff never plans these; a last line of defence before `rm` on a host
+            raise FleetError(f"refusing to remove {', '.join(map(repr, refused))}: not a file of {c.target} "
+                             f"in {UNIT_DIR}")
         if c.action == WRITE_UNIT:
             svc = self._service(c)
             self._run(c, remote.remove_files(c.remove_files, run_id=self.run_id))

@@ -6,13 +6,12 @@ import argparse
 import json
 import os
 import secrets as random_source
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-from tabulate import tabulate
 
 from fleet import __version__, config, policy, remote
 from fleet.apply import (
@@ -32,7 +31,7 @@ from fleet.collect.transport import SSHTransport
 from fleet.errors import FleetError, TransportError
 from fleet.journal import Journal, SnapshotRecord, journal_path, log_json, operator, parse_since, sentence
 from fleet.model import Desired, Finding, HostResult, HostState
-from fleet.plan import Plan, build_plan, plan_from_json
+from fleet.plan import Plan, build_plan, first_difference, plan_from_json
 from fleet.render import (
     apply_summary,
     apply_text,
@@ -43,13 +42,14 @@ from fleet.render import (
     findings_text,
     plan_text,
     status_text,
+    table,
     use_color,
 )
 from fleet.secrets import ensure_lab_secrets, load_secrets
 from fleet.snapshot import host_summary, pack, unpack
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
-from fleet.textutil import sha256_hex
+from fleet.textutil import positive_int_option, printable, seconds_option, sha256_hex
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -67,6 +67,12 @@ files:
   DIR/hosts/*.toml         one inventory file per host
   DIR/.fleet/              fleet's state: lab keys and ssh_config, journal
 """
+
+
+def say(text: str = "", *, err: bool = False) -> None:
+    """Print fleet's own words with data in them (names, paths, what a host said), escaped like
+    everything render.py makes: a control character from a file or a host is shown, not obeyed."""
+    print(printable(text), file=sys.stderr if err else sys.stdout, flush=err)
 
 
 def _global_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, suppress: bool) -> None:
@@ -87,7 +93,7 @@ def _global_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, sup
     p.add_argument("--debug-log", default=d(os.environ.get("FLEET_DEBUG_LOG") or None), metavar="FILE",
                    help="append a debug log (fleet's steps, SSH connections and channels, paramiko) to FILE; "
                         "default: $FLEET_DEBUG_LOG.  It names hosts and commands, never secret values")
-    p.add_argument("--connect-timeout", type=float, default=d(None), metavar="S",
+    p.add_argument("--connect-timeout", type=seconds_option(), default=d(None), metavar="S",
                    help="seconds to connect and authenticate to a host (default: the ssh config's "
                         "ConnectTimeout, else 10)")
 
@@ -165,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_apply.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p_apply.add_argument("--no-prune", action="store_true", help="do not prune undeclared units this run")
     p_apply.add_argument("--secrets", metavar="FILE", help="secrets file (as for `fleet plan`)")
-    p_apply.add_argument("--settle", type=float, default=3.0, metavar="S",
+    p_apply.add_argument("--settle", type=seconds_option(zero_ok=True), default=3.0, metavar="S",
                          help="seconds a started unit must stay up without restarting (default 3)")
-    p_apply.add_argument("--start-timeout", type=float, default=30.0, metavar="S",
+    p_apply.add_argument("--start-timeout", type=seconds_option(), default=30.0, metavar="S",
                          help="seconds a unit may take to become active (default 30)")
 
     p_lock = sub.add_parser(
@@ -232,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _host_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", metavar="HOSTS", help="only these hosts: names or globs, comma-separated")
-    p.add_argument("--forks", type=int, metavar="N", help="hosts contacted in parallel (default: all, up to 32)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+    p.add_argument("--forks", type=positive_int_option, metavar="N",
+                   help="hosts contacted in parallel (default: all, up to 32)")
+    p.add_argument("--timeout", type=seconds_option(), default=60.0, metavar="S",
                    help="seconds the remote collection may run per host (default 60)")
 
 
@@ -247,11 +254,7 @@ def _finish_paths(args: argparse.Namespace) -> None:
 
 def load_checked(args: argparse.Namespace) -> tuple[config.Loaded, list[Finding]]:
     """Load the files and run every policy; returns the load and all findings."""
-    loaded = config.load(Path(args.desired), Path(args.hosts))
-    findings = list(loaded.findings)
-    if loaded.desired is not None:
-        findings += config.with_lines(policy.check(loaded.desired), loaded)
-    return loaded, findings
+    return config.load_checked(Path(args.desired), Path(args.hosts), policy.check)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -267,8 +270,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print()
         d = loaded.desired
         if d is not None and not errors:
-            print(f"{d.name}: {len(d.hosts)} hosts, {len(d.services)} services, "
-                  f"{len(d.env_files)} env files — {findings_summary(findings)}")
+            say(f"{d.name}: {len(d.hosts)} hosts, {len(d.services)} services, "
+                f"{len(d.env_files)} env files — {findings_summary(findings)}")
         else:
             print(f"check failed: {findings_summary(findings)}")
     return EXIT_ERROR if errors else EXIT_OK
@@ -301,7 +304,7 @@ def observe(args: argparse.Namespace, desired: Desired, targets: Targets,
     def progress(name: str, result: HostResult) -> None:
         if tty:
             what = "ok" if isinstance(result, HostState) else f"FAILED ({result.kind})"
-            print(f"  {name}: {what}", file=sys.stderr)
+            say(f"  {name}: {what}", err=True)
 
     if tty:
         print(f"collecting {len(targets.hosts)} host(s){' (lab)' if targets.lab else ''}…", file=sys.stderr)
@@ -319,7 +322,7 @@ def keep_snapshot(args: argparse.Namespace, desired: Desired, results: dict[str,
                                          hosts=host_summary(results), data=pack(results), operator=operator(),
                                          keep_days=desired.snapshot_retention_days)
     except FleetError as e:
-        print(f"warning: this observation was not kept in the journal: {e.message}", file=sys.stderr)
+        say(f"warning: this observation was not kept in the journal: {e.message}", err=True)
         return ""
 
 
@@ -358,7 +361,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     targets = resolve(desired, state_dir=args.state_dir, lab=args.lab, limit=args.limit)
     path = secrets_path(args)
     if args.lab and not getattr(args, "secrets", None) and ensure_lab_secrets(desired, path):
-        print(f"lab: generated random secrets in {path}", file=sys.stderr)
+        say(f"lab: generated random secrets in {path}", err=True)
     secret_values, findings = load_secrets(desired, path)
     errors = [f for f in findings if f.is_error]
     for f in findings:
@@ -380,17 +383,19 @@ def _plan_exit(plan: Plan) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.out:  # before any host is contacted: a plan computed for nothing costs every host a round trip
+        check_writable(Path(args.out), "the plan")
     prep = prepare(args)
     with open_transport(args, prep.targets) as transport:
         plan = compute_plan(args, prep, transport)
     if args.out:
-        write_private_file(Path(args.out), plan.to_json())
+        write_private_file(Path(args.out), plan.to_json(), "the plan")
     if args.json:
         sys.stdout.write(plan.to_json())
     else:
         sys.stdout.write(plan_text(plan, color=use_color(sys.stdout.isatty())))
         if args.out:
-            print(f"Saved to {args.out} (plan {plan.plan_id}); apply exactly this with `fleet apply {args.out}`.")
+            say(f"Saved to {args.out} (plan {plan.plan_id}); apply exactly this with `fleet apply {args.out}`.")
     return _plan_exit(plan)
 
 
@@ -400,13 +405,37 @@ def cmd_show(args: argparse.Namespace) -> int:
     return _plan_exit(plan)
 
 
-def write_private_file(path: Path, text: str) -> None:
-    """Atomically, mode 0600: plans hold no secrets, but do describe the fleet."""
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work, a path `write_private_file` could not write: its directory is
+    missing, not a directory or not writable, or the path is a directory."""
+    parent = path.parent
+    hint = "name a file in an existing, writable directory, e.g. -o plan.json"
+    if path.is_dir():
+        raise FleetError(f"cannot write {what} to {path}: it is a directory", hint=hint)
+    try:
+        st = os.stat(parent)
+    except OSError as e:
+        raise FleetError(f"cannot write {what} to {path}: {parent}: {e.strerror or e}", hint=hint) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise FleetError(f"cannot write {what} to {path}: {parent} is {config.file_kind(st.st_mode)}, "
+                         "not a directory", hint=hint)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FleetError(f"cannot write {what} to {path}: {parent} is not writable", hint=hint)
+
+
+def write_private_file(path: Path, text: str, what: str = "the file") -> None:
+    """Atomically, mode 0600: plans hold no secrets, but do describe the fleet.  A failure (a
+    full disk, a directory that went away) is a FleetError, and leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FleetError(f"cannot write {what} to {path}: {e.strerror or e}",
+                         hint="check the free space and permissions, then run the command again") from None
 
 
 def lock_token() -> str:
@@ -421,6 +450,24 @@ def _confirm(question: str) -> bool:
         return input(f"{question} Only 'yes' will be accepted: ").strip() == "yes"
     except EOFError:
         return False
+
+
+def _same_as_saved(saved: Plan, fresh: Plan) -> None:
+    """Refuse a saved plan unless fleet, planning now under the lock from the same desired state
+    and the fresh observation, arrives at exactly that plan.  Stale plans are named by what
+    changed on the hosts; anything else that differs was edited (or damaged)."""
+    again = "compute a new plan with `fleet plan -o FILE` and review it"
+    if saved.desired_hash != fresh.desired_hash:
+        raise FleetError("the desired state changed since the plan was computed; refusing a stale plan", hint=again)
+    reasons = _stale_reasons(saved, fresh)
+    if reasons:
+        raise FleetError("refusing a stale plan: the hosts changed since it was computed\n  " + "\n  ".join(reasons),
+                         hint=again)
+    difference = first_difference(saved, fresh)
+    if difference is not None:
+        raise FleetError("refusing the saved plan: it is not the plan fleet computes now from the same desired "
+                         f"state and hosts (edited, or computed with other options): {difference}",
+                         hint=again + " (a plan made with --no-prune is applied with --no-prune)")
 
 
 def _stale_reasons(saved: Plan, fresh: Plan) -> list[str]:
@@ -456,7 +503,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     holder = holder_info(token, who)
 
     def report(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        say(line, err=True)
 
     with open_transport(args, prep.targets) as transport:
         # Lock first, then observe: what is planned is what gets applied, and a second apply
@@ -483,14 +530,10 @@ def _plan_under_lock(args: argparse.Namespace, prep: Prepared, transport: SSHTra
     """The plan to execute (None: nothing to do), after the stale check or the confirmation."""
     plan = compute_plan(args, prep, transport)
     if saved is not None:
-        if saved.desired_hash != plan.desired_hash:
-            raise FleetError("the desired state changed since the plan was computed; refusing a stale plan",
-                             hint="compute a new plan with `fleet plan -o FILE` and review it")
-        reasons = _stale_reasons(saved, plan)
-        if reasons:
-            raise FleetError("refusing a stale plan: the hosts changed since it was computed\n  "
-                             + "\n  ".join(reasons), hint="compute a new plan with `fleet plan -o FILE` and review it")
-        plan = saved
+        _same_as_saved(saved, plan)
+        # What runs is the plan computed now, never fields read from the file: the two are
+        # equal by the check above, and the saved plan's time keeps its plan id in the journal.
+        plan = replace(plan, created_at=saved.created_at)
     else:
         sys.stdout.write(plan_text(plan, color=use_color(sys.stdout.isatty())))
     if not plan.complete:
@@ -528,7 +571,7 @@ def _execute(args: argparse.Namespace, prep: Prepared, plan: Plan, transport: SS
                 journal.finish_run(run_id, outcome, "interrupted")
         journal.finish_run(run_id, outcome, apply_summary(result))
     sys.stdout.write(apply_text(result))
-    print(f"Journal: run {run_id} — `fleet log` shows every step.")
+    say(f"Journal: run {run_id} — `fleet log` shows every step.")
     return EXIT_OK if result.ok else EXIT_ERROR
 
 
@@ -562,7 +605,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
                 broken.setdefault(_holder_run(held), []).append(host.name)
             else:
                 rows.append([host.name, "locked", holder])
-    print(tabulate(rows, headers=["HOST", "LOCK", "HOLDER"], tablefmt="simple"))
+    print(table(rows, ["HOST", "LOCK", "HOLDER"]))
     _close_broken_runs(args, broken)
     return code
 
@@ -588,14 +631,14 @@ def _close_broken_runs(args: argparse.Namespace, broken: dict[str, list[str]]) -
             hosts = ", ".join(broken[run_id])
             journal.finish_run(run_id, "interrupted",
                                f"never finished: its lock on {hosts} was broken by {operator()}")
-            print(f"Journal: run {run_id} marked interrupted (its lock was broken); "
-                  "`fleet log` shows the steps it started and never finished.")
+            say(f"Journal: run {run_id} marked interrupted (its lock was broken); "
+                "`fleet log` shows the steps it started and never finished.")
 
 
 def cmd_log(args: argparse.Namespace) -> int:
     path = journal_path(args.state_dir)
     if not path.exists():
-        print(f"No journal yet at {path}: nothing has been applied from this state directory.")
+        say(f"No journal yet at {path}: nothing has been applied from this state directory.")
         return EXIT_OK
     since = parse_since(args.since) if args.since else None
     with Journal.open(path) as journal:
@@ -607,7 +650,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     else:
         by_id = {r.id: r for r in runs}
         for step in steps:
-            print(sentence(step, by_id.get(step.run_id)))
+            say(printable(sentence(step, by_id.get(step.run_id)), multiline=False))
     return EXIT_OK
 
 
@@ -674,7 +717,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     path = journal_path(args.state_dir)
     if not path.exists():
-        print(f"No journal yet at {path}: nothing has been observed from this state directory.")
+        say(f"No journal yet at {path}: nothing has been observed from this state directory.")
         return EXIT_OK
     with Journal.open(path) as journal:
         snaps = journal.snapshots(since=parse_since(args.since) if args.since else None)
@@ -687,7 +730,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     rows = [[x.id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x.taken)), x.operator, x.command,
              x.fleet + (" (lab)" if x.lab else ""),
              ", ".join(h if v == "ok" else f"{h}: {v}" for h, v in sorted(x.hosts.items()))] for x in snaps]
-    print(tabulate(rows, headers=["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"], tablefmt="simple"))
+    print(table(rows, ["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"]))
     return EXIT_OK
 
 
@@ -716,17 +759,26 @@ def cmd_diff(args: argparse.Namespace) -> int:
                     "run_id": c.run_id or None} for c in changes], sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(f"Changes from {a.id} to {args.snap_b}:" if changes else f"No changes from {a.id} to {args.snap_b}.")
+        say(f"Changes from {a.id} to {args.snap_b}:" if changes else f"No changes from {a.id} to {args.snap_b}.")
         for c in changes:
-            print(f"  • {c.what} — {c.attribution}")
+            say(printable(f"  • {c.what} — {c.attribution}", multiline=False))
     return EXIT_CHANGES if changes else EXIT_OK
 
 
 def _read(path: Path) -> str:
+    """A plan file's text: a directory, a FIFO (never waited on), a device or bytes that are not
+    UTF-8 are refused in one line."""
+    hint = "pass a plan file written by `fleet plan -o FILE`"
     try:
-        return path.read_text(encoding="utf-8")
+        raw = config.read_regular_file(path)
+    except config.NotAFileError as e:
+        raise FleetError(f"cannot read {path}: it is {e.kind}, not a file", hint=hint) from None
     except OSError as e:
-        raise FleetError(f"cannot read {path}: {e.strerror or e}") from e
+        raise FleetError(f"cannot read {path}: {e.strerror or e}", hint=hint) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FleetError(f"{path} is not a plan: it is not UTF-8 text (byte {e.start})", hint=hint) from None
 
 
 COMMANDS = {"check": cmd_check, "status": cmd_status, "plan": cmd_plan, "show": cmd_show, "apply": cmd_apply,
@@ -752,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_lab(args)
         return COMMANDS[args.command](args)
     except FleetError as e:
-        print(f"fleet: error: {e}", file=sys.stderr)
+        say(f"fleet: error: {e}", err=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("fleet: interrupted", file=sys.stderr)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
 
 import networkx as nx
 
+from fleet.envfile import ENV_KEY_HINT, key_problem
 from fleet.errors import ConfigError
 from fleet.model import (
     DEFAULT_SIDEKIQ_COMMAND,
@@ -51,7 +53,6 @@ UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.@-]{0,250}\.(service|socket|ti
 UNIT_GLOB = re.compile(r"^[A-Za-z0-9*?\[\]:_.@-]{1,255}$")
 ADDRESS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-ENV_KEY = re.compile(r"^[A-Za-z0-9_]{1,128}$")
 ROLE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESTART_VALUES = ("no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always")
 # Units no prune pattern may ever match: pruning them would cut fleet (and everyone) off the host.
@@ -81,6 +82,7 @@ class _Ctx:
     file: str
     text: str = ""
     findings: list[Finding] = field(default_factory=list)
+    broken: list[tuple[str, int]] = field(default_factory=list)  # (service, index of its first error)
 
     def error(self, key: str, message: str, hint: str = "", code: str = "config.invalid") -> None:
         self.findings.append(
@@ -133,19 +135,54 @@ def locate(text: str, key: str) -> int | None:
     return start + 1
 
 
+class NotAFileError(OSError):
+    """A path that is there but is no regular file (a directory, a FIFO, a device …)."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        super().__init__(f"{path} is {kind}, not a file")
+        self.kind = kind
+
+
+class FileTooLargeError(OSError):
+    def __init__(self, path: Path, size: int) -> None:
+        super().__init__(f"{path} is {size} bytes")
+        self.size = size
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a file"))
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode says a path is, as words: `a directory`, `a FIFO (named pipe)` …"""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a regular file, or OSError: NotAFileError for a directory/FIFO/device (never
+    blocking on a FIFO: it is opened non-blocking and judged by fstat before any read),
+    FileTooLargeError when `limit` bytes would not hold it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFileError(path, file_kind(st.st_mode))
+        if limit is not None and st.st_size >= limit:
+            raise FileTooLargeError(path, st.st_size)
+        return f.read() if limit is None else f.read(limit)
+
+
 def read_toml(path: Path, ctx: _Ctx) -> dict[str, Any] | None:
     """Parse one TOML file; syntax errors become findings with line and column."""
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-            ctx.error("", f"{path} is not a regular file", "replace it with a TOML file", "config.unreadable")
-            return None
-        if st.st_size > MAX_FILE_BYTES:  # refuse before reading: a huge file costs its size in memory
-            ctx.error("", f"file is {st.st_size} bytes; fleet refuses files over {MAX_FILE_BYTES} bytes",
-                      "this is not a desired-state file, or it is generated wrongly", "config.too-large")
-            return None
-        with path.open("rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+        raw = read_regular_file(path, MAX_FILE_BYTES + 1)
+    except NotAFileError as e:  # a FIFO or device would block or never end
+        ctx.error("", f"{path} is {e.kind}, not a regular file", "replace it with a TOML file", "config.unreadable")
+        return None
+    except FileTooLargeError as e:  # refused before reading: a huge file costs its size in memory
+        ctx.error("", f"file is {e.size} bytes; fleet refuses files over {MAX_FILE_BYTES} bytes",
+                  "this is not a desired-state file, or it is generated wrongly", "config.too-large")
+        return None
     except OSError as e:
         ctx.error("", f"cannot read {path}: {e.strerror or e}", "check the path and permissions", "config.unreadable")
         return None
@@ -160,6 +197,11 @@ def read_toml(path: Path, ctx: _Ctx) -> dict[str, Any] | None:
         return None
     try:
         return tomllib.loads(ctx.text)
+    except RecursionError:
+        ctx.error("", "the file nests too deeply (arrays or tables inside each other) to be read",
+                  "this is not a desired-state file, or it is generated wrongly (see docs/desired-state.md)",
+                  "toml.too-deep")
+        return None
     except tomllib.TOMLDecodeError as e:
         msg = str(e)
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
@@ -245,6 +287,21 @@ def _check_name(ctx: _Ctx, path: str, value: str, pattern: re.Pattern[str], what
     return True
 
 
+def _check_env_key(ctx: _Ctx, path: str, key: str) -> bool:
+    """Every env variable name, wherever it is declared, through envfile's one validator."""
+    problem = key_problem(key)
+    if problem:
+        ctx.error(path, problem, ENV_KEY_HINT, "config.bad-name")
+        return False
+    return True
+
+
+def env_path_ok(path: str) -> bool:
+    """An env file path fleet writes: absolute, a file, no `.`/`..` segment, no control character."""
+    return (path.startswith("/") and not path.endswith("/") and "/../" not in path + "/" and "/./" not in path + "/"
+            and not any(ord(c) < 32 or c == "\x7f" for c in path))
+
+
 def _no_control(ctx: _Ctx, path: str, value: str) -> bool:
     if any(ord(c) < 32 and c != "\t" for c in value):
         ctx.error(path, f"'{path}' contains a newline or control character",
@@ -258,17 +315,49 @@ def _no_control(ctx: _Ctx, path: str, value: str) -> bool:
 
 def load_hosts(hosts_dir: Path) -> tuple[tuple[Host, ...], list[Finding]]:
     """One Host per `*.toml` file in hosts_dir, sorted by name."""
+    hosts, findings, _, _ = _load_hosts(hosts_dir)
+    return hosts, findings
+
+
+def _host_files(hosts_dir: Path) -> list[Path]:
+    """The `*.toml` files of the inventory directory; ConfigError (one, naming the directory and
+    the operating system's reason) when it cannot be listed: every host would be missing."""
+    hint = "create it with one <name>.toml per host, or pass --hosts DIR"
+    try:
+        st = os.stat(hosts_dir)
+    except FileNotFoundError:
+        raise ConfigError(f"hosts directory {hosts_dir} does not exist", file=str(hosts_dir), hint=hint) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the hosts directory {hosts_dir}: {e.strerror or e}", file=str(hosts_dir),
+                          hint="check the path and its permissions (fleet lists and reads it)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"hosts directory {hosts_dir} is {file_kind(st.st_mode)}, not a directory",
+                          file=str(hosts_dir), hint=hint)
+    try:
+        with os.scandir(hosts_dir) as entries:
+            names = sorted(e.name for e in entries if e.name.endswith(".toml"))
+    except OSError as e:
+        raise ConfigError(f"cannot read the hosts directory {hosts_dir}: {e.strerror or e}", file=str(hosts_dir),
+                          hint="check its permissions: fleet lists it and reads every *.toml in it") from None
+    return [hosts_dir / n for n in names]
+
+
+def _load_hosts(hosts_dir: Path) -> tuple[tuple[Host, ...], list[Finding], tuple[Host, ...], list[str]]:
+    """(hosts, findings, stand-ins for the host files that failed to load, every host file's
+    name).  A stand-in carries only the name: enough for the policies to count a service on it
+    as declared when they judge which findings only follow from the broken file."""
     findings: list[Finding] = []
-    if not hosts_dir.is_dir():
-        raise ConfigError(f"hosts directory {hosts_dir} does not exist", file=str(hosts_dir),
-                          hint="create it with one <name>.toml per host, or pass --hosts DIR")
+    files = _host_files(hosts_dir)
     hosts: list[Host] = []
-    for path in sorted(hosts_dir.glob("*.toml")):
+    broken: list[Host] = []
+    for path in files:
         ctx = _Ctx(str(path))
         host = _load_host(path, ctx)
         findings += ctx.findings
         if host is not None:
             hosts.append(host)
+        elif HOST_NAME.fullmatch(path.stem):
+            broken.append(Host(name=path.stem, address="", source=str(path)))
     if not hosts and not findings:
         findings.append(Finding("error", "hosts.empty", f"no host files (*.toml) in {hosts_dir}",
                                 file=str(hosts_dir), hint="add one <name>.toml per host"))
@@ -282,7 +371,7 @@ def load_hosts(hosts_dir: Path) -> tuple[tuple[Host, ...], list[Finding]]:
                                     hint="two names for one machine would make fleet act on it twice; "
                                          "give each host its own address"))
         seen[(_same_address(h.address), h.port)] = h
-    return tuple(hosts), findings
+    return tuple(hosts), findings, tuple(broken), [p.stem for p in files]
 
 
 def _same_address(address: str) -> str:
@@ -344,18 +433,91 @@ class Loaded:
 
 def load(desired_path: Path, hosts_dir: Path) -> Loaded:
     """Load and structurally validate the desired state and inventory.  Never raises on bad
-    content; raises ConfigError only when a file or directory is missing altogether."""
-    if not desired_path.is_file():
+    content; raises ConfigError only when a file or directory is missing or unreadable altogether."""
+    return _load(desired_path, hosts_dir)[0]
+
+
+WhatIf = Callable[[Collection[str]], Desired]
+
+
+def _load(desired_path: Path, hosts_dir: Path) -> tuple[Loaded, WhatIf | None, list[tuple[str, int]]]:
+    """The load, a what-if (the desired state as it would be if the given broken entities had
+    loaded, as far as can be told), and the broken entities with the index of their first error
+    in the findings: `host:NAME` for a host file, `service:NAME` for a service."""
+    try:
+        st = os.stat(desired_path)
+    except FileNotFoundError:
         raise ConfigError(f"desired state file {desired_path} does not exist", file=str(desired_path),
-                          hint="run fleet in the directory holding desired_state.toml, or pass --dir/--desired")
-    hosts, findings = load_hosts(hosts_dir)
+                          hint="run fleet in the directory holding desired_state.toml, or pass --dir/--desired"
+                          ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the desired state file {desired_path}: {e.strerror or e}",
+                          file=str(desired_path), hint="check the path and its permissions") from None
+    if not stat.S_ISREG(st.st_mode):  # said before anything reads it: a FIFO would block
+        raise ConfigError(f"desired state file {desired_path} is {file_kind(st.st_mode)}, not a file",
+                          file=str(desired_path), hint="pass the TOML file itself with --desired FILE (or --dir DIR)")
+    hosts, findings, stand_ins, host_files = _load_hosts(hosts_dir)
     ctx = _Ctx(str(desired_path))
     data = read_toml(desired_path, ctx)
     texts = ((ctx.file, ctx.text),)
     if data is None:
-        return Loaded(None, tuple(findings + ctx.findings), texts)
-    desired = _build_desired(data, hosts, ctx, desired_path, hosts_dir)
-    return Loaded(desired, tuple(findings + ctx.findings), texts)
+        return Loaded(None, tuple(findings + ctx.findings), texts), None, []
+    desired = _build_desired(data, hosts, ctx, desired_path, hosts_dir, host_files)
+    first_error = {h.name: next((i for i, f in enumerate(findings) if f.file == h.source and f.is_error), None)
+                   for h in stand_ins}
+    broken = [(f"host:{name}", i) for name, i in first_error.items() if i is not None]
+    broken += [(f"service:{name}", len(findings) + i) for name, i in ctx.broken]
+
+    def what_if(entities: Collection[str]) -> Desired:
+        extra = tuple(h for h in stand_ins if f"host:{h.name}" in entities)
+        lenient = frozenset(e.split(":", 1)[1] for e in entities if e.startswith("service:"))
+        return _build_desired(data, hosts + extra, _Ctx(ctx.file, ctx.text), desired_path, hosts_dir, host_files,
+                              lenient=lenient)
+
+    return Loaded(desired, tuple(findings + ctx.findings), texts), what_if, broken
+
+
+MAX_ATTRIBUTED = 8  # broken entities judged one by one to say which follow-ons each one causes
+
+
+def load_checked(desired_path: Path, hosts_dir: Path,
+                 check: Callable[[Desired], list[Finding]]) -> tuple[Loaded, list[Finding]]:
+    """Load, then judge the loaded fleet with `check` (the domain policies): every finding, root
+    causes first.  A host file or service that fails to load is left out of the fleet the
+    policies judge, so some of their findings would only be its consequences ("queue pull is
+    served by nobody" when the host that serves it has port 70000): a policy finding that
+    disappears once the broken entities are counted in as declared is not shown, and the
+    broken entity's first error says how many were not."""
+    loaded, what_if, broken = _load(desired_path, hosts_dir)
+    findings = list(loaded.findings)
+    if loaded.desired is None:
+        return loaded, findings
+    judged = with_lines(check(loaded.desired), loaded)
+    if what_if is None or not broken:
+        return loaded, findings + judged
+
+    def key(f: Finding) -> tuple[str, str, str, str]:
+        return (f.code, f.key, f.message, f.host)
+
+    still = {key(f) for f in check(what_if([e for e, _ in broken]))}
+    follow = [f for f in judged if key(f) not in still]
+    if not follow:
+        return loaded, findings + judged
+    counts: dict[int, int] = {}
+    left = list(follow)
+    for entity, root in broken[:MAX_ATTRIBUTED]:  # whose alone is each follow-on?
+        gone = {key(f) for f in check(what_if([entity]))}
+        mine = [f for f in left if key(f) not in gone]
+        if mine:
+            counts[root] = counts.get(root, 0) + len(mine)
+            left = [f for f in left if key(f) in gone]
+    if left:  # follows only from several together: on the first of them
+        first = min(i for _, i in broken)
+        counts[first] = counts.get(first, 0) + len(left)
+    for i, n in counts.items():
+        what = "1 finding that follows from this was" if n == 1 else f"{n} findings that follow from this were"
+        findings[i] = replace(findings[i], message=f"{findings[i].message} ({what} not shown: fix this first)")
+    return loaded, findings + [f for f in judged if key(f) in still]
 
 
 def with_lines(findings: list[Finding], loaded: Loaded) -> list[Finding]:
@@ -369,7 +531,10 @@ def with_lines(findings: list[Finding], loaded: Loaded) -> list[Finding]:
     return out
 
 
-def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, path: Path, hosts_dir: Path) -> Desired:
+def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, path: Path, hosts_dir: Path,
+                   files: list[str], *, lenient: frozenset[str] = frozenset()) -> Desired:
+    """`files`: the names of every host file (loaded or not).  `lenient`: services to keep, as
+    far as they can be read, even when broken (see load_checked's what-if); never for real use."""
     _unknown_keys(ctx, data, "", TOP_KEYS)
     fleet_t = _get(ctx, data, "", "fleet", dict, default={})
     _unknown_keys(ctx, fleet_t, "fleet", ("name", "snapshot_retention_days"))
@@ -385,7 +550,7 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
     discover = _load_discover(ctx, _get(ctx, data, "", "discover", list, default=[]))
     host_names = [h.name for h in hosts]
     # A host whose file is invalid is reported in its own file; references to it stay valid.
-    host_files = sorted({p.stem for p in hosts_dir.glob("*.toml")} | set(host_names))
+    host_files = sorted(set(files) | set(host_names))
 
     services_t = _get(ctx, data, "", "services", dict, default={})
     services: list[Service] = []
@@ -396,7 +561,11 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
         if not isinstance(st, dict):
             ctx.error(prefix, f"'{prefix}' must be a table", f"write it as [{prefix}]", "config.wrong-type")
             continue
-        svc = _load_service(ctx, sname, st, host_names, host_files, hosts_dir)
+        before = len(ctx.findings)
+        svc = _load_service(ctx, sname, st, host_names, host_files, hosts_dir, lenient=sname in lenient)
+        first_error = next((i for i in range(before, len(ctx.findings)) if ctx.findings[i].is_error), None)
+        if first_error is not None:
+            ctx.broken.append((sname, first_error))
         if svc is not None:
             services.append(svc)
     if not services_t:
@@ -432,7 +601,8 @@ def _load_policy(ctx: _Ctx, policy: dict[str, Any]) -> tuple[list[PlacementRule]
         rules.append(PlacementRule(role=role, forbid=tuple(k for k in forbid if k in KINDS)))
     env = _get(ctx, policy, "policy", "env", dict, default={})
     _unknown_keys(ctx, env, "policy.env", ("extra_keys",))
-    extra = _str_list(ctx, env, "policy.env", "extra_keys")
+    extra = [k for k in _str_list(ctx, env, "policy.env", "extra_keys")
+             if _check_env_key(ctx, "policy.env.extra_keys", k)]
     return rules, extra
 
 
@@ -459,7 +629,7 @@ def _load_discover(ctx: _Ctx, items: list[Any]) -> list[DiscoveryPattern]:
 
 
 def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str], host_files: list[str],
-                  hosts_dir: Path) -> Service | None:
+                  hosts_dir: Path, *, lenient: bool = False) -> Service | None:
     prefix = f"services.{name}"
     _unknown_keys(ctx, st, prefix, SERVICE_KEYS)
     kind_s = _get(ctx, st, prefix, "kind", str, required=True)
@@ -519,11 +689,28 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
     # the policies still judge the rest of the fleet; drop it only when its essence is missing.
     if kind is None or unit is None or not UNIT_NAME.fullmatch(unit) or (
             not observe_only and unit_spec is None) or (kind == Kind.SIDEKIQ and sidekiq is None):
-        return None
-    return Service(name=name, kind=kind, unit=unit, hosts=tuple(h for h in hosts if h in host_names),
+        return _stand_in(name, st, kind, unit, hosts, sidekiq) if lenient else None
+    return Service(name=name, kind=kind, unit=unit,
+                   hosts=tuple(dict.fromkeys(hosts)) if lenient else tuple(h for h in hosts if h in host_names),
                    requires=tuple(requires),
                    observe_only=observe_only, unit_spec=unit_spec, sidekiq=sidekiq, health=health,
                    max_unavailable=max_unavailable)
+
+
+def _stand_in(name: str, st: dict[str, Any], kind: Kind | None, unit: Any, hosts: list[str],
+              sidekiq: SidekiqSpec | None) -> Service:
+    """A broken service as far as it can be read, for load_checked's what-if only: on every host
+    it lists, serving the queues it names."""
+    raw = st.get("queues")
+    queues = tuple((q, None) for q in (raw if isinstance(raw, (dict, list)) else ()) if isinstance(q, str))
+    if kind is None:
+        kind = Kind.SIDEKIQ if queues else Kind.GENERIC
+    if kind == Kind.SIDEKIQ and sidekiq is None:
+        concurrency = st.get("concurrency")
+        sidekiq = SidekiqSpec(concurrency=concurrency if isinstance(concurrency, int) and concurrency > 0 else 1,
+                              queues=queues)
+    return Service(name=name, kind=kind, unit=unit if isinstance(unit, str) else f"{name}.service",
+                   hosts=tuple(dict.fromkeys(hosts)), observe_only=True, sidekiq=sidekiq)
 
 
 def _load_health(ctx: _Ctx, prefix: str, ht: dict[str, Any] | None) -> HealthCheck | None:
@@ -622,10 +809,9 @@ def _load_unit(ctx: _Ctx, p: str, ut: dict[str, Any], sidekiq: SidekiqSpec | Non
     env_t = _get(ctx, ut, p, "environment", dict, default={})
     environment: list[tuple[str, str]] = []
     for k, v in env_t.items():
-        if not ENV_KEY.fullmatch(k):
-            ctx.error(f"{p}.environment.{k}", f"environment variable name {k!r} is not valid",
-                      "use letters, digits and underscores", "config.bad-name")
-        elif isinstance(v, (str, int)) and not isinstance(v, bool):
+        if not _check_env_key(ctx, f"{p}.environment.{k}", k):
+            continue
+        if isinstance(v, (str, int)) and not isinstance(v, bool):
             environment.append((k, str(v)))
         else:
             ctx.error(f"{p}.environment.{k}", f"'{p}.environment.{k}' must be a string",
@@ -709,8 +895,7 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
         before = len(ctx.findings)
         _unknown_keys(ctx, et, p, ENV_FILE_KEYS)
         path = _get(ctx, et, p, "path", str, required=True)
-        if path is not None and _no_control(ctx, f"{p}.path", path) and (
-                not path.startswith("/") or "/../" in path + "/" or path.endswith("/") or "/./" in path + "/"):
+        if path is not None and _no_control(ctx, f"{p}.path", path) and not env_path_ok(path):
             ctx.error(f"{p}.path", f"env file path {path!r} must be an absolute file path, without '..' or a "
                                    "trailing '/'",
                       "for example path = \"/home/mastodon/live/.env.production\"", "config.bad-value")
@@ -742,7 +927,7 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
         sensitive: list[tuple[str, SecretSource]] = []
         for k, src in _get(ctx, et, p, "sensitive", dict, default={}).items():
             source = _secret_source(ctx, f"{p}.sensitive.{k}", src)
-            if source is not None:
+            if _check_env_key(ctx, f"{p}.sensitive.{k}", k) and source is not None:
                 sensitive.append((k, source))
         overrides: list[tuple[str, tuple[tuple[str, str], ...]]] = []
         for h, ot in _get(ctx, et, p, "overrides", dict, default={}).items():
@@ -767,10 +952,9 @@ def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], d
 def _env_values(ctx: _Ctx, p: str, table: dict[str, Any]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for k, v in table.items():
-        if not ENV_KEY.fullmatch(k):
-            ctx.error(f"{p}.{k}", f"{k!r} is not a valid environment variable name",
-                      "use letters, digits and underscores", "config.bad-name")
-        elif isinstance(v, bool):
+        if not _check_env_key(ctx, f"{p}.{k}", k):
+            continue
+        if isinstance(v, bool):
             out.append((k, "true" if v else "false"))
         elif isinstance(v, str) and any(ord(c) < 32 and c not in "\t\n" or c == "\x7f" for c in v):
             ctx.error(f"{p}.{k}", f"the value of {k} contains a control character (NUL, CR, escape …)",

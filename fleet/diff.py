@@ -35,6 +35,8 @@ from fleet.units import (
     as_observed_text,
     instance_owner,
     mask_unit_text,
+    refused_unit_files,
+    removable_unit_file,
     render_unit,
     unit_file_differs,
     unit_path,
@@ -143,7 +145,7 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
             unknown.append(result)
             continue
         host_changes = _host_changes(desired, result, secrets, problems, units)
-        pruned, host_notes = _prune_changes(desired, result, prune, whole)
+        pruned, host_notes = _prune_changes(desired, result, prune, whole, problems)
         changes += host_changes + pruned
         notes += host_notes
         # A prune that removes a unit file reloads systemd itself, after its stop: it must not
@@ -203,7 +205,7 @@ def _service_changes(s: Service, state: HostState, env_written: set[str], proble
     out: list[Change] = []
     rewritten = False
     if s.unit_spec is not None:
-        drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p.startswith(UNIT_DIR + "/"))
+        drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if removable_unit_file(p, s.unit))
         content_hash, observed_text = units.of(s)
         if unit_file_differs(s, u, content_hash):
             before_text = mask_unit_text(u.text or "") if u is not None else ""
@@ -219,6 +221,7 @@ def _service_changes(s: Service, state: HostState, env_written: set[str], proble
                               content_hash=content_hash, remove_files=drop_ins))
             rewritten = True
     foreign = [p for p in (u.drop_in_paths if u else ()) if not p.startswith(UNIT_DIR + "/")]
+    _report_refused(host, s.unit, refused_unit_files(s.unit, u.drop_in_paths if u else ()), problems)
     if foreign:
         problems.append(f"on {host}, {s.unit} also reads drop-in(s) {', '.join(foreign)}, outside "
                         f"{UNIT_DIR}: fleet does not remove them, and they may change the unit "
@@ -312,7 +315,15 @@ def _env_change(ef: EnvFile, state: HostState, secrets: Mapping[tuple[str, str],
                   meta=(("group", ef.group or ""), ("mode", mode), ("name", ef.name), ("owner", ef.owner or "")))
 
 
-def _prune_changes(desired: Desired, state: HostState, prune: bool, whole: bool) -> tuple[list[Change], list[str]]:
+def _report_refused(host: str, unit: str, refused: tuple[str, ...], problems: list[str]) -> None:
+    if refused:
+        problems.append(f"on {host}, {unit} is reported with unit file(s) {', '.join(repr(p) for p in refused)}: "
+                        f"not a plain file of that unit in {UNIT_DIR} or its {unit}.d/ directory, so fleet never "
+                        "removes them; look at the host: what it reports is not what systemd writes")
+
+
+def _prune_changes(desired: Desired, state: HostState, prune: bool, whole: bool,
+                   problems: list[str]) -> tuple[list[Change], list[str]]:
     host = state.host
     declared_here = {s.unit for s in desired.services_on(host)}
     out: list[Change] = []
@@ -324,7 +335,9 @@ def _prune_changes(desired: Desired, state: HostState, prune: bool, whole: bool)
         active = u.active_state in ("active", "activating", "reloading")
         if pattern is None:
             continue  # declared for another host, not matching discovery: not our business here
-        if not active and not u.enabled and not u.fragment_path.startswith(UNIT_DIR + "/"):
+        _report_refused(host, u.unit, refused_unit_files(u.unit, (u.fragment_path, *u.drop_in_paths)), problems)
+        ours = removable_unit_file(u.fragment_path, u.unit)
+        if not active and not u.enabled and not ours:
             continue  # an installed, idle distro unit (postgresql on a non-db host): nothing to say
         if not (pattern.prune and prune and whole):
             why = (f"{pattern.pattern} has prune = false" if not pattern.prune
@@ -334,11 +347,11 @@ def _prune_changes(desired: Desired, state: HostState, prune: bool, whole: bool)
             notes.append(f"on {host}, {u.unit} is undeclared ({describe_unit(u)}); left alone: {why}")
             continue
         steps = [s for s, need in (("stop", active), ("disable", u.enabled and u.unit_file_state != "static"),
-                                   ("remove", u.fragment_path.startswith(UNIT_DIR + "/"))) if need]
+                                   ("remove", ours)) if need]
         if not steps:
             continue
         files = ((u.fragment_path,) if "remove" in steps else ()) + tuple(
-            p for p in u.drop_in_paths if p.startswith(UNIT_DIR + "/"))
+            p for p in u.drop_in_paths if removable_unit_file(p, u.unit))
         out.append(Change(host, PRUNE, u.unit,
                           f"undeclared on {host} (matches {pattern.pattern}, prune = true)",
                           _service_of(desired, u.unit), before=describe_unit(u),

@@ -13,10 +13,24 @@ from __future__ import annotations
 
 import re
 
+from fleet.errors import FleetError
 from fleet.textutil import sha256_hex
 
+# The one rule for an env variable name, from every source (values, overrides, sensitive keys,
+# policy.env.extra_keys, a unit's Environment=, the secrets file): a name that could hold a line
+# break, `=` or a space would let one declared key write a second line into the file.
+ENV_KEY = re.compile(r"[A-Za-z0-9_]{1,128}")
+ENV_KEY_HINT = "use letters, digits and underscores (at most 128)"
 _BARE = re.compile(r"^[A-Za-z0-9_./:@,+=%-]*$")
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": "$"}
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` cannot be an env variable name, or None when it can: the validator every key
+    fleet reads or writes goes through."""
+    if ENV_KEY.fullmatch(key):
+        return None
+    return f"{key!r} is not a valid environment variable name"
 
 
 def render_value(value: str) -> str:
@@ -56,6 +70,10 @@ def fingerprint(value: str) -> str:
 
 def render_file(items: list[tuple[str, str]], header: str = "") -> str:
     """A whole env file: a header comment, then KEY=value lines in the given order."""
+    for k, _ in items:  # validated when loaded; this is the last line of defence before a host
+        problem = key_problem(k)
+        if problem:
+            raise FleetError(problem, hint=ENV_KEY_HINT)
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     lines += [f"{k}={render_value(v)}" for k, v in items]
     return "\n".join(lines) + "\n"

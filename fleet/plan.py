@@ -8,6 +8,7 @@ env file changes carry masked values and fingerprints only.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from json.encoder import encode_basestring_ascii
 from types import GeneratorType
 from typing import Any
 
+from fleet.config import HOST_NAME, SERVICE_NAME, UNIT_NAME, USER_NAME, env_path_ok
 from fleet.diff import (
     ACTIONS,
     DAEMON_RELOAD,
@@ -29,10 +31,12 @@ from fleet.diff import (
     Change,
     diff,
 )
+from fleet.envfile import key_problem
 from fleet.errors import FleetError
 from fleet.graph import order
 from fleet.model import Desired, HostResult, HostState
 from fleet.textutil import sha256_hex
+from fleet.units import removable_unit_file
 
 PLAN_FORMAT = 1
 
@@ -159,6 +163,7 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
     try:
         changes = tuple(Change.from_dict(c) for c in d["changes"])
         _validate(changes, d, source)
+        _validate_names(changes, d, source)
         return Plan(
             fleet=str(d["fleet"]), created_at=str(d["created_at"]), desired_hash=str(d["desired_hash"]),
             hosts=tuple(d["hosts"]), fingerprints={str(k): str(v) for k, v in d["fingerprints"].items()},
@@ -187,6 +192,128 @@ def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> No
     if any(dep not in ids for ds in deps.values() for dep in ds):
         raise PlanFileError(f"{source}: a change depends on one the plan does not contain",
                             hint="recompute it with `fleet plan -o FILE`")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MODE = re.compile(r"0[0-7]{3}")
+PRUNE_STEPS = ("stop", "disable", "remove")
+
+
+def _validate_names(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> None:
+    """Every name and path in a plan file passes the rules `fleet check` applies to the desired
+    state (and removable_unit_file for files to remove), so that neither `fleet show` nor
+    `fleet apply` reads a name that could be shell syntax, a path that climbs, or a line break."""
+    hosts = [str(h) for h in d["hosts"]]
+    bad_host = next((h for h in hosts if not HOST_NAME.fullmatch(h)), None)
+    if not hosts or bad_host is not None:
+        _refuse(source, f"its host list is empty or names {bad_host!r}, which is not a host name" if hosts
+                else "it covers no host")
+    for h, fp in d["fingerprints"].items():
+        if h not in hosts or not isinstance(fp, str) or not _SHA256.fullmatch(fp):
+            _refuse(source, f"its fingerprint for {h!r} is not a sha256 of a host it covers")
+    for u in d.get("unknown", ()):
+        if u["host"] not in hosts:
+            _refuse(source, f"it names {u['host']!r} as unknown, a host it does not cover")
+    for c in changes:
+        problem = _change_problem(c, hosts)
+        if problem:
+            _refuse(source, f"change {c.id!r}: {problem}")
+
+
+def _change_problem(c: Change, hosts: list[str]) -> str | None:
+    if c.host not in hosts:
+        return f"host {c.host!r} is not one the plan covers"
+    if c.action == DAEMON_RELOAD:
+        if c.target != "systemd":
+            return f"a daemon-reload targets 'systemd', not {c.target!r}"
+    elif c.action == WRITE_ENV:
+        if not env_path_ok(c.target):
+            return f"env file path {c.target!r} is not an absolute file path without '..'"
+    elif not UNIT_NAME.fullmatch(c.target):
+        return f"unit name {c.target!r} is not one `fleet check` accepts"
+    if c.service is not None and (not isinstance(c.service, str) or not SERVICE_NAME.fullmatch(c.service)):
+        return f"service name {c.service!r} is not one `fleet check` accepts"
+    if c.content_hash and not _SHA256.fullmatch(c.content_hash):
+        return "its content_hash is not a sha256"
+    if c.remove_files and c.action not in (WRITE_UNIT, PRUNE):
+        return f"a {c.action} removes no file"
+    refused = [p for p in c.remove_files if not isinstance(p, str) or not removable_unit_file(p, c.target)]
+    if refused:
+        return f"would remove {', '.join(map(repr, refused))}, which is not a file of {c.target} fleet may remove"
+    if (c.steps and c.action != PRUNE) or any(s not in PRUNE_STEPS for s in c.steps) or \
+            len(set(c.steps)) != len(c.steps):
+        return f"steps {list(c.steps)!r} are not prune steps ({', '.join(PRUNE_STEPS)})"
+    bad_key = next((k[0] for k in c.keys if key_problem(k[0])), None)
+    if bad_key is not None:
+        return key_problem(bad_key)
+    meta = dict(c.meta)
+    if set(meta) - {"owner", "group", "mode", "name"}:
+        return f"its meta holds {sorted(set(meta) - {'owner', 'group', 'mode', 'name'})!r}"
+    for k in ("owner", "group"):
+        if meta.get(k) and not USER_NAME.fullmatch(str(meta[k])):
+            return f"{k} {meta[k]!r} is not a user or group name"
+    if "mode" in meta and not _MODE.fullmatch(str(meta["mode"])):
+        return f"mode {meta['mode']!r} is not an octal file mode"
+    return None
+
+
+def _refuse(source: str, what: str) -> None:
+    raise PlanFileError(f"{source}: {what} (edited or damaged)", hint="recompute it with `fleet plan -o FILE`")
+
+
+# What a change carries, in the order a difference is named: first what drives execution, then
+# what the reviewer read.
+CHANGE_FIELDS = ("host", "action", "target", "service", "content_hash", "remove_files", "steps", "meta", "keys",
+                 "before", "after", "reason", "diff")
+
+
+def first_difference(saved: Plan, fresh: Plan) -> str | None:
+    """How `saved` first differs from `fresh`, the plan fleet computes now from the same desired
+    state and hosts; None when they are the same plan (computed at another time).  Applying a
+    saved plan is only safe when fleet would plan exactly that again: anything else was edited
+    or has gone stale.  Every field of every change is compared, then the order, then the rest."""
+    for name in ("desired_hash", "lab", "hosts", "fingerprints"):
+        if getattr(saved, name) != getattr(fresh, name):
+            return f"{name} differ (plan: {_shown(getattr(saved, name))}, now: {_shown(getattr(fresh, name))})"
+    now = {c.id: c for c in fresh.changes}
+    ids = {c.id for c in saved.changes}
+    for c in saved.changes:
+        n = now.get(c.id)
+        if n is None:
+            return f"change {c.id} is not planned now"
+        for name in CHANGE_FIELDS:
+            a, b = getattr(c, name), getattr(n, name)
+            if name == "meta":
+                a, b = dict(a), dict(b)
+            if a != b:
+                return f"change {c.id}: {name} differs (plan: {_shown(a)}, now: {_shown(b)})"
+        a_deps, b_deps = tuple(saved.deps.get(c.id, ())), tuple(fresh.deps.get(c.id, ()))
+        if a_deps != b_deps:
+            return f"change {c.id}: deps differ (plan: {_shown(a_deps)}, now: {_shown(b_deps)})"
+    extra = next((c.id for c in fresh.changes if c.id not in ids), None)
+    if extra is not None:
+        return f"change {extra} is planned now but not in the plan"
+    for i, (a, b) in enumerate(zip(saved.waves, fresh.waves, strict=False), 1):
+        if a != b:
+            return f"waves differ from wave {i} on (plan: {_shown(a)}, now: {_shown(b)})"
+    if len(saved.waves) != len(fresh.waves):
+        return f"waves differ (plan: {len(saved.waves)} waves, now: {len(fresh.waves)})"
+    for name in ("unknown", "notes", "problems"):
+        if getattr(saved, name) != getattr(fresh, name):
+            return f"{name} differ (plan: {_shown(getattr(saved, name))}, now: {_shown(getattr(fresh, name))})"
+    return None
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """A field's value in a one-line message: lists joined, tables as k=v, empty as `none`, cut."""
+    if isinstance(value, dict):
+        value = [f"{k}={v}" for k, v in sorted(value.items())]
+    if isinstance(value, (list, tuple)):
+        text = ", ".join(_shown(v, limit) if isinstance(v, (list, tuple)) else str(v) for v in value)
+    else:
+        text = "" if value is None else str(value)
+    text = text or "none"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def desired_hash(desired: Desired) -> str:

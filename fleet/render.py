@@ -14,6 +14,12 @@ from fleet.diff import Change
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
 from fleet.plan import Plan
 from fleet.status import Cell, StatusReport, status_json
+from fleet.textutil import printable
+
+# Every string shown to a person goes through `printable` (fleet.textutil) before it is shown:
+# names, states, messages and file contents come from files and hosts, and a control character
+# in them could colour, move or hide what the reviewer reads.  Colour codes are fleet's own,
+# added after escaping.  JSON is never escaped here: json escapes control characters itself.
 
 
 def use_color(stream_isatty: bool) -> bool:
@@ -22,7 +28,19 @@ def use_color(stream_isatty: bool) -> bool:
 
 
 def _paint(text: str, code: str, color: bool) -> str:
+    text = printable(text, multiline=False)
     return f"\033[{code}m{text}\033[0m" if color else text
+
+
+def _line(text: str) -> str:
+    """One line of output, escaped (a line break inside it is data too)."""
+    return printable(text, multiline=False)
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    """tabulate's simple table, each cell escaped first (so that columns still line up)."""
+    cells = [[printable(c) if isinstance(c, str) else c for c in row] for row in rows]
+    return str(tabulate(cells, headers=list(headers), tablefmt="simple"))
 
 
 def finding_location(f: Finding) -> str:
@@ -39,11 +57,11 @@ def findings_text(findings: Sequence[Finding], *, color: bool = False) -> str:
     for f in ordered:
         label = _paint(f"{f.severity}:", "31;1" if f.is_error else "33;1", color)
         where = finding_location(f)
-        head = f"{label} {where}" + (f" [{f.key}]" if f.key else "")
+        head = f"{label} " + _line(where + (f" [{f.key}]" if f.key else ""))
         lines.append(head.rstrip())
-        lines.append(f"  {f.message}")
+        lines.append(_line(f"  {f.message}"))
         if f.hint:
-            lines.append(f"  hint: {f.hint}")
+            lines.append(_line(f"  hint: {f.hint}"))
     return "\n".join(lines)
 
 
@@ -74,18 +92,18 @@ def status_text(report: StatusReport, *, now: float | None = None) -> str:
     now = time.time() if now is None else now
     out: list[str] = []
     headers = ["SERVICE", "UNIT", *report.hosts]
-    table = []
+    rows = []
     for row in report.rows:
         label = row.service if row.service else "(undeclared)"
-        table.append([label, row.unit, *(_cell_text(c) for c in row.cells)])
-    out.append(tabulate(table, headers=headers, tablefmt="simple"))
+        rows.append([label, row.unit, *(_cell_text(c) for c in row.cells)])
+    out.append(table(rows, headers))
     out.append("legend: (!) differs from the desired state · (unmanaged) runs where nobody declared it · "
                "(undeclared) installed, not declared here · '·' absent · '?' host did not answer")
     out.append("")
     out.append(hosts_text(report, now))
     out.append("")
     out.append(sidekiq_text(report))
-    return "\n".join(out).rstrip() + "\n"
+    return printable("\n".join(out).rstrip() + "\n")
 
 
 def hosts_text(report: StatusReport, now: float) -> str:
@@ -102,8 +120,7 @@ def hosts_text(report: StatusReport, now: float) -> str:
         systemd = f.systemd_version.split()[0] if f.systemd_version else "?"
         rows.append([name, "yes", f.system_state, " ".join(f"{x:.2f}" for x in f.load), mem,
                      f"{age:.0f}s ago ({r.duration:.2f}s)", f"{f.os}, systemd {systemd}"])
-    return str(tabulate(rows, headers=["HOST", "REACHABLE", "SYSTEM", "LOAD", "MEMORY", "DATA", "DETAIL"],
-                        tablefmt="simple"))
+    return table(rows, ["HOST", "REACHABLE", "SYSTEM", "LOAD", "MEMORY", "DATA", "DETAIL"])
 
 
 def sidekiq_text(report: StatusReport) -> str:
@@ -117,7 +134,7 @@ def sidekiq_text(report: StatusReport) -> str:
         headers = ["HOST", "UNIT", "-c", "QUEUES", "DB_POOL", ""]
         if not any(r[-1] for r in rows):  # no UNDECLARED mark: no empty column either
             rows, headers = [r[:-1] for r in rows], headers[:-1]
-        out.append(tabulate(rows, headers=headers, tablefmt="simple"))
+        out.append(table(rows, headers))
     else:
         out.append("  no running Sidekiq process found")
     cover = []
@@ -125,7 +142,7 @@ def sidekiq_text(report: StatusReport) -> str:
         servers = [f"{p.host}:{p.unit}" for p in report.sidekiq if q in dict(p.queues)]
         cover.append([q, ", ".join(servers) if servers else "NOBODY (!)"])
     out.append("")
-    out.append(tabulate(cover, headers=["QUEUE", "SERVED BY"], tablefmt="simple"))
+    out.append(table(cover, ["QUEUE", "SERVED BY"]))
     if report.queue_findings:
         out.append("")
         out += [f"! {f.message}" for f in report.queue_findings if f.code != "sidekiq.queue-unserved"]
@@ -134,7 +151,7 @@ def sidekiq_text(report: StatusReport) -> str:
             out.append(f"! {len(unserved)} queue(s) served by no running Sidekiq process: their jobs pile up")
     if report.unreachable:
         out.append(f"note: {len(report.unreachable)} host(s) did not answer; queue coverage may be incomplete")
-    return "\n".join(out)
+    return printable("\n".join(out))
 
 
 # ---------------------------------------------------------------- plan
@@ -150,8 +167,8 @@ def _symbol(c: Change) -> str:
 
 
 def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> str:
-    out = [f"Plan for {plan.fleet}{' (lab)' if plan.lab else ''}: {len(plan.hosts)} host(s), "
-           f"computed {plan.created_at}"]
+    out = [_line(f"Plan for {plan.fleet}{' (lab)' if plan.lab else ''}: {len(plan.hosts)} host(s), "
+                 f"computed {plan.created_at}")]
     for host, kind, message in plan.unknown:
         out.append(_paint(f"! {host}: UNKNOWN — could not be observed ({kind}): {message}", "31", color))
         out.append("  nothing is planned for it; this plan is INCOMPLETE and `fleet apply` will refuse it "
@@ -165,15 +182,15 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
         if not cs:
             continue
         out.append("")
-        out.append(f"on {host}:")
+        out.append(_line(f"on {host}:"))
         for c in cs:
             sym = _symbol(c)
             target = "" if c.action == "daemon-reload" else f" {c.target}"
-            out.append(_paint(f"  {sym} {c.action}{target}", colors.get(sym, "0"), color) + f"  — {c.reason}")
+            out.append(_paint(f"  {sym} {c.action}{target}", colors.get(sym, "0"), color) + _line(f"  — {c.reason}"))
             if c.action == "prune":
-                out.append(f"      was {c.before}; will be {c.after}")
+                out.append(_line(f"      was {c.before}; will be {c.after}"))
             elif c.action in ("start", "restart", "enable") and c.before:
-                out.append(f"      was {c.before}")
+                out.append(_line(f"      was {c.before}"))
             for key, op, before, after in c.keys:
                 if op == "set":
                     out.append(_paint(f"      + {key} = {after}", "32", color))
@@ -182,24 +199,24 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
                 else:
                     out.append(_paint(f"      ~ {key}: {before} → {after}", "33", color))
             if c.remove_files and c.action == "write-unit":
-                out += [f"      - remove {p}" for p in c.remove_files]
+                out += [_line(f"      - remove {p}") for p in c.remove_files]
             if c.diff:
                 for line in c.diff.rstrip("\n").split("\n"):
                     code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
-                    out.append("      " + _paint(line, code, color and code != "0"))
+                    out.append("      " + _paint(line, code, color and code != "0"))  # escapes even unpainted
     if plan.notes:
         out.append("")
         out.append("Reported, not changed:")
-        out += [f"  • {n}" for n in plan.notes]
+        out += [_line(f"  • {n}") for n in plan.notes]
     if plan.problems:
         out.append("")
         out.append("Cannot be fixed by fleet:")
-        out += [f"  ! {p}" for p in plan.problems]
+        out += [_line(f"  ! {p}") for p in plan.problems]
     if show_waves and plan.waves and plan.changes:
         out.append("")
         out.append(f"Order ({len(plan.waves)} wave(s); each wave runs in parallel after the previous one):")
         for i, wave in enumerate(plan.waves, 1):
-            out.append(f"  {i}. " + ", ".join(_short(plan.change(cid)) for cid in wave))
+            out.append(_line(f"  {i}. " + ", ".join(_short(plan.change(cid)) for cid in wave)))
     out.append("")
     out.append(summary_line(plan))
     return "\n".join(out) + "\n"
@@ -251,7 +268,7 @@ def apply_text(result: ApplyResult) -> str:
             out.append("")
             out.append("Not attempted:")
             out += [f"  · on {o.change.host}, {o.change.action} {o.change.target}" for o in skipped]
-    return "\n".join(out) + "\n"
+    return "\n".join(map(_line, out)) + "\n"
 
 
 # ---------------------------------------------------------------- audit
@@ -262,26 +279,26 @@ def _when(t: float | None) -> str:
 
 
 def audit_text(report: AuditReport, *, now: float | None = None) -> str:
-    out = [f"Audit of {report.fleet}, {_when(now or time.time())}"
-           + (f" (snapshot {report.snapshot_id})" if report.snapshot_id else ""), ""]
-    out.append(status_text(report.status, now=now).rstrip())
+    out = [_line(f"Audit of {report.fleet}, {_when(now or time.time())}"
+                 + (f" (snapshot {report.snapshot_id})" if report.snapshot_id else "")), ""]
+    out.append(status_text(report.status, now=now).rstrip())  # escaped, and a table of many lines
     out += ["", drift_line(report)]
     rows = [[i.host, i.kind, i.target, i.cls, i.detail] for i in report.drift.items if i.cls != "managed"]
     if rows:
-        out.append(tabulate(rows, headers=["HOST", "KIND", "TARGET", "CLASS", "DETAIL"], tablefmt="simple"))
-    out += ["", f"Findings on the observed fleet: {findings_summary(report.findings)}"]
+        out.append(table(rows, ["HOST", "KIND", "TARGET", "CLASS", "DETAIL"]))
+    lines = ["", f"Findings on the observed fleet: {findings_summary(report.findings)}"]
     for f in sorted(report.findings, key=lambda f: (not f.is_error, f.host)):
-        out.append(f"  {f.severity}: {f.message}" + (f" — {f.hint}" if f.hint else ""))
+        lines.append(f"  {f.severity}: {f.message}" + (f" — {f.hint}" if f.hint else ""))
     if report.since:
-        out += ["", f"Changes since {report.since}:"]
+        lines += ["", f"Changes since {report.since}:"]
         if not report.changes:
-            out.append("  none")
+            lines.append("  none")
         for c in report.changes:
-            out.append(f"  • {c.what} — {c.attribution}")
+            lines.append(f"  • {c.what} — {c.attribution}")
         if report.timeline:
-            out += ["", "Timeline:"]
-            out += [f"  {_when(t)}  {text}" for t, text in report.timeline]
-    return "\n".join(out) + "\n"
+            lines += ["", "Timeline:"]
+            lines += [f"  {_when(t)}  {text}" for t, text in report.timeline]
+    return "\n".join(out + [_line(x) for x in lines]) + "\n"
 
 
 def drift_line(report: AuditReport) -> str:
@@ -291,7 +308,7 @@ def drift_line(report: AuditReport) -> str:
 
 
 def _md(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", "<br>")
+    return _line(str(text).replace("|", "\\|").replace("\n", "<br>"))
 
 
 def _md_table(headers: list[str], rows: Sequence[Sequence[object]]) -> list[str]:
@@ -332,7 +349,7 @@ def audit_markdown(report: AuditReport, *, now: float | None = None) -> str:
         out += _md_table(["Host", "Change", "Made by"], ch) if ch else ["None."]
         out += ["", "## Timeline", ""]
         out += [f"- **{_when(t)}** — {_md(text)}" for t, text in report.timeline] or ["- (nothing journaled)"]
-    return "\n".join(out) + "\n"
+    return "\n".join(map(_line, out)) + "\n"  # every line is one line: a line break in data is <br>
 
 
 def audit_json(report: AuditReport) -> dict[str, object]:

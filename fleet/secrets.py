@@ -16,6 +16,8 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+from fleet.envfile import ENV_KEY_HINT, key_problem
+from fleet.errors import FleetError
 from fleet.model import Desired, Finding
 
 
@@ -34,15 +36,24 @@ def load_secrets(desired: Desired, secrets_file: Path,
                                     file=str(secrets_file), hint=f"chmod 600 {secrets_file}"))
         try:
             table = tomllib.loads(secrets_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
             # The parser's message may quote the offending line, which may hold a secret.
             where = ""
             if isinstance(e, tomllib.TOMLDecodeError):
                 where = str(e)[str(e).find("(at line"):] if "(at line" in str(e) else ""
+            elif isinstance(e, RecursionError):
+                where = "(it nests too deeply to be read)"
             findings.append(Finding("error", "secrets.unreadable", f"cannot read the secrets file {where}".strip(),
                                     file=str(secrets_file),
                                     hint="fix its TOML syntax: [ENV_FILE_NAME] KEY = \"value\""))
             return {}, findings
+    for name, section in table.items():
+        for key in section if isinstance(section, dict) else ():
+            problem = key_problem(key)  # the same rule as for every declared key
+            if problem:
+                findings.append(Finding("error", "secrets.bad-key", f"section {name!r}: {problem}",
+                                        file=str(secrets_file), key=name if key_problem(name) is None else "",
+                                        hint=f"rename or remove it: a key is an env variable name ({ENV_KEY_HINT})"))
     values: dict[tuple[str, str], str] = {}
 
     def usable(key: str, value: str, where: str, file: str) -> bool:
@@ -89,8 +100,11 @@ def ensure_lab_secrets(desired: Desired, path: Path) -> bool:
     Only ever called for the lab's own secrets file."""
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, tomllib.TOMLDecodeError):
-        table = {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
+        # Never overwrite what cannot be read: it may hold values someone put there on purpose.
+        why = "it nests too deeply to be read" if isinstance(e, RecursionError) else "it is not a readable TOML file"
+        raise FleetError(f"cannot read the lab secrets file {path}: {why}",
+                         hint="fix it, or remove it to have fleet --lab generate new random secrets") from None
     changed = False
     for ef in desired.env_files:
         section = table.setdefault(ef.name, {})

@@ -24,15 +24,20 @@ class Targets:
 
 
 def select(hosts: tuple[Host, ...], limit: str | None) -> tuple[Host, ...]:
-    """`--limit fritz,fr*`: names or globs, comma-separated; an unmatched pattern is an error."""
-    if not limit:
+    """`--limit fritz,fr*`: names or globs, comma-separated; an unmatched pattern is an error, and
+    so is a limit that names nothing (`--limit ,,`): selecting no host is never "all is well"."""
+    if limit is None:
         return hosts
     patterns = [p.strip() for p in limit.split(",") if p.strip()]
+    if not patterns:
+        raise FleetError(f"--limit {limit!r} names no host", hint=f"hosts: {', '.join(h.name for h in hosts)}")
     chosen = [h for h in hosts if any(fnmatch.fnmatchcase(h.name, p) for p in patterns)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(h.name, p) for h in hosts)]
     if unmatched:
         raise FleetError(f"--limit {','.join(unmatched)} matches no host in the inventory",
                          hint=f"hosts: {', '.join(h.name for h in hosts)}")
+    if not chosen:  # no pattern unmatched, yet nothing chosen: an empty inventory
+        raise FleetError(f"--limit {limit} selects no host", hint="the inventory has no host to select")
     return tuple(chosen)
 
 

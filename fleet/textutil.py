@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
-from collections.abc import Iterable
+import math
+import re
+from collections.abc import Callable, Iterable
+
+# What a terminal acts on instead of showing: C0 controls (ESC starts colour, cursor moves, OSC
+# titles and links; CR and BS overwrite a line), DEL, C1 controls (0x9b is a one-byte CSI), and
+# the Unicode line separators and bidirectional overrides that reorder or break what is shown.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -49,3 +58,51 @@ def mask(value: str) -> str:
 def sha256_hex(value: str | bytes) -> str:
     data = value.encode() if isinstance(value, str) else value
     return hashlib.sha256(data).hexdigest()
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def printable(text: str, *, multiline: bool = True) -> str:
+    """`text` as it is safe to show on a terminal: every control character spelled out, ESC as
+    the four characters `\\x1b`, so that nothing read from a file or a host can colour, move,
+    hide or rewrite what a reviewer sees.  Tabs are kept (they only move to the next column);
+    `multiline` keeps newlines too (unit file diffs, tables), a single-line field (a name, a key,
+    one line of a listing) does not.  Applied to human output only:
+    JSON escapes control characters itself and stays exact."""
+    pattern = _CONTROL_BUT_LINES if multiline else _CONTROL
+    return pattern.sub(_escape, text) if pattern.search(text) else text
+
+
+MAX_SECONDS = 86400.0  # a day: longer than any wait fleet has a reason for; bigger overflows timers
+
+
+def seconds_option(*, zero_ok: bool = False) -> Callable[[str], float]:
+    """An argparse `type=` for a duration in seconds: finite, above 0 (or 0 when `zero_ok`), at
+    most a day.  nan, inf and -1 would reach timers and shell arithmetic as OverflowError, a
+    negative wait or "timed out after -5s"; argparse names the option in its error."""
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0) and value <= MAX_SECONDS):
+            least = "0 or more" if zero_ok else "above 0"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds {least} and at most "
+                                             f"{MAX_SECONDS:.0f} (a day)")
+        return value
+
+    return seconds
+
+
+def positive_int_option(text: str) -> int:
+    """An argparse `type=` for a count that must be at least 1 (e.g. --forks)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value

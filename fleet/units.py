@@ -6,6 +6,7 @@ collector saw on a host says whether the unit must be rewritten.
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 from collections.abc import Iterable
 from functools import lru_cache
@@ -19,6 +20,36 @@ UNIT_DIR = "/etc/systemd/system"
 
 def unit_path(unit: str) -> str:
     return f"{UNIT_DIR}/{unit}"
+
+
+def _own_names(unit: str) -> tuple[str, ...]:
+    """The unit's own file name, and its template's for an instance (`a@1.service` → `a@.service`)."""
+    if "@" in unit and "." in unit:
+        return unit, unit[:unit.index("@") + 1] + unit[unit.rindex("."):]
+    return (unit,)
+
+
+def removable_unit_file(path: str, unit: str) -> bool:
+    """May fleet remove `path`, which a host reports as a file of `unit` (its FragmentPath or a
+    DropInPaths entry)?  A host's report is data, and may lie (`/etc/systemd/system/../../etc/
+    shadow`): only a plain file of this very unit directly in UNIT_DIR (the fragment) or a
+    `*.conf` directly in UNIT_DIR/UNIT.d/ (a drop-in) is fleet's to remove.  The one rule for
+    every removal a host's report decides (diff's prunes and rewrites, the executor, saved plans)."""
+    if not path or any(ord(c) < 32 or c == "\x7f" for c in path) or posixpath.normpath(path) != path:
+        return False
+    names = _own_names(unit)
+    parent, name = posixpath.split(path)
+    if parent == UNIT_DIR:
+        return name in names
+    top, directory = posixpath.split(parent)
+    return (top == UNIT_DIR and directory in {n + ".d" for n in names}
+            and name.endswith(".conf") and name != ".conf")
+
+
+def refused_unit_files(unit: str, paths: Iterable[str]) -> tuple[str, ...]:
+    """The paths in fleet's unit directory that a host reports for `unit` and that fleet still
+    may not remove (see removable_unit_file): reported, never touched."""
+    return tuple(p for p in paths if p.startswith(UNIT_DIR + "/") and not removable_unit_file(p, unit))
 
 
 def _literal(value: str) -> str:
@@ -117,7 +148,7 @@ def unit_file_differs(service: Service, u: UnitState | None, content_hash: str |
     package's, `systemctl edit --runtime`) are not fleet's to remove, so only the fragment and
     drop-ins in fleet's own directory count.  `content_hash`: sha256 of `render_unit(service)`,
     when the caller has it already (a plan asks for every host of a service)."""
-    if u is None or not u.exists or any(p.startswith(UNIT_DIR + "/") for p in u.drop_in_paths):
+    if u is None or not u.exists or any(removable_unit_file(p, service.unit) for p in u.drop_in_paths):
         return True
     want = content_hash or sha256_hex(render_unit(service))
     if u.file_hashes:

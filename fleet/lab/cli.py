@@ -19,6 +19,7 @@ from tabulate import tabulate
 from fleet.errors import LabError
 from fleet.lab import lifecycle
 from fleet.lab.settings import LabPaths
+from fleet.textutil import printable, seconds_option
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # an error, or (status) not every host up
@@ -61,7 +62,7 @@ def add_lab_commands(parser: argparse.ArgumentParser) -> None:
                              description="Tear down any previous lab, then boot one host per "
                              "inventory file; returns when all answer SSH with a finished boot.")
     add_location_options(up)
-    up.add_argument("--timeout", type=float, default=lifecycle.DEFAULT_TIMEOUT, metavar="SECONDS",
+    up.add_argument("--timeout", type=seconds_option(), default=lifecycle.DEFAULT_TIMEOUT, metavar="SECONDS",
                     help="how long hosts may take to boot (default: %(default)s)")
     down = commands.add_parser("down", help="remove every trace of the lab (idempotent)")
     add_location_options(down)
@@ -102,7 +103,7 @@ def run_lab(args: argparse.Namespace) -> int:
             os.execvp(argv[0], argv)
         raise LabError(f"unknown lab command {command!r}", hint="use up, down, status or ssh")
     except LabError as exc:
-        print(f"fleet lab: error: {exc}", file=sys.stderr)
+        print(printable(f"fleet lab: error: {exc}"), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("fleet lab: interrupted; `fleet lab down` cleans up whatever was made",
@@ -113,8 +114,8 @@ def run_lab(args: argparse.Namespace) -> int:
 def _up(hosts_dir: Path, paths: LabPaths, timeout: float) -> int:
     record = lifecycle.up(hosts_dir, paths, timeout=timeout)
     rows = [(h["name"], h["address"], h["user"]) for h in record.hosts]
-    print(tabulate(rows, headers=["HOST", "ADDRESS", "USER"]))
-    print(f"\nssh -F {paths.ssh_config} HOST")
+    print(_table(rows, ["HOST", "ADDRESS", "USER"]))
+    print(printable(f"\nssh -F {paths.ssh_config} HOST"))
     return EXIT_OK
 
 
@@ -124,7 +125,7 @@ def _status(hosts_dir: Path, paths: LabPaths, as_json: bool) -> int:
         print(json.dumps(state.to_dict(), indent=2))
         return EXIT_OK if state.all_up else EXIT_FAILED
     if not state.recorded:
-        print(f"the lab is not up for the state directory {paths.state.parent}")
+        print(printable(f"the lab is not up for the state directory {paths.state.parent}"))
     rows = [
         (
             h.name,
@@ -137,7 +138,12 @@ def _status(hosts_dir: Path, paths: LabPaths, as_json: bool) -> int:
         for h in state.hosts
     ]
     if rows:
-        print(tabulate(rows, headers=["HOST", "ADDRESS", "STATE", "SYSTEMD", "SSH", "PSS"]))
+        print(_table(rows, ["HOST", "ADDRESS", "STATE", "SYSTEMD", "SSH", "PSS"]))
     if state.recorded:
-        print(f"\nbooted {state.booted}; ssh -F {state.ssh_config} HOST")
+        print(printable(f"\nbooted {state.booted}; ssh -F {state.ssh_config} HOST"))
     return EXIT_OK if state.all_up else EXIT_FAILED
+
+
+def _table(rows: list[tuple[object, ...]], headers: list[str]) -> str:
+    """What the hosts report (their system state) may hold control characters: shown, not obeyed."""
+    return str(tabulate([[printable(str(c), multiline=False) for c in row] for row in rows], headers=headers))

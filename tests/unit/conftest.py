@@ -94,11 +94,7 @@ class FleetDir:
 
     def check(self) -> list[Finding]:
         """What `fleet check` reports: loader findings, then the policies' (with lines)."""
-        loaded = self.load()
-        findings = list(loaded.findings)
-        if loaded.desired is not None:
-            findings += config.with_lines(policy.check(loaded.desired), loaded)
-        return findings
+        return config.load_checked(self.desired_path, self.hosts_dir, policy.check)[1]
 
 
 @pytest.fixture(scope="session")
