@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fleet import remote
-from fleet.collect.transport import DEFAULT_MAX_SESSIONS
 from fleet.diff import (
     DAEMON_RELOAD,
     DISABLE,
@@ -42,6 +41,7 @@ from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Host, Service
 from fleet.plan import Plan
 from fleet.textutil import sha256_hex
+from fleet.transport.protocol import DEFAULT_MAX_SESSIONS
 from fleet.units import render_unit, unit_path
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ _R = TypeVar("_R")
 
 
 class RunnerLike(Protocol):
-    """What the executor needs of a transport (fleet.collect.transport.SSHTransport)."""
+    """What the executor needs of a transport (fleet.transport.ssh.SSHTransport)."""
 
     def run(self, host: Host, command: str, *, sudo: bool | None = None, stdin: bytes | None = None,
             timeout: float | None = None) -> object: ...

@@ -28,7 +28,6 @@ from fleet.apply import (
 )
 from fleet.audit import JournalStep, ObservedChange, attribute, build_audit, changes_between
 from fleet.collect.collector import collect
-from fleet.collect.transport import SSHTransport
 from fleet.errors import FleetError, TransportError
 from fleet.journal import Journal, SnapshotRecord, journal_path, log_json, operator, parse_since, sentence
 from fleet.model import Desired, Finding, HostResult, HostState
@@ -50,6 +49,7 @@ from fleet.snapshot import host_summary, pack, unpack
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
 from fleet.textutil import sha256_hex
+from fleet.transport.ssh import SSHTransport
 
 EXIT_OK = 0
 EXIT_ERROR = 1

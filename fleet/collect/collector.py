@@ -13,15 +13,15 @@ from typing import Protocol
 
 from fleet.collect.parse import parse_host
 from fleet.collect.script import build_script, spec_for
-from fleet.collect.transport import RunResult
 from fleet.errors import ParseError, TransportError
 from fleet.model import Desired, Host, HostError, HostResult
+from fleet.transport.protocol import RunResult
 
 DEFAULT_MAX_FORKS = 32
 
 
 class Runner(Protocol):
-    """The part of a transport the collector needs (see fleet.collect.transport)."""
+    """The part of a transport the collector needs (see fleet.transport)."""
 
     def run_many(
         self,

@@ -42,13 +42,13 @@ from fleet.apply import (
     stale_note,
     unlock_hosts,
 )
-from fleet.collect.transport import RunResult
 from fleet.diff import Change
 from fleet.envfile import render_value
 from fleet.errors import FleetError, TransportError
 from fleet.journal import Journal, StepRecord
 from fleet.model import Desired, Host, HostResult
 from fleet.plan import Plan, build_plan
+from fleet.transport.protocol import RunResult
 from fleet.units import render_unit, unit_path
 
 S = EXAMPLE_SECRETS

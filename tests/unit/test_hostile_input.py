@@ -40,7 +40,6 @@ from fleet import cli, config
 from fleet.collect.collector import collect, to_result
 from fleet.collect.parse import parse_env, parse_facts, parse_hashes, parse_host, parse_texts, parse_units
 from fleet.collect.script import CollectSpec, build_script, spec_for
-from fleet.collect.transport import RunResult
 from fleet.envfile import render_file
 from fleet.errors import FleetError, ParseError, TransportError
 from fleet.journal import parse_since
@@ -50,6 +49,7 @@ from fleet.secrets import load_secrets
 from fleet.snapshot import pack, unpack
 from fleet.status import build_status, status_json
 from fleet.targets import resolve
+from fleet.transport.protocol import RunResult
 from fleet.units import render_unit
 
 FleetDir = Any  # conftest.FleetDir
