@@ -49,7 +49,7 @@ from fleet.snapshot import host_summary, pack, unpack
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
 from fleet.textutil import sha256_hex
-from fleet.transport.ssh import SSHTransport
+from fleet.transport.protocol import Transport
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -284,7 +284,11 @@ def load_valid(args: argparse.Namespace) -> Desired:
     return loaded.desired
 
 
-def open_transport(args: argparse.Namespace, targets: Targets) -> SSHTransport:
+def open_transport(args: argparse.Namespace, targets: Targets) -> Transport:
+    # Imported here, not at the top: paramiko costs ~90 ms of CPU, and `check`, `show`, `log`,
+    # `history` and `--help` never connect to anything.
+    from fleet.transport.ssh import SSHTransport
+
     # 4 MiB: a real collection is tens of KB (unit texts are capped at 5,000 lines); a host that
     # prints more is refused ("output-too-large") before its output can cost much memory.
     return SSHTransport(ssh_config=targets.ssh_config, known_hosts=targets.known_hosts,
@@ -293,7 +297,7 @@ def open_transport(args: argparse.Namespace, targets: Targets) -> SSHTransport:
 
 
 def observe(args: argparse.Namespace, desired: Desired, targets: Targets,
-            transport: SSHTransport) -> dict[str, HostResult]:
+            transport: Transport) -> dict[str, HostResult]:
     """Collect every target host, with progress on stderr when a person is watching, and keep
     the observation as a snapshot in the journal (`fleet history`)."""
     tty = sys.stderr.isatty()
@@ -370,7 +374,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     return Prepared(replace(desired, hosts=targets.hosts), targets, secret_values)
 
 
-def compute_plan(args: argparse.Namespace, prep: Prepared, transport: SSHTransport) -> Plan:
+def compute_plan(args: argparse.Namespace, prep: Prepared, transport: Transport) -> Plan:
     results = observe(args, prep.desired, prep.targets, transport)
     return build_plan(prep.desired, results, prep.secrets, prune=not args.no_prune, lab=args.lab)
 
@@ -478,7 +482,7 @@ class _Cancelled(Exception):
     pass
 
 
-def _plan_under_lock(args: argparse.Namespace, prep: Prepared, transport: SSHTransport,
+def _plan_under_lock(args: argparse.Namespace, prep: Prepared, transport: Transport,
                      saved: Plan | None) -> Plan | None:
     """The plan to execute (None: nothing to do), after the stale check or the confirmation."""
     plan = compute_plan(args, prep, transport)
@@ -509,7 +513,7 @@ def _plan_under_lock(args: argparse.Namespace, prep: Prepared, transport: SSHTra
     return plan
 
 
-def _execute(args: argparse.Namespace, prep: Prepared, plan: Plan, transport: SSHTransport, token: str, who: str,
+def _execute(args: argparse.Namespace, prep: Prepared, plan: Plan, transport: Transport, token: str, who: str,
              report: Callable[[str], None]) -> int:
     check_contents(plan, prep.desired, prep.secrets)
     touched = [h for h in prep.targets.hosts if any(c.host == h.name for c in plan.changes)]

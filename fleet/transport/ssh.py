@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,7 +61,11 @@ from fleet.transport.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_SESSIONS,
     MIB,
+    CommandFor,
+    OnDone,
+    Outcome,
     RunResult,
+    run_many,
     sudo_command,
     sudo_refusal,
 )
@@ -330,51 +333,17 @@ class SSHTransport:
     def run_many(
         self,
         hosts: Sequence[Host],
-        command_for: Callable[[Host], str] | str,
+        command_for: CommandFor,
         *,
         forks: int | None = None,
         sudo: bool | None = None,
         timeout: float | None = None,
-        on_done: Callable[[str, RunResult | TransportError], None] | None = None,
-    ) -> dict[str, RunResult | TransportError]:
-        """Run a command on every host in parallel; every host gets a value.
-
-        `command_for` is one command for all hosts or a function of the host.  At most `forks`
-        hosts (default: min(len(hosts), 32)) run at once.  Each outcome is a RunResult or a
-        TransportError; an unexpected exception becomes TransportError(kind="protocol").
-        `on_done(host_name, outcome)` is called in the calling thread as hosts finish.
-        The dict is in `hosts` order; a host name listed twice runs once.
-        """
-        unique = list({h.name: h for h in reversed(hosts)}.values())[::-1]
-        outcomes: dict[str, RunResult | TransportError] = {}
-        if not unique:
-            return outcomes
-        workers = max(1, forks if forks is not None else min(len(unique), 32))
-
-        def one(host: Host) -> RunResult | TransportError:
-            try:
-                command = command_for(host) if callable(command_for) else command_for
-                return self.run(host, command, sudo=sudo, timeout=timeout)
-            except TransportError as exc:
-                return exc
-            except Exception as exc:  # noqa: BLE001 - one host's bug must not hide the others
-                log.debug("unexpected error on %s", host.name, exc_info=True)
-                return TransportError(host.name, "protocol", f"{host.name}: {type(exc).__name__}: {exc}")
-
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet-ssh") as pool:
-            futures: dict[Future[RunResult | TransportError], str] = {
-                pool.submit(one, host): host.name for host in unique
-            }
-            try:
-                for future in as_completed(futures):
-                    name = futures[future]
-                    outcomes[name] = future.result()
-                    if on_done is not None:
-                        on_done(name, outcomes[name])
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-        return {h.name: outcomes[h.name] for h in unique}
+        on_done: OnDone | None = None,
+    ) -> dict[str, Outcome]:
+        """Run a command on every host in parallel; every host gets a value
+        (`fleet.transport.protocol.run_many`)."""
+        return run_many(self, hosts, command_for, forks=forks, sudo=sudo, timeout=timeout, on_done=on_done,
+                        thread_name_prefix="fleet-ssh")
 
     # ------------------------------------------------------------------ connections
 
