@@ -4,9 +4,10 @@
   `run_many`, the limits and the shell helpers (`quote`, `sudo_command`, `sudo_refusal`);
 * `known_hosts` — known_hosts files and the verdict on an offered host key;
 * `config` — OpenSSH client config: where and how a host is reached (`SSHTarget`);
-* `ssh` — `SSHTransport`, the only module in fleet that imports paramiko.
+* `ssh` — `SSHTransport`, the only module in fleet that imports paramiko;
+* `fake` — `FakeTransport`, a scripted host for unit tests.
 
-Importing this package (or `protocol`, `known_hosts`, `config`) never loads paramiko:
+Importing this package (or `protocol`, `known_hosts`, `config`, `fake`) never loads paramiko:
 only code that really opens a connection imports `fleet.transport.ssh`.
 """
 
