@@ -297,7 +297,7 @@ class SSHTransport:
         not the connection setup (connect_timeout).
         """
         use_sudo = host.sudo if sudo is None else sudo
-        wire = sudo_command(command) if use_sudo else command
+        wire = _eof_safe(command, stdin, use_sudo)
         limit = self.command_timeout if timeout is None else float(timeout)
         slot = self._slot(host.name)
         try:
@@ -758,9 +758,8 @@ class SSHTransport:
             if not self._deadlines.disarm(token):
                 raise timed_out()
         channel.settimeout(0.0)
+        # No EOF for a command without stdin: it reads /dev/null on the host (see _eof_safe).
         pending = memoryview(stdin) if stdin else None
-        if pending is None:
-            channel.shutdown_write()
         stdout, stderr = bytearray(), bytearray()
         poller = select.poll()
         poller.register(channel.fileno(), select.POLLIN)
@@ -847,6 +846,27 @@ def _signal(channel: paramiko.Channel, name: str) -> None:
         channel.get_transport()._send_user_message(message)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - closing the channel is the fallback anyway
         log.debug("could not send signal %s", name, exc_info=True)
+
+
+def _eof_safe(command: str, stdin: bytes | None, use_sudo: bool) -> str:
+    """The command line sent for `command`, shaped so that fleet never sends a channel EOF that
+    can reach sshd after the channel's CLOSE.
+
+    paramiko builds an EOF under the channel's lock and sends it after releasing it, while its
+    transport thread may answer the server's CLOSE of that channel (the command already ended)
+    with a CLOSE of its own; sent in that order, OpenSSH has freed the channel number and
+    disconnects: "ieof packet referred to nonexistent channel" — every command on the
+    connection is lost (paramiko/paramiko#1115 and #1705, open; seen on the lab in 1 bare apply of
+    30, tests/unit/test_transport_channel_eof.py forces it).  So:
+    * without stdin, the command reads /dev/null on the host and fleet sends no EOF at all (the
+      server's CLOSE is answered by paramiko's own thread, EOF and CLOSE in order);
+    * with stdin, the command runs in a subshell and its stdin is read to the end before the
+      shell exits, whatever the command did (e.g. `set -e` stopped it early): the server cannot
+      close the channel before fleet's EOF has arrived.  The exit status is the command's."""
+    if not stdin:
+        return "exec </dev/null\n" + (sudo_command(command) if use_sudo else command)
+    drained = f"(\n{command}\n)\nfleet_rc=$?\ncat >/dev/null\nexit $fleet_rc\n"
+    return sudo_command(drained) if use_sudo else drained
 
 
 def _feed(channel: paramiko.Channel, pending: memoryview) -> memoryview | None:
