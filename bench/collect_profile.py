@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import fleet.cli  # noqa: F401 - the import is what is measured
     from fleet import config
-    from fleet.collect import collector, transport
+    from fleet.collect import collector
     from fleet.status import build_status, status_json
     from fleet.targets import resolve
+    from fleet.transport import ssh as transport
 
     t, c = step("import fleet.cli", t, c)
     fleet.cli.build_parser().parse_args(["--lab", "--dir", args.dir, "--state-dir", args.state_dir, "status", "--json"])

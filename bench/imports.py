@@ -19,13 +19,13 @@ _STUB_NX = "import sys, types; sys.modules['networkx'] = types.ModuleType('netwo
 CASES: tuple[tuple[str, str], ...] = (
     ("python -c pass", "pass"),
     ("import networkx", "import networkx"),
-    ("import paramiko (as the transport does, invoke blocked)", "import fleet.collect.transport"),
+    ("import paramiko (as the transport does, invoke blocked)", "import fleet.transport.ssh"),
     ("import tabulate", "import tabulate"),
     ("import fleet.cli (what every fleet command pays)", "import fleet.cli"),
     ("import fleet.cli, networkx stubbed", _STUB_NX + "import fleet.cli"),
     ("what status needs (config, policy, targets, collector, transport, status), networkx stubbed",
      _STUB_NX + "import fleet.config, fleet.policy, fleet.targets, fleet.collect.collector, "
-                "fleet.collect.transport, fleet.status, fleet.lab.lifecycle"),
+                "fleet.transport.ssh, fleet.status, fleet.lab.lifecycle"),
 )
 
 

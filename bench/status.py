@@ -36,7 +36,7 @@ def _load(directory: Path, state_dir: Path) -> tuple[Any, Any]:
 def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
     """One OpenSSH command line per host, carrying fleet's exact remote command for it."""
     from fleet.collect.script import build_script, spec_for
-    from fleet.collect.transport import sudo_command
+    from fleet.transport.protocol import sudo_command
 
     desired, targets = _load(directory, lab.state_dir)
     argvs = []
@@ -49,7 +49,7 @@ def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
 
 def negotiated_algorithms(lab: Lab, directory: Path) -> dict[str, Any]:
     """What paramiko (through fleet's transport) and OpenSSH actually negotiate with a lab host."""
-    from fleet.collect.transport import SSHTransport
+    from fleet.transport.ssh import SSHTransport
 
     desired, targets = _load(directory, lab.state_dir)
     host = targets.hosts[-1]
@@ -93,7 +93,7 @@ def count_connections(lab: Lab, directory: Path) -> dict[str, Any]:
     """Connections and channels per host during one collection, as fleet status runs it
     (SSHTransport.stats() in-process), cross-checked with each host's sshd log."""
     from fleet.collect.collector import collect
-    from fleet.collect.transport import SSHTransport
+    from fleet.transport.ssh import SSHTransport
 
     desired, targets = _load(directory, lab.state_dir)
     # sshd at LogLevel VERBOSE logs "Starting session: command …" per channel (INFO only logs

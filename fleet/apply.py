@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fleet import remote
-from fleet.collect.transport import DEFAULT_MAX_SESSIONS
 from fleet.diff import (
     DAEMON_RELOAD,
     DISABLE,
@@ -42,6 +41,7 @@ from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Host, Service
 from fleet.plan import Plan
 from fleet.textutil import sha256_hex
+from fleet.transport.protocol import DEFAULT_MAX_SESSIONS, Transport
 from fleet.units import UNIT_DIR, removable_unit_file, render_unit, unit_path
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,6 @@ MAX_WORKERS = 32
 STEPS_PER_HOST = DEFAULT_MAX_SESSIONS  # a host's changes of a wave at once, as many as its connection carries
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-
-
-class RunnerLike(Protocol):
-    """What the executor needs of a transport (fleet.collect.transport.SSHTransport)."""
-
-    def run(self, host: Host, command: str, *, sudo: bool | None = None, stdin: bytes | None = None,
-            timeout: float | None = None) -> object: ...
 
 
 class JournalLike(Protocol):
@@ -120,12 +113,12 @@ def holder_info(token: str, operator: str, *, run_id: str = "", plan_id: str = "
                        "plan_id": plan_id}, sort_keys=True)
 
 
-def lock_hosts(transport: RunnerLike, hosts: Sequence[Host], holder: str, *, forks: int = MAX_WORKERS) -> None:
+def lock_hosts(transport: Transport, hosts: Sequence[Host], holder: str, *, forks: int = MAX_WORKERS) -> None:
     """Take every host's lock, or none: a refusal names the holder.  Taken before the hosts are
     observed, so that what is planned is what is applied, and two applies never overlap."""
     def one(host: Host) -> tuple[Host, str | None]:
         try:
-            out, _ = _out(transport.run(host, remote.acquire_lock(holder), timeout=30))
+            out = transport.run(host, remote.acquire_lock(holder), timeout=30).stdout.decode("utf-8", "replace")
         except TransportError as e:
             how = f"\n    {e.hint}" if e.hint else ""  # e.g. how to check and accept a changed host key
             return host, f"{host.name}: cannot take the lock ({e.kind}): {e.message}{how}"
@@ -149,7 +142,7 @@ def lock_hosts(transport: RunnerLike, hosts: Sequence[Host], holder: str, *, for
                               "`fleet lock break --limit HOST` (docs/apply.md)")
 
 
-def relabel_lock(transport: RunnerLike, hosts: Sequence[Host], holder: str,
+def relabel_lock(transport: Transport, hosts: Sequence[Host], holder: str,
                  report: Callable[[str], None] = lambda s: None) -> None:
     """Once the plan is known, the lock also names the run and the plan.  A host that cannot be
     relabelled keeps its lock (which still names its holder) and the apply carries on, but it is
@@ -167,7 +160,7 @@ def relabel_lock(transport: RunnerLike, hosts: Sequence[Host], holder: str,
     in_parallel(one, hosts, MAX_WORKERS)
 
 
-def unlock_hosts(transport: RunnerLike, hosts: Sequence[Host], token: str,
+def unlock_hosts(transport: Transport, hosts: Sequence[Host], token: str,
                  report: Callable[[str], None] = lambda s: None) -> None:
     def one(host: Host) -> None:
         try:
@@ -188,16 +181,9 @@ def in_parallel(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> li
         return list(pool.map(fn, items))
 
 
-def _out(result: object) -> tuple[str, str]:
-    stdout = getattr(result, "stdout", b"")
-    stderr = getattr(result, "stderr", b"")
-    return (stdout.decode("utf-8", "replace") if isinstance(stdout, bytes) else str(stdout),
-            stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else str(stderr))
-
-
 class Executor:
     def __init__(self, plan: Plan, desired: Desired, hosts: Sequence[Host], secrets: Mapping[tuple[str, str], str],
-                 transport: RunnerLike, journal: JournalLike, run_id: str, *, settle: float = 3.0,
+                 transport: Transport, journal: JournalLike, run_id: str, *, settle: float = 3.0,
                  start_timeout: float = 30.0, report: Callable[[str], None] = lambda s: None,
                  forks: int | None = None) -> None:
         self.plan, self.desired, self.secrets = plan, desired, secrets
@@ -276,13 +262,13 @@ class Executor:
 
     def _run(self, c: Change, command: str, *, stdin: bytes | None = None, timeout: float = 120) -> str:
         res = self.transport.run(self.hosts[c.host], command, stdin=stdin, timeout=timeout)
-        out, err = _out(res)
+        out = res.stdout.decode("utf-8", "replace")
         if "@@ok" not in out and "@@gate" not in out:
+            err = res.stderr.decode("utf-8", "replace")
             lines = err.strip().splitlines() or out.strip().splitlines() or ["(no output)"]
             # systemctl's cause comes before its "See systemctl status …" line: keep a few lines
             tail = " / ".join(line.strip() for line in lines[-3:])
-            how = getattr(res, "exit_text", None) or f"exit {getattr(res, 'exit_code', '?')}"
-            raise FleetError(f"{how}: {tail}")
+            raise FleetError(f"{res.exit_text}: {tail}")
         return out
 
     def _do(self, c: Change, outcome: StepOutcome) -> None:

@@ -27,7 +27,6 @@ from fleet.apply import (
 )
 from fleet.audit import JournalStep, ObservedChange, attribute, build_audit, changes_between
 from fleet.collect.collector import collect
-from fleet.collect.transport import SSHTransport
 from fleet.errors import FleetError, TransportError
 from fleet.journal import Journal, SnapshotRecord, journal_path, log_json, operator, parse_since, sentence
 from fleet.model import Desired, Finding, HostResult, HostState
@@ -50,6 +49,7 @@ from fleet.snapshot import host_summary, pack, unpack
 from fleet.status import build_status, status_json
 from fleet.targets import Targets, resolve
 from fleet.textutil import positive_int_option, printable, seconds_option, sha256_hex
+from fleet.transport.protocol import Transport
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -287,7 +287,11 @@ def load_valid(args: argparse.Namespace) -> Desired:
     return loaded.desired
 
 
-def open_transport(args: argparse.Namespace, targets: Targets) -> SSHTransport:
+def open_transport(args: argparse.Namespace, targets: Targets) -> Transport:
+    # Imported here, not at the top: paramiko costs ~90 ms of CPU, and `check`, `show`, `log`,
+    # `history` and `--help` never connect to anything.
+    from fleet.transport.ssh import SSHTransport
+
     # 4 MiB: a real collection is tens of KB (unit texts are capped at 5,000 lines); a host that
     # prints more is refused ("output-too-large") before its output can cost much memory.
     return SSHTransport(ssh_config=targets.ssh_config, known_hosts=targets.known_hosts,
@@ -296,7 +300,7 @@ def open_transport(args: argparse.Namespace, targets: Targets) -> SSHTransport:
 
 
 def observe(args: argparse.Namespace, desired: Desired, targets: Targets,
-            transport: SSHTransport) -> dict[str, HostResult]:
+            transport: Transport) -> dict[str, HostResult]:
     """Collect every target host, with progress on stderr when a person is watching, and keep
     the observation as a snapshot in the journal (`fleet history`)."""
     tty = sys.stderr.isatty()
@@ -373,7 +377,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     return Prepared(replace(desired, hosts=targets.hosts), targets, secret_values)
 
 
-def compute_plan(args: argparse.Namespace, prep: Prepared, transport: SSHTransport) -> Plan:
+def compute_plan(args: argparse.Namespace, prep: Prepared, transport: Transport) -> Plan:
     results = observe(args, prep.desired, prep.targets, transport)
     return build_plan(prep.desired, results, prep.secrets, prune=not args.no_prune, lab=args.lab)
 
@@ -525,7 +529,7 @@ class _Cancelled(Exception):
     pass
 
 
-def _plan_under_lock(args: argparse.Namespace, prep: Prepared, transport: SSHTransport,
+def _plan_under_lock(args: argparse.Namespace, prep: Prepared, transport: Transport,
                      saved: Plan | None) -> Plan | None:
     """The plan to execute (None: nothing to do), after the stale check or the confirmation."""
     plan = compute_plan(args, prep, transport)
@@ -552,7 +556,7 @@ def _plan_under_lock(args: argparse.Namespace, prep: Prepared, transport: SSHTra
     return plan
 
 
-def _execute(args: argparse.Namespace, prep: Prepared, plan: Plan, transport: SSHTransport, token: str, who: str,
+def _execute(args: argparse.Namespace, prep: Prepared, plan: Plan, transport: Transport, token: str, who: str,
              report: Callable[[str], None]) -> int:
     check_contents(plan, prep.desired, prep.secrets)
     touched = [h for h in prep.targets.hosts if any(c.host == h.name for c in plan.changes)]

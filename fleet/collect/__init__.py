@@ -1,2 +1,2 @@
-"""Talking to hosts: the SSH transport (`transport`, the only paramiko import in fleet), the
-collection command, and the pure parsers of its output."""
+"""Observing hosts: the collection command, the pure parsers of its output, and the collector
+that runs it through a transport (`fleet.transport`)."""

@@ -9,35 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 from fleet.collect.parse import parse_host
 from fleet.collect.script import build_script, spec_for
-from fleet.collect.transport import RunResult
 from fleet.errors import ParseError, TransportError
 from fleet.model import Desired, Host, HostError, HostResult
+from fleet.transport.protocol import RunResult, Transport
 
 DEFAULT_MAX_FORKS = 32
 
 
-class Runner(Protocol):
-    """The part of a transport the collector needs (see fleet.collect.transport)."""
-
-    def run_many(
-        self,
-        hosts: Sequence[Host],
-        command_for: Callable[[Host], str] | str,
-        *,
-        forks: int | None = None,
-        sudo: bool | None = None,
-        timeout: float | None = None,
-        on_done: Callable[[str, RunResult | TransportError], None] | None = None,
-    ) -> dict[str, RunResult | TransportError]: ...
-
-
 def collect(
     desired: Desired,
-    transport: Runner,
+    transport: Transport,
     hosts: Sequence[Host] | None = None,
     *,
     forks: int | None = None,

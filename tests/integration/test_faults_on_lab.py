@@ -281,7 +281,7 @@ def set_link(name: str, state: str) -> None:
     subprocess.run(["ip", "link", "set", name, state], check=True, timeout=10)
 
 
-# The two ways fleet names a session that went away under a running command (fleet/collect/transport.py).
+# The two ways fleet names a session that went away under a running command (fleet/transport/ssh.py).
 SESSION_LOST = (r"(unreachable: connection to freud was lost while running|no exit status: the command was "
                 r"killed by a signal or its SSH session ended)")
 
@@ -608,9 +608,9 @@ def test_a_network_cut_to_a_host_mid_apply_times_out_instead_of_hanging(bare: An
 
 
 def test_after_a_network_cut_the_next_command_fails_within_the_connect_timeout(lab: Any) -> None:
-    from fleet.collect.transport import SSHTransport
     from fleet.errors import TransportError
     from fleet.model import Host
+    from fleet.transport.ssh import SSHTransport
 
     heal(lab)
     info = lab.hosts["freud"]

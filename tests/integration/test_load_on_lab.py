@@ -14,9 +14,9 @@ from helpers import fleet_argv
 
 from fleet import config
 from fleet.collect.collector import collect
-from fleet.collect.transport import SSHTransport
 from fleet.model import HostState
 from fleet.targets import resolve
+from fleet.transport.ssh import SSHTransport
 
 N_HOSTS = 32
 RUNS = 20

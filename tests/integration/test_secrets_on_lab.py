@@ -41,9 +41,9 @@ import pytest
 from helpers import REPO, fleet, reset_all
 
 from fleet import config
-from fleet.collect.transport import fingerprint as key_fingerprint
 from fleet.envfile import fingerprint, render_value
 from fleet.journal import Journal, journal_path
+from fleet.transport.known_hosts import fingerprint as key_fingerprint
 
 ENV = "/home/mastodon/live/.env.production"
 SETTLE = ("--settle", "1")

@@ -2,9 +2,10 @@
 and roll back, all-or-nothing locks, the stale-input check, and what the journal holds after a
 run, a failure and a crash.
 
-The transport is an in-memory fake that records every command (with its stdin and the change
-running on that host) and answers by the command's text; lock commands alone run for real with
-`sh` in a per-host directory, so lock semantics are the shell's, not the fake's.  The journal
+The transport is fleet.transport.fake's scripted host: it records every command (with its
+stdin, tagged with the change running on that host) and answers by the command's text; lock
+commands alone run for real with `sh` in a per-host directory, so lock semantics are the
+shell's, not the fake's.  The journal
 is a real `Journal` on tmp_path, watched by a recorder that keeps the order of events across
 threads.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shlex
 import socket
 import subprocess
@@ -42,13 +44,14 @@ from fleet.apply import (
     stale_note,
     unlock_hosts,
 )
-from fleet.collect.transport import RunResult
 from fleet.diff import Change
 from fleet.envfile import render_value
 from fleet.errors import FleetError, TransportError
 from fleet.journal import Journal, StepRecord
 from fleet.model import Desired, Host, HostResult
 from fleet.plan import Plan, build_plan
+from fleet.transport.fake import Call, FakeTransport
+from fleet.transport.protocol import RunResult
 from fleet.units import render_unit, unit_path
 
 S = EXAMPLE_SECRETS
@@ -76,22 +79,6 @@ def web_edited_on_fritz_and_franz() -> Plan:
 
 
 # ------------------------------------------------------------------ the fakes
-
-
-@dataclass
-class Result:
-    stdout: bytes
-    stderr: bytes = b""
-    exit_code: int = 0
-
-
-@dataclass
-class Call:
-    seq: int
-    host: str
-    command: str
-    stdin: bytes | None
-    change: str | None  # the change running on that host when the command was sent
 
 
 class Recorder:
@@ -133,68 +120,29 @@ class Recorder:
         return self.events.index((kind, change_id))
 
 
-Hook = Callable[[Call], "Result | None"]
-
-
-class FakeTransport:
-    """Records every command; answers `@@ok`, `@@gate ok` (or what `gates` says for a host and
-    unit), and runs lock commands for real with sh in `<root>/<host>`.  `hook` runs first and
-    may wait, raise (a TransportError, or a BaseException for a crash) or answer instead."""
+class Hosts(FakeTransport):
+    """The hosts an apply talks to: commands answer `@@ok` and health gates `@@gate ok` unless a
+    test says otherwise (`hook`, `gate`); lock commands run for real with sh in
+    `<root>/<host>/state`.  Each call is tagged with the change its thread runs (`Call.tag`)."""
 
     def __init__(self, root: Path, recorder: Recorder) -> None:
-        self.root = root
-        self.recorder = recorder
-        self.calls: list[Call] = []
-        self.gates: dict[tuple[str, str], str] = {}
-        self.hook: Hook = lambda call: None
-        self.delay = 0.0
-        self._lock = threading.Lock()
-
-    def run(self, host: Host, command: str, *, sudo: bool | None = None, stdin: bytes | None = None,
-            timeout: float | None = None) -> Result:
-        with self._lock:
-            call = Call(len(self.calls), host.name, command, stdin,
-                        self.recorder.thread_step.get(threading.get_ident()))
-            self.calls.append(call)
-        answer = self.hook(call)
-        if answer is not None:
-            return answer
-        if self.delay:
-            time.sleep(self.delay)
-        if f"{STATE}/lock" in command:
-            return self.shell(host.name, command)
-        if command.startswith("u="):
-            return Result(self.gates.get((host.name, gate_unit(command)), "@@gate ok\n").encode())
-        return Result(b"@@ok\n")
-
-    def state_dir(self, host: str) -> Path:
-        return self.root / host / "state"
-
-    def shell(self, host: str, command: str) -> Result:
-        self.state_dir(host).parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["sh", "-c", command.replace(STATE, str(self.state_dir(host)))], capture_output=True,
-                           check=False, timeout=10)
-        return Result(r.stdout, r.stderr, r.returncode)
+        super().__init__(root=root, rewrite={STATE: "state"},
+                         tag=lambda: recorder.thread_step.get(threading.get_ident()))
+        self.execute(re.compile(re.escape(f"{STATE}/lock")))
+        self.respond(re.compile(r"^u="), "@@gate ok\n")
 
     def hold(self, host: str, holder: str = OTHER_HOLDER) -> None:
         """Another apply holds `host`."""
-        assert self.shell(host, remote.acquire_lock(holder)).stdout == b"@@locked\n"
+        assert self.sh(host, remote.acquire_lock(holder)).stdout == b"@@locked\n"
 
     def holder(self, host: str) -> str | None:
-        f = self.state_dir(host) / "lock" / "holder"
+        f = self.host_dir(host) / "state" / "lock" / "holder"
         return f.read_text().strip() if f.exists() else None
-
-    def on(self, host: str) -> list[Call]:
-        return [c for c in self.calls if c.host == host]
-
-
-def gate_unit(command: str) -> str:
-    return shlex.split(command.split("\n", 1)[0][2:])[0]
 
 
 @dataclass
 class Rig:
-    fake: FakeTransport
+    fake: Hosts
     journal: Journal
     recorder: Recorder
     runs: list[str] = field(default_factory=list)
@@ -221,7 +169,7 @@ def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
     monkeypatch.setattr(remote, "BACKUPS", f"{STATE}/backup")
     journal = Journal.open(tmp_path / "journal.sqlite")
     recorder = Recorder(journal)
-    yield Rig(FakeTransport(tmp_path / "hosts", recorder), journal, recorder)
+    yield Rig(Hosts(tmp_path / "hosts", recorder), journal, recorder)
     journal.close()
 
 
@@ -229,8 +177,13 @@ def outcomes(result: ApplyResult) -> dict[str, str]:
     return {o.change.id: o.outcome for o in result.outcomes}
 
 
+def gate(rig: Rig, host: str, unit: str, answer: str) -> None:
+    """What the health gate of `unit` on `host` prints."""
+    rig.fake.respond(re.compile(rf"^u={re.escape(shlex.quote(unit))}\n"), answer, host=host)
+
+
 def fail_gate(rig: Rig, host: str, unit: str, reason: str = "unit failed to start (failed/failed)") -> None:
-    rig.fake.gates[(host, unit)] = (f"@@gate fail {reason}\n| Nov 28 14:03:07 {host} puma[100]: boot failed\n"
+    gate(rig, host, unit, f"@@gate fail {reason}\n| Nov 28 14:03:07 {host} puma[100]: boot failed\n"
                                     f"| Nov 28 14:03:08 {host} systemd[1]: {unit}: Failed\n")
 
 
@@ -275,10 +228,10 @@ def test_a_hosts_steps_of_one_wave_run_at_once_and_hosts_run_in_parallel(rig: Ri
     met: set[str] = set()
     lock = threading.Lock()
 
-    def meet(call: Call) -> Result | None:
+    def meet(call: Call) -> RunResult | None:
         with lock:
-            first = call.change in group and call.change not in met
-            met.add(call.change or "")
+            first = call.tag in group and call.tag not in met
+            met.add(call.tag or "")
         if first:
             barrier.wait()
         return None
@@ -297,8 +250,8 @@ def test_a_hosts_steps_of_one_wave_run_at_once_and_hosts_run_in_parallel(rig: Ri
 def test_every_command_of_a_step_is_sent_while_that_step_runs(rig: Rig) -> None:
     plan = bare_plan()
     rig.executor(plan).execute()
-    assert all(c.change is not None and c.change.startswith(c.host + ":") for c in rig.fake.calls)
-    assert {c.change for c in rig.fake.calls} == {c.id for c in plan.changes}
+    assert all(c.tag is not None and c.tag.startswith(c.host + ":") for c in rig.fake.calls)
+    assert {c.tag for c in rig.fake.calls} == {c.id for c in plan.changes}
 
 
 # ------------------------------------------------------------------ what is sent
@@ -307,19 +260,19 @@ def test_every_command_of_a_step_is_sent_while_that_step_runs(rig: Rig) -> None:
 def test_file_contents_go_on_stdin_and_a_secret_never_appears_in_any_command(rig: Rig) -> None:
     plan = bare_plan()
     rig.executor(plan).execute()
-    env_writes = [c for c in rig.fake.calls if c.change and ":write-env:" in c.change]
+    env_writes = [c for c in rig.fake.calls if c.tag and ":write-env:" in c.tag]
     assert {c.host for c in env_writes} == {"franz", "freud", "fritz", "nietzsche"}
     for value in S.values():
         for call in rig.fake.calls:
             assert value not in call.command and render_value(value) not in call.command
             in_stdin = call.stdin is not None and render_value(value).encode() in call.stdin
-            assert in_stdin == (call in env_writes), f"{value!r} in the stdin of {call.change}"
+            assert in_stdin == (call in env_writes), f"{value!r} in the stdin of {call.tag}"
 
 
 def test_a_unit_file_is_written_from_its_rendered_text_as_root_0644(rig: Rig) -> None:
     rig.executor(bare_plan()).execute()
     web = service(example(), "web")
-    [call] = [c for c in rig.fake.on("fritz") if c.change == f"fritz:write-unit:{WEB}" and c.stdin is not None]
+    [call] = [c for c in rig.fake.on("fritz") if c.tag == f"fritz:write-unit:{WEB}" and c.stdin is not None]
     assert call.stdin == render_unit(web).encode()
     assert call.command == remote.write_file(unit_path(WEB), mode="0644", owner="root", group="root",
                                              run_id=rig.runs[0], sha256=hashlib.sha256(call.stdin).hexdigest())
@@ -327,7 +280,7 @@ def test_a_unit_file_is_written_from_its_rendered_text_as_root_0644(rig: Rig) ->
 
 def test_an_env_file_is_written_with_its_declared_owner_group_and_mode(rig: Rig) -> None:
     rig.executor(bare_plan()).execute()
-    [call] = [c for c in rig.fake.on("freud") if c.change == f"freud:write-env:{ENV}"]
+    [call] = [c for c in rig.fake.on("freud") if c.tag == f"freud:write-env:{ENV}"]
     assert call.stdin is not None
     assert call.command == remote.write_file(ENV, mode="0600", owner="mastodon", group="mastodon",
                                              run_id=rig.runs[0], sha256=hashlib.sha256(call.stdin).hexdigest())
@@ -340,7 +293,7 @@ def test_a_present_secret_is_never_sent_and_the_hosts_own_line_is_kept(rig: Rig,
     assert desired is not None
     plan = plan_for(bare(desired), desired)
     rig.executor(plan, desired).execute()
-    [call] = [c for c in rig.fake.on("fritz") if c.change == f"fritz:write-env:{ENV}"]
+    [call] = [c for c in rig.fake.on("fritz") if c.tag == f"fritz:write-env:{ENV}"]
     assert call.stdin is not None and b"DB_PASS" not in call.stdin
     assert call.command == remote.write_file(ENV, mode="0600", owner="mastodon", group="mastodon",
                                              run_id=rig.runs[0], keep_keys=("DB_PASS",),
@@ -353,8 +306,8 @@ def test_every_started_unit_is_health_gated_with_its_check_and_the_settle_time(r
     rig.executor(plan).execute()
     gates = [c for c in rig.fake.calls if c.command.startswith("u=")]
     started = {c.id for c in plan.changes if c.action in ("start", "restart")}
-    assert {c.change for c in gates} == started
-    [web_gate] = [c for c in gates if c.change == f"fritz:start:{WEB}"]
+    assert {c.tag for c in gates} == started
+    [web_gate] = [c for c in gates if c.tag == f"fritz:start:{WEB}"]
     assert web_gate.command == remote.health_gate(WEB, service(example(), "web").health, settle=0.1,
                                                   start_timeout=1)
 
@@ -380,8 +333,8 @@ def test_a_crash_during_a_step_leaves_it_visible_as_unfinished(rig: Rig) -> None
     plan = bare_plan()
     crash_in = f"fritz:write-unit:{WEB}"
 
-    def crash(call: Call) -> Result | None:
-        if call.change == crash_in:
+    def crash(call: Call) -> RunResult | None:
+        if call.tag == crash_in:
             raise KeyboardInterrupt
         return None
 
@@ -403,8 +356,8 @@ def test_a_failed_gate_halts_the_rollout_and_every_later_wave_is_skipped(rig: Ri
     fail_gate(rig, "nietzsche", "postgresql.service")
     pg, redis = "nietzsche:start:postgresql.service", "nietzsche:start:redis-server.service"
 
-    def fail_once_redis_runs(call: Call) -> Result | None:
-        if call.change == pg and call.command.startswith("u="):  # pg's gate fails with redis in flight
+    def fail_once_redis_runs(call: Call) -> RunResult | None:
+        if call.tag == pg and call.command.startswith("u="):  # pg's gate fails with redis in flight
             wait_until(lambda: ("start", redis) in rig.recorder.events)
         return None
 
@@ -423,7 +376,7 @@ def test_a_failed_gate_halts_the_rollout_and_every_later_wave_is_skipped(rig: Ri
     assert all(steps[c].outcome == "skipped" for c in plan.waves[-1])
     assert steps[plan.waves[-1][0]].error == (
         "not attempted: the rollout halted after start postgresql.service failed on nietzsche")
-    assert not any(c.change in plan.waves[-1] for c in rig.fake.calls), "a skipped step sends nothing"
+    assert not any(c.tag in plan.waves[-1] for c in rig.fake.calls), "a skipped step sends nothing"
 
 
 def test_a_failed_gate_fails_its_step_with_the_reason_the_journal_lines_and_the_rollback(rig: Rig) -> None:
@@ -446,7 +399,7 @@ def test_a_failed_start_is_rolled_back_by_stopping_the_unit_and_restoring_its_fi
     result = ex.execute()
     [failed] = result.failed
     assert failed.change.id == f"fritz:start:{WEB}"
-    after_gate = [c.command for c in rig.fake.on("fritz") if c.change == failed.change.id][2:]
+    after_gate = [c.command for c in rig.fake.on("fritz") if c.tag == failed.change.id][2:]
     assert after_gate[0] == remote.systemctl("stop", WEB) + remote.reset_failed(WEB), \
         "stopped first (a crash-looping unit must not restart), and its failed state forgotten"
     assert sorted(after_gate[1:3]) == sorted([remote.restore_file(unit_path(WEB), run_id=ex.run_id),
@@ -466,7 +419,7 @@ def test_a_failed_restart_is_rolled_back_by_restoring_the_unit_reloading_and_res
     assert outcomes(result) == {f"fritz:write-unit:{WEB}": "ok", f"franz:write-unit:{WEB}": "ok",
                                 "fritz:daemon-reload:systemd": "ok", "franz:daemon-reload:systemd": "ok",
                                 f"fritz:restart:{WEB}": "failed", f"franz:restart:{WEB}": "skipped"}
-    after_gate = [c.command for c in rig.fake.on("fritz") if c.change == f"fritz:restart:{WEB}"][2:]
+    after_gate = [c.command for c in rig.fake.on("fritz") if c.tag == f"fritz:restart:{WEB}"][2:]
     assert after_gate == [remote.restore_file(unit_path(WEB), run_id=ex.run_id), remote.systemctl("daemon-reload"),
                           remote.systemctl("restart", WEB)]
     assert result.failed[0].rollback == (f"rolled back {WEB} on fritz: restored {unit_path(WEB)}; restarted it")
@@ -477,9 +430,9 @@ def test_a_command_that_ends_without_an_exit_status_says_what_that_means(rig: Ri
     # what a host shutting down does to a running command: its session ends, no exit status
     plan = web_edited_on_fritz_and_franz()
 
-    def killed_on_franz(call: Call) -> Result | None:
-        if call.host == "franz" and call.change is not None:
-            return RunResult("franz", call.command, -1, b"", b"", 0.1)  # type: ignore[return-value]
+    def killed_on_franz(call: Call) -> RunResult | None:
+        if call.host == "franz" and call.tag is not None:
+            return call.reply(exit_code=-1)
         return None
 
     rig.fake.hook = killed_on_franz
@@ -492,7 +445,7 @@ def test_a_command_that_ends_without_an_exit_status_says_what_that_means(rig: Ri
 def test_a_transport_error_fails_that_step_and_halts_the_rollout(rig: Rig) -> None:
     plan = web_edited_on_fritz_and_franz()
 
-    def unreachable_franz(call: Call) -> Result | None:
+    def unreachable_franz(call: Call) -> RunResult | None:
         if call.host == "franz":
             raise TransportError("franz", "unreachable", "franz: connection refused")
         return None
@@ -512,7 +465,7 @@ def test_steps_in_flight_on_other_hosts_finish_when_one_host_fails(rig: Rig) -> 
     plan = bare_plan()
     failed_now = threading.Event()
 
-    def nietzsche_fails_while_others_write(call: Call) -> Result | None:
+    def nietzsche_fails_while_others_write(call: Call) -> RunResult | None:
         if call.host == "nietzsche":
             wait_until(lambda: len(rig.recorder.running) == 4)
             failed_now.set()
@@ -536,8 +489,8 @@ def test_hosts_not_yet_started_in_a_wave_are_not_attempted_after_a_failure(rig: 
     plan = bare_plan()
     first_host: list[str] = []
 
-    def the_first_host_fails(call: Call) -> Result | None:
-        if call.change is not None:
+    def the_first_host_fails(call: Call) -> RunResult | None:
+        if call.tag is not None:
             if not first_host:
                 first_host.append(call.host)
             if call.host == first_host[0]:
@@ -550,7 +503,7 @@ def test_hosts_not_yet_started_in_a_wave_are_not_attempted_after_a_failure(rig: 
     failing = first_host[0]
     assert {got[c] for c in plan.waves[0] if c.startswith(failing + ":")} == {"failed"}
     assert {got[c] for c in plan.waves[0] if not c.startswith(failing + ":")} == {"skipped"}, "nothing new starts"
-    assert not any(c.change is not None and c.host != failing for c in rig.fake.calls)
+    assert not any(c.tag is not None and c.host != failing for c in rig.fake.calls)
 
 
 def test_a_hosts_steps_of_one_wave_start_together_so_a_failing_sibling_never_skips_another(
@@ -565,15 +518,15 @@ def test_a_hosts_steps_of_one_wave_start_together_so_a_failing_sibling_never_ski
     fritz_first_wave = [c for c in plan.waves[0] if c.startswith("fritz:")]
     assert len(fritz_first_wave) > 1  # what the test needs
 
-    def fritz_is_down(call: Call) -> Result | None:
-        if call.host == "fritz" and call.change is not None:
+    def fritz_is_down(call: Call) -> RunResult | None:
+        if call.host == "fritz" and call.tag is not None:
             raise TransportError("fritz", "unreachable", "fritz: connection refused")
         return None
 
     rig.fake.hook = fritz_is_down
     got = outcomes(rig.executor(plan, forks=1).execute())
     assert {got[c] for c in fritz_first_wave} == {"failed"}
-    attempted = {c.change for c in rig.fake.calls if c.change is not None}
+    attempted = {c.tag for c in rig.fake.calls if c.tag is not None}
     assert set(fritz_first_wave) <= attempted
 
 
@@ -584,9 +537,9 @@ def test_siblings_of_a_failing_step_on_a_healthy_host_still_run_to_their_end(
     fritz_first_wave = [c for c in plan.waves[0] if c.startswith("fritz:")]
     failing = fritz_first_wave[0]
 
-    def only_the_first_fails(call: Call) -> Result | None:
-        if call.change == failing:
-            return Result(b"", b"mktemp: No space left on device\n", 1)
+    def only_the_first_fails(call: Call) -> RunResult | None:
+        if call.tag == failing:
+            return call.reply(stderr=b"mktemp: No space left on device\n", exit_code=1)
         return None
 
     rig.fake.hook = only_the_first_fails
@@ -599,7 +552,7 @@ def test_siblings_of_a_failing_step_on_a_healthy_host_still_run_to_their_end(
 def test_a_rollback_that_cannot_reach_the_host_says_so(rig: Rig) -> None:
     fail_gate(rig, "fritz", WEB)
 
-    def gone_after_the_gate(call: Call) -> Result | None:
+    def gone_after_the_gate(call: Call) -> RunResult | None:
         if call.host == "fritz" and any(c.command.startswith("u=") for c in rig.fake.on("fritz")):
             if not call.command.startswith("u="):
                 raise TransportError("fritz", "unreachable", "fritz: connection reset")
@@ -614,9 +567,9 @@ def test_a_rollback_that_cannot_reach_the_host_says_so(rig: Rig) -> None:
 
 
 def test_a_command_that_does_not_confirm_with_ok_fails_its_step_with_its_last_error_lines(rig: Rig) -> None:
-    def refuse(call: Call) -> Result | None:
+    def refuse(call: Call) -> RunResult | None:
         if call.host == "fritz" and "mktemp" in call.command:
-            return Result(b"", b"mkdir: cannot create directory\nmktemp: Read-only file system\n", 1)
+            return call.reply(stderr=b"mkdir: cannot create directory\nmktemp: Read-only file system\n", exit_code=1)
         return None
 
     rig.fake.hook = refuse
@@ -634,12 +587,12 @@ def test_a_failed_restart_after_removing_a_drop_in_restores_the_drop_in_too(rig:
     fail_gate(rig, "fritz", WEB)
     ex = rig.executor(plan)
     ex.execute()
-    rollback = [c.command for c in rig.fake.on("fritz") if c.change == f"fritz:restart:{WEB}"][2:]
+    rollback = [c.command for c in rig.fake.on("fritz") if c.tag == f"fritz:restart:{WEB}"][2:]
     assert remote.restore_file(drop_in, run_id=ex.run_id) in rollback
 
 
 def test_a_failed_gate_is_not_taken_for_a_pass_when_the_units_journal_mentions_gate_ok(rig: Rig) -> None:
-    rig.fake.gates[("fritz", WEB)] = "@@gate fail unit failed to start (failed/failed)\n| echo '@@gate ok'\n"
+    gate(rig, "fritz", WEB, "@@gate fail unit failed to start (failed/failed)\n| echo '@@gate ok'\n")
     result = rig.executor(web_edited_on_fritz_and_franz()).execute()
     assert outcomes(result)[f"fritz:restart:{WEB}"] == "failed"
 
@@ -673,7 +626,7 @@ def test_lock_refused_by_one_held_host_names_the_holder_and_releases_the_hosts_a
 
 
 def test_lock_on_an_unreachable_host_locks_nothing(rig: Rig) -> None:
-    def freud_down(call: Call) -> Result | None:
+    def freud_down(call: Call) -> RunResult | None:
         if call.host == "freud":
             raise TransportError("freud", "unreachable", "freud: no route to host")
         return None
@@ -696,7 +649,7 @@ def test_unlock_hosts_that_cannot_reach_a_host_reports_it_and_carries_on(rig: Ri
     lock_hosts(rig.fake, hosts("franz", "fritz"), holder_info("0123456789abcdef", "tester@ci"))
     reports: list[str] = []
 
-    def franz_down(call: Call) -> Result | None:
+    def franz_down(call: Call) -> RunResult | None:
         if call.host == "franz":
             raise TransportError("franz", "unreachable", "franz: connection refused")
         return None
@@ -722,7 +675,7 @@ def test_relabel_lock_names_the_run_and_plan_in_the_lock_this_apply_holds(rig: R
 def test_relabel_lock_carries_on_past_an_unreachable_host(rig: Rig) -> None:
     lock_hosts(rig.fake, hosts("franz", "fritz"), holder_info("0123456789abcdef", "tester@ci"))
 
-    def franz_down(call: Call) -> Result | None:
+    def franz_down(call: Call) -> RunResult | None:
         if call.host == "franz":
             raise TransportError("franz", "unreachable", "franz: connection refused")
         return None
@@ -796,7 +749,7 @@ def test_relabel_and_unlock_reach_the_hosts_in_parallel(rig: Rig, action: str) -
     lock_hosts(rig.fake, hosts(), holder)
     barrier = threading.Barrier(len(hosts()), timeout=5)  # host by host, the first would wait alone
 
-    def meet(call: Call) -> Result | None:
+    def meet(call: Call) -> RunResult | None:
         barrier.wait()
         return None
 

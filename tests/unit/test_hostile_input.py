@@ -40,16 +40,17 @@ from fleet import cli, config
 from fleet.collect.collector import collect, to_result
 from fleet.collect.parse import parse_env, parse_facts, parse_hashes, parse_host, parse_texts, parse_units
 from fleet.collect.script import CollectSpec, build_script, spec_for
-from fleet.collect.transport import RunResult
 from fleet.envfile import render_file
 from fleet.errors import FleetError, ParseError, TransportError
 from fleet.journal import parse_since
-from fleet.model import Host, HostError, HostState
+from fleet.model import HostError, HostState
 from fleet.plan import PlanFileError, build_plan, plan_from_json
 from fleet.secrets import load_secrets
 from fleet.snapshot import pack, unpack
 from fleet.status import build_status, status_json
 from fleet.targets import resolve
+from fleet.transport.fake import FakeTransport
+from fleet.transport.protocol import RunResult
 from fleet.units import render_unit
 
 FleetDir = Any  # conftest.FleetDir
@@ -556,37 +557,16 @@ def fixture_text(name: str) -> str:
     return (FIXTURES / f"{name}.txt").read_text()
 
 
-class FakeRunner:
-    """Hands the collector canned outcomes per host, as the SSH transport would."""
-
-    def __init__(self, outcomes: dict[str, RunResult | TransportError]) -> None:
-        self.outcomes = outcomes
-
-    def run_many(self, hosts: Sequence[Host], command_for: Any, *, forks: int | None = None,
-                 sudo: bool | None = None, timeout: float | None = None,
-                 on_done: Callable[[str, RunResult | TransportError], None] | None = None,
-                 ) -> dict[str, RunResult | TransportError]:
-        out = {h.name: self.outcomes[h.name] for h in hosts}
-        for name, outcome in out.items():
-            if on_done is not None:
-                on_done(name, outcome)
-        return out
-
-
-def ok_output(host: str, text: str) -> RunResult:
-    return RunResult(host=host, command="script", exit_code=0, stdout=text.encode(), stderr=b"", duration=0.1)
-
-
 def test_a_host_whose_output_exceeds_the_cap_is_that_hosts_error_and_the_others_report(example: FleetDir) -> None:
     desired = example.load().desired
     assert desired is not None
     too_big = TransportError("fritz", "output-too-large",
                              "stdout of `script` on fritz exceeded 64 MiB; the command was aborted",
                              hint="narrow the command's output, or raise max_output if this much is expected")
-    outcomes: dict[str, RunResult | TransportError] = {h.name: ok_output(h.name, fixture_text("bare-fritz"))
-                                                       for h in desired.hosts}
-    outcomes["fritz"] = too_big
-    results = collect(desired, FakeRunner(outcomes))
+    hosts = FakeTransport()
+    hosts.respond("", fixture_text("bare-fritz"))
+    hosts.fail("fritz", too_big)
+    results = collect(desired, hosts)
     fritz = results["fritz"]
     assert isinstance(fritz, HostError) and fritz.kind == "output-too-large" and "64 MiB" in fritz.message
     assert all(isinstance(results[h], HostState) for h in ("franz", "freud", "nietzsche"))

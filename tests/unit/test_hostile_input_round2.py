@@ -260,7 +260,7 @@ class _Recorder:
         self.outcomes: list[tuple[str, str]] = []
 
     def run(self, host: Any, command: str, **kw: Any) -> Any:
-        from fleet.collect.transport import RunResult
+        from fleet.transport.protocol import RunResult
 
         self.commands.append(command)
         return RunResult(str(host), command, 0, b"@@ok\n", b"", 0.0)

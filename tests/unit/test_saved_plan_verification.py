@@ -34,7 +34,7 @@ from observed import (
 )
 
 from fleet import cli
-from fleet.collect.transport import RunResult
+from fleet.transport.protocol import RunResult
 from fleet.model import Host, HostResult
 from fleet.plan import Plan, PlanFileError, plan_from_json
 

@@ -13,21 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from fleet.collect import transport as tr
-from fleet.collect.transport import (
+from fleet.errors import ConfigError, TransportError
+from fleet.model import Host
+from fleet.transport import ssh as tr
+from fleet.transport.config import parse_jump
+from fleet.transport.known_hosts import (
     KnownHosts,
-    RunResult,
-    SSHTransport,
+    blob_key_type,
     check_host_key,
     fingerprint,
     hostkey_error,
     hostkey_name,
-    quote,
-    sudo_command,
-    sudo_refusal,
 )
-from fleet.errors import ConfigError, TransportError
-from fleet.model import Host
+from fleet.transport.protocol import RunResult, quote, sudo_command, sudo_refusal
+from fleet.transport.ssh import SSHTransport
 
 needs_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not installed")
 
@@ -87,7 +86,7 @@ class FakeParamikoTransport:
 
 
 def known_line(name: str, blob: bytes) -> str:
-    return f"{name} {tr.blob_key_type(blob)} {base64.b64encode(blob).decode()}\n"
+    return f"{name} {blob_key_type(blob)} {base64.b64encode(blob).decode()}\n"
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -343,9 +342,9 @@ def test_proxy_jump_and_host_key_alias_come_from_the_config(tmp_path: Path) -> N
     target = transport.resolve(Host(name="behind", address="192.168.1.4"))
     assert target.proxy_jump == "ops@bastion.example:2022"
     assert target.hostkey_name == "behind-alias"
-    assert tr._parse_jump("ops@bastion.example:2022") == ("ops", "bastion.example", 2022)
-    assert tr._parse_jump("bastion") == (None, "bastion", None)
-    assert tr._parse_jump("ssh://[::1]:2200") == (None, "::1", 2200)
+    assert parse_jump("ops@bastion.example:2022") == ("ops", "bastion.example", 2022)
+    assert parse_jump("bastion") == (None, "bastion", None)
+    assert parse_jump("ssh://[::1]:2200") == (None, "::1", 2200)
 
 
 def test_match_exec_in_the_config_still_works(tmp_path: Path) -> None:
@@ -353,7 +352,7 @@ def test_match_exec_in_the_config_still_works(tmp_path: Path) -> None:
     config = tmp_path / "ssh_config"
     config.write_text('Match host fritz exec "test -d /"\n  User from-exec\nMatch host fritz exec "false"\n  Port 9\n')
     code = (
-        "from fleet.collect.transport import SSHTransport; from fleet.model import Host; "
+        "from fleet.transport.ssh import SSHTransport; from fleet.model import Host; "
         f"t = SSHTransport(ssh_config={str(config)!r}).resolve(Host(name='fritz', address='a')); "
         "print(t.user, t.port)"
     )
@@ -369,7 +368,7 @@ def test_match_exec_in_the_config_still_works(tmp_path: Path) -> None:
 
 
 def test_importing_the_transport_does_not_import_invoke() -> None:
-    code = "import sys, fleet.collect.transport, paramiko; assert 'invoke' not in sys.modules, 'invoke imported'"
+    code = "import sys, fleet.transport.ssh, paramiko; assert 'invoke' not in sys.modules, 'invoke imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 

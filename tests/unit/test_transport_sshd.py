@@ -25,9 +25,11 @@ from typing import Any
 
 import pytest
 
-from fleet.collect.transport import RunResult, SSHTransport, fingerprint, quote
 from fleet.errors import TransportError
 from fleet.model import Host
+from fleet.transport.known_hosts import fingerprint
+from fleet.transport.protocol import RunResult, quote
+from fleet.transport.ssh import SSHTransport
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 REQUIRED = os.environ.get("CI") == "true" or os.environ.get("FLEET_REQUIRE_LAB") == "1"

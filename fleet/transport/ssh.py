@@ -1,20 +1,24 @@
-"""The SSH transport: the only module in fleet that imports paramiko.
+"""The SSH transport: `SSHTransport`, the only module in fleet that imports paramiko.
 
-It owns everything between "run this command on that host" and bytes coming back:
+It owns everything between "run this command on that host" and bytes coming back over SSH:
 
-* resolving a `Host` through an OpenSSH client config (HostName/Port/User/IdentityFile/
-  IdentitiesOnly/UserKnownHostsFile/GlobalKnownHostsFile/HostKeyAlias/ConnectTimeout/
-  ProxyJump/ProxyCommand/HashKnownHosts), parsed once per transport;
-* strict host-key checking against known_hosts files, parsed once per transport and shared by
-  every connection; unknown keys are refused unless `accept_new` was asked for explicitly,
-  changed or revoked keys are always refused;
+* resolving a `Host` through an OpenSSH client config (parsed once per transport by paramiko's
+  SSHConfig; what an entry means is `fleet.transport.config`);
+* strict host-key checking against known_hosts files (`fleet.transport.known_hosts`), parsed
+  once per transport and shared by every connection; unknown keys are refused unless
+  `accept_new` was asked for explicitly, changed or revoked keys are always refused;
 * public-key authentication with configured identity files, ssh-agent and the default
   ~/.ssh/id_* files, private keys loaded once per transport;
 * one lazily opened connection per host, reused by later calls; one channel per command,
-  stdout and stderr read concurrently in the calling thread, output capped, time bounded;
+  stdout and stderr read concurrently in the calling thread, output capped, time bounded (a
+  watchdog thread closes a channel whose server never answers);
   calls for one host from several threads share its connection, each on its own channel, at
   most `max_sessions` at once (under OpenSSH's default MaxSessions of 10);
-* `run_many`, which turns every per-host outcome, failures included, into a value.
+* ProxyJump (a direct-tcpip channel through the jump host's own checked connection) and
+  ProxyCommand.
+
+`run_many` is the shared one of `fleet.transport.protocol`.  Import this module only where a
+connection is really opened: importing it loads paramiko (~90 ms of CPU).
 
 Why paramiko directly and not `fabric.Connection`: fabric hard-codes paramiko's AutoAddPolicy
 (silent acceptance of any host key), re-reads private key files on every connection, and runs
@@ -26,30 +30,45 @@ Every value that reaches a remote shell must go through `quote`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import errno
-import fnmatch
 import getpass
-import hashlib
-import hmac
 import logging
 import os
-import re
 import select
-import shlex
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fleet.errors import ConfigError, TransportError
+from fleet.errors import TransportError
 from fleet.model import Host
+from fleet.transport import config
+from fleet.transport.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDENTITY_FILES, MAX_PROXY_JUMPS, SSHTarget
+from fleet.transport.known_hosts import (
+    KnownHosts,
+    KnownKey,
+    blob_key_type,
+    check_host_key,
+    fingerprint,
+    hostkey_error,
+    hostkey_name,
+)
+from fleet.transport.protocol import (
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_MAX_SESSIONS,
+    MIB,
+    CommandFor,
+    OnDone,
+    Outcome,
+    RunResult,
+    run_many,
+    sudo_command,
+    sudo_refusal,
+)
 
 # paramiko.config imports invoke (only for `Match exec` in ssh configs), which pulls in asyncio
 # and unittest.mock: ~45 ms of CPU on every fleet invocation.  Import paramiko without it and
@@ -69,426 +88,22 @@ log = logging.getLogger(__name__)
 # configures logging (e.g. --debug) still gets them through propagation.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
-MIB = 1024 * 1024
-DEFAULT_MAX_OUTPUT = 64 * MIB
-DEFAULT_USER_KNOWN_HOSTS = "~/.ssh/known_hosts"
-DEFAULT_GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
-DEFAULT_KNOWN_HOSTS: tuple[str, ...] = (DEFAULT_USER_KNOWN_HOSTS, DEFAULT_GLOBAL_KNOWN_HOSTS)
-# The default identities OpenSSH tries, restricted to the key types paramiko can load.
-DEFAULT_IDENTITY_FILES: tuple[str, ...] = ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ed25519")
-DEFAULT_MAX_CONNECTIONS = 64
-DEFAULT_MAX_SESSIONS = 8  # channels at once on one connection; sshd's MaxSessions defaults to 10
-MAX_PROXY_JUMPS = 8
+DEFAULT_MAX_CONNECTIONS = 64  # idle connections kept open at most
 
 _CHUNK = 64 * 1024
 _STDIN_POLL = 0.02  # poll interval while stdin is waiting for window space (seconds)
-
-# What `sudo -n` prints when it cannot run the command without asking for something.
-_SUDO_REFUSALS = (
-    "a password is required",
-    "a terminal is required",
-    "you must have a tty",
-    "is not in the sudoers file",
-    "is not allowed to run sudo",
-    "may not run sudo",
-    "is not allowed to execute",
-)
-
-
-# --------------------------------------------------------------------------- shell helpers
-
-
-def quote(value: str) -> str:
-    """Quote `value` as ONE word for a POSIX shell (shlex.quote).
-
-    Every value that reaches a remote shell — unit names, paths, file contents, environment
-    values, anything that came from a file or a host — must go through this function; commands
-    are strings run by the remote user's shell, so an unquoted value is a command injection.
-    """
-    return shlex.quote(value)
-
-
-def sudo_command(command: str) -> str:
-    """`command` wrapped to run as root through non-interactive sudo.
-
-    `-n` makes sudo fail instead of prompting for a password (there is no terminal to answer
-    it); `sh -c` runs the whole command line, pipes and redirections included, as root.
-    Standard input passes through sudo to the command.
-    """
-    return f"sudo -n -- sh -c {quote(command)}"
-
-
-def sudo_refusal(exit_code: int, stderr: bytes) -> str | None:
-    """What sudo said when it refused to run the command, or None if it did not refuse.
-
-    sudo's refusal ("sudo: a password is required") is the last thing on stderr, since the
-    command never started; earlier lines may come from sshd or the login shell ("Could not
-    chdir to home directory ...").  Only failed commands are looked at.
-    """
-    if exit_code == 0:
-        return None
-    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    if exit_code == 127 and "sudo" in last and "not found" in last:
-        return last
-    if last.startswith("sudo:") and any(phrase in last for phrase in _SUDO_REFUSALS):
-        return last
-    return None
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What one command did on one host.
-
-    `command` is the command as the caller gave it (before any sudo wrapping); `exit_code` is
-    -1 when the remote side sent no exit status (the command was killed by a signal);
-    `duration` is the wall time of the command's channel, connection setup excluded.
-    """
-
-    host: str
-    command: str
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    duration: float
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-    @property
-    def exit_text(self) -> str:
-        """How the command ended, for a message: `exit 3`, or what a missing exit status means."""
-        if self.exit_code == -1:
-            return ("no exit status: the command was killed by a signal or its SSH session ended "
-                    f"(is {self.host} shutting down, or was its sshd killed?)")
-        return f"exit {self.exit_code}"
-
-
-# --------------------------------------------------------------------------- host keys
-
-
-def fingerprint(blob: bytes) -> str:
-    """OpenSSH's SHA256 fingerprint of a public key blob: `SHA256:` + unpadded base64."""
-    digest = hashlib.sha256(blob).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
-def blob_key_type(blob: bytes) -> str:
-    """The key type name embedded at the start of an SSH public key blob."""
-    if len(blob) < 4:
-        return "?"
-    length = int.from_bytes(blob[:4], "big")
-    return blob[4 : 4 + length].decode("ascii", "replace")
-
-
-def hostkey_name(address: str, port: int) -> str:
-    """How known_hosts names a host: `address` on port 22, `[address]:port` otherwise."""
-    address = address.lower()
-    return address if port == 22 else f"[{address}]:{port}"
-
-
-def hash_hostname(name: str, salt: bytes) -> str:
-    """The `|1|salt|hmac` form OpenSSH writes with HashKnownHosts (HMAC-SHA1, base64)."""
-    digest = hmac.new(salt, name.encode(), hashlib.sha1).digest()
-    b64 = base64.b64encode
-    return f"|1|{b64(salt).decode()}|{b64(digest).decode()}"
-
-
-def _pattern_matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("|1|"):
-        parts = pattern.split("|")
-        if len(parts) != 4:
-            return False
-        try:
-            salt = base64.b64decode(parts[2])
-        except (binascii.Error, ValueError):
-            return False
-        return hmac.compare_digest(hash_hostname(name, salt), pattern)
-    return fnmatch.fnmatchcase(name, pattern.lower())
-
-
-@dataclass(frozen=True)
-class KnownKey:
-    """One usable line of a known_hosts file."""
-
-    file: str
-    line: int
-    patterns: tuple[str, ...]
-    key_type: str
-    blob: bytes
-    marker: str = ""  # "", "@revoked" or "@cert-authority"
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.blob)
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
-
-    def matches(self, name: str) -> bool:
-        """Whether this line applies to `name` (already in `hostkey_name` form)."""
-        name = name.lower()
-        matched = False
-        for pattern in self.patterns:
-            if pattern.startswith("!"):
-                if _pattern_matches(pattern[1:], name):
-                    return False  # a negated pattern vetoes the whole line
-            elif _pattern_matches(pattern, name):
-                matched = True
-        return matched
-
-
-class KnownHosts:
-    """The parsed contents of one known_hosts file (plain, hashed, `[addr]:port`, wildcard and
-    negated patterns, `@revoked`; `@cert-authority` lines are kept but never trusted)."""
-
-    def __init__(self, path: str, keys: Sequence[KnownKey] = ()) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._exact: dict[str, list[KnownKey]] = {}
-        self._scan: list[KnownKey] = []
-        self._lines = 0
-        for key in keys:
-            self._index(key)
-
-    def _index(self, key: KnownKey) -> None:
-        self._lines = max(self._lines, key.line)
-        if all(not p.startswith(("|", "!")) and not any(c in p for c in "*?") for p in key.patterns):
-            for pattern in key.patterns:
-                self._exact.setdefault(pattern.lower(), []).append(key)
-        else:
-            self._scan.append(key)
-
-    @classmethod
-    def load(cls, path: str) -> KnownHosts:
-        """Parse `path`; a missing or unreadable file is an empty set of keys."""
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError as exc:
-            if not isinstance(exc, FileNotFoundError):
-                log.warning("cannot read known_hosts file %s: %s", path, exc)
-            return cls(path)
-        return cls.parse(path, text)
-
-    @classmethod
-    def parse(cls, path: str, text: str) -> KnownHosts:
-        keys: list[KnownKey] = []
-        lineno = 0
-        for lineno, raw in enumerate(text.splitlines(), start=1):
-            fields = raw.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            marker = ""
-            if fields[0].startswith("@"):
-                marker, fields = fields[0], fields[1:]
-            if len(fields) < 3:
-                continue
-            try:
-                blob = base64.b64decode(fields[2], validate=True)
-            except (binascii.Error, ValueError):
-                log.debug("%s:%d: not a key, skipped", path, lineno)
-                continue
-            keys.append(KnownKey(path, lineno, tuple(fields[0].split(",")), fields[1], blob, marker))
-        known = cls(path, keys)
-        known._lines = lineno
-        return known
-
-    def lookup(self, name: str) -> list[KnownKey]:
-        """Every line that applies to `name`, in file order."""
-        name = name.lower()
-        with self._lock:
-            found = list(self._exact.get(name, ()))
-            found += [key for key in self._scan if key.matches(name)]
-        return sorted(found, key=lambda k: k.line)
-
-    def append(self, name: str, key_type: str, blob: bytes, *, hashed: bool = False) -> KnownKey:
-        """Record a key for `name` at the end of the file (created 0600, parent 0700)."""
-        field0 = hash_hostname(name.lower(), os.urandom(20)) if hashed else name.lower()
-        line = f"{field0} {key_type} {base64.b64encode(blob).decode()}\n"
-        with self._lock:
-            parent = os.path.dirname(self.path)
-            if parent:
-                os.makedirs(parent, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "r+b") as f:
-                existing = f.read()
-                prefix = b"\n" if existing and not existing.endswith(b"\n") else b""
-                f.write(prefix + line.encode())
-            self._lines = existing.count(b"\n") + (1 if prefix else 0) + 1
-            key = KnownKey(self.path, self._lines, (field0,), key_type, blob)
-        with self._lock:
-            self._index(key)
-        return key
-
-
-@dataclass(frozen=True)
-class HostKeyCheck:
-    """The verdict on an offered host key: known, unknown, changed, other-type or revoked.
-
-    `stored` is the known_hosts line the verdict rests on (None when unknown).
-    """
-
-    verdict: str
-    stored: KnownKey | None = None
-
-    @property
-    def trusted(self) -> bool:
-        return self.verdict == "known"
-
-
-def check_host_key(entries: Sequence[KnownKey], blob: bytes) -> HostKeyCheck:
-    """Judge the offered key `blob` against the known_hosts lines that apply to the host.
-
-    Like OpenSSH: a matching @revoked line refuses, a matching plain line accepts, a plain line
-    with the same key type but another key means the key CHANGED.  A host for which only keys
-    of other types are known is refused too ("other-type") rather than treated as new: the
-    transport asks for the known types first, so the server no longer offering them is news.
-    """
-    key_type = blob_key_type(blob)
-    plain = [e for e in entries if not e.marker]
-    for entry in entries:
-        if entry.marker == "@revoked" and entry.blob == blob:
-            return HostKeyCheck("revoked", entry)
-    for entry in plain:
-        if entry.blob == blob:
-            return HostKeyCheck("known", entry)
-    for entry in plain:
-        if blob_key_type(entry.blob) == key_type:
-            return HostKeyCheck("changed", entry)
-    if plain:
-        return HostKeyCheck("other-type", plain[0])
-    return HostKeyCheck("unknown")
-
-
-def _host_key_pub_path(key_type: str) -> str:
-    short = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa", "ssh-dss": "dsa"}.get(key_type)
-    if short is None:
-        short = "ecdsa" if key_type.startswith("ecdsa-") else key_type
-    return f"/etc/ssh/ssh_host_{short}_key.pub"
-
-
-def hostkey_error(
-    name: str, address: str, port: int, blob: bytes, check: HostKeyCheck, record_to: str | None
-) -> TransportError:
-    """The refusal for an offered host key that is not trusted, saying how to verify it."""
-    key_type = blob_key_type(blob)
-    offered = f"{key_type} {fingerprint(blob)}"
-    where = f"{name} ({address}:{port})"
-    verify = (
-        f"verify on the host's console that `ssh-keygen -lf {_host_key_pub_path(key_type)}` "
-        f"prints {fingerprint(blob)} (`ssh-keyscan -p {port} {address} | ssh-keygen -lf -` "
-        "shows what the network offers)"
-    )
-    stored = check.stored
-    if check.verdict == "unknown":
-        target = record_to or DEFAULT_USER_KNOWN_HOSTS
-        return TransportError(
-            name,
-            "hostkey",
-            f"host key of {where} is not known; the server offered {offered}",
-            hint=(
-                f"{verify}; then add it to {target} "
-                f"(`ssh-keyscan -p {port} {address} >> {target}`) "
-                "or re-run with --accept-new-host-keys"
-            ),
-        )
-    assert stored is not None
-    known = f"{blob_key_type(stored.blob)} {stored.fingerprint} ({stored.where})"
-    remove = f"`ssh-keygen -R {quote(hostkey_name(address, port))} -f {quote(stored.file)}`"
-    if check.verdict == "revoked":
-        return TransportError(
-            name,
-            "hostkey",
-            f"host key of {where} is REVOKED: {offered} is marked @revoked at {stored.where}",
-            hint="the host offers a key that was explicitly revoked; do not connect until the "
-            "host's keys have been regenerated and verified",
-        )
-    if check.verdict == "changed":
-        return TransportError(
-            name,
-            "hostkey",
-            f"host key of {where} has CHANGED (possible man-in-the-middle attack): the server "
-            f"offered {offered}, known_hosts has {known}",
-            hint=f"if the host was legitimately reinstalled, {verify}, then remove the old line "
-            f"with {remove} and accept the new key; fleet never replaces a known key itself",
-        )
-    return TransportError(
-        name,
-        "hostkey",
-        f"host key of {where} does not match: the server offered {offered}, but known_hosts "
-        f"only has keys of another type for it, e.g. {known}",
-        hint=f"{verify}; if the host's keys really changed, remove the old lines with {remove} and accept the new key",
-    )
 
 
 # --------------------------------------------------------------------------- ssh_config
 
 
-@dataclass(frozen=True)
-class SSHTarget:
-    """A `Host` resolved through the ssh config: where and how to connect."""
-
-    name: str
-    address: str
-    port: int
-    user: str
-    hostkey_name: str  # the name looked up in (and written to) known_hosts
-    identity_files: tuple[str, ...] = ()
-    identities_only: bool = False
-    known_hosts: tuple[str, ...] = DEFAULT_KNOWN_HOSTS
-    record_to: str | None = None  # where accept-new records keys
-    hash_known_hosts: bool = False
-    connect_timeout: float = 10.0
-    proxy_jump: str | None = None
-    proxy_command: str | None = None
-
-
-_MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
-
-
 def _load_ssh_config(path: str) -> paramiko.SSHConfig:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the ssh config {path}: {exc.strerror or exc}",
-            file=path,
-            hint="pass an existing OpenSSH client config, or none to use ~/.ssh/config",
-        ) from exc
-    if _MATCH_EXEC.search(text) and getattr(paramiko.config, "invoke", True) is None:
+    text = config.read_config(path)
+    if config.uses_match_exec(text) and getattr(paramiko.config, "invoke", True) is None:
         import invoke  # `Match exec` runs its command through invoke
 
         setattr(paramiko.config, "invoke", invoke)  # noqa: B010 - not in paramiko's stubs
     return paramiko.SSHConfig.from_text(text)
-
-
-def _config_files(value: str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    files = tuple(os.path.expanduser(v) for v in value.split())
-    return () if files == ("none",) else files
-
-
-def _parse_jump(spec: str) -> tuple[str | None, str, int | None]:
-    """`[user@]host[:port]` (or ssh://[user@]host[:port]) → (user, host, port)."""
-    spec = spec.strip().removeprefix("ssh://")
-    user, _, hostport = spec.rpartition("@")
-    host, port = hostport, None
-    if hostport.startswith("["):
-        host, _, rest = hostport[1:].partition("]")
-        if rest.startswith(":"):
-            port = int(rest[1:])
-    elif hostport.count(":") == 1:
-        host, port_text = hostport.split(":")
-        port = int(port_text)
-    return (user or None), host, port
 
 
 # --------------------------------------------------------------------------- transport
@@ -610,21 +225,13 @@ class SSHTransport:
         allow_agent / look_for_keys: use ssh-agent keys / the default ~/.ssh/id_* files.
         """
         if ssh_config is None:
-            default = os.path.expanduser("~/.ssh/config")
-            ssh_config = default if os.path.isfile(default) else None
+            ssh_config = config.default_config_path()
         self.ssh_config_path = ssh_config
         self._config = _load_ssh_config(ssh_config) if ssh_config else None
-        explicit = known_hosts is not None
-        files = tuple(known_hosts) if known_hosts is not None else DEFAULT_KNOWN_HOSTS
-        self.known_hosts: tuple[str, ...] = tuple(os.path.expanduser(f) for f in files)
-        self._record_to: str | None = (
-            (self.known_hosts[0] if self.known_hosts else None)
-            if explicit
-            else os.path.expanduser(DEFAULT_USER_KNOWN_HOSTS)
-        )
+        self.known_hosts, self._record_to = config.known_hosts_files(known_hosts)
         self.accept_new = accept_new
         self._connect_timeout_given = connect_timeout is not None
-        self.connect_timeout = float(connect_timeout) if connect_timeout is not None else 10.0
+        self.connect_timeout = float(connect_timeout) if connect_timeout is not None else DEFAULT_CONNECT_TIMEOUT
         self.command_timeout = float(command_timeout)
         self.max_output = int(max_output)
         self.max_connections = max(1, int(max_connections))
@@ -667,37 +274,9 @@ class SSHTransport:
     def resolve(self, host: Host) -> SSHTarget:
         """Where and how `host` is reached: its ssh config entry (looked up by the host's
         NAME) wins for HostName/Port/User, the inventory's address/port/user fill the rest."""
-        cfg: dict[str, Any] = dict(self._config.lookup(host.name)) if self._config else {}
-        hostname = cfg.get("hostname")
-        address = hostname if hostname and hostname != host.name else host.address
-        port = int(cfg["port"]) if "port" in cfg else host.port
-        user = str(cfg.get("user", host.user))
-        alias = cfg.get("hostkeyalias")
-        user_files = _config_files(cfg.get("userknownhostsfile"))
-        if user_files is not None:
-            global_files = _config_files(cfg.get("globalknownhostsfile"))
-            known = user_files + (global_files if global_files is not None else (DEFAULT_GLOBAL_KNOWN_HOSTS,))
-            record_to = user_files[0] if user_files else None
-        else:
-            known, record_to = self.known_hosts, self._record_to
-        jump = cfg.get("proxyjump")
-        command = cfg.get("proxycommand")
-        return SSHTarget(
-            name=host.name,
-            address=address,
-            port=port,
-            user=user,
-            hostkey_name=str(alias).lower() if alias else hostkey_name(address, port),
-            identity_files=tuple(os.path.expanduser(p) for p in cfg.get("identityfile", [])),
-            identities_only=str(cfg.get("identitiesonly", "no")).lower() == "yes",
-            known_hosts=known,
-            record_to=record_to,
-            hash_known_hosts=str(cfg.get("hashknownhosts", "no")).lower() == "yes",
-            connect_timeout=(float(cfg["connecttimeout"]) if "connecttimeout" in cfg and not self._connect_timeout_given
-                             else self.connect_timeout),
-            proxy_jump=None if not jump or jump == "none" else str(jump),
-            proxy_command=None if not command or command == "none" else str(command),
-        )
+        entry: dict[str, Any] = dict(self._config.lookup(host.name)) if self._config else {}
+        return config.resolve(host, entry, known_hosts=self.known_hosts, record_to=self._record_to,
+                              connect_timeout=self.connect_timeout, connect_timeout_given=self._connect_timeout_given)
 
     def run(
         self,
@@ -718,7 +297,7 @@ class SSHTransport:
         not the connection setup (connect_timeout).
         """
         use_sudo = host.sudo if sudo is None else sudo
-        wire = sudo_command(command) if use_sudo else command
+        wire = _eof_safe(command, stdin, use_sudo)
         limit = self.command_timeout if timeout is None else float(timeout)
         slot = self._slot(host.name)
         try:
@@ -754,51 +333,17 @@ class SSHTransport:
     def run_many(
         self,
         hosts: Sequence[Host],
-        command_for: Callable[[Host], str] | str,
+        command_for: CommandFor,
         *,
         forks: int | None = None,
         sudo: bool | None = None,
         timeout: float | None = None,
-        on_done: Callable[[str, RunResult | TransportError], None] | None = None,
-    ) -> dict[str, RunResult | TransportError]:
-        """Run a command on every host in parallel; every host gets a value.
-
-        `command_for` is one command for all hosts or a function of the host.  At most `forks`
-        hosts (default: min(len(hosts), 32)) run at once.  Each outcome is a RunResult or a
-        TransportError; an unexpected exception becomes TransportError(kind="protocol").
-        `on_done(host_name, outcome)` is called in the calling thread as hosts finish.
-        The dict is in `hosts` order; a host name listed twice runs once.
-        """
-        unique = list({h.name: h for h in reversed(hosts)}.values())[::-1]
-        outcomes: dict[str, RunResult | TransportError] = {}
-        if not unique:
-            return outcomes
-        workers = max(1, forks if forks is not None else min(len(unique), 32))
-
-        def one(host: Host) -> RunResult | TransportError:
-            try:
-                command = command_for(host) if callable(command_for) else command_for
-                return self.run(host, command, sudo=sudo, timeout=timeout)
-            except TransportError as exc:
-                return exc
-            except Exception as exc:  # noqa: BLE001 - one host's bug must not hide the others
-                log.debug("unexpected error on %s", host.name, exc_info=True)
-                return TransportError(host.name, "protocol", f"{host.name}: {type(exc).__name__}: {exc}")
-
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet-ssh") as pool:
-            futures: dict[Future[RunResult | TransportError], str] = {
-                pool.submit(one, host): host.name for host in unique
-            }
-            try:
-                for future in as_completed(futures):
-                    name = futures[future]
-                    outcomes[name] = future.result()
-                    if on_done is not None:
-                        on_done(name, outcomes[name])
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-        return {h.name: outcomes[h.name] for h in unique}
+        on_done: OnDone | None = None,
+    ) -> dict[str, Outcome]:
+        """Run a command on every host in parallel; every host gets a value
+        (`fleet.transport.protocol.run_many`)."""
+        return run_many(self, hosts, command_for, forks=forks, sudo=sudo, timeout=timeout, on_done=on_done,
+                        thread_name_prefix="fleet-ssh")
 
     # ------------------------------------------------------------------ connections
 
@@ -918,7 +463,7 @@ class SSHTransport:
                 f"ProxyJump for {target.name} loops or is too long: {' -> '.join((*via, last))}",
                 hint="check the ProxyJump settings in the ssh config",
             )
-        user, jump_host, port = _parse_jump(last)
+        user, jump_host, port = config.parse_jump(last)
 
         def resolve_jump() -> SSHTarget:
             base = Host(name=jump_host, address=jump_host, user=getpass.getuser())
@@ -1213,9 +758,8 @@ class SSHTransport:
             if not self._deadlines.disarm(token):
                 raise timed_out()
         channel.settimeout(0.0)
+        # No EOF for a command without stdin: it reads /dev/null on the host (see _eof_safe).
         pending = memoryview(stdin) if stdin else None
-        if pending is None:
-            channel.shutdown_write()
         stdout, stderr = bytearray(), bytearray()
         poller = select.poll()
         poller.register(channel.fileno(), select.POLLIN)
@@ -1302,6 +846,27 @@ def _signal(channel: paramiko.Channel, name: str) -> None:
         channel.get_transport()._send_user_message(message)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - closing the channel is the fallback anyway
         log.debug("could not send signal %s", name, exc_info=True)
+
+
+def _eof_safe(command: str, stdin: bytes | None, use_sudo: bool) -> str:
+    """The command line sent for `command`, shaped so that fleet never sends a channel EOF that
+    can reach sshd after the channel's CLOSE.
+
+    paramiko builds an EOF under the channel's lock and sends it after releasing it, while its
+    transport thread may answer the server's CLOSE of that channel (the command already ended)
+    with a CLOSE of its own; sent in that order, OpenSSH has freed the channel number and
+    disconnects: "ieof packet referred to nonexistent channel" — every command on the
+    connection is lost (paramiko/paramiko#1115 and #1705, open; seen on the lab in 1 bare apply of
+    30, tests/unit/test_transport_channel_eof.py forces it).  So:
+    * without stdin, the command reads /dev/null on the host and fleet sends no EOF at all (the
+      server's CLOSE is answered by paramiko's own thread, EOF and CLOSE in order);
+    * with stdin, the command runs in a subshell and its stdin is read to the end before the
+      shell exits, whatever the command did (e.g. `set -e` stopped it early): the server cannot
+      close the channel before fleet's EOF has arrived.  The exit status is the command's."""
+    if not stdin:
+        return "exec </dev/null\n" + (sudo_command(command) if use_sudo else command)
+    drained = f"(\n{command}\n)\nfleet_rc=$?\ncat >/dev/null\nexit $fleet_rc\n"
+    return sudo_command(drained) if use_sudo else drained
 
 
 def _feed(channel: paramiko.Channel, pending: memoryview) -> memoryview | None:
