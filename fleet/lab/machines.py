@@ -43,7 +43,8 @@ def write_host_files(root: Path, host: LabHost, all_hosts: list[LabHost], client
     _authorize(root, "root", client_key)
     level = sshd_log_level()
     if level:  # e.g. DEBUG1 for the test suite, so that a failed lab test keeps what sshd saw
-        (root / "etc/ssh/sshd_config.d/fleet-lab-log.conf").write_text(f"# fleet lab: {SSHD_LOG_ENV}\nLogLevel {level}\n")
+        conf = root / "etc/ssh/sshd_config.d/fleet-lab-log.conf"
+        conf.write_text(f"# fleet lab: {SSHD_LOG_ENV}\nLogLevel {level}\n")
     if host.user != "root":
         if not _passwd_entry(root, host.user):
             system.run(["chroot", root, "useradd", "--create-home", "--shell", "/bin/bash",

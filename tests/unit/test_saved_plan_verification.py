@@ -34,9 +34,9 @@ from observed import (
 )
 
 from fleet import cli
-from fleet.transport.protocol import RunResult
 from fleet.model import Host, HostResult
 from fleet.plan import Plan, PlanFileError, plan_from_json
+from fleet.transport.protocol import RunResult
 
 WEB = "mastodon-web.service"
 ENV = "/home/mastodon/live/.env.production"
