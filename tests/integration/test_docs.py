@@ -30,10 +30,11 @@ script next to this Python, `--lab --dir WORK --state-dir STATE` — where WORK 
 of the repository's desired_state.toml and hosts/ (a fresh one per block, so a block may edit it)
 and STATE a state directory that starts empty, like a new clone's `.fleet`.  Blocks are scripts:
 their lines run in order, through bash (`fleet` is a shell function adding those options), each
-block from a fresh WORK; the files run in DOC_ORDER.  So the lab goes through what a reader
-does: scripts/demo.sh boots it (as README's first command, sharing STATE) and converges it, docs/LAB.md
-takes it down, boots it and rehearses an incident on it, docs/audit.md converges, breaks and
-repairs it.  Then the inline spans run, each distinct one once, on the converged fleet, ordered
+block from a fresh WORK; README.md first, then docs/LAB.md, then the other docs/*.md by name
+(DOC_ORDER_FIRST).  So the lab goes through what a reader does: scripts/demo.sh (README's first
+command, sharing STATE) boots bare hosts — the clean start; no reset needed — and converges them,
+docs/LAB.md takes the lab down, boots it and rehearses an incident on it, docs/audit.md
+converges, breaks and repairs it.  Then the inline spans run, each distinct one once, on the converged fleet, ordered
 so that what they need comes first (a plan before `fleet show FILE`, `lab down` before `lab up`).
 `fleet lab up` replaces the session's lab (there is one per machine); at the end the session's
 lab is booted again (`Lab.up`), so later test modules find it as the fixture left it.
@@ -720,12 +721,12 @@ def test_every_documented_command_line_runs_as_documented(doc_run: DocRun) -> No
             seen.add(tuple(argv))
             run.inline(command, argv)
 
-    assert ran_demo, "README's `bash scripts/demo.sh` was not run"
-    assert any("lab ssh fritz" in h.text for h in run.hints), f"the demo's hints: {run.hints}"
-    assert len(run.results) > 80, f"only {len(run.results)} command lines ran"
     report = run.root / "doc-commands.txt"
     report.write_text("".join(f"== exit {r.code} (expected {r.expected}): {r.what}\n{r.output}\n" for r in run.results))
     problems = run.problems
     assert not problems, (f"{len(problems)} of {len(run.results)} documented command lines failed "
-                          f"(all of them: {report}):\n\n" + "\n\n".join(problems))
+                          f"(all of them, with their output: {report}):\n\n" + "\n\n".join(problems))
+    assert ran_demo, "README's `bash scripts/demo.sh` was not run"
+    assert any("lab ssh fritz" in h.text for h in run.hints), f"the demo's hints: {run.hints}"
+    assert len(run.results) > 80, f"only {len(run.results)} command lines ran"
 
