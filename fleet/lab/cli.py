@@ -2,7 +2,9 @@
 
 The main CLI calls `add_lab_parser(subparsers)` and, for the `lab` command, `run_lab(args)`.
 Location options (`dir`, `hosts`, `state_dir`) are read with getattr and defaults, so they may
-come from the main CLI's global options or from the lab's own.
+come from the main CLI's global options or from the lab's own.  Every other dest is the lab's
+own (`lab_command`, `remote_command`, ...): the lab's arguments land in the main CLI's namespace,
+and a dest it already uses (`command`, its subcommand) would be overwritten.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def add_lab_commands(parser: argparse.ArgumentParser) -> None:
     ssh = commands.add_parser("ssh", help="OpenSSH to a lab host: ssh HOST [COMMAND...]")
     add_location_options(ssh)
     ssh.add_argument("host", metavar="HOST")
-    ssh.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
-                     help="command to run on the host (default: a login shell)")
+    ssh.add_argument("remote_command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                     help="command to run on the host, joined with spaces and run by its shell, "
+                     "exiting with its status (default: a login shell, with a terminal when "
+                     "stdin is one)")
 
 
 def locations(args: argparse.Namespace) -> tuple[Path, LabPaths]:
@@ -97,7 +101,7 @@ def run_lab(args: argparse.Namespace) -> int:
         if command == "status":
             return _status(hosts_dir, paths, bool(getattr(args, "json", False)))
         if command == "ssh":
-            argv = lifecycle.ssh_command(paths, args.host, list(getattr(args, "command", [])))
+            argv = lifecycle.ssh_command(paths, args.host, list(getattr(args, "remote_command", [])))
             sys.stdout.flush()
             sys.stderr.flush()
             os.execvp(argv[0], argv)

@@ -377,7 +377,7 @@ def test_the_documented_check_output_and_json_are_what_fleet_prints(
     doc = DOC.read_text()
     example.edit("S3_BUCKET =", "3_BUCKET =")
     example.edit('SINGLE_USER_MODE = "false"', 'SINGLE_USER_MODE = "no"')
-    human = re.search(r"```\n\$ fleet check\n(error:.*?)```", doc, re.S)
+    human = re.search(r"\n\$ fleet check +# exit 1\b[^\n]*\n(error:.*?)```", doc, re.S)
     assert human is not None
     assert run_fleet(fleet_exe, "check", cwd=example.root).stdout == human.group(1)
     documented_json = re.search(r"### `--json`.*?```json\n(.*?)```", doc, re.S)
