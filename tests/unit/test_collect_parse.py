@@ -132,13 +132,22 @@ def test_a_foreign_script_version_is_refused() -> None:
         parse_host("h", fixture("bare-fritz").replace("@@fleet 1", "@@fleet 7", 1))
 
 
+@pytest.mark.parametrize("section", ["facts", "units", "hashes", "text", "env /home/mastodon/live/.env.production"])
+def test_a_section_printed_twice_is_refused_not_overridden_by_the_later_copy(section: str) -> None:
+    text = fixture("bare-fritz")
+    start = text.index(f"@@{section}\n")
+    body = text[start:text.index("\n@@", start) + 1]
+    with pytest.raises(ParseError, match=f"^h: section '{section[:40]}' appears twice") as e:
+        parse_host("h", text.replace("@@end\n", body + "@@end\n"))
+    assert e.value.host == "h"
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=600))
 def test_garbage_is_a_parse_error_never_a_crash(text: str) -> None:
-    try:
+    with pytest.raises(ParseError) as e:
         parse_host("h", text)
-    except ParseError:
-        pass
+    assert e.value.host == "h" and e.value.message.startswith("h: ")
 
 
 @settings(max_examples=300, deadline=None)
@@ -149,9 +158,10 @@ def test_a_real_output_with_lines_damaged_parses_or_fails_cleanly(data: st.DataO
     lines[i] = data.draw(st.text(max_size=80).filter(lambda s: "\n" not in s))
     try:
         result = parse_host("h", "\n".join(lines))
-    except ParseError:
+    except ParseError as e:
+        assert e.host == "h" and e.message.startswith("h: "), e.message
         return
-    assert isinstance(result, HostState)
+    assert isinstance(result, HostState) and result.host == "h"
 
 
 def test_the_script_is_valid_posix_sh_for_every_example_host() -> None:
