@@ -234,6 +234,8 @@ def fail_gate(rig: Rig, host: str, unit: str, reason: str = "unit failed to star
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """A hang guard, not a measurement: what it waits for takes milliseconds (the timeout is
+    hundreds of times that), and the timeout only turns a missed event into a failure."""
     end = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < end, "timed out waiting"
