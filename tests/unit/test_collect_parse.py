@@ -106,6 +106,19 @@ def test_the_database_host_reports_the_postgres_cluster_instance_and_redis_runni
     assert state.unit("postgresql@15-main.service") is not None
 
 
+def test_a_units_restart_count_and_main_pid_are_read_from_its_block() -> None:
+    head, rest = fixture("drifted-franz").split("@@units\n")
+    units, tail = rest.split("@@hashes\n")
+    blocks = units.split("\n\n")  # systemctl show: one block per unit, blank-line separated
+    (i,) = [i for i, b in enumerate(blocks) if "Id=mastodon-sidekiq.service\n" in b]
+    assert blocks[i].count("NRestarts=0\n") == 1
+    blocks[i] = blocks[i].replace("NRestarts=0\n", "NRestarts=17\n")
+    state = parse_host("franz", f"{head}@@units\n" + "\n\n".join(blocks) + f"@@hashes\n{tail}")
+    sidekiq = state.unit("mastodon-sidekiq.service")
+    assert sidekiq is not None and sidekiq.n_restarts == 17 and sidekiq.main_pid > 0
+    assert {u.n_restarts for u in state.units if u.unit != "mastodon-sidekiq.service"} == {0}
+
+
 def test_exec_start_is_parsed_from_systemds_rendering() -> None:
     value = ("{ path=/usr/bin/x ; argv[]=/usr/bin/x -c 10 -q default ; ignore_errors=no ; start_time=[n/a] ; "
              "stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }")

@@ -200,6 +200,32 @@ def test_a_wrong_owner_or_mode_rewrites_the_env_file_and_says_so(desired: Desire
     assert "owner/mode root:mastodon 0644, should be mastodon:mastodon 0600" in w.reason
 
 
+@pytest.mark.parametrize(("meta", "observed"), [
+    ({"owner": "root"}, "root:mastodon 0600"),
+    ({"group": "root"}, "mastodon:root 0600"),
+    ({"mode": "0640"}, "mastodon:mastodon 0640"),
+], ids=["owner-alone", "group-alone", "mode-alone"])
+def test_each_of_owner_group_and_mode_alone_is_drift_of_the_env_file(desired: Desired, fleet: dict[str, HostState],
+                                                                     meta: dict[str, str], observed: str) -> None:
+    fleet["fritz"] = env_meta(fleet["fritz"], **meta)
+    d = diff(desired, fleet, S)
+    w = one(d, "fritz", WRITE_ENV, ENV_PATH)
+    assert w.keys == ()
+    assert w.reason == f"owner/mode {observed}, should be mastodon:mastodon 0600"
+    assert ids(d) == {f"fritz:write-env:{ENV_PATH}", f"fritz:restart:{WEB}", f"fritz:restart:{STREAMING}"}
+
+
+@pytest.mark.parametrize("held", ["TRUE", "True", "true ", " true"])
+def test_an_env_value_differing_only_in_case_or_spacing_is_drift(desired: Desired, fleet: dict[str, HostState],
+                                                                  held: str) -> None:
+    # The postmortem: the host said S3_ENABLED=TRUE, the declaration "true"; Mastodon compares
+    # exactly (ENV["S3_ENABLED"] == "true"), so TRUE left object storage off.
+    assert desired.env_files[0].values_for("fritz")["S3_ENABLED"] == "true"
+    fleet["fritz"] = set_env_value(fleet["fritz"], "S3_ENABLED", held)
+    w = one(diff(desired, fleet, S), "fritz", WRITE_ENV, ENV_PATH)
+    assert w.keys == (("S3_ENABLED", "change", held, "true"),)
+
+
 def test_an_edited_unit_is_rewritten_with_a_unified_diff_then_reloaded_and_restarted(
         desired: Desired, fleet: dict[str, HostState]) -> None:
     fleet["fritz"] = edited(fleet["fritz"], WEB, "Nice=5")

@@ -3,6 +3,8 @@ by discovery, one cell per host; plus which Sidekiq process serves which queue."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from observed import (
     EXAMPLE_SECRETS,
@@ -23,7 +25,7 @@ from observed import (
 )
 
 from fleet.model import HostResult, HostState
-from fleet.render import sidekiq_text
+from fleet.render import sidekiq_text, status_text
 from fleet.status import (
     ABSENT,
     DRIFT,
@@ -183,6 +185,48 @@ def test_the_status_json_marks_declared_cells(fleet: dict[str, HostState]) -> No
     assert web["cells"]["franz"]["unit"]["text_hash"]
     assert [p["declared"] for p in doc["sidekiq"]["processes"] if p["host"] == "franz"] == [False]
     assert "franz:mastodon-sidekiq.service" in doc["sidekiq"]["queues"]["default"]
+
+
+# ------------------------------------------------------------------ the human table
+
+
+def table_cells(text: str) -> dict[tuple[str, str], str]:
+    """(unit, host) -> what `fleet status` prints in that cell, its lines joined by " / "."""
+    lines = text.split("\nlegend:")[0].splitlines()
+    header, rule, rows = lines[0], lines[1], lines[2:]
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]
+    names = [header[a:b].strip() for a, b in spans]
+    cells: dict[tuple[str, str], str] = {}
+    unit = ""
+    for line in rows:
+        values = [line[a:b].strip() for a, b in spans]  # tabulate pads each cell to its rule
+        unit = values[1] or unit  # a drift reason continues its cell on the next line
+        for host, value in zip(names[2:], values[2:], strict=True):
+            if value:
+                cells[(unit, host)] = f"{cells[(unit, host)]} / {value}" if (unit, host) in cells else value
+    return cells
+
+
+def test_the_status_table_marks_each_kind_of_cell_as_its_legend_says(fleet: dict[str, HostState]) -> None:
+    fleet["fritz"] = stopped(fleet["fritz"], "mastodon-web.service")
+    fleet["fritz"] = with_unit(fleet["fritz"], distro_unit("postgresql.service", active="inactive", sub="dead"))
+    fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq())
+    observed: dict[str, HostResult] = {**fleet, "nietzsche": unreachable("nietzsche")}
+    text = status_text(status(observed), now=0)
+    cells = table_cells(text)
+    assert cells[("mastodon-web.service", "fritz")] == "inactive/dead (!) / should be active/running"
+    assert cells[("mastodon-web.service", "franz")] == "active/running"
+    assert cells[("mastodon-web.service", "freud")] == "·"
+    assert cells[("mastodon-web.service", "nietzsche")] == "?"
+    assert cells[("mastodon-sidekiq.service", "franz")] == "active/running (unmanaged)"
+    assert cells[("postgresql.service", "fritz")] == "inactive/dead (undeclared)"
+    assert "legend: (!) differs from the desired state · (unmanaged) runs where nobody declared it · " \
+           "(undeclared) installed, not declared here · '·' absent · '?' host did not answer" in text
+
+
+def test_a_converged_fleet_has_no_mark_in_its_status_table(fleet: dict[str, HostState]) -> None:
+    cells = table_cells(status_text(status(fleet), now=0))
+    assert set(cells.values()) == {"active/running", "active/exited", "·"}, cells
 
 
 # ------------------------------------------------------------------ parse_sidekiq_argv
