@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet import config
-from fleet.collect.parse import _lines, parse_exec_start, parse_host
+from fleet.collect.parse import MAX_FACT_LINES, _lines, parse_exec_start, parse_host
 from fleet.collect.script import CollectSpec, build_script, spec_for
 from fleet.envfile import fingerprint
 from fleet.errors import ParseError
@@ -117,6 +117,21 @@ def test_a_units_restart_count_and_main_pid_are_read_from_its_block() -> None:
     sidekiq = state.unit("mastodon-sidekiq.service")
     assert sidekiq is not None and sidekiq.n_restarts == 17 and sidekiq.main_pid > 0
     assert {u.n_restarts for u in state.units if u.unit != "mastodon-sidekiq.service"} == {0}
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_a_facts_section_may_hold_exactly_its_cap_of_lines(padding: int) -> None:
+    head, rest = fixture("bare-fritz").split("@@facts\n")
+    facts, tail = rest.split("@@units\n")
+    lines = facts.splitlines()
+    lines += [f"unasked_{i}=x" for i in range(MAX_FACT_LINES - len(lines) + padding)]
+    text = f"{head}@@facts\n" + "\n".join(lines) + f"\n@@units\n{tail}"
+    if not padding:
+        assert parse_host("h", text).facts.hostname == "fritz"
+        return
+    with pytest.raises(ParseError, match=f"^h: the facts section of the collection output holds more than "
+                                         f"{MAX_FACT_LINES:,} lines"):
+        parse_host("h", text)
 
 
 def test_exec_start_is_parsed_from_systemds_rendering() -> None:

@@ -404,6 +404,15 @@ def test_an_undeclared_stopped_unit_file_in_etc_is_pruned_by_removal_alone(desir
     assert p.steps == ("remove",)
 
 
+def test_a_static_undeclared_unit_is_stopped_and_removed_but_not_disabled(desired: Desired,
+                                                                         fleet: dict[str, HostState]) -> None:
+    # A static unit has no [Install] section: `systemctl disable` has nothing to undo there.
+    unit = dataclasses.replace(undeclared_sidekiq(), unit_file_state="static")
+    fleet["franz"] = with_unit(fleet["franz"], unit)
+    p = one(diff(desired, fleet, S), "franz", PRUNE, "mastodon-sidekiq.service")
+    assert p.steps == ("stop", "remove")
+
+
 def test_a_service_running_on_a_host_it_left_is_pruned_there_and_named(desired: Desired,
                                                                        fleet: dict[str, HostState]) -> None:
     """sidekiq-default moved from franz to freud: still running on franz."""
@@ -453,15 +462,23 @@ def test_a_secret_in_a_hand_edited_unit_never_reaches_the_unified_diff(desired: 
     assert "hunter2-on-the-host" not in w.diff
 
 
+# /run: `systemctl edit --runtime`; /etc/systemd/system.control: `systemctl set-property`, next to
+# fleet's directory and sharing its prefix but for the slash.
+OTHER_DROP_IN_DIRS = ["/run/systemd/system", "/etc/systemd/system.control"]
+
+
+@pytest.mark.parametrize("directory", OTHER_DROP_IN_DIRS)
 def test_a_drop_in_outside_etc_is_not_fleets_to_remove_and_forces_no_rewrite(desired: Desired,
-                                                                             fleet: dict[str, HostState]) -> None:
-    fleet["fritz"] = with_drop_in(fleet["fritz"], WEB, content="[Service]\nNice=5\n", directory="/run/systemd/system")
+                                                                             fleet: dict[str, HostState],
+                                                                             directory: str) -> None:
+    fleet["fritz"] = with_drop_in(fleet["fritz"], WEB, content="[Service]\nNice=5\n", directory=directory)
     assert diff(desired, fleet, S).changes == ()
 
 
+@pytest.mark.parametrize("directory", OTHER_DROP_IN_DIRS)
 def test_a_drop_in_in_etc_next_to_a_drop_in_in_run_is_removed_alone(desired: Desired,
-                                                                   fleet: dict[str, HostState]) -> None:
-    state = with_drop_in(fleet["fritz"], WEB, name="runtime.conf", directory="/run/systemd/system")
+                                                                   fleet: dict[str, HostState], directory: str) -> None:
+    state = with_drop_in(fleet["fritz"], WEB, name="runtime.conf", directory=directory)
     fleet["fritz"] = with_drop_in(state, WEB, name="local.conf")
     w = one(diff(desired, fleet, S), "fritz", WRITE_UNIT, WEB)
     assert w.remove_files == ("/etc/systemd/system/mastodon-web.service.d/local.conf",)

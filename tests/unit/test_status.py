@@ -3,6 +3,7 @@ by discovery, one cell per host; plus which Sidekiq process serves which queue."
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -139,6 +140,17 @@ def test_a_missing_declared_unit_is_drift_not_absent(fleet: dict[str, HostState]
     fleet["nietzsche"] = without_unit(fleet["nietzsche"], "redis-server.service")
     c = cell(status(fleet), "redis-server.service", "nietzsche")
     assert (c.status, c.state, c.detail) == (DRIFT, "missing", "not installed")
+
+
+@pytest.mark.parametrize(("active", "sub"), [("active", "running"), ("activating", "auto-restart"),
+                                           ("reloading", "reload")])
+def test_an_undeclared_unit_starting_or_reloading_counts_as_running_there(fleet: dict[str, HostState],
+                                                                         active: str, sub: str) -> None:
+    # A crash-looping hand-made Sidekiq is mostly `activating/auto-restart`: it still takes jobs.
+    rogue = dataclasses.replace(undeclared_sidekiq(), active_state=active, sub_state=sub)
+    fleet["franz"] = with_unit(fleet["franz"], rogue)
+    c = cell(status(fleet), "mastodon-sidekiq.service", "franz")
+    assert (c.status, c.state) == (UNMANAGED, f"{active}/{sub}")
 
 
 def test_postgres_left_installed_on_the_old_db_host_is_present_or_unmanaged(fleet: dict[str, HostState]) -> None:
