@@ -185,8 +185,8 @@ def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> No
         raise PlanFileError(f"{source}: its waves and its changes do not match (edited or damaged)",
                             hint="recompute it with `fleet plan -o FILE`")
     for c in changes:
-        if c.action not in ACTIONS or any(len(k) != 4 or k[1] not in ("set", "change", "remove") for k in c.keys) \
-                or not _texts(c):
+        bad_keys = any(len(k) != 4 or k[1] not in ("set", "change", "remove") for k in c.keys)
+        if c.action not in ACTIONS or bad_keys or not _texts(c):
             raise PlanFileError(f"{source}: change {c.id[:80]!r} is malformed",
                                 hint="recompute it with `fleet plan -o FILE`")
     deps = {c["id"]: c.get("deps", ()) for c in d["changes"]}
