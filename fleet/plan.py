@@ -179,13 +179,19 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
 
 def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> None:
     """A plan file is data from disk: check it is whole before anything reads it."""
+    texts = [d["hosts"], d.get("notes", []), d.get("problems", []),
+             *([u.get("host"), u.get("kind"), u.get("message")] for u in d.get("unknown", []))]
+    if not all(isinstance(t, list) and all(isinstance(x, str) for x in t) for t in texts):
+        raise PlanFileError(f"{source}: its hosts, notes, problems or unobserved hosts are not all text "
+                            "(edited or damaged)", hint="recompute it with `fleet plan -o FILE`")
     ids = {c.id for c in changes}
     waves = [cid for w in d["waves"] for cid in w]
     if sorted(waves) != sorted(ids):
         raise PlanFileError(f"{source}: its waves and its changes do not match (edited or damaged)",
                             hint="recompute it with `fleet plan -o FILE`")
     for c in changes:
-        if c.action not in ACTIONS or any(len(k) != 4 or k[1] not in ("set", "change", "remove") for k in c.keys):
+        bad_keys = any(len(k) != 4 or k[1] not in ("set", "change", "remove") for k in c.keys)
+        if c.action not in ACTIONS or bad_keys or not _texts(c):
             raise PlanFileError(f"{source}: change {c.id[:80]!r} is malformed",
                                 hint="recompute it with `fleet plan -o FILE`")
     deps = {c["id"]: c.get("deps", ()) for c in d["changes"]}
@@ -314,6 +320,14 @@ def _shown(value: Any, limit: int = 200) -> str:
         text = "" if value is None else str(value)
     text = text or "none"
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _texts(c: Change) -> bool:
+    """The fields `Change.from_dict` passes through unconverted hold text, as apply reads them
+    (a `null` among the files to remove reached the remote script builder as None)."""
+    return ((c.service is None or isinstance(c.service, str))
+            and all(isinstance(x, str) for x in (*c.remove_files, *c.steps))
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in c.meta))
 
 
 def desired_hash(desired: Desired) -> str:

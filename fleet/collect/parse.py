@@ -110,7 +110,14 @@ def _parse(host: str, text: str, collected_at: float, duration: float) -> HostSt
     hashes: dict[str, str] | None = None
     texts: dict[str, list[tuple[str, str]]] | None = None
     env_files: list[EnvFileState] = []
+    seen: set[str] = set()
     for name, start, stop in _sections(host, text):
+        # The script prints each section once (env paths are unique per host): a repeat is not
+        # fleet's output, and a flood of repeats would cost a parse each.
+        if name in seen:
+            raise ParseError(f"{host}: section {name[:40]!r} appears twice in the collection output", host=host,
+                             section=name[:40], hint="something on the host prints to stdout besides the script")
+        seen.add(name)
         lines = _lines(text, start, stop)
         if name.startswith("env "):
             if len(env_files) >= MAX_ENV_FILES:

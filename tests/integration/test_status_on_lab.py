@@ -83,11 +83,32 @@ def test_status_flags_queues_nobody_serves(drifted: Any) -> None:
     assert any(c == "sidekiq.scheduler-count" for c, _ in codes)
 
 
+def table_cells(text: str) -> dict[tuple[str, str], str]:
+    """(unit, host) -> what the status table prints in that cell, its lines joined by " / "."""
+    lines = text.split("\nlegend:")[0].splitlines()
+    header, rule, rows = lines[0], lines[1], lines[2:]
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]
+    names = [header[a:b].strip() for a, b in spans]
+    cells: dict[tuple[str, str], str] = {}
+    unit = ""
+    for line in rows:
+        values = [line[a:b].strip() for a, b in spans]  # tabulate pads each cell to its rule
+        unit = values[1] or unit  # a drift reason continues its cell on the next line
+        for host, value in zip(names[2:], values[2:], strict=True):
+            if value:
+                cells[(unit, host)] = f"{cells[(unit, host)]} / {value}" if (unit, host) in cells else value
+    return cells
+
+
 def test_status_text_marks_drift_and_unmanaged_cells(drifted: Any) -> None:
     done = fleet(drifted, "status")
     assert done.returncode == 0, done.stderr
-    line = next(ln for ln in done.stdout.splitlines() if "mastodon-sidekiq.service" in ln and "(undeclared)" in ln)
-    assert "active/running (unmanaged)" in line
+    cells = table_cells(done.stdout)
+    assert cells[("mastodon-sidekiq-default.service", "freud")] == (
+        "inactive/dead (!) / should be active/running, unit file differs")  # installed by hand, stopped
+    assert cells[("mastodon-web.service", "franz")] == "missing (!) / not installed"
+    assert cells[("mastodon-web.service", "fritz")] == "active/running"
+    assert cells[("mastodon-sidekiq.service", "franz")] == "active/running (unmanaged)"
     assert "NOBODY (!)" in done.stdout
     assert "franz:mastodon-sidekiq.service" in done.stdout
 

@@ -188,6 +188,8 @@ def fail_gate(rig: Rig, host: str, unit: str, reason: str = "unit failed to star
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """A hang guard, not a measurement: what it waits for takes milliseconds (the timeout is
+    hundreds of times that), and the timeout only turns a missed event into a failure."""
     end = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < end, "timed out waiting"
@@ -702,8 +704,16 @@ def test_describe_holder_of_a_holder_file_that_is_json_but_not_an_object_does_no
 # ------------------------------------------------------------------ check_contents
 
 
-def test_check_contents_accepts_the_inputs_the_plan_was_computed_from() -> None:
-    check_contents(bare_plan(), example(), S)
+def test_check_contents_accepts_the_inputs_the_plan_was_computed_from_and_no_other_content() -> None:
+    plan = bare_plan()
+    writes = [c for c in plan.changes if c.action in ("write-unit", "write-env")]
+    assert {c.action for c in writes} == {"write-unit", "write-env"}
+    check_contents(plan, example(), S)  # the plan's own inputs: accepted
+    for c in writes:  # each content the plan recorded is checked: one hash off, and it is refused
+        edited = dataclasses.replace(c, content_hash="0" * 64)
+        tampered = dataclasses.replace(plan, changes=tuple(edited if x is c else x for x in plan.changes))
+        with pytest.raises(StaleInputError, match=f"{c.host}: .*{re.escape(c.target)} would differ from the plan"):
+            check_contents(tampered, example(), S)
 
 
 def test_check_contents_refuses_when_a_units_rendered_text_differs_from_the_plan() -> None:

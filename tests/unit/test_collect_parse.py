@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet import config
-from fleet.collect.parse import _lines, parse_exec_start, parse_host
+from fleet.collect.parse import MAX_FACT_LINES, _lines, parse_exec_start, parse_host
 from fleet.collect.script import CollectSpec, build_script, spec_for
 from fleet.envfile import fingerprint
 from fleet.errors import ParseError
@@ -106,6 +106,34 @@ def test_the_database_host_reports_the_postgres_cluster_instance_and_redis_runni
     assert state.unit("postgresql@15-main.service") is not None
 
 
+def test_a_units_restart_count_and_main_pid_are_read_from_its_block() -> None:
+    head, rest = fixture("drifted-franz").split("@@units\n")
+    units, tail = rest.split("@@hashes\n")
+    blocks = units.split("\n\n")  # systemctl show: one block per unit, blank-line separated
+    (i,) = [i for i, b in enumerate(blocks) if "Id=mastodon-sidekiq.service\n" in b]
+    assert blocks[i].count("NRestarts=0\n") == 1
+    blocks[i] = blocks[i].replace("NRestarts=0\n", "NRestarts=17\n")
+    state = parse_host("franz", f"{head}@@units\n" + "\n\n".join(blocks) + f"@@hashes\n{tail}")
+    sidekiq = state.unit("mastodon-sidekiq.service")
+    assert sidekiq is not None and sidekiq.n_restarts == 17 and sidekiq.main_pid > 0
+    assert {u.n_restarts for u in state.units if u.unit != "mastodon-sidekiq.service"} == {0}
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_a_facts_section_may_hold_exactly_its_cap_of_lines(padding: int) -> None:
+    head, rest = fixture("bare-fritz").split("@@facts\n")
+    facts, tail = rest.split("@@units\n")
+    lines = facts.splitlines()
+    lines += [f"unasked_{i}=x" for i in range(MAX_FACT_LINES - len(lines) + padding)]
+    text = f"{head}@@facts\n" + "\n".join(lines) + f"\n@@units\n{tail}"
+    if not padding:
+        assert parse_host("h", text).facts.hostname == "fritz"
+        return
+    with pytest.raises(ParseError, match=f"^h: the facts section of the collection output holds more than "
+                                         f"{MAX_FACT_LINES:,} lines"):
+        parse_host("h", text)
+
+
 def test_exec_start_is_parsed_from_systemds_rendering() -> None:
     value = ("{ path=/usr/bin/x ; argv[]=/usr/bin/x -c 10 -q default ; ignore_errors=no ; start_time=[n/a] ; "
              "stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }")
@@ -132,13 +160,22 @@ def test_a_foreign_script_version_is_refused() -> None:
         parse_host("h", fixture("bare-fritz").replace("@@fleet 1", "@@fleet 7", 1))
 
 
+@pytest.mark.parametrize("section", ["facts", "units", "hashes", "text", "env /home/mastodon/live/.env.production"])
+def test_a_section_printed_twice_is_refused_not_overridden_by_the_later_copy(section: str) -> None:
+    text = fixture("bare-fritz")
+    start = text.index(f"@@{section}\n")
+    body = text[start:text.index("\n@@", start) + 1]
+    with pytest.raises(ParseError, match=f"^h: section '{section[:40]}' appears twice") as e:
+        parse_host("h", text.replace("@@end\n", body + "@@end\n"))
+    assert e.value.host == "h"
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=600))
 def test_garbage_is_a_parse_error_never_a_crash(text: str) -> None:
-    try:
+    with pytest.raises(ParseError) as e:
         parse_host("h", text)
-    except ParseError:
-        pass
+    assert e.value.host == "h" and e.value.message.startswith("h: ")
 
 
 @settings(max_examples=300, deadline=None)
@@ -149,9 +186,10 @@ def test_a_real_output_with_lines_damaged_parses_or_fails_cleanly(data: st.DataO
     lines[i] = data.draw(st.text(max_size=80).filter(lambda s: "\n" not in s))
     try:
         result = parse_host("h", "\n".join(lines))
-    except ParseError:
+    except ParseError as e:
+        assert e.host == "h" and e.message.startswith("h: "), e.message
         return
-    assert isinstance(result, HostState)
+    assert isinstance(result, HostState) and result.host == "h"
 
 
 def test_the_script_is_valid_posix_sh_for_every_example_host() -> None:

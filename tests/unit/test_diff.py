@@ -200,6 +200,32 @@ def test_a_wrong_owner_or_mode_rewrites_the_env_file_and_says_so(desired: Desire
     assert "owner/mode root:mastodon 0644, should be mastodon:mastodon 0600" in w.reason
 
 
+@pytest.mark.parametrize(("meta", "observed"), [
+    ({"owner": "root"}, "root:mastodon 0600"),
+    ({"group": "root"}, "mastodon:root 0600"),
+    ({"mode": "0640"}, "mastodon:mastodon 0640"),
+], ids=["owner-alone", "group-alone", "mode-alone"])
+def test_each_of_owner_group_and_mode_alone_is_drift_of_the_env_file(desired: Desired, fleet: dict[str, HostState],
+                                                                     meta: dict[str, str], observed: str) -> None:
+    fleet["fritz"] = env_meta(fleet["fritz"], **meta)
+    d = diff(desired, fleet, S)
+    w = one(d, "fritz", WRITE_ENV, ENV_PATH)
+    assert w.keys == ()
+    assert w.reason == f"owner/mode {observed}, should be mastodon:mastodon 0600"
+    assert ids(d) == {f"fritz:write-env:{ENV_PATH}", f"fritz:restart:{WEB}", f"fritz:restart:{STREAMING}"}
+
+
+@pytest.mark.parametrize("held", ["TRUE", "True", "true ", " true"])
+def test_an_env_value_differing_only_in_case_or_spacing_is_drift(desired: Desired, fleet: dict[str, HostState],
+                                                                  held: str) -> None:
+    # The postmortem: the host said S3_ENABLED=TRUE, the declaration "true"; Mastodon compares
+    # exactly (ENV["S3_ENABLED"] == "true"), so TRUE left object storage off.
+    assert desired.env_files[0].values_for("fritz")["S3_ENABLED"] == "true"
+    fleet["fritz"] = set_env_value(fleet["fritz"], "S3_ENABLED", held)
+    w = one(diff(desired, fleet, S), "fritz", WRITE_ENV, ENV_PATH)
+    assert w.keys == (("S3_ENABLED", "change", held, "true"),)
+
+
 def test_an_edited_unit_is_rewritten_with_a_unified_diff_then_reloaded_and_restarted(
         desired: Desired, fleet: dict[str, HostState]) -> None:
     fleet["fritz"] = edited(fleet["fritz"], WEB, "Nice=5")
@@ -378,6 +404,15 @@ def test_an_undeclared_stopped_unit_file_in_etc_is_pruned_by_removal_alone(desir
     assert p.steps == ("remove",)
 
 
+def test_a_static_undeclared_unit_is_stopped_and_removed_but_not_disabled(desired: Desired,
+                                                                         fleet: dict[str, HostState]) -> None:
+    # A static unit has no [Install] section: `systemctl disable` has nothing to undo there.
+    unit = dataclasses.replace(undeclared_sidekiq(), unit_file_state="static")
+    fleet["franz"] = with_unit(fleet["franz"], unit)
+    p = one(diff(desired, fleet, S), "franz", PRUNE, "mastodon-sidekiq.service")
+    assert p.steps == ("stop", "remove")
+
+
 def test_a_service_running_on_a_host_it_left_is_pruned_there_and_named(desired: Desired,
                                                                        fleet: dict[str, HostState]) -> None:
     """sidekiq-default moved from franz to freud: still running on franz."""
@@ -427,15 +462,23 @@ def test_a_secret_in_a_hand_edited_unit_never_reaches_the_unified_diff(desired: 
     assert "hunter2-on-the-host" not in w.diff
 
 
+# /run: `systemctl edit --runtime`; /etc/systemd/system.control: `systemctl set-property`, next to
+# fleet's directory and sharing its prefix but for the slash.
+OTHER_DROP_IN_DIRS = ["/run/systemd/system", "/etc/systemd/system.control"]
+
+
+@pytest.mark.parametrize("directory", OTHER_DROP_IN_DIRS)
 def test_a_drop_in_outside_etc_is_not_fleets_to_remove_and_forces_no_rewrite(desired: Desired,
-                                                                             fleet: dict[str, HostState]) -> None:
-    fleet["fritz"] = with_drop_in(fleet["fritz"], WEB, content="[Service]\nNice=5\n", directory="/run/systemd/system")
+                                                                             fleet: dict[str, HostState],
+                                                                             directory: str) -> None:
+    fleet["fritz"] = with_drop_in(fleet["fritz"], WEB, content="[Service]\nNice=5\n", directory=directory)
     assert diff(desired, fleet, S).changes == ()
 
 
+@pytest.mark.parametrize("directory", OTHER_DROP_IN_DIRS)
 def test_a_drop_in_in_etc_next_to_a_drop_in_in_run_is_removed_alone(desired: Desired,
-                                                                   fleet: dict[str, HostState]) -> None:
-    state = with_drop_in(fleet["fritz"], WEB, name="runtime.conf", directory="/run/systemd/system")
+                                                                   fleet: dict[str, HostState], directory: str) -> None:
+    state = with_drop_in(fleet["fritz"], WEB, name="runtime.conf", directory=directory)
     fleet["fritz"] = with_drop_in(state, WEB, name="local.conf")
     w = one(diff(desired, fleet, S), "fritz", WRITE_UNIT, WEB)
     assert w.remove_files == ("/etc/systemd/system/mastodon-web.service.d/local.conf",)

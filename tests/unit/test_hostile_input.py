@@ -37,14 +37,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet import cli, config
+from fleet.collect import parse as parse_module
 from fleet.collect.collector import collect, to_result
 from fleet.collect.parse import parse_env, parse_facts, parse_hashes, parse_host, parse_texts, parse_units
 from fleet.collect.script import CollectSpec, build_script, spec_for
+from fleet.diff import ACTIONS
 from fleet.envfile import render_file
 from fleet.errors import FleetError, ParseError, TransportError
 from fleet.journal import parse_since
-from fleet.model import HostError, HostState
-from fleet.plan import PlanFileError, build_plan, plan_from_json
+from fleet.model import Host, HostError, HostState
+from fleet.plan import Plan, PlanFileError, build_plan, plan_from_json
+from fleet.render import plan_text
 from fleet.secrets import load_secrets
 from fleet.snapshot import pack, unpack
 from fleet.status import build_status, status_json
@@ -576,17 +579,37 @@ def test_a_host_whose_output_exceeds_the_cap_is_that_hosts_error_and_the_others_
     assert all(report["hosts"][h]["reachable"] for h in ("franz", "freud", "nietzsche"))
 
 
-@pytest.mark.parametrize("output", [
-    b"\x00\xff" * (4 << 20),
-    b"@@fleet 1\n@@facts\n" + b"k=v\n" * (2 << 20),
-    b"@@fleet 1\n" + b"@@units\n" * (1 << 20),
-    (fixture_text("bare-fritz").split("@@text")[0] + "@@text\n@@file u /p\n").encode() + b"|x\n" * (2 << 20),
+@pytest.mark.parametrize(("output", "error", "sections"), [
+    (b"\x00\xff" * (4 << 20), "output does not start with the fleet header", []),
+    (b"@@fleet 1\n@@facts\n" + b"k=v\n" * (2 << 20), "collection output is truncated", []),
+    (b"@@fleet 1\n" + b"@@units\n" * (1 << 20), "section 'units' appears twice", ["units", "units"]),
+    ((fixture_text("bare-fritz").split("@@text")[0] + "@@text\n@@file u /p\n").encode() + b"|x\n" * (2 << 20),
+     "collection output is truncated", ["facts", "units", "hashes"]),
 ], ids=["binary-garbage", "facts-without-end", "section-flood", "endless-unit-text"])
-def test_megabytes_of_broken_output_are_a_parse_error_for_that_host_in_bounded_time(output: bytes) -> None:
-    started = time.monotonic()
-    result = to_result("fritz", RunResult("fritz", "script", 0, output, b"", 1.0))
-    assert isinstance(result, HostError) and result.kind == "parse" and result.message.startswith("fritz:")
-    assert time.monotonic() - started < 5
+def test_megabytes_of_broken_output_are_a_parse_error_for_that_host_with_bounded_work(
+        output: bytes, error: str, sections: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The work is bounded by what the parse looks at, not by the size of the output: it stops at
+    the first section that cannot be fleet's (the section flood once cost a parse per repeat: a
+    million of them, 3 to 7 s), and it keeps a few bytes per byte of output at most."""
+    parsed: list[str] = []
+    split = parse_module._sections
+
+    def counted(host: str, text: str) -> Iterator[tuple[str, int, int]]:
+        for section in split(host, text):
+            parsed.append(section[0])
+            yield section
+
+    monkeypatch.setattr(parse_module, "_sections", counted)
+    tracemalloc.start()
+    try:
+        result = to_result("fritz", RunResult("fritz", "script", 0, output, b"", 1.0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(result, HostError) and result.kind == "parse", result
+    assert result.message.startswith(f"fritz: {error}"), result.message
+    assert parsed == sections, "sections parsed before the output was refused"
+    assert peak < 4 * len(output), f"parsing {len(output) >> 20} MiB peaked at {peak >> 20} MiB"
 
 
 def test_a_collection_killed_without_an_exit_status_says_so() -> None:
@@ -783,10 +806,27 @@ def json_paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ..
 PLAN_PATHS = list(json_paths(PLAN_DOC))[1:]
 
 
+def assert_whole(plan: Plan) -> None:
+    """A plan that loads is one the rest of fleet can use as it is: every change in one wave,
+    every dependency a change of the plan, every field of the type apply and show read, shown
+    without an exception, and saved again unchanged."""
+    ids = [c.id for c in plan.changes]
+    assert sorted(cid for wave in plan.waves for cid in wave) == sorted(ids)
+    assert all(dep in ids for deps in plan.deps.values() for dep in deps)
+    for c in plan.changes:
+        assert c.action in ACTIONS
+        texts = (c.host, c.action, c.target, c.reason, c.before, c.after, c.diff, c.content_hash)
+        assert all(isinstance(t, str) for t in texts) and (c.service is None or isinstance(c.service, str)), c
+        assert all(isinstance(t, str) for t in (*c.remove_files, *c.steps, *(x for k in c.keys for x in k))), c
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in c.meta), c
+    assert plan_text(plan)
+    assert plan_from_json(plan.to_json()).to_dict() == plan.to_dict()
+
+
 @QUICK
 @given(JSON_VALUES)
 def test_any_json_document_is_a_plan_or_a_plan_file_error(value: Any) -> None:
-    with contextlib.suppress(PlanFileError):
+    with pytest.raises(PlanFileError):  # none of these few leaves can hold a plan's required fields
         plan_from_json(json.dumps(value))
 
 
@@ -799,8 +839,11 @@ def test_a_saved_plan_with_any_field_replaced_is_a_plan_or_a_plan_file_error(pat
     for k in path[:-1]:
         parent = parent[k]
     parent[path[-1]] = value
-    with contextlib.suppress(PlanFileError):
-        plan_from_json(json.dumps(doc))
+    try:
+        plan = plan_from_json(json.dumps(doc))
+    except PlanFileError:
+        return
+    assert_whole(plan)
 
 
 @QUICK
@@ -847,16 +890,21 @@ SNAPSHOT = pack({"fritz": parse_host("fritz", fixture_text("drifted-franz")),
 @QUICK
 @given(st.binary(max_size=400))
 def test_random_bytes_as_a_snapshot_are_a_fleet_error(raw: bytes) -> None:
-    with contextlib.suppress(FleetError):
+    with pytest.raises(FleetError, match="^a snapshot in the journal is damaged"):
         unpack(raw)
 
 
 @QUICK
 @given(st.integers(0, len(SNAPSHOT) - 1), st.integers(1, 255))
-def test_a_snapshot_with_a_damaged_byte_is_a_fleet_error(at: int, xor: int) -> None:
+def test_a_snapshot_with_a_damaged_byte_is_a_fleet_error_or_the_same_snapshot(at: int, xor: int) -> None:
+    # zlib's checksum catches a damaged byte in the data; only a byte zlib does not read back as
+    # data (its header's compression-level bits) may change and leave the snapshot as it was.
     damaged = SNAPSHOT[:at] + bytes([SNAPSHOT[at] ^ xor]) + SNAPSHOT[at + 1:]
-    with contextlib.suppress(FleetError):
-        unpack(damaged)
+    try:
+        results = unpack(damaged)
+    except FleetError:
+        return
+    assert pack(results) == SNAPSHOT
 
 
 @pytest.mark.parametrize("record", [b"null", b"[]", b'{"format": 1, "hosts": []}',

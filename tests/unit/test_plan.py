@@ -358,8 +358,6 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "collect"
 CAPTURED = {"franz": "drifted-franz", "fritz": "bare-fritz", "freud": "bare-freud", "nietzsche": "databases-nietzsche"}
 
 
-@pytest.mark.skipif(not all((FIXTURES / f"{n}.txt").is_file() for n in CAPTURED.values()),
-                    reason="captured lab output (tests/fixtures/collect) not present")
 def test_the_postmortem_fleet_as_captured_on_the_lab_gets_a_plan_that_converges_it() -> None:
     """Real collector output: franz has the hand-made Sidekiq and web (with a drop-in) and a
     hand-written env file; fritz and freud are bare; nietzsche runs the databases."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
 import stat
 import subprocess
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,12 +518,17 @@ def test_only_one_of_many_simultaneous_acquires_gets_the_lock(state: State) -> N
 # ------------------------------------------------------------------ systemctl / prune (fake systemctl)
 
 
+CLOCK_START = 1_764_338_587  # 2025-11-28T14:03:07Z, whole seconds like `date +%s`
+
+
 @dataclass
 class FakeSystemd:
-    """`systemctl`, `journalctl` and `curl` stand-ins first on PATH.
+    """`systemctl`, `journalctl`, `curl`, `date` and `sleep` stand-ins first on PATH.
 
     `systemctl show` prints show.N on its Nth call (or `show` when there is no show.N);
-    every call's arguments are logged one per line, calls separated by a "--call--" line."""
+    every call's arguments are logged one per line, calls separated by a "--call--" line.
+    `date +%s` and `sleep` share a fake clock: a sleep advances it and returns at once, so the
+    health gate's timeouts are checked on that clock, never by waiting (or timing) for real."""
 
     dir: Path
     bin: Path
@@ -546,12 +551,21 @@ class FakeSystemd:
     def curl_exits(self, code: int) -> None:
         (self.dir / "curl.rc").write_text(str(code))
 
+    def sleeps(self) -> list[float]:
+        return [float(seconds) for seconds, in self.calls("sleep")]
+
+    def elapsed(self) -> float:
+        """Seconds the fake clock advanced: what the gate's sleeps added up to."""
+        return float((self.dir / "clock").read_text()) - CLOCK_START
+
 
 @pytest.fixture
 def systemd(tmp_path: Path) -> FakeSystemd:
     d, b = tmp_path / "fake", tmp_path / "bin"
     d.mkdir()
     b.mkdir()
+    (d / "clock").write_text(f"{CLOCK_START}.000\n")
+    real_date = shutil.which("date") or "/bin/date"
     log = 'printf -- "--call--\\n" >> {d}/{tool}.log; for a in "$@"; do printf "%s\\0" "$a" >> {d}/{tool}.log; done\n'
     scripts = {
         "systemctl": log + 'if [ "$1" = show ]; then n=$(cat {d}/count 2>/dev/null || echo 0); n=$((n + 1)); '
@@ -560,10 +574,13 @@ def systemd(tmp_path: Path) -> FakeSystemd:
         "journalctl": log + "echo 'Nov 28 14:03:07 host puma[100]: boot failed: no database'\n"
                             "echo 'Nov 28 14:03:08 host systemd[1]: mastodon-web.service: Failed'\n",
         "curl": log + "exit $(cat {d}/curl.rc 2>/dev/null || echo 0)\n",
+        "sleep": log + 'awk -v s="$1" \'{{ printf "%.3f\\n", $1 + s }}\' {d}/clock > {d}/clock.new && '
+                       'mv {d}/clock.new {d}/clock\n',
+        "date": 'if [ "$*" = +%s ]; then awk \'{{ printf "%d\\n", $1 }}\' {d}/clock; else exec {date} "$@"; fi\n',
     }
     for tool, body in scripts.items():
         p = b / tool
-        p.write_text("#!/bin/sh\n" + body.format(d=shlex.quote(str(d)), tool=tool))
+        p.write_text("#!/bin/sh\n" + body.format(d=shlex.quote(str(d)), tool=tool, date=shlex.quote(real_date)))
         p.chmod(0o755)
     fake = FakeSystemd(d, b)
     fake.show("active", "running")
@@ -613,15 +630,14 @@ def test_prune_of_only_stop_touches_no_file_and_does_not_reload(state: State, et
 
 
 def gate(systemd: FakeSystemd, check: HealthCheck | None = None, *, unit: str = "mastodon-web.service",
-         settle: float = 0.1, start_timeout: float = 1) -> tuple[str, float]:
-    t0 = time.monotonic()
+         settle: float = 0.1, start_timeout: float = 1) -> str:
     r = sh(remote.health_gate(unit, check, settle=settle, start_timeout=start_timeout), env=systemd.env)
     assert r.returncode == 0, r.stderr
-    return out(r), time.monotonic() - t0
+    return out(r)
 
 
 def test_health_gate_passes_for_a_unit_that_stays_active_and_running(systemd: FakeSystemd) -> None:
-    text, _ = gate(systemd)
+    text = gate(systemd)
     assert text == "@@gate ok\n"
     assert ["show", "-p", "ActiveState", "-p", "SubState", "-p", "NRestarts", "-p", "MainPID", "--",
             "mastodon-web.service"] in systemd.calls("systemctl")
@@ -629,18 +645,18 @@ def test_health_gate_passes_for_a_unit_that_stays_active_and_running(systemd: Fa
 
 def test_health_gate_accepts_active_exited_for_oneshot_distro_units(systemd: FakeSystemd) -> None:
     systemd.show("active", "exited", pid=0)
-    assert gate(systemd, unit="postgresql.service")[0] == "@@gate ok\n"
+    assert gate(systemd, unit="postgresql.service") == "@@gate ok\n"
 
 
 def test_health_gate_waits_for_an_activating_unit(systemd: FakeSystemd) -> None:
     systemd.show("activating", "start", call=1)
     systemd.show("activating", "start", call=2)
-    assert gate(systemd)[0] == "@@gate ok\n"
+    assert gate(systemd) == "@@gate ok\n"
 
 
 def test_health_gate_fails_a_unit_that_reports_failed_and_shows_its_journal(systemd: FakeSystemd) -> None:
     systemd.show("failed", "failed", pid=0)
-    text, _ = gate(systemd)
+    text = gate(systemd)
     lines = text.splitlines()
     assert lines[0] == "@@gate fail unit failed to start (failed/failed)"
     assert lines[1:] == ["| Nov 28 14:03:07 host puma[100]: boot failed: no database",
@@ -652,7 +668,7 @@ def test_health_gate_fails_a_unit_that_reports_failed_and_shows_its_journal(syst
 def test_health_gate_fails_a_unit_that_restarts_during_the_settle_period(systemd: FakeSystemd) -> None:
     systemd.show("active", "running", n_restarts=0, pid=100, call=1)
     systemd.show("active", "running", n_restarts=1, pid=200)
-    text, _ = gate(systemd)
+    text = gate(systemd)
     assert text.splitlines()[0] == ("@@gate fail unit restarted during the settle period "
                                     "(NRestarts 0 -> 1, MainPID 100 -> 200)")
     assert "| " in text
@@ -661,38 +677,42 @@ def test_health_gate_fails_a_unit_that_restarts_during_the_settle_period(systemd
 def test_health_gate_fails_a_unit_that_stops_during_the_settle_period(systemd: FakeSystemd) -> None:
     systemd.show("active", "running", call=1)
     systemd.show("inactive", "dead", pid=0)
-    assert gate(systemd)[0].startswith("@@gate fail unit stopped during the settle period (now inactive/dead)")
+    assert gate(systemd).startswith("@@gate fail unit stopped during the settle period (now inactive/dead)")
 
 
 def test_health_gate_fails_a_unit_that_never_becomes_active_within_the_start_timeout(
         systemd: FakeSystemd) -> None:
     systemd.show("activating", "start")
-    text, took = gate(systemd, start_timeout=0)
-    assert text.startswith("@@gate fail unit did not reach active/running within 0s (now activating/start)")
-    assert took < 3
+    text = gate(systemd, start_timeout=2)
+    assert text.startswith("@@gate fail unit did not reach active/running within 2s (now activating/start)")
+    # It polled until the clock (whole seconds) passed the timeout, and not much longer.
+    assert 2 <= systemd.elapsed() <= 3, systemd.sleeps()
+    assert len([c for c in systemd.calls("systemctl") if c[0] == "show"]) == len(systemd.sleeps()) + 1
 
 
 def test_health_gate_passes_when_the_http_check_answers(systemd: FakeSystemd) -> None:
     systemd.curl_exits(0)
     url = "http://127.0.0.1:3000/health?a=1&b='2'"
-    assert gate(systemd, HealthCheck(http=url, timeout=1))[0] == "@@gate ok\n"
+    assert gate(systemd, HealthCheck(http=url, timeout=1)) == "@@gate ok\n"
     assert systemd.calls("curl")[0][-1] == url
 
 
 def test_health_gate_fails_within_its_timeout_when_the_http_check_never_passes(systemd: FakeSystemd) -> None:
     systemd.curl_exits(22)
-    text, took = gate(systemd, HealthCheck(http="http://127.0.0.1:3000/health", timeout=1))
+    text = gate(systemd, HealthCheck(http="http://127.0.0.1:3000/health", timeout=5), settle=0.1)
     assert text.splitlines()[0] == ("@@gate fail health check GET http://127.0.0.1:3000/health "
-                                    "did not pass within 1s")
+                                    "did not pass within 5s")
     assert text.splitlines()[1].startswith("| ")
-    assert took < 3
-    assert len(systemd.calls("curl")) >= 2, "it retries until the timeout"
+    # settle, then probes every 0.5 s until the clock (whole seconds) reaches the timeout
+    assert systemd.sleeps()[0] == 0.1 and set(systemd.sleeps()[1:]) == {0.5}
+    assert 4 <= systemd.elapsed() - 0.1 <= 5.5, systemd.sleeps()
+    assert len(systemd.calls("curl")) == len(systemd.sleeps()), "it retries until the timeout"
 
 
 def test_health_gate_names_a_crash_loop_caught_between_two_restarts_a_restart(systemd: FakeSystemd) -> None:
     systemd.show("active", "running", n_restarts=0, pid=100, call=1)
     systemd.show("activating", "auto-restart", n_restarts=1, pid=0)
-    assert gate(systemd)[0].splitlines()[0] == ("@@gate fail unit restarted during the settle period "
+    assert gate(systemd).splitlines()[0] == ("@@gate fail unit restarted during the settle period "
                                                 "(NRestarts 0 -> 1, MainPID 100 -> 0)")
 
 
@@ -703,9 +723,9 @@ def test_health_gate_fails_at_once_when_the_unit_stops_while_its_health_check_is
     systemd.show("active", "running", n_restarts=0, pid=100, call=2)
     systemd.show("failed", "failed", n_restarts=0, pid=0)
     systemd.curl_exits(7)
-    text, took = gate(systemd, HealthCheck(http="http://127.0.0.1:3000/health", timeout=30))
+    text = gate(systemd, HealthCheck(http="http://127.0.0.1:3000/health", timeout=30), settle=0.1)
     assert text.splitlines()[0] == "@@gate fail unit stopped before its health check passed (now failed/failed)"
-    assert took < 10, "it does not wait out the 30 s health timeout"
+    assert systemd.sleeps() == [0.1], "it fails on the first look, without waiting out the 30 s health timeout"
 
 
 def test_health_gate_names_a_restart_with_a_new_pid_while_its_health_check_is_awaited(systemd: FakeSystemd) -> None:
@@ -713,10 +733,10 @@ def test_health_gate_names_a_restart_with_a_new_pid_while_its_health_check_is_aw
     systemd.show("active", "running", n_restarts=0, pid=100, call=2)
     systemd.show("active", "running", n_restarts=1, pid=200)
     systemd.curl_exits(7)
-    text, took = gate(systemd, HealthCheck(http="http://127.0.0.1:3000/health", timeout=30))
+    text = gate(systemd, HealthCheck(http="http://127.0.0.1:3000/health", timeout=30), settle=0.1)
     assert text.splitlines()[0] == ("@@gate fail unit restarted before its health check passed "
                                     "(NRestarts 0 -> 1, MainPID 100 -> 200)")
-    assert took < 10
+    assert systemd.sleeps() == [0.1], "it fails on the first look, without waiting out the 30 s health timeout"
 
 
 def test_health_gate_passes_when_the_tcp_port_accepts_connections(systemd: FakeSystemd) -> None:
@@ -724,25 +744,25 @@ def test_health_gate_passes_when_the_tcp_port_accepts_connections(systemd: FakeS
         server.bind(("127.0.0.1", 0))
         server.listen(8)
         port = server.getsockname()[1]
-        assert gate(systemd, HealthCheck(tcp=port, timeout=1))[0] == "@@gate ok\n"
+        assert gate(systemd, HealthCheck(tcp=port, timeout=1)) == "@@gate ok\n"
 
 
 def test_health_gate_fails_when_the_tcp_port_stays_closed(systemd: FakeSystemd) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connections are refused
-        text, took = gate(systemd, HealthCheck(tcp=port, timeout=1))
-    assert text.splitlines()[0] == f"@@gate fail health check TCP port {port} did not pass within 1s"
-    assert took < 4
+        text = gate(systemd, HealthCheck(tcp=port, timeout=2), settle=0.1)
+    assert text.splitlines()[0] == f"@@gate fail health check TCP port {port} did not pass within 2s"
+    assert 1 <= systemd.elapsed() - 0.1 <= 2.5, systemd.sleeps()
 
 
 def test_health_gate_runs_a_command_check_with_its_quoting_intact(systemd: FakeSystemd, tmp_path: Path) -> None:
     flag = tmp_path / "it's ready"
     flag.write_text("")
     check = HealthCheck(command=f"test -e {shlex.quote(str(flag))} && [ \"$(echo a b)\" = 'a b' ]", timeout=1)
-    assert gate(systemd, check)[0] == "@@gate ok\n"
+    assert gate(systemd, check) == "@@gate ok\n"
     flag.unlink()
-    text, _ = gate(systemd, check)
+    text = gate(systemd, check)
     assert text.startswith("@@gate fail health check command `test -e")
 
 

@@ -3,6 +3,9 @@ by discovery, one cell per host; plus which Sidekiq process serves which queue."
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 from observed import (
     EXAMPLE_SECRETS,
@@ -23,7 +26,7 @@ from observed import (
 )
 
 from fleet.model import HostResult, HostState
-from fleet.render import sidekiq_text
+from fleet.render import sidekiq_text, status_text
 from fleet.status import (
     ABSENT,
     DRIFT,
@@ -139,6 +142,17 @@ def test_a_missing_declared_unit_is_drift_not_absent(fleet: dict[str, HostState]
     assert (c.status, c.state, c.detail) == (DRIFT, "missing", "not installed")
 
 
+@pytest.mark.parametrize(("active", "sub"), [("active", "running"), ("activating", "auto-restart"),
+                                           ("reloading", "reload")])
+def test_an_undeclared_unit_starting_or_reloading_counts_as_running_there(fleet: dict[str, HostState],
+                                                                         active: str, sub: str) -> None:
+    # A crash-looping hand-made Sidekiq is mostly `activating/auto-restart`: it still takes jobs.
+    rogue = dataclasses.replace(undeclared_sidekiq(), active_state=active, sub_state=sub)
+    fleet["franz"] = with_unit(fleet["franz"], rogue)
+    c = cell(status(fleet), "mastodon-sidekiq.service", "franz")
+    assert (c.status, c.state) == (UNMANAGED, f"{active}/{sub}")
+
+
 def test_postgres_left_installed_on_the_old_db_host_is_present_or_unmanaged(fleet: dict[str, HostState]) -> None:
     fleet["freud"] = with_unit(fleet["freud"], distro_unit("postgresql.service", sub="exited"))
     fleet["fritz"] = with_unit(fleet["fritz"], distro_unit("postgresql.service", active="inactive", sub="dead"))
@@ -183,6 +197,48 @@ def test_the_status_json_marks_declared_cells(fleet: dict[str, HostState]) -> No
     assert web["cells"]["franz"]["unit"]["text_hash"]
     assert [p["declared"] for p in doc["sidekiq"]["processes"] if p["host"] == "franz"] == [False]
     assert "franz:mastodon-sidekiq.service" in doc["sidekiq"]["queues"]["default"]
+
+
+# ------------------------------------------------------------------ the human table
+
+
+def table_cells(text: str) -> dict[tuple[str, str], str]:
+    """(unit, host) -> what `fleet status` prints in that cell, its lines joined by " / "."""
+    lines = text.split("\nlegend:")[0].splitlines()
+    header, rule, rows = lines[0], lines[1], lines[2:]
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]
+    names = [header[a:b].strip() for a, b in spans]
+    cells: dict[tuple[str, str], str] = {}
+    unit = ""
+    for line in rows:
+        values = [line[a:b].strip() for a, b in spans]  # tabulate pads each cell to its rule
+        unit = values[1] or unit  # a drift reason continues its cell on the next line
+        for host, value in zip(names[2:], values[2:], strict=True):
+            if value:
+                cells[(unit, host)] = f"{cells[(unit, host)]} / {value}" if (unit, host) in cells else value
+    return cells
+
+
+def test_the_status_table_marks_each_kind_of_cell_as_its_legend_says(fleet: dict[str, HostState]) -> None:
+    fleet["fritz"] = stopped(fleet["fritz"], "mastodon-web.service")
+    fleet["fritz"] = with_unit(fleet["fritz"], distro_unit("postgresql.service", active="inactive", sub="dead"))
+    fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq())
+    observed: dict[str, HostResult] = {**fleet, "nietzsche": unreachable("nietzsche")}
+    text = status_text(status(observed), now=0)
+    cells = table_cells(text)
+    assert cells[("mastodon-web.service", "fritz")] == "inactive/dead (!) / should be active/running"
+    assert cells[("mastodon-web.service", "franz")] == "active/running"
+    assert cells[("mastodon-web.service", "freud")] == "·"
+    assert cells[("mastodon-web.service", "nietzsche")] == "?"
+    assert cells[("mastodon-sidekiq.service", "franz")] == "active/running (unmanaged)"
+    assert cells[("postgresql.service", "fritz")] == "inactive/dead (undeclared)"
+    assert "legend: (!) differs from the desired state · (unmanaged) runs where nobody declared it · " \
+           "(undeclared) installed, not declared here · '·' absent · '?' host did not answer" in text
+
+
+def test_a_converged_fleet_has_no_mark_in_its_status_table(fleet: dict[str, HostState]) -> None:
+    cells = table_cells(status_text(status(fleet), now=0))
+    assert set(cells.values()) == {"active/running", "active/exited", "·"}, cells
 
 
 # ------------------------------------------------------------------ parse_sidekiq_argv

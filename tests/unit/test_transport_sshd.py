@@ -1,8 +1,8 @@
 """The SSH transport against a real, throwaway OpenSSH server on 127.0.0.1.
 
 The server (`sshd -D -e -f <config>`) listens only on 127.0.0.1 on a random high port, with
-its own host keys and authorized_keys in a temp dir.  Without /usr/sbin/sshd these tests are
-skipped, unless CI=true or FLEET_REQUIRE_LAB=1, where a missing sshd is a failure.
+its own host keys and authorized_keys in a temp dir.  Without /usr/sbin/sshd these tests
+skip (in CI, where tests/conftest.py makes every skip a failure, scripts/setup.sh installs it).
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import pytest
 from fleet.errors import TransportError
 from fleet.model import Host
 from fleet.transport.known_hosts import fingerprint
-from fleet.transport.protocol import RunResult, quote
-from fleet.transport.ssh import SSHTransport
+from fleet.transport.protocol import MIB, RunResult, quote
+from fleet.transport.ssh import SSHTransport, paramiko
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
-REQUIRED = os.environ.get("CI") == "true" or os.environ.get("FLEET_REQUIRE_LAB") == "1"
 
 
 @dataclass
@@ -78,10 +77,7 @@ def known_line(name: str, type_: str, blob: bytes) -> str:
 @pytest.fixture(scope="module")
 def sshd() -> Iterator[Sshd]:
     if SSHD is None:
-        message = "needs OpenSSH's sshd (apt-get install openssh-server)"
-        if REQUIRED:
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip("needs OpenSSH's sshd (apt-get install openssh-server)")
     # Not under pytest's 0700 basetemp: sshd reads authorized_keys as the logging-in user.
     d = Path(tempfile.mkdtemp(prefix="fleet-sshd-"))
     d.chmod(0o755)
@@ -194,25 +190,36 @@ def test_sudo_runs_as_root_and_stdin_still_reaches_the_command(sshd: Sshd) -> No
 def test_a_hung_command_times_out_and_the_next_command_reconnects(sshd: Sshd) -> None:
     # After a timeout the connection is dropped: the host may be cut off rather than the command
     # slow, and a dead connection must not make every later command wait out its own timeout.
+    # A timeout, not the result of `sleep 60`, is what proves the deadline fired first; the 60 s
+    # sleep (root: sshd cannot signal it, it just ends later) leaves a wide margin under load.
     with sshd.transport() as transport:
-        started = time.monotonic()
         with pytest.raises(TransportError) as hung:
-            transport.run(sshd.host(), "sleep 6", timeout=1)  # root: sshd cannot signal it
-        assert hung.value.kind == "timeout" and "sleep 6" in hung.value.message
-        assert time.monotonic() - started < 4
+            transport.run(sshd.host(), "sleep 60", timeout=1)
+        assert hung.value.kind == "timeout"
+        assert hung.value.message.startswith("`sleep 60` on loop did not finish within 1s;"), hung.value.message
         assert transport.run(sshd.host(), "echo after").stdout == b"after\n"
         assert transport.stats()["loop"] == {"connections": 2, "channels": 2}
 
 
-def test_output_beyond_max_output_aborts_without_reading_it_all(sshd: Sshd) -> None:
+def test_output_beyond_max_output_aborts_without_reading_it_all(sshd: Sshd, monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[int] = []
+    recv = paramiko.Channel.recv
+
+    def counted(channel: paramiko.Channel, nbytes: int) -> bytes:
+        data = recv(channel, nbytes)
+        received.append(len(data))
+        return data
+
+    monkeypatch.setattr(paramiko.Channel, "recv", counted)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    started = time.monotonic()
-    with sshd.transport(max_output=4 * 1024 * 1024) as transport:
+    with sshd.transport(max_output=4 * MIB) as transport:
         with pytest.raises(TransportError) as big:
-            transport.run(sshd.host(), "head -c 1000000000 /dev/zero", timeout=60)
+            transport.run(sshd.host(), "head -c 1000000000 /dev/zero", timeout=600)
+        read = sum(received)
         assert big.value.kind == "output-too-large" and "4 MiB" in big.value.message
         assert transport.run(sshd.host(), "echo fine").ok
-    assert time.monotonic() - started < 15
+    # The command stopped being read at the cap: at most one more chunk than 4 MiB of the 1 GB.
+    assert 4 * MIB < read <= 4 * MIB + 64 * 1024, f"read {read} bytes"
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mib < 64, f"peak memory grew by {grown_mib:.0f} MiB"
 
@@ -298,14 +305,23 @@ def test_an_unresolvable_address_is_unreachable(sshd: Sshd) -> None:
     assert dns.value.kind == "unreachable" and "cannot resolve" in dns.value.message
 
 
-def test_a_server_that_never_speaks_is_a_connect_timeout(sshd: Sshd) -> None:
+def test_a_server_that_never_speaks_is_a_connect_timeout(sshd: Sshd, monkeypatch: pytest.MonkeyPatch) -> None:
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen()
     held: list[socket.socket] = []
     threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
     host = Host(name="silent", address="127.0.0.1", port=silent.getsockname()[1])
-    started = time.monotonic()
+    # What bounds the wait is the budget fleet hands paramiko for the banner and handshake (its
+    # own defaults are 15 s and more): record it rather than time the call.
+    budgets: list[float] = []
+    start_client = paramiko.Transport.start_client
+
+    def recorded(t: paramiko.Transport, event: Any = None, timeout: float | None = None) -> None:
+        budgets.extend([t.banner_timeout, t.handshake_timeout, -1.0 if timeout is None else timeout])
+        start_client(t, event, timeout)
+
+    monkeypatch.setattr(paramiko.Transport, "start_client", recorded)
     try:
         with sshd.transport(connect_timeout=1) as transport:
             with pytest.raises(TransportError) as hung:
@@ -314,8 +330,10 @@ def test_a_server_that_never_speaks_is_a_connect_timeout(sshd: Sshd) -> None:
         silent.close()
         for s in held:
             s.close()
-    assert hung.value.kind == "timeout" and "SSH handshake" in hung.value.message
-    assert time.monotonic() - started < 4
+    assert hung.value.kind == "timeout"
+    assert hung.value.message == (f"connecting to silent (127.0.0.1:{host.port}) timed out after 1s "
+                                  "(during SSH handshake)")
+    assert len(budgets) == 3 and all(0 < b <= 1 for b in budgets), budgets
 
 
 def test_a_server_that_hangs_up_at_once_is_unreachable(sshd: Sshd, capfd: pytest.CaptureFixture[str]) -> None:
@@ -351,7 +369,7 @@ def test_keys_in_ssh_agent_are_used_unless_identities_only(sshd: Sshd, monkeypat
     sock = sshd.dir / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # a hang guard only: the agent's socket appears within ms
         while not sock.exists():
             assert time.monotonic() < deadline, "ssh-agent did not start"
             time.sleep(0.02)
@@ -400,7 +418,9 @@ def test_a_timed_out_command_of_a_non_root_user_is_terminated(sshd: Sshd, user_w
         with pytest.raises(TransportError) as hung:
             transport.run(host, f"sleep {marker}", timeout=1)
     assert hung.value.kind == "timeout"
-    deadline = time.monotonic() + 5
+    # sshd signals the command at once; the loop only waits for the process to be reaped, and its
+    # deadline is a hang guard (the sleep would otherwise run for days), not a measurement.
+    deadline = time.monotonic() + 30
     while subprocess.run(["pgrep", "-u", user_without_sudo, "-f", f"sleep {marker}"]).returncode == 0:
         assert time.monotonic() < deadline, "the timed-out command is still running"
         time.sleep(0.05)
@@ -464,9 +484,9 @@ def test_one_run_many_opens_one_connection_and_one_channel_per_host(sshd: Sshd) 
         stats = transport.stats()
     assert all(isinstance(o, RunResult) and o.ok for o in outcomes.values())
     assert stats == {h.name: {"connections": 1, "channels": 1} for h in hosts}
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a hang guard only: sshd's log line trails the session by ms
     while sshd.accepted() < accepted + 12 and time.monotonic() < deadline:
-        time.sleep(0.05)  # sshd's log line may trail the session
+        time.sleep(0.05)
     assert sshd.accepted() == accepted + 12
 
 
@@ -512,7 +532,7 @@ def _in_threads(fn: Any, n: int) -> list[Any]:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(120)  # a hang guard only; a thread still running leaves its result None
     return results
 
 
@@ -526,7 +546,9 @@ def test_commands_for_one_host_from_several_threads_run_at_once_on_its_one_conne
     cmd = (f"touch {quote(str(d))}/$1 && while [ $(ls {quote(str(d))} | wc -l) -lt 4 ]; do sleep 0.05; done; "
            "echo $1")
     with sshd.transport() as transport:
-        results = _in_threads(lambda i: transport.run(sshd.host(), f"set -- c{i}; {cmd}", timeout=10), 4)
+        # The timeout is a hang guard (one after the other, the first would wait it out); together
+        # the four meet within ms.
+        results = _in_threads(lambda i: transport.run(sshd.host(), f"set -- c{i}; {cmd}", timeout=60), 4)
         stats = transport.stats()
     assert [r.stdout if isinstance(r, RunResult) else r for r in results] == [f"c{i}\n".encode() for i in range(4)]
     assert stats == {"loop": {"connections": 1, "channels": 4}}
@@ -551,8 +573,9 @@ def test_a_connection_busy_with_a_command_is_not_closed_as_idle(sshd: Sshd, tmp_
             sshd.host("busy"), f"while [ ! -e {quote(str(flag))} ]; do sleep 0.05; done; echo done", timeout=20)))
         results: list[Any] = []
         busy.start()
-        deadline = time.monotonic() + 10
-        while transport.stats().get("busy", {}).get("channels", 0) < 1 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # a hang guard only: the channel opens within ms
+        while transport.stats().get("busy", {}).get("channels", 0) < 1:
+            assert time.monotonic() < deadline, "the busy command never opened its channel"
             time.sleep(0.02)
         assert transport.run(sshd.host("other"), "true").ok  # over the limit: evicts idle connections only
         flag.touch()
