@@ -45,7 +45,7 @@ from fleet.diff import ACTIONS
 from fleet.envfile import render_file
 from fleet.errors import FleetError, ParseError, TransportError
 from fleet.journal import parse_since
-from fleet.model import Host, HostError, HostState
+from fleet.model import HostError, HostState
 from fleet.plan import Plan, PlanFileError, build_plan, plan_from_json
 from fleet.render import plan_text
 from fleet.secrets import load_secrets

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import paramiko
 import pytest
 from paramiko.common import cMSG_CHANNEL_EOF
-from test_transport_sshd import Sshd, sshd  # noqa: F401  (the module's sshd fixture)
+from sshd_server import Sshd
 
 LATE = 2.0  # at most this long an EOF is held back waiting for its channel's CLOSE
 
