@@ -63,6 +63,8 @@ SEVERITIES = ("error", "warning", "info", "ok")
 # twice); the journal is read from the previous observation on, so older runs never come back.
 RUN_MEMORY_SECONDS = 7 * 86400.0
 
+RECENT_EVENTS = 50  # how many past events the state keeps for the status page's timeline
+
 # The rule codes whose findings are told by another event: an unobservable host is a host event.
 _TOLD_ELSEWHERE = frozenset({"audit.unreachable"})
 
@@ -190,6 +192,7 @@ class NotifiedState:
     runs: Mapping[str, RunSeen] = field(default_factory=dict)  # apply run id -> what was told of it
     observed_at: float | None = None  # when the last committed cycle observed; None: never
     snapshot: str = ""  # that observation's snapshot: the baseline of "what changed" next cycle
+    recent: tuple[Event, ...] = ()  # the last RECENT_EVENTS events, newest last: the status page's timeline
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -200,6 +203,7 @@ class NotifiedState:
                       "first_seen": o.first_seen, "announced": o.announced, "detail": o.detail}
                      for o in sorted(self.open.values(), key=lambda o: o.subject)],
             "runs": {rid: {"started": r.started, "finished": r.finished} for rid, r in sorted(self.runs.items())},
+            "recent": [e.as_dict() for e in self.recent],
         }
 
     @classmethod
@@ -222,8 +226,9 @@ class NotifiedState:
             at = d["observed_at"]
             if at is not None and not _finite(at):
                 raise TypeError("observed_at is not a number")
+            recent = tuple(Event.from_dict(e) for e in d.get("recent", ()))
             return cls(open=opened, runs=runs, observed_at=None if at is None else float(at),
-                       snapshot=str(d.get("snapshot", "")))
+                       snapshot=str(d.get("snapshot", "")), recent=recent)
         except WatchStateError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -279,7 +284,8 @@ def advance(state: NotifiedState, cycle: Cycle, *, remind_every: float | None = 
                 events.append(_event(REMINDER, now, o.severity, f"still open since {utc(o.first_seen)}: {o.text}",
                                      o.host, subject, (("type", o.type),)))
     events.sort(key=lambda e: (KINDS.index(e.kind), e.host, e.subject))
-    new_state = NotifiedState(open=opened, runs=runs, observed_at=now, snapshot=cycle.snapshot)
+    recent = (*state.recent, *events)[-RECENT_EVENTS:]
+    new_state = NotifiedState(open=opened, runs=runs, observed_at=now, snapshot=cycle.snapshot, recent=recent)
     return events, new_state
 
 

@@ -301,3 +301,17 @@ def test_a_cycle_from_an_audit_keeps_what_the_events_need() -> None:
     c = Cycle.from_audit(report, at=T0, runs=[ApplyRun("R", "a@b", T0)], snapshot="S")
     assert c.findings == tuple(report.findings) and c.drift == report.drift.items
     assert set(c.results) == set(report.status.results) and c.snapshot == "S"
+
+
+def test_the_state_keeps_the_last_events_for_the_timeline() -> None:
+    old = baseline()
+    state = settled(old)
+    events, state = advance(state, cycle(s3_hand_edit(old), at=T0 + 300, previous=old)[0])
+    assert state.recent == tuple(events)
+    fixed, state = advance(state, cycle(old, at=T0 + 600, previous=s3_hand_edit(old))[0])
+    assert state.recent == (*events, *fixed)
+    for i in range(ev.RECENT_EVENTS):
+        run = ApplyRun(f"R{i:03d}", "a@b", started=T0 + 700 + i)
+        _, state = advance(state, cycle(old, at=T0 + 700 + i, runs=(run,))[0])
+    assert len(state.recent) == ev.RECENT_EVENTS and state.recent[-1].text.startswith("fleet apply run R049")
+    assert NotifiedState.from_json(json.loads(json.dumps(state.to_json()))).recent == state.recent
