@@ -293,9 +293,13 @@ def advance(state: NotifiedState, cycle: Cycle, *, remind_every: float | None = 
 
 
 def finding_subject(f: Finding) -> str:
-    """The identity of a finding across cycles: code, host, file, key and its rule's subject."""
+    """The identity of a finding across cycles: code, host, file, key and its rule's subject —
+    `extra["subject"]` when the rule says it (what the redesign's findings should carry), else
+    taken from the message by the rule's pattern."""
     pattern = _SUBJECT.get(f.code, re.compile(r"^(.*)$"))
-    if pattern is None:
+    if f.extra.get("subject"):
+        what = [f.extra["subject"]]
+    elif pattern is None:
         what: list[str] = []
     else:
         m = pattern.search(f.message)

@@ -315,3 +315,10 @@ def test_the_state_keeps_the_last_events_for_the_timeline() -> None:
         _, state = advance(state, cycle(old, at=T0 + 700 + i, runs=(run,))[0])
     assert len(state.recent) == ev.RECENT_EVENTS and state.recent[-1].text.startswith("fleet apply run R049")
     assert NotifiedState.from_json(json.loads(json.dumps(state.to_json()))).recent == state.recent
+
+
+def test_a_finding_that_names_its_subject_is_known_by_it() -> None:
+    a = Finding("error", "future.rule", "S3 is off on franz", host="franz", extra={"subject": "S3_ENABLED"})
+    b = dataclasses.replace(a, message="S3 is now OFF on franz", extra={"subject": "S3_ENABLED"})
+    c = dataclasses.replace(a, extra={"subject": "S3_BUCKET"})
+    assert finding_subject(a) == finding_subject(b) != finding_subject(c)
