@@ -297,11 +297,10 @@ def finding_subject(f: Finding) -> str:
     `extra["subject"]` when the rule says it (what the redesign's findings should carry), else
     taken from the message by the rule's pattern."""
     pattern = _SUBJECT.get(f.code, re.compile(r"^(.*)$"))
+    what: list[str] = []
     if f.extra.get("subject"):
         what = [f.extra["subject"]]
-    elif pattern is None:
-        what: list[str] = []
-    else:
+    elif pattern is not None:
         m = pattern.search(f.message)
         # A rule fleet does not know (or a message that no longer matches its pattern, which a
         # unit test catches) falls back to the whole message: it may re-announce, never merge
