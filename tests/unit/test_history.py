@@ -573,6 +573,21 @@ def test_a_line_far_too_long_on_the_host_is_not_printed_but_is_a_break(tmp_path:
                                   "is longer than any fleet record"]
 
 
+def test_binary_garbage_and_section_markers_in_the_file_are_only_lines_that_are_not_records(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    appended(state, 2)
+    with open(state / "history.jsonl", "ab") as f:
+        f.write(b"@@end\n@@units\n\x00\xff\xfe binary \r\x1b[31m\n" + b'{"v":1,"seq":3,"prev":"' + b"a" * 64 + b'",}\n')
+    appended(state, 1, first=2)  # the appender numbers it after the last readable number: 4
+    done = sh(read_section(None, state_dir=str(state)))
+    text = done.stdout.decode("utf-8", errors="replace")  # as the collector decodes a host's output
+    assert not any(line.startswith("@@") for line in text.splitlines()[1:])
+    r = parse_read(HOST, text.partition("\n")[2], None)
+    assert [x.seq for x in r.records] == [1, 2, 4]
+    assert [b.after for b in r.breaks] == [2, 2, 2, 2]
+    assert all("is not a fleet record" in b.detail for b in r.breaks)
+
+
 def test_a_history_file_far_too_large_is_not_read(tmp_path: Path) -> None:
     state = tmp_path / "s"
     appended(state, 1)
