@@ -68,6 +68,7 @@ APPEND_FAILED_EXIT = 97  # the step command was not run: its record could not be
 _PREFIX = re.compile(r'\{"v":(\d+),"seq":([1-9]\d{0,15}),"prev":"([0-9a-f]{64})",')
 _NUMBERED = re.compile(r'\{"v":1,"seq":([1-9]\d{0,15}),')  # what the appender's sed takes a number from
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_FILE_NAME = re.compile(r"history\.jsonl(\.[1-9][0-9]?)?")
 
 
 # --------------------------------------------------------------------------- records
@@ -182,22 +183,29 @@ def _fit(record: dict[str, Any]) -> str:
         details["keys_truncated"] = len(details["keys"])
         details["keys"] = details["keys"][:50]
         text = _dumps(record)
-    if len(text) > room:
-        record = _cut_strings(record, 512)
+    for limit, items in ((512, 50), (64, 10), (16, 3)):  # non-ASCII text escapes to 6 bytes a character
+        if len(text) <= room:
+            break
+        record = {k: _cut(v, limit, items) if k in _FREE_TEXT else v for k, v in record.items()}
         record["truncated"] = True
         text = _dumps(record)
-    if len(text) > room:  # only a Change of thousands of files or keys: nothing readable fits
-        raise ValueError(f"a history record for {record.get('step')} does not fit in {MAX_RECORD_BYTES} bytes")
+    if len(text) > room:  # cannot happen: every text is 16 characters and every list 3 items by now
+        raise ValueError(f"a history record for {str(record.get('step'))[:80]} does not fit in {MAX_RECORD_BYTES} "
+                         "bytes")
     return text
 
 
-def _cut_strings(value: Any, limit: int) -> Any:
+_FREE_TEXT = frozenset({"reason", "before", "after", "details", "error"})  # what may be cut; ids and times never
+
+
+def _cut(value: Any, limit: int, items: int) -> Any:
+    """Every text of `value` cut to `limit` characters and every list to `items` (keys kept)."""
     if isinstance(value, str):
         return value if len(value) <= limit else value[:limit] + "…"
     if isinstance(value, dict):
-        return {k: _cut_strings(v, limit) for k, v in value.items()}
+        return {k: _cut(v, limit, items) for k, v in list(value.items())[:64]}
     if isinstance(value, list):
-        return [_cut_strings(v, limit) for v in value[:50]]
+        return [_cut(v, limit, items) for v in value[:items]]
     return value
 
 
@@ -620,7 +628,8 @@ def parse_read(host: str, body: str, last: LastSeen | None, *, known: Mapping[in
             status = line
         elif word == "file" and not anchor and status == "ok":
             parts = rest.split(" ")
-            if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in ("0", "1") or len(files) > KEEP_ROTATED:
+            if (len(parts) != 3 or not _FILE_NAME.fullmatch(parts[0]) or not parts[1].isdigit()
+                    or parts[2] not in ("0", "1") or len(files) > KEEP_ROTATED):
                 raise _malformed(host, line)
             files.append((parts[0], int(parts[1]), parts[2] == "1"))
         elif word == "huge" and files and not anchor:
@@ -750,14 +759,3 @@ def _lost(host: str, last: LastSeen, anchor: str, records: list[HistoryRecord], 
                       f"record {last.seq}, collected before, is gone")]
     intact = max((s for s in by_seq if s < last.seq and known.get(s) == by_seq[s].hash), default=0)
     return [Break(host, intact, f"the history up to record {last.seq} changed since it was collected")]
-
-
-def records_of(lines: Iterable[str]) -> list[HistoryRecord]:
-    """Every line that parses as a record, chain not checked (for tests and hand inspection)."""
-    out = []
-    for line in lines:
-        try:
-            out.append(parse_record(line))
-        except ValueError:
-            continue
-    return out

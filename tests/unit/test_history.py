@@ -654,3 +654,17 @@ def test_records_read_are_exactly_the_lines_on_the_host() -> None:
     r = parse_read(HOST, text, None)
     assert [x.line for x in r.records] == lines and r.last_seen == LastSeen(3, line_hash(lines[-1]), "f" * 64)
     assert re.fullmatch(r"[0-9a-f]{64}", r.records[0].hash)
+
+
+def test_a_change_of_thousands_of_long_non_ascii_keys_still_makes_a_readable_record() -> None:
+    keys = tuple((f"KEY_{i}", "change", "é" * 3000, "✓" * 3000) for i in range(5000))
+    huge = Change(HOST, "write-env", ENV, "ü" * 100_000, before="ß" * 50_000, after="x", keys=keys,
+                  diff="日本" * 50_000, meta=tuple((f"m{i}", "ö" * 1000) for i in range(500)))
+    text = step_body(huge, run_id="20261118T000000-aaaaaa", who="alice@laptop", desired_hash="d" * 64,
+                     started=T0, commit="3f2a9c1d0b7e4a55" + "0" * 24, dirty=True)
+    line = host_line(text, seq=1, prev=GENESIS)
+    assert len(line) + 1 <= history.MAX_RECORD_BYTES
+    r = parse_record(line)
+    assert (r.run_id, r.change_id, r.desired_hash, r.commit, r.started) == (
+        "20261118T000000-aaaaaa", huge.id, "d" * 64, "3f2a9c1d0b7e4a55" + "0" * 24, T0)
+    assert json.loads(line)["truncated"] is True and r.keys[:3] == ("KEY_0", "KEY_1", "KEY_2")
