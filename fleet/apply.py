@@ -22,20 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fleet import remote
-from fleet.diff import (
-    DAEMON_RELOAD,
-    DISABLE,
-    ENABLE,
-    PRUNE,
-    RESTART,
-    START,
-    STOP,
-    WRITE_ENV,
-    WRITE_UNIT,
-    Change,
-    desired_env_items,
-    env_digest,
-)
+from fleet.actions import Action, Change, EnvFilePayload, PrunePayload, UnitFilePayload
+from fleet.diff import desired_env_items, env_digest
 from fleet.envfile import render_file
 from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Host, Service
@@ -93,13 +81,13 @@ def check_contents(plan: Plan, desired: Desired, secrets: Mapping[tuple[str, str
     content must hash to what the plan recorded."""
     problems = []
     for c in plan.changes:
-        if c.action == WRITE_UNIT:
+        if isinstance(c.payload, UnitFilePayload):
             svc = desired.service(c.service or "")
-            if svc is None or svc.unit_spec is None or sha256_hex(render_unit(svc)) != c.content_hash:
+            if svc is None or svc.unit_spec is None or sha256_hex(render_unit(svc)) != c.payload.content_hash:
                 problems.append(f"{c.host}: the unit {c.target} would differ from the plan")
-        elif c.action == WRITE_ENV:
+        elif isinstance(c.payload, EnvFilePayload):
             ef = next((e for e in desired.env_files if e.path == c.target and c.host in e.hosts), None)
-            if ef is None or env_digest(ef, c.host, secrets) != c.content_hash:
+            if ef is None or env_digest(ef, c.host, secrets) != c.payload.content_hash:
                 problems.append(f"{c.host}: {c.target} would differ from the plan (desired state or a secret changed)")
     if problems:
         raise StaleInputError("the plan no longer matches what would be written:\n  " + "\n  ".join(problems),
@@ -251,7 +239,7 @@ class Executor:
             with self._lock:
                 if not self.halted:
                     self.halted = f"{c.action} {c.target} failed on {c.host}"  # "… halted after <this>"
-            if c.action in (START, RESTART):
+            if c.action in (Action.START, Action.RESTART):
                 outcome.rollback = self._rollback(c)
         error = outcome.error + (f"; {outcome.rollback}" if outcome.rollback else "")
         log.debug("step %s: %s after %.3fs%s", c.id, outcome.outcome, outcome.duration, f": {error}" if error else "")
@@ -272,36 +260,35 @@ class Executor:
         return out
 
     def _do(self, c: Change, outcome: StepOutcome) -> None:
-        refused = [p for p in c.remove_files if not removable_unit_file(p, c.target)]
+        removes = c.payload.remove_files if isinstance(c.payload, (UnitFilePayload, PrunePayload)) else ()
+        refused = [p for p in removes if not removable_unit_file(p, c.target)]
         if refused:  # the diff never plans these; a last line of defence before `rm` on a host
             raise FleetError(f"refusing to remove {', '.join(map(repr, refused))}: not a file of {c.target} "
                              f"in {UNIT_DIR}")
-        if c.action == WRITE_UNIT:
+        if c.action == Action.WRITE_UNIT:
             svc = self._service(c)
-            self._run(c, remote.remove_files(c.remove_files, run_id=self.run_id))
+            self._run(c, remote.remove_files(removes, run_id=self.run_id))
             with self._lock:  # backed up: a rollback puts them back with the unit
-                self.written.setdefault(c.host, []).extend(c.remove_files)
+                self.written.setdefault(c.host, []).extend(removes)
             self._write(c, unit_path(c.target), render_unit(svc), mode="0644", owner="root", group="root")
-        elif c.action == WRITE_ENV:
+        elif c.action == Action.WRITE_ENV:
             ef = next(e for e in self.desired.env_files if e.path == c.target and c.host in e.hosts)
             items = desired_env_items(ef, c.host, self.secrets)
             text = render_file(items, header="Managed by fleet: local edits are overwritten by `fleet apply`.")
             keep = tuple(k for k, src in ef.sensitive if src.kind == "present")
             self._write(c, c.target, text, mode=ef.mode, owner=ef.owner, group=ef.group, keep_keys=keep)
-        elif c.action == DAEMON_RELOAD:
+        elif c.action == Action.DAEMON_RELOAD:
             self._run(c, remote.systemctl("daemon-reload"))
-        elif c.action == ENABLE:
+        elif c.action == Action.ENABLE:
             self._run(c, remote.systemctl("enable --quiet", c.target))
-        elif c.action in (START, RESTART):
+        elif c.action in (Action.START, Action.RESTART):
             # reset-failed first: a unit that crash-looped earlier (this run's rollback, or by
             # hand) would otherwise be refused by systemd's start limit for a while.
             self._run(c, remote.reset_failed(c.target) + remote.systemctl(
-                "start" if c.action == START else "restart", c.target), timeout=self.start_timeout + 30)
+                "start" if c.action == Action.START else "restart", c.target), timeout=self.start_timeout + 30)
             self._gate(c, outcome)
-        elif c.action == PRUNE:
-            self._run(c, remote.prune(c.target, c.steps, c.remove_files, run_id=self.run_id), timeout=120)
-        elif c.action in (STOP, DISABLE):
-            self._run(c, remote.systemctl("stop" if c.action == STOP else "disable --quiet", c.target))
+        elif c.action == Action.PRUNE and isinstance(c.payload, PrunePayload):
+            self._run(c, remote.prune(c.target, c.payload.steps, removes, run_id=self.run_id), timeout=120)
         else:
             raise FleetError(f"unknown action {c.action!r} in the plan")
 

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from fleet.diff import DISABLE, ENABLE, PRUNE, RESTART, START, STOP, WRITE_ENV, WRITE_UNIT
+from fleet.actions import Action
 from fleet.model import Desired, Finding, HostResult, HostState, Kind, UnitState
 from fleet.policy import SidekiqProcess, check_env_keys, check_env_value, check_placement, check_queues
 from fleet.snapshot import short_secret
@@ -288,16 +288,16 @@ class JournalStep:
 # Which journaled actions can explain each kind of observed change.  A failed start/restart
 # counts for file and state changes: its rollback restored (or removed) files and stopped or
 # restarted the unit.
-_ROLLBACK = frozenset({START, RESTART})
+_ROLLBACK = frozenset({Action.START, Action.RESTART})
 EXPLAINED_BY: Mapping[str, frozenset[str]] = {
-    "unit-appeared": frozenset({WRITE_UNIT}),
-    "unit-disappeared": frozenset({PRUNE}) | _ROLLBACK,
-    "unit-text": frozenset({WRITE_UNIT}) | _ROLLBACK,
-    "unit-state": frozenset({START, RESTART, STOP, PRUNE}),
-    "unit-enablement": frozenset({ENABLE, DISABLE, PRUNE, WRITE_UNIT}) | _ROLLBACK,
-    "env-presence": frozenset({WRITE_ENV}) | _ROLLBACK,
-    "env-key": frozenset({WRITE_ENV}),
-    "env-meta": frozenset({WRITE_ENV}),
+    "unit-appeared": frozenset({Action.WRITE_UNIT}),
+    "unit-disappeared": frozenset({Action.PRUNE}) | _ROLLBACK,
+    "unit-text": frozenset({Action.WRITE_UNIT}) | _ROLLBACK,
+    "unit-state": frozenset({Action.START, Action.RESTART, Action.PRUNE}),
+    "unit-enablement": frozenset({Action.ENABLE, Action.PRUNE, Action.WRITE_UNIT}) | _ROLLBACK,
+    "env-presence": frozenset({Action.WRITE_ENV}) | _ROLLBACK,
+    "env-key": frozenset({Action.WRITE_ENV}),
+    "env-meta": frozenset({Action.WRITE_ENV}),
 }
 
 

@@ -15,8 +15,8 @@ import fnmatch
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
+from fleet.actions import Action, Change, EnvFilePayload, KeyChange, PrunePayload, UnitFilePayload
 from fleet.envfile import fingerprint
 from fleet.model import (
     Desired,
@@ -41,60 +41,6 @@ from fleet.units import (
     unit_file_differs,
     unit_path,
 )
-
-# Actions, in the order they naturally happen on one host.
-WRITE_UNIT = "write-unit"
-WRITE_ENV = "write-env"
-DAEMON_RELOAD = "daemon-reload"
-ENABLE = "enable"
-START = "start"
-RESTART = "restart"
-PRUNE = "prune"  # stop + disable + remove the unit file if fleet may remove it
-STOP = "stop"
-DISABLE = "disable"
-
-ACTIONS = (WRITE_UNIT, WRITE_ENV, DAEMON_RELOAD, ENABLE, START, RESTART, PRUNE, STOP, DISABLE)
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One step on one host.  `before`/`after` are short human texts, masked."""
-
-    host: str
-    action: str
-    target: str  # unit name or env file path
-    reason: str
-    service: str | None = None
-    before: str = ""
-    after: str = ""
-    diff: str = ""  # unified diff of a unit file
-    keys: tuple[tuple[str, str, str, str], ...] = ()  # env: (key, op set|change|remove, before, after)
-    content_hash: str = ""  # sha256 of the exact text to write, or of the env file's masked form
-    remove_files: tuple[str, ...] = ()  # unit drop-ins / the pruned fragment to delete
-    steps: tuple[str, ...] = ()  # prune: which of stop, disable, remove
-    meta: tuple[tuple[str, str], ...] = ()  # env: owner, group, mode
-
-    @property
-    def id(self) -> str:
-        return f"{self.host}:{self.action}:{self.target}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "host": self.host, "action": self.action, "target": self.target,
-            "service": self.service, "reason": self.reason, "before": self.before, "after": self.after,
-            "diff": self.diff, "keys": [list(k) for k in self.keys], "content_hash": self.content_hash,
-            "remove_files": list(self.remove_files), "steps": list(self.steps), "meta": dict(self.meta),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Change:
-        return cls(
-            host=str(d["host"]), action=str(d["action"]), target=str(d["target"]), reason=str(d["reason"]),
-            service=d.get("service"), before=str(d.get("before", "")), after=str(d.get("after", "")),
-            diff=str(d.get("diff", "")), keys=tuple(tuple(map(str, k)) for k in d.get("keys", ())),  # type: ignore[misc]
-            content_hash=str(d.get("content_hash", "")), remove_files=tuple(d.get("remove_files", ())),
-            steps=tuple(d.get("steps", ())), meta=tuple(sorted(dict(d.get("meta", {})).items())),
-        )
 
 
 @dataclass(frozen=True)
@@ -150,8 +96,8 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
         notes += host_notes
         # A prune that removes a unit file reloads systemd itself, after its stop: it must not
         # hold up the reload that new units on this host wait for.
-        if any(c.action == WRITE_UNIT for c in host_changes):
-            changes.append(Change(host.name, DAEMON_RELOAD, "systemd", "unit files changed on this host"))
+        if any(c.action == Action.WRITE_UNIT for c in host_changes):
+            changes.append(Change(host.name, Action.DAEMON_RELOAD, "systemd", "unit files changed on this host"))
     return Diff(changes=tuple(changes), unknown=tuple(unknown), notes=tuple(notes), problems=tuple(problems))
 
 
@@ -216,9 +162,9 @@ def _service_changes(s: Service, state: HostState, env_written: set[str], proble
             if drop_ins:
                 reason += f"; removes {len(drop_ins)} drop-in(s) fleet did not write"
             before = (u.fragment_path or unit_path(s.unit)) if u is not None and installed else "absent"
-            out.append(Change(host, WRITE_UNIT, s.unit, reason, s.name, before=before,
-                              after=unit_path(s.unit), diff=udiff,
-                              content_hash=content_hash, remove_files=drop_ins))
+            out.append(Change(host, Action.WRITE_UNIT, s.unit, reason, s.name, before=before,
+                              after=unit_path(s.unit),
+                              payload=UnitFilePayload(content_hash, diff=udiff, remove_files=drop_ins)))
             rewritten = True
     foreign = [p for p in (u.drop_in_paths if u else ()) if not p.startswith(UNIT_DIR + "/")]
     _report_refused(host, s.unit, refused_unit_files(s.unit, u.drop_in_paths if u else ()), problems)
@@ -227,18 +173,18 @@ def _service_changes(s: Service, state: HostState, env_written: set[str], proble
                         f"{UNIT_DIR}: fleet does not remove them, and they may change the unit "
                         f"(now {describe_unit(u)}); remove them by hand if they are not wanted")
     if u is None or not u.exists or not u.enabled:
-        out.append(Change(host, ENABLE, s.unit, "declared units start at boot", s.name,
+        out.append(Change(host, Action.ENABLE, s.unit, "declared units start at boot", s.name,
                           before=(u.unit_file_state or "absent") if u is not None else "absent", after="enabled"))
     loads_changed = [p for p in (s.unit_spec.environment_files if s.unit_spec else ()) if p in env_written]
     running = u is not None and u.active_state == "active" and (u.sub_state == "running" or s.observe_only)
     if not running:
         was = describe_unit(u)
-        action = RESTART if u is not None and u.active_state == "active" else START
+        action = Action.RESTART if u is not None and u.active_state == "active" else Action.START
         out.append(Change(host, action, s.unit, f"declared to run here; now {was}", s.name,
                           before=was, after="active/running"))
     elif rewritten or loads_changed:
         why = "its unit file changes" if rewritten else f"{', '.join(loads_changed)} changes"
-        out.append(Change(host, RESTART, s.unit, f"running, and {why}", s.name,
+        out.append(Change(host, Action.RESTART, s.unit, f"running, and {why}", s.name,
                           before=describe_unit(u), after="active/running with the new configuration"))
     return out
 
@@ -262,7 +208,7 @@ def _env_change(ef: EnvFile, state: HostState, secrets: Mapping[tuple[str, str],
     want_secret = {k: fingerprint(secrets[(ef.name, k)]) for k, src in ef.sensitive
                    if src.kind != "present" and (ef.name, k) in secrets}
     have_values, have_secret = obs.value_map(), obs.secret_map()
-    keys: list[tuple[str, str, str, str]] = []
+    keys: list[KeyChange] = []
 
     def shown(key: str, value: str | None, fp: str | None) -> str:
         if fp is not None:
@@ -272,17 +218,17 @@ def _env_change(ef: EnvFile, state: HostState, secrets: Mapping[tuple[str, str],
     for k, v in want_values.items():
         if k in have_secret:  # the host holds it under a secret-looking name; compare by fingerprint
             if have_secret[k] != fingerprint(v):
-                keys.append((k, "change", shown(k, None, have_secret[k]), mask(v)))
+                keys.append(KeyChange(k, "change", shown(k, None, have_secret[k]), mask(v)))
         elif k not in have_values:
-            keys.append((k, "set", "", v))
+            keys.append(KeyChange(k, "set", "", v))
         elif have_values[k] != v:
-            keys.append((k, "change", have_values[k], v))
+            keys.append(KeyChange(k, "change", have_values[k], v))
     for k, fp in want_secret.items():
         if k not in have_secret and k not in have_values:
-            keys.append((k, "set", "", shown(k, None, fp)))
+            keys.append(KeyChange(k, "set", "", shown(k, None, fp)))
         elif have_secret.get(k) != fp:
             before = shown(k, None, have_secret[k]) if k in have_secret else mask(have_values[k])
-            keys.append((k, "change", before, shown(k, None, fp)))
+            keys.append(KeyChange(k, "change", before, shown(k, None, fp)))
     for k, src in ef.sensitive:
         if src.kind == "present" and k not in have_secret and k not in have_values and obs.present:
             problems.append(f"on {host}, {ef.path} lacks {k}, declared \"present\" (fleet never writes its value): "
@@ -290,7 +236,7 @@ def _env_change(ef: EnvFile, state: HostState, secrets: Mapping[tuple[str, str],
     for k in dict.fromkeys(obs.keys):
         if k not in want_values and k not in sensitive:
             before = shown(k, have_values.get(k), have_secret.get(k))
-            keys.append((k, "remove", before, ""))
+            keys.append(KeyChange(k, "remove", before, ""))
     reasons = []
     if not obs.present:
         reasons.append("file is missing")
@@ -308,11 +254,11 @@ def _env_change(ef: EnvFile, state: HostState, secrets: Mapping[tuple[str, str],
                        f"{ef.owner or obs.owner}:{ef.group or obs.group} {mode}")
     if not reasons:
         return None
-    return Change(host, WRITE_ENV, ef.path, "; ".join(reasons), None,
+    return Change(host, Action.WRITE_ENV, ef.path, "; ".join(reasons), None,
                   before="absent" if not obs.present else f"{len(obs.keys)} keys, {obs.owner}:{obs.group} {obs.mode}",
                   after=f"{len(want_values) + len(sensitive)} keys, {ef.owner or 'root'}:{ef.group or 'root'} {mode}",
-                  keys=tuple(keys), content_hash=env_digest(ef, host, secrets),
-                  meta=(("group", ef.group or ""), ("mode", mode), ("name", ef.name), ("owner", ef.owner or "")))
+                  payload=EnvFilePayload(keys=tuple(keys), content_hash=env_digest(ef, host, secrets), name=ef.name,
+                                         owner=ef.owner or "", group=ef.group or "", mode=mode))
 
 
 def _report_refused(host: str, unit: str, refused: tuple[str, ...], problems: list[str]) -> None:
@@ -352,11 +298,11 @@ def _prune_changes(desired: Desired, state: HostState, prune: bool, whole: bool,
             continue
         files = ((u.fragment_path,) if "remove" in steps else ()) + tuple(
             p for p in u.drop_in_paths if removable_unit_file(p, u.unit))
-        out.append(Change(host, PRUNE, u.unit,
+        out.append(Change(host, Action.PRUNE, u.unit,
                           f"undeclared on {host} (matches {pattern.pattern}, prune = true)",
                           _service_of(desired, u.unit), before=describe_unit(u),
                           after="stopped, disabled" + (", unit file removed" if "remove" in steps else ""),
-                          remove_files=files if "remove" in steps else (), steps=tuple(steps)))
+                          payload=PrunePayload(steps=tuple(steps), remove_files=files if "remove" in steps else ())))
     return out, notes
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from fleet.diff import DAEMON_RELOAD, ENABLE, PRUNE, RESTART, START, WRITE_ENV, WRITE_UNIT, Change
+from fleet.actions import Action, Change
 from fleet.errors import FleetError
 from fleet.model import Desired
 
@@ -68,31 +68,31 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
     by_host: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(changes):
         by_host[c.host].append(i)
-    runs = [i for i, c in enumerate(changes) if c.action in (START, RESTART)]
+    runs = [i for i, c in enumerate(changes) if c.action in (Action.START, Action.RESTART)]
     service_units = {s.name: s for s in desired.services}
 
     for cs in by_host.values():
-        reload_ = [node[i] for i in cs if changes[i].action == DAEMON_RELOAD]
+        reload_ = [node[i] for i in cs if changes[i].action == Action.DAEMON_RELOAD]
         enables: dict[str, list[int]] = defaultdict(list)  # target -> this host's enables of it
         unit_writes: dict[str, list[int]] = defaultdict(list)
         env_writes: dict[str, list[int]] = defaultdict(list)
         for i in cs:
             a = changes[i].action
-            if a == ENABLE:
+            if a == Action.ENABLE:
                 enables[changes[i].target].append(node[i])
-            elif a == WRITE_UNIT:
+            elif a == Action.WRITE_UNIT:
                 unit_writes[changes[i].target].append(node[i])
-            elif a == WRITE_ENV:
+            elif a == Action.WRITE_ENV:
                 env_writes[changes[i].target].append(node[i])
         for i in cs:
             c, n = changes[i], node[i]
-            if c.action == WRITE_UNIT:
+            if c.action == Action.WRITE_UNIT:
                 for r in reload_:
                     add(n * width + r)
-            if c.action in (ENABLE, START, RESTART):
+            if c.action in (Action.ENABLE, Action.START, Action.RESTART):
                 for r in reload_:
                     add(r * width + n)
-            if c.action in (START, RESTART):
+            if c.action in (Action.START, Action.RESTART):
                 for e in enables.get(c.target, ()):
                     add(e * width + n)
                 if not reload_:
@@ -120,8 +120,8 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
         mine = runs_of.get(name, [])
         # An instance being started is not available yet: restarts of the same service wait for
         # it, so a rolling restart never takes down the last instance that is up.
-        starts = [i for i in mine if changes[i].action == START]
-        restarts_here = [i for i in mine if changes[i].action == RESTART]
+        starts = [i for i in mine if changes[i].action == Action.START]
+        restarts_here = [i for i in mine if changes[i].action == Action.RESTART]
         for st in starts:
             for rs in restarts_here:
                 if changes[rs].host != changes[st].host:
@@ -131,7 +131,7 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
         k = max(1, svc.max_unavailable)
         for j in range(k, len(restarts)):
             add(node[restarts[j - k]] * width + node[restarts[j]])
-    prunes = [i for i, c in enumerate(changes) if c.action == PRUNE]
+    prunes = [i for i, c in enumerate(changes) if c.action == Action.PRUNE]
     return _Rules(ids=ids, node=node, edges=edges, runs=runs, prunes=prunes, mbb_at=mbb_at)
 
 

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from tabulate import tabulate
 
+from fleet.actions import Change
 from fleet.apply import ApplyResult
 from fleet.audit import AuditReport
-from fleet.diff import Change
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
 from fleet.plan import Plan
 from fleet.status import Cell, StatusReport, status_json
@@ -157,7 +157,7 @@ def sidekiq_text(report: StatusReport) -> str:
 # ---------------------------------------------------------------- plan
 
 SYMBOLS = {"write-unit": "~", "write-env": "~", "daemon-reload": "~", "enable": "+", "start": "+",
-           "restart": "↻", "stop": "-", "disable": "-", "prune": "-"}
+           "restart": "↻", "prune": "-"}
 
 
 def _symbol(c: Change) -> str:
@@ -191,17 +191,18 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
                 out.append(_line(f"      was {c.before}; will be {c.after}"))
             elif c.action in ("start", "restart", "enable") and c.before:
                 out.append(_line(f"      was {c.before}"))
-            for key, op, before, after in c.keys:
+            fields = c.fields()
+            for key, op, before, after in fields["keys"]:
                 if op == "set":
                     out.append(_paint(f"      + {key} = {after}", "32", color))
                 elif op == "remove":
                     out.append(_paint(f"      - {key} (was {before})", "31", color))
                 else:
                     out.append(_paint(f"      ~ {key}: {before} → {after}", "33", color))
-            if c.remove_files and c.action == "write-unit":
-                out += [_line(f"      - remove {p}") for p in c.remove_files]
-            if c.diff:
-                for line in c.diff.rstrip("\n").split("\n"):
+            if fields["remove_files"] and c.action == "write-unit":
+                out += [_line(f"      - remove {p}") for p in fields["remove_files"]]
+            if fields["diff"]:
+                for line in fields["diff"].rstrip("\n").split("\n"):
                     code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
                     out.append("      " + _paint(line, code, color and code != "0"))  # escapes even unpainted
     if plan.notes:

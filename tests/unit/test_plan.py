@@ -168,7 +168,7 @@ def test_the_plan_never_holds_a_secret_value() -> None:
     everything = "\n".join(strings(json.loads(text)))
     for value in [*S.values(), "the-old-db-password"]:
         assert value not in text and value not in everything, value
-    masked = [k for c in plan.changes for k in c.keys if k[0] == "DB_PASS"]
+    masked = [k for c in plan.changes for k in c.fields()["keys"] if k[0] == "DB_PASS"]
     assert masked and all(k[3].startswith("(sensitive, sha256:") for k in masked)
 
 
@@ -368,11 +368,12 @@ def test_the_postmortem_fleet_as_captured_on_the_lab_gets_a_plan_that_converges_
     franz = {c.action: c for c in plan.changes if c.host == "franz"}
     assert set(franz) == {"write-env", "write-unit", "restart", "prune", "daemon-reload"}
     assert franz["prune"].target == "mastodon-sidekiq.service"
-    assert franz["prune"].steps == ("stop", "disable", "remove")
-    assert franz["write-unit"].remove_files == ("/etc/systemd/system/mastodon-web.service.d/override.conf",)
-    assert "-Environment=PORT=3001" in franz["write-unit"].diff
+    assert franz["prune"].payload.steps == ("stop", "disable", "remove")
+    assert franz["write-unit"].payload.remove_files == ("/etc/systemd/system/mastodon-web.service.d/override.conf",)
+    assert "-Environment=PORT=3001" in franz["write-unit"].payload.diff
     env = franz["write-env"]
-    assert {("S3_ENABLED", "change", "FALSE", "true"), ("3_BUCKET", "remove", "hachyderm-media", "")} <= set(env.keys)
+    want = {("S3_ENABLED", "change", "FALSE", "true"), ("3_BUCKET", "remove", "hachyderm-media", "")}
+    assert want <= set(env.payload.keys)
     assert "1 line(s) are not KEY=value" in env.reason and "0644" in env.reason
     assert not any(c.host == "nietzsche" and "postgres" in c.target for c in plan.changes)
     text = plan.to_json()
