@@ -33,9 +33,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fleet.actions import Action, Change, KeyChange
+from fleet.actions import Change, KeyChange
 from fleet.errors import FleetError
 from fleet.mastodon import looks_secret
+from fleet.resources.base import was
+from fleet.resources.registry import for_action
 from fleet.textutil import mask
 
 JOURNAL_FILE = "journal.sqlite"
@@ -567,9 +569,6 @@ def _step_record(r: tuple[Any, ...]) -> StepRecord:
 # ---------------------------------------------------------------------------------------------
 # Sentences and JSON for `fleet log`
 
-_MAX_KEYS_SHOWN = 6
-
-
 def _utc(t: float, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
     return datetime.fromtimestamp(t, UTC).strftime(fmt)
 
@@ -578,59 +577,13 @@ def _one_line(s: str) -> str:
     return " ".join(s.split())
 
 
-def _was(before: str) -> str:
-    return f" (was {before})" if before else ""
-
-
-def _key_changes(keys: tuple[KeyChange, ...]) -> str:
-    parts = []
-    for key, op, before, after in keys[:_MAX_KEYS_SHOWN]:
-        if op == "remove":
-            parts.append(f"removed {key}")
-        elif op == "set":
-            parts.append(f"added {key}: {after}")
-        else:
-            parts.append(f"{key}: {before} → {after}")
-    if len(keys) > _MAX_KEYS_SHOWN:
-        parts.append(f"… and {len(keys) - _MAX_KEYS_SHOWN} more")
-    return "; ".join(parts)
-
-
 def _what(step: StepRecord) -> str:
-    """The past-tense phrase: `stopped and disabled mastodon-sidekiq.service (was …)`."""
-    a, t = step.action, step.target
-    if a == Action.WRITE_UNIT:
-        if step.before == "absent":
-            how = "new"
-        elif step.before and step.before != step.after:
-            how = f"was {step.before}"
-        else:
-            how = "changed"
-        n = len(step.details.get("remove_files", ()))
-        if n:
-            how += f"; removed {n} drop-in{'s' if n != 1 else ''}"
-        return f"wrote unit file {t} ({how})"
-    if a == Action.WRITE_ENV:
-        if step.before == "absent":
-            return f"wrote {t} (new file: {step.after})"
-        changes = _key_changes(step.keys)
-        return f"wrote {t} ({changes or f'was {step.before}; now {step.after}'})"
-    if a == Action.DAEMON_RELOAD:
-        return "reloaded systemd"
-    if a == Action.PRUNE:
-        done = [str(s) for s in step.details.get("steps", ())]
-        verbs = [v for s, v in (("stop", "stopped"), ("disable", "disabled")) if s in done] or (
-            [] if "remove" in done else ["stopped", "disabled"])
-        if verbs:
-            phrase = f"{' and '.join(verbs)} {t}" + (" and removed its unit file" if "remove" in done else "")
-        else:
-            phrase = f"removed the unit file of {t}"
-        return phrase + _was(step.before)
-    past: dict[str, str] = {Action.ENABLE: "enabled", Action.START: "started", Action.RESTART: "restarted"}
-    verb = past.get(a)
-    if verb is None:
-        return f"{a} {t}" + _was(step.before)
-    return f"{verb} {t}" + _was(step.before)
+    """The past-tense phrase, as the resource of the step's action words it:
+    `stopped and disabled mastodon-sidekiq.service (was …)`."""
+    resource = for_action(step.action)
+    if resource is None:  # an action this fleet does not know (a journal written by another version)
+        return f"{step.action} {step.target}" + was(step.before)
+    return resource.sentence(step)
 
 
 def _ending(step: StepRecord, run: RunRecord | None) -> str:

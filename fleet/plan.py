@@ -17,26 +17,15 @@ from json.encoder import encode_basestring_ascii
 from types import GeneratorType
 from typing import Any
 
-from fleet.actions import (
-    KEY_OPS,
-    PRUNE_STEPS,
-    SUMMARY_BUCKETS,
-    Action,
-    Change,
-    EnvFilePayload,
-    KeyChange,
-    Payload,
-    PrunePayload,
-    UnitFilePayload,
-)
-from fleet.config import HOST_NAME, SERVICE_NAME, UNIT_NAME, USER_NAME, env_path_ok
+from fleet.actions import SUMMARY_BUCKETS, Action, Change
+from fleet.config import HOST_NAME, SERVICE_NAME
 from fleet.diff import diff
-from fleet.envfile import key_problem
 from fleet.errors import FleetError
 from fleet.graph import order
 from fleet.model import Desired, HostResult, HostState
+from fleet.resources.base import PayloadError
+from fleet.resources.registry import BY_ACTION, owner
 from fleet.textutil import sha256_hex
-from fleet.units import removable_unit_file
 
 PLAN_FORMAT = 1
 
@@ -74,19 +63,9 @@ class Plan:
         return next(c for c in self.changes if c.id == change_id)
 
     def summary(self) -> dict[str, int]:
-        n = Counter(c.action for c in self.changes)
-        new_units = sum(1 for c in self.changes if c.action == Action.WRITE_UNIT and c.before == "absent")
-        new_envs = sum(1 for c in self.changes if c.action == Action.WRITE_ENV and c.before == "absent")
-        counts = dict.fromkeys(SUMMARY_BUCKETS, 0)
-        counts |= {
-            "install": new_units + new_envs,
-            "change": n[Action.WRITE_UNIT] + n[Action.WRITE_ENV] - new_units - new_envs + n[Action.ENABLE]
-            + n[Action.DAEMON_RELOAD],
-            "start": n[Action.START],
-            "restart": n[Action.RESTART],
-            "prune": n[Action.PRUNE],
-        }
-        return counts
+        """How many changes fall in each bucket (install, change, start …), as each resource counts."""
+        counts = Counter(BY_ACTION[c.action].bucket(c) for c in self.changes)
+        return {bucket: counts[bucket] for bucket in SUMMARY_BUCKETS}
 
     def to_dict(self) -> dict[str, Any]:
         return self._data(list(self._change_dicts()))
@@ -179,83 +158,21 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
                             hint="recompute it with `fleet plan -o FILE`") from e
 
 
-class _Malformed(ValueError):
-    """A change's fields are not of the shape its action has."""
-
-
 def _change(d: Mapping[str, Any], source: str) -> Change:
-    """One change of a plan file, its payload read by the shape of its action."""
+    """One change of a plan file; its payload is read (and its shape checked) by the resource
+    that owns its action."""
     host, value, target, reason = str(d["host"]), d["action"], str(d["target"]), str(d["reason"])
-    shown = f"{host}:{value}:{target}"[:80]
+    service = d.get("service")
     try:
         action = Action(value)
-        service = d.get("service")
         if service is not None and not isinstance(service, str):
-            raise _Malformed("service")
-        payload = _PAYLOADS[action](d)
-    except (_Malformed, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise PlanFileError(f"{source}: change {shown!r} is malformed",
+            raise PayloadError("its service is not text")
+        payload = owner(action).load(action, d)
+    except (ValueError, TypeError) as e:  # PayloadError, or an action this fleet does not know
+        raise PlanFileError(f"{source}: change {f'{host}:{value}:{target}'[:80]!r} is malformed ({e})",
                             hint="recompute it with `fleet plan -o FILE`") from e
     return Change(host, action, target, reason, service, before=str(d.get("before", "")),
                   after=str(d.get("after", "")), payload=payload)
-
-
-def _texts_of(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise _Malformed("a list of texts")
-    return tuple(value)
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Malformed("a text")
-    return value
-
-
-def _empty(d: Mapping[str, Any], *names: str) -> None:
-    """Fields this action never carries must be absent or empty."""
-    if any(d.get(n) not in (None, "", [], {}) for n in names):
-        raise _Malformed(f"one of {names}")
-
-
-def _unit_payload(d: Mapping[str, Any]) -> Payload:
-    _empty(d, "keys", "steps", "meta")
-    return UnitFilePayload(_text(d.get("content_hash", "")), diff=_text(d.get("diff", "")),
-                           remove_files=_texts_of(d.get("remove_files", [])))
-
-
-def _env_payload(d: Mapping[str, Any]) -> Payload:
-    _empty(d, "diff", "remove_files", "steps")
-    keys = d.get("keys", [])
-    if not isinstance(keys, list):
-        raise _Malformed("keys")
-    changes = []
-    for k in keys:
-        key = _texts_of(k)
-        if len(key) != 4 or key[1] not in KEY_OPS:
-            raise _Malformed("keys")
-        changes.append(KeyChange(*key))
-    meta = d.get("meta")
-    if not isinstance(meta, dict) or set(meta) != {"owner", "group", "mode", "name"}:
-        raise _Malformed("meta")
-    return EnvFilePayload(keys=tuple(changes), content_hash=_text(d.get("content_hash", "")),
-                          name=_text(meta["name"]), owner=_text(meta["owner"]), group=_text(meta["group"]),
-                          mode=_text(meta["mode"]))
-
-
-def _prune_payload(d: Mapping[str, Any]) -> Payload:
-    _empty(d, "diff", "keys", "content_hash", "meta")
-    return PrunePayload(steps=_texts_of(d.get("steps", [])), remove_files=_texts_of(d.get("remove_files", [])))
-
-
-def _no_payload(d: Mapping[str, Any]) -> Payload:
-    _empty(d, "diff", "keys", "content_hash", "remove_files", "steps", "meta")
-    return None
-
-
-_PAYLOADS = {Action.WRITE_UNIT: _unit_payload, Action.WRITE_ENV: _env_payload, Action.PRUNE: _prune_payload,
-             Action.DAEMON_RELOAD: _no_payload, Action.ENABLE: _no_payload, Action.START: _no_payload,
-             Action.RESTART: _no_payload}
 
 
 def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> None:
@@ -277,7 +194,6 @@ def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> No
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_MODE = re.compile(r"0[0-7]{3}")
 
 
 def _validate_names(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> None:
@@ -304,37 +220,9 @@ def _validate_names(changes: tuple[Change, ...], d: dict[str, Any], source: str)
 def _change_problem(c: Change, hosts: list[str]) -> str | None:
     if c.host not in hosts:
         return f"host {c.host!r} is not one the plan covers"
-    if c.action == Action.DAEMON_RELOAD:
-        if c.target != "systemd":
-            return f"a daemon-reload targets 'systemd', not {c.target!r}"
-    elif c.action == Action.WRITE_ENV:
-        if not env_path_ok(c.target):
-            return f"env file path {c.target!r} is not an absolute file path without '..'"
-    elif not UNIT_NAME.fullmatch(c.target):
-        return f"unit name {c.target!r} is not one `fleet check` accepts"
     if c.service is not None and not SERVICE_NAME.fullmatch(c.service):
         return f"service name {c.service!r} is not one `fleet check` accepts"
-    p = c.payload
-    if isinstance(p, (UnitFilePayload, EnvFilePayload)) and p.content_hash and not _SHA256.fullmatch(p.content_hash):
-        return "its content_hash is not a sha256"
-    if isinstance(p, (UnitFilePayload, PrunePayload)):
-        refused = [f for f in p.remove_files if not removable_unit_file(f, c.target)]
-        if refused:
-            return (f"would remove {', '.join(map(repr, refused))}, which is not a file of {c.target} "
-                    "fleet may remove")
-    if isinstance(p, PrunePayload) and (any(s not in PRUNE_STEPS for s in p.steps) or
-                                        len(set(p.steps)) != len(p.steps)):
-        return f"steps {list(p.steps)!r} are not prune steps ({', '.join(PRUNE_STEPS)})"
-    if isinstance(p, EnvFilePayload):
-        bad_key = next((k.key for k in p.keys if key_problem(k.key)), None)
-        if bad_key is not None:
-            return key_problem(bad_key)
-        for name, value in (("owner", p.owner), ("group", p.group)):
-            if value and not USER_NAME.fullmatch(value):
-                return f"{name} {value!r} is not a user or group name"
-        if not _MODE.fullmatch(p.mode):
-            return f"mode {p.mode!r} is not an octal file mode"
-    return None
+    return owner(c.action).problem(c)
 
 
 def _refuse(source: str, what: str) -> None:
