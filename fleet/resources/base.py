@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from fleet.actions import Action, Change, KeyChange, ObservedKind, Payload, Phase
+from fleet.collect.sections import SectionParser
 from fleet.errors import FleetError
 from fleet.model import Desired, Host, HostState, Service
 from fleet.units import UNIT_DIR, removable_unit_file
@@ -154,6 +155,23 @@ class Resource:
     # Diffed service by service, together with the adjacent per-service resources of the registry,
     # so that one service's changes stay together in the plan.
     per_service: ClassVar[bool] = False
+    # The NAME of its `@@NAME [ARG]` sections in the collection output; "" when it has none (it
+    # reads what the facts and units sections report).
+    section: ClassVar[str] = ""
+
+    # -- collection (fleet/collect/) --------------------------------------------------------
+
+    def to_collect(self, desired: Desired, host: str) -> Any:
+        """What this kind looks at on `host`, as plain data for `script`; empty: nothing."""
+        return None
+
+    def script(self, what: Any) -> str:
+        """Its part of the one remote script (POSIX sh, every name quoted): prints its sections."""
+        return ""
+
+    def parser(self, host: str) -> SectionParser:
+        """A parser for its sections in one host's output."""
+        raise NotImplementedError(f"{self.kind} prints no section")
 
     # -- diff -------------------------------------------------------------------------------
 

@@ -1,21 +1,26 @@
 """Env files: a declared `.env` file with its keys, owner, group and mode (write-env).
 
-Secrets never pass through here in clear: desired values arrive resolved in `secrets` and are
-compared by fingerprint with what the collector hashed on the host; a change holds only masked
-text, and its content hash is computed over fingerprints (`env_digest`), so that apply can check
-that it writes what the plan showed without the plan ever holding a secret.
+Collected by its own `@@env PATH` section per declared file: `absent`, or `meta MODE OWNER GROUP
+SIZE` then `V KEY raw`, `secret KEY SHA256` and `invalid` lines.  Secrets never leave the host:
+for keys that are declared sensitive or look secret the script prints only a sha256 of the raw
+value.  Desired values arrive resolved in `secrets` and are compared by fingerprint; a change
+holds only masked text, and its content hash is computed over fingerprints (`env_digest`), so
+that apply can check that it writes what the plan showed without the plan ever holding a secret.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import shlex
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from fleet.actions import KEY_OPS, Action, Change, EnvFilePayload, KeyChange, ObservedKind, Payload, Phase
+from fleet.collect.sections import Collected, SectionParser, to_int, too_much
 from fleet.config import USER_NAME, env_path_ok
-from fleet.envfile import fingerprint, key_problem, render_file
-from fleet.errors import FleetError
+from fleet.envfile import fingerprint, key_problem, parse_value, render_file
+from fleet.errors import FleetError, ParseError
+from fleet.mastodon import SECRET_KEYS, SECRET_NAME_PATTERN
 from fleet.model import Desired, EnvFile, EnvFileState
 from fleet.resources.base import (
     ADDED,
@@ -36,6 +41,8 @@ from fleet.resources.base import (
 )
 from fleet.textutil import mask, sha256_hex
 
+MAX_ENV_LINES = 5000  # per file, in the collection script
+MAX_ENV_FILES = 1_000  # per host, in a parse of its output
 _MAX_KEYS_SHOWN = 6  # in a journal sentence
 _META = frozenset({"owner", "group", "mode", "name"})
 _MODE = re.compile(r"0[0-7]{3}")
@@ -46,6 +53,34 @@ class EnvFiles(Resource):
     actions = {Action.WRITE_ENV: ActionSpec(Phase.WRITE, "~", "change")}
     explained = {Action.WRITE_ENV: frozenset({ObservedKind.ENV_PRESENCE, ObservedKind.ENV_KEY,
                                               ObservedKind.ENV_META})}
+    section = "env"
+
+    # -- collection
+
+    def to_collect(self, desired: Desired, host: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """(path, sensitive keys) of each env file declared on the host."""
+        return tuple((e.path, e.sensitive_keys()) for e in desired.env_files_on(host))
+
+    def script(self, what: Any) -> str:
+        q = shlex.quote
+        parts = []
+        for path, sensitive in what:
+            sens = " " + " ".join(sorted(set(sensitive) | SECRET_KEYS)) + " "
+            p = q(path)
+            parts.append(
+                f"echo '@@env '{p}\n"
+                f"if [ -f {p} ]; then stat -c 'meta 0%a %U %G %s' -- {p}; "
+                f"awk -v s={q(sens)} -v secret_re={q(SECRET_NAME_PATTERN)} -v maxl={MAX_ENV_LINES} {q(_ENV_AWK)} {p} "
+                "| while IFS= read -r l; do case $l in "
+                "'S '*) k=${l#S }; v=${k#* }; k=${k%% *}; "
+                "set -- $(printf '%b' \"$v\" | sha256sum); echo \"secret $k $1\";; "
+                "*) printf '%s\\n' \"$l\";; esac; done; "
+                "else echo absent; fi"
+            )
+        return "\n".join(parts)
+
+    def parser(self, host: str) -> SectionParser:
+        return _EnvSections(host)
 
     # -- diff
 
@@ -143,6 +178,107 @@ class EnvFiles(Resource):
     def explains(self, step: AuditStep, kind: ObservedKind, key: str) -> bool:
         # A write-env that did not touch a key does not explain that key's change.
         return super().explains(step, kind, key) and (kind != ObservedKind.ENV_KEY or key in step.keys)
+
+
+# awk: classify each line of an env file; sensitive values go to the shell loop for hashing
+# and never to stdout.
+_ENV_AWK = r"""
+# A double-quoted value may span lines (fleet writes a newline in a value that way): it ends at
+# the first line ending in an unescaped quote.
+function esc(v, dbl,   out, i, c) {
+  out = ""
+  for (i = 1; i <= length(v); i++) {
+    c = substr(v, i, 1)
+    if (c == "\n") out = out "\\n"; else if (dbl && c == "\\") out = out "\\\\"; else out = out c
+  }
+  return out
+}
+function closed(v,   n, i) {
+  sub(/[ \t]+$/, "", v)
+  if (length(v) < 2 || substr(v, length(v), 1) != "\"") return 0
+  n = 0
+  for (i = length(v) - 1; i >= 1 && substr(v, i, 1) == "\\"; i--) n++
+  return n % 2 == 0
+}
+{ line = $0; sub(/^[ \t]+/, "", line); sub(/\r$/, "", line) }
+line == "" || substr(line, 1, 1) == "#" { next }
+NR > maxl { print "invalid"; exit }
+{
+  sub(/^export[ \t]+/, "", line)
+  eq = index(line, "=")
+  if (eq < 2) { print "invalid"; next }
+  k = substr(line, 1, eq - 1); sub(/[ \t]+$/, "", k)
+  v = substr(line, eq + 1); sub(/^[ \t]+/, "", v)
+  if (substr(v, 1, 1) == "\"")
+    while (!closed(v) && NR <= maxl && (getline nxt) > 0) { sub(/\r$/, "", nxt); v = v "\n" nxt }
+  sub(/[ \t]+$/, "", v)
+  if (k !~ /^[A-Za-z0-9_.]+$/) { print "invalid"; next }
+  # one line per key on the way out: newlines travel as \n (and, for secrets, \ as \\, so that
+  # the shell's printf %b restores the exact raw text before hashing it)
+  if (index(s, " " k " ") || k ~ secret_re) print "S " k " " esc(v, 1)
+  else print "V " k " " esc(v, 0)
+}
+"""
+
+
+
+class _EnvSections:
+    """The `@@env PATH` sections of one host's output."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.files: list[EnvFileState] = []
+
+    def section(self, arg: str, lines: Iterator[str]) -> None:
+        if not arg:
+            raise ParseError(f"{self.host}: an env section without its path", host=self.host, section="env")
+        if len(self.files) >= MAX_ENV_FILES:
+            raise too_much(self.host, "env", f"{MAX_ENV_FILES:,} env files")
+        self.files.append(parse_env(self.host, arg, lines))
+
+    def finish(self, collected: Collected) -> None:
+        collected.env_files = tuple(self.files)
+
+
+def parse_env(host: str, path: str, lines: Iterable[str]) -> EnvFileState:
+    kept: list[str] = []
+    for line in lines:
+        if line:
+            if len(kept) >= MAX_ENV_LINES + 2:  # the script prints meta, MAX_ENV_LINES keys at most, `invalid`
+                raise too_much(host, "env", f"{MAX_ENV_LINES:,} keys for {path[:80]}")
+            kept.append(line)
+    lines = kept
+    if lines == ["absent"]:
+        return EnvFileState(path=path, present=False)
+    if not lines or not lines[0].startswith("meta "):
+        raise ParseError(f"{host}: env file section for {path} lacks its meta line", host=host, section="env")
+    meta = lines[0].split(" ")
+    if len(meta) != 5:
+        raise ParseError(f"{host}: malformed meta line for {path}: {lines[0][:80]!r}", host=host, section="env")
+    mode = meta[1][-4:].rjust(4, "0")
+    keys: list[str] = []
+    values: list[tuple[str, str]] = []
+    secrets: list[tuple[str, str]] = []
+    invalid = 0
+    for line in lines[1:]:
+        if line.startswith("V "):
+            key, _, raw = line[2:].partition(" ")
+            keys.append(key)
+            values.append((key, parse_value(raw)))
+        elif line.startswith("secret "):
+            parts = line.split(" ")
+            if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{64}", parts[2]):
+                raise ParseError(f"{host}: malformed secret line in {path}", host=host, section="env")
+            keys.append(parts[1])
+            secrets.append((parts[1], parts[2]))
+        elif line == "invalid":
+            invalid += 1
+        else:
+            raise ParseError(f"{host}: unexpected line in env file section for {path}: {line[:80]!r}",
+                             host=host, section="env")
+    return EnvFileState(path=path, present=True, mode=mode, owner=meta[2], group=meta[3], size=to_int(meta[4]),
+                        keys=tuple(keys), values=tuple(values), secrets=tuple(secrets), invalid_lines=invalid)
+
 
 
 def _payload(change: Change) -> EnvFilePayload:
