@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fleet import remote
@@ -27,6 +26,7 @@ from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Host, Service
 from fleet.plan import Plan
 from fleet.resources.registry import owner
+from fleet.results import ApplyResult, StepOutcome
 from fleet.textutil import sha256_hex
 from fleet.transport.protocol import DEFAULT_MAX_SESSIONS, Transport
 
@@ -48,30 +48,6 @@ class JournalLike(Protocol):
 
 class StaleInputError(FleetError):
     """The desired state or the secrets changed since the plan was computed."""
-
-
-@dataclass
-class StepOutcome:
-    change: Change
-    outcome: str  # ok | failed | skipped
-    error: str = ""
-    detail: str = ""  # e.g. the unit's last journal lines
-    duration: float = 0.0
-    rollback: str = ""
-
-
-@dataclass
-class ApplyResult:
-    run_id: str
-    outcomes: list[StepOutcome] = field(default_factory=list)
-
-    @property
-    def failed(self) -> list[StepOutcome]:
-        return [o for o in self.outcomes if o.outcome == "failed"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not any(o.outcome == "skipped" for o in self.outcomes)
 
 
 def check_contents(plan: Plan, desired: Desired, secrets: Mapping[tuple[str, str], str]) -> None:

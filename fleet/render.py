@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 from fleet.actions import SUMMARY_BUCKETS, Change
-from fleet.apply import ApplyResult
 from fleet.audit import AuditReport
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
 from fleet.plan import Plan
 from fleet.resources.base import ADDED, CHANGED, DIFF, PLAIN, REMOVED
 from fleet.resources.registry import BY_ACTION, SPECS
+from fleet.results import ApplyResult
 from fleet.status import Cell, StatusReport, status_json
 from fleet.textutil import printable
 

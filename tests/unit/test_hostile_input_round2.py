@@ -408,8 +408,8 @@ def test_apply_output_escapes_what_a_host_answered() -> None:
     from observed import example
 
     from fleet.actions import Action, Change
-    from fleet.apply import ApplyResult, StepOutcome
     from fleet.render import apply_text
+    from fleet.results import ApplyResult, StepOutcome
 
     c = Change("fritz", Action.START, "mastodon-web.service", "x", "web")
     result = ApplyResult("run", [StepOutcome(c, "failed", "exit 1: \x1b[2Kok", detail="| \x1b]0;t\x07 line\r",
