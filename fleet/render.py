@@ -87,6 +87,8 @@ def _cell_text(c: Cell) -> str:
     text = c.state + _MARK[c.status]
     if c.status == "drift" and c.detail:
         text += f"\n{c.detail}"
+    if c.notes:
+        text += "\n" + "; ".join(c.notes)
     return text
 
 

@@ -173,6 +173,13 @@ class Resource:
         """A parser for its sections in one host's output."""
         raise NotImplementedError(f"{self.kind} prints no section")
 
+    # -- status (fleet/status.py, and so fleet audit) ---------------------------------------
+
+    def notes(self, state: HostState, unit: str) -> list[str]:
+        """What this kind observed about `unit` on the host, shown in its status cell (and so in
+        `fleet audit`): short phrases, e.g. `has drop-ins: override.conf sha256:1a2b3c4d`."""
+        return []
+
     # -- diff -------------------------------------------------------------------------------
 
     def diff_host(self, ctx: HostDiff) -> None:
