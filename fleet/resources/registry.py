@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from fleet.actions import Action
 from fleet.resources.base import ActionSpec, Resource
+from fleet.resources.drop_ins import DropIns
 from fleet.resources.env_file import EnvFiles
 from fleet.resources.undeclared import UndeclaredUnits
 from fleet.resources.unit_file import UnitFiles
@@ -22,6 +23,7 @@ RESOURCES: tuple[Resource, ...] = (
     UnitFiles(),
     UnitStates(),
     UndeclaredUnits(),
+    DropIns(),
 )
 
 
