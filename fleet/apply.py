@@ -16,33 +16,19 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fleet import remote
-from fleet.diff import (
-    DAEMON_RELOAD,
-    DISABLE,
-    ENABLE,
-    PRUNE,
-    RESTART,
-    START,
-    STOP,
-    WRITE_ENV,
-    WRITE_UNIT,
-    Change,
-    desired_env_items,
-    env_digest,
-)
-from fleet.envfile import render_file
+from fleet.actions import Change
 from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Host, Service
 from fleet.plan import Plan
+from fleet.resources.registry import owner
+from fleet.results import ApplyResult, StepOutcome
 from fleet.textutil import sha256_hex
 from fleet.transport.protocol import DEFAULT_MAX_SESSIONS, Transport
-from fleet.units import UNIT_DIR, removable_unit_file, render_unit, unit_path
 
 log = logging.getLogger(__name__)
 
@@ -64,43 +50,10 @@ class StaleInputError(FleetError):
     """The desired state or the secrets changed since the plan was computed."""
 
 
-@dataclass
-class StepOutcome:
-    change: Change
-    outcome: str  # ok | failed | skipped
-    error: str = ""
-    detail: str = ""  # e.g. the unit's last journal lines
-    duration: float = 0.0
-    rollback: str = ""
-
-
-@dataclass
-class ApplyResult:
-    run_id: str
-    outcomes: list[StepOutcome] = field(default_factory=list)
-
-    @property
-    def failed(self) -> list[StepOutcome]:
-        return [o for o in self.outcomes if o.outcome == "failed"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not any(o.outcome == "skipped" for o in self.outcomes)
-
-
 def check_contents(plan: Plan, desired: Desired, secrets: Mapping[tuple[str, str], str]) -> None:
     """Refuse to write anything other than what the plan showed: every unit text and env file
-    content must hash to what the plan recorded."""
-    problems = []
-    for c in plan.changes:
-        if c.action == WRITE_UNIT:
-            svc = desired.service(c.service or "")
-            if svc is None or svc.unit_spec is None or sha256_hex(render_unit(svc)) != c.content_hash:
-                problems.append(f"{c.host}: the unit {c.target} would differ from the plan")
-        elif c.action == WRITE_ENV:
-            ef = next((e for e in desired.env_files if e.path == c.target and c.host in e.hosts), None)
-            if ef is None or env_digest(ef, c.host, secrets) != c.content_hash:
-                problems.append(f"{c.host}: {c.target} would differ from the plan (desired state or a secret changed)")
+    content must hash to what the plan recorded (each resource checks its own)."""
+    problems = [p for c in plan.changes if (p := owner(c.action).check_content(c, desired, secrets))]
     if problems:
         raise StaleInputError("the plan no longer matches what would be written:\n  " + "\n  ".join(problems),
                               hint="compute a new plan with `fleet plan -o FILE`, review it, and apply that")
@@ -240,19 +193,21 @@ class Executor:
         log.debug("step %s: started", c.id)
         t0 = time.monotonic()
         outcome = StepOutcome(c, "ok")
+        resource = owner(c.action)
+        here = _Step(self, c.host)
         try:
-            self._do(c, outcome)
+            resource.execute(c, here)
         except TransportError as e:
             outcome.outcome, outcome.error = "failed", f"{e.kind}: {e.message}"
         except FleetError as e:
             outcome.outcome, outcome.error = "failed", e.message
+        outcome.detail = here.detail
         outcome.duration = time.monotonic() - t0
         if outcome.outcome == "failed":
             with self._lock:
                 if not self.halted:
                     self.halted = f"{c.action} {c.target} failed on {c.host}"  # "… halted after <this>"
-            if c.action in (START, RESTART):
-                outcome.rollback = self._rollback(c)
+            outcome.rollback = resource.rollback(c, here)
         error = outcome.error + (f"; {outcome.rollback}" if outcome.rollback else "")
         log.debug("step %s: %s after %.3fs%s", c.id, outcome.outcome, outcome.duration, f": {error}" if error else "")
         self.journal.step_finished(step, outcome.outcome, error)
@@ -260,8 +215,21 @@ class Executor:
         self.report(f"  {c.host}: {c.action} {c.target} — {mark} ({outcome.duration:.1f}s)")
         return outcome
 
-    def _run(self, c: Change, command: str, *, stdin: bytes | None = None, timeout: float = 120) -> str:
-        res = self.transport.run(self.hosts[c.host], command, stdin=stdin, timeout=timeout)
+
+
+class _Step:
+    """What a resource carries out one change with (resources.base.Execution): the executor's
+    transport to the change's host, its run's backups, and the declaration."""
+
+    def __init__(self, executor: Executor, host: str) -> None:
+        self._ex = executor
+        self.host = executor.hosts[host]
+        self.desired, self.secrets, self.run_id = executor.desired, executor.secrets, executor.run_id
+        self.settle, self.start_timeout = executor.settle, executor.start_timeout
+        self.detail = ""
+
+    def run(self, command: str, *, stdin: bytes | None = None, timeout: float = 120) -> str:
+        res = self._ex.transport.run(self.host, command, stdin=stdin, timeout=timeout)
         out = res.stdout.decode("utf-8", "replace")
         if "@@ok" not in out and "@@gate" not in out:
             err = res.stderr.decode("utf-8", "replace")
@@ -271,93 +239,29 @@ class Executor:
             raise FleetError(f"{res.exit_text}: {tail}")
         return out
 
-    def _do(self, c: Change, outcome: StepOutcome) -> None:
-        refused = [p for p in c.remove_files if not removable_unit_file(p, c.target)]
-        if refused:  # the diff never plans these; a last line of defence before `rm` on a host
-            raise FleetError(f"refusing to remove {', '.join(map(repr, refused))}: not a file of {c.target} "
-                             f"in {UNIT_DIR}")
-        if c.action == WRITE_UNIT:
-            svc = self._service(c)
-            self._run(c, remote.remove_files(c.remove_files, run_id=self.run_id))
-            with self._lock:  # backed up: a rollback puts them back with the unit
-                self.written.setdefault(c.host, []).extend(c.remove_files)
-            self._write(c, unit_path(c.target), render_unit(svc), mode="0644", owner="root", group="root")
-        elif c.action == WRITE_ENV:
-            ef = next(e for e in self.desired.env_files if e.path == c.target and c.host in e.hosts)
-            items = desired_env_items(ef, c.host, self.secrets)
-            text = render_file(items, header="Managed by fleet: local edits are overwritten by `fleet apply`.")
-            keep = tuple(k for k, src in ef.sensitive if src.kind == "present")
-            self._write(c, c.target, text, mode=ef.mode, owner=ef.owner, group=ef.group, keep_keys=keep)
-        elif c.action == DAEMON_RELOAD:
-            self._run(c, remote.systemctl("daemon-reload"))
-        elif c.action == ENABLE:
-            self._run(c, remote.systemctl("enable --quiet", c.target))
-        elif c.action in (START, RESTART):
-            # reset-failed first: a unit that crash-looped earlier (this run's rollback, or by
-            # hand) would otherwise be refused by systemd's start limit for a while.
-            self._run(c, remote.reset_failed(c.target) + remote.systemctl(
-                "start" if c.action == START else "restart", c.target), timeout=self.start_timeout + 30)
-            self._gate(c, outcome)
-        elif c.action == PRUNE:
-            self._run(c, remote.prune(c.target, c.steps, c.remove_files, run_id=self.run_id), timeout=120)
-        elif c.action in (STOP, DISABLE):
-            self._run(c, remote.systemctl("stop" if c.action == STOP else "disable --quiet", c.target))
-        else:
-            raise FleetError(f"unknown action {c.action!r} in the plan")
+    def run_unchecked(self, command: str, *, timeout: float) -> None:
+        self._ex.transport.run(self.host, command, timeout=timeout)
 
-    def _write(self, c: Change, path: str, text: str, *, mode: str, owner: str | None, group: str | None,
-               keep_keys: tuple[str, ...] = ()) -> None:
+    def write(self, path: str, text: str, *, mode: str, owner: str | None, group: str | None,
+              keep_keys: tuple[str, ...] = ()) -> None:
         data = text.encode("utf-8")
-        self._run(c, remote.write_file(path, run_id=self.run_id, mode=mode, owner=owner, group=group,
-                                       keep_keys=keep_keys, sha256=sha256_hex(data)), stdin=data)
-        with self._lock:
-            self.written.setdefault(c.host, []).append(path)
+        self.run(remote.write_file(path, run_id=self.run_id, mode=mode, owner=owner, group=group,
+                                   keep_keys=keep_keys, sha256=sha256_hex(data)), stdin=data)
+        self.backed_up((path,))
 
-    def _service(self, c: Change) -> Service:
-        svc = self.desired.service(c.service or "")
+    def backed_up(self, paths: Iterable[str]) -> None:
+        with self._ex._lock:
+            self._ex.written.setdefault(self.host.name, []).extend(paths)
+
+    def written(self) -> list[str]:
+        with self._ex._lock:
+            return list(self._ex.written.get(self.host.name, []))
+
+    def service(self, name: str | None) -> Service:
+        svc = self.desired.service(name or "")
         if svc is None:
-            raise FleetError(f"the plan names service {c.service!r}, which the desired state no longer declares")
+            raise FleetError(f"the plan names service {name!r}, which the desired state no longer declares")
         return svc
-
-    def _gate(self, c: Change, outcome: StepOutcome) -> None:
-        svc = self._service(c)
-        check = svc.health
-        budget = self.start_timeout + self.settle + (check.timeout if check else 0) + 30
-        out = self._run(c, remote.health_gate(c.target, check, settle=self.settle, start_timeout=self.start_timeout),
-                        timeout=budget)
-        if "@@gate ok" in out.splitlines():  # the marker line itself, not a log line quoting it
-            return
-        line = next((ln for ln in out.splitlines() if ln.startswith("@@gate fail")), "@@gate fail (no reason)")
-        outcome.detail = "\n".join(ln[2:] for ln in out.splitlines() if ln.startswith("| "))
-        raise FleetError(line[len("@@gate fail "):])
-
-    def _rollback(self, c: Change) -> str:
-        """Put the failed service on this host back to its previous unit/env content."""
-        svc = self.desired.service(c.service or "")
-        if svc is None:
-            return ""
-        with self._lock:
-            written = list(self.written.get(c.host, []))
-        unit_file = unit_path(svc.unit)
-        mine = [p for p in written if p == unit_file or p.startswith(unit_file + ".d/")
-                or (svc.unit_spec is not None and p in svc.unit_spec.environment_files)]
-        host = self.hosts[c.host]
-        was_running = c.before.startswith("active")
-        try:
-            if not was_running:  # stop first: a crash-looping new unit must not restart meanwhile
-                self.transport.run(host, remote.systemctl("stop", svc.unit) + remote.reset_failed(svc.unit),
-                                   timeout=self.start_timeout + 30)
-            for path in mine:
-                self.transport.run(host, remote.restore_file(path, run_id=self.run_id), timeout=60)
-            if mine:
-                self.transport.run(host, remote.systemctl("daemon-reload"), timeout=60)
-            if was_running:
-                self.transport.run(host, remote.systemctl("restart", svc.unit), timeout=self.start_timeout + 30)
-        except TransportError as e:
-            return f"rollback on {c.host} failed: {e.message}"
-        restored = ", ".join(mine) if mine else "nothing written"
-        return (f"rolled back {svc.unit} on {c.host}: restored {restored}; "
-                + ("restarted it" if was_running else "stopped it (it was not running before)"))
 
 
 def parse_holder(holder: str) -> dict[str, Any] | None:

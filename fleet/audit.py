@@ -9,9 +9,10 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from fleet.diff import DISABLE, ENABLE, PRUNE, RESTART, START, STOP, WRITE_ENV, WRITE_UNIT
+from fleet.actions import ObservedKind
 from fleet.model import Desired, Finding, HostResult, HostState, Kind, UnitState
 from fleet.policy import SidekiqProcess, check_env_keys, check_env_value, check_placement, check_queues
+from fleet.resources.registry import for_action
 from fleet.snapshot import short_secret
 from fleet.status import StatusReport, build_status, parse_sidekiq_argv
 
@@ -186,7 +187,7 @@ class ObservedChange:
     attribution: str = ""  # "fleet apply run R by alice@laptop" | "changed outside fleet"
     run_id: str = ""
     at: float | None = None  # when the attributed step ran
-    kind: str = ""  # which kind of change (a key of EXPLAINED_BY): what a fleet step could have done
+    kind: str = ""  # which kind of change (an actions.ObservedKind): what a fleet step could have done
     key: str = ""  # for kind "env-key": the key
 
 
@@ -285,22 +286,6 @@ class JournalStep:
     keys: tuple[str, ...] = ()  # for write-env: the keys the step set, changed or removed
 
 
-# Which journaled actions can explain each kind of observed change.  A failed start/restart
-# counts for file and state changes: its rollback restored (or removed) files and stopped or
-# restarted the unit.
-_ROLLBACK = frozenset({START, RESTART})
-EXPLAINED_BY: Mapping[str, frozenset[str]] = {
-    "unit-appeared": frozenset({WRITE_UNIT}),
-    "unit-disappeared": frozenset({PRUNE}) | _ROLLBACK,
-    "unit-text": frozenset({WRITE_UNIT}) | _ROLLBACK,
-    "unit-state": frozenset({START, RESTART, STOP, PRUNE}),
-    "unit-enablement": frozenset({ENABLE, DISABLE, PRUNE, WRITE_UNIT}) | _ROLLBACK,
-    "env-presence": frozenset({WRITE_ENV}) | _ROLLBACK,
-    "env-key": frozenset({WRITE_ENV}),
-    "env-meta": frozenset({WRITE_ENV}),
-}
-
-
 def attribute(changes: Sequence[ObservedChange], steps: Sequence[JournalStep], operators: Mapping[str, str],
               t0: float, t1: float) -> list[ObservedChange]:
     """A change seen between t0 and t1 is fleet's when a journaled step in that window, on the
@@ -321,16 +306,17 @@ def attribute(changes: Sequence[ObservedChange], steps: Sequence[JournalStep], o
 
 
 def _explains(step: JournalStep, c: ObservedChange) -> bool:
+    """Could `step` have made `c`?  The resource of the step's action says, by the kind of change
+    (a failed start/restart rolled files back; a write-env explains only the keys it touched)."""
     if step.target != c.target:
         return False
-    actions = EXPLAINED_BY.get(c.kind)
-    if actions is None:  # a change fleet does not classify: the target is all there is to go by
+    if c.kind not in _KINDS:  # a change fleet does not classify: the target is all there is to go by
         return True
-    if step.action not in actions:
-        return False
-    if step.action in _ROLLBACK and c.kind != "unit-state" and step.outcome != "failed":
-        return False  # only a failed start/restart rolled files back
-    return c.kind != "env-key" or c.key in step.keys
+    resource = for_action(step.action)
+    return resource is not None and resource.explains(step, ObservedKind(c.kind), c.key)
+
+
+_KINDS = frozenset(ObservedKind)
 
 
 @dataclass

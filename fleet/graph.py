@@ -1,15 +1,19 @@
 """Ordering: the one place that decides what happens before what.
 
-An edge a -> b means "b must happen after a".  Rules:
-  * per host: unit writes -> daemon-reload -> enable/start/restart; an env file write before
-    the (re)start of every unit that loads it; enable before start;
-  * `requires` across hosts: every start/restart of a required service before every
-    start/restart of the service requiring it (postgres and redis before web and Sidekiq);
-  * make-before-break: every prune after every start/restart in the plan, so a service that
-    moves is running on its new host before it stops on the old one;
+An edge a -> b means "b must happen after a".  The rules are written over what each action
+declares (fleet/resources/: its phase, whether it needs systemd to reload, whether it is a
+rolling restart, which units it affects), never over the actions themselves:
+  * per host: a change that needs a reload -> the host's reload -> every enable and run there;
+    a change that affects unit u -> every run of u (a change that needs a reload reaches the
+    runs through the reload, so it gets no edge of its own when the host has one): an env file
+    before the (re)start of every unit that loads it, an enable before its unit starts;
+  * `requires` across hosts: every run of a required service before every run of the service
+    requiring it (postgres and redis before web and Sidekiq);
+  * make-before-break: every prune after every run in the plan, so a service that moves is
+    running on its new host before it stops on the old one;
   * rolling restarts: restarts of one service are chained across its hosts in batches of
     `max_unavailable`, so never more than that many of its instances restart at once, and they
-    wait for the starts of that service's missing instances.
+    wait for the starts of that service's missing instances on other hosts.
 Waves are the topological generations: everything in a wave may run in parallel.
 
 `order` works on plain lists (changes are numbered by their position in the plan) and holds
@@ -29,9 +33,10 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from fleet.diff import DAEMON_RELOAD, ENABLE, PRUNE, RESTART, START, WRITE_ENV, WRITE_UNIT, Change
+from fleet.actions import Change, Phase
 from fleet.errors import FleetError
 from fleet.model import Desired
+from fleet.resources.registry import BY_ACTION, SPECS
 
 
 class CycleError(FleetError):
@@ -65,44 +70,31 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
     width = len(ids) + 1
     edges: list[int] = []
     add = edges.append
+    specs = [SPECS[c.action] for c in changes]
     by_host: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(changes):
         by_host[c.host].append(i)
-    runs = [i for i, c in enumerate(changes) if c.action in (START, RESTART)]
+    runs = [i for i, sp in enumerate(specs) if sp.phase == Phase.RUN]
     service_units = {s.name: s for s in desired.services}
 
     for cs in by_host.values():
-        reload_ = [node[i] for i in cs if changes[i].action == DAEMON_RELOAD]
-        enables: dict[str, list[int]] = defaultdict(list)  # target -> this host's enables of it
-        unit_writes: dict[str, list[int]] = defaultdict(list)
-        env_writes: dict[str, list[int]] = defaultdict(list)
+        reloads = [node[i] for i in cs if specs[i].phase == Phase.RELOAD]
+        affecting: dict[str, list[int]] = defaultdict(list)  # unit -> this host's changes that affect it
         for i in cs:
-            a = changes[i].action
-            if a == ENABLE:
-                enables[changes[i].target].append(node[i])
-            elif a == WRITE_UNIT:
-                unit_writes[changes[i].target].append(node[i])
-            elif a == WRITE_ENV:
-                env_writes[changes[i].target].append(node[i])
+            if not (reloads and specs[i].needs_reload):  # else it reaches the runs through the reload
+                for unit in BY_ACTION[changes[i].action].affects(changes[i], desired):
+                    affecting[unit].append(node[i])
         for i in cs:
-            c, n = changes[i], node[i]
-            if c.action == WRITE_UNIT:
-                for r in reload_:
+            c, n, sp = changes[i], node[i], specs[i]
+            if sp.needs_reload:
+                for r in reloads:
                     add(n * width + r)
-            if c.action in (ENABLE, START, RESTART):
-                for r in reload_:
+            if sp.phase in (Phase.ENABLE, Phase.RUN):
+                for r in reloads:
                     add(r * width + n)
-            if c.action in (START, RESTART):
-                for e in enables.get(c.target, ()):
-                    add(e * width + n)
-                if not reload_:
-                    for e in unit_writes.get(c.target, ()):
-                        add(e * width + n)
-                svc = service_units.get(c.service or "")
-                loads = svc.unit_spec.environment_files if svc is not None and svc.unit_spec else ()
-                for path in dict.fromkeys(loads):
-                    for w in env_writes.get(path, ()):
-                        add(w * width + n)
+            if sp.phase == Phase.RUN:
+                for a in affecting.get(c.target, ()):
+                    add(a * width + n)
 
     runs_of: dict[str, list[int]] = defaultdict(list)  # service -> positions of its starts and restarts
     for i in runs:
@@ -120,8 +112,8 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
         mine = runs_of.get(name, [])
         # An instance being started is not available yet: restarts of the same service wait for
         # it, so a rolling restart never takes down the last instance that is up.
-        starts = [i for i in mine if changes[i].action == START]
-        restarts_here = [i for i in mine if changes[i].action == RESTART]
+        starts = [i for i in mine if not specs[i].rolling]
+        restarts_here = [i for i in mine if specs[i].rolling]
         for st in starts:
             for rs in restarts_here:
                 if changes[rs].host != changes[st].host:
@@ -131,7 +123,7 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
         k = max(1, svc.max_unavailable)
         for j in range(k, len(restarts)):
             add(node[restarts[j - k]] * width + node[restarts[j]])
-    prunes = [i for i, c in enumerate(changes) if c.action == PRUNE]
+    prunes = [i for i, sp in enumerate(specs) if sp.phase == Phase.PRUNE]
     return _Rules(ids=ids, node=node, edges=edges, runs=runs, prunes=prunes, mbb_at=mbb_at)
 
 

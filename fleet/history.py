@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet.diff import Change
+from fleet.actions import Change
 from fleet.errors import ParseError
 from fleet.journal import _details, scrub
 from fleet.remote import STATE

@@ -33,20 +33,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fleet.diff import (
-    DAEMON_RELOAD,
-    DISABLE,
-    ENABLE,
-    PRUNE,
-    RESTART,
-    START,
-    STOP,
-    WRITE_ENV,
-    WRITE_UNIT,
-    Change,
-)
+from fleet.actions import Change, KeyChange
 from fleet.errors import FleetError
 from fleet.mastodon import looks_secret
+from fleet.resources.base import was
+from fleet.resources.registry import for_action
 from fleet.textutil import mask
 
 JOURNAL_FILE = "journal.sqlite"
@@ -207,9 +198,9 @@ class StepRecord:
         return self.outcome is not None
 
     @property
-    def keys(self) -> tuple[tuple[str, str, str, str], ...]:
+    def keys(self) -> tuple[KeyChange, ...]:
         """Env key changes: (key, op set|change|remove, before, after), masked."""
-        return tuple((str(k[0]), str(k[1]), str(k[2]), str(k[3])) for k in self.details.get("keys", ()))
+        return tuple(KeyChange(str(k[0]), str(k[1]), str(k[2]), str(k[3])) for k in self.details.get("keys", ()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,13 +290,14 @@ def _scrub_key(k: tuple[str, str, str, str] | list[str]) -> list[str]:
 
 
 def _details(change: Change) -> dict[str, Any]:
+    f = change.fields()
     return {
-        "keys": [_scrub_key(k) for k in change.keys],
-        "steps": [scrub(s) for s in change.steps],
-        "remove_files": [scrub(f) for f in change.remove_files],
-        "diff": scrub(change.diff),
-        "content_hash": change.content_hash,
-        "meta": {k: scrub(v) for k, v in change.meta},
+        "keys": [_scrub_key(k) for k in f["keys"]],
+        "steps": [scrub(s) for s in f["steps"]],
+        "remove_files": [scrub(p) for p in f["remove_files"]],
+        "diff": scrub(f["diff"]),
+        "content_hash": f["content_hash"],
+        "meta": {k: scrub(v) for k, v in f["meta"].items()},
     }
 
 
@@ -507,7 +499,7 @@ class Journal:
 
     def _insert_step(self, run_id: str, change: Change, *, started: float, ended: float | None = None,
                      outcome: str | None = None, error: str | None = None) -> int:
-        row = (run_id, scrub(change.id), change.host, change.action, scrub(change.target),
+        row = (run_id, scrub(change.id), change.host, change.action.value, scrub(change.target),
                None if change.service is None else scrub(change.service), scrub(change.reason),
                scrub(change.before), scrub(change.after), json.dumps(_details(change), ensure_ascii=False),
                started, ended, outcome, None if error is None else scrub(error))
@@ -612,9 +604,6 @@ def _step_record(r: tuple[Any, ...]) -> StepRecord:
 # ---------------------------------------------------------------------------------------------
 # Sentences and JSON for `fleet log`
 
-_MAX_KEYS_SHOWN = 6
-
-
 def _utc(t: float, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
     return datetime.fromtimestamp(t, UTC).strftime(fmt)
 
@@ -623,58 +612,13 @@ def _one_line(s: str) -> str:
     return " ".join(s.split())
 
 
-def _was(before: str) -> str:
-    return f" (was {before})" if before else ""
-
-
-def _key_changes(keys: tuple[tuple[str, str, str, str], ...]) -> str:
-    parts = []
-    for key, op, before, after in keys[:_MAX_KEYS_SHOWN]:
-        if op == "remove":
-            parts.append(f"removed {key}")
-        elif op == "set":
-            parts.append(f"added {key}: {after}")
-        else:
-            parts.append(f"{key}: {before} → {after}")
-    if len(keys) > _MAX_KEYS_SHOWN:
-        parts.append(f"… and {len(keys) - _MAX_KEYS_SHOWN} more")
-    return "; ".join(parts)
-
-
 def _what(step: StepRecord) -> str:
-    """The past-tense phrase: `stopped and disabled mastodon-sidekiq.service (was …)`."""
-    a, t = step.action, step.target
-    if a == WRITE_UNIT:
-        if step.before == "absent":
-            how = "new"
-        elif step.before and step.before != step.after:
-            how = f"was {step.before}"
-        else:
-            how = "changed"
-        n = len(step.details.get("remove_files", ()))
-        if n:
-            how += f"; removed {n} drop-in{'s' if n != 1 else ''}"
-        return f"wrote unit file {t} ({how})"
-    if a == WRITE_ENV:
-        if step.before == "absent":
-            return f"wrote {t} (new file: {step.after})"
-        changes = _key_changes(step.keys)
-        return f"wrote {t} ({changes or f'was {step.before}; now {step.after}'})"
-    if a == DAEMON_RELOAD:
-        return "reloaded systemd"
-    if a == PRUNE:
-        done = [str(s) for s in step.details.get("steps", ())]
-        verbs = [v for s, v in (("stop", "stopped"), ("disable", "disabled")) if s in done] or (
-            [] if "remove" in done else ["stopped", "disabled"])
-        if verbs:
-            phrase = f"{' and '.join(verbs)} {t}" + (" and removed its unit file" if "remove" in done else "")
-        else:
-            phrase = f"removed the unit file of {t}"
-        return phrase + _was(step.before)
-    verb = {ENABLE: "enabled", START: "started", RESTART: "restarted", STOP: "stopped", DISABLE: "disabled"}.get(a)
-    if verb is None:
-        return f"{a} {t}" + _was(step.before)
-    return f"{verb} {t}" + _was(step.before)
+    """The past-tense phrase, as the resource of the step's action words it:
+    `stopped and disabled mastodon-sidekiq.service (was …)`."""
+    resource = for_action(step.action)
+    if resource is None:  # an action this fleet does not know (a journal written by another version)
+        return f"{step.action} {step.target}" + was(step.before)
+    return resource.sentence(step)
 
 
 def _ending(step: StepRecord, run: RunRecord | None) -> str:

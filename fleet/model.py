@@ -331,12 +331,19 @@ class HostState:
     env_files: tuple[EnvFileState, ...]
     collected_at: float = 0.0
     duration: float = 0.0
+    # Facts of the kinds of resource that have no field of their own: (kind's section name, its
+    # frozen data), filled by that kind's parser (fleet/collect/sections.py).
+    extra: tuple[tuple[str, object], ...] = ()
 
     def unit(self, name: str) -> UnitState | None:
         return next((u for u in self.units if u.unit == name), None)
 
     def env_file(self, path: str) -> EnvFileState | None:
         return next((e for e in self.env_files if e.path == path), None)
+
+    def facts_of(self, section: str) -> object | None:
+        """What the kind printing `section` found on this host; None when it was not collected."""
+        return next((data for name, data in self.extra if name == section), None)
 
 
 @dataclass(frozen=True)

@@ -17,26 +17,15 @@ from json.encoder import encode_basestring_ascii
 from types import GeneratorType
 from typing import Any
 
-from fleet.config import HOST_NAME, SERVICE_NAME, UNIT_NAME, USER_NAME, env_path_ok
-from fleet.diff import (
-    ACTIONS,
-    DAEMON_RELOAD,
-    ENABLE,
-    PRUNE,
-    RESTART,
-    START,
-    STOP,
-    WRITE_ENV,
-    WRITE_UNIT,
-    Change,
-    diff,
-)
-from fleet.envfile import key_problem
+from fleet.actions import SUMMARY_BUCKETS, Action, Change
+from fleet.config import HOST_NAME, SERVICE_NAME
+from fleet.diff import diff
 from fleet.errors import FleetError
 from fleet.graph import order
 from fleet.model import Desired, HostResult, HostState
+from fleet.resources.base import PayloadError
+from fleet.resources.registry import BY_ACTION, owner
 from fleet.textutil import sha256_hex
-from fleet.units import removable_unit_file
 
 PLAN_FORMAT = 1
 
@@ -74,17 +63,9 @@ class Plan:
         return next(c for c in self.changes if c.id == change_id)
 
     def summary(self) -> dict[str, int]:
-        n = Counter(c.action for c in self.changes)
-        new_units = sum(1 for c in self.changes if c.action == WRITE_UNIT and c.before == "absent")
-        new_envs = sum(1 for c in self.changes if c.action == WRITE_ENV and c.before == "absent")
-        return {
-            "install": new_units + new_envs,
-            "change": n[WRITE_UNIT] + n[WRITE_ENV] - new_units - new_envs + n[ENABLE] + n[DAEMON_RELOAD],
-            "start": n[START],
-            "restart": n[RESTART],
-            "stop": n[STOP],
-            "prune": n[PRUNE],
-        }
+        """How many changes fall in each bucket (install, change, start …), as each resource counts."""
+        counts = Counter(BY_ACTION[c.action].bucket(c) for c in self.changes)
+        return {bucket: counts[bucket] for bucket in SUMMARY_BUCKETS}
 
     def to_dict(self) -> dict[str, Any]:
         return self._data(list(self._change_dicts()))
@@ -161,7 +142,7 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
         raise PlanFileError(f"{source}: unsupported plan format {got!r} (this fleet reads format {PLAN_FORMAT})",
                             hint="recompute it with `fleet plan -o FILE`")
     try:
-        changes = tuple(Change.from_dict(c) for c in d["changes"])
+        changes = tuple(_change(c, source) for c in d["changes"])
         _validate(changes, d, source)
         _validate_names(changes, d, source)
         return Plan(
@@ -177,6 +158,23 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
                             hint="recompute it with `fleet plan -o FILE`") from e
 
 
+def _change(d: Mapping[str, Any], source: str) -> Change:
+    """One change of a plan file; its payload is read (and its shape checked) by the resource
+    that owns its action."""
+    host, value, target, reason = str(d["host"]), d["action"], str(d["target"]), str(d["reason"])
+    service = d.get("service")
+    try:
+        action = Action(value)
+        if service is not None and not isinstance(service, str):
+            raise PayloadError("its service is not text")
+        payload = owner(action).load(action, d)
+    except (ValueError, TypeError) as e:  # PayloadError, or an action this fleet does not know
+        raise PlanFileError(f"{source}: change {f'{host}:{value}:{target}'[:80]!r} is malformed ({e})",
+                            hint="recompute it with `fleet plan -o FILE`") from e
+    return Change(host, action, target, reason, service, before=str(d.get("before", "")),
+                  after=str(d.get("after", "")), payload=payload)
+
+
 def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> None:
     """A plan file is data from disk: check it is whole before anything reads it."""
     texts = [d["hosts"], d.get("notes", []), d.get("problems", []),
@@ -189,11 +187,6 @@ def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> No
     if sorted(waves) != sorted(ids):
         raise PlanFileError(f"{source}: its waves and its changes do not match (edited or damaged)",
                             hint="recompute it with `fleet plan -o FILE`")
-    for c in changes:
-        bad_keys = any(len(k) != 4 or k[1] not in ("set", "change", "remove") for k in c.keys)
-        if c.action not in ACTIONS or bad_keys or not _texts(c):
-            raise PlanFileError(f"{source}: change {c.id[:80]!r} is malformed",
-                                hint="recompute it with `fleet plan -o FILE`")
     deps = {c["id"]: c.get("deps", ()) for c in d["changes"]}
     if any(dep not in ids for ds in deps.values() for dep in ds):
         raise PlanFileError(f"{source}: a change depends on one the plan does not contain",
@@ -201,8 +194,6 @@ def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> No
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_MODE = re.compile(r"0[0-7]{3}")
-PRUNE_STEPS = ("stop", "disable", "remove")
 
 
 def _validate_names(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> None:
@@ -229,38 +220,9 @@ def _validate_names(changes: tuple[Change, ...], d: dict[str, Any], source: str)
 def _change_problem(c: Change, hosts: list[str]) -> str | None:
     if c.host not in hosts:
         return f"host {c.host!r} is not one the plan covers"
-    if c.action == DAEMON_RELOAD:
-        if c.target != "systemd":
-            return f"a daemon-reload targets 'systemd', not {c.target!r}"
-    elif c.action == WRITE_ENV:
-        if not env_path_ok(c.target):
-            return f"env file path {c.target!r} is not an absolute file path without '..'"
-    elif not UNIT_NAME.fullmatch(c.target):
-        return f"unit name {c.target!r} is not one `fleet check` accepts"
-    if c.service is not None and (not isinstance(c.service, str) or not SERVICE_NAME.fullmatch(c.service)):
+    if c.service is not None and not SERVICE_NAME.fullmatch(c.service):
         return f"service name {c.service!r} is not one `fleet check` accepts"
-    if c.content_hash and not _SHA256.fullmatch(c.content_hash):
-        return "its content_hash is not a sha256"
-    if c.remove_files and c.action not in (WRITE_UNIT, PRUNE):
-        return f"a {c.action} removes no file"
-    refused = [p for p in c.remove_files if not isinstance(p, str) or not removable_unit_file(p, c.target)]
-    if refused:
-        return f"would remove {', '.join(map(repr, refused))}, which is not a file of {c.target} fleet may remove"
-    if (c.steps and c.action != PRUNE) or any(s not in PRUNE_STEPS for s in c.steps) or \
-            len(set(c.steps)) != len(c.steps):
-        return f"steps {list(c.steps)!r} are not prune steps ({', '.join(PRUNE_STEPS)})"
-    bad_key = next((k[0] for k in c.keys if key_problem(k[0])), None)
-    if bad_key is not None:
-        return key_problem(bad_key)
-    meta = dict(c.meta)
-    if set(meta) - {"owner", "group", "mode", "name"}:
-        return f"its meta holds {sorted(set(meta) - {'owner', 'group', 'mode', 'name'})!r}"
-    for k in ("owner", "group"):
-        if meta.get(k) and not USER_NAME.fullmatch(str(meta[k])):
-            return f"{k} {meta[k]!r} is not a user or group name"
-    if "mode" in meta and not _MODE.fullmatch(str(meta["mode"])):
-        return f"mode {meta['mode']!r} is not an octal file mode"
-    return None
+    return owner(c.action).problem(c)
 
 
 def _refuse(source: str, what: str) -> None:
@@ -287,10 +249,9 @@ def first_difference(saved: Plan, fresh: Plan) -> str | None:
         n = now.get(c.id)
         if n is None:
             return f"change {c.id} is not planned now"
+        mine, theirs = c.as_dict(), n.as_dict()
         for name in CHANGE_FIELDS:
-            a, b = getattr(c, name), getattr(n, name)
-            if name == "meta":
-                a, b = dict(a), dict(b)
+            a, b = mine[name], theirs[name]
             if a != b:
                 return f"change {c.id}: {name} differs (plan: {_shown(a)}, now: {_shown(b)})"
         a_deps, b_deps = tuple(saved.deps.get(c.id, ())), tuple(fresh.deps.get(c.id, ()))
@@ -320,14 +281,6 @@ def _shown(value: Any, limit: int = 200) -> str:
         text = "" if value is None else str(value)
     text = text or "none"
     return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _texts(c: Change) -> bool:
-    """The fields `Change.from_dict` passes through unconverted hold text, as apply reads them
-    (a `null` among the files to remove reached the remote script builder as None)."""
-    return ((c.service is None or isinstance(c.service, str))
-            and all(isinstance(x, str) for x in (*c.remove_files, *c.steps))
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in c.meta))
 
 
 def desired_hash(desired: Desired) -> str:

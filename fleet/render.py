@@ -8,11 +8,13 @@ from collections.abc import Sequence
 
 from tabulate import tabulate
 
-from fleet.apply import ApplyResult
+from fleet.actions import SUMMARY_BUCKETS, Change
 from fleet.audit import AuditReport
-from fleet.diff import Change
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
 from fleet.plan import Plan
+from fleet.resources.base import ADDED, CHANGED, DIFF, PLAIN, REMOVED
+from fleet.resources.registry import BY_ACTION, SPECS
+from fleet.results import ApplyResult
 from fleet.status import Cell, StatusReport, status_json
 from fleet.textutil import printable
 
@@ -85,6 +87,8 @@ def _cell_text(c: Cell) -> str:
     text = c.state + _MARK[c.status]
     if c.status == "drift" and c.detail:
         text += f"\n{c.detail}"
+    if c.notes:
+        text += "\n" + "; ".join(c.notes)
     return text
 
 
@@ -156,14 +160,28 @@ def sidekiq_text(report: StatusReport) -> str:
 
 # ---------------------------------------------------------------- plan
 
-SYMBOLS = {"write-unit": "~", "write-env": "~", "daemon-reload": "~", "enable": "+", "start": "+",
-           "restart": "↻", "stop": "-", "disable": "-", "prune": "-"}
+_SYMBOL_COLORS = {"+": "32", "~": "33", "-": "31", "↻": "36"}
+# How a detail line of a change (resources.base) is painted, and whether its colour includes the
+# indentation: key lines are painted whole, diff lines from their first character.
+_DETAIL_COLORS = {PLAIN: ("0", False), ADDED: ("32", True), REMOVED: ("31", True), CHANGED: ("33", True)}
 
 
-def _symbol(c: Change) -> str:
-    if c.action in ("write-unit", "write-env") and c.before == "absent":
-        return "+"
-    return SYMBOLS.get(c.action, "?")
+def _title(c: Change) -> str:
+    """`write-unit mastodon-web.service`, or `daemon-reload`: what the change does to what."""
+    return f"{c.action} {c.target}" if SPECS[c.action].shows_target else str(c.action)
+
+
+def _details(c: Change, color: bool) -> list[str]:
+    out: list[str] = []
+    for style, text in BY_ACTION[c.action].details(c):
+        if style == DIFF:
+            for line in text.rstrip("\n").split("\n"):
+                code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
+                out.append("      " + _paint(line, code, color and code != "0"))  # escapes even unpainted
+        else:
+            code, whole = _DETAIL_COLORS[style]
+            out.append(_paint(f"      {text}", code, color) if whole else _line(f"      {text}"))
+    return out
 
 
 def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> str:
@@ -176,7 +194,6 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
     by_host: dict[str, list[Change]] = {}
     for c in plan.changes:
         by_host.setdefault(c.host, []).append(c)
-    colors = {"+": "32", "~": "33", "-": "31", "↻": "36"}
     for host in plan.hosts:
         cs = by_host.get(host, [])
         if not cs:
@@ -184,26 +201,9 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
         out.append("")
         out.append(_line(f"on {host}:"))
         for c in cs:
-            sym = _symbol(c)
-            target = "" if c.action == "daemon-reload" else f" {c.target}"
-            out.append(_paint(f"  {sym} {c.action}{target}", colors.get(sym, "0"), color) + _line(f"  — {c.reason}"))
-            if c.action == "prune":
-                out.append(_line(f"      was {c.before}; will be {c.after}"))
-            elif c.action in ("start", "restart", "enable") and c.before:
-                out.append(_line(f"      was {c.before}"))
-            for key, op, before, after in c.keys:
-                if op == "set":
-                    out.append(_paint(f"      + {key} = {after}", "32", color))
-                elif op == "remove":
-                    out.append(_paint(f"      - {key} (was {before})", "31", color))
-                else:
-                    out.append(_paint(f"      ~ {key}: {before} → {after}", "33", color))
-            if c.remove_files and c.action == "write-unit":
-                out += [_line(f"      - remove {p}") for p in c.remove_files]
-            if c.diff:
-                for line in c.diff.rstrip("\n").split("\n"):
-                    code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
-                    out.append("      " + _paint(line, code, color and code != "0"))  # escapes even unpainted
+            sym = BY_ACTION[c.action].symbol(c)
+            out.append(_paint(f"  {sym} {_title(c)}", _SYMBOL_COLORS.get(sym, "0"), color) + _line(f"  — {c.reason}"))
+            out += _details(c, color)
     if plan.notes:
         out.append("")
         out.append("Reported, not changed:")
@@ -223,7 +223,7 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
 
 
 def _short(c: Change) -> str:
-    return f"{c.host}:{c.action}" + ("" if c.action == "daemon-reload" else f" {c.target.rsplit('/', 1)[-1]}")
+    return f"{c.host}:{c.action}" + (f" {c.target.rsplit('/', 1)[-1]}" if SPECS[c.action].shows_target else "")
 
 
 def summary_line(plan: Plan) -> str:
@@ -231,7 +231,7 @@ def summary_line(plan: Plan) -> str:
         tail = " (incomplete: some hosts could not be observed)" if not plan.complete else ""
         return f"No changes. The fleet matches the desired state{tail}."
     s = plan.summary()
-    return ("Plan: " + ", ".join(f"{s[k]} to {k}" for k in ("install", "change", "start", "restart", "stop", "prune"))
+    return ("Plan: " + ", ".join(f"{s[k]} to {k}" for k in SUMMARY_BUCKETS)
             + "." + ("" if plan.complete else " INCOMPLETE."))
 
 

@@ -8,11 +8,12 @@ findings of the same queue policy `fleet check` applies to the declared state).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fleet.model import SIDEKIQ_QUEUES, Desired, Finding, HostError, HostResult, HostState, Service, UnitState
 from fleet.policy import SidekiqProcess, check_queues
+from fleet.resources.registry import RESOURCES
 from fleet.textutil import sha256_hex
 from fleet.units import instance_owner, render_unit, unit_file_differs
 
@@ -32,6 +33,7 @@ class Cell:
     state: str = ""  # ActiveState/SubState, "missing", or "" when absent/unknown
     detail: str = ""  # why it is drift: "disabled", "ExecStart differs" …
     unit: UnitState | None = None
+    notes: tuple[str, ...] = ()  # what kinds of resource observed about the unit: "has drop-ins …"
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusRepo
         # (both are O(hosts) to recompute, which made status quadratic in hosts)
         here = frozenset(s.hosts)
         want = sha256_hex(render_unit(s)) if s.unit_spec is not None else None
-        cells = tuple(_declared_cell(s, h, results[h], here, want) for h in hosts)
+        cells = tuple(_noted(_declared_cell(s, h, results[h], here, want), results[h], s.unit) for h in hosts)
         rows.append(Row(unit=s.unit, service=s.name, kind=s.kind.value, declared_hosts=s.hosts, cells=cells))
     # Units found by discovery that no service declares, e.g. a hand-made mastodon-sidekiq.service.
     extra: dict[str, None] = {}
@@ -87,7 +89,7 @@ def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusRepo
                 if u.unit not in declared_units and u.exists and instance_owner(desired.services, u.unit) is None:
                     extra.setdefault(u.unit)
     for unit in sorted(extra):
-        cells = tuple(_undeclared_cell(h, results[h], unit) for h in hosts)
+        cells = tuple(_noted(_undeclared_cell(h, results[h], unit), results[h], unit) for h in hosts)
         rows.append(Row(unit=unit, service=None, kind="", declared_hosts=(), cells=cells))
     procs = observed_sidekiq(desired, results)
     findings = check_queues(
@@ -118,6 +120,14 @@ def _declared_cell(s: Service, host: str, result: HostResult, declared_on: froze
     elif s.unit_spec is not None and unit_file_differs(s, u, content_hash):
         problems.append("unit file differs")
     return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u)
+
+
+def _noted(cell: Cell, result: HostResult, unit: str) -> Cell:
+    """The cell with what each kind of resource says about the unit on that host."""
+    if not isinstance(result, HostState) or cell.unit is None:
+        return cell
+    notes = tuple(n for r in RESOURCES for n in r.notes(result, unit))
+    return replace(cell, notes=notes) if notes else cell
 
 
 def _undeclared_cell(host: str, result: HostResult, unit: str) -> Cell:
@@ -213,7 +223,7 @@ def status_json(report: StatusReport) -> dict[str, Any]:
             u = c.unit
             cells[c.host] = {
                 "status": c.status, "state": c.state, "detail": c.detail,
-                "declared": c.host in row.declared_hosts,
+                "declared": c.host in row.declared_hosts, "notes": list(c.notes),
                 "unit": None if u is None else {
                     "load_state": u.load_state, "active_state": u.active_state, "sub_state": u.sub_state,
                     "unit_file_state": u.unit_file_state, "exec_start": list(u.exec_start), "main_pid": u.main_pid,

@@ -157,6 +157,27 @@ def unit_file_differs(service: Service, u: UnitState | None, content_hash: str |
     return u.text_hash != desired_text_hash(service, want)  # plain data without per-file hashes
 
 
+def describe_unit(u: UnitState | None) -> str:
+    """`active/running, enabled, -c 10 -q default` — what a reader needs to recognise it."""
+    if u is None or not u.exists:
+        return "not installed"
+    parts = [u.state(), u.unit_file_state or "no unit file"]
+    args = _interesting_args(u.exec_start)
+    if args:
+        parts.append(f"`{args}`")
+    return ", ".join(parts)
+
+
+def _interesting_args(argv: tuple[str, ...]) -> str:
+    """The part of a command line that tells processes apart (Sidekiq's -c/-q, puma's -C)."""
+    if not argv:
+        return ""
+    for i, a in enumerate(argv):
+        if a.startswith("-"):
+            return shlex.join(argv[i:])
+    return ""
+
+
 def instance_owner(services: Iterable[Service], unit: str) -> Service | None:
     """The service an instance unit belongs to: `postgresql@15-main.service` is part of the
     service that declares `postgresql.service`."""

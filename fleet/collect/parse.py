@@ -1,7 +1,9 @@
 """Pure parsers for what the collection script prints (see fleet.collect.script).
 
 Input is text, output is a `HostState`; anything unexpected — garbage, truncation, a foreign
-version — raises `ParseError` naming the section, never another exception.
+version — raises `ParseError` naming the section, never another exception.  The facts and units
+sections are parsed here; every other section goes to the parser of the kind of resource that
+prints it (fleet/collect/sections.py, fleet/resources/), by its name.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 
-from fleet.collect.script import MAX_ENV_LINES, MAX_TEXT_LINES, SCRIPT_VERSION, UNIT_PROPERTIES
-from fleet.envfile import parse_value
+from fleet.collect.script import MAX_TEXT_LINES, SCRIPT_VERSION, UNIT_PROPERTIES
+from fleet.collect.sections import Collected, capped, to_int, too_much
 from fleet.errors import ParseError
-from fleet.model import EnvFileState, HostFacts, HostState, UnitState
+from fleet.model import HostFacts, HostState, UnitState
+from fleet.resources.registry import RESOURCES
 from fleet.textutil import sha256_hex
 from fleet.units import mask_unit_text, masked_environment
 
@@ -42,18 +45,10 @@ MAX_FACT_LINES = 1_000  # the script prints about a dozen
 MAX_UNITS = 10_000  # systemctl show blocks: declared units plus discovered ones
 MAX_UNIT_LINES = MAX_UNITS * (len(UNIT_PROPERTIES) + 4)
 MAX_FILES = 50_000  # unit fragments and drop-ins, in @@hashes and in @@text
-MAX_ENV_FILES = 1_000
 _FACTS = ("hostname", "os", "kernel", "Version", "SystemState", "uptime", "load", "mem_total_kb",
           "mem_available_kb")
 _UNIT_PROPS = frozenset(UNIT_PROPERTIES)
 _HEADER = re.compile(r"^@@(?!file |truncated)(.*)$", re.MULTILINE)
-
-
-def _too_much(host: str, section: str, what: str) -> ParseError:
-    return ParseError(f"{host}: the {section} section of the collection output holds more than {what}; "
-                      "fleet refuses it", host=host,
-                      section=section, hint="the host printed far more than its units and env files; inspect "
-                                            "it by hand (a shell profile or a wrapper printing to stdout?)")
 
 
 def _sections(host: str, text: str) -> Iterator[tuple[str, int, int]]:
@@ -97,19 +92,12 @@ def _lines(text: str, start: int, stop: int, window: int = 1 << 16) -> Iterator[
         start = cut + 1
 
 
-def _capped(lines: Iterable[str], limit: int, host: str, section: str) -> Iterator[str]:
-    for n, line in enumerate(lines):
-        if n >= limit:
-            raise _too_much(host, section, f"{limit:,} lines")
-        yield line
-
-
 def _parse(host: str, text: str, collected_at: float, duration: float) -> HostState:
     facts: HostFacts | None = None
     blocks: list[dict[str, str]] | None = None
     hashes: dict[str, str] | None = None
     texts: dict[str, list[tuple[str, str]]] | None = None
-    env_files: list[EnvFileState] = []
+    kinds = {r.section: r.parser(host) for r in RESOURCES if r.section}
     seen: set[str] = set()
     for name, start, stop in _sections(host, text):
         # The script prints each section once (env paths are unique per host): a repeat is not
@@ -119,18 +107,17 @@ def _parse(host: str, text: str, collected_at: float, duration: float) -> HostSt
                              section=name[:40], hint="something on the host prints to stdout besides the script")
         seen.add(name)
         lines = _lines(text, start, stop)
-        if name.startswith("env "):
-            if len(env_files) >= MAX_ENV_FILES:
-                raise _too_much(host, "env", f"{MAX_ENV_FILES:,} env files")
-            env_files.append(parse_env(host, name[4:], lines))
-        elif name == "facts":
-            facts = parse_facts(host, _capped(lines, MAX_FACT_LINES, host, name))
+        word, _, arg = name.partition(" ")
+        if name == "facts":
+            facts = parse_facts(host, capped(lines, MAX_FACT_LINES, host, name))
         elif name == "units":
-            blocks = unit_blocks(host, _capped(lines, MAX_UNIT_LINES, host, name))
+            blocks = unit_blocks(host, capped(lines, MAX_UNIT_LINES, host, name))
         elif name == "hashes":
             hashes = parse_hashes(host, lines)
         elif name == "text":
             texts = parse_texts(host, lines)
+        elif word in kinds:
+            kinds[word].section(arg, lines)
         else:
             raise ParseError(f"{host}: unknown section {name[:40]!r} in collection output", host=host,
                              section=name[:40])
@@ -139,8 +126,12 @@ def _parse(host: str, text: str, collected_at: float, duration: float) -> HostSt
             raise ParseError(f"{host}: section {required!r} missing from collection output", host=host,
                              section=required)
     assert facts is not None and blocks is not None and hashes is not None and texts is not None
+    collected = Collected(host)
+    for parser in kinds.values():
+        parser.finish(collected)
     return HostState(host=host, facts=facts, units=build_units(host, blocks, hashes, texts),
-                     env_files=tuple(env_files), collected_at=collected_at, duration=duration)
+                     env_files=collected.env_files, collected_at=collected_at, duration=duration,
+                     extra=tuple(collected.extra.items()))
 
 
 def parse_facts(host: str, lines: Iterable[str]) -> HostFacts:
@@ -161,8 +152,8 @@ def parse_facts(host: str, lines: Iterable[str]) -> HostFacts:
         system_state=kv.get("SystemState", ""),
         uptime_seconds=_float(kv.get("uptime", "0")),
         load=(load + (0.0, 0.0, 0.0))[:3],  # type: ignore[arg-type]
-        mem_total_kb=_int(kv.get("mem_total_kb", "0")),
-        mem_available_kb=_int(kv.get("mem_available_kb", "0")),
+        mem_total_kb=to_int(kv.get("mem_total_kb", "0")),
+        mem_available_kb=to_int(kv.get("mem_available_kb", "0")),
     )
 
 
@@ -172,7 +163,7 @@ def parse_hashes(host: str, lines: Iterable[str]) -> dict[str, str]:
         if not line:
             continue
         if len(out) >= MAX_FILES:
-            raise _too_much(host, "hashes", f"{MAX_FILES:,} unit files")
+            raise too_much(host, "hashes", f"{MAX_FILES:,} unit files")
         m = _HASH.match(line)
         if not m:
             raise ParseError(f"{host}: unexpected line in unit hashes: {line[:80]!r}", host=host, section="hashes")
@@ -203,7 +194,7 @@ def parse_texts(host: str, lines: Iterable[str]) -> dict[str, list[tuple[str, st
             close()
             files += 1
             if files > MAX_FILES:
-                raise _too_much(host, "text", f"{MAX_FILES:,} unit files")
+                raise too_much(host, "text", f"{MAX_FILES:,} unit files")
             unit, path = parts
             out.setdefault(unit, [])
             body = []
@@ -232,7 +223,7 @@ def unit_blocks(host: str, lines: Iterable[str]) -> list[dict[str, str]]:
         if not line:
             if cur:
                 if len(blocks) >= MAX_UNITS:
-                    raise _too_much(host, "units", f"{MAX_UNITS:,} units")
+                    raise too_much(host, "units", f"{MAX_UNITS:,} units")
                 blocks.append(cur)
                 cur = {}
             continue
@@ -267,11 +258,11 @@ def build_units(host: str, blocks: list[dict[str, str]], hashes: dict[str, str],
             sub_state=b.get("SubState", ""),
             unit_file_state=b.get("UnitFileState", ""),
             exec_start=parse_exec_start(b.get("ExecStart", "")),
-            main_pid=_int(b.get("MainPID", "0")),
+            main_pid=to_int(b.get("MainPID", "0")),
             fragment_path=fragment,
             drop_in_paths=drop_ins,
             active_enter=b.get("ActiveEnterTimestamp", ""),
-            n_restarts=_int(b.get("NRestarts", "0")),
+            n_restarts=to_int(b.get("NRestarts", "0")),
             result=b.get("Result", ""),
             text_hash=text_hash,
             file_hashes=file_hashes,
@@ -286,53 +277,6 @@ def parse_exec_start(value: str) -> tuple[str, ...]:
     """argv of the first command in systemd's `{ path=… ; argv[]=… ; … }` rendering."""
     m = _ARGV.search(value)
     return tuple(m.group(1).split()) if m else ()
-
-
-def parse_env(host: str, path: str, lines: Iterable[str]) -> EnvFileState:
-    kept: list[str] = []
-    for line in lines:
-        if line:
-            if len(kept) >= MAX_ENV_LINES + 2:  # the script prints meta, MAX_ENV_LINES keys at most, `invalid`
-                raise _too_much(host, "env", f"{MAX_ENV_LINES:,} keys for {path[:80]}")
-            kept.append(line)
-    lines = kept
-    if lines == ["absent"]:
-        return EnvFileState(path=path, present=False)
-    if not lines or not lines[0].startswith("meta "):
-        raise ParseError(f"{host}: env file section for {path} lacks its meta line", host=host, section="env")
-    meta = lines[0].split(" ")
-    if len(meta) != 5:
-        raise ParseError(f"{host}: malformed meta line for {path}: {lines[0][:80]!r}", host=host, section="env")
-    mode = meta[1][-4:].rjust(4, "0")
-    keys: list[str] = []
-    values: list[tuple[str, str]] = []
-    secrets: list[tuple[str, str]] = []
-    invalid = 0
-    for line in lines[1:]:
-        if line.startswith("V "):
-            key, _, raw = line[2:].partition(" ")
-            keys.append(key)
-            values.append((key, parse_value(raw)))
-        elif line.startswith("secret "):
-            parts = line.split(" ")
-            if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{64}", parts[2]):
-                raise ParseError(f"{host}: malformed secret line in {path}", host=host, section="env")
-            keys.append(parts[1])
-            secrets.append((parts[1], parts[2]))
-        elif line == "invalid":
-            invalid += 1
-        else:
-            raise ParseError(f"{host}: unexpected line in env file section for {path}: {line[:80]!r}",
-                             host=host, section="env")
-    return EnvFileState(path=path, present=True, mode=mode, owner=meta[2], group=meta[3], size=_int(meta[4]),
-                        keys=tuple(keys), values=tuple(values), secrets=tuple(secrets), invalid_lines=invalid)
-
-
-def _int(s: str) -> int:
-    try:
-        return int(s.strip() or 0)
-    except ValueError:
-        return 0
 
 
 def _float(s: str) -> float:

@@ -4,8 +4,11 @@ One SSH round trip per host: a POSIX `sh` script (no remote Python) prints every
 needs in sections that `fleet.collect.parse` reads.  Secrets never leave the host: for keys
 that are (or look) sensitive the script prints only a sha256 of the raw value.
 
-Every name that reaches the script is either validated by the loader (unit names, patterns,
-env keys) or passed through `shlex.quote`.  Output format (version 1):
+The script is assembled from parts: this module's own (the host's facts and its systemd
+units, which every unit-based kind reads), then the part of each kind of resource that has
+sections of its own (`Resource.script`, fleet/resources/), in the registry's order.  Every name
+that reaches the script is either validated by the loader (unit names, patterns, env keys) or
+passed through `shlex.quote`.  Output format (version 1):
 
     @@fleet 1
     @@facts            KEY=value lines (hostname, kernel, uptime, load, mem_*, os) and the
@@ -13,8 +16,7 @@ env keys) or passed through `shlex.quote`.  Output format (version 1):
     @@units            `systemctl show` blocks, one per unit, separated by blank lines
     @@hashes           `sha256sum` lines for every fragment and drop-in of those units
     @@text             `@@file UNIT PATH` then the file's lines, each prefixed by `|`
-    @@env PATH         `absent`, or `meta MODE OWNER GROUP SIZE` then `V KEY raw`,
-                       `secret KEY SHA256` and `invalid` lines
+    @@NAME [ARG] …     the sections of the kinds (e.g. `@@env PATH`, fleet/resources/env_file.py)
     @@end
 """
 
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from typing import Any
 
-from fleet.mastodon import SECRET_KEYS, SECRET_NAME_PATTERN
+from fleet.mastodon import SECRET_NAME_PATTERN
 from fleet.model import Desired
+from fleet.resources.registry import RESOURCES
 
 SCRIPT_VERSION = 1
 
@@ -35,7 +39,6 @@ UNIT_PROPERTIES = (
 )  # fmt: skip
 
 MAX_TEXT_LINES = 5000  # per unit file: a unit is a few dozen lines; more is not a unit
-MAX_ENV_LINES = 5000
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,11 @@ class CollectSpec:
     units: tuple[str, ...] = ()  # declared unit names
     managed: tuple[str, ...] = ()  # units whose full text is wanted (fleet writes them)
     patterns: tuple[str, ...] = ()  # discovery globs
-    env_files: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (path, sensitive keys)
+    kinds: tuple[tuple[str, Any], ...] = ()  # (section, what that kind looks at), e.g. ("env", ((path, keys),))
+
+    def of(self, section: str) -> Any:
+        """What the kind printing `section` looks at on the host (None: nothing)."""
+        return next((what for name, what in self.kinds if name == section), None)
 
 
 def spec_for(desired: Desired, host: str) -> CollectSpec:
@@ -54,7 +61,7 @@ def spec_for(desired: Desired, host: str) -> CollectSpec:
         units=tuple(dict.fromkeys(s.unit for s in services)),
         managed=tuple(dict.fromkeys(s.unit for s in services if not s.observe_only)),
         patterns=tuple(p.pattern for p in desired.discover),
-        env_files=tuple((e.path, e.sensitive_keys()) for e in desired.env_files_on(host)),
+        kinds=tuple((r.section, what) for r in RESOURCES if r.section and (what := r.to_collect(desired, host))),
     )
 
 
@@ -122,47 +129,6 @@ function flush(   i, k) {
 END { flush() }
 """
 
-# awk: classify each line of an env file; sensitive values go to the shell loop for hashing
-# and never to stdout.
-_ENV_AWK = r"""
-# A double-quoted value may span lines (fleet writes a newline in a value that way): it ends at
-# the first line ending in an unescaped quote.
-function esc(v, dbl,   out, i, c) {
-  out = ""
-  for (i = 1; i <= length(v); i++) {
-    c = substr(v, i, 1)
-    if (c == "\n") out = out "\\n"; else if (dbl && c == "\\") out = out "\\\\"; else out = out c
-  }
-  return out
-}
-function closed(v,   n, i) {
-  sub(/[ \t]+$/, "", v)
-  if (length(v) < 2 || substr(v, length(v), 1) != "\"") return 0
-  n = 0
-  for (i = length(v) - 1; i >= 1 && substr(v, i, 1) == "\\"; i--) n++
-  return n % 2 == 0
-}
-{ line = $0; sub(/^[ \t]+/, "", line); sub(/\r$/, "", line) }
-line == "" || substr(line, 1, 1) == "#" { next }
-NR > maxl { print "invalid"; exit }
-{
-  sub(/^export[ \t]+/, "", line)
-  eq = index(line, "=")
-  if (eq < 2) { print "invalid"; next }
-  k = substr(line, 1, eq - 1); sub(/[ \t]+$/, "", k)
-  v = substr(line, eq + 1); sub(/^[ \t]+/, "", v)
-  if (substr(v, 1, 1) == "\"")
-    while (!closed(v) && NR <= maxl && (getline nxt) > 0) { sub(/\r$/, "", nxt); v = v "\n" nxt }
-  sub(/[ \t]+$/, "", v)
-  if (k !~ /^[A-Za-z0-9_.]+$/) { print "invalid"; next }
-  # one line per key on the way out: newlines travel as \n (and, for secrets, \ as \\, so that
-  # the shell's printf %b restores the exact raw text before hashing it)
-  if (index(s, " " k " ") || k ~ secret_re) print "S " k " " esc(v, 1)
-  else print "V " k " " esc(v, 0)
-}
-"""
-
-
 def build_script(spec: CollectSpec) -> str:
     """The complete remote script for one host (POSIX sh, dash-compatible)."""
     q = shlex.quote
@@ -202,18 +168,9 @@ def build_script(spec: CollectSpec) -> str:
         managed = " " + " ".join(spec.managed) + " "
         parts.append(f"printf '%s\\n\\n' \"$show\" | awk -v m={q(managed)} -v maxl={MAX_TEXT_LINES} "
                      f"-v secret_re={q(SECRET_NAME_PATTERN)} {q(_TEXT_AWK)}")
-    for path, sensitive in spec.env_files:
-        sens = " " + " ".join(sorted(set(sensitive) | SECRET_KEYS)) + " "
-        p = q(path)
-        parts.append(
-            f"echo '@@env '{p}\n"
-            f"if [ -f {p} ]; then stat -c 'meta 0%a %U %G %s' -- {p}; "
-            f"awk -v s={q(sens)} -v secret_re={q(SECRET_NAME_PATTERN)} -v maxl={MAX_ENV_LINES} {q(_ENV_AWK)} {p} "
-            "| while IFS= read -r l; do case $l in "
-            "'S '*) k=${l#S }; v=${k#* }; k=${k%% *}; "
-            "set -- $(printf '%b' \"$v\" | sha256sum); echo \"secret $k $1\";; "
-            "*) printf '%s\\n' \"$l\";; esac; done; "
-            "else echo absent; fi"
-        )
+    for r in RESOURCES:
+        what = spec.of(r.section) if r.section else None
+        if what:
+            parts.append(r.script(what))
     parts.append("echo '@@end'")
     return "\n".join(parts) + "\n"

@@ -10,35 +10,28 @@ collector would then report.  It models systemd closely enough to catch ordering
 * write-env replaces the file's keys, values, secret fingerprints, owner, group and mode;
 * a process started before a later write of its unit file or of an env file it loads runs
   with stale configuration: `simulate` reports that as a `SimulationError` at the end;
-* enable / start / restart / stop / disable do what systemctl does; prune runs its steps
-  (stop, disable, remove — a removed unit disappears from the collector's listing);
+* enable / start / restart do what systemctl does; prune runs its steps (stop, disable,
+  remove — a removed unit disappears from the collector's listing);
 * an observe-only unit that is not installed is assumed to come from its distro package
   (fleet never writes it); unreachable hosts (HostError) are left alone, and any change for
   one is an error.
 
 When given a Plan it also checks that every change runs after all of its dependencies.
+
+Each action is simulated by one function, found in `SIMULATED` by the change's action (the
+same dispatch as fleet's own resources, fleet/resources/): an action added to the vocabulary
+without a simulation here fails `simulate` at once, naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from observed import DISTRO_UNIT_DIR, env_state_from, exec_argv, hashed, hashes_to_text_hash
 
-from fleet.diff import (
-    DAEMON_RELOAD,
-    DISABLE,
-    ENABLE,
-    PRUNE,
-    RESTART,
-    START,
-    STOP,
-    WRITE_ENV,
-    WRITE_UNIT,
-    Change,
-)
+from fleet.actions import Action, Change, EnvFilePayload, PrunePayload, UnitFilePayload
 from fleet.model import Desired, EnvFile, EnvFileState, HostError, HostResult, HostState, UnitState
 from fleet.plan import Plan
 from fleet.textutil import sha256_hex
@@ -89,6 +82,17 @@ def simulate(plan: Plan | Sequence[Change], desired: Desired, secrets: Mapping[t
     return out
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What one simulated step sees: the change, the declaration, and the host it runs on."""
+
+    c: Change
+    desired: Desired
+    secrets: Mapping[tuple[str, str], str]
+    h: _Host
+    now: int
+
+
 def _execute(c: Change, desired: Desired, secrets: Mapping[tuple[str, str], str], hosts: dict[str, _Host],
              observed: Mapping[str, HostResult], now: int) -> None:
     if isinstance(observed.get(c.host), HostError):
@@ -96,58 +100,72 @@ def _execute(c: Change, desired: Desired, secrets: Mapping[tuple[str, str], str]
     h = hosts.get(c.host)
     if h is None:
         raise SimulationError(f"{c.id}: host {c.host} was not observed")
+    simulated = SIMULATED.get(c.action)
+    if simulated is None:
+        raise SimulationError(f"{c.id}: no simulation of action {c.action!r}")
+    simulated(_Step(c, desired, secrets, h, now))
+
+
+def _daemon_reload(step: _Step) -> None:
+    h = step.h
+    for name in [n for n in h.unreloaded if h.unit_written[n] < step.now]:
+        h.units[name] = dataclasses.replace(h.units[name], **h.pending.pop(name))  # type: ignore[arg-type]
+        h.unreloaded.discard(name)
+
+
+def _loaded(step: _Step) -> UnitState:
+    """The unit an enable or a (re)start acts on, as systemd has it loaded."""
+    c, h = step.c, step.h
+    if c.target in h.unreloaded:
+        raise SimulationError(f"{c.id}: {c.target} changed on disk and systemd was not reloaded first")
     u = h.units.get(c.target)
-    if c.action == WRITE_UNIT:
-        _write_unit(c, desired, h, u, now)
-    elif c.action == WRITE_ENV:
-        _write_env(c, desired, secrets, h, now)
-    elif c.action == DAEMON_RELOAD:
-        for name in [n for n in h.unreloaded if h.unit_written[n] < now]:
-            h.units[name] = dataclasses.replace(h.units[name], **h.pending.pop(name))  # type: ignore[arg-type]
-            h.unreloaded.discard(name)
-    elif c.action in (ENABLE, START, RESTART):
-        if c.target in h.unreloaded:
-            raise SimulationError(f"{c.id}: {c.target} changed on disk and systemd was not reloaded first")
-        if u is None or not u.exists:
-            u = _package_unit(c, desired)
-        if c.action == ENABLE:
-            h.units[c.target] = dataclasses.replace(u, unit_file_state="enabled")
-        else:
-            h.units[c.target] = dataclasses.replace(u, active_state="active", sub_state=_running_sub(c, desired),
-                                                    main_pid=50_000 + now, result="success")
-            h.started[c.target] = now
-    elif c.action in (STOP, DISABLE, PRUNE):
-        if u is None:
-            raise SimulationError(f"{c.id}: {c.target} is not on {c.host}")
-        steps = c.steps if c.action == PRUNE else (c.action,)
-        for step in steps:
-            if step == "stop":
-                u = dataclasses.replace(u, active_state="inactive", sub_state="dead", main_pid=0)
-                h.started.pop(c.target, None)
-            elif step == "disable":
-                u = dataclasses.replace(u, unit_file_state="disabled")
-            elif step == "remove":
-                if u.active_state == "active":
-                    raise SimulationError(f"{c.id}: removes the unit file of a running unit")
-                u = None
-                break
-            else:
-                raise SimulationError(f"{c.id}: unknown prune step {step!r}")
-        if u is None:
+    return _package_unit(c, step.desired) if u is None or not u.exists else u
+
+
+def _enable(step: _Step) -> None:
+    step.h.units[step.c.target] = dataclasses.replace(_loaded(step), unit_file_state="enabled")
+
+
+def _run(step: _Step) -> None:
+    c, h = step.c, step.h
+    h.units[c.target] = dataclasses.replace(_loaded(step), active_state="active",
+                                            sub_state=_running_sub(c, step.desired), main_pid=50_000 + step.now,
+                                            result="success")
+    h.started[c.target] = step.now
+
+
+def _prune(step: _Step) -> None:
+    c, h = step.c, step.h
+    u = h.units.get(c.target)
+    if u is None:
+        raise SimulationError(f"{c.id}: {c.target} is not on {c.host}")
+    assert isinstance(c.payload, PrunePayload), c
+    for name in c.payload.steps:
+        if name == "stop":
+            u = dataclasses.replace(u, active_state="inactive", sub_state="dead", main_pid=0)
+            h.started.pop(c.target, None)
+        elif name == "disable":
+            u = dataclasses.replace(u, unit_file_state="disabled")
+        elif name == "remove":
+            if u.active_state == "active":
+                raise SimulationError(f"{c.id}: removes the unit file of a running unit")
             del h.units[c.target]
+            return
         else:
-            h.units[c.target] = u
-    else:
-        raise SimulationError(f"{c.id}: unknown action {c.action!r}")
+            raise SimulationError(f"{c.id}: unknown prune step {name!r}")
+    h.units[c.target] = u
 
 
-def _write_unit(c: Change, desired: Desired, h: _Host, u: UnitState | None, now: int) -> None:
+def _write_unit(step: _Step) -> None:
+    c, desired, h, now = step.c, step.desired, step.h, step.now
+    u = h.units.get(c.target)
     s = desired.service(c.service or "")
     if s is None or s.unit_spec is None:
         raise SimulationError(f"{c.id}: write-unit for {c.service!r}, which is not a managed service")
-    if c.content_hash != sha256_hex(render_unit(s)):
+    assert isinstance(c.payload, UnitFilePayload), c
+    if c.payload.content_hash != sha256_hex(render_unit(s)):
         raise SimulationError(f"{c.id}: content_hash is not the hash of the rendered unit")
-    drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p not in c.remove_files)
+    drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p not in c.payload.remove_files)
     path = unit_path(s.unit)
     # Drop-ins fleet does not delete stay part of the unit, and of its hashes.
     kept = dict(u.file_hashes if u else ())
@@ -162,9 +180,11 @@ def _write_unit(c: Change, desired: Desired, h: _Host, u: UnitState | None, now:
     h.unit_written[s.unit] = now
 
 
-def _write_env(c: Change, desired: Desired, secrets: Mapping[tuple[str, str], str], h: _Host, now: int) -> None:
+def _write_env(step: _Step) -> None:
+    c, desired, secrets, h, now = step.c, step.desired, step.secrets, step.h, step.now
     ef = _env_file(desired, c)
-    meta = dict(c.meta)
+    assert isinstance(c.payload, EnvFilePayload), c
+    meta = {"owner": c.payload.owner, "group": c.payload.group, "mode": c.payload.mode}
     old = h.envs.get(ef.path)
     had = old if old is not None and old.present else None
     items = list(ef.values_for(c.host).items())
@@ -180,7 +200,7 @@ def _write_env(c: Change, desired: Desired, secrets: Mapping[tuple[str, str], st
 
 
 def _env_file(desired: Desired, c: Change) -> EnvFile:
-    name = dict(c.meta).get("name")
+    name = c.payload.name if isinstance(c.payload, EnvFilePayload) else None
     for ef in desired.env_files_on(c.host):
         if ef.path == c.target and (name is None or ef.name == name):
             return ef
@@ -199,6 +219,17 @@ def _package_unit(c: Change, desired: Desired) -> UnitState:
 def _running_sub(c: Change, desired: Desired) -> str:
     s = desired.service(c.service or "")
     return "exited" if s is not None and s.observe_only and s.kind.value == "postgres" else "running"
+
+
+SIMULATED: dict[Action, Callable[[_Step], None]] = {
+    Action.WRITE_UNIT: _write_unit,
+    Action.WRITE_ENV: _write_env,
+    Action.DAEMON_RELOAD: _daemon_reload,
+    Action.ENABLE: _enable,
+    Action.START: _run,
+    Action.RESTART: _run,
+    Action.PRUNE: _prune,
+}
 
 
 def _check_no_stale_processes(desired: Desired, hosts: dict[str, _Host]) -> None:

@@ -32,6 +32,7 @@ from observed import EXAMPLE_SECRETS, bare, converged, edited, example, service,
 
 from fleet import apply as apply_module
 from fleet import remote
+from fleet.actions import Change
 from fleet.apply import (
     ApplyResult,
     Executor,
@@ -44,7 +45,6 @@ from fleet.apply import (
     stale_note,
     unlock_hosts,
 )
-from fleet.diff import Change
 from fleet.envfile import render_value
 from fleet.errors import FleetError, TransportError
 from fleet.journal import Journal, StepRecord
@@ -585,7 +585,7 @@ def test_a_failed_restart_after_removing_a_drop_in_restores_the_drop_in_too(rig:
     fleet = converged(example(), S)
     plan = plan_for(fleet | {"fritz": with_drop_in(fleet["fritz"], WEB)})
     [write] = [c for c in plan.changes if c.action == "write-unit"]
-    [drop_in] = write.remove_files
+    [drop_in] = write.payload.remove_files
     fail_gate(rig, "fritz", WEB)
     ex = rig.executor(plan)
     ex.execute()
@@ -710,7 +710,7 @@ def test_check_contents_accepts_the_inputs_the_plan_was_computed_from_and_no_oth
     assert {c.action for c in writes} == {"write-unit", "write-env"}
     check_contents(plan, example(), S)  # the plan's own inputs: accepted
     for c in writes:  # each content the plan recorded is checked: one hash off, and it is refused
-        edited = dataclasses.replace(c, content_hash="0" * 64)
+        edited = dataclasses.replace(c, payload=dataclasses.replace(c.payload, content_hash="0" * 64))
         tampered = dataclasses.replace(plan, changes=tuple(edited if x is c else x for x in plan.changes))
         with pytest.raises(StaleInputError, match=f"{c.host}: .*{re.escape(c.target)} would differ from the plan"):
             check_contents(tampered, example(), S)

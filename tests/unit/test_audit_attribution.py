@@ -67,9 +67,9 @@ def test_a_new_execstart_is_not_explained_by_a_start_of_the_same_unit() -> None:
 def test_state_and_enablement_are_explained_by_the_actions_that_make_them() -> None:
     changes = fritz_changes(lambda s: disabled(stopped(s, WEB), WEB))
     assert sorted(c.kind for c in changes) == ["unit-enablement", "unit-state"]
-    by_kind = {c.kind: c for c in attribute(changes, [step("stop", WEB)], OPS, T0, T1)}
+    by_kind = {c.kind: c for c in attribute(changes, [step("restart", WEB)], OPS, T0, T1)}
     assert by_kind["unit-state"].run_id == "r1"
-    assert by_kind["unit-enablement"].attribution == "changed outside fleet", "a stop does not disable"
+    assert by_kind["unit-enablement"].attribution == "changed outside fleet", "a restart does not disable"
     by_kind = {c.kind: c for c in attribute(changes, [step("prune", WEB)], OPS, T0, T1)}
     assert {c.run_id for c in by_kind.values()} == {"r1"}, "a prune stops and disables"
 

@@ -203,7 +203,7 @@ def test_the_script_is_valid_posix_sh_for_every_example_host() -> None:
 
 def test_hostile_names_reach_the_script_only_quoted() -> None:
     spec = CollectSpec(units=("a.service",), patterns=("x*",),
-                       env_files=(("/tmp/it's; rm -rf / $(reboot) `id`.env", ("K",)),))
+                       kinds=(("env", (("/tmp/it's; rm -rf / $(reboot) `id`.env", ("K",)),)),))
     script = build_script(spec)
     done = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)
     assert done.returncode == 0, done.stderr

@@ -38,19 +38,9 @@ from observed import (
     without_unit,
 )
 
+from fleet.actions import Action, Change
 from fleet.collect.parse import parse_texts, parse_units
-from fleet.diff import (
-    DAEMON_RELOAD,
-    ENABLE,
-    PRUNE,
-    RESTART,
-    START,
-    WRITE_ENV,
-    WRITE_UNIT,
-    Change,
-    Diff,
-    diff,
-)
+from fleet.diff import Diff, diff
 from fleet.envfile import fingerprint
 from fleet.model import Desired, HostResult, HostState, SecretSource
 from fleet.textutil import sha256_hex
@@ -81,7 +71,7 @@ def ids(changes: list[Change] | Diff) -> set[str]:
     return {c.id for c in (changes.changes if isinstance(changes, Diff) else changes)}
 
 
-def one(d: Diff, host: str, action: str, target: str) -> Change:
+def one(d: Diff, host: str, action: Action, target: str) -> Change:
     found = [c for c in d.changes if (c.host, c.action, c.target) == (host, action, target)]
     assert len(found) == 1, f"expected one {host}:{action}:{target}, plan has:\n" + "\n".join(sorted(ids(d)))
     return found[0]
@@ -102,34 +92,35 @@ def test_a_bare_host_gets_each_managed_unit_written_enabled_and_started(desired:
         f"fritz:write-unit:{STREAMING}", f"fritz:enable:{STREAMING}", f"fritz:start:{STREAMING}",
         "fritz:daemon-reload:systemd",
     }
-    write = one(d, "fritz", WRITE_UNIT, WEB)
+    write = one(d, "fritz", Action.WRITE_UNIT, WEB)
     assert (write.service, write.before, write.after) == ("web", "absent", "/etc/systemd/system/mastodon-web.service")
-    assert write.content_hash == sha256_hex(render_unit(service(desired, "web")))
-    assert "+ExecStart=/home/mastodon/.rbenv/shims/bundle exec puma -C config/puma.rb" in write.diff
-    assert one(d, "fritz", START, WEB).after == "active/running"
+    assert write.payload.content_hash == sha256_hex(render_unit(service(desired, "web")))
+    assert "+ExecStart=/home/mastodon/.rbenv/shims/bundle exec puma -C config/puma.rb" in write.payload.diff
+    assert one(d, "fritz", Action.START, WEB).after == "active/running"
 
 
 def test_observe_only_services_are_enabled_and_started_but_never_written(desired: Desired) -> None:
     d = diff(desired, {"nietzsche": bare_host(desired, "nietzsche")}, S)
     for unit in ("postgresql.service", "redis-server.service"):
-        assert {c.action for c in d.changes if c.target == unit} == {ENABLE, START}
-    written = {c.target for c in d.changes if c.action == WRITE_UNIT}
+        assert {c.action for c in d.changes if c.target == unit} == {Action.ENABLE, Action.START}
+    written = {c.target for c in d.changes if c.action == Action.WRITE_UNIT}
     assert written == {SK_PUSH, "mastodon-sidekiq-scheduler.service"}
 
 
 def test_a_missing_env_file_is_written_with_every_key_set_and_secrets_masked(desired: Desired) -> None:
     d = diff(desired, {"freud": bare_host(desired, "freud")}, S)
-    w = one(d, "freud", WRITE_ENV, ENV_PATH)
+    w = one(d, "freud", Action.WRITE_ENV, ENV_PATH)
     ef = desired.env_files[0]
     assert w.before == "absent" and w.reason == "file is missing"
-    assert {k for k, *_ in w.keys} == set(ef.values_for("freud")) | set(ef.sensitive_keys())
-    assert {op for _, op, _, _ in w.keys} == {"set"}
-    shown = {k: after for k, _, _, after in w.keys}
+    assert {k for k, *_ in w.payload.keys} == set(ef.values_for("freud")) | set(ef.sensitive_keys())
+    assert {op for _, op, _, _ in w.payload.keys} == {"set"}
+    shown = {k: after for k, _, _, after in w.payload.keys}
     for key in ef.sensitive_keys():
         assert MASKED.match(shown[key]), shown[key]
         assert shown[key] == masked(fingerprint(S[("mastodon", key)]))
     assert shown["S3_BUCKET"] == "hachyderm-media"  # plain values are shown as they are
-    assert dict(w.meta) == {"owner": "mastodon", "group": "mastodon", "mode": "0600", "name": "mastodon"}
+    p = w.payload
+    assert (p.owner, p.group, p.mode, p.name) == ("mastodon", "mastodon", "0600", "mastodon")
 
 
 def test_the_changes_never_hold_a_secret_value(desired: Desired) -> None:
@@ -161,21 +152,21 @@ def test_an_env_only_change_rewrites_the_file_and_restarts_every_unit_that_loads
     fleet["fritz"] = set_env_value(fleet["fritz"], "S3_BUCKET", "old-bucket")
     d = diff(desired, fleet, S)
     assert ids(d) == {f"fritz:write-env:{ENV_PATH}", f"fritz:restart:{WEB}", f"fritz:restart:{STREAMING}"}
-    w = one(d, "fritz", WRITE_ENV, ENV_PATH)
-    assert w.keys == (("S3_BUCKET", "change", "old-bucket", "hachyderm-media"),)
+    w = one(d, "fritz", Action.WRITE_ENV, ENV_PATH)
+    assert w.payload.keys == (("S3_BUCKET", "change", "old-bucket", "hachyderm-media"),)
     assert w.reason == "1 key(s) differ"
-    r = one(d, "fritz", RESTART, WEB)
+    r = one(d, "fritz", Action.RESTART, WEB)
     assert ENV_PATH in r.reason and r.before.startswith("active/running")
 
 
 def test_a_changed_secret_is_shown_by_its_fingerprint_only(desired: Desired, fleet: dict[str, HostState]) -> None:
     fleet["freud"] = set_env_secret(fleet["freud"], "DB_PASS", "old-password")
     d = diff(desired, fleet, S)
-    w = one(d, "freud", WRITE_ENV, ENV_PATH)
-    assert w.keys == (("DB_PASS", "change", masked(fingerprint("old-password")),
+    w = one(d, "freud", Action.WRITE_ENV, ENV_PATH)
+    assert w.payload.keys == (("DB_PASS", "change", masked(fingerprint("old-password")),
                        masked(fingerprint(S[("mastodon", "DB_PASS")]))),)
     assert "old-password" not in repr(d) and S[("mastodon", "DB_PASS")] not in repr(d)
-    assert {c.action for c in d.changes} == {WRITE_ENV, RESTART}
+    assert {c.action for c in d.changes} == {Action.WRITE_ENV, Action.RESTART}
 
 
 def test_a_missing_key_is_set_and_an_undeclared_one_removed(desired: Desired, fleet: dict[str, HostState]) -> None:
@@ -184,8 +175,8 @@ def test_a_missing_key_is_set_and_an_undeclared_one_removed(desired: Desired, fl
     state = set_env_value(state, "3_BUCKET", "typo")
     state = set_env_secret(state, "REDIS_PASSWORD", "leftover")
     fleet["franz"] = state
-    w = one(diff(desired, fleet, S), "franz", WRITE_ENV, ENV_PATH)
-    assert set(w.keys) == {
+    w = one(diff(desired, fleet, S), "franz", Action.WRITE_ENV, ENV_PATH)
+    assert set(w.payload.keys) == {
         ("SMTP_PORT", "set", "", "587"),
         ("3_BUCKET", "remove", "typo", ""),
         ("REDIS_PASSWORD", "remove", masked(fingerprint("leftover")), ""),
@@ -195,8 +186,8 @@ def test_a_missing_key_is_set_and_an_undeclared_one_removed(desired: Desired, fl
 def test_a_wrong_owner_or_mode_rewrites_the_env_file_and_says_so(desired: Desired,
                                                                  fleet: dict[str, HostState]) -> None:
     fleet["fritz"] = env_meta(fleet["fritz"], mode="0644", owner="root")
-    w = one(diff(desired, fleet, S), "fritz", WRITE_ENV, ENV_PATH)
-    assert w.keys == ()
+    w = one(diff(desired, fleet, S), "fritz", Action.WRITE_ENV, ENV_PATH)
+    assert w.payload.keys == ()
     assert "owner/mode root:mastodon 0644, should be mastodon:mastodon 0600" in w.reason
 
 
@@ -209,8 +200,8 @@ def test_each_of_owner_group_and_mode_alone_is_drift_of_the_env_file(desired: De
                                                                      meta: dict[str, str], observed: str) -> None:
     fleet["fritz"] = env_meta(fleet["fritz"], **meta)
     d = diff(desired, fleet, S)
-    w = one(d, "fritz", WRITE_ENV, ENV_PATH)
-    assert w.keys == ()
+    w = one(d, "fritz", Action.WRITE_ENV, ENV_PATH)
+    assert w.payload.keys == ()
     assert w.reason == f"owner/mode {observed}, should be mastodon:mastodon 0600"
     assert ids(d) == {f"fritz:write-env:{ENV_PATH}", f"fritz:restart:{WEB}", f"fritz:restart:{STREAMING}"}
 
@@ -222,8 +213,8 @@ def test_an_env_value_differing_only_in_case_or_spacing_is_drift(desired: Desire
     # exactly (ENV["S3_ENABLED"] == "true"), so TRUE left object storage off.
     assert desired.env_files[0].values_for("fritz")["S3_ENABLED"] == "true"
     fleet["fritz"] = set_env_value(fleet["fritz"], "S3_ENABLED", held)
-    w = one(diff(desired, fleet, S), "fritz", WRITE_ENV, ENV_PATH)
-    assert w.keys == (("S3_ENABLED", "change", held, "true"),)
+    w = one(diff(desired, fleet, S), "fritz", Action.WRITE_ENV, ENV_PATH)
+    assert w.payload.keys == (("S3_ENABLED", "change", held, "true"),)
 
 
 def test_an_edited_unit_is_rewritten_with_a_unified_diff_then_reloaded_and_restarted(
@@ -231,28 +222,28 @@ def test_an_edited_unit_is_rewritten_with_a_unified_diff_then_reloaded_and_resta
     fleet["fritz"] = edited(fleet["fritz"], WEB, "Nice=5")
     d = diff(desired, fleet, S)
     assert ids(d) == {f"fritz:write-unit:{WEB}", "fritz:daemon-reload:systemd", f"fritz:restart:{WEB}"}
-    w = one(d, "fritz", WRITE_UNIT, WEB)
+    w = one(d, "fritz", Action.WRITE_UNIT, WEB)
     assert w.reason == "unit file differs from the declaration"
     assert w.before == w.after == "/etc/systemd/system/mastodon-web.service"
-    assert w.diff.startswith("--- fritz:mastodon-web.service (now)\n+++ fritz:mastodon-web.service (desired)\n")
-    assert "\n-Nice=5\n" in w.diff
-    assert [ln for ln in w.diff.splitlines() if ln[:1] in "+-" and ln[:3] not in ("+++", "---")] == ["-Nice=5"]
-    assert "unit file" in one(d, "fritz", RESTART, WEB).reason
+    assert w.payload.diff.startswith("--- fritz:mastodon-web.service (now)\n+++ fritz:mastodon-web.service (desired)\n")
+    assert "\n-Nice=5\n" in w.payload.diff
+    assert [ln for ln in w.payload.diff.splitlines() if ln[:1] in "+-" and ln[:3] not in ("+++", "---")] == ["-Nice=5"]
+    assert "unit file" in one(d, "fritz", Action.RESTART, WEB).reason
 
 
 def test_a_hand_made_drop_in_is_removed_by_the_unit_write(desired: Desired, fleet: dict[str, HostState]) -> None:
     fleet["freud"] = with_drop_in(fleet["freud"], SK_DEFAULT)
     d = diff(desired, fleet, S)
-    w = one(d, "freud", WRITE_UNIT, SK_DEFAULT)
-    assert w.remove_files == ("/etc/systemd/system/mastodon-sidekiq-default.service.d/override.conf",)
+    w = one(d, "freud", Action.WRITE_UNIT, SK_DEFAULT)
+    assert w.payload.remove_files == ("/etc/systemd/system/mastodon-sidekiq-default.service.d/override.conf",)
     assert "removes 1 drop-in(s)" in w.reason
-    assert "-Environment=DB_POOL=5" in w.diff
+    assert "-Environment=DB_POOL=5" in w.payload.diff
     assert ids(d) == {w.id, "freud:daemon-reload:systemd", f"freud:restart:{SK_DEFAULT}"}
 
 
 def test_a_unified_diff_of_a_new_unit_is_the_whole_rendered_text(desired: Desired) -> None:
-    w = one(diff(desired, {"fritz": bare_host(desired, "fritz")}, S), "fritz", WRITE_UNIT, STREAMING)
-    added = [ln[1:] for ln in w.diff.splitlines(keepends=True)[3:]]
+    w = one(diff(desired, {"fritz": bare_host(desired, "fritz")}, S), "fritz", Action.WRITE_UNIT, STREAMING)
+    added = [ln[1:] for ln in w.payload.diff.splitlines(keepends=True)[3:]]
     assert "".join(added) == as_observed_text(service(desired, "streaming"))
 
 
@@ -262,7 +253,7 @@ def test_every_unit_diff_is_difflibs_for_its_own_host_although_bodies_are_comput
     observed["fritz"] = edited(converged(desired, S)["fritz"], WEB, "Nice=5")
     observed["franz"] = edited(converged(desired, S)["franz"], WEB, "Nice=5")
     observed["freud"] = edited(converged(desired, S)["freud"], SK_DEFAULT, "Nice=7")
-    writes = [c for c in diff(desired, observed, S).changes if c.action == WRITE_UNIT]
+    writes = [c for c in diff(desired, observed, S).changes if c.action == Action.WRITE_UNIT]
     assert {c.host for c in writes} == {"fritz", "franz", "freud", "nietzsche"}
     for c in writes:
         state = observed[c.host]
@@ -273,7 +264,7 @@ def test_every_unit_diff_is_difflibs_for_its_own_host_although_bodies_are_comput
         want = "".join(difflib.unified_diff(
             before.splitlines(keepends=True), after.splitlines(keepends=True),
             fromfile=f"{c.host}:{c.target} (now)", tofile=f"{c.host}:{c.target} (desired)"))
-        assert c.diff == want and want
+        assert c.payload.diff == want and want
 
 
 def test_a_stopped_unit_is_started_and_a_disabled_one_enabled_without_rewrites(
@@ -281,9 +272,9 @@ def test_a_stopped_unit_is_started_and_a_disabled_one_enabled_without_rewrites(
     fleet["nietzsche"] = disabled(stopped(fleet["nietzsche"], "redis-server.service"), SK_PUSH)
     d = diff(desired, fleet, S)
     assert ids(d) == {"nietzsche:start:redis-server.service", f"nietzsche:enable:{SK_PUSH}"}
-    s = one(d, "nietzsche", START, "redis-server.service")
+    s = one(d, "nietzsche", Action.START, "redis-server.service")
     assert s.before == "inactive/dead, enabled" and s.reason == "declared to run here; now inactive/dead, enabled"
-    assert one(d, "nietzsche", ENABLE, SK_PUSH).before == "disabled"
+    assert one(d, "nietzsche", Action.ENABLE, SK_PUSH).before == "disabled"
 
 
 def test_a_failed_unit_is_started_again(desired: Desired, fleet: dict[str, HostState]) -> None:
@@ -339,10 +330,10 @@ def test_an_undeclared_sidekiq_on_the_cdn_node_is_pruned_with_stop_disable_remov
         desired: Desired, fleet: dict[str, HostState]) -> None:
     fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq())
     d = diff(desired, fleet, S)
-    p = one(d, "franz", PRUNE, "mastodon-sidekiq.service")
+    p = one(d, "franz", Action.PRUNE, "mastodon-sidekiq.service")
     assert ids(d) == {p.id}
-    assert p.steps == ("stop", "disable", "remove")
-    assert p.remove_files == ("/etc/systemd/system/mastodon-sidekiq.service",)
+    assert p.payload.steps == ("stop", "disable", "remove")
+    assert p.payload.remove_files == ("/etc/systemd/system/mastodon-sidekiq.service",)
     assert p.before == "active/running, enabled, `-c 10 -q default`"
     assert p.after == "stopped, disabled, unit file removed"
     assert p.reason == "undeclared on franz (matches mastodon-*, prune = true)"
@@ -392,16 +383,16 @@ def test_a_pruned_unit_shipped_outside_etc_is_stopped_and_disabled_but_its_file_
         desired: Desired, fleet: dict[str, HostState]) -> None:
     unit = hand_made_unit("mastodon-old.service", "/usr/bin/old", directory="/lib/systemd/system")
     fleet["fritz"] = with_unit(fleet["fritz"], unit)
-    p = one(diff(desired, fleet, S), "fritz", PRUNE, "mastodon-old.service")
-    assert (p.steps, p.remove_files, p.after) == (("stop", "disable"), (), "stopped, disabled")
+    p = one(diff(desired, fleet, S), "fritz", Action.PRUNE, "mastodon-old.service")
+    assert (p.payload.steps, p.payload.remove_files, p.after) == (("stop", "disable"), (), "stopped, disabled")
 
 
 def test_an_undeclared_stopped_unit_file_in_etc_is_pruned_by_removal_alone(desired: Desired,
                                                                           fleet: dict[str, HostState]) -> None:
     unit = undeclared_sidekiq(active=False, enabled=False)
     fleet["franz"] = with_unit(fleet["franz"], unit)
-    p = one(diff(desired, fleet, S), "franz", PRUNE, "mastodon-sidekiq.service")
-    assert p.steps == ("remove",)
+    p = one(diff(desired, fleet, S), "franz", Action.PRUNE, "mastodon-sidekiq.service")
+    assert p.payload.steps == ("remove",)
 
 
 def test_a_static_undeclared_unit_is_stopped_and_removed_but_not_disabled(desired: Desired,
@@ -409,8 +400,8 @@ def test_a_static_undeclared_unit_is_stopped_and_removed_but_not_disabled(desire
     # A static unit has no [Install] section: `systemctl disable` has nothing to undo there.
     unit = dataclasses.replace(undeclared_sidekiq(), unit_file_state="static")
     fleet["franz"] = with_unit(fleet["franz"], unit)
-    p = one(diff(desired, fleet, S), "franz", PRUNE, "mastodon-sidekiq.service")
-    assert p.steps == ("stop", "remove")
+    p = one(diff(desired, fleet, S), "franz", Action.PRUNE, "mastodon-sidekiq.service")
+    assert p.payload.steps == ("stop", "remove")
 
 
 def test_a_service_running_on_a_host_it_left_is_pruned_there_and_named(desired: Desired,
@@ -418,8 +409,8 @@ def test_a_service_running_on_a_host_it_left_is_pruned_there_and_named(desired: 
     """sidekiq-default moved from franz to freud: still running on franz."""
     old = unit_of(fleet["freud"], SK_DEFAULT)
     fleet["franz"] = with_unit(fleet["franz"], old)
-    p = one(diff(desired, fleet, S), "franz", PRUNE, SK_DEFAULT)
-    assert p.service == "sidekiq-default" and p.steps == ("stop", "disable", "remove")
+    p = one(diff(desired, fleet, S), "franz", Action.PRUNE, SK_DEFAULT)
+    assert p.service == "sidekiq-default" and p.payload.steps == ("stop", "disable", "remove")
 
 
 # ------------------------------------------------------------------ unknown hosts
@@ -441,7 +432,7 @@ def test_a_host_that_was_not_observed_is_outside_the_diff(desired: Desired) -> N
 def test_a_daemon_reload_follows_unit_writes_only(desired: Desired, fleet: dict[str, HostState]) -> None:
     fleet["fritz"] = stopped(fleet["fritz"], WEB)
     fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq())
-    assert DAEMON_RELOAD not in {c.action for c in diff(desired, fleet, S).changes}
+    assert Action.DAEMON_RELOAD not in {c.action for c in diff(desired, fleet, S).changes}
 
 
 # ------------------------------------------------------------------ what the host wrote into a unit
@@ -457,9 +448,9 @@ def test_a_secret_in_a_hand_edited_unit_never_reaches_the_unified_diff(desired: 
                                  "UnitFileState=enabled", f"FragmentPath={path}"],
                        {path: sha256_hex(content)}, texts)
     fleet["fritz"] = with_unit(fleet["fritz"], u)
-    w = one(diff(desired, fleet, S), "fritz", WRITE_UNIT, WEB)
-    assert "DB_PASS" in w.diff and "RAILS_ENV=x" in w.diff
-    assert "hunter2-on-the-host" not in w.diff
+    w = one(diff(desired, fleet, S), "fritz", Action.WRITE_UNIT, WEB)
+    assert "DB_PASS" in w.payload.diff and "RAILS_ENV=x" in w.payload.diff
+    assert "hunter2-on-the-host" not in w.payload.diff
 
 
 # /run: `systemctl edit --runtime`; /etc/systemd/system.control: `systemctl set-property`, next to
@@ -480,8 +471,8 @@ def test_a_drop_in_in_etc_next_to_a_drop_in_in_run_is_removed_alone(desired: Des
                                                                    fleet: dict[str, HostState], directory: str) -> None:
     state = with_drop_in(fleet["fritz"], WEB, name="runtime.conf", directory=directory)
     fleet["fritz"] = with_drop_in(state, WEB, name="local.conf")
-    w = one(diff(desired, fleet, S), "fritz", WRITE_UNIT, WEB)
-    assert w.remove_files == ("/etc/systemd/system/mastodon-web.service.d/local.conf",)
+    w = one(diff(desired, fleet, S), "fritz", Action.WRITE_UNIT, WEB)
+    assert w.payload.remove_files == ("/etc/systemd/system/mastodon-web.service.d/local.conf",)
 
 
 def test_a_drop_in_fleet_may_not_remove_that_changes_the_command_is_reported_by_the_plan(

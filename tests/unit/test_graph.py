@@ -32,7 +32,8 @@ from observed import (
     with_unit,
 )
 
-from fleet.diff import DAEMON_RELOAD, ENABLE, PRUNE, RESTART, START, WRITE_ENV, WRITE_UNIT, Change, diff
+from fleet.actions import Action, Change, PrunePayload, UnitFilePayload
+from fleet.diff import diff
 from fleet.graph import CycleError, build_graph, order
 from fleet.model import Desired, Host, HostResult, Kind, Service, UnitSpec
 
@@ -217,7 +218,7 @@ def _tiny(requires: Mapping[str, tuple[str, ...]]) -> Desired:
 
 
 def _starts(*names_hosts: tuple[str, str]) -> list[Change]:
-    return [Change(h, "start", f"{n}.service", "declared to run here", n) for n, h in names_hosts]
+    return [Change(h, Action.START, f"{n}.service", "declared to run here", n) for n, h in names_hosts]
 
 
 def test_order_of_no_changes_is_no_waves() -> None:
@@ -277,26 +278,26 @@ def reference_graph(changes: Sequence[Change], desired: Desired) -> nx.DiGraph:
     g: nx.DiGraph = nx.DiGraph()
     g.add_nodes_from(c.id for c in changes)
     service_units = {s.name: s for s in desired.services}
-    runs = [c for c in changes if c.action in (START, RESTART)]
+    runs = [c for c in changes if c.action in (Action.START, Action.RESTART)]
     by_host: dict[str, list[Change]] = defaultdict(list)
     for c in changes:
         by_host[c.host].append(c)
     for cs in by_host.values():
-        reload_ = [c for c in cs if c.action == DAEMON_RELOAD]
+        reload_ = [c for c in cs if c.action == Action.DAEMON_RELOAD]
         for c in cs:
-            if c.action == WRITE_UNIT:
+            if c.action == Action.WRITE_UNIT:
                 g.add_edges_from((c.id, r.id) for r in reload_)
-            if c.action in (ENABLE, START, RESTART):
+            if c.action in (Action.ENABLE, Action.START, Action.RESTART):
                 g.add_edges_from((r.id, c.id) for r in reload_)
-            if c.action in (START, RESTART):
+            if c.action in (Action.START, Action.RESTART):
                 svc = service_units.get(c.service or "")
                 loads = svc.unit_spec.environment_files if svc is not None and svc.unit_spec else ()
                 for e in cs:
-                    if e.action == ENABLE and e.target == c.target:
+                    if e.action == Action.ENABLE and e.target == c.target:
                         g.add_edge(e.id, c.id)
-                    if e.action == WRITE_UNIT and e.target == c.target and not reload_:
+                    if e.action == Action.WRITE_UNIT and e.target == c.target and not reload_:
                         g.add_edge(e.id, c.id)
-                    if e.action == WRITE_ENV and e.target in loads:
+                    if e.action == Action.WRITE_ENV and e.target in loads:
                         g.add_edge(e.id, c.id)
     for c in runs:
         svc = service_units.get(c.service or "")
@@ -304,11 +305,11 @@ def reference_graph(changes: Sequence[Change], desired: Desired) -> nx.DiGraph:
             if svc is not None and r.service in svc.requires:
                 g.add_edge(r.id, c.id)
     for p in changes:
-        if p.action == PRUNE:
+        if p.action == Action.PRUNE:
             g.add_edges_from((r.id, p.id) for r in runs)
     for name, svc in service_units.items():
-        starts = [c for c in runs if c.service == name and c.action == START]
-        restarts = [c for c in runs if c.service == name and c.action == RESTART]
+        starts = [c for c in runs if c.service == name and c.action == Action.START]
+        restarts = [c for c in runs if c.service == name and c.action == Action.RESTART]
         g.add_edges_from((st.id, rs.id) for st in starts for rs in restarts if rs.host != st.host)
         position = {h: i for i, h in enumerate(svc.hosts)}
         restarts.sort(key=lambda c: position.get(c.host, 0))
@@ -383,7 +384,7 @@ def test_order_matches_the_reference_with_max_unavailable_two_and_a_move() -> No
 
 
 def _prune(host: str, unit: str) -> Change:
-    return Change(host, "prune", unit, "undeclared", None, steps=("stop",))
+    return Change(host, Action.PRUNE, unit, "undeclared", None, payload=PrunePayload(steps=("stop",)))
 
 
 @pytest.mark.parametrize("changes", [
@@ -392,10 +393,12 @@ def _prune(host: str, unit: str) -> Change:
                  id="two prunes after two independent starts"),
     pytest.param([_prune("b", "old.service"), *_starts(("x", "a"), ("y", "b"), ("z", "a"))],
                  id="a prune listed first waits for a chain of requires"),
-    pytest.param([*_starts(("x", "a")), Change("b", "restart", "y.service", "env", "y"), _prune("a", "old.service")],
+    pytest.param([*_starts(("x", "a")), Change("b", Action.RESTART, "y.service", "env", "y"),
+                  _prune("a", "old.service")],
                  id="a restart that requires a start, then a prune"),
-    pytest.param([*_starts(("x", "a")), Change("b", "write-unit", "y.service", "edited", "y"),
-                  Change("b", "daemon-reload", "systemd", "unit files changed"), _prune("b", "old.service")],
+    pytest.param([*_starts(("x", "a")),
+                  Change("b", Action.WRITE_UNIT, "y.service", "edited", "y", payload=UnitFilePayload("0" * 64)),
+                  Change("b", Action.DAEMON_RELOAD, "systemd", "unit files changed"), _prune("b", "old.service")],
                  id="a prune in the same wave as a reload that waits for a write"),
 ])
 def test_order_matches_the_reference_on_hand_made_plans(changes: list[Change]) -> None:

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from observed import EXAMPLE_SECRETS, bare, converged, example
 
 from fleet import history
-from fleet.diff import Change, diff
+from fleet.actions import Action, Change, EnvFilePayload, KeyChange, UnitFilePayload
+from fleet.diff import diff
 from fleet.envfile import fingerprint
 from fleet.errors import ParseError
 from fleet.history import (
@@ -46,12 +47,21 @@ from fleet.history import (
 )
 from fleet.journal import _details
 
+
+def _env(host: str, path: str, reason: str, keys: tuple[tuple[str, str, str, str], ...] = (), *, before: str = "",
+         after: str = "", name: str = "mastodon", owner: str = "", group: str = "", mode: str = "0600") -> Change:
+    """A write-env change as diff makes it (keys as (key, op, before, after))."""
+    payload = EnvFilePayload(keys=tuple(KeyChange(*k) for k in keys), content_hash="", name=name, owner=owner,
+                             group=group, mode=mode)
+    return Change(host, Action.WRITE_ENV, path, reason, None, before, after, payload)
+
+
 T0 = 1_795_000_000.25  # 2026-11-18
 HOST = "franz"
 ENV = "/home/mastodon/live/.env.production"
-WRITE_ENV = Change(HOST, "write-env", ENV, "2 key(s) differ", before="24 keys", after="23 keys",
-                   keys=(("S3_ENABLED", "change", "FALSE", "true"), ("3_BUCKET", "remove", "files", "")))
-START = Change(HOST, "start", "mastodon-web.service", "declared to run here", "web", before="inactive/dead",
+WRITE_ENV = _env(HOST, ENV, "2 key(s) differ", (("S3_ENABLED", "change", "FALSE", "true"),
+                                                   ("3_BUCKET", "remove", "files", "")), before="24 keys", after="23 keys")
+START = Change(HOST, Action.START, "mastodon-web.service", "declared to run here", "web", before="inactive/dead",
                after="active/running")
 
 
@@ -104,12 +114,13 @@ def test_an_outcome_record_names_its_step_its_outcome_and_error() -> None:
 
 
 def test_a_record_too_large_is_cut_to_fit_its_diff_first_and_says_so() -> None:
-    big = Change(HOST, "write-unit", "x.service", "text differs", "web", diff="+Nice=5\n" * 40_000)
+    big = Change(HOST, Action.WRITE_UNIT, "x.service", "text differs", "web",
+                 payload=UnitFilePayload(content_hash="", diff="+Nice=5\n" * 40_000))
     line = host_line(step_body(big, run_id="r", who="a@b", desired_hash="", started=T0), seq=1, prev=GENESIS)
     assert len(line) + 1 <= history.MAX_RECORD_BYTES
     r = parse_record(line)
-    assert r.details["diff_truncated"] == len(big.diff)
-    assert r.details["diff"] and big.diff.startswith(r.details["diff"])
+    assert r.details["diff_truncated"] == len(big.fields()["diff"])
+    assert r.details["diff"] and big.fields()["diff"].startswith(r.details["diff"])
 
 
 @pytest.mark.parametrize(("line", "why"), [
@@ -143,9 +154,9 @@ def test_no_clear_secret_reaches_a_record_nor_the_hosts_file(tmp_path: Path) -> 
     other = {k: v + "-old" for k, v in EXAMPLE_SECRETS.items()}
     changes = [*diff(desired, bare(desired), EXAMPLE_SECRETS).changes,
                *diff(desired, converged(desired, other), EXAMPLE_SECRETS).changes]
-    assert any(c.action == "write-env" and any(k[0] == "DB_PASS" for k in c.keys) for c in changes)
-    leaky = Change(HOST, "write-env", ENV, f"found DB_PASS={EXAMPLE_SECRETS[('mastodon', 'DB_PASS')]}",
-                   keys=(("SMTP_PASSWORD", "change", "a", EXAMPLE_SECRETS[("mastodon", "SMTP_PASSWORD")]),))
+    assert any(c.action == Action.WRITE_ENV and any(k[0] == "DB_PASS" for k in c.fields()["keys"]) for c in changes)
+    leaky = _env(HOST, ENV, f"found DB_PASS={EXAMPLE_SECRETS[('mastodon', 'DB_PASS')]}",
+                 (("SMTP_PASSWORD", "change", "a", EXAMPLE_SECRETS[("mastodon", "SMTP_PASSWORD")]),))
     bodies = [step_body(c, run_id="r", who="a@b", desired_hash="", started=T0) for c in [*changes, leaky]]
     bodies.append(outcome_body(leaky, run_id="r", outcome="failed", ended=T0,
                                error=f"DB_PASS={EXAMPLE_SECRETS[('mastodon', 'DB_PASS')]} rejected"))
@@ -658,8 +669,9 @@ def test_records_read_are_exactly_the_lines_on_the_host() -> None:
 
 def test_a_change_of_thousands_of_long_non_ascii_keys_still_makes_a_readable_record() -> None:
     keys = tuple((f"KEY_{i}", "change", "é" * 3000, "✓" * 3000) for i in range(5000))
-    huge = Change(HOST, "write-env", ENV, "ü" * 100_000, before="ß" * 50_000, after="x", keys=keys,
-                  diff="日本" * 50_000, meta=tuple((f"m{i}", "ö" * 1000) for i in range(500)))
+    # (a write-env carries no diff and only its four meta fields now: the long values go where they can)
+    huge = _env(HOST, ENV, "ü" * 100_000 + "日本" * 50_000, keys, before="ß" * 50_000, after="x",
+                name="ö" * 1000, owner="ö" * 500)
     text = step_body(huge, run_id="20261118T000000-aaaaaa", who="alice@laptop", desired_hash="d" * 64,
                      started=T0, commit="3f2a9c1d0b7e4a55" + "0" * 24, dirty=True)
     line = host_line(text, seq=1, prev=GENESIS)

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 from observed import ENV_PATH, EXAMPLE_SECRETS, converged, disabled, edited, example, set_env_value, stopped
 
+from fleet.actions import Action, Change, EnvFilePayload, KeyChange, ObservedKind
 from fleet.attribution import attribute_with_history, journal_step
-from fleet.audit import EXPLAINED_BY, JournalStep, ObservedChange, attribute, changes_between
-from fleet.diff import ACTIONS, Change
+from fleet.audit import JournalStep, ObservedChange, attribute, changes_between
 from fleet.history import GENESIS, HistoryRecord, host_line, line_hash, outcome_body, parse_record, step_body, verify
 from fleet.history_cache import HostStep, host_steps
 from fleet.model import HostResult, HostState
@@ -48,7 +48,9 @@ def records(*steps: tuple[Change, str | None], at: float = T0 + 60, run: str = A
 
 
 def write_env(keys: tuple[str, ...]) -> Change:
-    return Change("fritz", "write-env", ENV_PATH, "keys differ", keys=tuple((k, "change", "a", "b") for k in keys))
+    return Change("fritz", Action.WRITE_ENV, ENV_PATH, "keys differ",
+                  payload=EnvFilePayload(keys=tuple(KeyChange(k, "change", "a", "b") for k in keys), content_hash="",
+                                         name="mastodon", owner="", group="", mode="0600"))
 
 
 def test_a_fresh_checkout_credits_another_checkouts_change_to_its_run_and_who_ran_it() -> None:
@@ -68,21 +70,21 @@ def test_a_fresh_checkout_credits_another_checkouts_change_to_its_run_and_who_ra
 
 def test_a_step_killed_mid_way_still_explains_what_it_may_have_done() -> None:
     changes = fritz_changes(lambda s: stopped(s, WEB))
-    (a,) = attribute_with_history(changes, host_steps(records((Change("fritz", "stop", WEB, "r"), None))), T0, T1)
+    (a,) = attribute_with_history(changes, host_steps(records((Change("fritz", Action.RESTART, WEB, "r"), None))), T0, T1)
     assert a.credit is not None and a.credit.run_id == A_RUN
 
 
 def test_a_step_outside_the_window_or_on_another_host_explains_nothing() -> None:
     changes = fritz_changes(lambda s: stopped(s, WEB))
-    late = attribute_with_history(changes, host_steps(records((Change("fritz", "stop", WEB, "r"), "ok"),
+    late = attribute_with_history(changes, host_steps(records((Change("fritz", Action.RESTART, WEB, "r"), "ok"),
                                                               at=T1 + 1)), T0, T1)
-    elsewhere = attribute_with_history(changes, host_steps(records((Change("franz", "stop", WEB, "r"), "ok"))),
+    elsewhere = attribute_with_history(changes, host_steps(records((Change("franz", Action.RESTART, WEB, "r"), "ok"))),
                                        T0, T1)
     assert [a.credit for a in late + elsewhere] == [None, None]
 
 
 def test_a_record_whose_chain_is_broken_still_credits_but_says_so() -> None:
-    recs = records((Change("fritz", "stop", WEB, "r"), "ok"))
+    recs = records((Change("fritz", Action.RESTART, WEB, "r"), "ok"))
     lines = [r.line for r in recs]
     lines[0] = lines[0].replace('"reason":"r"', '"reason":"x"')
     checked, breaks = verify(lines, host="fritz")
@@ -94,8 +96,8 @@ def test_a_record_whose_chain_is_broken_still_credits_but_says_so() -> None:
 
 def test_the_journals_own_steps_and_the_hosts_records_are_one_source() -> None:
     changes = fritz_changes(lambda s: disabled(stopped(s, WEB), WEB))
-    local = [JournalStep("local-run", "fritz", "disable", WEB, T0 + 10, "ok")]
-    got = attribute_with_history(changes, host_steps(records((Change("fritz", "stop", WEB, "r"), "ok"))), T0, T1,
+    local = [JournalStep("local-run", "fritz", "enable", WEB, T0 + 10, "ok")]
+    got = attribute_with_history(changes, host_steps(records((Change("fritz", Action.RESTART, WEB, "r"), "ok"))), T0, T1,
                                  local_steps=local, local_operators={"local-run": "bob@desk"})
     by_kind = {a.change.kind: a for a in got}
     assert by_kind["unit-state"].credit is not None and by_kind["unit-state"].credit.run_id == A_RUN
@@ -108,24 +110,27 @@ def test_the_journals_own_steps_and_the_hosts_records_are_one_source() -> None:
 def test_a_run_the_journal_and_the_host_both_know_is_described_from_the_host_with_its_commit() -> None:
     changes = fritz_changes(lambda s: stopped(s, WEB))
     local = [JournalStep(A_RUN, "fritz", "stop", WEB, T0 + 60, "ok")]
-    (a,) = attribute_with_history(changes, host_steps(records((Change("fritz", "stop", WEB, "r"), "ok"))), T0, T1,
+    (a,) = attribute_with_history(changes, host_steps(records((Change("fritz", Action.RESTART, WEB, "r"), "ok"))), T0, T1,
                                   local_steps=local, local_operators={A_RUN: "alice@laptop"})
     assert a.credit is not None and a.credit.source == "host" and a.credit.commit == COMMIT
 
 
 # The same rules as audit.attribute: every kind of observed change against every action and
 # outcome a recorded step can have, with and without the key a write-env touched.
-KINDS = sorted(EXPLAINED_BY) + ["unclassified"]
+KINDS = sorted(ObservedKind) + ["unclassified"]
 
 
-@pytest.mark.parametrize(("action", "outcome"), list(itertools.product(ACTIONS, ["ok", "failed", "skipped",
+@pytest.mark.parametrize(("action", "outcome"), list(itertools.product(list(Action), ["ok", "failed", "skipped",
                                                                                   "rolled-back", None])))
 def test_history_credits_exactly_what_the_journal_would(action: str, outcome: str | None) -> None:
     changes = [ObservedChange("fritz", WEB, f"{kind} {key}", kind="" if kind == "unclassified" else kind, key=key)
                for kind in KINDS for key in ("K", "OTHER")]
-    recs = records((Change("fritz", action, WEB, "r", keys=(("K", "change", "a", "b"),)), outcome))
+    keys = (KeyChange("K", "change", "a", "b"),)
+    payload = EnvFilePayload(keys=keys, content_hash="", name="m", owner="", group="", mode="0600") \
+        if action == Action.WRITE_ENV else None
+    recs = records((Change("fritz", action, WEB, "r", payload=payload), outcome))
     hs: list[HostStep] = host_steps(recs)
-    assert [journal_step(s) for s in hs] == [JournalStep(A_RUN, "fritz", action, WEB, T0 + 60, outcome, ("K",))]
+    assert [journal_step(s) for s in hs] == [JournalStep(A_RUN, "fritz", action, WEB, T0 + 60, outcome, ("K",) if payload else ())]
     expected = attribute(changes, [journal_step(s) for s in hs], {A_RUN: "x"}, T0, T1)
     got = attribute_with_history(changes, hs, T0, T1)
     assert [a.change.run_id for a in got] == [c.run_id for c in expected]
@@ -134,5 +139,5 @@ def test_history_credits_exactly_what_the_journal_would(action: str, outcome: st
 
 def test_an_edited_unit_is_not_credited_to_a_start_recorded_on_the_host() -> None:
     changes = fritz_changes(lambda s: edited(s, WEB))
-    got = attribute_with_history(changes, host_steps(records((Change("fritz", "start", WEB, "r"), "ok"))), T0, T1)
+    got = attribute_with_history(changes, host_steps(records((Change("fritz", Action.START, WEB, "r"), "ok"))), T0, T1)
     assert [a.credit for a in got] == [None]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fleet import journal as journal_module
-from fleet.diff import Change
+from fleet.actions import Action, Change, EnvFilePayload, KeyChange
 from fleet.history import (
     GENESIS,
     Break,
@@ -43,10 +43,10 @@ from fleet.textutil import mask
 T0 = 1_795_000_000.0
 A_RUN = "20261118T000000-aaaaaa"  # alice's run, from her checkout
 B_RUN = "20261118T010000-bbbbbb"
-START = Change("franz", "start", "mastodon-web.service", "declared to run here", "web", before="inactive/dead",
+START = Change("franz", Action.START, "mastodon-web.service", "declared to run here", "web", before="inactive/dead",
                after="active/running")
-STOP = Change("franz", "stop", "mastodon-sidekiq.service", "declared stopped", before="active/running",
-              after="inactive/dead")
+STOP = Change("franz", Action.RESTART, "mastodon-sidekiq.service", "running, and its unit file changes",
+              before="active/running", after="active/running with the new configuration")
 COMMIT = "3f2a9c1d0b7e4a55" + "0" * 24
 
 
@@ -159,8 +159,9 @@ def test_a_record_edited_on_the_host_leaves_the_copy_collected_first_in_charge(j
 
 def test_the_cache_holds_no_clear_secret(journal: Journal) -> None:
     clear = "hunter2-db-pass-in-the-cache"
-    leaky = Change("franz", "write-env", "/home/mastodon/live/.env.production", f"DB_PASS={clear} found",
-                   keys=(("DB_PASS", "change", "old", clear),))
+    leaky = Change("franz", Action.WRITE_ENV, "/home/mastodon/live/.env.production", f"DB_PASS={clear} found",
+                   payload=EnvFilePayload(keys=(KeyChange("DB_PASS", "change", "old", clear),), content_hash="",
+                                          name="mastodon", owner="", group="", mode="0600"))
     h = FakeHost()
     h.step(leaky)
     h.outcome(leaky, "failed", error=f"token={clear}")
@@ -253,8 +254,8 @@ def test_an_outcome_arriving_later_wins_over_interrupted() -> None:
 
 def test_records_of_different_hosts_do_not_end_each_others_runs() -> None:
     franz, fritz = FakeHost("franz"), FakeHost("fritz")
-    recs = [franz.step(START), fritz.step(Change("fritz", "stop", "x.service", "r"), run=B_RUN, at=T0 + 60)]
-    assert states(recs, locks={"franz": LockSeen(True, A_RUN, T0)}) == [(START.id, RUNNING), ("fritz:stop:x.service",
+    recs = [franz.step(START), fritz.step(Change("fritz", Action.RESTART, "x.service", "r"), run=B_RUN, at=T0 + 60)]
+    assert states(recs, locks={"franz": LockSeen(True, A_RUN, T0)}) == [(START.id, RUNNING), ("fritz:restart:x.service",
                                                                                               RUNNING)]
 
 
@@ -273,7 +274,7 @@ def test_a_fresh_checkout_logs_every_step_another_checkout_applied(journal: Jour
     lines = [sentence(s, by_id.get(s.run_id)) for s in steps]
     assert lines == [
         "2026-11-18 11:06:40 alice@laptop: on franz, started mastodon-web.service (was inactive/dead) — ok",
-        "2026-11-18 11:06:44 alice@laptop: on franz, stopped mastodon-sidekiq.service (was active/running) — "
+        "2026-11-18 11:06:44 alice@laptop: on franz, restarted mastodon-sidekiq.service (was active/running) — "
         "STARTED, NEVER FINISHED (the run ended interrupted)",
     ]
     assert runs[0].summary == f"known from the hosts' history; desired state at git {COMMIT[:12]} (dirty)"
@@ -303,7 +304,7 @@ def test_a_step_both_the_journal_and_a_host_know_is_shown_once_with_the_hosts_ou
 def test_the_merged_log_filters_by_host_run_and_time(journal: Journal) -> None:
     franz, fritz = FakeHost("franz"), FakeHost("fritz")
     franz.step(START, at=T0)
-    fritz.step(Change("fritz", "stop", "x.service", "r"), run=B_RUN, at=T0 + 100, who="bob@desk")
+    fritz.step(Change("fritz", Action.RESTART, "x.service", "r"), run=B_RUN, at=T0 + 100, who="bob@desk")
     cache = HistoryCache(journal)
     cache.merge(franz.read())
     cache.merge(fritz.read())

@@ -37,17 +37,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet import cli, config
+from fleet.actions import Action
 from fleet.collect import parse as parse_module
 from fleet.collect.collector import collect, to_result
-from fleet.collect.parse import parse_env, parse_facts, parse_hashes, parse_host, parse_texts, parse_units
+from fleet.collect.parse import parse_facts, parse_hashes, parse_host, parse_texts, parse_units
 from fleet.collect.script import CollectSpec, build_script, spec_for
-from fleet.diff import ACTIONS
 from fleet.envfile import render_file
 from fleet.errors import FleetError, ParseError, TransportError
 from fleet.journal import parse_since
 from fleet.model import HostError, HostState
 from fleet.plan import Plan, PlanFileError, build_plan, plan_from_json
 from fleet.render import plan_text
+from fleet.resources.env_file import parse_env
 from fleet.secrets import load_secrets
 from fleet.snapshot import pack, unpack
 from fleet.status import build_status, status_json
@@ -238,8 +239,8 @@ def test_an_env_file_path_full_of_shell_syntax_is_only_ever_data(capsys: pytest.
     desired = example.load().desired
     Path(path).write_text(render_file([("LOCAL_DOMAIN", "hachyderm.io"), ("DB_PASS", "s3cr3t $(id)")]))
     spec = spec_for(desired, "fritz")
-    assert [p for p, _ in spec.env_files] == [path]
-    script = build_script(CollectSpec(env_files=spec.env_files))
+    assert [p for p, _ in spec.of("env")] == [path]
+    script = build_script(CollectSpec(kinds=(("env", spec.of("env")),)))
     done = subprocess.run(["sh", "-c", script], cwd=work, capture_output=True, timeout=30, check=False)
     state = parse_host("fritz", done.stdout.decode())
     (env,) = state.env_files
@@ -814,11 +815,12 @@ def assert_whole(plan: Plan) -> None:
     assert sorted(cid for wave in plan.waves for cid in wave) == sorted(ids)
     assert all(dep in ids for deps in plan.deps.values() for dep in deps)
     for c in plan.changes:
-        assert c.action in ACTIONS
-        texts = (c.host, c.action, c.target, c.reason, c.before, c.after, c.diff, c.content_hash)
+        assert c.action in set(Action)
+        f = c.fields()
+        texts = (c.host, c.action, c.target, c.reason, c.before, c.after, f["diff"], f["content_hash"])
         assert all(isinstance(t, str) for t in texts) and (c.service is None or isinstance(c.service, str)), c
-        assert all(isinstance(t, str) for t in (*c.remove_files, *c.steps, *(x for k in c.keys for x in k))), c
-        assert all(isinstance(k, str) and isinstance(v, str) for k, v in c.meta), c
+        assert all(isinstance(t, str) for t in (*f["remove_files"], *f["steps"], *(x for k in f["keys"] for x in k))), c
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in f["meta"].items()), c
     assert plan_text(plan)
     assert plan_from_json(plan.to_json()).to_dict() == plan.to_dict()
 

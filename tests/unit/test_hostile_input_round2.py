@@ -191,8 +191,8 @@ def test_a_pruned_units_fragment_outside_fleets_own_files_is_never_removed_and_i
     desired, fleet = _with_hostile_unit(fragment=path)
     plan = build_plan(desired, fleet, EXAMPLE_SECRETS())
     [prune] = [c for c in plan.changes if c.target == UNIT]
-    assert path not in prune.remove_files and "remove" not in prune.steps
-    assert prune.steps == ("stop", "disable")  # the unit is still stopped and disabled
+    assert path not in prune.payload.remove_files and "remove" not in prune.payload.steps
+    assert prune.payload.steps == ("stop", "disable")  # the unit is still stopped and disabled
     assert any("franz" in p and UNIT in p and repr(path)[1:-1] in p for p in plan.problems), plan.problems
 
 
@@ -203,7 +203,7 @@ def test_a_pruned_units_drop_in_outside_its_own_directory_is_never_removed_and_i
     desired, fleet = _with_hostile_unit(drop_ins=(path,))
     plan = build_plan(desired, fleet, EXAMPLE_SECRETS())
     [prune] = [c for c in plan.changes if c.target == UNIT]
-    assert prune.remove_files == ("/etc/systemd/system/mastodon-evil.service",)
+    assert prune.payload.remove_files == ("/etc/systemd/system/mastodon-evil.service",)
     assert any("franz" in p and UNIT in p and path in p for p in plan.problems), plan.problems
 
 
@@ -218,7 +218,7 @@ def test_a_managed_units_drop_in_outside_its_own_directory_is_never_removed_by_a
     web = "mastodon-web.service"
     fleet["fritz"] = change_unit(fleet["fritz"], web, drop_in_paths=(path.replace("mastodon-evil.service", web),))
     plan = build_plan(desired, fleet, EXAMPLE_SECRETS())
-    assert all(not c.remove_files for c in plan.changes if c.host == "fritz"), plan.changes
+    assert all(not c.fields()["remove_files"] for c in plan.changes if c.host == "fritz"), plan.changes
     assert any("fritz" in p and web in p for p in plan.problems), plan.problems
 
 
@@ -229,8 +229,8 @@ def test_fleets_own_files_of_a_unit_are_still_removed() -> None:
     desired, fleet = _with_hostile_unit(drop_ins=own)
     plan = build_plan(desired, fleet, EXAMPLE_SECRETS())
     [prune] = [c for c in plan.changes if c.target == UNIT]
-    assert prune.remove_files == ("/etc/systemd/system/mastodon-evil.service", *own)
-    assert prune.steps == ("stop", "disable", "remove") and not plan.problems
+    assert prune.payload.remove_files == ("/etc/systemd/system/mastodon-evil.service", *own)
+    assert prune.payload.steps == ("stop", "disable", "remove") and not plan.problems
 
 
 @pytest.mark.parametrize(("path", "unit", "ok"), [
@@ -279,13 +279,14 @@ class _Recorder:
 def test_the_executor_refuses_to_remove_a_path_that_is_not_the_units_own_file(action: str) -> None:
     from observed import example
 
+    from fleet.actions import Action, Change, PrunePayload, UnitFilePayload
     from fleet.apply import Executor
-    from fleet.diff import Change
     from fleet.plan import Plan
 
     desired = example()
-    change = Change("fritz", action, "mastodon-web.service", "edited", "web", content_hash="0" * 64,
-                    remove_files=("/etc/passwd",), steps=("stop", "disable", "remove") if action == "prune" else ())
+    payload = (PrunePayload(steps=("stop", "disable", "remove"), remove_files=("/etc/passwd",)) if action == "prune"
+               else UnitFilePayload("0" * 64, remove_files=("/etc/passwd",)))
+    change = Change("fritz", Action(action), "mastodon-web.service", "edited", "web", payload=payload)
     plan = Plan(fleet="x", created_at="", desired_hash="", hosts=("fritz",), fingerprints={}, changes=(change,),
                 deps={change.id: ()}, waves=((change.id,),))
     rec = _Recorder()
@@ -406,11 +407,11 @@ def test_status_audit_and_markdown_escape_what_hosts_report() -> None:
 def test_apply_output_escapes_what_a_host_answered() -> None:
     from observed import example
 
-    from fleet.apply import ApplyResult, StepOutcome
-    from fleet.diff import Change
+    from fleet.actions import Action, Change
     from fleet.render import apply_text
+    from fleet.results import ApplyResult, StepOutcome
 
-    c = Change("fritz", "start", "mastodon-web.service", "x", "web")
+    c = Change("fritz", Action.START, "mastodon-web.service", "x", "web")
     result = ApplyResult("run", [StepOutcome(c, "failed", "exit 1: \x1b[2Kok", detail="| \x1b]0;t\x07 line\r",
                                              rollback="rolled\x1b[1A back")])
     assert example() is not None
@@ -421,14 +422,14 @@ def test_apply_output_escapes_what_a_host_answered() -> None:
 
 def test_fleet_log_escapes_journal_text_and_its_json_stays_exact(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from fleet.diff import Change
+    from fleet.actions import Action, Change
     from fleet.journal import Journal, journal_path
 
     state = tmp_path / ".fleet"
     with Journal.open(journal_path(str(state))) as journal:
         run_id = journal.start_run(operator="eve\x1b[2K@host", plan_id="p", plan_hash="h", desired_hash="d",
                                    fleet="f\x1b]0;x\x07", lab=False)
-        step = journal.step_started(run_id, Change("fritz", "start", "mastodon-web.service", "why\x1b[1A", "web",
+        step = journal.step_started(run_id, Change("fritz", Action.START, "mastodon-web.service", "why\x1b[1A", "web",
                                                    before="inactive\r", after="active"))
         journal.step_finished(step, "failed", "boom\x1b[8m hidden")
         journal.finish_run(run_id, "failed", "x")

@@ -24,7 +24,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fleet import journal as journal_module
-from fleet.diff import Change
+from fleet.actions import Action, Change, EnvFilePayload, KeyChange, PrunePayload, UnitFilePayload
 from fleet.errors import FleetError
 from fleet.journal import (
     SCHEMA_VERSION,
@@ -43,14 +43,20 @@ from fleet.textutil import mask
 
 NOW = datetime(2026, 11, 28, 14, 3, 7, tzinfo=UTC).timestamp()
 
-PRUNE_SIDEKIQ = Change("franz", "prune", "mastodon-sidekiq.service",
+def env_payload(*keys: tuple[str, str, str, str], **meta: str) -> EnvFilePayload:
+    """A write-env's payload with these key changes (owner/mode as the example declares them)."""
+    return EnvFilePayload(keys=tuple(KeyChange(*k) for k in keys), content_hash="",
+                          **({"name": "mastodon", "owner": "mastodon", "group": "mastodon", "mode": "0600"} | meta))
+
+
+PRUNE_SIDEKIQ = Change("franz", Action.PRUNE, "mastodon-sidekiq.service",
                        "undeclared on franz (matches mastodon-*, prune = true)",
                        before="active/running, enabled, `-c 10 -q default`", after="stopped, disabled",
-                       steps=("stop", "disable"))
-WRITE_ENV = Change("fritz", "write-env", "/home/mastodon/live/.env.production", "2 key(s) differ",
+                       payload=PrunePayload(steps=("stop", "disable")))
+WRITE_ENV = Change("fritz", Action.WRITE_ENV, "/home/mastodon/live/.env.production", "2 key(s) differ",
                    before="24 keys, mastodon:mastodon 0600", after="23 keys, mastodon:mastodon 0600",
-                   keys=(("S3_ENABLED", "change", "FALSE", "true"), ("3_BUCKET", "remove", "files", "")))
-START_DEFAULT = Change("freud", "start", "mastodon-sidekiq-default.service",
+                   payload=env_payload(("S3_ENABLED", "change", "FALSE", "true"), ("3_BUCKET", "remove", "files", "")))
+START_DEFAULT = Change("freud", Action.START, "mastodon-sidekiq-default.service",
                        "declared to run here; now inactive/dead", "sidekiq-default",
                        before="inactive/dead", after="active/running")
 
@@ -92,11 +98,11 @@ def test_a_crash_mid_step_leaves_it_listed_as_unfinished_and_said_so(jpath: Path
     script = (
         "import os, sys\n"
         "from fleet.journal import Journal\n"
-        "from fleet.diff import Change\n"
+        "from fleet.actions import Action, Change\n"
         "j = Journal.open(sys.argv[1])\n"
         "run = j.start_run(operator='alice@laptop', plan_id='p', plan_hash='h', desired_hash='d',"
         " fleet='f', lab=False, now=float(sys.argv[2]))\n"
-        "j.step_started(run, Change('franz', 'stop', 'mastodon-web.service', 'r', before='active/running'),"
+        "j.step_started(run, Change('franz', Action.RESTART, 'mastodon-web.service', 'r', before='active/running'),"
         " now=float(sys.argv[2]))\n"
         "os._exit(9)\n"
     )
@@ -107,7 +113,7 @@ def test_a_crash_mid_step_leaves_it_listed_as_unfinished_and_said_so(jpath: Path
         run = j.run(step.run_id)
     assert run is not None and run.ended is None and run.outcome is None
     assert step.outcome is None and step.ended is None and not step.finished
-    assert sentence(step, run) == ("2026-11-28 14:03:07 alice@laptop: on franz, stopped mastodon-web.service "
+    assert sentence(step, run) == ("2026-11-28 14:03:07 alice@laptop: on franz, restarted mastodon-web.service "
                                    "(was active/running) — STARTED, NEVER FINISHED")
 
 
@@ -209,19 +215,20 @@ def test_steps_filter_by_host_since_and_run_in_time_order(j: Journal) -> None:
 
 
 def test_a_step_keeps_the_change_as_the_plan_showed_it(j: Journal) -> None:
-    write_unit = Change("fritz", "write-unit", "mastodon-web.service", "unit file differs from the declaration",
+    write_unit = Change("fritz", Action.WRITE_UNIT, "mastodon-web.service", "unit file differs from the declaration",
                         "web", before="/etc/systemd/system/mastodon-web.service",
-                        after="/etc/systemd/system/mastodon-web.service", diff="--- a\n+++ b\n-x\n+y\n",
-                        content_hash="abc", remove_files=("/etc/systemd/system/mastodon-web.service.d/x.conf",),
-                        meta=(("mode", "0644"),))
+                        after="/etc/systemd/system/mastodon-web.service",
+                        payload=UnitFilePayload("abc", diff="--- a\n+++ b\n-x\n+y\n",
+                                                remove_files=("/etc/systemd/system/mastodon-web.service.d/x.conf",)))
     run = new_run(j)
     j.step_started(run, write_unit, now=NOW)
     step = only_step(j)
     assert (step.change_id, step.host, step.action, step.target, step.service, step.reason, step.before,
             step.after) == (write_unit.id, "fritz", "write-unit", "mastodon-web.service", "web",
                             write_unit.reason, write_unit.before, write_unit.after)
-    assert step.details == {"keys": [], "steps": [], "remove_files": list(write_unit.remove_files),
-                            "diff": write_unit.diff, "content_hash": "abc", "meta": {"mode": "0644"}}
+    assert step.details == {"keys": [], "steps": [],
+                            "remove_files": ["/etc/systemd/system/mastodon-web.service.d/x.conf"],
+                            "diff": "--- a\n+++ b\n-x\n+y\n", "content_hash": "abc", "meta": {}}
 
 
 # --- the file ----------------------------------------------------------------------------------
@@ -286,27 +293,32 @@ CLEAR = ("hunter2-old-db-pass", "hunter2-new-db-pass", "s3cr3t-in-a-reason", "k3
 
 def leaky_change() -> Change:
     return Change(
-        "fritz", "write-env", "/home/mastodon/live/.env.production",
+        "fritz", Action.WRITE_ENV, "/home/mastodon/live/.env.production",
         f"hand edit found: Environment=DB_PASS={CLEAR[2]}",
         before=f'Environment="SECRET_KEY_BASE={CLEAR[3]}"',
         after="25 keys",
-        keys=(("DB_PASS", "change", CLEAR[0], CLEAR[1]), ("S3_ENABLED", "change", "false", "true"),
-              ("OTP_SECRET", "set", "", mask("already-masked"))),
-        diff=f"-AWS_SECRET_ACCESS_KEY={CLEAR[5]}\n+AWS_SECRET_ACCESS_KEY={mask(CLEAR[5])}\n",
-        meta=(("note", f"smtp_password={CLEAR[6]}"),),
+        payload=env_payload(("DB_PASS", "change", CLEAR[0], CLEAR[1]), ("S3_ENABLED", "change", "false", "true"),
+                            ("OTP_SECRET", "set", "", mask("already-masked")), owner=f"smtp_password={CLEAR[6]}"),
     )
+
+
+def leaky_unit_change() -> Change:
+    return Change("fritz", Action.WRITE_UNIT, "mastodon-web.service", "unit file differs", "web",
+                  payload=UnitFilePayload("", diff=f"-AWS_SECRET_ACCESS_KEY={CLEAR[5]}\n"
+                                                   f"+AWS_SECRET_ACCESS_KEY={mask(CLEAR[5])}\n"))
 
 
 def test_no_clear_secret_reaches_any_byte_of_the_journal_or_its_wal(jpath: Path) -> None:
     with Journal.open(jpath) as j:
         run = new_run(j)
         step_id = j.step_started(run, leaky_change(), now=NOW)
+        j.step_finished(j.step_started(run, leaky_unit_change(), now=NOW), "ok", now=NOW + 1)
         j.step_finished(step_id, "failed", f"curl https://x/?token={CLEAR[4]} failed", now=NOW + 1)
         j.finish_run(run, "failed", f"DB_PASS={CLEAR[0]}", now=NOW + 2)
         files = [jpath, Path(f"{jpath}-wal")]
         assert Path(f"{jpath}-wal").stat().st_size > 0  # the rows are in the WAL now
         blobs = [p.read_bytes() for p in files]
-        step = only_step(j)
+        step, unit_step = j.steps()
     blobs.append(jpath.read_bytes())  # after close, checkpointed into the main file
     for blob in blobs:
         for clear in CLEAR:
@@ -316,6 +328,9 @@ def test_no_clear_secret_reaches_any_byte_of_the_journal_or_its_wal(jpath: Path)
     assert step.keys[2] == ("OTP_SECRET", "set", "", mask("already-masked"))  # masked once, not twice
     assert step.reason == f"hand edit found: Environment=DB_PASS={mask(CLEAR[2])}"
     assert step.error == f"curl https://x/?token={mask(CLEAR[4])} failed"
+    assert step.details["meta"]["owner"] == f"smtp_password={mask(CLEAR[6])}"
+    assert unit_step.details["diff"] == (f"-AWS_SECRET_ACCESS_KEY={mask(CLEAR[5])}\n"
+                                         f"+AWS_SECRET_ACCESS_KEY={mask(CLEAR[5])}\n")
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -366,7 +381,7 @@ def test_threads_applying_hosts_in_parallel_all_get_their_steps_recorded(j: Jour
         try:
             start.wait()
             for k in range(25):
-                c = Change(f"host{n}", "restart", f"unit{k}.service", "r", before="active/running")
+                c = Change(f"host{n}", Action.RESTART, f"unit{k}.service", "r", before="active/running")
                 step_id = j.step_started(run, c)
                 ids.append(step_id)
                 j.step_finished(step_id, "ok" if k % 5 else "failed", "" if k % 5 else "boom")
@@ -439,45 +454,47 @@ def record(j: Journal, change: Change, outcome: str = "ok", error: str = "") -> 
     (START_DEFAULT, "failed", LONG_ERROR,
      "on freud, started mastodon-sidekiq-default.service (was inactive/dead) — FAILED: health check GET "
      "http://10.0.0.3:3000/health failed: connection refused"),
-    (Change("franz", "prune", "mastodon-sidekiq.service", "r", before="active/running, enabled",
-            steps=("stop", "disable", "remove"), remove_files=("/etc/systemd/system/mastodon-sidekiq.service",)),
+    (Change("franz", Action.PRUNE, "mastodon-sidekiq.service", "r", before="active/running, enabled",
+            payload=PrunePayload(steps=("stop", "disable", "remove"),
+                                 remove_files=("/etc/systemd/system/mastodon-sidekiq.service",))),
      "ok", "", "on franz, stopped and disabled mastodon-sidekiq.service and removed its unit file "
      "(was active/running, enabled) — ok"),
-    (Change("franz", "prune", "mastodon-old.service", "r", before="inactive/dead, disabled", steps=("remove",)),
+    (Change("franz", Action.PRUNE, "mastodon-old.service", "r", before="inactive/dead, disabled",
+            payload=PrunePayload(steps=("remove",))),
      "ok", "", "on franz, removed the unit file of mastodon-old.service (was inactive/dead, disabled) — ok"),
-    (Change("nietzsche", "write-unit", "mastodon-web.service", "unit is not installed", "web", before="absent",
-            after="/etc/systemd/system/mastodon-web.service"),
+    (Change("nietzsche", Action.WRITE_UNIT, "mastodon-web.service", "unit is not installed", "web", before="absent",
+            after="/etc/systemd/system/mastodon-web.service", payload=UnitFilePayload("")),
      "ok", "", "on nietzsche, wrote unit file mastodon-web.service (new) — ok"),
-    (Change("fritz", "write-unit", "mastodon-web.service", "r", "web",
-            before="/lib/systemd/system/mastodon-web.service",
-            after="/etc/systemd/system/mastodon-web.service", remove_files=("/etc/systemd/system/x.d/a.conf",)),
+    (Change("fritz", Action.WRITE_UNIT, "mastodon-web.service", "r", "web",
+            before="/lib/systemd/system/mastodon-web.service", after="/etc/systemd/system/mastodon-web.service",
+            payload=UnitFilePayload("", remove_files=("/etc/systemd/system/x.d/a.conf",))),
      "ok", "", "on fritz, wrote unit file mastodon-web.service (was /lib/systemd/system/mastodon-web.service; "
      "removed 1 drop-in) — ok"),
-    (Change("fritz", "write-unit", "mastodon-web.service", "r", "web",
+    (Change("fritz", Action.WRITE_UNIT, "mastodon-web.service", "r", "web",
             before="/etc/systemd/system/mastodon-web.service",
-            after="/etc/systemd/system/mastodon-web.service"),
+            after="/etc/systemd/system/mastodon-web.service", payload=UnitFilePayload("")),
      "rolled-back", "restart failed", "on fritz, wrote unit file mastodon-web.service (changed) — rolled back: "
      "restart failed"),
-    (Change("fritz", "write-env", "/home/mastodon/live/.env.production", "file is missing", before="absent",
-            after="25 keys, mastodon:mastodon 0600", keys=(("S3_ENABLED", "set", "", "true"),)),
+    (Change("fritz", Action.WRITE_ENV, "/home/mastodon/live/.env.production", "file is missing", before="absent",
+            after="25 keys, mastodon:mastodon 0600", payload=env_payload(("S3_ENABLED", "set", "", "true"))),
      "ok", "", "on fritz, wrote /home/mastodon/live/.env.production (new file: 25 keys, mastodon:mastodon 0600) — ok"),
-    (Change("fritz", "write-env", "/e", "owner/mode", before="3 keys, root:root 0644", after="3 keys, root:root 0600"),
+    (Change("fritz", Action.WRITE_ENV, "/e", "owner/mode", before="3 keys, root:root 0644",
+            after="3 keys, root:root 0600", payload=env_payload()),
      "ok", "", "on fritz, wrote /e (was 3 keys, root:root 0644; now 3 keys, root:root 0600) — ok"),
-    (Change("fritz", "write-env", "/e", "r", before="9 keys", after="9 keys",
-            keys=tuple((f"K{i}", "set", "", str(i)) for i in range(8))
-            + (("DB_PASS", "change", mask("a"), mask("b")),)),
+    (Change("fritz", Action.WRITE_ENV, "/e", "r", before="9 keys", after="9 keys",
+            payload=env_payload(*((f"K{i}", "set", "", str(i)) for i in range(8)),
+                                ("DB_PASS", "change", mask("a"), mask("b")))),
      "ok", "", "on fritz, wrote /e (added K0: 0; added K1: 1; added K2: 2; added K3: 3; added K4: 4; added K5: 5; "
      "… and 3 more) — ok"),
-    (Change("fritz", "daemon-reload", "systemd", "unit files changed on this host"),
+    (Change("fritz", Action.DAEMON_RELOAD, "systemd", "unit files changed on this host"),
      "ok", "", "on fritz, reloaded systemd — ok"),
-    (Change("fritz", "enable", "mastodon-web.service", "r", before="disabled", after="enabled"),
+    (Change("fritz", Action.ENABLE, "mastodon-web.service", "r", before="disabled", after="enabled"),
      "ok", "", "on fritz, enabled mastodon-web.service (was disabled) — ok"),
-    (Change("fritz", "restart", "mastodon-web.service", "r", before="active/running, enabled, `-C config/puma.rb`"),
+    (Change("fritz", Action.RESTART, "mastodon-web.service", "r",
+            before="active/running, enabled, `-C config/puma.rb`"),
      "ok", "", "on fritz, restarted mastodon-web.service (was active/running, enabled, `-C config/puma.rb`) — ok"),
-    (Change("fritz", "stop", "mastodon-web.service", "r", before="active/running"),
-     "ok", "", "on fritz, stopped mastodon-web.service (was active/running) — ok"),
-    (Change("fritz", "disable", "mastodon-web.service", "r", before="enabled"),
-     "failed", "", "on fritz, disabled mastodon-web.service (was enabled) — FAILED"),
+    (Change("fritz", Action.ENABLE, "mastodon-web.service", "r", before="disabled"),
+     "failed", "", "on fritz, enabled mastodon-web.service (was disabled) — FAILED"),
 ], ids=lambda v: v.action if isinstance(v, Change) else None)
 def test_every_action_reads_as_a_past_tense_sentence(j: Journal, change: Change, outcome: str, error: str,
                                                       expected: str) -> None:
@@ -486,11 +503,16 @@ def test_every_action_reads_as_a_past_tense_sentence(j: Journal, change: Change,
 
 
 def test_every_known_action_has_its_own_past_tense_verb() -> None:
-    from fleet.diff import ACTIONS
-    for action in ACTIONS:
+    for action in Action:
         step = StepRecord(1, "r", f"h:{action}:t", "h", action, "t", None, "", "", "", {}, NOW, NOW, "ok", None)
         phrase = journal_module._what(step)
         assert not phrase.startswith(action + " "), phrase  # the fallback for an unknown action
+
+
+def test_a_step_of_an_action_this_fleet_does_not_know_still_reads() -> None:
+    step = StepRecord(1, "r", "h:stop:u.service", "h", "stop", "u.service", None, "", "active/running", "", {},
+                      NOW, NOW, "ok", None)
+    assert journal_module._what(step) == "stop u.service (was active/running)"
 
 
 def test_a_sentence_without_its_run_still_reads(j: Journal) -> None:

@@ -24,6 +24,7 @@ from observed import (
     converged,
     distro_unit,
     edited,
+    env_meta,
     example,
     fleets,
     set_env_secret,
@@ -168,7 +169,7 @@ def test_the_plan_never_holds_a_secret_value() -> None:
     everything = "\n".join(strings(json.loads(text)))
     for value in [*S.values(), "the-old-db-password"]:
         assert value not in text and value not in everything, value
-    masked = [k for c in plan.changes for k in c.keys if k[0] == "DB_PASS"]
+    masked = [k for c in plan.changes for k in c.fields()["keys"] if k[0] == "DB_PASS"]
     assert masked and all(k[3].startswith("(sensitive, sha256:") for k in masked)
 
 
@@ -258,6 +259,43 @@ def test_a_plan_with_a_damaged_meta_field_is_a_plan_file_error(meta: Any) -> Non
     doc = json.loads(plan_for(bare(example())).to_json())
     doc["changes"][0]["meta"] = meta
     with pytest.raises(PlanFileError):
+        plan_from_json(json.dumps(doc))
+
+
+def _renamed(doc: dict[str, Any], change: dict[str, Any], action: str) -> None:
+    """`change` now names `action`, its id, waves and deps following."""
+    old, change["action"] = change["id"], action
+    change["id"] = f"{change['host']}:{action}:{change['target']}"
+    doc["waves"] = [[change["id"] if x == old else x for x in w] for w in doc["waves"]]
+    for c in doc["changes"]:
+        c["deps"] = [change["id"] if x == old else x for x in c["deps"]]
+
+
+@pytest.mark.parametrize("action", ["stop", "disable", "reboot"])
+def test_a_plan_naming_an_action_fleet_does_not_have_is_malformed(action: str) -> None:
+    doc = json.loads(plan_for(drifted()).to_json())
+    _renamed(doc, next(c for c in doc["changes"] if c["action"] == "start"), action)
+    with pytest.raises(PlanFileError, match=f"change '[a-z]+:{action}:[^']+' is malformed"):
+        plan_from_json(json.dumps(doc))
+
+
+@pytest.mark.parametrize(("action", "field", "value"), [
+    ("write-unit", "keys", [["S3_ENABLED", "set", "", "true"]]),
+    ("write-unit", "steps", ["stop"]),
+    ("prune", "diff", "-ExecStart=/bin/true\n"),
+    ("restart", "remove_files", ["/etc/systemd/system/mastodon-web.service.d/x.conf"]),
+    ("daemon-reload", "content_hash", "0" * 64),
+    ("write-env", "meta", {"owner": "root", "group": "root", "mode": "0600"}),  # no name
+])
+def test_a_plan_whose_change_carries_a_field_its_action_never_has_is_malformed(action: str, field: str,
+                                                                                value: Any) -> None:
+    fleet = converged(example(), S)  # every host in view, so that the undeclared Sidekiq is pruned
+    doc = json.loads(plan_for(drifted() | {"nietzsche": fleet["nietzsche"],
+                                           "freud": env_meta(fleet["freud"], mode="0644")}).to_json())
+    plan_from_json(json.dumps(doc))  # as fleet wrote it: loads
+    change = next(c for c in doc["changes"] if c["action"] == action)
+    change[field] = value
+    with pytest.raises(PlanFileError, match=r"is malformed \((carries|its meta)"):
         plan_from_json(json.dumps(doc))
 
 
@@ -368,11 +406,12 @@ def test_the_postmortem_fleet_as_captured_on_the_lab_gets_a_plan_that_converges_
     franz = {c.action: c for c in plan.changes if c.host == "franz"}
     assert set(franz) == {"write-env", "write-unit", "restart", "prune", "daemon-reload"}
     assert franz["prune"].target == "mastodon-sidekiq.service"
-    assert franz["prune"].steps == ("stop", "disable", "remove")
-    assert franz["write-unit"].remove_files == ("/etc/systemd/system/mastodon-web.service.d/override.conf",)
-    assert "-Environment=PORT=3001" in franz["write-unit"].diff
+    assert franz["prune"].payload.steps == ("stop", "disable", "remove")
+    assert franz["write-unit"].payload.remove_files == ("/etc/systemd/system/mastodon-web.service.d/override.conf",)
+    assert "-Environment=PORT=3001" in franz["write-unit"].payload.diff
     env = franz["write-env"]
-    assert {("S3_ENABLED", "change", "FALSE", "true"), ("3_BUCKET", "remove", "hachyderm-media", "")} <= set(env.keys)
+    want = {("S3_ENABLED", "change", "FALSE", "true"), ("3_BUCKET", "remove", "hachyderm-media", "")}
+    assert want <= set(env.payload.keys)
     assert "1 line(s) are not KEY=value" in env.reason and "0644" in env.reason
     assert not any(c.host == "nietzsche" and "postgres" in c.target for c in plan.changes)
     text = plan.to_json()

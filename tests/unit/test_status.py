@@ -25,8 +25,11 @@ from observed import (
     without_unit,
 )
 
+from fleet import status as status_module
 from fleet.model import HostResult, HostState
+from fleet.render import _cell_text as cell_text
 from fleet.render import sidekiq_text, status_text
+from fleet.resources.base import Resource
 from fleet.status import (
     ABSENT,
     DRIFT,
@@ -283,3 +286,26 @@ def test_the_sidekiq_table_marks_undeclared_processes_and_has_no_empty_column_ot
     fleet["franz"] = with_unit(franz, undeclared_sidekiq())
     marked = sidekiq_text(build_status(desired, fleet))
     assert "franz      mastodon-sidekiq.service" in marked and "UNDECLARED" in marked
+
+
+class _Noting(Resource):
+    """A kind that has something to say about the web unit on fritz."""
+
+    kind = "test notes"
+
+    def notes(self, state: HostState, unit: str) -> list[str]:
+        return [f"seen by {self.kind}"] if (state.host, unit) == ("fritz", "mastodon-web.service") else []
+
+
+def test_what_a_kind_notes_about_a_unit_is_shown_in_its_cell_table_and_json(
+        fleet: dict[str, HostState], monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = status_text(status(fleet), now=0)
+    monkeypatch.setattr(status_module, "RESOURCES", (*status_module.RESOURCES, _Noting()))
+    report = status(fleet)
+    assert cell(report, "mastodon-web.service", "fritz").notes == ("seen by test notes",)
+    assert cell(report, "mastodon-web.service", "franz").notes == ()
+    assert cell(report, "mastodon-web.service", "fritz").status == OK  # a note is no drift
+    assert "active/running\nseen by test notes" in cell_text(cell(report, "mastodon-web.service", "fritz"))
+    assert "seen by test notes" in status_text(report, now=0) and "seen by test notes" not in plain
+    web = next(r for r in status_json(report)["services"] if r["unit"] == "mastodon-web.service")
+    assert web["cells"]["fritz"]["notes"] == ["seen by test notes"] and web["cells"]["franz"]["notes"] == []

@@ -204,7 +204,7 @@ def test_the_collector_reads_a_rendered_file_back_with_the_same_values_and_finge
         path = os.path.join(d, ".env.production")
         with open(path, "w", encoding="utf-8") as f:
             f.write(render_file(plain + secret, header="written by a test"))
-        script = build_script(CollectSpec(env_files=((path, tuple(k for k, _ in secret)),)))
+        script = build_script(CollectSpec(kinds=(("env", ((path, tuple(k for k, _ in secret)),)),)))
         out = subprocess.run(["sh", "-c", script], capture_output=True, timeout=30, check=False).stdout
     state = parse_host("local", out.decode("utf-8"))
     (env,) = state.env_files

@@ -1,0 +1,132 @@
+"""Undeclared units: a unit found by a discovery pattern on a host where nothing declares it is
+stopped, disabled and (when it is fleet's to remove) deleted — a prune.
+
+Make-before-break needs the whole fleet in view: with a host excluded (--limit) or not
+observed, the instance a prune would stop may be the only one left, so the prune becomes a
+note instead.  A pattern with `prune = false` and `--no-prune` do the same.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from typing import Any
+
+from fleet import remote
+from fleet.actions import PRUNE_STEPS, Action, Change, ObservedKind, Payload, Phase, PrunePayload
+from fleet.config import UNIT_NAME
+from fleet.errors import FleetError
+from fleet.model import Desired, DiscoveryPattern
+from fleet.resources.base import (
+    PLAIN,
+    ActionSpec,
+    Detail,
+    Execution,
+    HostDiff,
+    Resource,
+    StepView,
+    empty,
+    refuse_removals,
+    removal_problem,
+    report_refused,
+    texts,
+    was,
+)
+from fleet.units import describe_unit, instance_owner, refused_unit_files, removable_unit_file
+
+
+class UndeclaredUnits(Resource):
+    kind = "undeclared unit"
+    actions = {Action.PRUNE: ActionSpec(Phase.PRUNE, "-", "prune")}
+    explained = {Action.PRUNE: frozenset({ObservedKind.UNIT_DISAPPEARED, ObservedKind.UNIT_STATE,
+                                          ObservedKind.UNIT_ENABLEMENT})}
+
+    # -- diff
+
+    def diff_host(self, ctx: HostDiff) -> None:
+        desired, state, host = ctx.desired, ctx.state, ctx.host
+        declared_here = {s.unit for s in desired.services_on(host)}
+        for u in state.units:
+            if u.unit in declared_here or not u.exists or instance_owner(desired.services_on(host), u.unit) is not None:
+                continue
+            pattern = _matching_pattern(desired.discover, u.unit)
+            active = u.active_state in ("active", "activating", "reloading")
+            if pattern is None:
+                continue  # declared for another host, not matching discovery: not our business here
+            report_refused(ctx, u.unit, refused_unit_files(u.unit, (u.fragment_path, *u.drop_in_paths)))
+            ours = removable_unit_file(u.fragment_path, u.unit)
+            if not active and not u.enabled and not ours:
+                continue  # an installed, idle distro unit (postgresql on a non-db host): nothing to say
+            if not (pattern.prune and ctx.prune and ctx.whole):
+                why = (f"{pattern.pattern} has prune = false" if not pattern.prune
+                       else "pruning is off for this run (--no-prune)" if not ctx.prune
+                       else "not every host is in view (--limit or unreachable), so fleet cannot make sure "
+                            "it runs elsewhere before stopping it here")
+                ctx.notes.append(f"on {host}, {u.unit} is undeclared ({describe_unit(u)}); left alone: {why}")
+                continue
+            steps = [s for s, need in (("stop", active), ("disable", u.enabled and u.unit_file_state != "static"),
+                                       ("remove", ours)) if need]
+            if not steps:
+                continue
+            files = ((u.fragment_path,) if "remove" in steps else ()) + tuple(
+                p for p in u.drop_in_paths if removable_unit_file(p, u.unit))
+            ctx.add(Change(host, Action.PRUNE, u.unit,
+                           f"undeclared on {host} (matches {pattern.pattern}, prune = true)",
+                           _service_of(desired, u.unit), before=describe_unit(u),
+                           after="stopped, disabled" + (", unit file removed" if "remove" in steps else ""),
+                           payload=PrunePayload(steps=tuple(steps), remove_files=files if "remove" in steps else ())))
+
+    # -- plan file
+
+    def load(self, action: Action, fields: Mapping[str, Any]) -> Payload:
+        empty(fields, "diff", "keys", "content_hash", "meta")
+        return PrunePayload(steps=texts(fields, "steps"), remove_files=texts(fields, "remove_files"))
+
+    def problem(self, change: Change) -> str | None:
+        if not UNIT_NAME.fullmatch(change.target):
+            return f"unit name {change.target!r} is not one `fleet check` accepts"
+        p = _payload(change)
+        problem = removal_problem(p.remove_files, change.target)
+        if problem:
+            return problem
+        if any(s not in PRUNE_STEPS for s in p.steps) or len(set(p.steps)) != len(p.steps):
+            return f"steps {list(p.steps)!r} are not prune steps ({', '.join(PRUNE_STEPS)})"
+        return None
+
+    # -- apply
+
+    def execute(self, change: Change, step: Execution) -> None:
+        p = _payload(change)
+        refuse_removals(p.remove_files, change.target)
+        step.run(remote.prune(change.target, p.steps, p.remove_files, run_id=step.run_id), timeout=120)
+
+    # -- journal and plan text
+
+    def sentence(self, step: StepView) -> str:
+        """`stopped and disabled X and removed its unit file (was …)`."""
+        done = [str(s) for s in step.details.get("steps", ())]
+        verbs = [v for s, v in (("stop", "stopped"), ("disable", "disabled")) if s in done] or (
+            [] if "remove" in done else ["stopped", "disabled"])
+        t = step.target
+        if verbs:
+            phrase = f"{' and '.join(verbs)} {t}" + (" and removed its unit file" if "remove" in done else "")
+        else:
+            phrase = f"removed the unit file of {t}"
+        return phrase + was(step.before)
+
+    def details(self, change: Change) -> list[Detail]:
+        return [(PLAIN, f"was {change.before}; will be {change.after}")]
+
+
+def _payload(change: Change) -> PrunePayload:
+    if not isinstance(change.payload, PrunePayload):
+        raise FleetError(f"{change.id} carries no prune steps")  # only a Change built by hand lacks them
+    return change.payload
+
+
+def _matching_pattern(patterns: tuple[DiscoveryPattern, ...], unit: str) -> DiscoveryPattern | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(unit, p.pattern)), None)
+
+
+def _service_of(desired: Desired, unit: str) -> str | None:
+    return next((s.name for s in desired.services if s.unit == unit), None)

@@ -1,0 +1,132 @@
+"""Unit state: a declared unit enabled and running (enable, start, restart), behind a health gate.
+
+A declared unit that is not enabled is enabled; one that does not run is started (restarted
+when systemd has it active but not running); one that runs is restarted when an earlier
+resource rewrote its unit file or an env file it loads.  Every start and restart passes the
+health gate (fleet.remote.health_gate) or fails; a failed one rolls its service on that host
+back to the files it had before this run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fleet import remote
+from fleet.actions import Action, Change, ObservedKind, Phase
+from fleet.config import UNIT_NAME
+from fleet.errors import FleetError, TransportError
+from fleet.model import Desired, Service
+from fleet.resources.base import PLAIN, ActionSpec, AuditStep, Detail, Execution, HostDiff, Resource
+from fleet.units import describe_unit, unit_path
+
+_RUNS = (Action.START, Action.RESTART)
+# A failed start or restart rolled files back and stopped or restarted its unit: it explains file
+# and enablement changes only when it failed; the state change it made, either way.
+_ROLLED_BACK = frozenset({ObservedKind.UNIT_DISAPPEARED, ObservedKind.UNIT_TEXT, ObservedKind.UNIT_ENABLEMENT,
+                          ObservedKind.ENV_PRESENCE})
+
+
+class UnitStates(Resource):
+    kind = "unit state"
+    actions = {
+        Action.ENABLE: ActionSpec(Phase.ENABLE, "+", "change", past="enabled"),
+        Action.START: ActionSpec(Phase.RUN, "+", "start", past="started"),
+        Action.RESTART: ActionSpec(Phase.RUN, "↻", "restart", past="restarted", rolling=True),
+    }
+    explained = {
+        Action.ENABLE: frozenset({ObservedKind.UNIT_ENABLEMENT}),
+        Action.START: _ROLLED_BACK | {ObservedKind.UNIT_STATE},
+        Action.RESTART: _ROLLED_BACK | {ObservedKind.UNIT_STATE},
+    }
+    per_service = True
+
+    # -- diff
+
+    def diff_service(self, ctx: HostDiff, service: Service) -> None:
+        s, host = service, ctx.host
+        u = ctx.state.unit(s.unit)
+        if u is None or not u.exists or not u.enabled:
+            ctx.add(Change(host, Action.ENABLE, s.unit, "declared units start at boot", s.name,
+                           before=(u.unit_file_state or "absent") if u is not None else "absent", after="enabled"))
+        loads_changed = [p for p in (s.unit_spec.environment_files if s.unit_spec else ()) if p in ctx.written_paths]
+        running = u is not None and u.active_state == "active" and (u.sub_state == "running" or s.observe_only)
+        if not running:
+            was = describe_unit(u)
+            action = Action.RESTART if u is not None and u.active_state == "active" else Action.START
+            ctx.add(Change(host, action, s.unit, f"declared to run here; now {was}", s.name,
+                           before=was, after="active/running"))
+        elif s.unit in ctx.rewritten_units or loads_changed:
+            why = "its unit file changes" if s.unit in ctx.rewritten_units else f"{', '.join(loads_changed)} changes"
+            ctx.add(Change(host, Action.RESTART, s.unit, f"running, and {why}", s.name,
+                           before=describe_unit(u), after="active/running with the new configuration"))
+
+    def affects(self, change: Change, desired: Desired) -> Iterable[str]:
+        return (change.target,) if change.action == Action.ENABLE else ()  # enabled before it starts
+
+    # -- plan file
+
+    def problem(self, change: Change) -> str | None:
+        return None if UNIT_NAME.fullmatch(change.target) else \
+            f"unit name {change.target!r} is not one `fleet check` accepts"
+
+    # -- apply
+
+    def execute(self, change: Change, step: Execution) -> None:
+        if change.action == Action.ENABLE:
+            step.run(remote.systemctl("enable --quiet", change.target))
+            return
+        # reset-failed first: a unit that crash-looped earlier (this run's rollback, or by
+        # hand) would otherwise be refused by systemd's start limit for a while.
+        verb = "start" if change.action == Action.START else "restart"
+        step.run(remote.reset_failed(change.target) + remote.systemctl(verb, change.target),
+                 timeout=step.start_timeout + 30)
+        self._gate(change, step)
+
+    def _gate(self, change: Change, step: Execution) -> None:
+        check = step.service(change.service).health
+        budget = step.start_timeout + step.settle + (check.timeout if check else 0) + 30
+        out = step.run(remote.health_gate(change.target, check, settle=step.settle, start_timeout=step.start_timeout),
+                       timeout=budget)
+        if "@@gate ok" in out.splitlines():  # the marker line itself, not a log line quoting it
+            return
+        line = next((ln for ln in out.splitlines() if ln.startswith("@@gate fail")), "@@gate fail (no reason)")
+        step.detail = "\n".join(ln[2:] for ln in out.splitlines() if ln.startswith("| "))
+        raise FleetError(line[len("@@gate fail "):])
+
+    def rollback(self, change: Change, step: Execution) -> str:
+        """Put the failed service on this host back to its previous unit/env content."""
+        if change.action not in _RUNS:
+            return ""
+        svc = step.desired.service(change.service or "")
+        if svc is None:
+            return ""
+        unit_file = unit_path(svc.unit)
+        mine = [p for p in step.written() if p == unit_file or p.startswith(unit_file + ".d/")
+                or (svc.unit_spec is not None and p in svc.unit_spec.environment_files)]
+        was_running = change.before.startswith("active")
+        try:
+            if not was_running:  # stop first: a crash-looping new unit must not restart meanwhile
+                step.run_unchecked(remote.systemctl("stop", svc.unit) + remote.reset_failed(svc.unit),
+                                   timeout=step.start_timeout + 30)
+            for path in mine:
+                step.run_unchecked(remote.restore_file(path, run_id=step.run_id), timeout=60)
+            if mine:
+                step.run_unchecked(remote.systemctl("daemon-reload"), timeout=60)
+            if was_running:
+                step.run_unchecked(remote.systemctl("restart", svc.unit), timeout=step.start_timeout + 30)
+        except TransportError as e:
+            return f"rollback on {change.host} failed: {e.message}"
+        restored = ", ".join(mine) if mine else "nothing written"
+        return (f"rolled back {svc.unit} on {change.host}: restored {restored}; "
+                + ("restarted it" if was_running else "stopped it (it was not running before)"))
+
+    # -- plan text and audit
+
+    def details(self, change: Change) -> list[Detail]:
+        return [(PLAIN, f"was {change.before}")] if change.before else []
+
+    def explains(self, step: AuditStep, kind: ObservedKind, key: str) -> bool:
+        if not super().explains(step, kind, key):
+            return False
+        return not (step.action in _RUNS and kind in _ROLLED_BACK and step.outcome != "failed")
+

@@ -1,0 +1,106 @@
+"""The shape issue 13 gave the code, held by tests: actions are compared only inside the kinds
+of resource that own them, every action has exactly one owner, and the layers import downwards
+(the renderer does not load the executor; the journal and the audit do not load the diff;
+the core does not load the lab).
+
+Read from the syntax tree of fleet/, so a comment or a string does not count."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleet.actions import Action
+from fleet.resources.base import Resource
+from fleet.resources.registry import BY_ACTION, RESOURCES
+
+REPO = Path(__file__).resolve().parents[2]
+FLEET = REPO / "fleet"
+OWNERS = {"fleet/actions.py"}  # the vocabulary itself; and everything under fleet/resources/
+
+
+def _outside_resources() -> list[Path]:
+    return [p for p in FLEET.rglob("*.py") if p.relative_to(REPO).as_posix() not in OWNERS
+            and "resources" not in p.relative_to(FLEET).parts]
+
+
+def _action_dispatch(path: Path) -> list[str]:
+    """Where `path` names an action member (Action.START) or compares something with an action
+    (`x.action == …`, `action in (…)`, or with one of the actions' own strings)."""
+    values = {a.value for a in Action}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "Action"
+                and node.attr.isupper()):
+            found.append(f"{where}: Action.{node.attr}")
+        elif isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            names = {o.attr if isinstance(o, ast.Attribute) else o.id if isinstance(o, ast.Name) else None
+                     for o in operands}
+            strings = {c.value for o in operands for c in ast.walk(o) if isinstance(c, ast.Constant)}
+            if "action" in names or strings & values:
+                found.append(f"{where}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_code_outside_the_resources_switches_on_an_action() -> None:
+    assert [hit for p in _outside_resources() for hit in _action_dispatch(p)] == []
+
+
+def test_the_dispatch_check_sees_a_switch_on_an_action(tmp_path: Path) -> None:
+    """The probe above finds what it looks for."""
+    probe = FLEET / "resources" / "unit_state.py"  # the one place such a switch belongs
+    assert any("Action.START" in hit for hit in _action_dispatch(probe))
+    assert any(".action" in hit for hit in _action_dispatch(probe))
+
+
+def test_every_action_has_exactly_one_resource() -> None:
+    owners = [a for r in RESOURCES for a in r.actions]
+    assert sorted(owners) == sorted(Action) and set(BY_ACTION) == set(Action)
+    assert all(isinstance(r, Resource) and r.kind for r in RESOURCES)
+    assert len({r.kind for r in RESOURCES}) == len(RESOURCES)
+    sections = [r.section for r in RESOURCES if r.section]
+    assert len(set(sections)) == len(sections)
+    assert not {"facts", "units", "hashes", "text", "fleet", "end", "file", "truncated"} & set(sections)
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:  # statements at module level only
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize(("module", "must_not"), [
+    ("render", "fleet.apply"),
+    ("journal", "fleet.diff"),
+    ("audit", "fleet.diff"),
+    ("targets", "fleet.lab"),
+    ("results", "fleet.apply"),
+])
+def test_a_layer_does_not_import_the_one_above_it(module: str, must_not: str) -> None:
+    imported = _module_level_imports(FLEET / f"{module}.py")
+    assert not {n for n in imported if n == must_not or n.startswith(must_not + ".")}
+
+
+@pytest.mark.parametrize(("module", "never"), [
+    ("fleet.render", ("fleet.apply", "fleet.transport.ssh", "fleet.lab")),
+    ("fleet.targets", ("fleet.lab",)),
+    ("fleet.journal", ("fleet.diff", "fleet.apply")),
+    ("fleet.audit", ("fleet.diff", "fleet.apply")),
+])
+def test_importing_a_module_loads_nothing_above_it(module: str, never: tuple[str, ...]) -> None:
+    probe = f"import sys, {module}\nprint(*sorted(m for m in sys.modules if m.startswith('fleet')))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          check=True, stdin=subprocess.DEVNULL)
+    loaded = set(done.stdout.split())
+    assert module in loaded
+    assert not {m for m in loaded for n in never if m == n or m.startswith(n + ".")}
