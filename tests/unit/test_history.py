@@ -59,8 +59,9 @@ def _env(host: str, path: str, reason: str, keys: tuple[tuple[str, str, str, str
 T0 = 1_795_000_000.25  # 2026-11-18
 HOST = "franz"
 ENV = "/home/mastodon/live/.env.production"
-WRITE_ENV = _env(HOST, ENV, "2 key(s) differ", (("S3_ENABLED", "change", "FALSE", "true"),
-                                                   ("3_BUCKET", "remove", "files", "")), before="24 keys", after="23 keys")
+WRITE_ENV = _env(HOST, ENV, "2 key(s) differ",
+                 (("S3_ENABLED", "change", "FALSE", "true"), ("3_BUCKET", "remove", "files", "")),
+                 before="24 keys", after="23 keys")
 START = Change(HOST, Action.START, "mastodon-web.service", "declared to run here", "web", before="inactive/dead",
                after="active/running")
 

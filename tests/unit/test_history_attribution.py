@@ -47,6 +47,9 @@ def records(*steps: tuple[Change, str | None], at: float = T0 + 60, run: str = A
     return [parse_record(line) for line in lines]
 
 
+RESTART_WEB = Change("fritz", Action.RESTART, WEB, "r")
+
+
 def write_env(keys: tuple[str, ...]) -> Change:
     return Change("fritz", Action.WRITE_ENV, ENV_PATH, "keys differ",
                   payload=EnvFilePayload(keys=tuple(KeyChange(k, "change", "a", "b") for k in keys), content_hash="",
@@ -70,13 +73,13 @@ def test_a_fresh_checkout_credits_another_checkouts_change_to_its_run_and_who_ra
 
 def test_a_step_killed_mid_way_still_explains_what_it_may_have_done() -> None:
     changes = fritz_changes(lambda s: stopped(s, WEB))
-    (a,) = attribute_with_history(changes, host_steps(records((Change("fritz", Action.RESTART, WEB, "r"), None))), T0, T1)
+    (a,) = attribute_with_history(changes, host_steps(records((RESTART_WEB, None))), T0, T1)
     assert a.credit is not None and a.credit.run_id == A_RUN
 
 
 def test_a_step_outside_the_window_or_on_another_host_explains_nothing() -> None:
     changes = fritz_changes(lambda s: stopped(s, WEB))
-    late = attribute_with_history(changes, host_steps(records((Change("fritz", Action.RESTART, WEB, "r"), "ok"),
+    late = attribute_with_history(changes, host_steps(records((RESTART_WEB, "ok"),
                                                               at=T1 + 1)), T0, T1)
     elsewhere = attribute_with_history(changes, host_steps(records((Change("franz", Action.RESTART, WEB, "r"), "ok"))),
                                        T0, T1)
@@ -84,7 +87,7 @@ def test_a_step_outside_the_window_or_on_another_host_explains_nothing() -> None
 
 
 def test_a_record_whose_chain_is_broken_still_credits_but_says_so() -> None:
-    recs = records((Change("fritz", Action.RESTART, WEB, "r"), "ok"))
+    recs = records((RESTART_WEB, "ok"))
     lines = [r.line for r in recs]
     lines[0] = lines[0].replace('"reason":"r"', '"reason":"x"')
     checked, breaks = verify(lines, host="fritz")
@@ -97,7 +100,7 @@ def test_a_record_whose_chain_is_broken_still_credits_but_says_so() -> None:
 def test_the_journals_own_steps_and_the_hosts_records_are_one_source() -> None:
     changes = fritz_changes(lambda s: disabled(stopped(s, WEB), WEB))
     local = [JournalStep("local-run", "fritz", "enable", WEB, T0 + 10, "ok")]
-    got = attribute_with_history(changes, host_steps(records((Change("fritz", Action.RESTART, WEB, "r"), "ok"))), T0, T1,
+    got = attribute_with_history(changes, host_steps(records((RESTART_WEB, "ok"))), T0, T1,
                                  local_steps=local, local_operators={"local-run": "bob@desk"})
     by_kind = {a.change.kind: a for a in got}
     assert by_kind["unit-state"].credit is not None and by_kind["unit-state"].credit.run_id == A_RUN
@@ -110,7 +113,7 @@ def test_the_journals_own_steps_and_the_hosts_records_are_one_source() -> None:
 def test_a_run_the_journal_and_the_host_both_know_is_described_from_the_host_with_its_commit() -> None:
     changes = fritz_changes(lambda s: stopped(s, WEB))
     local = [JournalStep(A_RUN, "fritz", "stop", WEB, T0 + 60, "ok")]
-    (a,) = attribute_with_history(changes, host_steps(records((Change("fritz", Action.RESTART, WEB, "r"), "ok"))), T0, T1,
+    (a,) = attribute_with_history(changes, host_steps(records((RESTART_WEB, "ok"))), T0, T1,
                                   local_steps=local, local_operators={A_RUN: "alice@laptop"})
     assert a.credit is not None and a.credit.source == "host" and a.credit.commit == COMMIT
 
@@ -130,7 +133,8 @@ def test_history_credits_exactly_what_the_journal_would(action: str, outcome: st
         if action == Action.WRITE_ENV else None
     recs = records((Change("fritz", action, WEB, "r", payload=payload), outcome))
     hs: list[HostStep] = host_steps(recs)
-    assert [journal_step(s) for s in hs] == [JournalStep(A_RUN, "fritz", action, WEB, T0 + 60, outcome, ("K",) if payload else ())]
+    keys_seen = ("K",) if payload else ()
+    assert [journal_step(s) for s in hs] == [JournalStep(A_RUN, "fritz", action, WEB, T0 + 60, outcome, keys_seen)]
     expected = attribute(changes, [journal_step(s) for s in hs], {A_RUN: "x"}, T0, T1)
     got = attribute_with_history(changes, hs, T0, T1)
     assert [a.change.run_id for a in got] == [c.run_id for c in expected]
