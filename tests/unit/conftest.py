@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from redis_server import redis  # noqa: F401  (a throwaway redis-server on loopback, module-scoped)
 from sshd_server import sshd  # noqa: F401  (a throwaway OpenSSH server on loopback, module-scoped)
 
 from fleet import config, policy
