@@ -657,7 +657,10 @@ def decode_token(token: str | None) -> str:
     """The text a quoted, escaped redis-cli --csv token stands for (UTF-8); ValueError otherwise."""
     if token is None or len(token) < 2 or token[0] != '"' or token[-1] != '"':
         raise ValueError("a value that is not a string")
-    raw = token[1:-1].encode("ascii")  # redis-cli escapes every other byte: UnicodeEncodeError is a ValueError
+    try:
+        raw = token[1:-1].encode("ascii")
+    except UnicodeEncodeError:  # redis-cli escapes every byte that is not printable ASCII
+        raise ValueError("text that is not ASCII, as redis-cli never prints it") from None
     if b"\\" in _ESCAPE.sub(b"", raw):
         raise ValueError("an unknown escape sequence")
 
