@@ -65,6 +65,21 @@ def test_a_captured_fleet_with_a_backlog_reads_exactly() -> None:
                for q in view.queues if q.name not in ("mailers", "pull"))
 
 
+def test_the_captured_lab_shows_the_stand_ins_as_declared() -> None:
+    view = parse(body("lab-converged.txt"))
+    assert view.target is not None and view.target.describe() == (
+        "redis://nietzsche.hachyderm.internal:6379/0 (from REDIS_HOST)") and view.target.auth
+    assert view.complete and not view.stale and view.queues == ()
+    got = sorted((p.hostname, p.concurrency, p.queues) for p in view.processes)
+    assert got == [("freud", 20, (("push", 6), ("pull", 4), ("fasp", 1))),
+                   ("freud", 25, (("default", 8), ("ingress", 6), ("mailers", 2))),
+                   ("nietzsche", 5, (("scheduler", 1),)),
+                   ("nietzsche", 20, (("push", 6), ("pull", 4), ("fasp", 1)))]
+    for p in view.processes:
+        assert p.identity == f"{p.hostname}:{p.pid}:{p.identity[-12:]}" and p.version == "7.3.9" and p.tag == "live"
+        assert 0 <= view.redis_time - p.beat < 60 and not p.quiet and p.rss > 0
+
+
 def test_a_captured_truncated_read_says_so() -> None:
     view = parse(body("truncated-view.txt"))
     assert not view.complete and view.processes_total == 4 and len(view.processes) + len(view.stale) == 2
