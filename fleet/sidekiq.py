@@ -268,7 +268,9 @@ def section_script(env_path: str, *, max_processes: int = MAX_PROCESSES, max_que
     break a line or pass for a section header.
     """
     q = shlex.quote
-    n_p, n_q = int(max_processes), int(max_queues)
+    # Smaller bounds are for tests; larger ones would print what parse_section refuses.
+    n_p, n_q = min(int(max_processes), MAX_PROCESSES), min(int(max_queues), MAX_QUEUES)
+    max_line, max_name = min(int(max_line), MAX_LINE), min(int(max_name), MAX_NAME)
     # PING last: its answer is never empty, so no reply is lost to $(…) dropping trailing blank lines.
     first = f"TIME\\nSCARD processes\\nSRANDMEMBER processes {n_p}\\nSCARD queues\\nSRANDMEMBER queues {n_q}\\nPING\\n"
     return f"""echo '@@{SECTION}'
