@@ -107,6 +107,41 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX snapshots_taken ON snapshots(taken)",
     ),
+    (  # the hosts' history, collected: a cache (fleet/history_cache.py, docs/journal.md)
+        """CREATE TABLE host_records (
+            host TEXT NOT NULL,
+            hash TEXT NOT NULL,              -- sha256 of the line and its newline (the next record's prev)
+            seq INTEGER NOT NULL,
+            prev TEXT NOT NULL,
+            kind TEXT NOT NULL,              -- step | outcome
+            run_id TEXT NOT NULL,
+            change_id TEXT NOT NULL,
+            time REAL NOT NULL,              -- step: started; outcome: ended (UNIX seconds)
+            outcome TEXT,                    -- outcome records: ok | failed | skipped | rolled-back
+            verified INTEGER NOT NULL,       -- 1: both its chain links held when it was collected
+            line TEXT NOT NULL,              -- the record exactly as the host holds it (masked already)
+            collected REAL NOT NULL,
+            PRIMARY KEY (host, hash)
+        )""",
+        "CREATE INDEX host_records_run ON host_records(run_id)",
+        "CREATE INDEX host_records_time ON host_records(time)",
+        """CREATE TABLE host_history (
+            host TEXT PRIMARY KEY,
+            seq INTEGER,                     -- the last record collected (fleet.history.LastSeen); NULL: none
+            hash TEXT,
+            digest TEXT,
+            collected REAL NOT NULL,         -- when the host's history was last read
+            lock_held INTEGER,               -- its apply lock, seen after that read; NULL: not known
+            lock_run TEXT
+        )""",
+        """CREATE TABLE host_breaks (
+            host TEXT NOT NULL,
+            after INTEGER NOT NULL,          -- the last intact record before the break
+            detail TEXT NOT NULL,
+            found REAL NOT NULL,             -- when a collection first saw it
+            PRIMARY KEY (host, after, detail)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

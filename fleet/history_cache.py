@@ -1,0 +1,282 @@
+"""The hosts' history records, collected into the local journal: a cache any checkout can rebuild.
+
+Each host keeps the record of what fleet did to it (fleet/history.py).  A collection reads the
+part this checkout has not seen yet; `HistoryCache.merge` stores it in three tables of the
+journal (schema version 3): `host_records` (every record, its exact line, keyed by host and
+line hash — so merging the same read twice, or the same record from two reads, stores it once),
+`host_history` (per host: the last record read, for the next read, and the host's apply lock as
+seen then) and `host_breaks` (every broken chain ever found, kept: a hand edit stays a finding
+after the next clean read).  Records are never deleted or rewritten: an edited record on the
+host arrives as a new line (a new hash) next to the original, which the cache still holds.
+
+`host_steps` joins step records with their outcome records and says what an unanswered step
+is (the "interrupted" rule below); `merged_log` gives `fleet log` the journal's own steps plus
+every step known only from the hosts, in the journal's `StepRecord`/`RunRecord` shapes.
+
+When a step record has no outcome record (the rule, applied at read time, never stored):
+* it is **interrupted** once its run is known to be over on that host — the local journal
+  says the run ended; or a later record on the same host belongs to another run (a run
+  appends only while it holds the host's apply lock, so another run appending means this
+  run's lock was released or broken); or, at the last collection, the host's lock was free
+  or held by another run (the lock is looked at after the records are read, so the run had
+  appended this record and no longer held the host);
+* otherwise it is **running**: its run may still hold the host (the lock was held by it, by a
+  holder not naming a run yet, or was never seen).
+An outcome record arriving later always wins: nothing is decided for good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from fleet.history import Break, HistoryRead, HistoryRecord, LastSeen, parse_record
+from fleet.journal import Journal, RunRecord, StepRecord
+
+RUNNING = "running"
+INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class LockSeen:
+    """A host's apply lock as the last collection saw it."""
+
+    held: bool | None  # None: not known
+    run_id: str  # the holder's run id; "" when free, unknown, or not named yet
+    collected: float
+
+
+@dataclass(frozen=True)
+class Merged:
+    host: str
+    added: int  # records new to this checkout
+    already: int  # records it held already
+    new_breaks: tuple[Break, ...]  # breaks not found before
+
+
+@dataclass(frozen=True)
+class KnownBreak:
+    brk: Break
+    found: float
+
+
+@dataclass(frozen=True)
+class HostStep:
+    """A step as a host's history tells it: the intent, its outcome record if any, and its state."""
+
+    record: HistoryRecord
+    outcome_record: HistoryRecord | None
+    state: str  # the outcome (ok | failed | skipped | rolled-back), or running | interrupted
+
+    @property
+    def outcome(self) -> str | None:
+        """What attribution and the journal's shapes take: None while unanswered."""
+        return self.outcome_record.outcome if self.outcome_record is not None else None
+
+
+class HistoryCache:
+    """The hosts' history held in a journal.  Thread-safe as the journal is (its lock)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    # -- what the next read needs -----------------------------------------------------------------
+
+    def last_seen(self, host: str) -> LastSeen | None:
+        with self.journal._writing("read the hosts' history") as conn:  # the journal's one connection and lock
+            row = conn.execute("SELECT seq, hash, digest FROM host_history WHERE host = ?", (host,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return LastSeen(int(row[0]), str(row[1]), str(row[2] or ""))
+
+    def known(self, host: str) -> dict[int, str]:
+        """seq → hash of the record first collected with that number (the copy to compare with)."""
+        with self.journal._writing("read the hosts' history") as conn:
+            rows = conn.execute("SELECT seq, hash FROM host_records WHERE host = ? AND verified = 1 "
+                                "ORDER BY collected DESC, seq DESC", (host,)).fetchall()
+        return {int(seq): str(h) for seq, h in rows}  # the earliest collected wins: it comes last
+
+    # -- merging ------------------------------------------------------------------------------------
+
+    def merge(self, read: HistoryRead, *, now: float | None = None) -> Merged:
+        """Store what one read of `read.host` learnt, in one transaction; idempotent."""
+        at = time.time() if now is None else now
+        added = 0
+        new_breaks: list[Break] = []
+        with self.journal._writing(f"store the history of {read.host}") as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for r in read.records:
+                    t = r.started if r.kind == "step" else r.ended
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO host_records (host, hash, seq, prev, kind, run_id, change_id, time,"
+                        " outcome, verified, line, collected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (read.host, r.hash, r.seq, r.prev, r.kind, r.run_id, r.change_id, t, r.outcome,
+                         int(r.verified), r.line, at))
+                    added += cur.rowcount
+                for b in read.breaks:
+                    cur = conn.execute("INSERT OR IGNORE INTO host_breaks (host, after, detail, found) "
+                                       "VALUES (?, ?, ?, ?)", (read.host, b.after, b.detail, at))
+                    if cur.rowcount:
+                        new_breaks.append(b)
+                last = read.last_seen
+                conn.execute(
+                    "INSERT INTO host_history (host, seq, hash, digest, collected, lock_held, lock_run)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(host) DO UPDATE SET seq = excluded.seq,"
+                    " hash = excluded.hash, digest = excluded.digest, collected = excluded.collected,"
+                    " lock_held = excluded.lock_held, lock_run = excluded.lock_run",
+                    (read.host, last.seq if last else None, last.hash if last else None,
+                     last.digest if last else None, at, None if read.lock_held is None else int(read.lock_held),
+                     read.lock_run))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return Merged(read.host, added, len(read.records) - added, tuple(new_breaks))
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def records(self, *, host: str | None = None, run_id: str | None = None) -> list[HistoryRecord]:
+        """Every collected record (hosts by name, then in each host's order); one per step and kind:
+        when a host's file was edited, the copy first collected (verified) is the one kept."""
+        clauses, args = [], []
+        if host is not None:
+            clauses.append("host = ?")
+            args.append(host)
+        if run_id is not None:
+            clauses.append("run_id = ?")
+            args.append(run_id)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self.journal._writing("read the hosts' history") as conn:
+            rows = conn.execute(f"SELECT line, verified FROM host_records{where} "
+                                "ORDER BY host, verified DESC, collected, seq", args).fetchall()
+        chosen: dict[tuple[str, str, str, str], HistoryRecord] = {}
+        for line, verified in rows:
+            try:
+                r = parse_record(str(line))
+            except ValueError:  # a hand-edited cache row: it was a record when stored
+                continue
+            key = (r.host, r.run_id, r.change_id, r.kind)
+            if key not in chosen:
+                chosen[key] = r if verified else dataclasses.replace(r, verified=False)
+        return sorted(chosen.values(), key=lambda r: (r.host, r.seq))
+
+    def breaks(self, host: str | None = None) -> list[KnownBreak]:
+        where, args = ("WHERE host = ?", (host,)) if host is not None else ("", ())
+        with self.journal._writing("read the hosts' history") as conn:
+            rows = conn.execute(f"SELECT host, after, detail, found FROM host_breaks {where} "
+                                "ORDER BY host, after, found", args).fetchall()
+        return [KnownBreak(Break(str(h), int(a), str(d)), float(f)) for h, a, d, f in rows]
+
+    def locks(self) -> dict[str, LockSeen]:
+        with self.journal._writing("read the hosts' history") as conn:
+            rows = conn.execute("SELECT host, lock_held, lock_run, collected FROM host_history").fetchall()
+        return {str(h): LockSeen(None if held is None else bool(held), str(run or ""), float(c))
+                for h, held, run, c in rows}
+
+
+# --------------------------------------------------------------------------- steps and their state
+
+
+def host_steps(records: Iterable[HistoryRecord], *, locks: Mapping[str, LockSeen] | None = None,
+               ended_runs: Collection[str] = ()) -> list[HostStep]:
+    """Step records joined with their outcome records, each with its state (module docstring)."""
+    locks = locks or {}
+    by_host: dict[str, list[HistoryRecord]] = {}
+    for r in records:
+        by_host.setdefault(r.host, []).append(r)
+    out: list[HostStep] = []
+    for host, recs in by_host.items():
+        recs.sort(key=lambda r: r.seq)
+        outcomes = {(r.run_id, r.change_id): r for r in recs if r.kind == "outcome"}
+        last_other: dict[str, int] = {}  # run id -> the highest seq of a record of ANOTHER run
+        top_by_run: dict[str, int] = {}
+        for r in recs:
+            top_by_run[r.run_id] = max(top_by_run.get(r.run_id, 0), r.seq)
+        lock = locks.get(host)
+        for r in recs:
+            if r.kind != "step":
+                continue
+            done = outcomes.get((r.run_id, r.change_id))
+            if done is not None:
+                out.append(HostStep(r, done, str(done.outcome)))
+                continue
+            if r.run_id not in last_other:
+                last_other[r.run_id] = max((s for run, s in top_by_run.items() if run != r.run_id), default=0)
+            over = (r.run_id in ended_runs or last_other[r.run_id] > r.seq
+                    or (lock is not None and lock.held is False)
+                    or (lock is not None and lock.held is True and lock.run_id not in ("", r.run_id)))
+            out.append(HostStep(r, None, INTERRUPTED if over else RUNNING))
+    out.sort(key=lambda s: (s.record.started or 0.0, s.record.host, s.record.seq))
+    return out
+
+
+# --------------------------------------------------------------------------- `fleet log` from both
+
+
+def merged_log(journal: Journal, cache: HistoryCache, *, host: str | None = None, since: float | None = None,
+               run_id: str | None = None) -> tuple[list[StepRecord], list[RunRecord]]:
+    """The journal's steps and every step known only from the hosts' history, in the journal's
+    shapes (for `fleet.journal.sentence` and `log_json`), in the order they started.
+
+    A step both knows (this checkout's own runs) is shown once, from the journal — with the
+    host's outcome when the journal has none (this checkout died after the host recorded it)."""
+    local = journal.steps(host=host, since=since, run_id=run_id)
+    runs = {r.id: r for r in journal.runs()}
+    ended = {r.id for r in runs.values() if r.ended is not None}
+    found = host_steps(cache.records(host=host, run_id=run_id), locks=cache.locks(), ended_runs=ended)
+    by_key = {(s.run_id, s.change_id): i for i, s in enumerate(local)}
+    steps = list(local)
+    only_hosts: dict[str, list[HostStep]] = {}
+    for hs in found:
+        r = hs.record
+        key = (r.run_id, r.change_id)
+        if key in by_key:
+            i = by_key[key]
+            if steps[i].outcome is None and hs.outcome_record is not None:
+                o = hs.outcome_record
+                steps[i] = dataclasses.replace(steps[i], outcome=o.outcome, ended=o.ended, error=o.error or None)
+            continue
+        if since is not None and (r.started is None or r.started < since):
+            continue
+        steps.append(as_step_record(hs))
+        only_hosts.setdefault(r.run_id, []).append(hs)
+    for rid, hss in only_hosts.items():
+        if rid not in runs:
+            runs[rid] = as_run_record(rid, hss)
+    steps.sort(key=lambda s: (s.started if s.started is not None else 0.0, s.host, s.id))
+    wanted = {s.run_id for s in steps}
+    return steps, [r for r in sorted(runs.values(), key=lambda r: (r.started, r.id)) if r.id in wanted]
+
+
+def as_step_record(hs: HostStep) -> StepRecord:
+    """A host-only step in the journal's shape (id 0: it has no row in this journal)."""
+    r, o = hs.record, hs.outcome_record
+    return StepRecord(id=0, run_id=r.run_id, change_id=r.change_id, host=r.host, action=r.action, target=r.target,
+                      service=r.service, reason=r.reason, before=r.before, after=r.after, details=dict(r.details),
+                      started=r.started, ended=o.ended if o else None, outcome=o.outcome if o else None,
+                      error=(o.error or None) if o else None)
+
+
+def as_run_record(run_id: str, steps: Sequence[HostStep]) -> RunRecord:
+    """A run this checkout did not make, as its hosts' records describe it."""
+    first = min(steps, key=lambda s: s.record.started or 0.0).record
+    states = {s.state for s in steps}
+    if INTERRUPTED in states:
+        outcome: str | None = INTERRUPTED
+    elif RUNNING in states:
+        outcome = None
+    elif states & {"failed", "rolled-back"}:
+        outcome = "failed"
+    else:
+        outcome = "ok"
+    ends = [s.outcome_record.ended for s in steps if s.outcome_record is not None and s.outcome_record.ended]
+    commit = ""
+    if first.commit:
+        commit = f"; desired state at git {first.commit[:12]}" + (" (dirty)" if first.dirty else "")
+    return RunRecord(id=run_id, operator=first.who or "(unknown operator)", started=first.started or 0.0,
+                     ended=max(ends) if ends and outcome is not None else None, plan_id=first.plan_id, plan_hash="",
+                     desired_hash=first.desired_hash, fleet=first.fleet, lab=first.lab, outcome=outcome,
+                     summary=f"known from the hosts' history{commit}")
