@@ -289,6 +289,9 @@ def desired_hash(desired: Desired) -> str:
     data.pop("hosts_dir", None)
     for h in data["hosts"]:
         h.pop("source", None)
+    for s in data["services"]:
+        if s.get("store") is None:  # declared nothing of a data store: hashed as before `store` existed,
+            s.pop("store", None)  # so saved plans of fleets that do not use it stay valid
     return sha256_hex(json.dumps(data, sort_keys=True, default=str))
 
 
