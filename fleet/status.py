@@ -13,6 +13,7 @@ from typing import Any
 
 from fleet.model import SIDEKIQ_QUEUES, Desired, Finding, HostError, HostResult, HostState, Service, UnitState
 from fleet.policy import SidekiqProcess, check_queues
+from fleet.resources.base import Problem
 from fleet.resources.registry import RESOURCES
 from fleet.textutil import sha256_hex
 from fleet.units import instance_owner, render_unit, unit_file_differs
@@ -34,6 +35,7 @@ class Cell:
     detail: str = ""  # why it is drift: "disabled", "ExecStart differs" …
     unit: UnitState | None = None
     notes: tuple[str, ...] = ()  # what kinds of resource observed about the unit: "has drop-ins …"
+    problems: tuple[Problem, ...] = ()  # what kinds of resource found wrong with the service here (in detail too)
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,10 @@ def _declared_cell(s: Service, host: str, result: HostResult, declared_on: froze
         problems.append("ExecStart differs")
     elif s.unit_spec is not None and unit_file_differs(s, u, content_hash):
         problems.append("unit file differs")
-    return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u)
+    # What the kinds find behind the unit: a failed Postgres cluster under an active/exited parent.
+    found = tuple(p for r in RESOURCES for p in r.problems(result, s))
+    problems += [p.message for p in found]
+    return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u, problems=found)
 
 
 def _noted(cell: Cell, result: HostResult, unit: str) -> Cell:
@@ -224,6 +229,7 @@ def status_json(report: StatusReport) -> dict[str, Any]:
             cells[c.host] = {
                 "status": c.status, "state": c.state, "detail": c.detail,
                 "declared": c.host in row.declared_hosts, "notes": list(c.notes),
+                "problems": [{"code": p.code, "message": p.message, "hint": p.hint} for p in c.problems],
                 "unit": None if u is None else {
                     "load_state": u.load_state, "active_state": u.active_state, "sub_state": u.sub_state,
                     "unit_file_state": u.unit_file_state, "exec_start": list(u.exec_start), "main_pid": u.main_pid,
