@@ -127,6 +127,27 @@ DEFECTS = [
            "env.secret-in-clear", "env_files.mastodon.values.DB_PASS", "written in clear in the repository"),
     Defect("secret-written-as-its-source", ((DESIRED, 'DB_PASS = "file"', 'DB_PASS = "hunter2"'),),
            "env.bad-secret-source", "env_files.mastodon.sensitive.DB_PASS", "must say where the secret comes from"),
+    Defect("db-host-where-no-postgres-runs",
+           ((DESIRED, 'unit = "postgresql.service"\nhosts = ["nietzsche"]',
+             'unit = "postgresql.service"\nhosts = ["freud"]'),
+            (DESIRED, 'DB_HOST = "nietzsche.hachyderm.internal"', 'DB_HOST = "nietzsche"')),
+           "store.setting-nowhere", "env_files.mastodon.values.DB_HOST",
+           "points at nietzsche, where no postgres (or pgbouncer) service is declared; postgres is declared on freud"),
+    Defect("redis-host-outside-the-inventory",
+           ((DESIRED, 'REDIS_HOST = "nietzsche.hachyderm.internal"', 'REDIS_HOST = "redis.hachyderm.internal"'),),
+           "store.setting-nowhere", "env_files.mastodon.values.REDIS_HOST",
+           "points at redis.hachyderm.internal, which is no host of the inventory; redis is declared on nietzsche"),
+    Defect("pgbouncer-port-without-pgbouncer", ((DESIRED, 'DB_PORT = "5432"', 'DB_PORT = "6432"'),),
+           "store.setting-port", "env_files.mastodon.values.DB_HOST", "and no pgbouncer service is declared"),
+    Defect("pgbouncer-with-prepared-statements", ((DESIRED, 'DB_PORT = "5432"', 'DB_PORT = "6432"'),),
+           "store.pgbouncer-prepared-statements", "env_files.mastodon.values.DB_HOST",
+           'set PREPARED_STATEMENTS = "false"',
+           append='[services.pgbouncer]\nkind = "pgbouncer"\nunit = "pgbouncer.service"\nhosts = ["nietzsche"]\n'
+                  'observe_only = true\n'),
+    Defect("data-store-role-misspelled",
+           ((DESIRED, 'health = { tcp = 5432, timeout = 15 }',
+             'health = { tcp = 5432, timeout = 15 }\nrole = "primry"'),),
+           "config.bad-value", "services.postgres.role", "did you mean primary?"),
 ]
 
 
