@@ -421,9 +421,23 @@ def _is_local(name: str) -> bool:
 
 
 def _resolve(desired: Desired, name: str) -> tuple[str, ...]:
-    """The inventory hosts whose name or address a setting's host part is."""
+    """The inventory hosts a setting's host part names: those whose inventory name or address it is,
+    else — settings name hosts by DNS while inventories often hold IP addresses or ssh aliases — the
+    host whose inventory name is its first label (`nietzsche.hachyderm.internal` is nietzsche)."""
     norm = _address(name.strip().strip("[]"))
-    return tuple(h.name for h in desired.hosts if h.name.lower() == norm or _address(h.address) == norm)
+    exact = tuple(h.name for h in desired.hosts if h.name.lower() == norm or _address(h.address) == norm)
+    if exact or "." not in norm or _is_ip(norm):
+        return exact
+    first = norm.split(".", 1)[0]
+    return tuple(h.name for h in desired.hosts if h.name.lower() == first)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _address(address: str) -> str:

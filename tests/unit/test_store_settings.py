@@ -56,6 +56,18 @@ def test_a_setting_matches_a_host_by_inventory_name_or_any_spelling_of_its_addre
     assert store_findings(example) == []
 
 
+def test_a_dns_name_whose_first_label_is_an_inventory_name_is_that_host(example: FleetDir) -> None:
+    """Inventories often hold IP addresses or ssh aliases while .env.production names hosts by DNS."""
+    example.edit('address = "nietzsche.hachyderm.internal"', 'address = "10.0.0.7"', file="hosts/nietzsche.toml")
+    assert store_findings(example) == []  # nietzsche.hachyderm.internal is nietzsche
+    example.edit(REDIS_HOST, 'REDIS_HOST = "freud.hachyderm.internal"')
+    (f,) = store_findings(example)
+    assert f.message.startswith("REDIS_HOST = 'freud.hachyderm.internal' points at freud, where no redis")
+    example.edit('REDIS_HOST = "freud.hachyderm.internal"', 'REDIS_HOST = "10.0.0.8"')
+    (f,) = store_findings(example)  # an address is never read as a name
+    assert "points at 10.0.0.8, which is no host of the inventory" in f.message
+
+
 def test_a_setting_pointing_outside_the_inventory_is_an_error_only_when_fleet_declares_that_store(
         example: FleetDir) -> None:
     example.edit(REDIS_HOST, 'REDIS_HOST = "redis.elsewhere.example"')
