@@ -1,21 +1,31 @@
-"""Mastodon's documented env keys (fleet/data/mastodon_env_keys.txt).
+"""Mastodon's documented env keys (fleet/data/mastodon_env_keys.txt) and the near-miss rule over them.
 
 The list is data taken from Mastodon's configuration reference: these tests pin its size, its source
-and the keys operators asked for.
+and the keys operators asked for.  The rule (`policy.near_miss`, `policy.check_env_keys`): a key one
+slip from a known key (two from a long one) is an error with a did-you-mean, any other unknown key a
+warning, a known key nothing.  The properties check the rule in both directions against an
+independent enumeration of every single-edit neighbour of every known key.
 """
 
 from __future__ import annotations
 
 import re
+import string
 from importlib import resources
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
+from fleet import policy
 from fleet.envfile import key_problem
 from fleet.mastodon import DOCUMENTED_ENV_KEYS, ENV_KEYS_DATA, KNOWN_ENV_KEYS, S3_KEYS, looks_secret, parse_env_key_list
+from fleet.textutil import edit_distance
 
 DATA = resources.files("fleet").joinpath(ENV_KEYS_DATA).read_text(encoding="utf-8")
+KEY_CHARS = string.ascii_letters + string.digits + "_"
 KNOWN = sorted(KNOWN_ENV_KEYS)
+LONG = [k for k in KNOWN if len(k) >= policy.LONG_KEY]
 
 
 # ------------------------------------------------------------------ the list
@@ -52,8 +62,8 @@ def test_names_the_reference_does_not_document_as_settings_are_not_in_the_list(k
     assert key not in DOCUMENTED_ENV_KEYS
 
 
-def test_every_listed_key_is_a_valid_env_name() -> None:
-    assert [k for k in KNOWN if key_problem(k)] == []
+def test_every_listed_key_is_a_valid_env_name_long_enough_to_have_near_misses() -> None:
+    assert [k for k in KNOWN if key_problem(k) or len(k) < policy.SHORT_KEY] == []
 
 
 def test_the_s3_keys_fleet_relies_on_are_documented() -> None:
@@ -72,3 +82,116 @@ def test_every_documented_secret_is_treated_as_one() -> None:
 def test_comments_and_blank_lines_are_not_keys() -> None:
     assert parse_env_key_list("# head\n\nA_KEY\nB_KEY   # removed in 4.5.0\n  # indented comment\n") == (
         "A_KEY", "B_KEY")
+
+
+# ------------------------------------------------------------------ the rule, by example
+
+
+def one(key: str, extra: tuple[str, ...] = ()) -> tuple[str, str, str]:
+    (f,) = policy.check_env_keys([("d.toml", f"env_files.m.values.{key}", key, "")], extra)
+    return f.severity, f.code, f.hint
+
+
+@pytest.mark.parametrize("typo", ["3_BUCKET", "S3_BUCKE", "S3BUCKET", "S3_BUKCET", "S3_BUCKETT", "s3_bucket"])
+def test_a_slip_of_S3_BUCKET_is_an_error_that_names_it(typo: str) -> None:  # noqa: N802 - the key's name
+    assert one(typo) == ("error", "env.near-miss",
+                         "did you mean S3_BUCKET? if it is intentional, list it in policy.env.extra_keys")
+
+
+@pytest.mark.parametrize("key", [
+    "MY_OWN_SETTING",
+    "FASP_ENABLED",  # two edits from CAS_ENABLED, which is too short for two
+    "SMTP_HOST",  # two from SMTP_PORT
+    "OTEL_SERVICE_NAME",  # a prefix of OTEL_SERVICE_NAME_PREFIX, seven edits away
+    "REDIS_DB", "AZURE_ENABLED", "DB_SSLROOTCERT", "RAILS_LOG_TO_STDOUT", "OIDC_ENABLED",
+])
+def test_a_key_far_from_every_known_key_is_only_a_warning(key: str) -> None:
+    assert one(key) == ("warning", "env.unknown-key", "if it is intentional, list it in policy.env.extra_keys")
+
+
+def test_two_slips_in_a_long_key_are_still_a_near_miss_but_not_in_a_shorter_one() -> None:
+    assert one("MASTODON_PROMETHEUS_EXPORTR_ENABLD")[:2] == ("error", "env.near-miss")
+    assert "MASTODON_PROMETHEUS_EXPORTER_ENABLED?" in one("MASTODON_PROMETHEUS_EXPORTR_ENABLD")[2]
+    assert one("SIDEKQ_REDIS_UL")[:2] == ("warning", "env.unknown-key")  # SIDEKIQ_REDIS_URL: 17 chars
+
+
+def test_the_closest_known_key_is_suggested() -> None:
+    # one edit from SMTP_TLS, two from SMTP_SSL
+    assert policy.near_miss("SMTP_TLX", KNOWN_ENV_KEYS) == "SMTP_TLS"
+
+
+def test_extra_keys_silence_both_and_are_near_miss_targets_themselves() -> None:
+    assert policy.check_env_keys([("d", "k", "3_BUCKET", ""), ("d", "k", "MY_OWN_SETTING", "")],
+                                 extra_keys=["3_BUCKET", "MY_OWN_SETTING"]) == []
+    assert one("MY_OWN_SETING", ("MY_OWN_SETTING",))[:2] == ("error", "env.near-miss")
+    assert one("TZZ", ("TZ",))[:2] == ("warning", "env.unknown-key")  # too short to have near misses
+
+
+def test_runtime_keys_of_the_stock_units_are_known() -> None:
+    assert policy.check_env_keys([("d", "k", k, "") for k in ("MALLOC_ARENA_MAX", "LD_PRELOAD")]) == []
+
+
+# ------------------------------------------------------------------ the rule, as properties
+
+
+def single_edits(key: str) -> set[str]:
+    """Every string one deletion, insertion, substitution or adjacent transposition away from `key`,
+    over the characters env names use, letter case folded (the rule ignores case)."""
+    k = key.lower()
+    chars = string.ascii_lowercase + string.digits + "_"
+    out = {k[:i] + k[i + 1:] for i in range(len(k))}
+    out |= {k[:i] + k[i + 1] + k[i] + k[i + 2:] for i in range(len(k) - 1)}
+    out |= {k[:i] + c + k[i + 1:] for i in range(len(k)) for c in chars}
+    out |= {k[:i] + c + k[i:] for i in range(len(k) + 1) for c in chars}
+    return out | {k}
+
+
+# Built once at import (≈0.4 s): inside the first example it would count against hypothesis's deadline.
+ONE_SLIP_FROM_A_KNOWN_KEY = frozenset(s for k in KNOWN for s in single_edits(k))
+
+
+def edit(key: str, op: int, at: int, char: str) -> str:
+    i = at % (len(key) + 1)
+    if op == 0:
+        return key[:i] + key[i + 1:]
+    if op == 1:
+        return key[:i] + char + key[i:]
+    if op == 2:
+        return key[:i] + char + key[i + 1:]
+    return key[:i] + key[i + 1:i + 2] + key[i:i + 1] + key[i + 2:]
+
+
+EDITS = st.tuples(st.integers(0, 3), st.integers(0, 60), st.sampled_from(KEY_CHARS))
+
+
+def test_no_known_key_is_ever_flagged() -> None:
+    assert policy.check_env_keys([("d", k, k, "h") for k in KNOWN]) == []
+
+
+@given(key=st.sampled_from(KNOWN), slip=EDITS)
+def test_every_single_slip_of_a_known_key_that_is_not_itself_known_is_an_error(
+        key: str, slip: tuple[int, int, str]) -> None:
+    typo = edit(key, *slip)
+    assume(typo not in KNOWN_ENV_KEYS and typo)
+    ((severity, code, hint),) = [(f.severity, f.code, f.hint) for f in policy.check_env_keys([("d", "k", typo, "")])]
+    assert (severity, code) == ("error", "env.near-miss")
+    meant = re.fullmatch(r"did you mean (\S+)\? if it is intentional, list it in policy.env.extra_keys", hint)
+    assert meant and meant.group(1) in KNOWN_ENV_KEYS and edit_distance(typo, meant.group(1)) <= 1
+
+
+@given(key=st.sampled_from(LONG), first=EDITS, second=EDITS)
+def test_every_two_slips_of_a_long_known_key_are_an_error(
+        key: str, first: tuple[int, int, str], second: tuple[int, int, str]) -> None:
+    typo = edit(edit(key, *first), *second)
+    assume(typo not in KNOWN_ENV_KEYS)
+    assert [f.code for f in policy.check_env_keys([("d", "k", typo, "")])] == ["env.near-miss"]
+
+
+@given(key=st.one_of(
+    st.text(KEY_CHARS, min_size=1, max_size=30),
+    st.builds(lambda k, a, b: edit(edit(k, *a), *b), st.sampled_from(KNOWN), EDITS, EDITS)))
+def test_a_key_is_a_near_miss_exactly_when_one_slip_from_a_known_key_or_two_from_a_long_one(key: str) -> None:
+    assume(key and key not in KNOWN_ENV_KEYS)
+    expected = key.lower() in ONE_SLIP_FROM_A_KNOWN_KEY or any(edit_distance(key, k) <= 2 for k in LONG)
+    (f,) = policy.check_env_keys([("d", "k", key, "")])
+    assert (f.severity, f.code) == (("error", "env.near-miss") if expected else ("warning", "env.unknown-key"))
