@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from fleet.mastodon import BOOLEAN_KEYS, KNOWN_ENV_KEYS, looks_secret
 from fleet.model import SIDEKIQ_QUEUES, Desired, Finding, Kind, Service
-from fleet.textutil import did_you_mean, edit_distance
+from fleet.textutil import damerau_levenshtein, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def check_placement(desired: Desired, placements: Iterable[tuple[str, Kind, str,
 
 
 # A near miss is one slip from a known key: a character dropped, added or changed, or two neighbours
-# swapped, letter case ignored (edit_distance ≤ 1); two slips from a key of LONG_KEY characters or
+# swapped, letter case ignored (Damerau-Levenshtein distance ≤ 1); two slips from a key of LONG_KEY characters or
 # more.  Below that length two edits join distinct documented settings (CAS_ENABLED/PAM_ENABLED,
 # DB_HOST/ES_PORT, SMTP_SSL/SMTP_TLS), so a key two edits away is as likely someone's own as a typo;
 # from LONG_KEY on, the documented keys within two edits of each other are only HOST/PORT siblings.
@@ -105,7 +105,7 @@ def near_miss(key: str, known: Iterable[str]) -> str | None:
         limit = 2 if len(cand) >= LONG_KEY else 1 if len(cand) >= SHORT_KEY else -1
         if abs(len(cand) - len(key)) > limit:
             continue  # the distance is at least the difference in length: skip the computation
-        d = edit_distance(key, cand)
+        d = damerau_levenshtein(key, cand)
         if d <= limit and (best is None or (d, cand) < best):
             best = (d, cand)
     return best[1] if best else None
