@@ -141,6 +141,23 @@ def test_runtime_keys_of_the_stock_units_are_known() -> None:
     assert policy.check_env_keys([("d", "k", k, "") for k in ("MALLOC_ARENA_MAX", "LD_PRELOAD")]) == []
 
 
+def test_audit_judges_the_keys_of_observed_env_files_by_the_same_rule() -> None:
+    from observed import set_env_value
+    from watch_scenarios import baseline, desired, host
+
+    from fleet.audit import build_audit
+
+    observed = baseline()
+    franz = host(observed, "franz")
+    for key in ("3_BUCKET", "MY_OWN_SETTING", "REDIS_SENTINELS"):
+        franz = set_env_value(franz, key, "x")
+    observed["franz"] = franz
+    found = {(f.severity, f.code, f.host, f.hint.split("?")[0]) for f in build_audit(desired(), observed).findings
+             if f.code.startswith("env.")}
+    assert found == {("error", "env.near-miss", "franz", "did you mean S3_BUCKET"),
+                     ("warning", "env.unknown-key", "franz", "if it is intentional, list it in policy.env.extra_keys")}
+
+
 # ------------------------------------------------------------------ the rule, as properties
 
 
