@@ -32,6 +32,33 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
+def damerau_levenshtein(a: str, b: str) -> int:
+    """The fewest insertions, deletions, substitutions and adjacent transpositions that turn `a`
+    into `b`, letter case ignored.  Unlike `edit_distance` (optimal string alignment) a later edit
+    may touch what an earlier one produced: `ACTIVE` → `ATIVE` → `TAIVE` is 2 here, 3 there, which
+    matters when "two slips" is the rule.  (Lowrance–Wagner.)"""
+    a, b = a.lower(), b.lower()
+    big = len(a) + len(b)
+    # d[i + 1][j + 1]: the distance between a[:i] and b[:j]; row and column 0 hold `big` as a sentinel
+    d = [[big] * (len(b) + 2) for _ in range(len(a) + 2)]
+    for i in range(len(a) + 1):
+        d[i + 1][1] = i
+    for j in range(len(b) + 1):
+        d[1][j + 1] = j
+    last_row: dict[str, int] = {}  # the last row of `a` (1-based) holding each character
+    for i in range(1, len(a) + 1):
+        last_col = 0  # the last column of `b` in this row whose character matched a[i - 1]
+        for j in range(1, len(b) + 1):
+            k, col = last_row.get(b[j - 1], 0), last_col
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            if cost == 0:
+                last_col = j
+            d[i + 1][j + 1] = min(d[i][j] + cost, d[i + 1][j] + 1, d[i][j + 1] + 1,
+                                  d[k][col] + (i - k - 1) + 1 + (j - col - 1))
+        last_row[a[i - 1]] = i
+    return d[len(a) + 1][len(b) + 1]
+
+
 def suggest(word: str, candidates: Iterable[str]) -> str | None:
     """The closest candidate, if it is close enough to be a plausible typo."""
     best: tuple[int, str] | None = None
