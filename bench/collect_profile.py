@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     import fleet.cli  # noqa: F401 - the import is what is measured
     from fleet import config
     from fleet.collect import collector
-    from fleet.status import build_status, status_json
+    from fleet.output.json import status_json
+    from fleet.status import build_status
     from fleet.targets import resolve
     from fleet.transport import ssh as transport
 

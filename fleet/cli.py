@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets as random_source
 import stat
@@ -28,14 +27,21 @@ from fleet.apply import (
 from fleet.audit import JournalStep, ObservedChange, attribute, build_audit, changes_between
 from fleet.collect.collector import collect
 from fleet.errors import FleetError, TransportError
-from fleet.journal import Journal, SnapshotRecord, journal_path, log_json, operator, parse_since, sentence
+from fleet.journal import (
+    Journal,
+    SnapshotRecord,
+    journal_path,
+    operator,
+    parse_since,
+    sentence,
+    sentence_without_time,
+)
 from fleet.model import Desired, Finding, HostResult, HostState
-from fleet.plan import Plan, build_plan, first_difference, plan_from_json
-from fleet.render import (
+from fleet.output import json as json_out
+from fleet.output.markdown import audit_markdown
+from fleet.output.text import (
     apply_summary,
     apply_text,
-    audit_json,
-    audit_markdown,
     audit_text,
     findings_summary,
     findings_text,
@@ -44,9 +50,10 @@ from fleet.render import (
     table,
     use_color,
 )
+from fleet.plan import Plan, build_plan, first_difference, plan_from_json
 from fleet.secrets import ensure_lab_secrets, load_secrets
 from fleet.snapshot import host_summary, pack, unpack
-from fleet.status import build_status, status_json
+from fleet.status import build_status
 from fleet.targets import Targets, resolve
 from fleet.textutil import positive_int_option, printable, seconds_option, sha256_hex
 from fleet.transport.protocol import Transport
@@ -71,7 +78,7 @@ files:
 
 def say(text: str = "", *, err: bool = False) -> None:
     """Print fleet's own words with data in them (names, paths, what a host said), escaped like
-    everything render.py makes: a control character from a file or a host is shown, not obeyed."""
+    everything fleet/output/text.py makes: a control character from a file or a host is shown, not obeyed."""
     print(printable(text), file=sys.stderr if err else sys.stdout, flush=err)
 
 
@@ -261,9 +268,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     loaded, findings = load_checked(args)
     errors = [f for f in findings if f.is_error]
     if args.json:
-        json.dump({"ok": not errors, "errors": len(errors), "warnings": len(findings) - len(errors),
-                   "findings": [f.as_dict() for f in findings]}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_out.dumps(json_out.check_json(findings)))
     else:
         if findings:
             print(findings_text(findings, color=use_color(sys.stdout.isatty())))
@@ -337,8 +342,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         results = observe(args, desired, targets, transport)
     report = build_status(replace(desired, hosts=targets.hosts), results)
     if args.json:
-        json.dump(status_json(report), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_out.dumps(json_out.status_json(report)))
     else:
         sys.stdout.write(status_text(report))
     return EXIT_ERROR if report.unreachable else EXIT_OK
@@ -395,7 +399,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.out:
         write_private_file(Path(args.out), plan.to_json(), "the plan")
     if args.json:
-        sys.stdout.write(plan.to_json())
+        sys.stdout.write(json_out.dumps(json_out.plan_json(plan)))
     else:
         sys.stdout.write(plan_text(plan, color=use_color(sys.stdout.isatty())))
         if args.out:
@@ -405,7 +409,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     plan = plan_from_json(_read(Path(args.plan_file)), args.plan_file)
-    sys.stdout.write(plan.to_json() if args.json else plan_text(plan, color=use_color(sys.stdout.isatty())))
+    if args.json:
+        sys.stdout.write(json_out.dumps(json_out.plan_json(plan)))
+    else:
+        sys.stdout.write(plan_text(plan, color=use_color(sys.stdout.isatty())))
     return _plan_exit(plan)
 
 
@@ -649,8 +656,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         steps = journal.steps(host=args.host, since=since)
         runs = journal.runs()
     if args.json:
-        json.dump(log_json(steps, runs), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_out.dumps(json_out.log_json(steps, runs)))
     else:
         by_id = {r.id: r for r in runs}
         for step in steps:
@@ -685,7 +691,7 @@ def _changes_since(journal: Journal, base: SnapshotRecord, new: dict[str, HostRe
                         [JournalStep(x.run_id, x.host, x.action, x.target, x.started, x.outcome,
                                      tuple(k[0] for k in x.keys)) for x in steps],
                         {rid: r.operator for rid, r in runs.items()}, base.taken, until)
-    timeline = [(x.started or x.ended or base.taken, sentence(x, runs.get(x.run_id))[20:]) for x in steps]
+    timeline = [(x.started or x.ended or base.taken, sentence_without_time(x, runs.get(x.run_id))) for x in steps]
     timeline += [(until, f"{c.what} — changed outside fleet (between {base.id} and now)")
                  for c in changes if not c.run_id]
     return changes, sorted(timeline, key=lambda t: t[0])
@@ -709,8 +715,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(base.taken))
         report.since = f"snapshot {base.id} ({base.command}, {taken})"
     if args.format == "json":
-        json.dump(audit_json(report), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_out.dumps(json_out.audit_json(report)))
     elif args.format == "md":
         sys.stdout.write(audit_markdown(report))
     else:
@@ -726,10 +731,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     with Journal.open(path) as journal:
         snaps = journal.snapshots(since=parse_since(args.since) if args.since else None)
     if args.json:
-        json.dump([{"id": x.id, "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x.taken)),
-                    "operator": x.operator, "command": x.command, "fleet": x.fleet, "lab": x.lab, "hosts": x.hosts}
-                   for x in snaps], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_out.dumps(json_out.history_json(snaps)))
         return EXIT_OK
     rows = [[x.id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x.taken)), x.operator, x.command,
              x.fleet + (" (lab)" if x.lab else ""),
@@ -759,9 +761,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     with Journal.open(path) as journal:
         changes, _ = _changes_since(journal, a, new, until)
     if args.json:
-        json.dump([{"host": c.host, "target": c.target, "change": c.what, "attribution": c.attribution,
-                    "run_id": c.run_id or None} for c in changes], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_out.dumps(json_out.diff_json(changes)))
     else:
         say(f"Changes from {a.id} to {args.snap_b}:" if changes else f"No changes from {a.id} to {args.snap_b}.")
         for c in changes:

@@ -37,7 +37,8 @@ from fleet.history_cache import (
     host_steps,
     merged_log,
 )
-from fleet.journal import SCHEMA_VERSION, Journal, journal_path, log_json, sentence
+from fleet.journal import SCHEMA_VERSION, Journal, journal_path, sentence
+from fleet.output.json import log_json
 from fleet.textutil import mask
 
 T0 = 1_795_000_000.0

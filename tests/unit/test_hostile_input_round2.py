@@ -393,7 +393,8 @@ def _hostile_observation() -> tuple[Any, dict[str, Any]]:
 
 def test_status_audit_and_markdown_escape_what_hosts_report() -> None:
     from fleet.audit import build_audit
-    from fleet.render import audit_markdown, audit_text, status_text
+    from fleet.output.markdown import audit_markdown
+    from fleet.output.text import audit_text, status_text
     from fleet.status import build_status
 
     desired, fleet = _hostile_observation()
@@ -408,7 +409,7 @@ def test_apply_output_escapes_what_a_host_answered() -> None:
     from observed import example
 
     from fleet.actions import Action, Change
-    from fleet.render import apply_text
+    from fleet.output.text import apply_text
     from fleet.results import ApplyResult, StepOutcome
 
     c = Change("fritz", Action.START, "mastodon-web.service", "x", "web")

@@ -33,12 +33,12 @@ from fleet.journal import (
     RunRecord,
     StepRecord,
     journal_path,
-    log_json,
     operator,
     parse_since,
     scrub,
     sentence,
 )
+from fleet.output.json import log_json
 from fleet.textutil import mask
 
 NOW = datetime(2026, 11, 28, 14, 3, 7, tzinfo=UTC).timestamp()

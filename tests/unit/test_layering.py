@@ -80,7 +80,9 @@ def _module_level_imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize(("module", "must_not"), [
-    ("render", "fleet.apply"),
+    ("output/text", "fleet.apply"),
+    ("output/json", "fleet.apply"),
+    ("output/markdown", "fleet.apply"),
     ("journal", "fleet.diff"),
     ("audit", "fleet.diff"),
     ("targets", "fleet.lab"),
@@ -92,7 +94,7 @@ def test_a_layer_does_not_import_the_one_above_it(module: str, must_not: str) ->
 
 
 @pytest.mark.parametrize(("module", "never"), [
-    ("fleet.render", ("fleet.apply", "fleet.transport.ssh", "fleet.lab")),
+    ("fleet.output.text", ("fleet.apply", "fleet.transport.ssh", "fleet.lab")),
     ("fleet.targets", ("fleet.lab",)),
     ("fleet.journal", ("fleet.diff", "fleet.apply")),
     ("fleet.audit", ("fleet.diff", "fleet.apply")),
