@@ -20,10 +20,13 @@ from fleet.resources.registry import BY_ACTION, SPECS
 from fleet.textutil import printable
 
 if TYPE_CHECKING:
-    from fleet.audit import AuditReport
+    from fleet.audit import AuditReport, ObservedChange
+    from fleet.journal import RunRecord, SnapshotRecord, StepRecord
+    from fleet.model import Desired
     from fleet.plan import Plan
     from fleet.results import ApplyResult
     from fleet.status import Cell, StatusReport
+    from fleet.workflows.lock import LockReport
 
 # Every string shown to a person goes through `printable` (fleet.textutil) before it is shown:
 # names, states, messages and file contents come from files and hosts, and a control character
@@ -80,6 +83,17 @@ def findings_summary(findings: Sequence[Finding]) -> str:
     errors = sum(f.is_error for f in findings)
     warnings = len(findings) - errors
     return f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+
+
+def check_text(desired: Desired | None, findings: Sequence[Finding], *, color: bool = False) -> str:
+    """`fleet check`: every finding, then what was checked, or that the check failed."""
+    out = [findings_text(findings, color=color), ""] if findings else []
+    if desired is not None and not any(f.is_error for f in findings):
+        out.append(printable(f"{desired.name}: {len(desired.hosts)} hosts, {len(desired.services)} services, "
+                             f"{len(desired.env_files)} env files — {findings_summary(findings)}"))
+    else:
+        out.append(f"check failed: {findings_summary(findings)}")
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------- status
@@ -315,3 +329,34 @@ def drift_line(report: AuditReport) -> str:
     d = report.drift
     return (f"Drift: {d.count('managed')} managed and matching, {d.count('changed')} changed, "
             f"{d.count('missing')} missing, {d.count('unmanaged')} unmanaged — coverage {d.coverage:.0%}")
+
+
+def diff_text(a: str, b: str, changes: Sequence[ObservedChange]) -> str:
+    """`fleet diff A B`: each change in words, with who made it."""
+    out = [printable(f"Changes from {a} to {b}:" if changes else f"No changes from {a} to {b}.")]
+    out += [one_line(f"  • {c.what} — {c.attribution}") for c in changes]
+    return "\n".join(out) + "\n"
+
+
+def history_text(snapshots: Sequence[SnapshotRecord]) -> str:
+    """`fleet history`: the kept observations, oldest first."""
+    rows = [[x.id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x.taken)), x.operator, x.command,
+             x.fleet + (" (lab)" if x.lab else ""),
+             ", ".join(h if v == "ok" else f"{h}: {v}" for h, v in sorted(x.hosts.items()))] for x in snapshots]
+    return table(rows, ["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"]) + "\n"
+
+
+# ---------------------------------------------------------------- journal and locks
+
+
+def log_text(steps: Sequence[StepRecord], runs: Sequence[RunRecord]) -> str:
+    """`fleet log`: one sentence per step, oldest first."""
+    from fleet.journal import sentence
+
+    by_id = {r.id: r for r in runs}
+    return "".join(one_line(sentence(step, by_id.get(step.run_id))) + "\n" for step in steps)
+
+
+def lock_text(report: LockReport) -> str:
+    """`fleet lock status|break`: each host's lock and who holds it."""
+    return table([[r.host, r.lock, r.holder] for r in report.rows], ["HOST", "LOCK", "HOLDER"]) + "\n"

@@ -24,7 +24,10 @@ import pytest
 
 from fleet import cli
 from fleet.errors import FleetError
+from fleet.output import text as text_output
 from fleet.secrets import load_secrets
+from fleet.workflows import observe as observing
+from fleet.workflows.observe import Observation
 
 FleetDir = Any  # conftest.FleetDir
 DESIRED = "desired_state.toml"
@@ -359,7 +362,7 @@ def test_fleet_show_escapes_control_characters_from_the_plan_file(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, color: bool) -> None:
     import re
 
-    monkeypatch.setattr(cli, "use_color", lambda isatty: color)
+    monkeypatch.setattr(text_output, "use_color", lambda isatty: color)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(_hostile_plan_doc()))
     code, out, err = run(capsys, "show", path)
@@ -479,8 +482,8 @@ def no_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*a: Any, **kw: Any) -> Any:
         raise Contacted("a host was contacted")
 
-    monkeypatch.setattr(cli, "open_transport", refuse)
-    monkeypatch.setattr(cli, "observe", refuse)
+    monkeypatch.setattr(observing, "open_transport", refuse)
+    monkeypatch.setattr(observing, "observe", refuse)
 
 
 def one_line_error(err: str) -> str:
@@ -566,16 +569,15 @@ def test_a_plan_that_cannot_be_written_at_the_end_is_a_clean_error(
         def __exit__(self, *exc: object) -> None:
             return None
 
-    def observe(args: Any, desired: Any, targets: Any, transport: Any) -> Any:
-        args.snapshot_id = ""
-        return bare(example_desired())
+    def observe(*a: Any, **kw: Any) -> Observation:
+        return Observation(dict(bare(example_desired())), "")
 
     def full_disk(*a: Any, **kw: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "open_transport", lambda args, targets: Nothing())
-    monkeypatch.setattr(cli, "observe", observe)
-    monkeypatch.setattr(cli.os, "replace", full_disk)
+    monkeypatch.setattr(observing, "open_transport", lambda *a: Nothing())
+    monkeypatch.setattr(observing, "observe", observe)
+    monkeypatch.setattr(os, "replace", full_disk)
     out_path = tmp_path / "p.json"
     code, out, err = run(capsys, "--dir", example.root, "plan", "--secrets", secrets, "-o", out_path)
     assert code == 1

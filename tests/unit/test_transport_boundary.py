@@ -65,4 +65,4 @@ def test_paramiko_is_imported_by_the_ssh_transport_alone() -> None:
 
 
 def test_the_ssh_transport_is_imported_only_where_a_connection_is_opened() -> None:
-    assert importers_of("fleet.transport.ssh") == {"fleet/cli.py"}
+    assert importers_of("fleet.transport.ssh") == {"fleet/workflows/observe.py"}
