@@ -207,6 +207,7 @@ def _add_lock(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("lock_action", choices=("status", "break"))
     _host_options(p)
     p.add_argument("--yes", action="store_true", help="break without asking")
+    p.add_argument("--json", action="store_true", help="with status: machine-readable locks (docs/apply.md)")
 
 
 def _add_log(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -394,12 +395,20 @@ def _run_apply(args: argparse.Namespace) -> int:
 
 
 def _run_lock(args: argparse.Namespace) -> int:
-    from fleet.output.text import lock_text
     from fleet.workflows.lock import LockOptions, lock
 
-    options = LockOptions(_common(args), _scope(args), breaking=args.lock_action == "break", yes=args.yes)
-    report = lock(options, TerminalReporter())
-    _write(lock_text(report))
+    breaking = args.lock_action == "break"
+    if breaking and args.json:
+        raise FleetError("`fleet lock break` prints no JSON", hint="see the locks with `fleet lock status --json`")
+    report = lock(LockOptions(_common(args), _scope(args), breaking=breaking, yes=args.yes), TerminalReporter())
+    if args.json:
+        from fleet.output import json
+
+        _write(json.dumps(json.lock_json(report)))
+    else:
+        from fleet.output.text import lock_text
+
+        _write(lock_text(report))
     for run_id in report.interrupted:
         say(f"Journal: run {run_id} marked interrupted (its lock was broken); "
             "`fleet log` shows the steps it started and never finished.")
@@ -410,12 +419,12 @@ def _run_log(args: argparse.Namespace) -> int:
     from fleet.workflows.log import LogOptions, log
 
     result = log(LogOptions(_common(args), host=args.host, since=args.since))
-    if not result.exists:
-        say(f"No journal yet at {result.journal}: nothing has been applied from this state directory.")
-    elif args.json:
+    if args.json:  # without a journal too: an empty document, not a sentence
         from fleet.output import json
 
         _write(json.dumps(json.log_json(result.steps, result.runs)))
+    elif not result.exists:
+        say(f"No journal yet at {result.journal}: nothing has been applied from this state directory.")
     else:
         from fleet.output.text import log_text
 
@@ -446,12 +455,12 @@ def _run_history(args: argparse.Namespace) -> int:
     from fleet.workflows.audit import HistoryOptions, history
 
     result = history(HistoryOptions(_common(args), since=args.since))
-    if not result.exists:
-        say(f"No journal yet at {result.journal}: nothing has been observed from this state directory.")
-    elif args.json:
+    if args.json:  # without a journal too: an empty document, not a sentence
         from fleet.output import json
 
         _write(json.dumps(json.history_json(result.snapshots)))
+    elif not result.exists:
+        say(f"No journal yet at {result.journal}: nothing has been observed from this state directory.")
     else:
         from fleet.output.text import history_text
 

@@ -1,16 +1,18 @@
 """Every JSON document fleet prints, and the one function that writes them.
 
 One place, so that every `--json` follows one convention and a reader of one knows them all:
-each is documented (docs/desired-state.md, status.md, plan.md, journal.md, audit.md, apply.md),
-made here from the plain results a workflow returns, and written by `dumps` — two-space
-indentation, ASCII only (json's `\\uXXXX` escapes), a trailing newline.  Values are never
-escaped for a terminal: json escapes control characters itself, so the document stays exact.
+a document is one JSON object whose first member is `"format": N` (the version of that
+document's shape; a list is a member of it: `steps`, `snapshots`, `changes`, `locks`), made
+here from the plain results a workflow returns, documented (docs/desired-state.md, status.md,
+plan.md, journal.md, audit.md, apply.md), and written by `dumps` — two-space indentation, ASCII
+only (json's `\\uXXXX` escapes), a trailing newline.  Values are never escaped for a terminal:
+json escapes control characters itself, so the document stays exact.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
@@ -21,9 +23,14 @@ if TYPE_CHECKING:
     from fleet.journal import RunRecord, SnapshotRecord, StepRecord
     from fleet.plan import Plan
     from fleet.status import StatusReport
+    from fleet.workflows.lock import LockReport
+
+# The version of each document's shape: raised when a field changes meaning or goes away (a
+# field added is not a new format).  The plan's is the plan file's own (fleet.plan.PLAN_FORMAT).
+FORMAT = 1
 
 
-def dumps(document: Any) -> str:
+def dumps(document: Mapping[str, Any]) -> str:
     """The text of a JSON document as fleet prints it: what `json.dumps(document, indent=2)`
     writes (ASCII, `ensure_ascii`), and a newline.  A plan's changes may be a generator."""
     return indented_json(document) + "\n"
@@ -32,7 +39,7 @@ def dumps(document: Any) -> str:
 def check_json(findings: Sequence[Finding]) -> dict[str, Any]:
     """`fleet check --json` (docs/desired-state.md)."""
     errors = sum(f.is_error for f in findings)
-    return {"ok": not errors, "errors": errors, "warnings": len(findings) - errors,
+    return {"format": FORMAT, "ok": not errors, "errors": errors, "warnings": len(findings) - errors,
             "findings": [f.as_dict() for f in findings]}
 
 
@@ -68,7 +75,7 @@ def status_json(report: StatusReport) -> dict[str, Any]:
         rows.append({"unit": row.unit, "service": row.service, "kind": row.kind,
                      "declared_hosts": list(row.declared_hosts), "cells": cells})
     return {
-        "format": 1,
+        "format": FORMAT,
         "fleet": report.fleet,
         "hosts": hosts,
         "services": rows,
@@ -93,7 +100,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
     return plan.document()
 
 
-def log_json(steps: Iterable[StepRecord], runs: Iterable[RunRecord]) -> list[dict[str, Any]]:
+def log_json(steps: Iterable[StepRecord], runs: Iterable[RunRecord]) -> dict[str, Any]:
     """`fleet log --json`: one object per step, with its run's facts (docs/journal.md)."""
     from fleet.journal import iso_time, sentence  # here: `fleet check --json` needs no journal (sqlite3)
 
@@ -114,7 +121,7 @@ def log_json(steps: Iterable[StepRecord], runs: Iterable[RunRecord]) -> list[dic
             "fleet": run.fleet if run else None, "lab": run.lab if run else None,
             "plan_id": run.plan_id if run else None, "run_outcome": run.outcome if run else None,
         })
-    return out
+    return {"format": FORMAT, "steps": out}
 
 
 def _changes(changes: Iterable[ObservedChange]) -> list[dict[str, Any]]:
@@ -129,7 +136,7 @@ def _when(t: float) -> str:
 def audit_json(report: AuditReport) -> dict[str, Any]:
     """`fleet audit --format json` (docs/audit.md)."""
     return {
-        "format": 1,
+        "format": FORMAT,
         "fleet": report.fleet,
         "snapshot": report.snapshot_id,
         "status": status_json(report.status),
@@ -144,13 +151,21 @@ def audit_json(report: AuditReport) -> dict[str, Any]:
     }
 
 
-def history_json(snapshots: Iterable[SnapshotRecord]) -> list[dict[str, Any]]:
+def history_json(snapshots: Iterable[SnapshotRecord]) -> dict[str, Any]:
     """`fleet history --json` (docs/audit.md)."""
-    return [{"id": x.id, "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x.taken)),
-             "operator": x.operator, "command": x.command, "fleet": x.fleet, "lab": x.lab, "hosts": x.hosts}
-            for x in snapshots]
+    return {"format": FORMAT, "snapshots": [
+        {"id": x.id, "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x.taken)), "operator": x.operator,
+         "command": x.command, "fleet": x.fleet, "lab": x.lab, "hosts": x.hosts}
+        for x in snapshots]}
 
 
-def diff_json(changes: Iterable[ObservedChange]) -> list[dict[str, Any]]:
+def diff_json(changes: Iterable[ObservedChange]) -> dict[str, Any]:
     """`fleet diff A [B] --json` (docs/audit.md)."""
-    return _changes(changes)
+    return {"format": FORMAT, "changes": _changes(changes)}
+
+
+def lock_json(report: LockReport) -> dict[str, Any]:
+    """`fleet lock status --json` (docs/apply.md): the holder's record without its token."""
+    return {"format": FORMAT, "locks": [
+        {"host": r.host, "lock": r.lock, "holder": r.holder, "record": r.record.public() if r.record else None}
+        for r in report.rows]}

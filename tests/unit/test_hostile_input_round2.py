@@ -442,7 +442,7 @@ def test_fleet_log_escapes_journal_text_and_its_json_stays_exact(
     assert_printable(out)
     assert "eve\\x1b[2K@host" in out and "boom\\x1b[8m hidden" in out
     code, out, _ = run(capsys, "--state-dir", state, "log", "--json")
-    [entry] = json.loads(out)
+    [entry] = json.loads(out)["steps"]
     assert entry["error"] == "boom\x1b[8m hidden" and entry["operator"] == "eve\x1b[2K@host"
 
 
