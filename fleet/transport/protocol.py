@@ -191,7 +191,7 @@ def run_many(
             return transport.run(host, command, sudo=sudo, timeout=timeout)
         except TransportError as exc:
             return exc
-        except Exception as exc:  # noqa: BLE001 - one host's bug must not hide the others
+        except Exception as exc:  # one host's bug must not hide the others
             log.debug("unexpected error on %s", host.name, exc_info=True)
             return TransportError(host.name, "protocol", f"{host.name}: {type(exc).__name__}: {exc}")
 

@@ -181,7 +181,7 @@ def _with_hostile_unit(fragment: str = "/etc/systemd/system/mastodon-evil.servic
     return desired, fleet
 
 
-def EXAMPLE_SECRETS() -> dict[tuple[str, str], str]:  # noqa: N802 - a constant, imported late
+def EXAMPLE_SECRETS() -> dict[tuple[str, str], str]:  # a constant, imported late
     from observed import EXAMPLE_SECRETS as S
 
     return S

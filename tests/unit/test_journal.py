@@ -386,7 +386,7 @@ def test_threads_applying_hosts_in_parallel_all_get_their_steps_recorded(j: Jour
                 ids.append(step_id)
                 j.step_finished(step_id, "ok" if k % 5 else "failed", "" if k % 5 else "boom")
                 j.steps(host=f"host{n}")  # reads interleave with other threads' writes
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=host_worker, args=(n,)) for n in range(8)]
