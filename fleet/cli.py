@@ -377,7 +377,7 @@ def _run_show(args: argparse.Namespace) -> int:
 def _run_apply(args: argparse.Namespace) -> int:
     from fleet.workflows.apply import ApplyOptions, apply
 
-    options = ApplyOptions(_common(args), _scope(args), plan_file=args.plan_file, yes=args.yes,
+    options = ApplyOptions(_common(args), _scope(args), plan_file=args.plan_file or None, yes=args.yes,
                            no_prune=args.no_prune, secrets=_path(args.secrets), settle=args.settle,
                            start_timeout=args.start_timeout)
     outcome = apply(options, TerminalReporter())
