@@ -1,12 +1,17 @@
-"""Small pure helpers shared by the loader, the policies and the renderers."""
+"""Small pure helpers shared by the loader, the policies and the renderers, and the JSON text
+every document fleet writes is made of (`indented_json`)."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
+from json.encoder import encode_basestring_ascii
+from types import GeneratorType
+from typing import Any
 
 # What a terminal acts on instead of showing: C0 controls (ESC starts colour, cursor moves, OSC
 # titles and links; CR and BS overwrite a line), DEL, C1 controls (0x9b is a one-byte CSI), and
@@ -133,3 +138,38 @@ def positive_int_option(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
+
+
+_string = encode_basestring_ascii  # json's own C function for a string, as json.dumps writes it
+
+
+def indented_json(value: Any, newline: str = "\n") -> str:
+    """`json.dumps(value, indent=2)`, the same text, at C speed for the strings.  json's own
+    indenting encoder is written in Python and, given a plan's whole dict, keeps every change's
+    dict alive at once: for a first install of 1,000 hosts (62,000 changes, 55 MB) it took longer
+    than planning.  A generator stands for a list whose items are made and written one by one.
+    `newline` is a newline and the indentation of the line `value` starts on."""
+    if type(value) is str:
+        return _string(value)
+    if type(value) is dict and (not value or set(map(type, value)) == {str}):
+        if not value:
+            return "{}"
+        inner = newline + "  "
+        return "{" + inner + ("," + inner).join([
+            _string(k) + ": " + (_string(v) if type(v) is str else indented_json(v, inner))
+            for k, v in value.items()]) + newline + "}"
+    if type(value) in (list, tuple, GeneratorType):
+        inner = newline + "  "
+        items = [_string(v) if type(v) is str else indented_json(v, inner) for v in value]
+        return "[" + inner + ("," + inner).join(items) + newline + "]" if items else "[]"
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is int:
+        return int.__repr__(value)
+    # Anything else (floats, subclasses, dicts with other keys, what json refuses): json itself;
+    # its lines only need this line's indentation, since no JSON string holds a raw newline.
+    return json.dumps(value, indent=2).replace("\n", newline)

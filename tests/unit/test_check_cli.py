@@ -197,7 +197,7 @@ def test_the_shipped_example_passes_fleet_check_in_the_repository(fleet_exe: str
 def test_the_shipped_example_passes_as_json(capsys: pytest.CaptureFixture[str], example: FleetDir) -> None:
     code, report = check_json(capsys, example.root)
     assert code == 0
-    assert report == {"ok": True, "errors": 0, "warnings": 0, "findings": []}
+    assert report == {"format": 1, "ok": True, "errors": 0, "warnings": 0, "findings": []}
 
 
 def test_every_defect_at_once_is_reported_in_one_run(fleet_exe: str, example: FleetDir) -> None:
@@ -255,7 +255,7 @@ def test_json_findings_have_the_documented_fields(capsys: pytest.CaptureFixture[
     example.edit('SINGLE_USER_MODE = "false"', 'SINGLE_USER_MODE = "no"')
     code, report = check_json(capsys, example.root)
     assert code == 1
-    assert set(report) == {"ok", "errors", "warnings", "findings"}
+    assert set(report) == {"format", "ok", "errors", "warnings", "findings"}
     assert report["warnings"] == 1
     assert report["errors"] == len(report["findings"]) - 1
     for f in report["findings"]:

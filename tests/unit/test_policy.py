@@ -211,7 +211,7 @@ def test_check_placement_judges_observed_placements_too(example: FleetDir) -> No
 # ------------------------------------------------------------------ env keys and values
 
 
-def test_a_misspelled_bucket_key_is_an_error_that_suggests_S3_BUCKET() -> None:  # noqa: N802 - the key's name
+def test_a_misspelled_bucket_key_is_an_error_that_suggests_S3_BUCKET() -> None:  # capitals: the key's own name
     (f,) = policy.check_env_keys([("d.toml", "env_files.m.values.3_BUCKET", "3_BUCKET", "")])
     assert (f.severity, f.code) == ("error", "env.near-miss")
     assert f.message == "'3_BUCKET' is not a Mastodon setting: Mastodon would silently ignore it"
