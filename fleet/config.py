@@ -23,7 +23,6 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-import networkx as nx
 
 from fleet.envfile import ENV_KEY_HINT, key_problem
 from fleet.errors import ConfigError
@@ -893,8 +892,7 @@ def _check_references(ctx: _Ctx, services: list[Service], declared: list[str]) -
     """`declared` holds every service name in the file, including ones that failed to load, so
     that a broken service is reported once, not again by everything that refers to it."""
     names = [s.name for s in services]
-    graph: nx.DiGraph = nx.DiGraph()
-    graph.add_nodes_from(names)
+    edges: list[tuple[str, str]] = []
     for s in services:
         for r in s.requires:
             if r == s.name:
@@ -905,11 +903,8 @@ def _check_references(ctx: _Ctx, services: list[Service], declared: list[str]) -
                           did_you_mean(r, declared) or "declare it or remove it from requires",
                           "config.unknown-service")
             elif r in names:
-                graph.add_edge(r, s.name)
-    try:
-        cycle = nx.find_cycle(graph)
-    except nx.NetworkXNoCycle:
-        cycle = []
+                edges.append((r, s.name))
+    cycle = _find_cycle(names, edges) if _has_cycle(names, edges) else []
     if cycle:
         chain = " -> ".join([e[1] for e in cycle] + [cycle[0][1]])
         ctx.error(f"services.{cycle[0][1]}.requires", f"dependency cycle: {chain} (each requires the previous)",
@@ -923,6 +918,40 @@ def _check_references(ctx: _Ctx, services: list[Service], declared: list[str]) -
                           f"services {other!r} and {s.name!r} both claim {s.unit} on host {h}",
                           "give each service its own unit name on a host", "config.duplicate-unit")
             owners[(h, s.unit)] = s.name
+
+
+
+def _has_cycle(names: list[str], edges: list[tuple[str, str]]) -> bool:
+    """Kahn's algorithm: a cycle is what is left when no service waits for another."""
+    waiting = {n: 0 for n in names}
+    after: dict[str, list[str]] = {n: [] for n in names}
+    for a, b in edges:
+        if a != b:
+            waiting[b] += 1
+            after[a].append(b)
+    ready = [n for n, w in waiting.items() if not w]
+    seen = 0
+    while ready:
+        seen += 1
+        for b in after[ready.pop()]:
+            waiting[b] -= 1
+            if not waiting[b]:
+                ready.append(b)
+    return seen < len(names)
+
+
+def _find_cycle(names: list[str], edges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The cycle to name, as networkx finds it.  Imported only when there is one: networkx
+    costs ~100 ms of CPU, and `fleet check` of a desired state without a cycle never needs it."""
+    import networkx as nx
+
+    graph: nx.DiGraph = nx.DiGraph()
+    graph.add_nodes_from(names)
+    graph.add_edges_from(edges)
+    try:
+        return list(nx.find_cycle(graph))
+    except nx.NetworkXNoCycle:
+        return []
 
 
 def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], declared: list[str],

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from fleet.mastodon import BOOLEAN_KEYS, KNOWN_ENV_KEYS, looks_secret
 from fleet.model import DEFAULT_PORTS, SIDEKIQ_QUEUES, Desired, EnvFile, Finding, Kind, Service
-from fleet.textutil import did_you_mean
+from fleet.textutil import damerau_levenshtein, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -86,19 +86,57 @@ def check_placement(desired: Desired, placements: Iterable[tuple[str, Kind, str,
     return out
 
 
+# A near miss is one slip from a known key: a character dropped, added or changed, or two neighbours
+# swapped, letter case ignored (Damerau-Levenshtein distance ≤ 1); two slips from a key of LONG_KEY characters or
+# more.  Below that length two edits join distinct documented settings (CAS_ENABLED/PAM_ENABLED,
+# DB_HOST/ES_PORT, SMTP_SSL/SMTP_TLS), so a key two edits away is as likely someone's own as a typo;
+# from LONG_KEY on, the documented keys within two edits of each other are only HOST/PORT siblings.
+# Keys shorter than SHORT_KEY (an operator's own `TZ` in extra_keys) have no near misses.
+SHORT_KEY = 4
+LONG_KEY = 20
+
+
+def near_miss(key: str, known: Iterable[str]) -> str | None:
+    """The known key that `key` is a slip of (the closest; alphabetically first of equals), or None
+    when `key` is itself known or no known key is that close."""
+    known = frozenset(known)
+    if key in known:
+        return None
+    best: tuple[int, str] | None = None
+    for cand in known:
+        limit = 2 if len(cand) >= LONG_KEY else 1 if len(cand) >= SHORT_KEY else -1
+        if abs(len(cand) - len(key)) > limit:
+            continue  # the distance is at least the difference in length: skip the computation
+        d = damerau_levenshtein(key, cand)
+        if d <= limit and (best is None or (d, cand) < best):
+            best = (d, cand)
+    return best[1] if best else None
+
+
 def check_env_keys(keys: Iterable[tuple[str, str, str, str]], extra_keys: Iterable[str] = ()) -> list[Finding]:
-    """`keys` are (file, key path, env key, host) tuples; unknown keys get a suggestion."""
+    """`keys` are (file, key path, env key, host) tuples.  A near miss of a known key is an error
+    (Mastodon would silently ignore the setting the operator meant); any other key outside
+    Mastodon's configuration reference and `extra_keys` a warning (it may be meant for something
+    else that reads the environment)."""
     known = KNOWN_ENV_KEYS | frozenset(extra_keys)
     out: list[Finding] = []
     for file, path, key, host in keys:
-        if key not in known:
-            hint = did_you_mean(key, known)
+        if key in known:
+            continue
+        on = f" (on {host})" if host else ""
+        extra = "if it is intentional, list it in policy.env.extra_keys"
+        meant = near_miss(key, known)
+        if meant:
             out.append(Finding(
-                "error", "env.unknown-key",
-                f"{key!r} is not a Mastodon setting" + (f" (on {host})" if host else "")
-                + ": Mastodon would silently ignore it",
-                file=file, key=path, host=host,
-                hint=(hint + " " if hint else "") + "if it is intentional, list it in policy.env.extra_keys"))
+                "error", "env.near-miss",
+                f"{key!r} is not a Mastodon setting{on}: Mastodon would silently ignore it",
+                file=file, key=path, host=host, hint=f"did you mean {meant}? {extra}"))
+        else:
+            out.append(Finding(
+                "warning", "env.unknown-key",
+                f"{key!r} is not a Mastodon setting{on}: Mastodon's configuration reference does not list it, "
+                "so only something else that reads the environment would use it",
+                file=file, key=path, host=host, hint=extra))
     return out
 
 
@@ -467,4 +505,4 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
 
 
 __all__ = ["SidekiqProcess", "StoreSetting", "check", "check_queues", "check_placement", "check_env_keys",
-           "check_env_value", "check_store_settings", "declared_sidekiq"]
+           "check_env_value", "check_store_settings", "declared_sidekiq", "near_miss"]

@@ -9,9 +9,8 @@ findings of the same queue policy `fleet check` applies to the declared state).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
-from fleet.model import SIDEKIQ_QUEUES, Desired, Finding, HostError, HostResult, HostState, Service, UnitState
+from fleet.model import Desired, Finding, HostError, HostResult, HostState, Service, UnitState
 from fleet.policy import SidekiqProcess, check_queues
 from fleet.resources.base import Problem
 from fleet.resources.registry import RESOURCES
@@ -204,56 +203,3 @@ def _observed_db_pool(state: HostState, u: UnitState) -> int | None:
         if ef is not None and "DB_POOL" in ef.value_map():
             value = ef.value_map()["DB_POOL"]
     return _to_int(value) if value is not None else None
-
-
-def status_json(report: StatusReport) -> dict[str, Any]:
-    """The documented `fleet status --json` document (docs/status.md)."""
-    hosts: dict[str, Any] = {}
-    for name in report.hosts:
-        r = report.results[name]
-        if isinstance(r, HostError):
-            hosts[name] = {"reachable": False, "error": {"kind": r.kind, "message": r.message, "hint": r.hint}}
-        else:
-            f = r.facts
-            hosts[name] = {
-                "reachable": True, "error": None, "collected_at": r.collected_at, "duration": round(r.duration, 3),
-                "facts": {"hostname": f.hostname, "os": f.os, "kernel": f.kernel, "systemd": f.systemd_version,
-                          "system_state": f.system_state, "uptime_seconds": f.uptime_seconds, "load": list(f.load),
-                          "mem_total_kb": f.mem_total_kb, "mem_available_kb": f.mem_available_kb},
-            }
-    rows = []
-    for row in report.rows:
-        cells = {}
-        for c in row.cells:
-            u = c.unit
-            cells[c.host] = {
-                "status": c.status, "state": c.state, "detail": c.detail,
-                "declared": c.host in row.declared_hosts, "notes": list(c.notes),
-                "problems": [{"code": p.code, "message": p.message, "hint": p.hint} for p in c.problems],
-                "unit": None if u is None else {
-                    "load_state": u.load_state, "active_state": u.active_state, "sub_state": u.sub_state,
-                    "unit_file_state": u.unit_file_state, "exec_start": list(u.exec_start), "main_pid": u.main_pid,
-                    "fragment_path": u.fragment_path, "drop_in_paths": list(u.drop_in_paths),
-                    "active_enter": u.active_enter, "n_restarts": u.n_restarts, "text_hash": u.text_hash},
-            }
-        rows.append({"unit": row.unit, "service": row.service, "kind": row.kind,
-                     "declared_hosts": list(row.declared_hosts), "cells": cells})
-    return {
-        "format": 1,
-        "fleet": report.fleet,
-        "hosts": hosts,
-        "services": rows,
-        "sidekiq": {
-            "processes": [{"host": p.host, "unit": p.unit, "concurrency": p.concurrency, "db_pool": p.db_pool,
-                           "declared": p.declared, "queues": [{"name": q, "weight": w} for q, w in p.queues]}
-                          for p in report.sidekiq],
-            "queues": {q: [f"{p.host}:{p.unit}" for p in report.sidekiq if q in dict(p.queues)]
-                       for q in _all_queues(report)},
-            "findings": [f.as_dict() for f in report.queue_findings],
-        },
-    }
-
-
-def _all_queues(report: StatusReport) -> list[str]:
-    extra = [q for p in report.sidekiq for q, _ in p.queues if q not in SIDEKIQ_QUEUES]
-    return list(SIDEKIQ_QUEUES) + sorted(set(extra))

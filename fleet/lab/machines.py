@@ -132,7 +132,7 @@ def boot(paths: LabPaths, host: LabHost) -> subprocess.Popen[bytes]:
         f"--network-namespace-path=/run/netns/{host.netns}",
         "--link-journal=no", "--resolv-conf=off", "--timezone=off",
     ]
-    log = open(paths.console_log(host.name), "ab")  # noqa: SIM115 (handed to the child)
+    log = open(paths.console_log(host.name), "ab")  # handed to the child
     try:
         return subprocess.Popen(
             argv,
@@ -140,7 +140,7 @@ def boot(paths: LabPaths, host: LabHost) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=enter_cgroups,  # noqa: PLW1509 (called before any thread starts)
+            preexec_fn=enter_cgroups,  # called before any thread starts
             close_fds=True,
         )
     finally:

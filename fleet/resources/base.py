@@ -27,7 +27,7 @@ from fleet.errors import FleetError
 from fleet.model import Desired, Host, HostState, Service
 from fleet.units import UNIT_DIR, removable_unit_file
 
-# Plan text detail lines are (style, text); the renderer paints them (fleet/render.py).
+# Plan text detail lines are (style, text); fleet/output/text.py paints them.
 PLAIN, ADDED, REMOVED, CHANGED, DIFF = "plain", "added", "removed", "changed", "diff"
 Detail = tuple[str, str]
 

@@ -116,7 +116,7 @@ DEFECTS = [
              'unit = "postgresql.service"\nhosts = ["nietzsche", "franz"]'),),
            "placement.forbidden", "services.postgres.hosts", "on franz, whose role 'cdn' forbids postgres"),
     Defect("misspelled-env-key", ((DESIRED, "S3_BUCKET =", "3_BUCKET ="),),
-           "env.unknown-key", "env_files.mastodon.values.3_BUCKET", "did you mean S3_BUCKET?"),
+           "env.near-miss", "env_files.mastodon.values.3_BUCKET", "did you mean S3_BUCKET?"),
     Defect("s3-enabled-not-boolean", ((DESIRED, 'S3_ENABLED = "true"', 'S3_ENABLED = "yes"'),),
            "env.not-boolean", "env_files.mastodon.values.S3_ENABLED", "S3_ENABLED='yes' is not a boolean"),
     Defect("env-differs-between-hosts-of-a-service",
@@ -218,7 +218,7 @@ def test_the_shipped_example_passes_fleet_check_in_the_repository(fleet_exe: str
 def test_the_shipped_example_passes_as_json(capsys: pytest.CaptureFixture[str], example: FleetDir) -> None:
     code, report = check_json(capsys, example.root)
     assert code == 0
-    assert report == {"ok": True, "errors": 0, "warnings": 0, "findings": []}
+    assert report == {"format": 1, "ok": True, "errors": 0, "warnings": 0, "findings": []}
 
 
 def test_every_defect_at_once_is_reported_in_one_run(fleet_exe: str, example: FleetDir) -> None:
@@ -237,6 +237,22 @@ def test_warnings_alone_exit_0(fleet_exe: str, example: FleetDir) -> None:
     r = run_fleet(fleet_exe, "check", cwd=example.root)
     assert r.returncode == 0, r.stdout
     assert r.stdout.startswith("warning: ")
+    assert r.stdout.rstrip().endswith("0 errors, 1 warning")
+
+
+def test_documented_mastodon_keys_fleet_used_not_to_know_pass_check(
+        capsys: pytest.CaptureFixture[str], example: FleetDir) -> None:
+    example.edit("S3_BUCKET =", 'REDIS_SENTINELS = "10.0.0.1:26379,10.0.0.2:26379"\nREDIS_SENTINEL_MASTER = "m"\n'
+                 'MASTODON_USE_LIBVIPS = "true"\nS3_ENABLE_CHECKSUM_MODE = "when_required"\nS3_BUCKET =')
+    assert check_json(capsys, example.root) == (0, {"format": 1, "ok": True, "errors": 0, "warnings": 0, "findings": []})
+
+
+def test_a_key_of_ones_own_is_a_warning_and_check_passes(fleet_exe: str, example: FleetDir) -> None:
+    example.edit("S3_BUCKET =", 'MY_OWN_SETTING = "1"\nS3_BUCKET =')
+    r = run_fleet(fleet_exe, "check", cwd=example.root)
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.startswith("warning: desired_state.toml:165 [env_files.mastodon.values.MY_OWN_SETTING]\n"
+                               "  'MY_OWN_SETTING' is not a Mastodon setting: ")
     assert r.stdout.rstrip().endswith("0 errors, 1 warning")
 
 
@@ -260,7 +276,7 @@ def test_json_findings_have_the_documented_fields(capsys: pytest.CaptureFixture[
     example.edit('SINGLE_USER_MODE = "false"', 'SINGLE_USER_MODE = "no"')
     code, report = check_json(capsys, example.root)
     assert code == 1
-    assert set(report) == {"ok", "errors", "warnings", "findings"}
+    assert set(report) == {"format", "ok", "errors", "warnings", "findings"}
     assert report["warnings"] == 1
     assert report["errors"] == len(report["findings"]) - 1
     for f in report["findings"]:
@@ -284,7 +300,7 @@ def test_json_from_the_real_executable_parses(fleet_exe: str, example: FleetDir)
     example.edit("S3_BUCKET =", "3_BUCKET =")
     r = run_fleet(fleet_exe, "--dir", example.root, "check", "--json")
     assert r.returncode == 1
-    assert [f["code"] for f in json.loads(r.stdout)["findings"]] == ["env.unknown-key"]
+    assert [f["code"] for f in json.loads(r.stdout)["findings"]] == ["env.near-miss"]
 
 
 # ------------------------------------------------------------------ --dir, --desired, --hosts
