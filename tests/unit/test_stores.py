@@ -22,8 +22,9 @@ from fleet.collect.parse import parse_host
 from fleet.collect.script import build_script, spec_for
 from fleet.errors import ParseError
 from fleet.model import Desired, HostState, Kind, Service, StoreSpec
+from fleet.output.json import status_json
+from fleet.output.text import audit_text, status_text
 from fleet.plan import desired_hash
-from fleet.render import audit_text, status_text
 from fleet.resources.stores import (
     MAX_LINES,
     Cluster,
@@ -36,7 +37,7 @@ from fleet.resources.stores import (
     facts,
     redis_of,
 )
-from fleet.status import Cell, build_status, status_json
+from fleet.status import Cell, build_status
 
 LSN = 0x3016B78  # 0/3016B78, where the captured primary and standby stood
 
