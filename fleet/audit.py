@@ -113,7 +113,15 @@ def observed_findings(desired: Desired, results: Mapping[str, HostResult], repor
     out += check_queues(procs, what="running")
     out += _env_findings(desired, results)
     out += _service_problems(report)
+    out += _sidekiq_findings(report)
     return out
+
+
+def _sidekiq_findings(report: StatusReport) -> list[Finding]:
+    """What Sidekiq's own view says against systemd and the declaration (fleet/sidekiq.py: check)."""
+    if report.live is None:
+        return []
+    return list(report.live.findings)
 
 
 def _service_problems(report: StatusReport) -> list[Finding]:

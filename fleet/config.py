@@ -41,10 +41,12 @@ from fleet.model import (
     PlacementRule,
     SecretSource,
     Service,
+    SidekiqPolicy,
     SidekiqSpec,
     StoreSpec,
     UnitSpec,
 )
+from fleet.sidekiq import load_policy
 from fleet.textutil import did_you_mean
 
 # Names that end up in remote commands and file paths are restricted up front, so that no
@@ -548,7 +550,8 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
                   "for example snapshot_retention_days = 90", "config.bad-value")
         retention = 90
 
-    placement, extra_keys = _load_policy(ctx, _get(ctx, data, "", "policy", dict, default={}))
+    policy_t = _get(ctx, data, "", "policy", dict, default={})
+    placement, extra_keys = _load_policy(ctx, policy_t)
     discover = _load_discover(ctx, _get(ctx, data, "", "discover", list, default=[]))
     host_names = [h.name for h in hosts]
     # A host whose file is invalid is reported in its own file; references to it stay valid.
@@ -578,14 +581,15 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
     _check_references(ctx, services, declared)
     env_files = _load_env_files(ctx, _get(ctx, data, "", "env_files", dict, default={}), services, declared,
                                 host_files, hosts_dir)
+    sidekiq_policy = _load_sidekiq_policy(ctx, policy_t, _get(ctx, data, "", "env_files", dict, default={}))
     return Desired(name=name, hosts=hosts, services=tuple(services), env_files=tuple(env_files),
                    discover=tuple(discover), placement=tuple(placement), extra_env_keys=tuple(extra_keys),
                    snapshot_retention_days=float(retention),
-                   source=str(path), hosts_dir=str(hosts_dir))
+                   source=str(path), hosts_dir=str(hosts_dir), sidekiq_policy=sidekiq_policy)
 
 
 def _load_policy(ctx: _Ctx, policy: dict[str, Any]) -> tuple[list[PlacementRule], list[str]]:
-    _unknown_keys(ctx, policy, "policy", ("placement", "env"))
+    _unknown_keys(ctx, policy, "policy", ("placement", "env", "sidekiq"))
     rules: list[PlacementRule] = []
     placement = _get(ctx, policy, "policy", "placement", dict, default={})
     for role, rt in placement.items():
@@ -606,6 +610,14 @@ def _load_policy(ctx: _Ctx, policy: dict[str, Any]) -> tuple[list[PlacementRule]
     extra = [k for k in _str_list(ctx, env, "policy.env", "extra_keys")
              if _check_env_key(ctx, "policy.env.extra_keys", k)]
     return rules, extra
+
+
+def _load_sidekiq_policy(ctx: _Ctx, policy: dict[str, Any], env_files: dict[str, Any]) -> SidekiqPolicy:
+    """`[policy.sidekiq]`, validated by fleet.sidekiq (which owns its meaning); its env_file must
+    name a declared [env_files.NAME] table (declared, even if that table has errors of its own)."""
+    loaded, found = load_policy(policy.get("sidekiq"), file=ctx.file, env_files=list(env_files))
+    ctx.findings += [replace(f, line=locate(ctx.text, f.key)) for f in found]
+    return loaded
 
 
 def _load_discover(ctx: _Ctx, items: list[Any]) -> list[DiscoveryPattern]:

@@ -206,6 +206,17 @@ class PlacementRule:
 
 
 @dataclass(frozen=True)
+class SidekiqPolicy:
+    """`[policy.sidekiq]`: when queue latency is a warning and when an error; which env file
+    says where Sidekiq's Redis is (default: the one the Sidekiq services load).  Validated by
+    fleet.sidekiq.load_policy."""
+
+    max_latency: float = 300.0
+    max_latency_error: float = 1800.0
+    env_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Desired:
     """The whole declared fleet: inventory, services, env files and policy."""
 
@@ -219,6 +230,7 @@ class Desired:
     snapshot_retention_days: float = 90.0  # how long the journal keeps observed snapshots
     source: str = ""
     hosts_dir: str = ""
+    sidekiq_policy: SidekiqPolicy = SidekiqPolicy()
 
     def host(self, name: str) -> Host | None:
         return next((h for h in self.hosts if h.name == name), None)

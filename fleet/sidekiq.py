@@ -27,10 +27,21 @@ import math
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from fleet.errors import ParseError
-from fleet.model import Desired, Finding, HostResult, HostState, Kind, Service, UnitState
+from fleet.model import (
+    SIDEKIQ_QUEUES,
+    Desired,
+    Finding,
+    HostResult,
+    HostState,
+    Kind,
+    Service,
+    SidekiqPolicy,
+    UnitState,
+)
 from fleet.textutil import did_you_mean
 
 SECTION = "sidekiq"
@@ -699,16 +710,6 @@ def enqueued_seconds(text: str) -> float | None:
 
 # ================================================================ policy
 
-@dataclass(frozen=True)
-class SidekiqPolicy:
-    """`[policy.sidekiq]`: when queue latency is a warning and when an error; which env file
-    says where Sidekiq's Redis is (default: the one the Sidekiq services load)."""
-
-    max_latency: float = 300.0
-    max_latency_error: float = 1800.0
-    env_file: str | None = None
-
-
 POLICY_KEYS = ("max_latency", "max_latency_error", "env_file")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -1084,3 +1085,100 @@ def check_quiet(matches: Sequence[Match], quiet_since: Mapping[str, float], now:
             f"({timeout:g} s): it takes no jobs and does not exit", file=file, host=m.host,
             hint="finish the stop or restart it (systemctl restart), and look at what its busy jobs wait for"))
     return out
+
+
+# ================================================================ the report status and audit show
+
+
+@dataclass(frozen=True)
+class QueueServed:
+    """One queue as both sides see it."""
+
+    name: str
+    size: int | None  # None: Redis does not list the queue (never used, or the view is missing)
+    latency: float | None
+    by_systemd: tuple[str, ...]  # "host:unit" of active units whose declared (or -q) queues include it
+    by_heartbeat: tuple[str, ...]  # "host:pid" of live, working (not quiet) processes that serve it
+
+
+@dataclass(frozen=True)
+class SidekiqReport:
+    """Sidekiq's own view joined with systemd's: what `fleet status` and `fleet audit` show."""
+
+    host: str  # the inventory host whose Redis was read
+    view: SidekiqView
+    now: float  # the clock the ages are taken at (Redis's, else the collection's)
+    matches: tuple[Match, ...]
+    silent: tuple[SidekiqUnit, ...]  # Sidekiq units no live process was joined to
+    queues: tuple[QueueServed, ...]
+    findings: tuple[Finding, ...]
+
+
+def find_view(results: Mapping[str, HostResult]) -> tuple[str, SidekiqView, float] | None:
+    """(host, view, collected_at) of the host where Sidekiq's view was read; None when none was."""
+    for host, r in sorted(results.items()):
+        if isinstance(r, HostState):
+            view = r.facts_of(SECTION)
+            if isinstance(view, SidekiqView):
+                return host, view, r.collected_at
+    return None
+
+
+def quiet_since(previous: Mapping[str, HostResult]) -> dict[str, float]:
+    """identity → the earliest time it is known to have been quiet: the previous observation's
+    clock, for each process that was quiet then already (what `check_quiet` needs)."""
+    found = find_view(previous)
+    if found is None:
+        return {}
+    _, view, at = found
+    return track_quiet({}, view, view.redis_time or at)
+
+
+def sidekiq_report(desired: Desired, results: Mapping[str, HostResult], *,
+                   quiet: Mapping[str, float] | None = None) -> SidekiqReport | None:
+    """The report, when a host's observation carries Sidekiq's view; None when none does."""
+    found = find_view(results)
+    if found is None:
+        return None
+    host, view, collected_at = found
+    now = view.redis_time or collected_at
+    units = sidekiq_units(desired, results)
+    matches, silent = join(view.processes, units, host_names(desired, results)) if not view.error else ([], units)
+    findings = check(desired, results, view, now, desired.sidekiq_policy, quiet_since=quiet)
+    return SidekiqReport(host=host, view=view, now=now, matches=tuple(matches), silent=tuple(silent),
+                         queues=tuple(_served(view, units, matches)), findings=tuple(findings))
+
+
+def _served(view: SidekiqView, units: Sequence[SidekiqUnit], matches: Sequence[Match]) -> list[QueueServed]:
+    names = list(dict.fromkeys([*SIDEKIQ_QUEUES, *(q.name for q in view.queues),
+                                *(q for m in matches for q in m.process.queue_names()),
+                                *(q for u in units for q, _ in u.queues)]))
+    out = []
+    for name in names:
+        state = view.queue(name)
+        out.append(QueueServed(
+            name=name, size=state.size if state else None, latency=state.latency if state else None,
+            by_systemd=tuple(f"{u.host}:{u.unit}" for u in units if u.active and name in dict(u.queues)),
+            by_heartbeat=tuple(f"{m.host or m.process.hostname}:{m.process.pid}" for m in matches
+                               if not m.process.quiet and name in m.process.queue_names())))
+    return out
+
+
+# ================================================================ the view in a snapshot
+
+
+def view_record(view: SidekiqView) -> dict[str, object]:
+    """The view as plain JSON data for a snapshot (nothing secret is in it: the target says only
+    whether there is a password)."""
+    return asdict(view)
+
+
+def view_from_record(record: Mapping[str, Any]) -> SidekiqView:
+    t = record.get("target")
+    return SidekiqView(
+        target=RedisTarget(**t) if t else None, error=record["error"], redis_time=record["redis_time"],
+        processes=tuple(SidekiqProcess(**(p | {"queues": tuple((q, w) for q, w in p["queues"]),
+                                              "labels": tuple(p["labels"])})) for p in record["processes"]),
+        queues=tuple(QueueState(**q) for q in record["queues"]),
+        processes_total=record["processes_total"], queues_total=record["queues_total"],
+        stale=tuple(record["stale"]))

@@ -3,9 +3,9 @@
 Every collection (status, plan, apply, audit) is kept in the journal as a snapshot, so that
 after an incident one can say what the fleet looked like at any point and what changed since.
 A snapshot keeps what an audit compares (unit states, command lines, unit file hashes, env
-keys and non-secret values) and drops what is bulky (unit texts).  Secret fingerprints are cut
-to the same 8 hex digits fleet shows everywhere else: enough to tell that a secret changed,
-useless for guessing it.
+keys and non-secret values, Sidekiq's view of its processes and queues) and drops what is bulky
+(unit texts).  Secret fingerprints are cut to the same 8 hex digits fleet shows everywhere
+else: enough to tell that a secret changed, useless for guessing it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from fleet.errors import FleetError
 from fleet.model import EnvFileState, HostError, HostFacts, HostResult, HostState, UnitState
+from fleet.sidekiq import SECTION, SidekiqView, view_from_record, view_record
 
 FORMAT = 1
 _UNIT_FIELDS = ("unit", "load_state", "active_state", "sub_state", "unit_file_state", "main_pid", "fragment_path",
@@ -48,6 +49,9 @@ def to_record(results: Mapping[str, HostResult]) -> dict[str, Any]:
                            "secrets": [[k, short_secret(v)] for k, v in e.secrets], "invalid": e.invalid_lines}
                           for e in r.env_files],
         }
+        view = r.facts_of(SECTION)
+        if isinstance(view, SidekiqView):  # Sidekiq's view, on the host it was read from (audit, watch)
+            hosts[name]["sidekiq"] = view_record(view)
     return {"format": FORMAT, "hosts": hosts}
 
 
@@ -76,7 +80,8 @@ def from_record(record: Mapping[str, Any]) -> dict[str, HostResult]:
                                   values=tuple((k, v) for k, v in e["values"]),
                                   secrets=tuple((k, v) for k, v in e["secrets"]), invalid_lines=e["invalid"])
                      for e in h["env_files"])
-        out[name] = HostState(host=name, facts=facts, units=units, env_files=envs, collected_at=h["at"])
+        extra = ((SECTION, view_from_record(h["sidekiq"])),) if "sidekiq" in h else ()
+        out[name] = HostState(host=name, facts=facts, units=units, env_files=envs, collected_at=h["at"], extra=extra)
     return out
 
 

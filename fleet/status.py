@@ -8,12 +8,14 @@ findings of the same queue policy `fleet check` applies to the declared state).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from fleet.model import Desired, Finding, HostError, HostResult, HostState, Service, UnitState
 from fleet.policy import SidekiqProcess, check_queues
 from fleet.resources.base import Problem
 from fleet.resources.registry import RESOURCES
+from fleet.sidekiq import SidekiqReport, sidekiq_report
 from fleet.textutil import sha256_hex
 from fleet.units import instance_owner, render_unit, unit_file_differs
 
@@ -64,13 +66,17 @@ class StatusReport:
     rows: tuple[Row, ...]
     sidekiq: tuple[QueueProcess, ...]
     queue_findings: tuple[Finding, ...]
+    live: SidekiqReport | None = None  # Sidekiq's own view from its Redis, when it was read
 
     @property
     def unreachable(self) -> tuple[HostError, ...]:
         return tuple(r for r in self.results.values() if isinstance(r, HostError))
 
 
-def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusReport:
+def build_status(desired: Desired, results: dict[str, HostResult], *,
+                 quiet: Mapping[str, float] | None = None) -> StatusReport:
+    """`quiet`: since when each Sidekiq process was known quiet (sidekiq.quiet_since of the previous
+    observation), for the stuck-quiet finding."""
     hosts = tuple(h.name for h in desired.hosts if h.name in results)
     rows: list[Row] = []
     declared_units = {s.unit for s in desired.services}
@@ -98,7 +104,7 @@ def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusRepo
                         db_pool=p.db_pool) for p in procs],
         what="running")
     return StatusReport(fleet=desired.name, hosts=hosts, results=results, rows=tuple(rows), sidekiq=tuple(procs),
-                        queue_findings=tuple(findings))
+                        queue_findings=tuple(findings), live=sidekiq_report(desired, results, quiet=quiet))
 
 
 def _declared_cell(s: Service, host: str, result: HostResult, declared_on: frozenset[str],

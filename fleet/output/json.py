@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from fleet.audit import AuditReport, ObservedChange
     from fleet.journal import RunRecord, SnapshotRecord, StepRecord
     from fleet.plan import Plan
+    from fleet.sidekiq import SidekiqReport
     from fleet.status import StatusReport
     from fleet.workflows.lock import LockReport
 
@@ -87,7 +88,34 @@ def status_json(report: StatusReport) -> dict[str, Any]:
             "queues": {q: [f"{p.host}:{p.unit}" for p in report.sidekiq if q in dict(p.queues)]
                        for q in _all_queues(report)},
             "findings": [f.as_dict() for f in report.queue_findings],
+            "live": None if report.live is None else sidekiq_live_json(report.live),
         },
+    }
+
+
+def sidekiq_live_json(live: SidekiqReport) -> dict[str, Any]:
+    """Sidekiq's own view beside systemd's, in `fleet status --json` under sidekiq.live (docs/status.md)."""
+    view = live.view
+    t = view.target
+    return {
+        "read_on": live.host,
+        "redis": None if t is None else {"source": t.source, "host": t.host, "port": t.port, "db": t.db,
+                                         "tls": t.tls, "auth": t.auth},
+        "error": view.error or None,
+        "complete": view.complete,
+        "time": live.now,
+        "processes": [{"identity": m.process.identity, "host": m.host or None, "hostname": m.process.hostname,
+                       "pid": m.process.pid, "tag": m.process.tag, "concurrency": m.process.concurrency,
+                       "queues": [{"name": q, "weight": w or None} for q, w in m.process.queues],
+                       "busy": m.process.busy, "beat": m.process.beat, "quiet": m.process.quiet,
+                       "version": m.process.version, "unit": m.unit.unit if m.unit else None,
+                       "unit_declared": bool(m.unit and m.unit.declared), "joined_by": m.how or None}
+                      for m in live.matches],
+        "silent_units": [{"host": u.host, "unit": u.unit, "active": u.active, "main_pid": u.main_pid}
+                         for u in live.silent],
+        "queues": [{"name": q.name, "size": q.size, "latency": q.latency, "by_systemd": list(q.by_systemd),
+                    "by_heartbeat": list(q.by_heartbeat)} for q in live.queues],
+        "findings": [f.as_dict() for f in live.findings],
     }
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fleet.model import Desired
     from fleet.plan import Plan
     from fleet.results import ApplyResult
+    from fleet.sidekiq import SidekiqReport
     from fleet.status import Cell, StatusReport
     from fleet.workflows.lock import LockReport
 
@@ -130,6 +131,8 @@ def status_text(report: StatusReport, *, now: float | None = None) -> str:
     out.append(hosts_text(report, now))
     out.append("")
     out.append(sidekiq_text(report))
+    if report.live is not None:
+        out += ["", sidekiq_live_text(report.live)]
     return printable("\n".join(out).rstrip() + "\n")
 
 
@@ -181,6 +184,43 @@ def sidekiq_text(report: StatusReport) -> str:
             out.append(f"! {len(unserved)} queue(s) served by no running Sidekiq process: their jobs pile up")
     if report.unreachable:
         out.append(f"note: {len(report.unreachable)} host(s) did not answer; queue coverage may be incomplete")
+    return printable("\n".join(out))
+
+
+def _age(seconds: float | None) -> str:
+    return "" if seconds is None else f"{max(0.0, seconds):.0f}s"
+
+
+def sidekiq_live_text(live: SidekiqReport) -> str:
+    """Sidekiq's own view (its heartbeats and queues in Redis) beside systemd's: each live process
+    with the unit it was joined to, each queue with who serves it by systemd and by heartbeat."""
+    view = live.view
+    where = f" ({view.target.describe()})" if view.target else ""
+    out = [f"Sidekiq's own view: Redis read on {live.host}{where}"]
+    if view.error:
+        out.append(f"  unavailable: {view.error}")
+    else:
+        rows: list[list[object]] = []
+        for m in live.matches:
+            p = m.process
+            unit = f"{m.unit.unit} (by {m.how})" if m.unit else "NO UNIT (!)"
+            rows.append([m.host or f"{p.hostname} (?)", p.pid, p.tag, p.concurrency,
+                         " ".join(q if not w else f"{q},{w}" for q, w in p.queues) or "none", p.busy,
+                         f"{_age(live.now - p.beat)} ago", "quiet" if p.quiet else "", unit])
+        for u in live.silent:
+            if u.active:
+                rows.append([u.host, u.main_pid, "", "", "", "", "no heartbeat", "", f"{u.unit} (!)"])
+        if rows:
+            out.append(table(rows, ["HOST", "PID", "TAG", "-c", "QUEUES", "BUSY", "LAST BEAT", "QUIET", "UNIT"]))
+        else:
+            out.append("  no live Sidekiq process heartbeats in Redis")
+        queues = [[q.name, "" if q.size is None else q.size, _age(q.latency) if q.size else "",
+                   ", ".join(q.by_systemd) or "-", ", ".join(q.by_heartbeat) or ("NOBODY (!)" if q.size else "-")]
+                  for q in live.queues]
+        out += ["", table(queues, ["QUEUE", "SIZE", "LATENCY", "BY SYSTEMD", "BY HEARTBEAT"])]
+    if live.findings:
+        out.append("")
+        out += [f"{'!' if f.is_error else '~'} {f.message}" for f in live.findings]
     return printable("\n".join(out))
 
 

@@ -1,0 +1,237 @@
+"""Sidekiq's own view wired into fleet: read in the collection of the Redis host, kept in the
+snapshots, shown by `fleet status` (text and JSON) beside systemd's view, judged by `fleet audit`,
+and `[policy.sidekiq]` read by config.  Over the shipped example, converged (tests/unit/observed.py),
+with a view that agrees with it and one defect at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from observed import EXAMPLE_SECRETS, REPO, converged, example, stopped
+
+from fleet.audit import build_audit
+from fleet.collect.parse import parse_host
+from fleet.collect.script import build_script, spec_for
+from fleet.config import load
+from fleet.model import Desired, HostResult, HostState
+from fleet.output.json import status_json
+from fleet.output.text import status_text
+from fleet.sidekiq import (
+    SECTION,
+    QueueState,
+    SidekiqProcess,
+    SidekiqView,
+    quiet_since,
+    sidekiq_units,
+)
+from fleet.snapshot import pack, unpack
+from fleet.status import build_status
+
+NOW = 1_800_000_000.0
+QUEUES = ("default", "push", "ingress", "mailers", "pull", "scheduler", "fasp")
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def process(host: str, pid: int, queues: tuple[tuple[str, int], ...], concurrency: int, **kw: Any) -> SidekiqProcess:
+    fields: dict[str, Any] = dict(identity=f"{host}:{pid}:0123456789ab", hostname=host, pid=pid, tag="live",
+                                  concurrency=concurrency, queues=queues, labels=(), started_at=NOW - 3600,
+                                  version="7.3.9", busy=1, beat=NOW - 3, quiet=False, rss=200_000, rtt_us=300)
+    return SidekiqProcess(**(fields | kw))
+
+
+def fleet(*extra: SidekiqProcess, skip: tuple[str, ...] = (), **queues: QueueState) -> tuple[Desired, dict[str, Any]]:
+    """The example converged, with the view its Redis would hold: a process per active declared
+    unit (but those of the units named in `skip`), the `extra` ones, and the queues."""
+    desired = example()
+    results: dict[str, HostResult] = dict(converged(desired, EXAMPLE_SECRETS))
+    for unit in skip:
+        for host, r in results.items():
+            if isinstance(r, HostState) and r.unit(unit) is not None:
+                results[host] = stopped(r, unit)
+    procs = [process(u.host, u.main_pid, u.queues, u.concurrency or 0)
+             for u in sidekiq_units(desired, results) if u.active and u.declared]
+    procs += extra
+    states = tuple(queues.get(q, QueueState(q, 0, None, 0.0)) for q in QUEUES)
+    view = SidekiqView(redis_time=NOW, processes=tuple(procs), queues=states, processes_total=len(procs),
+                       queues_total=len(states))
+    return desired, with_view(results, "nietzsche", view)
+
+
+def with_view(results: dict[str, HostResult], host: str, view: SidekiqView) -> dict[str, HostResult]:
+    state = results[host]
+    assert isinstance(state, HostState)
+    return results | {host: dataclasses.replace(state, extra=(*state.extra, (SECTION, view)))}
+
+
+# ------------------------------------------------------------------------- collection and snapshots
+
+def test_the_view_is_read_in_the_round_trip_to_the_redis_host_and_nowhere_else() -> None:
+    desired = example()
+    scripts = {h.name: build_script(spec_for(desired, h.name)) for h in desired.hosts}
+    assert {h for h, s in scripts.items() if "@@sidekiq" in s} == {"nietzsche"}  # where Redis is declared
+    assert "f=/home/mastodon/live/.env.production" in scripts["nietzsche"]
+
+
+def _output_with(section: str) -> str:
+    base = (FIXTURES / "collect" / "stores-converged-nietzsche.txt").read_text()
+    assert base.endswith("@@end\n")
+    return base[:-len("@@end\n")] + section + "@@end\n"
+
+
+def test_the_sidekiq_section_of_a_hosts_output_becomes_its_view() -> None:
+    section = (FIXTURES / "sidekiq" / "fleet-with-backlog.txt").read_text()
+    state = parse_host("nietzsche", _output_with(section))
+    view = state.facts_of(SECTION)
+    assert isinstance(view, SidekiqView) and not view.error
+    assert {p.hostname for p in view.processes} == {"freud", "nietzsche", "cdn-frankfurt-1"}
+    mailers = view.queue("mailers")
+    assert mailers is not None and mailers.size == 50 and mailers.latency >= 600
+
+
+def test_a_sidekiq_section_fleet_cannot_read_costs_the_view_not_the_host() -> None:
+    state = parse_host("nietzsche", _output_with('@@sidekiq\ntarget REDIS_HOST 127.0.0.1 6379 0 plain none\n'
+                                                 'time "1","2"\nsurprise\n'))
+    view = state.facts_of(SECTION)
+    assert isinstance(state, HostState) and state.unit("redis-server.service") is not None
+    assert isinstance(view, SidekiqView) and view.error.startswith("unreadable: ")
+
+
+def test_an_output_without_the_section_has_no_view() -> None:
+    state = parse_host("nietzsche", _output_with(""))
+    assert state.facts_of(SECTION) is None
+
+
+def test_the_view_is_kept_in_the_snapshot_and_read_back_the_same() -> None:
+    _, results = fleet(process("franz", 31337, (("default", 0),), 10, quiet=True),
+                       mailers=QueueState("mailers", 50, NOW - 700, 700.0))
+    back = unpack(pack(results))
+    assert back["nietzsche"].facts_of(SECTION) == results["nietzsche"].facts_of(SECTION)  # type: ignore[union-attr]
+    assert back["freud"].facts_of(SECTION) is None  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------------- status and audit
+
+def test_a_fleet_running_as_declared_shows_every_process_with_its_unit_and_no_findings() -> None:
+    desired, results = fleet()
+    report = build_status(desired, results)
+    assert report.live is not None and report.live.findings == ()
+    assert all(m.unit is not None and m.how == "pid" for m in report.live.matches)
+    assert not [f for f in build_audit(desired, results).findings if f.code.startswith("sidekiq.")]
+    mailers = next(q for q in report.live.queues if q.name == "mailers")
+    assert mailers.by_systemd == ("freud:mastodon-sidekiq-default.service",)
+    assert mailers.by_heartbeat == ("freud:1000",)
+
+
+def test_a_sidekiq_started_by_hand_on_the_cdn_host_shows_with_no_unit_and_audit_names_host_and_queues() -> None:
+    desired, results = fleet(process("franz", 31337, (("default", 0), ("push", 0)), 10))
+    report = build_status(desired, results)
+    assert report.live is not None
+    by_hand = next(m for m in report.live.matches if m.process.pid == 31337)
+    assert by_hand.host == "franz" and by_hand.unit is None
+    text = status_text(report, now=NOW)
+    assert "31337" in text and "NO UNIT (!)" in text
+    audit = build_audit(desired, results)
+    unmanaged = [f for f in audit.errors if f.code == "sidekiq.process-unmanaged"]
+    assert len(unmanaged) == 1 and unmanaged[0].host == "franz" and "default, push" in unmanaged[0].message
+    assert any(f.code == "placement.forbidden" and f.host == "franz" for f in audit.errors)
+    live = status_json(report)["sidekiq"]["live"]
+    proc = next(p for p in live["processes"] if p["pid"] == 31337)
+    assert proc["host"] == "franz" and proc["unit"] is None
+    assert [q["name"] for q in proc["queues"]] == ["default", "push"]
+
+
+def test_a_backlog_with_its_only_unit_stopped_shows_size_and_latency_served_by_nobody() -> None:
+    desired, results = fleet(skip=("mastodon-sidekiq-default.service",),
+                             mailers=QueueState("mailers", 50, NOW - 610, 610.0))
+    report = build_status(desired, results)
+    assert report.live is not None
+    mailers = next(q for q in report.live.queues if q.name == "mailers")
+    assert (mailers.size, mailers.by_systemd, mailers.by_heartbeat) == (50, (), ())
+    assert mailers.latency is not None and mailers.latency >= 600
+    live_table = status_text(report, now=NOW).split("Sidekiq's own view", 1)[1]
+    row = next(line for line in live_table.splitlines() if line.startswith("mailers "))
+    assert row.split() == ["mailers", "50", "610s", "-", "NOBODY", "(!)"]
+    codes = {f.code for f in build_audit(desired, results).errors}
+    assert "sidekiq.queue-stalled" in codes
+    doc = json.loads(json.dumps(status_json(report)))
+    assert next(q for q in doc["sidekiq"]["live"]["queues"] if q["name"] == "mailers")["size"] == 50
+
+
+def test_an_active_unit_that_stopped_heartbeating_is_an_audit_error() -> None:
+    desired, results = fleet()
+    view = results["nietzsche"].facts_of(SECTION)
+    assert isinstance(view, SidekiqView)
+    hung = dataclasses.replace(view, processes=tuple(p for p in view.processes if p.pid != 1003),
+                               processes_total=len(view.processes) - 1)
+    results = with_view(results | {"nietzsche": dataclasses.replace(results["nietzsche"], extra=())},
+                        "nietzsche", hung)
+    report = build_status(desired, results)
+    assert report.live is not None
+    assert [u.unit for u in report.live.silent] == ["mastodon-sidekiq-scheduler.service"]
+    assert "no heartbeat" in status_text(report, now=NOW)
+    f = next(f for f in build_audit(desired, results).errors if f.code == "sidekiq.no-heartbeat")
+    assert f.host == "nietzsche" and "mastodon-sidekiq-scheduler.service" in f.message
+
+
+def test_a_process_quiet_since_the_previous_observation_beyond_its_timeout_is_stuck() -> None:
+    quiet = process("franz", 31337, (("default", 0),), 10, quiet=True)
+    desired, before = fleet(quiet)
+    desired, now = fleet(dataclasses.replace(quiet, beat=NOW + 57))
+    view = now["nietzsche"].facts_of(SECTION)
+    assert isinstance(view, SidekiqView)
+    now = with_view(now | {"nietzsche": dataclasses.replace(now["nietzsche"], extra=())}, "nietzsche",
+                    dataclasses.replace(view, redis_time=NOW + 60))
+    assert build_status(desired, now).live.findings  # type: ignore[union-attr]  # the unmanaged one
+    without = {f.code for f in build_status(desired, now).live.findings}  # type: ignore[union-attr]
+    assert "sidekiq.quiet-stuck" not in without  # no earlier observation: since when is unknown
+    report = build_status(desired, now, quiet=quiet_since(before))
+    stuck = [f for f in report.live.findings if f.code == "sidekiq.quiet-stuck"]  # type: ignore[union-attr]
+    assert len(stuck) == 1 and "60 s" in stuck[0].message
+
+
+def test_an_unreadable_view_is_shown_as_unavailable_with_one_warning() -> None:
+    desired, results = fleet()
+    results = results | {"nietzsche": dataclasses.replace(results["nietzsche"], extra=())}
+    results = with_view(results, "nietzsche", SidekiqView(error="cannot reach Redis: Connection refused"))
+    report = build_status(desired, results)
+    assert report.live is not None
+    assert "unavailable: cannot reach Redis" in status_text(report, now=NOW)
+    assert [f.code for f in report.live.findings] == ["sidekiq.view-unavailable"]
+
+
+def test_status_without_a_view_has_no_live_member() -> None:
+    desired = example()
+    results: dict[str, HostResult] = dict(converged(desired, EXAMPLE_SECRETS))
+    report = build_status(desired, results)
+    assert report.live is None and status_json(report)["sidekiq"]["live"] is None
+    assert "Sidekiq's own view" not in status_text(report, now=NOW)
+
+
+# ------------------------------------------------------------------------- [policy.sidekiq]
+
+def _config(tmp_path: Path, policy: str) -> tuple[Path, Path]:
+    text = (REPO / "desired_state.toml").read_text()
+    path = tmp_path / "desired_state.toml"
+    path.write_text(text + "\n[policy.sidekiq]\n" + policy)
+    return path, REPO / "hosts"
+
+
+def test_policy_sidekiq_is_read_into_the_desired_state(tmp_path: Path) -> None:
+    loaded = load(*_config(tmp_path, 'max_latency = 60\nmax_latency_error = 120\nenv_file = "mastodon"\n'))
+    assert loaded.desired is not None and not [f for f in loaded.findings if f.is_error]
+    p = loaded.desired.sidekiq_policy
+    assert (p.max_latency, p.max_latency_error, p.env_file) == (60.0, 120.0, "mastodon")
+
+
+def test_a_bad_policy_sidekiq_value_names_the_file_the_key_and_its_line(tmp_path: Path) -> None:
+    path, hosts = _config(tmp_path, 'max_latency = "soon"\nenv_file = "mastodn"\n')
+    loaded = load(path, hosts)
+    lines = path.read_text().splitlines()
+    bad = {f.key: f for f in loaded.findings if f.key.startswith("policy.sidekiq")}
+    assert set(bad) == {"policy.sidekiq.max_latency", "policy.sidekiq.env_file"}
+    for key, f in bad.items():
+        assert f.file == str(path) and f.line is not None and lines[f.line - 1].startswith(key.rsplit(".", 1)[1])
+    assert "mastodon" in bad["policy.sidekiq.env_file"].hint
