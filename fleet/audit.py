@@ -351,8 +351,9 @@ class AuditReport:
         return [f for f in self.findings if f.is_error]
 
 
-def build_audit(desired: Desired, results: Mapping[str, HostResult]) -> AuditReport:
-    status = build_status(desired, dict(results))
+def build_audit(desired: Desired, results: Mapping[str, HostResult], *,
+                quiet: Mapping[str, float] | None = None) -> AuditReport:
+    status = build_status(desired, dict(results), quiet=quiet)
     return AuditReport(fleet=desired.name, status=status, drift=classify(desired, results),
                        findings=observed_findings(desired, results, status))
 

@@ -65,7 +65,8 @@ def audit(options: AuditOptions, reporter: Reporter) -> AuditReport:
             base = baseline(journal, options.since)
     with observing.open_transport(common, targets, options.scope) as transport:
         seen = observing.observe(common, options.scope, "audit", scoped, targets, transport, reporter)
-    report = replace(build_audit(scoped, seen.results), snapshot_id=seen.snapshot_id)
+    quiet = observing.previous_quiet(common, desired, seen)
+    report = replace(build_audit(scoped, seen.results, quiet=quiet), snapshot_id=seen.snapshot_id)
     if base is None:
         return report
     with Journal.open(journal_path(common.state_dir)) as journal:

@@ -10,10 +10,15 @@ from fleet.collect.collector import collect
 from fleet.errors import FleetError
 from fleet.journal import Journal, journal_path, operator
 from fleet.model import Desired, HostResult, HostState
-from fleet.snapshot import host_summary, pack
+from fleet.sidekiq import find_view, quiet_since
+from fleet.snapshot import host_summary, pack, unpack
 from fleet.targets import Targets
 from fleet.transport.protocol import Transport
 from fleet.workflows.base import Common, Reporter, Scope
+
+# How many earlier snapshots to look through for Sidekiq's view (a status of a fleet without it
+# reads none: only an observation with a quiet process looks back at all).
+LOOK_BACK = 5
 
 # 4 MiB: a real collection is tens of KB (unit texts are capped at 5,000 lines); a host that
 # prints more is refused ("output-too-large") before its output can cost much memory.
@@ -61,3 +66,27 @@ def keep_snapshot(common: Common, command: str, desired: Desired, results: dict[
     except FleetError as e:
         reporter.note(f"warning: this observation was not kept in the journal: {e.message}")
         return ""
+
+
+def previous_quiet(common: Common, desired: Desired, observation: Observation) -> dict[str, float]:
+    """Since when each Sidekiq process quiet now is known to have been quiet: the time of the newest
+    earlier snapshot of this fleet that saw it quiet too (sidekiq.quiet_since).  The view says only
+    *that* a process is quiet; this is what tells "stopping" from "stuck".  Empty when no process is
+    quiet, or the journal cannot tell."""
+    found = find_view(observation.results)
+    if found is None or not any(p.quiet for p in found[1].processes):
+        return {}
+    path = journal_path(common.state_dir)
+    if not path.exists():
+        return {}
+    try:
+        with Journal.open(path) as journal:
+            earlier = [s for s in journal.snapshots() if s.id != observation.snapshot_id
+                       and s.fleet == desired.name and s.lab == common.lab]
+            for record in reversed(earlier[-LOOK_BACK:]):
+                data = journal.snapshot_data(record.id)
+                if data is not None and find_view(previous := unpack(data)) is not None:
+                    return quiet_since(previous)
+    except FleetError:
+        return {}  # a damaged journal costs this one finding, never the status
+    return {}

@@ -34,4 +34,6 @@ def status(options: StatusOptions, reporter: Reporter) -> StatusResult:
     targets = resolve(desired, state_dir=str(common.state_dir), lab=common.lab, limit=options.scope.limit)
     with observing.open_transport(common, targets, options.scope) as transport:
         seen = observing.observe(common, options.scope, "status", desired, targets, transport, reporter)
-    return StatusResult(build_status(replace(desired, hosts=targets.hosts), seen.results), seen.snapshot_id)
+    quiet = observing.previous_quiet(common, desired, seen)
+    return StatusResult(build_status(replace(desired, hosts=targets.hosts), seen.results, quiet=quiet),
+                        seen.snapshot_id)

@@ -235,3 +235,28 @@ def test_a_bad_policy_sidekiq_value_names_the_file_the_key_and_its_line(tmp_path
     for key, f in bad.items():
         assert f.file == str(path) and f.line is not None and lines[f.line - 1].startswith(key.rsplit(".", 1)[1])
     assert "mastodon" in bad["policy.sidekiq.env_file"].hint
+
+
+# ------------------------------------------------------------------------- quiet, across observations
+
+def test_status_and_audit_learn_since_when_a_process_is_quiet_from_the_journals_earlier_snapshot(
+        tmp_path: Path) -> None:
+    from fleet.journal import Journal, journal_path
+    from fleet.workflows.base import Common
+    from fleet.workflows.observe import Observation, previous_quiet
+
+    common = Common.at(tmp_path)
+    quiet = process("franz", 31337, (("default", 0),), 10, quiet=True)
+    desired, before = fleet(quiet)
+    _, now = fleet(dataclasses.replace(quiet, beat=NOW + 57))
+    assert previous_quiet(common, desired, Observation(now, "")) == {}  # no journal yet
+    with Journal.open(journal_path(common.state_dir)) as journal:
+        journal.save_snapshot(command="status", fleet=desired.name, lab=False, hosts={}, data=pack(before),
+                              operator="t", now=NOW)
+        journal.save_snapshot(command="status", fleet="another", lab=False, hosts={}, data=pack(now),
+                              operator="t", now=NOW + 10)
+        current = journal.save_snapshot(command="status", fleet=desired.name, lab=False, hosts={},
+                                        data=pack(now), operator="t", now=NOW + 60)
+    assert previous_quiet(common, desired, Observation(now, current)) == {quiet.identity: NOW}
+    working = fleet(dataclasses.replace(quiet, quiet=False))[1]
+    assert previous_quiet(common, desired, Observation(working, current)) == {}  # nobody quiet: no look back
