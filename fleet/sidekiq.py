@@ -336,6 +336,53 @@ echo end
 """
 
 
+def gone_script(env_path: str, pid: str, *, timeout: int = int(BEAT_EXPIRY) + 10) -> str:
+    """POSIX sh for apply, run on the host of a Sidekiq unit just stopped or restarted: wait (at
+    most `timeout` s) until no live heartbeat of its old process (`pid`, a shell word, e.g. "$p0")
+    is left in `processes` — Sidekiq removes its own on a clean stop; a killed one's hash expires
+    60 s after its last beat.  Redis is found from the env file at `env_path` as the collection
+    section finds it; the password goes to redis-cli in its environment only.  Prints one line:
+    `@@sidekiq-gone ok`, `@@sidekiq-gone timeout IDENTITY` or `@@sidekiq-gone skipped REASON`."""
+    q = shlex.quote
+    return f"""(
+set -f
+IFS='
+'
+sk_p={pid}
+f={q(env_path)}
+sk_err= sk_src= sk_host= sk_port= sk_db= sk_tls= sk_user= sk_pass=
+if [ "${{sk_p:-0}}" = 0 ]; then echo '@@sidekiq-gone ok'; exit 0; fi
+if ! command -v redis-cli >/dev/null 2>&1; then echo '@@sidekiq-gone skipped (no redis-cli on the host)'; exit 0; fi
+if [ ! -r "$f" ] || ! conf=$({redis_settings_command('"$f"')} 2>/dev/null); then
+  echo '@@sidekiq-gone skipped (the env file cannot be read)'; exit 0
+fi
+eval "$conf"
+if [ -n "$sk_err" ]; then echo "@@sidekiq-gone skipped ($sk_err)"; exit 0; fi
+set -- -h "$sk_host" -p "$sk_port" -n "$sk_db"
+if [ -n "$sk_user" ]; then set -- "$@" --user "$sk_user"; fi
+if [ "$sk_tls" = tls ]; then set -- "$@" --tls; fi
+sk_cli() {{
+  if [ -n "$sk_pass" ]; then REDISCLI_AUTH=$sk_pass timeout 10 redis-cli "$@"
+  else timeout 10 redis-cli "$@"; fi
+}}
+read -r sk_h </proc/sys/kernel/hostname
+end=$(( $(date +%s) + {int(timeout)} ))
+while :; do
+  # PING first: redis-cli exits 0 on a refused password too, and an error is no member
+  ids=$(printf 'PING\nSMEMBERS processes\n' | sk_cli "$@" 2>/dev/null)
+  case $ids in PONG|PONG"$IFS"*) ;; *) echo '@@sidekiq-gone skipped (Redis did not answer)'; exit 0;; esac
+  live=
+  mine=$(printf '%s\n' "$ids" | sed 1d | head -n {MAX_PROCESSES * 4} | awk -v pre="$sk_h:$sk_p:" 'index($0, pre) == 1')
+  for id in $mine; do
+    [ "$(sk_cli "$@" EXISTS "$id" 2>/dev/null)" = 1 ] && live=$id
+  done
+  if [ -z "$live" ]; then echo '@@sidekiq-gone ok'; exit 0; fi
+  if [ "$(date +%s)" -ge "$end" ]; then echo "@@sidekiq-gone timeout $live"; exit 0; fi
+  sleep 0.5
+done
+)"""
+
+
 # ================================================================ the view, parsed
 
 

@@ -15,8 +15,9 @@ from fleet import remote
 from fleet.actions import Action, Change, ObservedKind, Phase
 from fleet.config import UNIT_NAME
 from fleet.errors import FleetError, TransportError
-from fleet.model import Desired, Service
+from fleet.model import Desired, Kind, Service
 from fleet.resources.base import PLAIN, ActionSpec, AuditStep, Detail, Execution, HostDiff, Resource
+from fleet.sidekiq import BEAT_EXPIRY, RedisSource, gone_script, locate_redis
 from fleet.units import describe_unit, unit_path
 
 _RUNS = (Action.START, Action.RESTART)
@@ -78,9 +79,27 @@ class UnitStates(Resource):
         # reset-failed first: a unit that crash-looped earlier (this run's rollback, or by
         # hand) would otherwise be refused by systemd's start limit for a while.
         verb = "start" if change.action == Action.START else "restart"
-        step.run(remote.reset_failed(change.target) + remote.systemctl(verb, change.target),
-                 timeout=step.start_timeout + 30)
+        env = _sidekiq_env(step.desired, step.service(change.service)) if verb == "restart" else None
+        if env is None:
+            step.run(remote.reset_failed(change.target) + remote.systemctl(verb, change.target),
+                     timeout=step.start_timeout + 30)
+        else:
+            self._restart_sidekiq(change, step, env)
         self._gate(change, step)
+
+    def _restart_sidekiq(self, change: Change, step: Execution, env_path: str) -> None:
+        """A Sidekiq restart is done when its old process has left Sidekiq's `processes` too: until
+        then Sidekiq's own view (and Mastodon's admin check) still counts it, and a process that
+        outlived its unit's stop is still taking jobs."""
+        unit = remote.q(change.target)
+        out = step.run(f"p0=$(systemctl show -p MainPID --value -- {unit}); " + remote.reset_failed(change.target)
+                       + f"systemctl restart -- {unit} && echo @@ok && " + gone_script(env_path, '"$p0"'),
+                       timeout=step.start_timeout + 30 + BEAT_EXPIRY + 20)
+        line = next((ln for ln in out.splitlines() if ln.startswith("@@sidekiq-gone ")), "")
+        if line.startswith("@@sidekiq-gone timeout "):
+            raise FleetError(f"the old Sidekiq process {line.split(' ', 2)[2]} still heartbeats in Redis "
+                             f"{BEAT_EXPIRY:g} s after the restart of {change.target}",
+                             hint="it outlived its unit's stop: find it (ps) and stop it")
 
     def _gate(self, change: Change, step: Execution) -> None:
         check = step.service(change.service).health
@@ -130,3 +149,12 @@ class UnitStates(Resource):
             return False
         return not (step.action in _RUNS and kind in _ROLLED_BACK and step.outcome != "failed")
 
+
+def _sidekiq_env(desired: Desired, service: Service) -> str | None:
+    """The env file a Sidekiq service's host finds Redis with (the one the collection reads, when the
+    service loads it, else its first); None for any other service, or when it loads none."""
+    if service.kind != Kind.SIDEKIQ or service.unit_spec is None or not service.unit_spec.environment_files:
+        return None
+    files = service.unit_spec.environment_files
+    where = locate_redis(desired, desired.sidekiq_policy)
+    return where.env_path if isinstance(where, RedisSource) and where.env_path in files else files[0]

@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import REDIS_HOST, enqueue, fleet, lab_redis_password, redis_cli, reset_all
+from helpers import REDIS_HOST, enqueue, fleet, fleet_json, lab_redis_password, redis_cli, reset_all
 
+from fleet.journal import journal_path
 from fleet.sidekiq import (
     SidekiqPolicy,
     SidekiqView,
@@ -176,5 +177,90 @@ def test_the_redis_password_is_in_no_argv_journal_log_or_output(converged: Any) 
         assert password not in journal, f"the Redis password is in {host}'s journal"
     log = converged.ssh(REDIS_HOST, "cat /var/log/redis/redis-server.log", user="root").stdout
     assert password not in log
-    status = fleet(converged, "status", "--json")
-    assert password not in status.stdout + status.stderr
+    for args in (("status", "--json"), ("status",), ("audit",), ("audit", "--format", "json")):
+        done = fleet(converged, *args)
+        assert "Sidekiq's own view" in done.stdout or '"live"' in done.stdout  # the section ran
+        assert password not in done.stdout + done.stderr, f"fleet {' '.join(args)} printed the Redis password"
+    for host in converged.names:  # and the collection left it in no journal
+        journal = converged.ssh(host, "journalctl --no-pager -o cat --since -5min", user="root", timeout=120).stdout
+        assert password not in journal, f"the Redis password is in {host}'s journal"
+    journal = journal_path(converged.state_dir)  # the snapshots of those runs, Sidekiq's view in them
+    kept = list(journal.parent.glob(journal.name + "*"))
+    assert kept and all(password.encode() not in p.read_bytes() for p in kept)
+
+
+# ------------------------------------------------------------------ through `fleet status` and `fleet audit`
+
+def live(lab: Any) -> dict[str, Any]:
+    doc = fleet_json(lab, "status", ok_codes=(0, 1, 2))
+    section: dict[str, Any] = doc["sidekiq"]["live"]
+    assert section is not None and section["error"] is None, section
+    return section
+
+
+def start_by_hand(lab: Any, host: str, args: str) -> int:
+    start = ("cd /home/mastodon/live && echo $$ > /tmp/hand-sidekiq.pid && "
+             f"RAILS_ENV=production exec {BUNDLE} exec sidekiq {args}")
+    lab.ssh(host, f"setsid -f runuser -u mastodon -- sh -c '{start}' >/tmp/hand-sidekiq.log 2>&1 </dev/null",
+            user="root")
+    return int(poll(lambda: lab.ssh(host, "cat /tmp/hand-sidekiq.pid", user="root", check=False).stdout.strip(),
+                    10, "the hand-made Sidekiq did not start"))
+
+
+def test_fleet_status_shows_a_sidekiq_started_by_hand_on_the_cdn_host_and_audit_exits_2_naming_it(
+        converged: Any) -> None:
+    host = "franz"
+    pid = start_by_hand(converged, host, "-c 10 -q default -q push")
+    try:
+        poll(lambda: process_of(read_view(converged)[0], host, pid), 30, "the hand-made Sidekiq does not heartbeat")
+        section = live(converged)
+        proc = next(p for p in section["processes"] if p["pid"] == pid)
+        assert proc["host"] == host and proc["unit"] is None and proc["concurrency"] == 10
+        assert [q["name"] for q in proc["queues"]] == ["default", "push"]
+        assert all(p["unit_declared"] for p in section["processes"] if p["pid"] != pid)  # the rest: joined
+        text = fleet(converged, "status").stdout
+        assert "NO UNIT (!)" in text and str(pid) in text
+        audit = fleet(converged, "audit")
+        assert audit.returncode == 2, audit.stdout + audit.stderr
+        line = next(x for x in audit.stdout.splitlines() if "error: a live Sidekiq process" in x)
+        assert f"on {host} (pid {pid}, queues default, push" in line
+    finally:
+        converged.ssh(host, f"kill -TERM {pid}", user="root", check=False)
+    poll(lambda: process_of(read_view(converged)[0], host, pid) is None, 30, "a stopped process stays listed")
+
+
+def test_fleet_status_shows_50_mailers_jobs_waiting_with_their_unit_stopped_and_audit_reports_it(
+        converged: Any) -> None:
+    host, unit = "freud", "mastodon-sidekiq-default.service"  # the one process that serves mailers
+    converged.ssh(host, f"systemctl stop {unit}", user="root")
+    try:
+        enqueue(converged, "mailers", 50, enqueued_at=time.time() - 600)
+        mailers = next(q for q in live(converged)["queues"] if q["name"] == "mailers")
+        assert mailers["size"] == 50 and mailers["latency"] >= 600
+        assert mailers["by_heartbeat"] == [] and mailers["by_systemd"] == []
+        audit = fleet(converged, "audit")
+        assert audit.returncode == 2, audit.stdout + audit.stderr
+        assert "error: queue 'mailers' holds 50 job(s)" in audit.stdout
+    finally:
+        converged.ssh(host, f"systemctl start {unit}", user="root")
+    poll(lambda: (q := read_view(converged)[0].queue("mailers")) is not None and q.size == 0, 30,
+         "the restarted process did not work the mailers queue off")
+
+
+def test_an_active_unit_whose_process_stops_heartbeating_is_reported_within_70_s(converged: Any) -> None:
+    host, unit = "nietzsche", "mastodon-sidekiq-scheduler.service"
+    pid = main_pid(converged, host, unit)
+    assert process_of(read_view(converged)[0], host, pid)
+    converged.ssh(host, f"kill -STOP {pid}", user="root")
+    stopped_at = time.monotonic()
+    try:
+        def reported() -> bool:
+            found = [f for f in live(converged)["findings"] if f["code"] == "sidekiq.no-heartbeat"]
+            return any(unit in f["message"] and f["host"] == host for f in found)
+
+        poll(reported, 70, f"{unit}, stopped, was not reported within 70 s")
+        assert time.monotonic() - stopped_at <= 70
+        assert converged.ssh(host, f"systemctl is-active {unit}", user="root").stdout.strip() == "active"
+    finally:
+        converged.ssh(host, f"kill -CONT {pid}", user="root", check=False)
+    poll(lambda: process_of(read_view(converged)[0], host, pid), 30, f"{unit} did not heartbeat again after CONT")

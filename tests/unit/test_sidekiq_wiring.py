@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from observed import EXAMPLE_SECRETS, REPO, converged, example, stopped
+from redis_server import Redis
 
 from fleet.audit import build_audit
 from fleet.collect.parse import parse_host
@@ -24,6 +28,7 @@ from fleet.sidekiq import (
     QueueState,
     SidekiqProcess,
     SidekiqView,
+    gone_script,
     quiet_since,
     sidekiq_units,
 )
@@ -260,3 +265,44 @@ def test_status_and_audit_learn_since_when_a_process_is_quiet_from_the_journals_
     assert previous_quiet(common, desired, Observation(now, current)) == {quiet.identity: NOW}
     working = fleet(dataclasses.replace(quiet, quiet=False))[1]
     assert previous_quiet(common, desired, Observation(working, current)) == {}  # nobody quiet: no look back
+
+
+# ------------------------------------------------------------------------- apply: a restart waits for the old process
+
+def _gone(redis: Redis, tmp_path: Path, pid: str, *, env: str | None = None, timeout: int = 1) -> str:
+    path = tmp_path / ".env.production"
+    path.write_text(redis.env() if env is None else env)
+    done = subprocess.run(["sh", "-c", gone_script(str(path), pid, timeout=timeout)], capture_output=True,
+                          text=True, timeout=60, env={"PATH": os.environ["PATH"], "LC_ALL": "C"})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return done.stdout
+
+
+def test_a_sidekiq_restart_waits_until_the_old_process_has_left_processes(redis: Redis, tmp_path: Path) -> None:
+    redis.flush()
+    me = Path("/proc/sys/kernel/hostname").read_text().strip()
+    old, other = f"{me}:4242:0123456789ab", f"{me}:42420:0123456789ab"  # a pid that merely starts the same
+    redis.cli("SADD", "processes", old, other, "elsewhere:4242:0123456789ab")
+    for identity in (old, other):
+        redis.cli("HSET", identity, "beat", str(time.time()), "info", "{}")
+    assert _gone(redis, tmp_path, "4242") == f"@@sidekiq-gone timeout {old}\n"  # still heartbeating
+    redis.cli("DEL", old)  # its hash expired (a killed process): it no longer counts
+    assert _gone(redis, tmp_path, "4242") == "@@sidekiq-gone ok\n"
+    redis.cli("SREM", "processes", old)  # a clean stop removes the member itself
+    assert _gone(redis, tmp_path, "4242") == "@@sidekiq-gone ok\n"
+    assert _gone(redis, tmp_path, "0") == "@@sidekiq-gone ok\n"  # the unit ran no process
+
+
+def test_a_restart_cannot_wait_without_redis_and_says_why(redis: Redis, tmp_path: Path) -> None:
+    assert _gone(redis, tmp_path, "4242", env="REDIS_NAMESPACE=x\n").startswith("@@sidekiq-gone skipped (namespace")
+    wrong = redis.env().replace("REDIS_PASSWORD=", "REDIS_PASSWORD=x")
+    assert _gone(redis, tmp_path, "4242", env=wrong) == "@@sidekiq-gone skipped (Redis did not answer)\n"
+
+
+def test_a_sidekiq_restart_runs_the_wait_and_other_restarts_do_not() -> None:
+    from fleet.resources.unit_state import _sidekiq_env
+
+    desired = example()
+    by_kind = {s.kind.value: s for s in desired.services if s.unit_spec is not None}
+    assert _sidekiq_env(desired, by_kind["sidekiq"]) == "/home/mastodon/live/.env.production"
+    assert _sidekiq_env(desired, by_kind["web"]) is None
