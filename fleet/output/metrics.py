@@ -42,6 +42,9 @@ _FAMILIES: dict[str, str] = {
     "fleet_findings": "Open findings of the domain policies on the observed fleet, by severity and rule.",
     "fleet_host_up": "1 when the host answered the last observation, 0 when it could not be observed.",
     "fleet_last_observation_timestamp_seconds": "When fleet last observed the fleet (UNIX seconds).",
+    "fleet_sidekiq_queue_size": "Jobs waiting in a Sidekiq queue (LLEN queue:NAME), as Sidekiq's Redis says.",
+    "fleet_sidekiq_queue_latency_seconds": "Seconds the oldest job of a Sidekiq queue has waited (0 when empty), "
+                                           "at Redis's clock.",
 }
 
 
@@ -71,7 +74,21 @@ def metrics_text(report: AuditReport, *, now: float) -> str:
     out += _family("fleet_host_up", [({"fleet": fleet, "host": h}, 1.0 if isinstance(r, HostState) else 0.0)
                                      for h, r in status.results.items()])
     out += _family("fleet_last_observation_timestamp_seconds", [({"fleet": fleet}, now)])
+    out += _sidekiq_queues(report)
     return "".join(out)
+
+
+def _sidekiq_queues(report: AuditReport) -> list[str]:
+    """Size and latency per queue Sidekiq's Redis lists; no series (not zeros) when its view was not
+    read: an absent series is "unknown" to an alert, a zero would be "all is well"."""
+    live = report.status.live
+    if live is None or live.view.error:
+        return []
+    queues = [q for q in live.queues if q.size is not None]
+    return (_family("fleet_sidekiq_queue_size", [({"fleet": report.fleet, "queue": q.name}, float(q.size or 0))
+                                                 for q in queues])
+            + _family("fleet_sidekiq_queue_latency_seconds",
+                      [({"fleet": report.fleet, "queue": q.name}, float(q.latency or 0.0)) for q in queues]))
 
 
 def write_metrics(path: str | os.PathLike[str], text: str) -> None:

@@ -306,3 +306,31 @@ def test_a_sidekiq_restart_runs_the_wait_and_other_restarts_do_not() -> None:
     by_kind = {s.kind.value: s for s in desired.services if s.unit_spec is not None}
     assert _sidekiq_env(desired, by_kind["sidekiq"]) == "/home/mastodon/live/.env.production"
     assert _sidekiq_env(desired, by_kind["web"]) is None
+
+
+# ------------------------------------------------------------------------- metrics
+
+def test_metrics_carry_each_queues_size_and_latency_and_nothing_without_the_view() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fleet.output.metrics import metrics_text
+
+    hostile = 'mail"ers\nx\\'
+    desired, results = fleet(mailers=QueueState("mailers", 50, NOW - 610, 610.5))
+    view = results["nietzsche"].facts_of(SECTION)
+    assert isinstance(view, SidekiqView)
+    more = dataclasses.replace(view, queues=(*view.queues, QueueState(hostile, 1, NOW - 1, 1.0)),
+                               queues_total=view.queues_total + 1)
+    results = with_view(results | {"nietzsche": dataclasses.replace(results["nietzsche"], extra=())}, "nietzsche",
+                        more)
+    text = metrics_text(build_audit(desired, results), now=NOW)
+    found = {(f.name, s.labels["queue"]): s.value for f in text_string_to_metric_families(text) for s in f.samples
+             if f.name.startswith("fleet_sidekiq_")}
+    assert found[("fleet_sidekiq_queue_size", "mailers")] == 50
+    assert found[("fleet_sidekiq_queue_latency_seconds", "mailers")] == 610.5
+    assert found[("fleet_sidekiq_queue_size", "default")] == 0
+    assert found[("fleet_sidekiq_queue_size", hostile)] == 1  # a queue name from Redis, escaped and read back
+    plain = dict(converged(desired, EXAMPLE_SECRETS))
+    assert "fleet_sidekiq" not in metrics_text(build_audit(desired, plain), now=NOW)
+    unread = with_view(plain, "nietzsche", SidekiqView(error="cannot reach Redis: refused"))
+    assert "fleet_sidekiq_queue_size{" not in metrics_text(build_audit(desired, unread), now=NOW)
