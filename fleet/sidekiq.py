@@ -991,7 +991,8 @@ def check(desired: Desired, results: Mapping[str, HostResult], view: SidekiqView
     if view.error:
         where = f" ({view.target.describe()})" if view.target else ""
         return [Finding("warning", "sidekiq.view-unavailable", f"cannot read Sidekiq's view{where}: {view.error}",
-                        file=desired.source, hint="check the Redis service and the env file's REDIS_* keys")]
+                        file=desired.source, hint="check the Redis service and the env file's REDIS_* keys",
+                        extra={"subject": "view"})]
     names = host_names(desired, results)
     matches, unmatched = join(view.processes, sidekiq_units(desired, results), names)
     out: list[Finding] = []
@@ -1001,7 +1002,8 @@ def check(desired: Desired, results: Mapping[str, HostResult], view: SidekiqView
             f"Redis lists {view.processes_total} Sidekiq processes and {view.queues_total} queues; fleet read "
             f"{len(view.processes) + len(view.stale)} and {len(view.queues)}: findings that need every process "
             "are skipped", file=desired.source,
-            hint="find what floods the `processes` or `queues` set (redis-cli SCARD processes)"))
+            hint="find what floods the `processes` or `queues` set (redis-cli SCARD processes)",
+            extra={"subject": "view"}))
     out += check_unmanaged(desired, results, matches)
     if view.complete:
         out += check_heartbeats(unmatched, now)
@@ -1035,7 +1037,7 @@ def check_unmanaged(desired: Desired, results: Mapping[str, HostResult], matches
             f"a live Sidekiq process on {where} (pid {p.pid}, queues {_queues(p)}, concurrency {p.concurrency}) "
             f"is run by {by}", file=desired.source, host=m.host,
             hint="stop it, or declare it as a Sidekiq service (fleet plan then takes it over)",
-            extra={"identity": p.identity}))
+            extra={"identity": p.identity, "subject": p.identity}))
         if m.host:
             out += check_placement(desired, [(m.host, Kind.SIDEKIQ, f"the Sidekiq process pid {p.pid}", "")])
     return out
@@ -1055,7 +1057,7 @@ def check_heartbeats(unmatched: Sequence[SidekiqUnit], now: float) -> list[Findi
             f"{u.unit} on {u.host} is active (pid {u.main_pid}) but no Sidekiq process of it has heartbeated "
             f"in Redis for more than {BEAT_EXPIRY:g} s", host=u.host,
             hint="it is hung, stopped (SIGSTOP), or reads another Redis than the one fleet reads: check its "
-                 "journal and its REDIS_* settings, then restart it"))
+                 "journal and its REDIS_* settings, then restart it", extra={"subject": u.unit}))
     return out
 
 
@@ -1065,7 +1067,7 @@ def check_unserved(view: SidekiqView) -> list[Finding]:
     return [Finding("error", "sidekiq.queue-stalled",
                     f"queue {q.name!r} holds {q.size} job(s), the oldest waiting {q.latency:.0f} s, and no live "
                     "Sidekiq process serves it",
-                    hint=f"start a Sidekiq service with {q.name!r} in its queues")
+                    hint=f"start a Sidekiq service with {q.name!r} in its queues", extra={"subject": q.name})
             for q in view.queues if q.size > 0 and q.name not in serving]
 
 
@@ -1080,7 +1082,8 @@ def check_latency(view: SidekiqView, policy: SidekiqPolicy, file: str = "") -> l
             "error" if error else "warning", "sidekiq.latency",
             f"queue {q.name!r}: the oldest of its {q.size} job(s) has waited {q.latency:.0f} s (more than "
             f"{limit:g} s)", file=file, key=f"policy.sidekiq.{'max_latency_error' if error else 'max_latency'}",
-            hint=f"add Sidekiq capacity for {q.name!r} (processes, -c) or find what stalls its jobs"))
+            hint=f"add Sidekiq capacity for {q.name!r} (processes, -c) or find what stalls its jobs",
+            extra={"subject": q.name}))
     return out
 
 
@@ -1102,7 +1105,8 @@ def check_drift(matches: Sequence[Match], file: str = "") -> list[Finding]:
                 "error", "sidekiq.process-drift",
                 f"{u.unit} on {u.host} runs a Sidekiq process (pid {p.pid}) with {' and '.join(problems)}",
                 file=file, key=f"services.{u.service}", host=u.host,
-                hint="restart it to pick up its declaration (fleet apply), or check config/sidekiq.yml and -q/-c"))
+                hint="restart it to pick up its declaration (fleet apply), or check config/sidekiq.yml and -q/-c",
+                extra={"subject": u.unit}))
     return out
 
 
@@ -1130,7 +1134,8 @@ def check_quiet(matches: Sequence[Match], quiet_since: Mapping[str, float], now:
             "warning", "sidekiq.quiet-stuck",
             f"{where} (pid {p.pid}) has been quiet for {now - since:.0f} s, longer than its shutdown timeout "
             f"({timeout:g} s): it takes no jobs and does not exit", file=file, host=m.host,
-            hint="finish the stop or restart it (systemctl restart), and look at what its busy jobs wait for"))
+            hint="finish the stop or restart it (systemctl restart), and look at what its busy jobs wait for",
+            extra={"subject": p.identity}))
     return out
 
 

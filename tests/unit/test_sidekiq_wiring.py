@@ -334,3 +334,17 @@ def test_metrics_carry_each_queues_size_and_latency_and_nothing_without_the_view
     assert "fleet_sidekiq" not in metrics_text(build_audit(desired, plain), now=NOW)
     unread = with_view(plain, "nietzsche", SidekiqView(error="cannot reach Redis: refused"))
     assert "fleet_sidekiq_queue_size{" not in metrics_text(build_audit(desired, unread), now=NOW)
+
+
+def test_a_sidekiq_finding_keeps_its_identity_for_watch_while_its_numbers_change() -> None:
+    from fleet.watch.events import finding_subject
+
+    def subjects(latency: float, size: int) -> set[str]:
+        desired, results = fleet(process("franz", 31337, (("default", 0),), 10),
+                                 skip=("mastodon-sidekiq-default.service",),
+                                 mailers=QueueState("mailers", size, NOW - latency, latency))
+        return {finding_subject(f) for f in build_audit(desired, results).findings if f.code.startswith("sidekiq.")}
+
+    first, later = subjects(400, 50), subjects(460, 52)
+    live = ("sidekiq.process-unmanaged", "sidekiq.queue-stalled", "sidekiq.latency")
+    assert sum(any(f'"{code}"' in s for s in first) for code in live) == 3 and first == later
