@@ -17,6 +17,7 @@ from observed import EXAMPLE_SECRETS, REPO, converged, example, stopped
 from redis_server import Redis
 
 from fleet.audit import build_audit
+from fleet.collect.collector import collect
 from fleet.collect.parse import parse_host
 from fleet.collect.script import build_script, spec_for
 from fleet.config import load
@@ -34,6 +35,7 @@ from fleet.sidekiq import (
 )
 from fleet.snapshot import pack, unpack
 from fleet.status import build_status
+from fleet.transport.fake import FakeTransport
 
 NOW = 1_800_000_000.0
 QUEUES = ("default", "push", "ingress", "mailers", "pull", "scheduler", "fasp")
@@ -78,6 +80,12 @@ def test_the_view_is_read_in_the_round_trip_to_the_redis_host_and_nowhere_else()
     scripts = {h.name: build_script(spec_for(desired, h.name)) for h in desired.hosts}
     assert {h for h, s in scripts.items() if "@@sidekiq" in s} == {"nietzsche"}  # where Redis is declared
     assert "f=/home/mastodon/live/.env.production" in scripts["nietzsche"]
+    fake = FakeTransport()
+    fake.respond("", "not the collection output\n")
+    with fake:
+        collect(desired, fake)
+    assert sorted(c.host for c in fake.calls) == sorted(scripts)  # still one command per host
+    assert [c.host for c in fake.calls if "@@sidekiq" in c.command] == ["nietzsche"]
 
 
 def _output_with(section: str) -> str:
