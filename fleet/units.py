@@ -165,16 +165,28 @@ def masked_environment(value: str) -> tuple[tuple[str, str], ...]:
 
 def mask_unit_text(text: str) -> str:
     """A hand-edited unit may carry a secret in Environment=: mask it before the text is kept
-    anywhere (plans show unit texts as diffs)."""
+    anywhere (plans show unit texts as diffs).  An assignment continued on the next lines (a
+    trailing backslash, fleet/unitfile.py) is masked on every one of its lines."""
     lines = []
+    cont = False  # inside an Environment= assignment continued from the line before
     for line in text.split("\n"):
         stripped = line.lstrip()
-        if stripped.startswith("Environment="):
-            pairs = masked_environment(stripped[len("Environment="):])
+        env = stripped.startswith("Environment=")
+        if env or (cont and not stripped.startswith(("#", ";"))):
+            body = stripped[len("Environment="):] if env else stripped
+            more = _continued(body)
+            words = body[:-1] if more else body
+            pairs = masked_environment(words)
             if any(looks_secret(k) for k, _ in pairs):
-                line = "Environment=" + " ".join(f'"{k}={v}"' for k, v in pairs)
+                line = ("Environment=" if env else "  ") + " ".join(f'"{k}={v}"' for k, v in pairs) + (
+                    " \\" if more else "")
+            cont = more
         lines.append(line)
     return "\n".join(lines)
+
+
+def _continued(line: str) -> bool:
+    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
 
 
 def unit_file_differs(service: Service, u: UnitState | None, content_hash: str | None = None,

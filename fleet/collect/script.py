@@ -109,14 +109,18 @@ function maskenv(line,   head, n, w, i, out, k, masking) {
 """
 
 # awk: dump fragment and drop-ins of the managed units, each line prefixed so that no line
-# of a file can ever be mistaken for a section marker.
+# of a file can ever be mistaken for a section marker.  An Environment= assignment continued on
+# the next lines (an odd number of trailing backslashes) is masked on each of them.
 _TEXT_AWK = _MASK_AWK + r"""
-function dump(f, u,   l, n) {
+function dump(f, u,   l, n, c) {
   print "@@file " u " " f
-  n = 0
+  n = 0; c = 0
   while ((getline l < f) > 0) {
     if (++n > maxl) { print "@@truncated"; break }
-    if (l ~ /^[ \t]*Environment=/) l = maskenv(l)
+    if (l ~ /^[ \t]*Environment=/) { c = (l ~ /(^|[^\\])(\\\\)*\\$/); l = maskenv(l) }
+    else if (c && l !~ /^[ \t]*[#;]/) {
+      c = (l ~ /(^|[^\\])(\\\\)*\\$/); l = "  " substr(maskenv("Environment=" l), 13)
+    }
     print "|" l
   }
   close(f)

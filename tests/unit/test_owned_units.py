@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,12 +19,14 @@ from simulate import simulate
 from fleet import config, policy
 from fleet.actions import Action, UnitFilePayload
 from fleet.apply import check_contents
+from fleet.collect.script import _TEXT_AWK
 from fleet.errors import FleetError
+from fleet.mastodon import SECRET_NAME_PATTERN
 from fleet.model import Desired
 from fleet.plan import build_plan, desired_hash
 from fleet.render import plan_text
 from fleet.textutil import sha256_hex
-from fleet.units import render_unit
+from fleet.units import mask_unit_text, render_unit
 
 STOCK = REPO / "tests" / "fixtures" / "stock"
 HOSTS = {"a.toml": 'address = "a.example.org"\n'}
@@ -197,3 +200,24 @@ def test_changing_the_source_file_changes_the_desired_hash_and_a_saved_plan_is_r
     assert d2 is not None and desired_hash(d2) != desired_hash(d1)
     with pytest.raises(FleetError, match="mastodon-web.service would differ from the plan"):
         check_contents(plan, d2, {})
+
+
+CONTINUED = ('[Service]\nEnvironment="A=1" \\\n  "DB_PASS=hunter2" \\\n# a comment inside\n  "B=2"\n'
+             'Environment=SECRET_KEY_BASE=abc\nExecStart=/bin/x\n')
+
+
+def test_a_secret_in_a_continued_environment_line_is_masked_in_plans() -> None:
+    shown = mask_unit_text(CONTINUED)
+    assert "hunter2" not in shown and "abc" not in shown
+    assert '  "DB_PASS=(sensitive, sha256:' in shown and '"A=1" \\' in shown and "ExecStart=/bin/x" in shown
+
+
+@pytest.mark.skipif(shutil.which("awk") is None, reason="needs awk to run the collection's text dump")
+def test_the_host_masks_a_secret_in_a_continued_environment_line_before_it_leaves(tmp_path: Path) -> None:
+    unit = tmp_path / "x.service"
+    unit.write_text(CONTINUED)
+    show = f"Id=x.service\nFragmentPath={unit}\nDropInPaths=\n"
+    done = subprocess.run(["awk", "-v", "m= x.service ", "-v", "maxl=100", "-v", f"secret_re={SECRET_NAME_PATTERN}",
+                           _TEXT_AWK], input=show + "\n", capture_output=True, text=True, timeout=30, check=True)
+    assert "hunter2" not in done.stdout and "abc" not in done.stdout
+    assert '|  "DB_PASS=(masked-on-host)" \\' in done.stdout and '|  "B=2"' in done.stdout

@@ -17,6 +17,7 @@ from observed import (
     example,
     failed,
     hand_made_unit,
+    set_env_value,
     with_unit,
     without_unit,
 )
@@ -279,3 +280,18 @@ def test_pruning_an_undeclared_instance_never_removes_the_template_the_declared_
     assert isinstance(prune.payload, PrunePayload)
     assert prune.payload.steps == ("stop", "disable")
     assert template not in prune.payload.remove_files and f"{template}.d/all.conf" not in prune.payload.remove_files
+
+
+def test_instances_restart_after_the_env_file_they_load_is_written(make_fleet: Callable[..., FleetDir]) -> None:
+    text = STREAMING.replace('exec_start = "/usr/bin/node ./streaming"',
+                             'exec_start = "/usr/bin/node ./streaming"\nenvironment_files = ["/etc/m.env"]')
+    text += '\n[env_files.m]\npath = "/etc/m.env"\nservices = ["streaming"]\nvalues = { LOCAL_DOMAIN = "a.example" }\n'
+    d = make_fleet(text, HOSTS).load().desired
+    assert d is not None
+    c = converged(d, {})
+    observed = {**c, "a": set_env_value(c["a"], "LOCAL_DOMAIN", "old.example", path="/etc/m.env")}
+    plan = build_plan(d, observed, {})
+    assert [ch.id for ch in plan.changes] == ["a:write-env:/etc/m.env", f"a:restart:{A4000}", f"a:restart:{A4001}"]
+    for unit in (A4000, A4001):
+        assert "a:write-env:/etc/m.env" in plan.deps[f"a:restart:{unit}"]
+    simulate(plan, d, {}, observed)
