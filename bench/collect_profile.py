@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     t, c = time.perf_counter(), _cpu()
     import paramiko
 
-    import fleet.cli  # noqa: F401 - the import is what is measured
+    import fleet.cli  # the import is what is measured
     from fleet import config
     from fleet.collect import collector
-    from fleet.status import build_status, status_json
+    from fleet.output.json import status_json
+    from fleet.status import build_status
     from fleet.targets import resolve
     from fleet.transport import ssh as transport
 

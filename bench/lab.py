@@ -82,8 +82,8 @@ def run_parallel(argvs: Sequence[Sequence[str]], *, out_dir: Path, tag: str, tim
     procs = []
     started = time.perf_counter()
     for i, argv in enumerate(argvs):
-        out = open(out_dir / f"{tag}.{i}.out", "wb")  # noqa: SIM115 - closed below
-        err = open(out_dir / f"{tag}.{i}.err", "wb")  # noqa: SIM115
+        out = open(out_dir / f"{tag}.{i}.out", "wb")  # closed below
+        err = open(out_dir / f"{tag}.{i}.err", "wb")
         files.append((out, err))
         procs.append((argv, time.perf_counter(),
                       subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err)))

@@ -67,7 +67,7 @@ def negotiated_algorithms(lab: Lab, directory: Path) -> dict[str, Any]:
     try:
         with SSHTransport(ssh_config=targets.ssh_config, known_hosts=targets.known_hosts) as t:
             t.run(host, "true")
-            slot = t._slots[host.name]  # noqa: SLF001 - read-only look at the negotiated transport
+            slot = t._slots[host.name]  # read-only look at the negotiated transport
             assert slot.transport is not None
             pt = slot.transport
             paramiko_side = {
@@ -220,13 +220,13 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
         report(f"[status N={n}] in-process profile of one collection")
         try:
             result["profile"] = profile(directory)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             result["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
     if remote_cost is not None:
         report(f"[status N={n}] remote cost of one host's collection, one at a time")
         try:
             result["remote_cost"] = remote_cost(directory)
-        except Exception as exc:  # noqa: BLE001 - a side measurement must not lose the main one
+        except Exception as exc:  # a side measurement must not lose the main one
             result["remote_cost"] = {"error": f"{type(exc).__name__}: {exc}"}
     if counts:
         report(f"[status N={n}] counting connections and channels per host")

@@ -10,15 +10,11 @@ skipped.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 from fleet import remote
 from fleet.actions import Change
@@ -28,14 +24,12 @@ from fleet.plan import Plan
 from fleet.resources.registry import owner
 from fleet.results import ApplyResult, StepOutcome
 from fleet.textutil import sha256_hex
-from fleet.transport.protocol import DEFAULT_MAX_SESSIONS, Transport
+from fleet.transport.protocol import DEFAULT_MAX_SESSIONS, Transport, in_parallel
 
 log = logging.getLogger(__name__)
 
 MAX_WORKERS = 32
 STEPS_PER_HOST = DEFAULT_MAX_SESSIONS  # a host's changes of a wave at once, as many as its connection carries
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 class JournalLike(Protocol):
@@ -57,81 +51,6 @@ def check_contents(plan: Plan, desired: Desired, secrets: Mapping[tuple[str, str
     if problems:
         raise StaleInputError("the plan no longer matches what would be written:\n  " + "\n  ".join(problems),
                               hint="compute a new plan with `fleet plan -o FILE`, review it, and apply that")
-
-
-def holder_info(token: str, operator: str, *, run_id: str = "", plan_id: str = "") -> str:
-    """What a lock says about its holder: who, from where, since when, which run and plan."""
-    return json.dumps({"token": token, "operator": operator, "from": socket.gethostname(), "pid": os.getpid(),
-                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run_id": run_id,
-                       "plan_id": plan_id}, sort_keys=True)
-
-
-def lock_hosts(transport: Transport, hosts: Sequence[Host], holder: str, *, forks: int = MAX_WORKERS) -> None:
-    """Take every host's lock, or none: a refusal names the holder.  Taken before the hosts are
-    observed, so that what is planned is what is applied, and two applies never overlap."""
-    def one(host: Host) -> tuple[Host, str | None]:
-        try:
-            out = transport.run(host, remote.acquire_lock(holder), timeout=30).stdout.decode("utf-8", "replace")
-        except TransportError as e:
-            how = f"\n    {e.hint}" if e.hint else ""  # e.g. how to check and accept a changed host key
-            return host, f"{host.name}: cannot take the lock ({e.kind}): {e.message}{how}"
-        if out.startswith("@@locked"):
-            return host, None
-        held = out.split("\n", 1)[1].strip() if "\n" in out else "(unknown holder)"
-        return host, f"{host.name}: locked by another apply: {describe_holder(held)}{stale_note(held)}"
-
-    taken: list[Host] = []
-    refusals: list[str] = []
-    for host, refusal in in_parallel(one, hosts, forks):
-        if refusal is None:
-            taken.append(host)
-        else:
-            refusals.append(refusal)
-    if refusals:
-        unlock_hosts(transport, taken, json.loads(holder)["token"])
-        raise FleetError("cannot lock the hosts, nothing was changed:\n  " + "\n  ".join(refusals),
-                         hint="a host fleet cannot reach cannot be planned either: fix it or exclude it with "
-                              "--limit; a host locked by an apply that died: see `fleet lock status`, then "
-                              "`fleet lock break --limit HOST` (docs/apply.md)")
-
-
-def relabel_lock(transport: Transport, hosts: Sequence[Host], holder: str,
-                 report: Callable[[str], None] = lambda s: None) -> None:
-    """Once the plan is known, the lock also names the run and the plan.  A host that cannot be
-    relabelled keeps its lock (which still names its holder) and the apply carries on, but it is
-    said at once: a connection lost here is the first sign of what will fail that host's steps,
-    and silence made such a failure look as if it came from nowhere (issue 12)."""
-    command = remote.update_lock(holder, json.loads(holder)["token"])
-
-    def one(host: Host) -> None:
-        try:
-            transport.run(host, command, timeout=30)
-        except TransportError as e:
-            log.debug("relabelling the lock on %s failed: %s: %s", host.name, e.kind, e.message)
-            report(f"warning: could not record this run in the lock on {host.name} ({e.kind}): {e.message}")
-
-    in_parallel(one, hosts, MAX_WORKERS)
-
-
-def unlock_hosts(transport: Transport, hosts: Sequence[Host], token: str,
-                 report: Callable[[str], None] = lambda s: None) -> None:
-    def one(host: Host) -> None:
-        try:
-            transport.run(host, remote.release_lock(token), timeout=30)
-        except TransportError as e:
-            report(f"warning: could not release the lock on {host.name}: {e.message} "
-                   f"(break it with `fleet lock break --limit {host.name}`)")
-
-    in_parallel(one, hosts, MAX_WORKERS)
-
-
-def in_parallel(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> list[_R]:
-    """[fn(item) for item in items], up to `workers` at once (in order; the first exception is
-    raised).  Hosts in parallel make one round trip of wall time, not one per host."""
-    if len(items) <= 1:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
-        return list(pool.map(fn, items))
 
 
 class Executor:
@@ -262,48 +181,3 @@ class _Step:
         if svc is None:
             raise FleetError(f"the plan names service {name!r}, which the desired state no longer declares")
         return svc
-
-
-def parse_holder(holder: str) -> dict[str, Any] | None:
-    """A lock's holder record (see holder_info) as a dict; None when it is not one."""
-    try:
-        h = json.loads(holder)
-    except ValueError:
-        return None
-    return h if isinstance(h, dict) else None
-
-
-def describe_holder(holder: str) -> str:
-    """The lock holder as a sentence: who, from where, since when, which run and plan."""
-    if not holder.strip():
-        return "another apply that is just starting (it has not recorded its holder yet)"
-    h = parse_holder(holder)
-    if h is None:
-        return holder.strip()[:200]
-    pid = f" (pid {h['pid']})" if h.get("pid") else ""
-    text = f"{h.get('operator', '?')} from {h.get('from', '?')}{pid} since {h.get('since', '?')}"
-    ids = [f"{k} {h[k2]}" for k, k2 in (("run", "run_id"), ("plan", "plan_id")) if h.get(k2)]
-    return text + (f" ({', '.join(ids)})" if ids else "")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # someone else's process, or not a pid we can judge: assume it runs
-    return True
-
-
-def stale_note(holder: str, *, machine: str | None = None, alive: Callable[[int], bool] = _pid_alive) -> str:
-    """'; its process … is gone: the lock is stale' when the holder is an apply started on this very
-    machine whose process no longer runs (killed, or the machine rebooted).  Empty otherwise:
-    a holder on another machine cannot be judged from here."""
-    h = parse_holder(holder)
-    if h is None or h.get("from") != (machine or socket.gethostname()):
-        return ""
-    pid = h.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or alive(pid):
-        return ""
-    return f"; its process {pid} on this machine is gone: the lock is stale"

@@ -111,6 +111,7 @@ def observed_findings(desired: Desired, results: Mapping[str, HostResult], repor
     out += _down(report)
     out += check_queues([p.as_policy() for p in report.sidekiq], what="running")
     out += _env_findings(desired, results)
+    out += _service_problems(report)
     return out
 
 
@@ -121,6 +122,11 @@ def _down(report: StatusReport) -> list[Finding]:
                                           f"({row.service})", host=c.host,
                     hint="`fleet apply` starts it; its journal says why it stopped")
             for row in report.rows for c in row.cells if c.down]
+def _service_problems(report: StatusReport) -> list[Finding]:
+    """What the kinds of resource found wrong behind declared units (a failed database cluster under
+    an `active/exited` parent, a Redis that does not answer): errors, each naming service and host."""
+    return [Finding("error", p.code, f"{row.service} on {c.host}: {p.message}", host=c.host, hint=p.hint)
+            for row in report.rows for c in row.cells for p in c.problems]
 
 
 def _observed(f: Finding) -> Finding:

@@ -23,13 +23,14 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-import networkx as nx
 
 from fleet.envfile import ENV_KEY_HINT, key_problem
 from fleet.errors import ConfigError
 from fleet.model import (
+    DEFAULT_PORTS,
     DEFAULT_SIDEKIQ_COMMAND,
     KINDS,
+    ROLES,
     Desired,
     DiscoveryPattern,
     EnvFile,
@@ -41,11 +42,12 @@ from fleet.model import (
     SecretSource,
     Service,
     SidekiqSpec,
+    StoreSpec,
     UnitSpec,
     Wrapper,
     is_template,
 )
-from fleet.sidekiq import parse_argv
+from fleet.sidekiq_settings import parse_argv
 from fleet.textutil import did_you_mean
 from fleet.unitfile import (
     KEY,
@@ -83,6 +85,7 @@ TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files")
 SERVICE_KEYS = (
     "kind", "unit", "hosts", "requires", "observe_only", "unit_file", "health",
     "max_unavailable", "concurrency", "queues", "sidekiq_command", "instances", "overrides", "wrapper",
+    "role", "probe", "port",
 )  # fmt: skip
 UNIT_FILE_KEYS = (
     "description", "user", "group", "working_directory", "environment", "environment_files",
@@ -698,6 +701,8 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
             ctx.error(f"{prefix}.{k}", f"'{k}' only applies to kind = \"sidekiq\"",
                       "remove it, or set kind = \"sidekiq\"", "config.bad-key")
 
+    store = _load_store(ctx, prefix, st, kind)
+
     unit_spec: UnitSpec | None = None
     if observe_only:
         if unit_t is not None:
@@ -730,7 +735,7 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
                    requires=tuple(requires),
                    observe_only=observe_only, unit_spec=unit_spec, sidekiq=sidekiq, health=health,
                    max_unavailable=max_unavailable, instances=instances, host_instances=host_instances,
-                   wrapper=wrapper)
+                   wrapper=wrapper, store=store)
 
 
 def _load_instances(ctx: _Ctx, prefix: str, st: dict[str, Any], template: bool,
@@ -961,6 +966,43 @@ def _sidekiq_of_text(ctx: _Ctx, p: str, spec: UnitSpec) -> SidekiqSpec | None:
                        queues_from_config=not args.queues)
 
 
+_ROLE_KINDS = (Kind.POSTGRES, Kind.REDIS)  # the kinds that replicate: a primary and its standbys
+
+
+def _load_store(ctx: _Ctx, prefix: str, st: dict[str, Any], kind: Kind | None) -> StoreSpec | None:
+    """`role`, `probe` and `port` of a data store; None when none of them is given, so that a
+    service declaring none of them is the same data as before they existed (plan.desired_hash)."""
+    role = _get(ctx, st, prefix, "role", str)
+    probe = _get(ctx, st, prefix, "probe", bool, default=False)
+    port = _get(ctx, st, prefix, "port", int)
+    if kind is not None:
+        if role is not None and kind not in _ROLE_KINDS:
+            ctx.error(f"{prefix}.role", f"'role' only applies to kind = \"postgres\" or \"redis\", not {kind.value!r}",
+                      "remove it", "config.bad-key")
+            role = None
+        if "probe" in st and kind != Kind.POSTGRES:
+            ctx.error(f"{prefix}.probe", f"'probe' only applies to kind = \"postgres\", not {kind.value!r}",
+                      "remove it (fleet reads Redis with redis-cli without being asked)", "config.bad-key")
+            probe = False
+        if port is not None and kind not in DEFAULT_PORTS:
+            ctx.error(f"{prefix}.port", f"'port' only applies to the data stores "
+                      f"({', '.join(k.value for k in DEFAULT_PORTS)}), not {kind.value!r}", "remove it",
+                      "config.bad-key")
+            port = None
+    if role is not None and role not in ROLES:
+        ctx.error(f"{prefix}.role", f"role {role!r} is neither \"primary\" nor \"standby\"",
+                  did_you_mean(role, ROLES) or "role = \"primary\" (takes writes) or \"standby\" (a replica)",
+                  "config.bad-value")
+        role = None
+    if port is not None and not 1 <= port <= 65535:
+        ctx.error(f"{prefix}.port", f"port {port} is outside 1–65535", "the TCP port it listens on, e.g. port = 5432",
+                  "config.bad-value")
+        port = None
+    if role is None and not probe and port is None:
+        return None
+    return StoreSpec(role=role, probe=probe, port=port)
+
+
 def _stand_in(name: str, st: dict[str, Any], kind: Kind | None, unit: Any, hosts: list[str],
               sidekiq: SidekiqSpec | None) -> Service:
     """A broken service as far as it can be read, for load_checked's what-if only: on every host
@@ -1115,8 +1157,7 @@ def _check_references(ctx: _Ctx, services: list[Service], declared: list[str]) -
     """`declared` holds every service name in the file, including ones that failed to load, so
     that a broken service is reported once, not again by everything that refers to it."""
     names = [s.name for s in services]
-    graph: nx.DiGraph = nx.DiGraph()
-    graph.add_nodes_from(names)
+    edges: list[tuple[str, str]] = []
     for s in services:
         for r in s.requires:
             if r == s.name:
@@ -1127,11 +1168,8 @@ def _check_references(ctx: _Ctx, services: list[Service], declared: list[str]) -
                           did_you_mean(r, declared) or "declare it or remove it from requires",
                           "config.unknown-service")
             elif r in names:
-                graph.add_edge(r, s.name)
-    try:
-        cycle = nx.find_cycle(graph)
-    except nx.NetworkXNoCycle:
-        cycle = []
+                edges.append((r, s.name))
+    cycle = _find_cycle(names, edges) if _has_cycle(names, edges) else []
     if cycle:
         chain = " -> ".join([e[1] for e in cycle] + [cycle[0][1]])
         ctx.error(f"services.{cycle[0][1]}.requires", f"dependency cycle: {chain} (each requires the previous)",
@@ -1146,6 +1184,40 @@ def _check_references(ctx: _Ctx, services: list[Service], declared: list[str]) -
                               f"services {other!r} and {s.name!r} both claim {unit} on host {h}",
                               "give each service its own unit name on a host", "config.duplicate-unit")
                 owners[(h, unit)] = s.name
+
+
+
+def _has_cycle(names: list[str], edges: list[tuple[str, str]]) -> bool:
+    """Kahn's algorithm: a cycle is what is left when no service waits for another."""
+    waiting = {n: 0 for n in names}
+    after: dict[str, list[str]] = {n: [] for n in names}
+    for a, b in edges:
+        if a != b:
+            waiting[b] += 1
+            after[a].append(b)
+    ready = [n for n, w in waiting.items() if not w]
+    seen = 0
+    while ready:
+        seen += 1
+        for b in after[ready.pop()]:
+            waiting[b] -= 1
+            if not waiting[b]:
+                ready.append(b)
+    return seen < len(names)
+
+
+def _find_cycle(names: list[str], edges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The cycle to name, as networkx finds it.  Imported only when there is one: networkx
+    costs ~100 ms of CPU, and `fleet check` of a desired state without a cycle never needs it."""
+    import networkx as nx
+
+    graph: nx.DiGraph = nx.DiGraph()
+    graph.add_nodes_from(names)
+    graph.add_edges_from(edges)
+    try:
+        return list(nx.find_cycle(graph))
+    except nx.NetworkXNoCycle:
+        return []
 
 
 def _load_env_files(ctx: _Ctx, table: dict[str, Any], services: list[Service], declared: list[str],

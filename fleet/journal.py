@@ -25,7 +25,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -602,7 +602,7 @@ def _step_record(r: tuple[Any, ...]) -> StepRecord:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sentences and JSON for `fleet log`
+# Sentences for `fleet log`
 
 def _utc(t: float, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
     return datetime.fromtimestamp(t, UTC).strftime(fmt)
@@ -644,34 +644,19 @@ def sentence(step: StepRecord, run: RunRecord | None) -> str:
     `2026-11-28 14:03:07 alice@laptop: on franz, stopped and disabled X (was …) — ok`."""
     t = step.started if step.started is not None else step.ended
     when = _utc(t) if t is not None else "????-??-?? ??:??:??"
+    return f"{when} {sentence_without_time(step, run)}"
+
+
+def sentence_without_time(step: StepRecord, run: RunRecord | None) -> str:
+    """The sentence without its time, for readers that show the time apart (an audit's
+    timeline): `alice@laptop: on franz, stopped and disabled X (was …) — ok`."""
     who = run.operator if run is not None else "(unknown operator)"
-    return f"{when} {who}: on {step.host}, {_what(step)} — {_ending(step, run)}"
+    return f"{who}: on {step.host}, {_what(step)} — {_ending(step, run)}"
 
 
-def _iso(t: float | None) -> str | None:
+def iso_time(t: float | None) -> str | None:
+    """A time as `fleet log --json` and the other JSON documents write it: ISO 8601, UTC."""
     return None if t is None else _utc(t, "%Y-%m-%dT%H:%M:%SZ")
-
-
-def log_json(steps: Iterable[StepRecord], runs: Iterable[RunRecord]) -> list[dict[str, Any]]:
-    """`fleet log --json`: one object per step, with its run's facts (docs/journal.md)."""
-    by_id = {r.id: r for r in runs}
-    out: list[dict[str, Any]] = []
-    for s in steps:
-        run = by_id.get(s.run_id)
-        out.append({
-            "run_id": s.run_id,
-            "operator": run.operator if run else None,
-            "time": _iso(s.started if s.started is not None else s.ended),
-            "ended": _iso(s.ended),
-            "host": s.host, "action": s.action, "target": s.target, "service": s.service,
-            "reason": s.reason, "before": s.before, "after": s.after, "details": dict(s.details),
-            "outcome": s.outcome, "error": s.error,
-            "sentence": sentence(s, run),
-            "step_id": s.id, "change_id": s.change_id,
-            "fleet": run.fleet if run else None, "lab": run.lab if run else None,
-            "plan_id": run.plan_id if run else None, "run_outcome": run.outcome if run else None,
-        })
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,15 @@
 """Facts about Mastodon that fleet's policies rely on (keys of .env.production, secrets).
 
-Kept apart from the rules so that a new Mastodon release is a data change, not a code change.
+Kept apart from the rules so that a new Mastodon release is a data change, not a code change: the
+documented keys are a list taken from Mastodon's configuration reference
+(fleet/data/mastodon_env_keys.txt); which of them are secrets or booleans is fleet's own knowledge,
+kept here.
 """
 
 from __future__ import annotations
 
 import re
+from importlib import resources
 
 S3_KEYS = frozenset(
     {
@@ -18,53 +22,25 @@ S3_KEYS = frozenset(
     }
 )  # fmt: skip
 
-# The documented configuration keys of Mastodon's .env.production (docs: admin/config).
-KNOWN_ENV_KEYS = S3_KEYS | frozenset(
-    {
-        # federation and domains
-        "LOCAL_DOMAIN", "WEB_DOMAIN", "ALTERNATE_DOMAINS", "AUTHORIZED_FETCH", "LIMITED_FEDERATION_MODE",
-        "SINGLE_USER_MODE", "DISALLOW_UNAUTHENTICATED_API_ACCESS", "ALLOWED_PRIVATE_ADDRESSES",
-        "TRUSTED_PROXY_IP", "SOCIAL_CACHE_LIMIT", "EMAIL_DOMAIN_ALLOWLIST", "EMAIL_DOMAIN_DENYLIST",
-        # secrets
-        "SECRET_KEY_BASE", "OTP_SECRET", "VAPID_PRIVATE_KEY", "VAPID_PUBLIC_KEY",
-        "ACTIVE_RECORD_ENCRYPTION_DETERMINISTIC_KEY", "ACTIVE_RECORD_ENCRYPTION_KEY_DERIVATION_SALT",
-        "ACTIVE_RECORD_ENCRYPTION_PRIMARY_KEY",
-        # deployment
-        "RAILS_ENV", "RAILS_SERVE_STATIC_FILES", "RAILS_LOG_LEVEL", "RAILS_LOG_TO_STDOUT", "NODE_ENV",
-        "BIND", "PORT", "WEB_CONCURRENCY", "MAX_THREADS", "PREPARED_STATEMENTS", "STREAMING_API_BASE_URL",
-        "STREAMING_CLUSTER_NUM", "SIDEKIQ_CONCURRENCY", "MALLOC_ARENA_MAX", "LD_PRELOAD",
-        "PERSISTENT_TIMEOUT", "DEFAULT_LOCALE", "LOG_LEVEL",
-        # postgres
-        "DB_HOST", "DB_USER", "DB_NAME", "DB_PASS", "DB_PORT", "DB_POOL", "DB_SSLMODE", "DATABASE_URL",
-        "REPLICA_DB_HOST", "REPLICA_DB_PORT", "REPLICA_DB_NAME", "REPLICA_DB_USER", "REPLICA_DB_PASS",
-        "REPLICA_PREPARED_STATEMENTS", "REPLICA_DATABASE_URL", "DB_SSLCERT", "DB_SSLKEY", "DB_SSLROOTCERT",
-        # redis
-        "REDIS_HOST", "REDIS_PORT", "REDIS_URL", "REDIS_NAMESPACE", "REDIS_PASSWORD", "REDIS_USER",
-        "REDIS_DB", "SIDEKIQ_REDIS_HOST", "SIDEKIQ_REDIS_PORT", "SIDEKIQ_REDIS_URL",
-        "SIDEKIQ_REDIS_NAMESPACE", "SIDEKIQ_REDIS_PASSWORD", "CACHE_REDIS_HOST", "CACHE_REDIS_PORT",
-        "CACHE_REDIS_URL", "CACHE_REDIS_NAMESPACE", "CACHE_REDIS_PASSWORD",
-        # elasticsearch
-        "ES_ENABLED", "ES_HOST", "ES_PORT", "ES_PREFIX", "ES_USER", "ES_PASS", "ES_PRESET",
-        # email
-        "SMTP_SERVER", "SMTP_PORT", "SMTP_LOGIN", "SMTP_PASSWORD", "SMTP_FROM_ADDRESS",
-        "SMTP_DOMAIN", "SMTP_DELIVERY_METHOD", "SMTP_AUTH_METHOD", "SMTP_CA_FILE",
-        "SMTP_OPENSSL_VERIFY_MODE", "SMTP_ENABLE_STARTTLS", "SMTP_ENABLE_STARTTLS_AUTO", "SMTP_TLS",
-        "SMTP_SSL", "SMTP_REPLY_TO", "SMTP_RETURN_PATH",
-        # other storage backends and media
-        "SWIFT_ENABLED", "SWIFT_USERNAME", "SWIFT_TENANT", "SWIFT_PASSWORD", "SWIFT_PROJECT_ID",
-        "SWIFT_AUTH_URL", "SWIFT_CONTAINER", "SWIFT_OBJECT_URL", "SWIFT_REGION", "SWIFT_DOMAIN_NAME",
-        "SWIFT_CACHE_TTL", "AZURE_ENABLED", "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_ACCESS_KEY",
-        "AZURE_CONTAINER", "AZURE_ALIAS_HOST", "MAX_IMAGE_SIZE", "MAX_VIDEO_SIZE",
-        "FFMPEG_BINARY", "FETCH_REPLIES_ENABLED",
-        # misc
-        "DEEPL_API_KEY", "DEEPL_PLAN", "LIBRE_TRANSLATE_ENDPOINT", "LIBRE_TRANSLATE_API_KEY",
-        "STATSD_ADDR", "STATSD_NAMESPACE", "HCAPTCHA_SECRET_KEY", "HCAPTCHA_SITE_KEY",
-        "IP_RETENTION_PERIOD", "SESSION_RETENTION_PERIOD", "OMNIAUTH_ONLY", "OIDC_ENABLED",
-        "SAML_ENABLED", "CAS_ENABLED", "LDAP_ENABLED", "PAM_ENABLED", "GITHUB_REPOSITORY",
-        "SOURCE_BASE_URL", "CACHE_BUSTER_ENABLED", "MAX_REQUEST_POOL_SIZE",
-        "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME_PREFIX", "FASP_ENABLED",
-    }
-)  # fmt: skip
+# The keys of .env.production that Mastodon's configuration reference documents, kept as data (with
+# the documentation commit they were taken from) in fleet/data/mastodon_env_keys.txt.
+ENV_KEYS_DATA = "data/mastodon_env_keys.txt"
+
+
+def parse_env_key_list(text: str) -> tuple[str, ...]:
+    """The keys of a key list: one per line; `#` starts a comment, blank lines are skipped."""
+    return tuple(k for line in text.splitlines() if (k := line.split("#", 1)[0].strip()))
+
+
+DOCUMENTED_ENV_KEYS = frozenset(
+    parse_env_key_list(resources.files("fleet").joinpath(ENV_KEYS_DATA).read_text(encoding="utf-8")))
+
+# Not Mastodon settings but read from the same environment by what runs Mastodon: glibc's malloc
+# (the stock mastodon-sidekiq.service sets MALLOC_ARENA_MAX=2) and the dynamic loader (jemalloc
+# is commonly preloaded into Mastodon's Ruby processes).
+RUNTIME_ENV_KEYS = frozenset({"MALLOC_ARENA_MAX", "LD_PRELOAD"})
+
+KNOWN_ENV_KEYS = DOCUMENTED_ENV_KEYS | RUNTIME_ENV_KEYS
 
 # Keys whose values are secrets even when nobody declared them sensitive.
 SECRET_KEYS = frozenset(

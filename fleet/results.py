@@ -1,5 +1,5 @@
 """What an apply did, step by step, as plain data: the executor (fleet/apply.py) makes it, the
-renderer (fleet/render.py) and the CLI read it.  Kept apart from the executor so that reading
+renderer (fleet/output/) and the CLI read it.  Kept apart from the executor so that reading
 results never loads what executing needs."""
 
 from __future__ import annotations

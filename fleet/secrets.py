@@ -10,6 +10,7 @@ Values are returned in memory only; nothing here prints or stores them.
 from __future__ import annotations
 
 import os
+import re
 import secrets as random_source
 import stat
 import tomllib
@@ -94,10 +95,45 @@ def load_secrets(desired: Desired, secrets_file: Path,
     return values, findings
 
 
+LAB_REDIS_PASSWORD_FILE = "redis-password"  # in the lab's state directory, next to the lab secrets file
+LAB_REDIS_KEYS = ("REDIS_PASSWORD", "SIDEKIQ_REDIS_PASSWORD")
+_LAB_PASSWORD = re.compile(r"[0-9a-f]{32,128}")
+
+
+def ensure_lab_redis_password(lab_dir: Path) -> str:
+    """The password of the lab's Redis (requirepass): random, made once per lab state directory and
+    kept (mode 0600) like the lab's client key, so that a lab brought up again keeps it."""
+    path = lab_dir / LAB_REDIS_PASSWORD_FILE
+    try:
+        value = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        value = ""
+    except (OSError, UnicodeDecodeError):
+        value = "?"
+    if value and not _LAB_PASSWORD.fullmatch(value):
+        raise FleetError(f"the lab's Redis password file {path} does not hold a password fleet made",
+                         hint="remove it: `fleet lab up` and `fleet --lab` make a new one")
+    if not value:
+        value = random_source.token_hex(24)
+        _write_private(path, value + "\n")
+    return value
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def ensure_lab_secrets(desired: Desired, path: Path) -> bool:
     """The lab has no real secrets: make random ones for every "file" key that lacks a value,
     so that `fleet --lab plan/apply` work out of the box.  Returns True if it wrote the file.
-    Only ever called for the lab's own secrets file."""
+    Only ever called for the lab's own secrets file.  A Redis password key (REDIS_PASSWORD,
+    SIDEKIQ_REDIS_PASSWORD) gets the lab's Redis password instead, which `fleet lab up` gave the
+    lab's Redis: the lab secrets file lives in the lab's state directory, next to it."""
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
@@ -106,21 +142,24 @@ def ensure_lab_secrets(desired: Desired, path: Path) -> bool:
         raise FleetError(f"cannot read the lab secrets file {path}: {why}",
                          hint="fix it, or remove it to have fleet --lab generate new random secrets") from None
     changed = False
+    redis_password = ""
     for ef in desired.env_files:
         section = table.setdefault(ef.name, {})
         for key, src in ef.sensitive:
-            if src.kind == "file" and not isinstance(section.get(key), str):
+            if src.kind != "file":
+                continue
+            if key in LAB_REDIS_KEYS:
+                redis_password = redis_password or ensure_lab_redis_password(path.parent)
+                if section.get(key) != redis_password:
+                    section[key] = redis_password
+                    changed = True
+            elif not isinstance(section.get(key), str):
                 section[key] = random_source.token_hex(24)
                 changed = True
     if changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
         lines = ["# Random secrets for the lab only (written by fleet --lab). Never use them elsewhere."]
         for name, section in table.items():
             lines.append(f"\n[{name}]")
             lines += [f'{k} = "{v}"' for k, v in section.items() if isinstance(v, str)]
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
+        _write_private(path, "\n".join(lines) + "\n")
     return changed

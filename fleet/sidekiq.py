@@ -1,373 +1,1086 @@
-"""Sidekiq as it reads its settings: its command line and its YAML config file.  Pure.
+"""Sidekiq's own view of the fleet: its heartbeats and queues in Redis, and what they say about it.
 
-Sidekiq 7 (lib/sidekiq/cli.rb) takes `-c N`, `-q QUEUE[,WEIGHT]` (repeatable), `-C FILE`,
-`-r DIR` and `-e ENV`; without `-C` it reads `config/sidekiq.yml` (or `config/sidekiq.yml.erb`)
-under the `-r` directory, else under its working directory.  Options on the command line win
-over the file (`-q` replaces the file's queue list); the file's `ENV:` section (`production:`)
-wins over its top level; without any queue the process serves `default`.
+systemd only knows what it started; Sidekiq knows what actually runs.  Every Sidekiq 7 process
+heartbeats into its Redis: the set `processes` names each process (`hostname:pid:hex`), the hash
+at that name holds `info` (JSON), `busy`, `beat`, `quiet`, `rss` and `rtt_us` and expires 60 s
+after the last beat; jobs wait in the lists `queue:NAME`, the set `queues` names them, and a
+queue's latency is the age of its oldest job (`LINDEX queue:NAME -1`, its `enqueued_at`).
 
-The config file is YAML run through ERB first.  fleet evaluates nothing: it reads the subset
-Sidekiq configs use — a top-level mapping whose keys may be symbols (`:concurrency: 25`) or not,
-`queues` as a block or flow list of names, `"name,weight"` strings or `[name, weight]` pairs,
-and environment sections holding the same keys — and says what it could not read (ERB in a value
-fleet needs, anchors, control flow) instead of guessing.  Everything under other keys
-(`:schedule:`, `:scheduler:` …) is skipped unread.  Why not PyYAML: fleet would still have to
-refuse ERB before parsing, the subset is ~150 lines, and the project adds no dependency for that.
+This module owns, all pure:
+
+* `section_script` — the shell of a collection section that reads that data with `redis-cli`
+  (read-only commands, bounded) on the host where the Sidekiq Redis is declared, finding Redis the
+  way Mastodon does from the declared env file; the password travels in `REDISCLI_AUTH`, never in
+  an argv, and is never printed;
+* `parse_section` — its parser into a `SidekiqView` (ParseError naming the section otherwise);
+* `join`, `check` — the view cross-checked with systemd's units and the declaration: findings;
+* `load_policy` — the validator of `[policy.sidekiq]`; `locate_redis` — where to read from.
+
+Nothing here does I/O.
 """
 
 from __future__ import annotations
 
+import calendar
+import json
+import math
 import re
-from collections.abc import Iterable, Sequence
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-Queue = tuple[str, int | None]
+from fleet.errors import ParseError
+from fleet.model import Desired, Finding, HostResult, HostState, Kind, Service, UnitState
+from fleet.textutil import did_you_mean
+
+SECTION = "sidekiq"
+
+# Bounds of what the section reads and prints: a flood of processes or a huge job must cost neither
+# the Redis host's memory nor fleet's.  A Mastodon fleet runs a handful to a few dozen processes and
+# seven queues; a heartbeat's fields are about half a KiB.
+MAX_PROCESSES = 256
+MAX_QUEUES = 64
+MAX_LINE = 16_384  # one process's heartbeat fields, as printed
+MAX_NAME = 1_024  # an identity or a queue name, as printed (escaped)
+MAX_ENV_LINES = 5_000
+REDIS_TIMEOUT = 10  # seconds for each redis-cli call
+
+BEAT_EXPIRY = 60.0  # Sidekiq's heartbeat hash expires this long after the last beat
+DEFAULT_SHUTDOWN_TIMEOUT = 25.0  # Sidekiq's -t default
+HEARTBEAT_FIELDS = ("info", "busy", "beat", "quiet", "rss", "rtt_us", "concurrency")
+
+# The env keys Mastodon reads to find Sidekiq's Redis (lib/mastodon/redis_configuration.rb).
+REDIS_ENV_KEYS = (
+    "SIDEKIQ_REDIS_URL", "SIDEKIQ_REDIS_SENTINEL_MASTER", "SIDEKIQ_REDIS_SENTINELS", "SIDEKIQ_REDIS_HOST",
+    "SIDEKIQ_REDIS_PORT", "SIDEKIQ_REDIS_DB", "SIDEKIQ_REDIS_USER", "SIDEKIQ_REDIS_PASSWORD",
+    "REDIS_URL", "REDIS_SENTINEL_MASTER", "REDIS_SENTINELS", "REDIS_HOST", "REDIS_PORT", "REDIS_DB",
+    "REDIS_USER", "REDIS_PASSWORD", "REDIS_NAMESPACE",
+)  # fmt: skip
+
+
+# ================================================================ the remote section
+
+# awk: the env file's Redis keys (the last assignment wins, as for systemd and dotenv), resolved
+# with Mastodon's precedence, printed as shell assignments for `eval` — into a command
+# substitution, never to the output.  Values are read like fleet.envfile.parse_value reads them.
+# "\047" is a single quote: the program holds none, so it quotes as one plain word.
+_ENV_AWK = r"""
+function closed(v,   n, i) {
+  sub(/[ \t]+$/, "", v)
+  if (length(v) < 2 || substr(v, length(v), 1) != "\"") return 0
+  n = 0
+  for (i = length(v) - 1; i >= 1 && substr(v, i, 1) == "\\"; i--) n++
+  return n % 2 == 0
+}
+function unquote(v,   inner, out, i, c, n) {
+  if (length(v) >= 2 && substr(v, 1, 1) == "\047" && substr(v, length(v), 1) == "\047")
+    return substr(v, 2, length(v) - 2)
+  if (length(v) >= 2 && substr(v, 1, 1) == "\"" && substr(v, length(v), 1) == "\"") {
+    inner = substr(v, 2, length(v) - 2); out = ""
+    for (i = 1; i <= length(inner); i++) {
+      c = substr(inner, i, 1)
+      if (c == "\\" && i < length(inner)) {
+        n = substr(inner, i + 1, 1)
+        if (n == "n") c = "\n"; else if (n == "r") c = "\r"; else if (n == "t") c = "\t"
+        else if (n == "\"" || n == "\\" || n == "$") c = n
+        else n = ""
+        if (n != "") i++
+      }
+      out = out c
+    }
+    return out
+  }
+  sub(/[ \t]+#.*$/, "", v); sub(/[ \t]+$/, "", v)
+  return v
+}
+function sq(s,   out, i) {
+  out = ""
+  while ((i = index(s, "\047")) > 0) { out = out substr(s, 1, i - 1) "\047\"\047\"\047"; s = substr(s, i + 1) }
+  return "\047" out s "\047"
+}
+function has(k) { return (k in val) && val[k] != "" }
+function fail(code) { print "sk_err=" sq(code " " src); failed = 1 }
+function hexval(c) { return index("0123456789abcdef", tolower(c)) - 1 }
+# URI.decode_www_form_component, as redis-client decodes a URL's password
+function form(s,   out, i, c) {
+  out = ""
+  for (i = 1; i <= length(s); i++) {
+    c = substr(s, i, 1)
+    if (c == "+") c = " "
+    else if (c == "%" && substr(s, i + 1, 2) ~ /^[0-9A-Fa-f][0-9A-Fa-f]$/) {
+      c = sprintf("%c", hexval(substr(s, i + 1, 1)) * 16 + hexval(substr(s, i + 2, 1))); i += 2
+    }
+    out = out c
+  }
+  return out
+}
+function setup(h, p, d, u, pw) {
+  if (h == "") h = "localhost"
+  if (p == "") p = "6379"
+  if (d == "") d = "0"
+  if (h !~ /^[A-Za-z0-9._-]+$/ && h !~ /^[0-9A-Fa-f:.]+$/) return fail("bad-host")
+  if (p !~ /^[0-9]+$/ || p + 0 < 1 || p + 0 > 65535) return fail("bad-port")
+  if (d !~ /^[0-9]+$/ || length(d) > 5) return fail("bad-db")
+  print "sk_src=" sq(src); print "sk_host=" sq(h); print "sk_port=" sq(p); print "sk_db=" sq(d)
+  print "sk_tls=" sq(tls); print "sk_user=" sq(u); print "sk_pass=" sq(pw)
+}
+# redis[s]://[user:password@ | password@]host[:port][/db], as redis-client reads it
+function from_url(   u, rest, auth, at, c, h, p, d, us, pw) {
+  u = val[src]
+  if (substr(u, 1, 9) == "rediss://") { tls = "tls"; rest = substr(u, 10) }
+  else if (substr(u, 1, 8) == "redis://") rest = substr(u, 9)
+  else return fail("bad-url")
+  sub(/[?#].*$/, "", rest)
+  c = index(rest, "/")
+  d = ""
+  if (c) { d = substr(rest, c + 1); rest = substr(rest, 1, c - 1) }
+  at = 0
+  for (c = length(rest); c > 0; c--) if (substr(rest, c, 1) == "@") { at = c; break }
+  us = ""; pw = ""
+  if (at) {
+    auth = substr(rest, 1, at - 1); rest = substr(rest, at + 1)
+    c = index(auth, ":")
+    if (c) { us = substr(auth, 1, c - 1); pw = form(substr(auth, c + 1)) } else pw = form(auth)
+  }
+  h = rest; p = ""
+  if (h ~ /^\[[0-9A-Fa-f:.]+\](:[0-9]*)?$/) { c = index(h, "]"); p = substr(h, c + 2); h = substr(h, 2, c - 2) }
+  else if ((c = index(h, ":")) > 0) { p = substr(h, c + 1); h = substr(h, 1, c - 1) }
+  return setup(h, p, d, us, pw)
+}
+# Mastodon builds redis://user:password@host/db from the parts; redis-client then takes a user
+# without a password for the password.
+function parts(pre,   h, us, pw) {
+  h = has(pre "HOST") ? val[pre "HOST"] : "localhost"
+  us = val[pre "USER"]; pw = val[pre "PASSWORD"]
+  if (us != "" && pw == "") { pw = us; us = "" }
+  return setup(h, val[pre "PORT"], val[pre "DB"], us, pw)
+}
+BEGIN {
+  n = split("REDIS_KEYS", w, " ")
+  for (i = 1; i <= n; i++) want[w[i]] = 1
+  tls = "plain"
+}
+{ line = $0; sub(/^[ \t]+/, "", line); sub(/\r$/, "", line) }
+line == "" || substr(line, 1, 1) == "#" { next }
+NR > maxl { exit }
+{
+  sub(/^export[ \t]+/, "", line)
+  eq = index(line, "=")
+  if (eq < 2) next
+  k = substr(line, 1, eq - 1); sub(/[ \t]+$/, "", k)
+  v = substr(line, eq + 1); sub(/^[ \t]+/, "", v)
+  if (substr(v, 1, 1) == "\"")
+    while (!closed(v) && NR <= maxl && (getline nxt) > 0) { sub(/\r$/, "", nxt); v = v "\n" nxt }
+  sub(/[ \t]+$/, "", v)
+  if (k in want) val[k] = unquote(v)
+}
+END {
+  # Sidekiq 7 has no namespaces, and Mastodon refuses REDIS_NAMESPACE since it moved to it.
+  if (has("REDIS_NAMESPACE")) { src = "REDIS_NAMESPACE"; fail("namespace"); exit }
+  if (has("SIDEKIQ_REDIS_URL")) { src = "SIDEKIQ_REDIS_URL"; from_url() }
+  else if (has("SIDEKIQ_REDIS_SENTINEL_MASTER") && has("SIDEKIQ_REDIS_SENTINELS")) {
+    src = "SIDEKIQ_REDIS_SENTINELS"; fail("sentinel")
+  }
+  else if (has("SIDEKIQ_REDIS_HOST")) { src = "SIDEKIQ_REDIS_HOST"; parts("SIDEKIQ_REDIS_") }
+  else if (has("REDIS_URL")) { src = "REDIS_URL"; from_url() }
+  else if (has("REDIS_SENTINEL_MASTER") && has("REDIS_SENTINELS")) { src = "REDIS_SENTINELS"; fail("sentinel") }
+  else { src = has("REDIS_HOST") ? "REDIS_HOST" : "default"; parts("REDIS_") }
+}
+""".replace("REDIS_KEYS", " ".join(REDIS_ENV_KEYS))
+
+# awk: the first round's replies (TIME, SCARD processes, SRANDMEMBER processes N, SCARD queues,
+# SRANDMEMBER queues N, PING, in redis-cli's --csv form) as section lines; each member on its own line
+# as the quoted, escaped token redis-cli printed — which redis-cli reads back as the same bytes.
+# Exit status 1 when the second round must not run.
+_MEMBERS_AWK = r"""
+function members(s, kind,   t) {
+  if (substr(s, 1, 6) == "ERROR,") { print "error redis " substr(s, 7, 300); bad = 1; return }
+  while (s != "") {
+    if (!match(s, /^"([^"\\]|\\.)*"/)) { print "error malformed " kind; bad = 1; return }
+    t = substr(s, 1, RLENGTH); s = substr(s, RLENGTH + 1)
+    if (length(t) > maxname) { print kind " toolong " length(t); bad = 1 }
+    else print kind " " t
+    if (s != "") {
+      if (substr(s, 1, 1) != ",") { print "error malformed " kind; bad = 1; return }
+      s = substr(s, 2)
+    }
+  }
+}
+NR > 1 && substr($0, 1, 6) == "ERROR," { print "error redis " substr($0, 7, 300); bad = 1; exit 1 }
+NR == 1 { print "time " substr($0, 1, 100) }
+NR == 2 { print "processes " substr($0, 1, 300) }
+NR == 3 { members($0, "p") }
+NR == 4 { print "queues " substr($0, 1, 300) }
+NR == 5 { members($0, "q") }
+NR == 6 { last = $0 }
+END { if (!bad && (NR != 6 || last != "\"PONG\"")) { print "incomplete " NR " 6"; bad = 1 } exit bad }
+"""
+
+# awk: the second round's commands, from the member lines.
+_COMMANDS_AWK = (
+    '/^p "/ { print "HMGET " substr($0, 3) " ' + " ".join(HEARTBEAT_FIELDS) + '" }\n'
+    '/^q "/ { t = "\\"queue:" substr($0, 4); print "LLEN " t; print "LINDEX " t " -1" }\n'
+)
+
+# awk: the second round's replies: each process's heartbeat fields as printed (bounded), each
+# queue's length, and of its oldest job only the top-level enqueued_at and created_at — a job's
+# arguments may be large, and only its age matters here.  In the escaped text a top-level key is
+# \"key\": while a key inside a string value is preceded by one more backslash; the last top-level
+# one wins, as Sidekiq writes enqueued_at after the arguments.
+_REPLIES_AWK = r"""
+function num(s, key,   needle, best, pos, p, tail) {
+  needle = "\\\"" key "\\\":"
+  best = "-"; pos = 0
+  while ((p = index(substr(s, pos + 1), needle)) > 0) {
+    pos += p
+    if (pos == 1 || substr(s, pos - 1, 1) != "\\") {
+      tail = substr(s, pos + length(needle), 64)
+      sub(/^ */, "", tail)
+      if (match(tail, /^-?[0-9][0-9.eE+-]*/)) best = substr(tail, 1, RLENGTH)
+    }
+  }
+  return best
+}
+NR <= np { if (length($0) > maxline) print "P toolong " length($0); else print "P " $0; next }
+(NR - np) % 2 == 1 { print "L " substr($0, 1, 300); next }
+$0 == "NULL" { print "J NULL"; next }
+substr($0, 1, 6) == "ERROR," { print "J " substr($0, 1, 300); next }
+{ print "J " num($0, "enqueued_at") " " num($0, "created_at") " " length($0) }
+END { if (NR != np + 2 * nq) print "incomplete " NR " " (np + 2 * nq) }
+"""
+
+
+def redis_settings_command(path: str) -> str:
+    """The shell command that reads, from the env file at `path` (a shell word, e.g. `"$f"`), where
+    and how Mastodon reaches Sidekiq's Redis, and prints it as assignments for `eval`: `sk_err`
+    (set when it cannot be told: `CODE SOURCE`), `sk_src`, `sk_host`, `sk_port`, `sk_db`, `sk_tls`,
+    `sk_user` and `sk_pass`.  Never printed to the output: `eval "$(…)"` it; the password then
+    goes to redis-cli in `REDISCLI_AUTH` only.  (fleet/resources/stores.py reads Redis with it too.)"""
+    return f"awk -v maxl={MAX_ENV_LINES} {shlex.quote(_ENV_AWK)} {path}"
+
+
+def section_script(env_path: str, *, max_processes: int = MAX_PROCESSES, max_queues: int = MAX_QUEUES,
+                   max_line: int = MAX_LINE, max_name: int = MAX_NAME, timeout: int = REDIS_TIMEOUT) -> str:
+    """The POSIX sh of the Sidekiq collection section: reads Sidekiq's Redis as Mastodon finds it
+    from the env file at `env_path` on the host, and prints `@@sidekiq` and its lines.
+
+    Section lines (parse_section reads them):
+        target SOURCE HOST PORT DB plain|tls password|none   where it read from (SOURCE: the env key)
+        error CODE [DETAIL]          nothing (more) could be read, and why; ends the section
+        time "S","US"                Redis's clock (TIME)
+        processes N / queues N       how many members `processes` / `queues` have (SCARD)
+        p "IDENTITY" / q "NAME"      the members read (SRANDMEMBER, at most max_processes/max_queues)
+        P <csv>                      per p: HMGET of info busy beat quiet rss rtt_us concurrency
+        L <int> / J ENQ CREATED LEN  per q: LLEN, and its oldest job's enqueued_at, created_at, size
+        end                          everything was read
+    Strings are redis-cli's --csv tokens: quoted, with \\xHH, \\n, \\" … escapes, so no value can
+    break a line or pass for a section header.
+    """
+    q = shlex.quote
+    # Smaller bounds are for tests; larger ones would print what parse_section refuses.
+    n_p, n_q = min(int(max_processes), MAX_PROCESSES), min(int(max_queues), MAX_QUEUES)
+    max_line, max_name = min(int(max_line), MAX_LINE), min(int(max_name), MAX_NAME)
+    # PING last: its answer is never empty, so no reply is lost to $(…) dropping trailing blank lines.
+    first = f"TIME\\nSCARD processes\\nSRANDMEMBER processes {n_p}\\nSCARD queues\\nSRANDMEMBER queues {n_q}\\nPING\\n"
+    return f"""echo '@@{SECTION}'
+(
+export LC_ALL=C
+unset REDISCLI_AUTH
+f={q(env_path)}
+if [ ! -f "$f" ]; then echo 'error env-missing'; exit 0; fi
+if ! command -v redis-cli >/dev/null 2>&1; then echo 'error no-redis-cli'; exit 0; fi
+sk_err= sk_src= sk_host= sk_port= sk_db= sk_tls= sk_user= sk_pass=
+if ! conf=$({redis_settings_command('"$f"')} 2>/dev/null); then echo 'error env-unreadable'; exit 0; fi
+eval "$conf"
+if [ -n "$sk_err" ]; then echo "error $sk_err"; exit 0; fi
+if [ -n "$sk_pass" ]; then sk_auth=password; else sk_auth=none; fi
+echo "target $sk_src $sk_host $sk_port $sk_db $sk_tls $sk_auth"
+set -- -h "$sk_host" -p "$sk_port" -n "$sk_db" --csv
+if [ -n "$sk_user" ]; then set -- "$@" --user "$sk_user"; fi
+if [ "$sk_tls" = tls ]; then set -- "$@" --tls; fi
+# The password goes to redis-cli in its environment only: never in an argv, never printed.
+sk_cli() {{
+  if [ -n "$sk_pass" ]; then REDISCLI_AUTH=$sk_pass timeout {int(timeout)} redis-cli "$@"
+  else timeout {int(timeout)} redis-cli "$@"; fi
+}}
+r1=$(printf '{first}' | sk_cli "$@" 2>/dev/null)
+case $r1 in
+'"'*) ;;
+ERROR,*) printf 'error redis %s\\n' "$(printf '%s\\n' "$r1" | head -n 1 | cut -c7-300)"; exit 0;;
+*) m=$(sk_cli "$@" PING 2>&1 >/dev/null | head -n 1 | cut -c1-300)
+   printf 'error connect %s\\n' "${{m:-no answer within {int(timeout)} s}}"; exit 0;;
+esac
+out=$(printf '%s\\n' "$r1" | awk -v maxname={int(max_name)} {q(_MEMBERS_AWK)})
+st=$?
+printf '%s\\n' "$out"
+[ "$st" -eq 0 ] || exit 0
+np=$(printf '%s\\n' "$out" | grep -c '^p "')
+nq=$(printf '%s\\n' "$out" | grep -c '^q "')
+if [ "$np" -gt 0 ] || [ "$nq" -gt 0 ]; then
+  printf '%s\\n' "$out" | awk {q(_COMMANDS_AWK)} | sk_cli "$@" 2>/dev/null |
+    awk -v np="$np" -v nq="$nq" -v maxline={int(max_line)} {q(_REPLIES_AWK)}
+fi
+echo end
+)
+"""
+
+
+# ================================================================ the view, parsed
 
 
 @dataclass(frozen=True)
-class SidekiqArgs:
-    """What a Sidekiq command line says (None: not given)."""
+class RedisTarget:
+    """Where the section read from (never the password: only whether there is one)."""
 
+    source: str  # the env key that decided (REDIS_URL, SIDEKIQ_REDIS_HOST …) or "default"
+    host: str
+    port: int
+    db: int
+    tls: bool
+    auth: bool
+
+    def describe(self) -> str:
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db} (from {self.source})"
+
+
+@dataclass(frozen=True)
+class SidekiqProcess:
+    """One live Sidekiq process as its heartbeat says."""
+
+    identity: str
+    hostname: str
+    pid: int
+    tag: str
+    concurrency: int
+    queues: tuple[tuple[str, int], ...]  # (queue, weight) in Sidekiq's order; weight 0 = unweighted
+    labels: tuple[str, ...]
+    started_at: float
+    version: str
+    busy: int
+    beat: float  # epoch seconds of the last heartbeat
+    quiet: bool
+    rss: int  # kB
+    rtt_us: int
+
+    def queue_names(self) -> tuple[str, ...]:
+        return tuple(q for q, _ in self.queues)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    name: str
+    size: int
+    oldest_enqueued_at: float | None  # epoch seconds (Sidekiq 8's milliseconds converted); None when empty
+    latency: float  # seconds the oldest job has waited, at Redis's clock; 0 when empty (as Sidekiq)
+
+
+@dataclass(frozen=True)
+class SidekiqView:
+    """What the section found.  `error` set: nothing could be read (Redis down, no env file …)."""
+
+    target: RedisTarget | None = None
+    error: str = ""
+    redis_time: float = 0.0
+    processes: tuple[SidekiqProcess, ...] = ()
+    queues: tuple[QueueState, ...] = ()
+    processes_total: int = 0  # members of `processes` (SCARD), live or not, read or not
+    queues_total: int = 0
+    stale: tuple[str, ...] = ()  # members read whose heartbeat hash has expired (a dead process)
+
+    @property
+    def complete(self) -> bool:
+        """Every member of `processes` and `queues` was read."""
+        return (not self.error and self.processes_total == len(self.processes) + len(self.stale)
+                and self.queues_total == len(self.queues))
+
+    def queue(self, name: str) -> QueueState | None:
+        return next((q for q in self.queues if q.name == name), None)
+
+
+_ERRORS = {
+    "env-missing": "the env file is not on the host",
+    "env-unreadable": "the env file cannot be read",
+    "no-redis-cli": "redis-cli is not installed on the host",
+    "namespace": "REDIS_NAMESPACE is set: Sidekiq 7 has no namespaces (Mastodon refuses it)",
+    "sentinel": "Sidekiq's Redis is behind Sentinel ({detail}), which fleet does not read",
+    "bad-url": "{detail} is not a redis:// or rediss:// URL",
+    "bad-host": "the Redis host from {detail} is not a host name or address",
+    "bad-port": "the Redis port from {detail} is not a port number",
+    "bad-db": "the Redis database from {detail} is not a number",
+    "connect": "cannot reach Redis: {detail}",
+    "redis": "Redis refused: {detail}",
+    "malformed": "redis-cli printed something unexpected",
+}
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|NULL|-?[0-9]+')
+_ESCAPE = re.compile(rb'\\(x[0-9a-fA-F]{2}|[nrtab"\\])')
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b", b'"': b'"', b"\\": b"\\"}
+_NUMBER = re.compile(r"-?[0-9][0-9.eE+-]*")
+MAX_SECTION_LINES = 16 + 2 * MAX_PROCESSES + 3 * MAX_QUEUES
+
+
+def parse_section(host: str, lines: Iterable[str]) -> SidekiqView:
+    """The section's lines (without its `@@sidekiq` header) as a `SidekiqView`.  Anything that is
+    not what section_script prints — or more of it than its bounds allow — raises ParseError."""
+    try:
+        return _Reader(host).read(lines)
+    except ParseError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+        raise _bad(host, f"malformed ({type(e).__name__})") from None
+
+
+def _bad(host: str, what: str) -> ParseError:
+    return ParseError(f"{host}: the {SECTION} section of the collection output is {what}"[:400], host=host,
+                      section=SECTION, hint="fleet refuses Sidekiq data it cannot read whole; inspect Redis by hand "
+                                            "(redis-cli SMEMBERS processes) for entries Sidekiq did not write")
+
+
+class _Reader:
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.target: RedisTarget | None = None
+        self.error = ""
+        self.time: float | None = None
+        self.totals: dict[str, int] = {}
+        self.members: dict[str, list[str]] = {"p": [], "q": []}
+        self.heartbeats: list[list[str | None]] = []
+        self.lengths: list[int] = []
+        self.jobs: list[tuple[str, str] | None] = []
+        self.ended = False
+
+    def bad(self, what: str) -> ParseError:
+        return _bad(self.host, what)
+
+    def read(self, lines: Iterable[str]) -> SidekiqView:
+        for n, line in enumerate(lines):
+            if n >= MAX_SECTION_LINES:
+                raise self.bad(f"longer than {MAX_SECTION_LINES:,} lines")
+            if len(line) > MAX_LINE + 64:
+                raise self.bad(f"holding a line of {len(line):,} characters")
+            if line:
+                self.line(line)
+        if self.error:
+            return SidekiqView(target=self.target, error=self.error)
+        if not self.ended:
+            raise self.bad("truncated (no end line)")
+        return self.view()
+
+    def line(self, line: str) -> None:
+        tag, _, rest = line.partition(" ")
+        if tag == "end" and self.error and not self.ended:  # after an incomplete second round
+            self.ended = True
+            return
+        if self.ended or self.error:
+            raise self.bad(f"continuing after its {'end' if self.ended else 'error'} line")
+        if tag == "target" and self.target is None:
+            self.target = self.parse_target(rest)
+        elif tag == "error":
+            code, _, detail = rest.partition(" ")
+            if code not in _ERRORS:
+                raise self.bad(f"holding an unknown error {code[:40]!r}")
+            detail = detail.strip()[:300]
+            if code == "redis" and len(detail) >= 2 and detail[0] == detail[-1] == '"':
+                detail = detail[1:-1]  # redis-cli's quoted error text
+            self.error = _ERRORS[code].format(detail=detail)
+        elif tag == "incomplete":
+            self.error = "Redis stopped answering part way (the read was incomplete)"
+        elif tag == "time" and self.time is None:
+            seconds, micros = (self.integer(t) for t in self.csv(rest, 2))
+            self.time = seconds + micros / 1e6
+        elif tag in ("processes", "queues") and tag not in self.totals:
+            self.totals[tag] = self.integer(rest)
+        elif tag in ("p", "q"):
+            if rest.startswith("toolong"):
+                raise self.bad(f"holding a {'process identity' if tag == 'p' else 'queue name'} longer than "
+                               f"{MAX_NAME:,} characters")
+            self.members[tag].append(self.string(self.csv(rest, 1)[0]))
+        elif tag == "P":
+            if rest.startswith("toolong"):
+                raise self.bad(f"holding a heartbeat longer than {MAX_LINE:,} characters")
+            self.heartbeats.append(self.csv(rest, len(HEARTBEAT_FIELDS)))
+        elif tag == "L":
+            self.lengths.append(self.integer(rest))
+        elif tag == "J":
+            if rest == "NULL":
+                self.jobs.append(None)
+            else:
+                fields = rest.split(" ")
+                if len(fields) != 3 or not all(f == "-" or _NUMBER.fullmatch(f) for f in fields[:2]):
+                    raise self.bad(f"holding an unexpected job line {rest[:60]!r}")
+                self.jobs.append((fields[0], fields[1]))
+        elif tag == "end":
+            self.ended = True
+        else:
+            raise self.bad(f"holding an unexpected line {line[:60]!r}")
+
+    def parse_target(self, rest: str) -> RedisTarget:
+        f = rest.split(" ")
+        if len(f) != 6 or f[4] not in ("plain", "tls") or f[5] not in ("password", "none"):
+            raise self.bad(f"holding a malformed target line {rest[:60]!r}")
+        return RedisTarget(source=f[0], host=f[1], port=self.integer(f[2]), db=self.integer(f[3]),
+                           tls=f[4] == "tls", auth=f[5] == "password")
+
+    def csv(self, text: str, count: int) -> list[str | None]:
+        """redis-cli --csv: `count` tokens separated by commas."""
+        out: list[str | None] = []
+        pos = 0
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if m is None:
+                raise self.bad(f"holding a malformed value near {text[pos:pos + 40]!r}")
+            out.append(None if m.group() == "NULL" else m.group())
+            pos = m.end()
+            if pos < len(text):
+                if text[pos] != ",":
+                    raise self.bad(f"holding a malformed value near {text[pos:pos + 40]!r}")
+                pos += 1
+        if len(out) != count:
+            raise self.bad(f"holding {len(out)} values where {count} were expected")
+        return out
+
+    def string(self, token: str | None) -> str:
+        try:
+            return decode_token(token)
+        except ValueError as e:
+            raise self.bad(f"holding {e}") from None
+
+    def integer(self, token: str | None) -> int:
+        text = token[1:-1] if token and token.startswith('"') else token
+        if text is None or not re.fullmatch(r"-?[0-9]{1,19}", text):
+            raise self.bad(f"holding {str(token)[:40]!r} where a number was expected")
+        return int(text)
+
+    def view(self) -> SidekiqView:
+        procs, queues = self.members["p"], self.members["q"]
+        if self.time is None or set(self.totals) != {"processes", "queues"}:
+            raise self.bad("missing its time or counts")
+        if (len(self.heartbeats), len(self.lengths), len(self.jobs)) != (len(procs), len(queues), len(queues)):
+            raise self.bad("holding replies that do not match the members read")
+        if len(procs) > MAX_PROCESSES or len(queues) > MAX_QUEUES:
+            raise self.bad("holding more members than fleet reads")
+        live: list[SidekiqProcess] = []
+        stale: list[str] = []
+        for identity, fields in zip(procs, self.heartbeats, strict=True):
+            if fields[0] is None:  # the hash expired: a process that died without saying so
+                stale.append(identity)
+            else:
+                live.append(self.process(identity, [None if f is None else self.string(f) for f in fields]))
+        states = [self.queue(name, size, job) for name, size, job in zip(queues, self.lengths, self.jobs, strict=True)]
+        return SidekiqView(
+            target=self.target, redis_time=self.time,
+            processes=tuple(sorted(live, key=lambda p: (p.hostname, p.pid, p.identity))),
+            queues=tuple(sorted(states, key=lambda s: s.name)),
+            processes_total=self.totals["processes"], queues_total=self.totals["queues"],
+            stale=tuple(sorted(stale)),
+        )
+
+    def process(self, identity: str, fields: list[str | None]) -> SidekiqProcess:
+        info_text, busy, beat, quiet, rss, rtt_us, concurrency = fields
+        assert info_text is not None
+        try:
+            info = json.loads(info_text)
+        except (ValueError, RecursionError):
+            raise self.bad(f"holding a heartbeat of {identity[:60]!r} whose info is not JSON") from None
+        if not isinstance(info, dict):
+            raise self.bad(f"holding a heartbeat of {identity[:60]!r} whose info is not a JSON object")
+
+        def field(name: str, kind: type, default: object) -> object:
+            value = info.get(name, default)
+            ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise self.bad(f"holding a heartbeat of {identity[:60]!r} with a malformed {name!r}")
+            return value
+
+        names = field("queues", list, [])
+        labels = field("labels", list, [])
+        assert isinstance(names, list) and isinstance(labels, list)
+        if not all(isinstance(q, str) for q in names) or not all(isinstance(x, str) for x in labels):
+            raise self.bad(f"holding a heartbeat of {identity[:60]!r} with malformed queues or labels")
+        weights, capsule_threads = self.weights(identity, info)
+        threads = concurrency if concurrency is not None else info.get("concurrency", capsule_threads)
+        return SidekiqProcess(
+            identity=identity,
+            hostname=str(field("hostname", str, "")),
+            pid=int(field("pid", int, 0)),  # type: ignore[call-overload]
+            tag=str(field("tag", str, "")),
+            concurrency=self.count(threads, identity, "concurrency"),
+            queues=tuple((q, weights.get(q, 0)) for q in dict.fromkeys(names)),
+            labels=tuple(labels),
+            started_at=float(field("started_at", float, 0.0)),  # type: ignore[arg-type]
+            version=str(field("version", str, "")),
+            busy=self.count(busy or 0, identity, "busy"),
+            beat=self.seconds(beat, identity),
+            quiet=quiet == "true",
+            rss=self.count(rss or 0, identity, "rss"),
+            rtt_us=self.count(rtt_us or 0, identity, "rtt_us"),
+        )
+
+    def weights(self, identity: str, info: dict[str, object]) -> tuple[dict[str, int], int | None]:
+        """Queue weights: Sidekiq 7 lists one {queue: weight} per capsule under `weights`; Sidekiq 8
+        also describes each capsule (threads, weights) under `capsules`."""
+        out: dict[str, int] = {}
+        threads: int | None = None
+        capsules = info.get("capsules")
+        tables: list[object] = []
+        if isinstance(capsules, dict):
+            threads = 0
+            for cap in capsules.values():
+                if not isinstance(cap, dict):
+                    raise self.bad(f"holding a heartbeat of {identity[:60]!r} with a malformed capsule")
+                tables.append(cap.get("weights", {}))
+                threads += self.count(cap.get("concurrency", 0), identity, "concurrency")
+        raw = info.get("weights", [])
+        tables += raw if isinstance(raw, list) else [raw]
+        for table in tables:
+            if not isinstance(table, dict):
+                raise self.bad(f"holding a heartbeat of {identity[:60]!r} with malformed weights")
+            for q, w in table.items():
+                out.setdefault(q, self.count(w, identity, "weights"))
+        return out, threads
+
+    def count(self, value: object, identity: str, name: str) -> int:
+        if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value):
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**12:
+            return value
+        raise self.bad(f"holding a heartbeat of {identity[:60]!r} with a malformed {name!r}")
+
+    def seconds(self, value: str | None, identity: str) -> float:
+        try:
+            beat = float(value or "")
+        except ValueError:
+            raise self.bad(f"holding a heartbeat of {identity[:60]!r} with a malformed 'beat'") from None
+        if not math.isfinite(beat):
+            raise self.bad(f"holding a heartbeat of {identity[:60]!r} with a malformed 'beat'")
+        return beat
+
+    def queue(self, name: str, size: int, job: tuple[str, str] | None) -> QueueState:
+        when = None if job is None else enqueued_seconds(job[0] if job[0] != "-" else job[1])
+        assert self.time is not None
+        latency = max(0.0, self.time - when) if when is not None else 0.0
+        return QueueState(name=name, size=max(0, size), oldest_enqueued_at=when, latency=latency)
+
+
+def decode_token(token: str | None) -> str:
+    """The text a quoted, escaped redis-cli --csv token stands for (UTF-8); ValueError otherwise."""
+    if token is None or len(token) < 2 or token[0] != '"' or token[-1] != '"':
+        raise ValueError("a value that is not a string")
+    try:
+        raw = token[1:-1].encode("ascii")
+    except UnicodeEncodeError:  # redis-cli escapes every byte that is not printable ASCII
+        raise ValueError("text that is not ASCII, as redis-cli never prints it") from None
+    if b"\\" in _ESCAPE.sub(b"", raw):
+        raise ValueError("an unknown escape sequence")
+
+    def one(m: re.Match[bytes]) -> bytes:
+        e = m.group(1)
+        return bytes([int(e[1:], 16)]) if e[:1] == b"x" else _ESCAPES[e]
+
+    try:
+        return _ESCAPE.sub(one, raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("text that is not UTF-8") from None
+
+
+def enqueued_seconds(text: str) -> float | None:
+    """A job's enqueued_at (or created_at) as epoch seconds: a float is seconds (Sidekiq 7), an
+    integer milliseconds (Sidekiq 8) — the test Sidekiq's own Queue#latency makes."""
+    if text == "-" or not _NUMBER.fullmatch(text):
+        return None
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text) / 1000.0
+    except (ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+# ================================================================ policy
+
+@dataclass(frozen=True)
+class SidekiqPolicy:
+    """`[policy.sidekiq]`: when queue latency is a warning and when an error; which env file
+    says where Sidekiq's Redis is (default: the one the Sidekiq services load)."""
+
+    max_latency: float = 300.0
+    max_latency_error: float = 1800.0
+    env_file: str | None = None
+
+
+POLICY_KEYS = ("max_latency", "max_latency_error", "env_file")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def load_policy(table: object, *, file: str = "", env_files: Sequence[str] | None = None,
+                prefix: str = "policy.sidekiq") -> tuple[SidekiqPolicy, list[Finding]]:
+    """Validate the `[policy.sidekiq]` table (as tomllib gives it); every problem is a Finding and
+    a valid default stands in for the bad value.  `env_files`: the declared env file names."""
+    out: list[Finding] = []
+
+    def error(key: str, message: str, hint: str, code: str = "config.invalid") -> None:
+        out.append(Finding("error", code, message, file=file, key=f"{prefix}.{key}" if key else prefix, hint=hint))
+
+    if table is None:
+        return SidekiqPolicy(), out
+    if not isinstance(table, dict):
+        error("", f"'{prefix}' must be a table", f"write [{prefix}] with max_latency = 300", "config.wrong-type")
+        return SidekiqPolicy(), out
+    for key in table:
+        if key not in POLICY_KEYS:
+            error(str(key), f"unknown key '{prefix}.{key}'",
+                  did_you_mean(str(key), POLICY_KEYS) or f"allowed keys here: {', '.join(POLICY_KEYS)}",
+                  "config.unknown-key")
+    default = SidekiqPolicy()
+    limits: dict[str, float] = {}
+    for key in ("max_latency", "max_latency_error"):
+        value = table.get(key, getattr(default, key))
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            error(key, f"'{prefix}.{key}' must be a number of seconds", f"write {key} = {getattr(default, key):g}",
+                  "config.wrong-type")
+            value = getattr(default, key)
+        elif not math.isfinite(value) or not 0 < value <= 7 * 86400:
+            error(key, f"'{prefix}.{key}' = {value!r} is not a latency (seconds, above 0, at most a week)",
+                  f"write {key} = {getattr(default, key):g}", "config.bad-value")
+            value = getattr(default, key)
+        limits[key] = float(value)
+    if limits["max_latency_error"] <= limits["max_latency"]:
+        if "max_latency_error" in table or "max_latency" in table:
+            error("max_latency_error", f"'{prefix}.max_latency_error' ({limits['max_latency_error']:g} s) must be "
+                  f"above max_latency ({limits['max_latency']:g} s): above it a latency is an error, above "
+                  "max_latency a warning", "raise max_latency_error, or lower max_latency", "config.bad-value")
+        limits["max_latency_error"] = max(limits["max_latency"] * 2, default.max_latency_error)
+    env_file = table.get("env_file")
+    if env_file is not None:
+        if not isinstance(env_file, str) or not _NAME.fullmatch(env_file):
+            error("env_file", f"'{prefix}.env_file' must be the name of an [env_files.NAME] table",
+                  "write env_file = \"mastodon\"", "config.wrong-type")
+            env_file = None
+        elif env_files is not None and env_file not in env_files:
+            error("env_file", f"'{prefix}.env_file' names {env_file!r}, which no [env_files.…] table declares",
+                  did_you_mean(env_file, env_files) or f"declared env files: {', '.join(env_files) or 'none'}",
+                  "config.bad-reference")
+            env_file = None
+    return SidekiqPolicy(limits["max_latency"], limits["max_latency_error"], env_file), out
+
+
+@dataclass(frozen=True)
+class RedisSource:
+    """Where the collection reads Sidekiq's view: on `host`, Redis as the env file at `env_path` says."""
+
+    host: str
+    env_path: str
+    env_file: str  # its name in desired_state.toml
+
+
+def locate_redis(desired: Desired, policy: SidekiqPolicy) -> RedisSource | Finding:
+    """The host of the declared Redis and the env file that tells Sidekiq where Redis is: the
+    policy's env_file, else the one every Sidekiq service loads; a Finding when there is none."""
+    redis = [s for s in desired.services if s.kind == Kind.REDIS and s.hosts]
+    sidekiq = [s for s in desired.services if s.kind == Kind.SIDEKIQ]
+    if not redis or not sidekiq:
+        return Finding("warning", "sidekiq.view-unavailable",
+                       "no Redis or no Sidekiq service is declared: fleet cannot read Sidekiq's own view",
+                       file=desired.source, key="services",
+                       hint="declare the Sidekiq Redis as a service of kind \"redis\"")
+    host = redis[0].hosts[0]
+    def loaded(path: str) -> bool:
+        return all(s.unit_spec is None or path in s.unit_spec.environment_files for s in sidekiq)
+
+    files = [e for e in desired.env_files_on(host)
+             if (e.name == policy.env_file if policy.env_file else loaded(e.path))]
+    if not files:
+        return Finding("warning", "sidekiq.view-unavailable",
+                       f"no env file that the Sidekiq services load is declared on {host}, the Redis host: fleet "
+                       "cannot tell where Sidekiq's Redis is", file=desired.source, key="env_files", host=host,
+                       hint=f"add {host} to the hosts of that env file, or name it in policy.sidekiq.env_file")
+    return RedisSource(host=host, env_path=files[0].path, env_file=files[0].name)
+
+
+# ================================================================ systemd's side, and the join
+
+@dataclass(frozen=True)
+class SidekiqUnit:
+    """A Sidekiq unit on a host as systemd shows it, with what is declared for it."""
+
+    host: str
+    unit: str
+    service: str  # the declared service; "" for a unit found by discovery only
+    active: bool
+    main_pid: int
+    active_since: float | None  # epoch seconds, when systemd says it in UTC
+    queues: tuple[tuple[str, int], ...]  # declared (weights as Sidekiq shows them: 0 = none), else from argv
     concurrency: int | None
-    queues: tuple[Queue, ...]
-    config: str | None = None  # -C
-    require: str | None = None  # -r
-    environment: str | None = None  # -e
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+
+    @property
+    def declared(self) -> bool:
+        return bool(self.service)
 
 
-def is_sidekiq(argv: Sequence[str]) -> bool:
-    return any(a.rsplit("/", 1)[-1] == "sidekiq" for a in argv)
-
-
-def parse_argv(argv: Sequence[str]) -> SidekiqArgs | None:
-    """The Sidekiq options of a command line; None when it does not run Sidekiq."""
-    if not is_sidekiq(argv):
+def argv_settings(argv: Sequence[str]) -> tuple[int | None, tuple[tuple[str, int], ...], float] | None:
+    """(-c, [(queue, weight)], -t) from a Sidekiq command line; None when it is not Sidekiq."""
+    if not any(a.rsplit("/", 1)[-1] == "sidekiq" for a in argv):
         return None
     concurrency: int | None = None
-    queues: list[Queue] = []
-    opts: dict[str, str] = {}
-    long = {"--concurrency": "c", "--queue": "q", "--config": "C", "--require": "r", "--environment": "e"}
+    queues: list[tuple[str, int]] = []
+    timeout = DEFAULT_SHUTDOWN_TIMEOUT
     it = iter(argv)
     for a in it:
-        name, value = None, None
-        if a in ("-c", "-q", "-C", "-r", "-e"):
-            name, value = a[1], next(it, "")
-        elif a in long:
-            name, value = long[a], next(it, "")
-        elif "=" in a and a.split("=", 1)[0] in long:
-            name, value = long[a.split("=", 1)[0]], a.split("=", 1)[1]
-        if name == "c":
-            concurrency = _to_int(value or "")
-        elif name == "q":
-            queues.append(_queue(value or ""))
-        elif name is not None:
-            opts[name] = value or ""
-    return SidekiqArgs(concurrency, tuple(q for q in queues if q[0]), opts.get("C"), opts.get("r"), opts.get("e"))
+        opt, eq, inline = a.partition("=")
+        if opt not in ("-c", "--concurrency", "-q", "--queue", "-t", "--timeout"):
+            continue
+        value = inline if eq else next(it, "")
+        if opt in ("-c", "--concurrency") and value.isdigit():
+            concurrency = int(value)
+        elif opt in ("-t", "--timeout") and value.isdigit():
+            timeout = float(value)
+        elif opt in ("-q", "--queue") and value:
+            name, _, weight = value.partition(",")
+            queues.append((name, int(weight) if weight.isdigit() else 0))
+    return concurrency, tuple(queues), timeout
 
 
-def _queue(spec: str) -> Queue:
-    name, _, weight = spec.partition(",")
-    return name, _to_int(weight) if weight else None
+_UTC_STAMP = re.compile(r"^\w{3} (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) (?:UTC|GMT)$")
 
 
-def _to_int(s: str) -> int | None:
-    try:
-        return int(s)
-    except ValueError:
+def active_since(unit: UnitState) -> float | None:
+    """ActiveEnterTimestamp as epoch seconds, when systemd printed it in UTC (else unknown)."""
+    m = _UTC_STAMP.match(unit.active_enter)
+    if not m:
         return None
+    return float(calendar.timegm(tuple(int(x) for x in m.groups()) + (0, 0, 0)))
 
 
-# ---------------------------------------------------------------- the config file
-
-
-@dataclass(frozen=True)
-class Settings:
-    """One layer of the file (its top level, or an environment's section): None = not set there;
-    a problem says why a key that IS set cannot be read."""
-
-    concurrency: int | None = None
-    queues: tuple[Queue, ...] | None = None
-    concurrency_problem: str = ""
-    queues_problem: str = ""
-
-
-@dataclass(frozen=True)
-class SidekiqConfig:
-    top: Settings = Settings()
-    environments: tuple[tuple[str, Settings], ...] = ()
-    problem: str = ""  # the file as a whole cannot be read
-
-    def for_environment(self, environment: str) -> Settings:
-        """The settings a process in `environment` gets: its section's keys over the top level's."""
-        if self.problem:
-            return Settings(concurrency_problem=self.problem, queues_problem=self.problem)
-        env = dict(self.environments).get(environment)
-        if env is None:
-            return self.top
-        c = env if env.concurrency is not None or env.concurrency_problem else self.top
-        q = env if env.queues is not None or env.queues_problem else self.top
-        return Settings(c.concurrency, q.queues, c.concurrency_problem, q.queues_problem)
-
-
-class _Unreadable(ValueError):
-    pass
-
-
-_KEY = re.compile(r"^(?::?([A-Za-z_][A-Za-z0-9_.-]*)|\"([^\"]+)\"|'([^']+)')\s*:(?:\s+(.*))?$")
-_ERB = re.compile(r"<%(.*?)%>")
-
-
-def parse_config(text: str) -> SidekiqConfig:
-    """Read a Sidekiq config file's settings without evaluating anything."""
-    try:
-        lines = _logical_lines(text)
-        top = _mapping(lines)
-    except _Unreadable as e:
-        return SidekiqConfig(problem=str(e))
-    settings = _settings(top)
-    envs = []
-    for key, _line, value, children in top:
-        if key in ("concurrency", "queues") or value or not children:
+def sidekiq_units(desired: Desired, results: Mapping[str, HostResult]) -> list[SidekiqUnit]:
+    """Every Sidekiq unit systemd shows on an observed host: declared Sidekiq services, and any
+    other unit whose ExecStart runs sidekiq (found by discovery)."""
+    out: list[SidekiqUnit] = []
+    for host, result in sorted(results.items()):
+        if not isinstance(result, HostState):
             continue
-        try:
-            nested = _mapping(children)
-        except _Unreadable as e:
-            envs.append((key, Settings(concurrency_problem=str(e), queues_problem=str(e))))
-            continue
-        found = _settings(nested)
-        if found != Settings():
-            envs.append((key, found))
-    return SidekiqConfig(settings, tuple(envs))
-
-
-Line = tuple[int, int, str]  # (1-based line number, indentation, content without comment)
-Entry = tuple[str, int, str, list[Line]]  # (key without symbol colons, line, inline value, nested lines)
-
-
-def _logical_lines(text: str) -> list[Line]:
-    out: list[Line] = []
-    for n, raw in enumerate(text.split("\n"), 1):
-        line = _ERB.sub(lambda m: "" if m.group(1).startswith("#") else m.group(0), raw)
-        for m in _ERB.finditer(line):
-            if not m.group(1).startswith(("=", "-=")):
-                raise _Unreadable(f"line {n}: ERB control flow ({_short(m.group(0))}), which fleet does not evaluate")
-        if "<%" in line.replace("<%%", "") and not _ERB.search(line):
-            raise _Unreadable(f"line {n}: an ERB tag spans several lines, which fleet does not read")
-        body = _strip_comment(line).rstrip()
-        if not body.strip():
-            continue
-        if body.strip() in ("---", "..."):
-            if out:
-                break  # a second document: Sidekiq reads the first
-            continue
-        indent = len(body) - len(body.lstrip(" "))
-        if body[indent:indent + 1] == "\t":
-            raise _Unreadable(f"line {n}: a tab indents the line; YAML allows only spaces")
-        out.append((n, indent, body.strip()))
+        declared: dict[str, Service] = {s.unit: s for s in desired.services_on(host) if s.kind == Kind.SIDEKIQ}
+        for u in result.units:
+            service = declared.get(u.unit)
+            parsed = argv_settings(u.exec_start)
+            if service is None and parsed is None:
+                continue
+            concurrency, queues, timeout = parsed or (None, (), DEFAULT_SHUTDOWN_TIMEOUT)
+            if service is not None and service.sidekiq is not None:
+                concurrency = service.sidekiq.concurrency
+                queues = tuple((q, w or 0) for q, w in service.sidekiq.queues)
+            out.append(SidekiqUnit(host=host, unit=u.unit, service=service.name if service else "",
+                                   active=u.active_state == "active", main_pid=u.main_pid,
+                                   active_since=active_since(u), queues=queues, concurrency=concurrency,
+                                   shutdown_timeout=timeout))
     return out
 
 
-def _strip_comment(line: str) -> str:
-    quote = ""
-    for i, c in enumerate(line):
-        if quote:
-            if c == quote:
-                quote = ""
-        elif c in "\"'" and (i == 0 or line[i - 1] in " \t[,-:{"):
-            quote = c
-        elif c == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i]
-    return line
-
-
-def _mapping(lines: list[Line]) -> list[Entry]:
-    """A block mapping: its entries at the first line's indentation, each with what is nested."""
-    if not lines:
-        return []
-    indent = lines[0][1]
-    out: list[Entry] = []
-    i = 0
-    while i < len(lines):
-        n, ind, body = lines[i]
-        if ind != indent:
-            raise _Unreadable(f"line {n}: unexpected indentation")
-        m = _KEY.match(body)
-        if m is None:
-            raise _Unreadable(f"line {n}: {_short(body)} is not a `key: value` line")
-        j = i + 1
-        # what belongs to the key: deeper lines, and a sequence written at the key's own indentation
-        while j < len(lines) and (lines[j][1] > indent or lines[j][1] == indent and lines[j][2].startswith("- ")):
-            j += 1
-        key = (m.group(1) or m.group(2) or m.group(3)).lstrip(":")
-        out.append((key, n, (m.group(4) or "").strip(), lines[i + 1:j]))
-        i = j
+def host_names(desired: Desired, results: Mapping[str, HostResult]) -> dict[str, str]:
+    """Sidekiq's `hostname` (the host's kernel hostname) → the inventory host it is."""
+    out: dict[str, str] = {}
+    for h in desired.hosts:
+        out.setdefault(h.address, h.name)
+    for h in desired.hosts:
+        out[h.name] = h.name
+    for name, r in results.items():
+        if isinstance(r, HostState) and r.facts.hostname:
+            out[r.facts.hostname] = name
     return out
 
 
-def _settings(entries: list[Entry]) -> Settings:
-    c: int | None = None
-    q: tuple[Queue, ...] | None = None
-    cp = qp = ""
-    for key, n, value, children in entries:
-        try:
-            if key == "concurrency":
-                c, cp = _concurrency(n, value, children), ""
-            elif key == "queues":
-                q, qp = _queues(n, value, children), ""
-        except _Unreadable as e:
-            if key == "concurrency":
-                c, cp = None, str(e)
-            else:
-                q, qp = None, str(e)
-    return Settings(c, q, cp, qp)
-
-
-def _concurrency(n: int, value: str, children: list[Line]) -> int:
-    if children or not value:
-        raise _Unreadable(f"line {n}: concurrency is not a number")
-    word = _scalar(n, value, "concurrency")
-    if not re.fullmatch(r"[+-]?[0-9]+", word):
-        raise _Unreadable(f"line {n}: concurrency {_short(word)} is not an integer")
-    return int(word)
-
-
-def _queues(n: int, value: str, children: list[Line]) -> tuple[Queue, ...]:
-    if value:
-        if children and value.startswith("["):  # a flow list over several lines
-            value = " ".join([value, *(b for _, _, b in children)])
-        elif children:
-            raise _Unreadable(f"line {n}: queues has a value and nested lines")
-        items = _flow(n, value, "queues")
-        if not isinstance(items, list):
-            raise _Unreadable(f"line {n}: queues is not a list")
-        return tuple(_queue_item(n, item) for item in items)
-    if not children:
-        return ()  # `queues:` with nothing: null, as no list
-    indent = children[0][1]
-    out: list[Queue] = []
-    for k, ind, body in children:
-        if ind != indent or not (body == "-" or body.startswith("- ")):
-            raise _Unreadable(f"line {k}: queues is not a list of names or [name, weight] pairs")
-        out.append(_queue_item(k, _flow(k, body[1:].strip(), "queues")))
-    return tuple(out)
-
-
-def _queue_item(n: int, item: object) -> Queue:
-    parts: list[object]
-    if isinstance(item, str):
-        name_part, _, weight_part = item.partition(",")  # Sidekiq splits a string item at its comma
-        parts = [name_part, weight_part] if weight_part else [name_part]
-    elif isinstance(item, list) and 1 <= len(item) <= 2:
-        parts = item
-    else:
-        raise _Unreadable(f"line {n}: a queue is a name or [name, weight], not {_short(str(item))}")
-    name = parts[0]
-    if not isinstance(name, str) or not name:
-        raise _Unreadable(f"line {n}: a queue name is not a plain name")
-    weight: int | None = None
-    if len(parts) == 2:
-        w = parts[1]
-        if not isinstance(w, str) or not re.fullmatch(r"[0-9]+", w.strip()):
-            raise _Unreadable(f"line {n}: the weight of queue {name!r} is not an integer")
-        weight = int(w)
-    return name, weight
-
-
-def _scalar(n: int, text: str, what: str) -> str:
-    text = text.strip()
-    if "<%" in text:
-        raise _Unreadable(f"line {n}: {what} is ERB ({_short(text)}), which fleet does not evaluate")
-    if text[:1] in ("&", "*", "!", "|", ">", "{"):
-        raise _Unreadable(f"line {n}: {what} uses YAML fleet does not read ({_short(text)})")
-    if len(text) >= 2 and text[0] == text[-1] == "'":
-        return text[1:-1].replace("''", "'")
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        if "\\" in text:
-            raise _Unreadable(f"line {n}: {what} has an escape sequence fleet does not read")
-        return text[1:-1]
-    if text[:1] in ("'", '"'):
-        raise _Unreadable(f"line {n}: {what} has an unterminated quote")
-    return text
-
-
-def _flow(n: int, text: str, what: str) -> object:
-    """A scalar, or a flow list (`[a, [b, 2]]`) of them, as str / nested lists."""
-    text = text.strip()
-    if not text.startswith("["):
-        return _scalar(n, text, what)
-    tokens = [t for t in re.findall(r"\s*(\[|\]|,|'(?:[^']|'')*'|\"[^\"]*\"|[^\[\],'\"]+)", text) if t.strip()]
-    pos = 0
-
-    def item() -> object:
-        nonlocal pos
-        if pos >= len(tokens):
-            raise _Unreadable(f"line {n}: {what}: an unterminated [list]")
-        tok = tokens[pos]
-        if tok == "[":
-            pos += 1
-            out: list[object] = []
-            while pos < len(tokens) and tokens[pos] != "]":
-                out.append(item())
-                if pos < len(tokens) and tokens[pos] == ",":
-                    pos += 1
-            if pos >= len(tokens):
-                raise _Unreadable(f"line {n}: {what}: an unterminated [list]")
-            pos += 1
-            return out
-        if tok in ("]", ","):
-            raise _Unreadable(f"line {n}: {what}: a misplaced {tok!r}")
-        pos += 1
-        return _scalar(n, tok, what)
-
-    value = item()
-    if pos != len(tokens):
-        raise _Unreadable(f"line {n}: {what}: text after the list")
-    return value
-
-
-def _short(text: str) -> str:
-    return repr(text if len(text) <= 60 else text[:57] + "...")
-
-
-# ---------------------------------------------------------------- what a process serves
-
-
-DEFAULT_CONCURRENCY = 5  # Sidekiq 7's default when neither -c, the file nor RAILS_MAX_THREADS says
+def inventory_host(hostname: str, names: Mapping[str, str]) -> str:
+    return names.get(hostname) or names.get(hostname.split(".", 1)[0], "")
 
 
 @dataclass(frozen=True)
-class Served:
-    """What one Sidekiq process serves, from its command line and its config file."""
+class Match:
+    """A live process, the inventory host it runs on ("" when none) and its unit (None: none found)."""
 
-    concurrency: int | None
-    queues: tuple[Queue, ...]
-    source: str  # "-q" (command line), the config file's path, or "defaults" (no file, no -q)
-    problem: str = ""  # why the queues could not be read (they are then ())
-    concurrency_problem: str = ""  # why the concurrency could not be read (it is then None)
-
-
-def served(args: SidekiqArgs, environment: str, config_path: str, config: SidekiqConfig | None,
-           problem: str, env: Iterable[tuple[str, str]] = ()) -> Served:
-    """What a process runs: `config` is its file as read (None: there is none), `problem` why it
-    could not be read (a missing -C file, unreadable, too large); `env` its environment variables."""
-    default_c = _to_int(dict(env).get("RAILS_MAX_THREADS", "")) or DEFAULT_CONCURRENCY
-    s = Settings() if config is None or problem else config.for_environment(environment)
-    why = problem or (f"{config_path}: {s.queues_problem}" if s.queues_problem else "")
-    # concurrency: -c, else the file's, else RAILS_MAX_THREADS or Sidekiq's default
-    concurrency = args.concurrency
-    if concurrency is None and not problem:
-        concurrency = None if s.concurrency_problem else s.concurrency if s.concurrency is not None else default_c
-    c_why = problem or f"{config_path}: {s.concurrency_problem}" if concurrency is None else ""
-    if args.queues:  # -q replaces the file's queue list
-        return Served(concurrency, args.queues, "-q", concurrency_problem=c_why)
-    if why:
-        return Served(concurrency, (), config_path, why, c_why)
-    return Served(concurrency, s.queues or (("default", None),), config_path if config is not None else "defaults",
-                  concurrency_problem=c_why)
+    process: SidekiqProcess
+    host: str
+    unit: SidekiqUnit | None
+    how: str = ""  # "pid" (MainPID) or "queues" (same host, same queues)
 
 
-def environment_of(args: SidekiqArgs, env: Iterable[tuple[str, str]]) -> str:
-    """Sidekiq's environment: -e, else APP_ENV, RAILS_ENV, RACK_ENV, else development."""
-    env_map = dict(env)
-    return args.environment or env_map.get("APP_ENV") or env_map.get("RAILS_ENV") or env_map.get(
-        "RACK_ENV") or "development"
+def join(processes: Sequence[SidekiqProcess], units: Sequence[SidekiqUnit],
+         names: Mapping[str, str]) -> tuple[list[Match], list[SidekiqUnit]]:
+    """Each process with its unit — by host and MainPID, else by host and the same queues — and
+    the units no process was joined to."""
+    free = list(units)
+    hosts = {p.identity: inventory_host(p.hostname, names) for p in processes}
+    found: dict[str, tuple[SidekiqUnit, str]] = {}
+    for p in processes:
+        unit = next((u for u in free if u.host == hosts[p.identity] and u.main_pid and u.main_pid == p.pid), None)
+        if unit is not None:
+            found[p.identity] = (unit, "pid")
+            free.remove(unit)
+    for p in processes:
+        if p.identity in found:
+            continue
+        unit = next((u for u in free if u.host == hosts[p.identity] and u.active and u.queues
+                     and {q for q, _ in u.queues} == set(p.queue_names())), None)
+        if unit is not None:
+            found[p.identity] = (unit, "queues")
+            free.remove(unit)
+    matches = [Match(p, hosts[p.identity], *found.get(p.identity, (None, ""))) for p in processes]
+    return matches, free
+
+
+# ================================================================ findings
+
+
+def track_quiet(previous: Mapping[str, float], view: SidekiqView, now: float) -> dict[str, float]:
+    """identity → when it was first seen quiet, carried from one observation to the next (the view
+    says only *that* a process is quiet, not since when)."""
+    return {p.identity: previous.get(p.identity, now) for p in view.processes if p.quiet}
+
+
+def check(desired: Desired, results: Mapping[str, HostResult], view: SidekiqView, now: float,
+          policy: SidekiqPolicy, *, quiet_since: Mapping[str, float] | None = None) -> list[Finding]:
+    """Sidekiq's view cross-checked with systemd and the declaration (see the check_* functions)."""
+    if view.error:
+        where = f" ({view.target.describe()})" if view.target else ""
+        return [Finding("warning", "sidekiq.view-unavailable", f"cannot read Sidekiq's view{where}: {view.error}",
+                        file=desired.source, hint="check the Redis service and the env file's REDIS_* keys")]
+    names = host_names(desired, results)
+    matches, unmatched = join(view.processes, sidekiq_units(desired, results), names)
+    out: list[Finding] = []
+    if not view.complete:
+        out.append(Finding(
+            "warning", "sidekiq.view-truncated",
+            f"Redis lists {view.processes_total} Sidekiq processes and {view.queues_total} queues; fleet read "
+            f"{len(view.processes) + len(view.stale)} and {len(view.queues)}: findings that need every process "
+            "are skipped", file=desired.source,
+            hint="find what floods the `processes` or `queues` set (redis-cli SCARD processes)"))
+    out += check_unmanaged(desired, results, matches)
+    if view.complete:
+        out += check_heartbeats(unmatched, now)
+        out += check_unserved(view)
+    out += check_latency(view, policy, desired.source)
+    out += check_drift(matches, desired.source)
+    out += check_quiet(matches, quiet_since or {}, now, desired.source)
+    return out
+
+
+def _queues(p: SidekiqProcess) -> str:
+    return ", ".join(q if not w else f"{q},{w}" for q, w in p.queues) or "none"
+
+
+def check_unmanaged(desired: Desired, results: Mapping[str, HostResult], matches: Sequence[Match]) -> list[Finding]:
+    """A live process with no declared unit behind it — started by hand, by another unit, or on a
+    machine fleet does not know — is an error, and the placement policy applies to its host."""
+    from fleet.policy import check_placement  # the rule for declared services, applied to what runs
+
+    out: list[Finding] = []
+    for m in matches:
+        p = m.process
+        if m.unit is not None and m.unit.declared:
+            continue
+        if m.host and not isinstance(results.get(m.host), HostState):
+            continue  # its host was not observed: whether a unit runs it is unknown
+        where = m.host or f"{p.hostname} (not in the inventory)"
+        by = f"unit {m.unit.unit}, which is not declared" if m.unit else "no systemd unit"
+        out.append(Finding(
+            "error", "sidekiq.process-unmanaged",
+            f"a live Sidekiq process on {where} (pid {p.pid}, queues {_queues(p)}, concurrency {p.concurrency}) "
+            f"is run by {by}", file=desired.source, host=m.host,
+            hint="stop it, or declare it as a Sidekiq service (fleet plan then takes it over)",
+            extra={"identity": p.identity}))
+        if m.host:
+            out += check_placement(desired, [(m.host, Kind.SIDEKIQ, f"the Sidekiq process pid {p.pid}", "")])
+    return out
+
+
+def check_heartbeats(unmatched: Sequence[SidekiqUnit], now: float) -> list[Finding]:
+    """A declared unit systemd calls active whose process has not heartbeated for longer than the
+    heartbeat's expiry: hung, stopped, or pointed at another Redis."""
+    out: list[Finding] = []
+    for u in unmatched:
+        if not u.declared or not u.active:
+            continue
+        if u.active_since is not None and now - u.active_since <= BEAT_EXPIRY:
+            continue  # still booting: Sidekiq beats once its app has loaded
+        out.append(Finding(
+            "error", "sidekiq.no-heartbeat",
+            f"{u.unit} on {u.host} is active (pid {u.main_pid}) but no Sidekiq process of it has heartbeated "
+            f"in Redis for more than {BEAT_EXPIRY:g} s", host=u.host,
+            hint="it is hung, stopped (SIGSTOP), or reads another Redis than the one fleet reads: check its "
+                 "journal and its REDIS_* settings, then restart it"))
+    return out
+
+
+def check_unserved(view: SidekiqView) -> list[Finding]:
+    """Jobs waiting in a queue that no live, working (not quiet) process takes jobs from."""
+    serving = {q for p in view.processes if not p.quiet for q in p.queue_names()}
+    return [Finding("error", "sidekiq.queue-stalled",
+                    f"queue {q.name!r} holds {q.size} job(s), the oldest waiting {q.latency:.0f} s, and no live "
+                    "Sidekiq process serves it",
+                    hint=f"start a Sidekiq service with {q.name!r} in its queues")
+            for q in view.queues if q.size > 0 and q.name not in serving]
+
+
+def check_latency(view: SidekiqView, policy: SidekiqPolicy, file: str = "") -> list[Finding]:
+    out: list[Finding] = []
+    for q in view.queues:
+        if q.size <= 0 or q.latency <= policy.max_latency:
+            continue
+        error = q.latency > policy.max_latency_error
+        limit = policy.max_latency_error if error else policy.max_latency
+        out.append(Finding(
+            "error" if error else "warning", "sidekiq.latency",
+            f"queue {q.name!r}: the oldest of its {q.size} job(s) has waited {q.latency:.0f} s (more than "
+            f"{limit:g} s)", file=file, key=f"policy.sidekiq.{'max_latency_error' if error else 'max_latency'}",
+            hint=f"add Sidekiq capacity for {q.name!r} (processes, -c) or find what stalls its jobs"))
+    return out
+
+
+def check_drift(matches: Sequence[Match], file: str = "") -> list[Finding]:
+    """A process joined to its declared unit whose live queues or concurrency differ from it."""
+    out: list[Finding] = []
+    for m in matches:
+        u, p = m.unit, m.process
+        if u is None or not u.declared:
+            continue
+        problems = []
+        if not _same_queues(u.queues, p.queues):
+            declared = ", ".join(q if not w else f"{q},{w}" for q, w in u.queues) or "none"
+            problems.append(f"queues {_queues(p)} (declared: {declared})")
+        if u.concurrency is not None and p.concurrency != u.concurrency:
+            problems.append(f"concurrency {p.concurrency} (declared: {u.concurrency})")
+        if problems:
+            out.append(Finding(
+                "error", "sidekiq.process-drift",
+                f"{u.unit} on {u.host} runs a Sidekiq process (pid {p.pid}) with {' and '.join(problems)}",
+                file=file, key=f"services.{u.service}", host=u.host,
+                hint="restart it to pick up its declaration (fleet apply), or check config/sidekiq.yml and -q/-c"))
+    return out
+
+
+def _same_queues(declared: Sequence[tuple[str, int]], live: Sequence[tuple[str, int]]) -> bool:
+    """Weighted queues are a set with weights; unweighted ones are checked strictly in order, so
+    then the order matters too (Sidekiq's strict mode)."""
+    if dict(declared) != dict(live):
+        return False
+    strict = all(w == 0 for _, w in live)
+    return not strict or [q for q, _ in declared] == [q for q, _ in live]
+
+
+def check_quiet(matches: Sequence[Match], quiet_since: Mapping[str, float], now: float,
+                file: str = "") -> list[Finding]:
+    """A process told to stop taking work (TSTP) that has not stopped within its shutdown timeout."""
+    out: list[Finding] = []
+    for m in matches:
+        p = m.process
+        since = quiet_since.get(p.identity)
+        timeout = m.unit.shutdown_timeout if m.unit else DEFAULT_SHUTDOWN_TIMEOUT
+        if not p.quiet or since is None or now - since <= timeout:
+            continue
+        where = f"{m.unit.unit} on {m.host}" if m.unit else f"a process on {m.host or p.hostname}"
+        out.append(Finding(
+            "warning", "sidekiq.quiet-stuck",
+            f"{where} (pid {p.pid}) has been quiet for {now - since:.0f} s, longer than its shutdown timeout "
+            f"({timeout:g} s): it takes no jobs and does not exit", file=file, host=m.host,
+            hint="finish the stop or restart it (systemctl restart), and look at what its busy jobs wait for"))
+    return out

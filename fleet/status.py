@@ -11,23 +11,13 @@ applies to the declared state).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
-from fleet.model import (
-    SIDEKIQ_QUEUES,
-    Desired,
-    Finding,
-    HostError,
-    HostResult,
-    HostState,
-    Service,
-    UnitSpec,
-    UnitState,
-)
+from fleet.model import Desired, Finding, HostError, HostResult, HostState, Service, UnitSpec, UnitState
 from fleet.policy import SidekiqProcess, check_queues
+from fleet.resources.base import Problem
 from fleet.resources.registry import RESOURCES
 from fleet.resources.sidekiq_config import collected, config_file
-from fleet.sidekiq import Served, SidekiqArgs, environment_of, parse_argv, served
+from fleet.sidekiq_settings import Served, SidekiqArgs, environment_of, parse_argv, served
 from fleet.textutil import sha256_hex
 from fleet.unitfile import words
 from fleet.units import instance_owner, is_up, render_unit, unit_file_differs, up_state
@@ -50,6 +40,7 @@ class Cell:
     unit: UnitState | None = None
     notes: tuple[str, ...] = ()  # what kinds of resource observed about the unit: "has drop-ins …"
     down: bool = False  # declared here, and not up (missing, failed, stopped): an error in `fleet audit`
+    problems: tuple[Problem, ...] = ()  # what kinds of resource found wrong with the service here (in detail too)
 
 
 @dataclass(frozen=True)
@@ -153,7 +144,10 @@ def _declared_cell(s: Service, unit: str, host: str, result: HostResult, declare
         problems.append("ExecStart differs")
     elif spec is not None and unit_file_differs(s, u, content_hash, s.wrapper.unit if wrapper and s.wrapper else None):
         problems.append("unit file differs")
-    return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u, down=down)
+    # What the kinds find behind the unit: a failed Postgres cluster under an active/exited parent.
+    found = tuple(p for r in RESOURCES for p in r.problems(result, s))
+    problems += [p.message for p in found]
+    return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u, down=down, problems=found)
 
 
 def _exec_differs(spec: UnitSpec, u: UnitState) -> bool:
@@ -252,56 +246,3 @@ def _observed_db_pool(state: HostState, u: UnitState) -> int | None:
         if ef is not None and "DB_POOL" in ef.value_map():
             value = ef.value_map()["DB_POOL"]
     return _to_int(value) if value is not None else None
-
-
-def status_json(report: StatusReport) -> dict[str, Any]:
-    """The documented `fleet status --json` document (docs/status.md)."""
-    hosts: dict[str, Any] = {}
-    for name in report.hosts:
-        r = report.results[name]
-        if isinstance(r, HostError):
-            hosts[name] = {"reachable": False, "error": {"kind": r.kind, "message": r.message, "hint": r.hint}}
-        else:
-            f = r.facts
-            hosts[name] = {
-                "reachable": True, "error": None, "collected_at": r.collected_at, "duration": round(r.duration, 3),
-                "facts": {"hostname": f.hostname, "os": f.os, "kernel": f.kernel, "systemd": f.systemd_version,
-                          "system_state": f.system_state, "uptime_seconds": f.uptime_seconds, "load": list(f.load),
-                          "mem_total_kb": f.mem_total_kb, "mem_available_kb": f.mem_available_kb},
-            }
-    rows = []
-    for row in report.rows:
-        cells = {}
-        for c in row.cells:
-            u = c.unit
-            cells[c.host] = {
-                "status": c.status, "state": c.state, "detail": c.detail,
-                "declared": c.host in row.declared_hosts, "notes": list(c.notes),
-                "unit": None if u is None else {
-                    "load_state": u.load_state, "active_state": u.active_state, "sub_state": u.sub_state,
-                    "unit_file_state": u.unit_file_state, "exec_start": list(u.exec_start), "main_pid": u.main_pid,
-                    "fragment_path": u.fragment_path, "drop_in_paths": list(u.drop_in_paths),
-                    "active_enter": u.active_enter, "n_restarts": u.n_restarts, "text_hash": u.text_hash},
-            }
-        rows.append({"unit": row.unit, "service": row.service, "kind": row.kind,
-                     "declared_hosts": list(row.declared_hosts), "cells": cells})
-    return {
-        "format": 1,
-        "fleet": report.fleet,
-        "hosts": hosts,
-        "services": rows,
-        "sidekiq": {
-            "processes": [{"host": p.host, "unit": p.unit, "concurrency": p.concurrency, "db_pool": p.db_pool,
-                           "declared": p.declared, "queues": [{"name": q, "weight": w} for q, w in p.queues],
-                           "queues_from": p.source, "problem": p.problem}
-                          for p in report.sidekiq],
-            "queues": {q: [f"{p.host}:{p.unit}" for p in report.sidekiq if q in dict(p.queues)]
-                       for q in _all_queues(report)},
-            "findings": [f.as_dict() for f in report.queue_findings],
-        },
-    }
-
-
-def _all_queues(report: StatusReport) -> list[str]:
-    extra = [q for p in report.sidekiq for q, _ in p.queues if q not in SIDEKIQ_QUEUES]
-    return list(SIDEKIQ_QUEUES) + sorted(set(extra))

@@ -5,11 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # passwd (useradd) and procps (pgrep): the sshd unit tests create a user without sudo and look for its
-# processes; under CI a test that skips for want of a tool fails (tests/conftest.py).
+# processes; redis-server (with redis-cli): the Sidekiq unit tests run the collection section against a
+# throwaway Redis of their own; under CI a test that skips for want of a tool fails (tests/conftest.py).
 # chromium: for the tests only — tests/unit/test_watch_html.py loads fleet watch's status page in a
 # real headless browser (console errors, the page's Content-Security-Policy); fleet never runs it.
 packages=(systemd-container debootstrap openssh-client openssh-server iproute2 zstd python3 python3-venv ca-certificates sudo
-          passwd procps chromium)
+          passwd procps redis-server chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

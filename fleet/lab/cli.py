@@ -13,10 +13,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from tabulate import tabulate
 
 from fleet.errors import LabError
 from fleet.lab import lifecycle
@@ -148,6 +147,8 @@ def _status(hosts_dir: Path, paths: LabPaths, as_json: bool) -> int:
     return EXIT_OK if state.all_up else EXIT_FAILED
 
 
-def _table(rows: list[tuple[object, ...]], headers: list[str]) -> str:
+def _table(rows: Sequence[Sequence[object]], headers: list[str]) -> str:
     """What the hosts report (their system state) may hold control characters: shown, not obeyed."""
+    from tabulate import tabulate  # here: `fleet --help` builds this module's parser, and draws no table
+
     return str(tabulate([[printable(str(c), multiline=False) for c in row] for row in rows], headers=headers))

@@ -67,6 +67,10 @@ SSHD_DROPIN = (
     "KbdInteractiveAuthentication no\n"
     "UseDNS no\n"
 )
+# The lab's Redis takes the rest of its settings from a file `up` writes into each host (it holds the
+# lab's Redis password): listening on the lab network, so that Sidekiq on other hosts reaches it.
+REDIS_LAB_CONF = "/etc/redis/fleet-lab.conf"
+REDIS_INCLUDE = f"\n# fleet lab: bind and requirepass, written by `fleet lab up`\ninclude {REDIS_LAB_CONF}\n"
 STANDINS_DIR = Path(__file__).with_name("standins")
 
 
@@ -95,6 +99,7 @@ def recipe() -> dict[str, object]:
         "setup": [list(step) for step in SETUP_STEPS],
         "removed": list(REMOVED_PATHS),
         "sshd_dropin": SSHD_DROPIN,
+        "redis_include": REDIS_INCLUDE,
         "standins": {
             s.target: [s.owner, hashlib.sha256((STANDINS_DIR / s.source).read_bytes()).hexdigest()]
             for s in STANDINS
@@ -275,6 +280,8 @@ def customize(rootfs: Path) -> None:
     dropin = rootfs / "etc/ssh/sshd_config.d/fleet-lab.conf"
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text(SSHD_DROPIN)
+    with open(rootfs / "etc/redis/redis.conf", "a") as conf:  # last, so that its settings win
+        conf.write(REDIS_INCLUDE)
     for pattern in REMOVED_PATHS:
         for path in rootfs.glob(pattern.lstrip("/")):
             if path.is_dir() and not path.is_symlink():

@@ -23,6 +23,7 @@ from fleet.errors import LabError
 from fleet.lab import image, machines, network, settings, sshfiles, system
 from fleet.lab.inventory import LabHost, read_inventory
 from fleet.lab.settings import LabPaths
+from fleet.secrets import ensure_lab_redis_password
 
 DEFAULT_TIMEOUT = 120.0
 Report = Callable[[str], None]
@@ -81,10 +82,11 @@ def up(
     with image.file_lock(paths.lock):
         _teardown(paths, report)
         client_key = sshfiles.ensure_client_key(paths.identity)
+        redis_password = ensure_lab_redis_password(paths.state)
         archive = image.ensure_image(paths.cache)
         started = time.monotonic()
         try:
-            processes = _prepare_and_boot(paths, hosts, archive, client_key, report)
+            processes = _prepare_and_boot(paths, hosts, archive, client_key, redis_password, report)
         except BaseException:
             report("setting up failed; cleaning up what was made")
             _teardown(paths, lambda _: None)
@@ -145,7 +147,8 @@ def _check_runtime_path(runtime: Path) -> None:
 
 
 def _prepare_and_boot(
-    paths: LabPaths, hosts: list[LabHost], archive: Path, client_key: str, report: Report
+    paths: LabPaths, hosts: list[LabHost], archive: Path, client_key: str, redis_password: str,
+    report: Report,
 ) -> list[subprocess.Popen[bytes]]:
     paths.runtime.mkdir(parents=True, exist_ok=True)
     system.raise_inotify_limit(paths.saved_sysctl)
@@ -170,7 +173,7 @@ def _prepare_and_boot(
 
         def prepare(host: LabHost) -> str:
             root = machines.mount_overlay(paths, host)
-            return machines.write_host_files(root, host, hosts, client_key)
+            return machines.write_host_files(root, host, hosts, client_key, redis_password)
 
         host_keys = dict(zip([h.name for h in hosts], pool.map(prepare, hosts), strict=True))
     sshfiles.write_private(paths.known_hosts, sshfiles.known_hosts_text(hosts, host_keys))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleet.errors import LabError
-from fleet.lab import settings, sshfiles, system
+from fleet.lab import image, settings, sshfiles, system
 from fleet.lab.inventory import LabHost
 from fleet.lab.settings import LabPaths
 
@@ -32,7 +32,8 @@ def mount_overlay(paths: LabPaths, host: LabHost) -> Path:
     return merged
 
 
-def write_host_files(root: Path, host: LabHost, all_hosts: list[LabHost], client_key: str) -> str:
+def write_host_files(root: Path, host: LabHost, all_hosts: list[LabHost], client_key: str,
+                     redis_password: str) -> str:
     """Personalise a host's tree before boot; returns its new SSH host public key."""
     host_key = sshfiles.generate_host_key(root / "etc/ssh", host.name)
     (root / "etc/hostname").write_text(f"{host.name}\n")
@@ -41,6 +42,7 @@ def write_host_files(root: Path, host: LabHost, all_hosts: list[LabHost], client
     lines += [f"{h.address}\t{' '.join((h.name, *h.aliases))}" for h in all_hosts]
     (root / "etc/hosts").write_text("\n".join(lines) + "\n")
     _authorize(root, "root", client_key)
+    write_redis_conf(root, redis_password)
     level = sshd_log_level()
     if level:  # e.g. DEBUG1 for the test suite, so that a failed lab test keeps what sshd saw
         conf = root / "etc/ssh/sshd_config.d/fleet-lab-log.conf"
@@ -55,6 +57,20 @@ def write_host_files(root: Path, host: LabHost, all_hosts: list[LabHost], client
         sudoers.write_text(f"# fleet lab: the inventory user\n{host.user} ALL=(ALL:ALL) NOPASSWD: ALL\n")
         os.chmod(sudoers, 0o440)
     return host_key
+
+
+def write_redis_conf(root: Path, password: str) -> None:
+    """The lab's Redis (where it is enabled) listens on the lab network and wants the lab's password,
+    which Sidekiq and fleet get from the env file fleet deploys.  Readable by redis only."""
+    entry = _passwd_entry(root, "redis")
+    if entry is None:
+        raise LabError("user 'redis' missing in the lab host's /etc/passwd (is redis-server in the image?)")
+    conf = root / image.REDIS_LAB_CONF.lstrip("/")
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# fleet lab: written by `fleet lab up`\nbind 0.0.0.0 -::1\nrequirepass {password}\n")
+    os.chown(conf, 0, int(entry[3]))
+    os.chmod(conf, 0o640)
 
 
 SSHD_LOG_ENV = "FLEET_LAB_SSHD_LOG_LEVEL"
@@ -116,7 +132,7 @@ def boot(paths: LabPaths, host: LabHost) -> subprocess.Popen[bytes]:
         f"--network-namespace-path=/run/netns/{host.netns}",
         "--link-journal=no", "--resolv-conf=off", "--timezone=off",
     ]
-    log = open(paths.console_log(host.name), "ab")  # noqa: SIM115 (handed to the child)
+    log = open(paths.console_log(host.name), "ab")  # handed to the child
     try:
         return subprocess.Popen(
             argv,
@@ -124,7 +140,7 @@ def boot(paths: LabPaths, host: LabHost) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=enter_cgroups,  # noqa: PLW1509 (called before any thread starts)
+            preexec_fn=enter_cgroups,  # called before any thread starts
             close_fds=True,
         )
     finally:

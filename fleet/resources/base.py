@@ -27,7 +27,7 @@ from fleet.errors import FleetError
 from fleet.model import Desired, Host, HostState, Service
 from fleet.units import UNIT_DIR, removable_unit_file
 
-# Plan text detail lines are (style, text); the renderer paints them (fleet/render.py).
+# Plan text detail lines are (style, text); fleet/output/text.py paints them.
 PLAIN, ADDED, REMOVED, CHANGED, DIFF = "plain", "added", "removed", "changed", "diff"
 Detail = tuple[str, str]
 
@@ -45,6 +45,17 @@ class ActionSpec:
     needs_reload: bool = False  # systemd must re-read unit files after it, before units (re)start
     rolling: bool = False  # a RUN that takes a running instance down: rolled by max_unavailable
     shows_target: bool = True  # plan text and logs name the target (a reload's is just "systemd")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something a kind of resource found wrong with a declared service on a host, beyond its unit's
+    own state: its status cell is drift `(!)` with the message in its detail, and `fleet audit`
+    reports it as an error finding with this code, naming the service and host."""
+
+    code: str  # the finding's code, e.g. "store.cluster-failed"
+    message: str  # short, about the service on that host: "cluster unit postgresql@15-main.service failed"
+    hint: str = ""  # how to fix it
 
 
 class PayloadError(ValueError):
@@ -178,6 +189,11 @@ class Resource:
     def notes(self, state: HostState, unit: str) -> list[str]:
         """What this kind observed about `unit` on the host, shown in its status cell (and so in
         `fleet audit`): short phrases, e.g. `has drop-ins: override.conf sha256:1a2b3c4d`."""
+        return []
+
+    def problems(self, state: HostState, service: Service) -> list[Problem]:
+        """What this kind found wrong with `service`, declared on the host (e.g. a failed database
+        cluster behind an `active/exited` parent unit)."""
         return []
 
     # -- diff -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from fleet.resources.base import ActionSpec, Resource
 from fleet.resources.drop_ins import DropIns
 from fleet.resources.env_file import EnvFiles
 from fleet.resources.sidekiq_config import SidekiqConfigs
+from fleet.resources.stores import DataStores
 from fleet.resources.undeclared import UndeclaredUnits
 from fleet.resources.unit_file import UnitFiles
 from fleet.resources.unit_state import UnitStates
@@ -26,6 +27,7 @@ RESOURCES: tuple[Resource, ...] = (
     UndeclaredUnits(),
     DropIns(),
     SidekiqConfigs(),
+    DataStores(),
 )
 
 

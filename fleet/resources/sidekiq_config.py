@@ -2,8 +2,8 @@
 Sidekiq reads its queues (and concurrency) from, read on the host in the same round trip.
 
 Which file: `-C FILE`, else `config/sidekiq.yml` (or `config/sidekiq.yml.erb`) under the `-r`
-directory when that is one, else under the unit's WorkingDirectory (fleet/sidekiq.py says why).
-The host only prints the file; fleet parses it (fleet/sidekiq.py), evaluating nothing.  What is
+directory when that is one, else under the unit's WorkingDirectory (fleet/sidekiq_settings.py says why).
+The host only prints the file; fleet parses it (fleet/sidekiq_settings.py), evaluating nothing.  What is
 read feeds the Sidekiq view of `fleet status` and the queue rules of `fleet audit`
 (fleet/status.py); a file that cannot be read is said so, naming host, unit and file.
 
@@ -25,7 +25,7 @@ from fleet.collect.sections import Collected, SectionParser, too_much
 from fleet.errors import ParseError
 from fleet.model import Desired, HostState
 from fleet.resources.base import Resource
-from fleet.sidekiq import SidekiqConfig, parse_config
+from fleet.sidekiq_settings import SidekiqConfig, parse_config
 
 MAX_BYTES = 64 * 1024  # per file: Mastodon's is 2 KiB
 MAX_LINES = 2_000

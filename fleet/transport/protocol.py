@@ -23,7 +23,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Protocol, Self, TypeAlias
+from typing import Protocol, Self, TypeAlias, TypeVar
 
 from fleet.errors import TransportError
 from fleet.model import Host
@@ -191,7 +191,7 @@ def run_many(
             return transport.run(host, command, sudo=sudo, timeout=timeout)
         except TransportError as exc:
             return exc
-        except Exception as exc:  # noqa: BLE001 - one host's bug must not hide the others
+        except Exception as exc:  # one host's bug must not hide the others
             log.debug("unexpected error on %s", host.name, exc_info=True)
             return TransportError(host.name, "protocol", f"{host.name}: {type(exc).__name__}: {exc}")
 
@@ -207,3 +207,16 @@ def run_many(
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     return {h.name: outcomes[h.name] for h in unique}
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def in_parallel(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> list[_R]:
+    """[fn(item) for item in items], up to `workers` at once (in order; the first exception is
+    raised).  Hosts in parallel make one round trip of wall time, not one per host."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
+        return list(pool.map(fn, items))

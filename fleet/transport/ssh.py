@@ -180,7 +180,7 @@ class _Deadlines:
             for action in due:
                 try:
                     action()
-                except Exception:  # noqa: BLE001 - a failing close must not kill the watchdog
+                except Exception:  # a failing close must not kill the watchdog
                     log.debug("deadline action failed", exc_info=True)
 
 
@@ -570,7 +570,7 @@ class SSHTransport:
             loaded = (None, "missing")
         except (paramiko.PasswordRequiredException, TypeError):
             loaded = (None, "encrypted; add it to ssh-agent")
-        except Exception as exc:  # noqa: BLE001 - unreadable, unknown type, bad format: skip the key
+        except Exception as exc:  # unreadable, unknown type, bad format: skip the key
             loaded = (None, f"unusable: {type(exc).__name__}: {exc}")
         with self._files_lock:
             return self._keys.setdefault(path, loaded)
@@ -844,7 +844,7 @@ def _signal(channel: paramiko.Channel, name: str) -> None:
         message.add_boolean(False)
         message.add_string(name)
         channel.get_transport()._send_user_message(message)  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - closing the channel is the fallback anyway
+    except Exception:  # closing the channel is the fallback anyway
         log.debug("could not send signal %s", name, exc_info=True)
 
 

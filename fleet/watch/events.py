@@ -82,6 +82,7 @@ _SUBJECT: Mapping[str, re.Pattern[str] | None] = {
     "sidekiq.coverage-unknown": None,
     "placement.forbidden": re.compile(r"^(\S+) \((.+?)\) on \S+, whose role "),
     "env.unknown-key": re.compile(r"^(.+?) is not a Mastodon setting"),
+    "env.near-miss": re.compile(r"^(.+?) is not a Mastodon setting"),
     "env.not-boolean": re.compile(r"^([^=]+)="),
     "env.inconsistent": re.compile(r"^(\S+) in (.+?) differs between hosts of (.+?): "),
     "env.file-missing": re.compile(r"^(.+) is missing on \S+$"),

@@ -323,5 +323,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and call.when in ("setup", "call") and HERE in Path(str(item.path)).resolve().parents:
         try:
             report.sections.append(("lab artifacts", keep_artifacts(item)))
-        except Exception as exc:  # noqa: BLE001 - keeping artifacts must never hide the failure itself
+        except Exception as exc:  # keeping artifacts must never hide the failure itself
             report.sections.append(("lab artifacts", f"could not keep them: {type(exc).__name__}: {exc}"))

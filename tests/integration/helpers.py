@@ -114,3 +114,47 @@ def inside(host: str, *argv: str, timeout: float = 30) -> subprocess.CompletedPr
         return None
     return subprocess.run(["nsenter", "-t", str(pid), "-a", *argv], capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ------------------------------------------------------------------ Sidekiq's Redis on the lab
+# The lab's Redis wants the lab's password (STATE/lab/redis-password, made by `fleet lab up`).  It
+# reaches redis-cli on the host on stdin, never in a command line: `ps` on the host must not show it.
+
+REDIS_HOST = "nietzsche"  # where desired_state.toml declares the Redis
+
+
+def lab_redis_password(lab: Any) -> str:
+    return (lab.lab_dir / "redis-password").read_text().strip()
+
+
+def redis_cli(lab: Any, commands: list[list[str]], *, host: str = REDIS_HOST) -> list[str]:
+    """Run redis-cli commands against the lab's Redis on `host`, one reply line each (--csv)."""
+    lines = "".join(" ".join(_redis_word(w) for w in c) + "\n" for c in commands)
+    done = lab.ssh(host, "read -r REDISCLI_AUTH && export REDISCLI_AUTH && redis-cli --csv", user="root",
+                   input=lab_redis_password(lab) + "\n" + lines)
+    replies: list[str] = done.stdout.splitlines()
+    assert len(replies) == len(commands) and not any(r.startswith("ERROR,") for r in replies), done.stdout
+    return replies
+
+
+def _redis_word(word: str) -> str:
+    """One argument of a redis-cli input line: double-quoted, with \\ and " escaped."""
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def enqueue(lab: Any, queue: str, count: int, *, enqueued_at: float, job_class: str = "ActionMailer::MailDeliveryJob",
+            sidekiq8: bool = False, host: str = REDIS_HOST) -> list[str]:
+    """Push `count` jobs onto queue:QUEUE as Sidekiq's client does (SADD queues, LPUSH of the job JSON
+    with class, args, jid, queue, retry, created_at, enqueued_at), enqueued at `enqueued_at` (epoch
+    seconds): a float of seconds as Sidekiq 7 writes it, or integer milliseconds (`sidekiq8`).
+    Returns the jids, oldest first."""
+    import secrets
+
+    jids = [secrets.token_hex(12) for _ in range(count)]
+    stamp: float | int = int(enqueued_at * 1000) if sidekiq8 else float(enqueued_at)
+    jobs = [json.dumps({"retry": True, "queue": queue, "args": [n], "class": job_class, "jid": jid,
+                        "created_at": stamp, "enqueued_at": stamp}, separators=(",", ":"))
+            for n, jid in enumerate(jids)]
+    redis_cli(lab, [["SADD", "queues", queue], ["LPUSH", f"queue:{queue}", *jobs]], host=host)
+    return jids

@@ -11,7 +11,7 @@ ENV = "/home/mastodon/live/.env.production"
 
 
 def snapshots(lab: Any) -> list[dict[str, Any]]:
-    data: list[dict[str, Any]] = json.loads(fleet(lab, "history", "--json").stdout)
+    data: list[dict[str, Any]] = json.loads(fleet(lab, "history", "--json").stdout)["snapshots"]
     return data
 
 
@@ -79,7 +79,7 @@ def test_the_postmortem_incident_is_audited_attributed_and_repaired(lab: Any) ->
 
     diff = fleet(lab, "diff", broken, after["snapshot"], "--json")
     assert diff.returncode == 2, diff.stderr
-    repaired = {c["change"]: c for c in json.loads(diff.stdout)}
+    repaired = {c["change"]: c for c in json.loads(diff.stdout)["changes"]}
     gone = repaired["on franz, mastodon-sidekiq.service disappeared (was active/running, enabled, "
                     "`/home/mastodon/.rbenv/shims/bundle exec sidekiq -c 10 -q default`)"]
     assert gone["run_id"] == run_id and gone["attribution"].startswith(f"fleet apply run {run_id} by ")

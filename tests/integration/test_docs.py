@@ -438,7 +438,7 @@ class DocRun:
     def snapshots(self) -> list[dict[str, Any]]:
         done = self.fleet("history", "--json")
         assert done.returncode == 0, done.stderr
-        data: list[dict[str, Any]] = json.loads(done.stdout)
+        data: list[dict[str, Any]] = json.loads(done.stdout)["snapshots"]
         assert data, "no snapshot in the journal yet, but the docs name one here"
         return data
 

@@ -161,7 +161,7 @@ def newest_run_id(lab: Any) -> str:
 def log_entries(lab: Any, run_id: str) -> list[dict[str, Any]]:
     done = fleet(lab, "log", "--json", timeout=60)
     assert done.returncode == 0, done.stderr
-    return [e for e in json.loads(done.stdout) if e["run_id"] == run_id]
+    return [e for e in json.loads(done.stdout)["steps"] if e["run_id"] == run_id]
 
 
 def outcomes(lab: Any, run_id: str) -> dict[tuple[str, str, str], str | None]:

@@ -156,7 +156,7 @@ def test_a_failing_health_check_halts_the_rollout_and_rolls_back(converged: Any)
         in ("inactive", "failed")
     assert lab.ssh("franz", "systemctl is-active mastodon-sidekiq.service", user="root").stdout.strip() == "active"
     log = fleet(lab, "log", "--json").stdout
-    steps = json.loads(log)
+    steps = json.loads(log)["steps"]
     outcomes = {(s["host"], s["action"], s["target"]): s["outcome"] for s in steps}
     assert outcomes[("fritz", "start", "mastodon-web.service")] == "failed"
     assert outcomes[("franz", "prune", "mastodon-sidekiq.service")] == "skipped"

@@ -189,11 +189,12 @@ def cycle(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cycle]
         c.fleet("audit md", "audit", "--format", "md", ok=(0, 2))
         c.fleet("audit --json", "audit", "--json", ok=(0, 2))
         c.fleet("history", "history")
-        first = json.loads(c.fleet("history --json", "history", "--json").stdout)[0]["id"]
+        first = json.loads(c.fleet("history --json", "history", "--json").stdout)["snapshots"][0]["id"]
         c.fleet("diff", "diff", first, ok=(2,))
         c.fleet("log", "log")
         c.fleet("log --json", "log", "--json")
         c.fleet("lock status", "lock", "status")
+        c.fleet("lock status --json", "lock", "status", "--json")
         yield c
     finally:
         canary.close()
@@ -237,7 +238,7 @@ def test_no_clear_secret_appears_in_any_output(cycle: Cycle) -> None:
         found += leaks(cycle, f"stdout of `fleet {cmd}`", done.stdout.encode())
         found += leaks(cycle, f"stderr of `fleet {cmd}`", done.stderr.encode())
     assert found == []
-    for cmd in ("plan --json", "status --json", "audit --json", "history --json", "log --json"):
+    for cmd in ("plan --json", "status --json", "audit --json", "history --json", "log --json", "lock status --json"):
         json.loads(cycle.output(cmd).stdout)  # and every --json is JSON
     found = []
     assert found == []

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from redis_server import redis  # noqa: F401  (a throwaway redis-server on loopback, module-scoped)
 from sshd_server import sshd  # noqa: F401  (a throwaway OpenSSH server on loopback, module-scoped)
 from webhook_server import receiver  # noqa: F401  (a webhook receiver on 127.0.0.1, per test)
 

@@ -57,6 +57,7 @@ EXAMPLE_SECRETS: dict[tuple[str, str], str] = {
     ("mastodon", "AWS_ACCESS_KEY_ID"): "AKIAEXAMPLEACCESSKEY",
     ("mastodon", "AWS_SECRET_ACCESS_KEY"): "aws/secret+key=with\nnewline",
     ("mastodon", "SMTP_PASSWORD"): "smtp pässwörd ✓",
+    ("mastodon", "REDIS_PASSWORD"): "redis pass: with spaces, 'quotes' and a # hash",
 }
 
 
@@ -394,7 +395,7 @@ def mutate(desired: Desired, state: HostState, what: str, draw: Callable[[st.Sea
     if what == "env-drop" and has_env and env is not None and env.keys:
         return drop_env_key(state, draw(st.sampled_from(env.keys)))
     if what == "env-extra" and has_env:
-        key = draw(st.sampled_from(["3_BUCKET", "OLD_FLAG", "REDIS_PASSWORD", "S3_ENDPOINT"]))
+        key = draw(st.sampled_from(["3_BUCKET", "OLD_FLAG", "CACHE_REDIS_PASSWORD", "S3_ENDPOINT"]))
         return set_env_secret(state, key, draw(host_values)) if looks_secret(key) else set_env_value(
             state, key, draw(host_values))
     if what == "env-mode" and has_env:

@@ -33,18 +33,7 @@ from observed import EXAMPLE_SECRETS, bare, converged, edited, example, service,
 from fleet import apply as apply_module
 from fleet import remote
 from fleet.actions import Change
-from fleet.apply import (
-    ApplyResult,
-    Executor,
-    StaleInputError,
-    check_contents,
-    describe_holder,
-    holder_info,
-    lock_hosts,
-    relabel_lock,
-    stale_note,
-    unlock_hosts,
-)
+from fleet.apply import ApplyResult, Executor, StaleInputError, check_contents
 from fleet.envfile import render_value
 from fleet.errors import FleetError, TransportError
 from fleet.journal import Journal, StepRecord
@@ -53,6 +42,7 @@ from fleet.plan import Plan, build_plan
 from fleet.transport.fake import Call, FakeTransport
 from fleet.transport.protocol import RunResult
 from fleet.units import render_unit, unit_path
+from fleet.workflows.lock import LockHolder, holder_info, lock_hosts, relabel_lock, unlock_hosts
 
 S = EXAMPLE_SECRETS
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
@@ -691,14 +681,14 @@ def test_relabel_lock_carries_on_past_an_unreachable_host(rig: Rig) -> None:
                        "franz: connection refused"]
 
 
-def test_describe_holder_says_who_from_where_since_when_and_which_run() -> None:
-    assert describe_holder(OTHER_HOLDER) == ("bob@desk from build-box since 2026-11-28T14:03:07Z "
-                                             "(run 20261128T140307-0ther1, plan feedbeef)")
-    assert describe_holder("not json at all") == "not json at all"
+def test_a_lock_holder_is_described_as_who_from_where_since_when_and_which_run() -> None:
+    assert LockHolder.parse(OTHER_HOLDER).describe() == ("bob@desk from build-box since 2026-11-28T14:03:07Z "
+                                                         "(run 20261128T140307-0ther1, plan feedbeef)")
+    assert LockHolder.parse("not json at all").describe() == "not json at all"
 
 
-def test_describe_holder_of_a_holder_file_that_is_json_but_not_an_object_does_not_raise() -> None:
-    assert "42" in describe_holder("42")
+def test_describing_a_lock_holder_file_that_is_json_but_not_an_object_does_not_raise() -> None:
+    assert "42" in LockHolder.parse("42").describe()
 
 
 # ------------------------------------------------------------------ check_contents
@@ -777,14 +767,15 @@ def test_relabel_and_unlock_reach_the_hosts_in_parallel(rig: Rig, action: str) -
 def test_a_lock_held_by_a_gone_process_on_this_machine_is_called_stale() -> None:
     holder = holder_info("0123456789abcdef", "ops@vm")  # this machine, this pid
     gone = json.dumps({**json.loads(holder), "pid": 4242})
-    assert stale_note(gone, alive=lambda pid: pid != 4242) == (
+    assert LockHolder.parse(gone).stale_note(alive=lambda pid: pid != 4242) == (
         "; its process 4242 on this machine is gone: the lock is stale")
-    assert stale_note(holder) == "", "this very process runs"
-    assert stale_note(gone, alive=lambda pid: True) == ""
+    assert LockHolder.parse(holder).stale_note() == "", "this very process runs"
+    assert LockHolder.parse(gone).stale_note(alive=lambda pid: True) == ""
     elsewhere = json.dumps({**json.loads(gone), "from": "another-machine.example"})
-    assert stale_note(elsewhere, alive=lambda pid: False) == "", "a holder elsewhere cannot be judged from here"
-    assert stale_note("not json", alive=lambda pid: False) == ""
-    assert stale_note(json.dumps({**json.loads(gone), "pid": "4242"}), alive=lambda pid: False) == ""
+    assert LockHolder.parse(elsewhere).stale_note(alive=lambda pid: False) == "", (
+        "a holder elsewhere cannot be judged from here")
+    assert LockHolder.parse("not json").stale_note(alive=lambda pid: False) == ""
+    assert LockHolder.parse(json.dumps({**json.loads(gone), "pid": "4242"})).stale_note(alive=lambda pid: False) == ""
 
 
 def test_the_refusal_of_a_lock_says_when_its_holder_is_gone(rig: Rig) -> None:

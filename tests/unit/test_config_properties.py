@@ -246,3 +246,18 @@ def test_wrong_types_injected_into_the_example_services_give_only_findings(
 def test_locate_never_raises_and_points_inside_the_text(text: str, key: str) -> None:
     line = config.locate(text, key)
     assert line is None or 1 <= line <= max(1, len(text.splitlines()))
+
+
+NAMES = ["web", "sidekiq", "postgres", "redis", "streaming"]
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(NAMES)), max_size=12))
+def test_the_cycle_check_without_networkx_agrees_with_networkx(edges: list[tuple[str, str]]) -> None:
+    """`fleet check` imports networkx only to name a cycle its own check found (config._has_cycle)."""
+    import networkx as nx
+
+    graph: nx.DiGraph = nx.DiGraph()
+    graph.add_nodes_from(NAMES)
+    graph.add_edges_from((a, b) for a, b in edges if a != b)  # a service requiring itself is reported apart
+    assert config._has_cycle(NAMES, edges) == (not nx.is_directed_acyclic_graph(graph))

@@ -173,13 +173,13 @@ def test_a_missing_key_is_set_and_an_undeclared_one_removed(desired: Desired, fl
     state = drop_env_key(fleet["franz"], "CDN_HOST")
     state = drop_env_key(state, "SMTP_PORT")
     state = set_env_value(state, "3_BUCKET", "typo")
-    state = set_env_secret(state, "REDIS_PASSWORD", "leftover")
+    state = set_env_secret(state, "CACHE_REDIS_PASSWORD", "leftover")
     fleet["franz"] = state
     w = one(diff(desired, fleet, S), "franz", Action.WRITE_ENV, ENV_PATH)
     assert set(w.payload.keys) == {
         ("SMTP_PORT", "set", "", "587"),
         ("3_BUCKET", "remove", "typo", ""),
-        ("REDIS_PASSWORD", "remove", masked(fingerprint("leftover")), ""),
+        ("CACHE_REDIS_PASSWORD", "remove", masked(fingerprint("leftover")), ""),
     }
 
 

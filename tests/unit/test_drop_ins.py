@@ -17,9 +17,10 @@ from fleet.collect.script import build_script, spec_for
 from fleet.collect.sections import Collected
 from fleet.errors import ParseError
 from fleet.model import HostState
-from fleet.render import audit_text, status_text
+from fleet.output.json import status_json
+from fleet.output.text import audit_text, status_text
 from fleet.resources.drop_ins import MAX_DROP_INS, DropIn, DropIns
-from fleet.status import build_status, status_json
+from fleet.status import build_status
 from fleet.textutil import sha256_hex
 
 WEB = "mastodon-web.service"

@@ -37,7 +37,8 @@ from fleet.history_cache import (
     host_steps,
     merged_log,
 )
-from fleet.journal import SCHEMA_VERSION, Journal, journal_path, log_json, sentence
+from fleet.journal import SCHEMA_VERSION, Journal, journal_path, sentence
+from fleet.output.json import log_json
 from fleet.textutil import mask
 
 T0 = 1_795_000_000.0
@@ -278,7 +279,7 @@ def test_a_fresh_checkout_logs_every_step_another_checkout_applied(journal: Jour
         "STARTED, NEVER FINISHED (the run ended interrupted)",
     ]
     assert runs[0].summary == f"known from the hosts' history; desired state at git {COMMIT[:12]} (dirty)"
-    out = log_json(steps, runs)
+    out = log_json(steps, runs)["steps"]
     assert [(o["run_id"], o["operator"], o["outcome"], o["step_id"]) for o in out] == [
         (A_RUN, "alice@laptop", "ok", 0), (A_RUN, "alice@laptop", None, 0)]
 

@@ -46,12 +46,13 @@ from fleet.envfile import render_file
 from fleet.errors import FleetError, ParseError, TransportError
 from fleet.journal import parse_since
 from fleet.model import HostError, HostState
+from fleet.output.json import status_json
+from fleet.output.text import plan_text
 from fleet.plan import Plan, PlanFileError, build_plan, plan_from_json
-from fleet.render import plan_text
 from fleet.resources.env_file import parse_env
 from fleet.secrets import load_secrets
 from fleet.snapshot import pack, unpack
-from fleet.status import build_status, status_json
+from fleet.status import build_status
 from fleet.targets import resolve
 from fleet.transport.fake import FakeTransport
 from fleet.transport.protocol import RunResult

@@ -24,7 +24,10 @@ import pytest
 
 from fleet import cli
 from fleet.errors import FleetError
+from fleet.output import text as text_output
 from fleet.secrets import load_secrets
+from fleet.workflows import observe as observing
+from fleet.workflows.observe import Observation
 
 FleetDir = Any  # conftest.FleetDir
 DESIRED = "desired_state.toml"
@@ -178,7 +181,7 @@ def _with_hostile_unit(fragment: str = "/etc/systemd/system/mastodon-evil.servic
     return desired, fleet
 
 
-def EXAMPLE_SECRETS() -> dict[tuple[str, str], str]:  # noqa: N802 - a constant, imported late
+def EXAMPLE_SECRETS() -> dict[tuple[str, str], str]:  # a constant, imported late
     from observed import EXAMPLE_SECRETS as S
 
     return S
@@ -359,7 +362,7 @@ def test_fleet_show_escapes_control_characters_from_the_plan_file(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, color: bool) -> None:
     import re
 
-    monkeypatch.setattr(cli, "use_color", lambda isatty: color)
+    monkeypatch.setattr(text_output, "use_color", lambda isatty: color)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(_hostile_plan_doc()))
     code, out, err = run(capsys, "show", path)
@@ -393,7 +396,8 @@ def _hostile_observation() -> tuple[Any, dict[str, Any]]:
 
 def test_status_audit_and_markdown_escape_what_hosts_report() -> None:
     from fleet.audit import build_audit
-    from fleet.render import audit_markdown, audit_text, status_text
+    from fleet.output.markdown import audit_markdown
+    from fleet.output.text import audit_text, status_text
     from fleet.status import build_status
 
     desired, fleet = _hostile_observation()
@@ -408,7 +412,7 @@ def test_apply_output_escapes_what_a_host_answered() -> None:
     from observed import example
 
     from fleet.actions import Action, Change
-    from fleet.render import apply_text
+    from fleet.output.text import apply_text
     from fleet.results import ApplyResult, StepOutcome
 
     c = Change("fritz", Action.START, "mastodon-web.service", "x", "web")
@@ -438,7 +442,7 @@ def test_fleet_log_escapes_journal_text_and_its_json_stays_exact(
     assert_printable(out)
     assert "eve\\x1b[2K@host" in out and "boom\\x1b[8m hidden" in out
     code, out, _ = run(capsys, "--state-dir", state, "log", "--json")
-    [entry] = json.loads(out)
+    [entry] = json.loads(out)["steps"]
     assert entry["error"] == "boom\x1b[8m hidden" and entry["operator"] == "eve\x1b[2K@host"
 
 
@@ -478,8 +482,8 @@ def no_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*a: Any, **kw: Any) -> Any:
         raise Contacted("a host was contacted")
 
-    monkeypatch.setattr(cli, "open_transport", refuse)
-    monkeypatch.setattr(cli, "observe", refuse)
+    monkeypatch.setattr(observing, "open_transport", refuse)
+    monkeypatch.setattr(observing, "observe", refuse)
 
 
 def one_line_error(err: str) -> str:
@@ -565,16 +569,15 @@ def test_a_plan_that_cannot_be_written_at_the_end_is_a_clean_error(
         def __exit__(self, *exc: object) -> None:
             return None
 
-    def observe(args: Any, desired: Any, targets: Any, transport: Any) -> Any:
-        args.snapshot_id = ""
-        return bare(example_desired())
+    def observe(*a: Any, **kw: Any) -> Observation:
+        return Observation(dict(bare(example_desired())), "")
 
     def full_disk(*a: Any, **kw: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "open_transport", lambda args, targets: Nothing())
-    monkeypatch.setattr(cli, "observe", observe)
-    monkeypatch.setattr(cli.os, "replace", full_disk)
+    monkeypatch.setattr(observing, "open_transport", lambda *a: Nothing())
+    monkeypatch.setattr(observing, "observe", observe)
+    monkeypatch.setattr(os, "replace", full_disk)
     out_path = tmp_path / "p.json"
     code, out, err = run(capsys, "--dir", example.root, "plan", "--secrets", secrets, "-o", out_path)
     assert code == 1

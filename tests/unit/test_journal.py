@@ -33,12 +33,12 @@ from fleet.journal import (
     RunRecord,
     StepRecord,
     journal_path,
-    log_json,
     operator,
     parse_since,
     scrub,
     sentence,
 )
+from fleet.output.json import log_json
 from fleet.textutil import mask
 
 NOW = datetime(2026, 11, 28, 14, 3, 7, tzinfo=UTC).timestamp()
@@ -386,7 +386,7 @@ def test_threads_applying_hosts_in_parallel_all_get_their_steps_recorded(j: Jour
                 ids.append(step_id)
                 j.step_finished(step_id, "ok" if k % 5 else "failed", "" if k % 5 else "boom")
                 j.steps(host=f"host{n}")  # reads interleave with other threads' writes
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=host_worker, args=(n,)) for n in range(8)]
@@ -527,9 +527,10 @@ def test_log_json_has_one_documented_object_per_step_with_its_run(j: Journal) ->
     step, run = record(j, WRITE_ENV)
     unfinished_run = new_run(j, operator="bob@desk")
     j.step_started(unfinished_run, START_DEFAULT, now=NOW + 10)
-    out = log_json(j.steps(), j.runs())
-    assert json.loads(json.dumps(out)) == out
-    first, second = out
+    doc = log_json(j.steps(), j.runs())
+    assert json.loads(json.dumps(doc)) == doc
+    assert set(doc) == {"format", "steps"} and doc["format"] == 1
+    first, second = doc["steps"]
     assert set(first) == {"run_id", "operator", "time", "ended", "host", "action", "target", "service", "reason",
                           "before", "after", "details", "outcome", "error", "sentence", "step_id", "change_id",
                           "fleet", "lab", "plan_id", "run_outcome"}
@@ -547,7 +548,7 @@ def test_log_json_has_one_documented_object_per_step_with_its_run(j: Journal) ->
 
 def test_log_json_of_a_step_whose_run_is_not_given_has_null_run_facts(j: Journal) -> None:
     step, _ = record(j, START_DEFAULT)
-    (obj,) = log_json([step], [])
+    (obj,) = log_json([step], [])["steps"]
     assert obj["operator"] is None and obj["run_outcome"] is None and obj["host"] == "freud"
 
 

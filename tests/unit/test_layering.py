@@ -80,7 +80,9 @@ def _module_level_imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize(("module", "must_not"), [
-    ("render", "fleet.apply"),
+    ("output/text", "fleet.apply"),
+    ("output/json", "fleet.apply"),
+    ("output/markdown", "fleet.apply"),
     ("journal", "fleet.diff"),
     ("audit", "fleet.diff"),
     ("targets", "fleet.lab"),
@@ -92,7 +94,7 @@ def test_a_layer_does_not_import_the_one_above_it(module: str, must_not: str) ->
 
 
 @pytest.mark.parametrize(("module", "never"), [
-    ("fleet.render", ("fleet.apply", "fleet.transport.ssh", "fleet.lab")),
+    ("fleet.output.text", ("fleet.apply", "fleet.transport.ssh", "fleet.lab")),
     ("fleet.targets", ("fleet.lab",)),
     ("fleet.journal", ("fleet.diff", "fleet.apply")),
     ("fleet.audit", ("fleet.diff", "fleet.apply")),
@@ -104,3 +106,16 @@ def test_importing_a_module_loads_nothing_above_it(module: str, never: tuple[str
     loaded = set(done.stdout.split())
     assert module in loaded
     assert not {m for m in loaded for n in never if m == n or m.startswith(n + ".")}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["check"], ["check", "--json"]])
+def test_help_and_check_load_neither_paramiko_networkx_nor_tabulate(argv: list[str]) -> None:
+    """The CLI imports per command: `fleet --help` and `fleet check` draw no table, plan nothing
+    and connect to nothing, so they do not pay for the libraries that do (issue 19)."""
+    probe = ("import contextlib, io, sys\nfrom fleet import cli\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n"
+             f"    code = cli.main({['--dir', str(REPO), *argv]!r})\n"
+             "print(code, *sorted({m.split('.')[0] for m in sys.modules} & {'paramiko', 'networkx', 'tabulate'}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          check=True, stdin=subprocess.DEVNULL)
+    assert done.stdout.split() == ["0"]

@@ -23,8 +23,8 @@ from fleet.collect.script import _TEXT_AWK
 from fleet.errors import FleetError
 from fleet.mastodon import SECRET_NAME_PATTERN
 from fleet.model import Desired
+from fleet.output.text import plan_text
 from fleet.plan import build_plan, desired_hash
-from fleet.render import plan_text
 from fleet.textutil import sha256_hex
 from fleet.units import mask_unit_text, render_unit
 

@@ -48,10 +48,10 @@ from fleet.plan import (
     build_plan,
     desired_hash,
     fingerprint,
-    indented_json,
     plan_from_json,
 )
 from fleet.status import DRIFT, OK, build_status
+from fleet.textutil import indented_json
 
 S = EXAMPLE_SECRETS
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)

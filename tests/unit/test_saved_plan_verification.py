@@ -37,6 +37,10 @@ from fleet import cli
 from fleet.model import Host, HostResult
 from fleet.plan import Plan, PlanFileError, plan_from_json
 from fleet.transport.protocol import RunResult
+from fleet.workflows import apply as applying
+from fleet.workflows import observe as observing
+from fleet.workflows import plan as planning
+from fleet.workflows.observe import Observation
 
 WEB = "mastodon-web.service"
 ENV = "/home/mastodon/live/.env.production"
@@ -117,12 +121,12 @@ def rig(example: FleetDir, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     secrets.write_text("[mastodon]\n" + "".join(f"{k} = {toml_str(v)}\n" for (_, k), v in EXAMPLE_SECRETS.items()))
     secrets.chmod(0o600)
 
-    def observe(args: Any, desired: Any, targets: Any, transport: Any) -> dict[str, HostResult]:
-        args.snapshot_id = ""
-        return {h.name: hosts.observed[h.name] for h in targets.hosts}
+    def observe(common: Any, scope: Any, command: str, desired: Any, targets: Any, transport: Any,
+                reporter: Any) -> Observation:
+        return Observation({h.name: hosts.observed[h.name] for h in targets.hosts}, "")
 
-    monkeypatch.setattr(cli, "open_transport", lambda args, targets: hosts)
-    monkeypatch.setattr(cli, "observe", observe)
+    monkeypatch.setattr(observing, "open_transport", lambda common, targets, scope: hosts)
+    monkeypatch.setattr(observing, "observe", observe)
     yield Rig(example.root, hosts, secrets, capsys)
 
 
@@ -244,7 +248,7 @@ def test_an_unedited_saved_plan_is_applied_and_what_runs_is_the_plan_computed_no
     saved = plan_from_json(path.read_text())
     fresh: list[Plan] = []
     executed: list[Plan] = []
-    real_build, real_executor = cli.build_plan, cli.Executor
+    real_build, real_executor = planning.build_plan, applying.Executor
 
     def build_plan(*a: Any, **kw: Any) -> Plan:
         fresh.append(real_build(*a, **kw))
@@ -254,8 +258,8 @@ def test_an_unedited_saved_plan_is_applied_and_what_runs_is_the_plan_computed_no
         executed.append(plan)
         return real_executor(plan, *a, **kw)
 
-    monkeypatch.setattr(cli, "build_plan", build_plan)
-    monkeypatch.setattr(cli, "Executor", executor)
+    monkeypatch.setattr(planning, "build_plan", build_plan)
+    monkeypatch.setattr(applying, "Executor", executor)
     code, out, err = rig.apply(path)
     assert code == 0, err
     [plan] = executed

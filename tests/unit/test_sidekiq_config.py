@@ -1,4 +1,4 @@
-"""Sidekiq's queues as Sidekiq sees them: without -q, from the config file it reads (fleet/sidekiq.py,
+"""Sidekiq's queues as Sidekiq sees them: without -q, from the config file it reads (fleet/sidekiq_settings.py,
 fleet/resources/sidekiq_config.py), read on the host in the same round trip and judged by the
 queue rules of `fleet status` and `fleet audit`."""
 
@@ -19,9 +19,9 @@ from fleet.collect.script import build_script, spec_for
 from fleet.collect.sections import Collected
 from fleet.errors import ParseError
 from fleet.model import SIDEKIQ_QUEUES, Desired, HostState, UnitState
-from fleet.render import status_text
+from fleet.output.text import status_text
 from fleet.resources.sidekiq_config import ConfigFile, SidekiqConfigs
-from fleet.sidekiq import Settings, SidekiqConfig, environment_of, parse_argv, parse_config, served
+from fleet.sidekiq_settings import Settings, SidekiqConfig, environment_of, parse_argv, parse_config, served
 from fleet.status import build_status
 
 STOCK = REPO / "tests" / "fixtures" / "stock"

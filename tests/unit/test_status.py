@@ -27,8 +27,8 @@ from observed import (
 
 from fleet import status as status_module
 from fleet.model import HostResult, HostState
-from fleet.render import _cell_text as cell_text
-from fleet.render import sidekiq_text, status_text
+from fleet.output.json import status_json
+from fleet.output.text import cell_text, sidekiq_text, status_text
 from fleet.resources.base import Resource
 from fleet.status import (
     ABSENT,
@@ -42,7 +42,6 @@ from fleet.status import (
     StatusReport,
     build_status,
     parse_sidekiq_argv,
-    status_json,
 )
 
 S = EXAMPLE_SECRETS

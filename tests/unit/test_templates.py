@@ -28,8 +28,8 @@ from fleet.audit import build_audit
 from fleet.collect.script import spec_for
 from fleet.diff import diff
 from fleet.model import Desired, Finding, HostResult, Service
+from fleet.output.text import status_text
 from fleet.plan import build_plan
-from fleet.render import status_text
 from fleet.status import build_status
 from fleet.units import render_unit
 

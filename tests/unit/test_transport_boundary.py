@@ -26,9 +26,9 @@ def loaded_after(code: str) -> list[str]:
     return line.split()[1:]
 
 
-@pytest.mark.parametrize("module", ["fleet.render", "fleet.cli", "fleet.transport", "fleet.apply",
-                                    "fleet.collect.collector", "fleet.transport.fake", "fleet.transport.config",
-                                    "fleet.transport.known_hosts"])
+@pytest.mark.parametrize("module", ["fleet.output.text", "fleet.output.json", "fleet.cli", "fleet.transport",
+                                    "fleet.apply", "fleet.collect.collector", "fleet.transport.fake",
+                                    "fleet.transport.config", "fleet.transport.known_hosts"])
 def test_importing_loads_no_paramiko(module: str) -> None:
     assert loaded_after(f"import {module}") == []
 
@@ -65,4 +65,4 @@ def test_paramiko_is_imported_by_the_ssh_transport_alone() -> None:
 
 
 def test_the_ssh_transport_is_imported_only_where_a_connection_is_opened() -> None:
-    assert importers_of("fleet.transport.ssh") == {"fleet/cli.py"}
+    assert importers_of("fleet.transport.ssh") == {"fleet/workflows/observe.py"}

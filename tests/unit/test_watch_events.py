@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from observed import ENV_PATH, set_env_value, unreachable
+from observed import ENV_PATH, EXAMPLE_SECRETS, set_env_value, unreachable
 from watch_scenarios import T0, baseline, cycle, desired, host, incident, leaks, s3_hand_edit
 
 from fleet.audit import ObservedChange, build_audit
@@ -205,7 +205,8 @@ def test_no_secret_value_or_fingerprint_reaches_an_event_or_the_state() -> None:
     bad = incident()
     events, state = advance(state, cycle(bad, at=T0 + 300, previous=old)[0])
     secret_changes = [e for e in events if e.kind == ev.CHANGE_OUTSIDE and "sensitive: value not shown" in e.text]
-    assert len(secret_changes) == 7, [e.text for e in events]  # each of the example's secrets, value not shown
+    # each of the example's secrets, value not shown
+    assert len(secret_changes) == len(EXAMPLE_SECRETS), [e.text for e in events]
     assert all("old" not in dict(e.data) and "new" not in dict(e.data) for e in secret_changes)
     dumped = json.dumps([e.as_dict() for e in events]) + json.dumps(state.to_json())
     assert leaks(dumped) == []
@@ -258,11 +259,14 @@ def test_every_rule_code_the_audit_can_report_has_a_subject_pattern() -> None:
 
 
 def test_the_subject_patterns_match_the_real_messages_of_the_audit() -> None:
-    report = build_audit(desired(), incident())
+    observed = incident()  # its 3_BUCKET is a near miss; add a key that is merely unknown
+    observed["franz"] = set_env_value(host(observed, "franz"), "MY_OWN_SETTING", "x")
+    report = build_audit(desired(), observed)
     findings = [f for f in report.findings if f.code not in ev._TOLD_ELSEWHERE]
     codes = {f.code for f in findings}
     assert codes >= {"placement.forbidden", "sidekiq.queue-unserved", "sidekiq.scheduler-count", "sidekiq.db-pool",
-                     "env.unknown-key", "env.not-boolean", "env.inconsistent", "env.invalid-lines"}, codes
+                     "env.near-miss", "env.unknown-key", "env.not-boolean", "env.inconsistent",
+                     "env.invalid-lines"}, codes
     for f in findings:
         pattern = ev._SUBJECT[f.code]
         assert pattern is None or pattern.search(f.message), f"{f.code}: {f.message!r} no longer matches"

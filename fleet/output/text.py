@@ -1,22 +1,32 @@
-"""Turning plain data into text for humans: strings only, no I/O."""
+"""Text for people: the tables and sentences fleet prints on a terminal.  Strings only, no I/O.
+
+Every command's human output is made here from the plain results its workflow returns
+(fleet/workflows/); markdown.py makes the audit's Markdown and json.py every JSON document.
+tabulate is imported by the first table drawn, not with this module: `fleet check` prints
+findings, never a table, and should not pay for it.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Sequence
-
-from tabulate import tabulate
+from typing import TYPE_CHECKING
 
 from fleet.actions import SUMMARY_BUCKETS, Change
-from fleet.audit import AuditReport
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
-from fleet.plan import Plan
 from fleet.resources.base import ADDED, CHANGED, DIFF, PLAIN, REMOVED
 from fleet.resources.registry import BY_ACTION, SPECS
-from fleet.results import ApplyResult
-from fleet.status import Cell, StatusReport, status_json
 from fleet.textutil import printable
+
+if TYPE_CHECKING:
+    from fleet.audit import AuditReport, ObservedChange
+    from fleet.journal import RunRecord, SnapshotRecord, StepRecord
+    from fleet.model import Desired
+    from fleet.plan import Plan
+    from fleet.results import ApplyResult
+    from fleet.status import Cell, StatusReport
+    from fleet.workflows.lock import LockReport
 
 # Every string shown to a person goes through `printable` (fleet.textutil) before it is shown:
 # names, states, messages and file contents come from files and hosts, and a control character
@@ -34,13 +44,15 @@ def _paint(text: str, code: str, color: bool) -> str:
     return f"\033[{code}m{text}\033[0m" if color else text
 
 
-def _line(text: str) -> str:
+def one_line(text: str) -> str:
     """One line of output, escaped (a line break inside it is data too)."""
     return printable(text, multiline=False)
 
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """tabulate's simple table, each cell escaped first (so that columns still line up)."""
+    from tabulate import tabulate
+
     cells = [[printable(c) if isinstance(c, str) else c for c in row] for row in rows]
     return str(tabulate(cells, headers=list(headers), tablefmt="simple"))
 
@@ -59,11 +71,11 @@ def findings_text(findings: Sequence[Finding], *, color: bool = False) -> str:
     for f in ordered:
         label = _paint(f"{f.severity}:", "31;1" if f.is_error else "33;1", color)
         where = finding_location(f)
-        head = f"{label} " + _line(where + (f" [{f.key}]" if f.key else ""))
+        head = f"{label} " + one_line(where + (f" [{f.key}]" if f.key else ""))
         lines.append(head.rstrip())
-        lines.append(_line(f"  {f.message}"))
+        lines.append(one_line(f"  {f.message}"))
         if f.hint:
-            lines.append(_line(f"  hint: {f.hint}"))
+            lines.append(one_line(f"  hint: {f.hint}"))
     return "\n".join(lines)
 
 
@@ -73,13 +85,24 @@ def findings_summary(findings: Sequence[Finding]) -> str:
     return f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
 
 
+def check_text(desired: Desired | None, findings: Sequence[Finding], *, color: bool = False) -> str:
+    """`fleet check`: every finding, then what was checked, or that the check failed."""
+    out = [findings_text(findings, color=color), ""] if findings else []
+    if desired is not None and not any(f.is_error for f in findings):
+        out.append(printable(f"{desired.name}: {len(desired.hosts)} hosts, {len(desired.services)} services, "
+                             f"{len(desired.env_files)} env files — {findings_summary(findings)}"))
+    else:
+        out.append(f"check failed: {findings_summary(findings)}")
+    return "\n".join(out) + "\n"
+
+
 # ---------------------------------------------------------------- status
 
 _MARK = {"ok": "", "drift": " (!)", "unmanaged": " (unmanaged)", "present": " (undeclared)", "absent": "",
          "unknown": "?"}
 
 
-def _cell_text(c: Cell) -> str:
+def cell_text(c: Cell) -> str:
     if c.status == "absent":
         return "·"
     if c.status == "unknown":
@@ -99,7 +122,7 @@ def status_text(report: StatusReport, *, now: float | None = None) -> str:
     rows = []
     for row in report.rows:
         label = row.service if row.service else "(undeclared)"
-        rows.append([label, row.unit, *(_cell_text(c) for c in row.cells)])
+        rows.append([label, row.unit, *(cell_text(c) for c in row.cells)])
     out.append(table(rows, headers))
     out.append("legend: (!) differs from the desired state · (unmanaged) runs where nobody declared it · "
                "(undeclared) installed, not declared here · '·' absent · '?' host did not answer")
@@ -122,8 +145,11 @@ def hosts_text(report: StatusReport, now: float) -> str:
         mem = f"{used / 1024:.0f}/{f.mem_total_kb / 1024:.0f} MiB" if f.mem_total_kb else ""
         age = max(0.0, now - r.collected_at)
         systemd = f.systemd_version.split()[0] if f.systemd_version else "?"
+        # what the kinds found wrong behind this host's units (a failed database cluster …)
+        problems = [f"(!) {row.service}: {p.message}" for row in report.rows for c in row.cells
+                    if c.host == name for p in c.problems]
         rows.append([name, "yes", f.system_state, " ".join(f"{x:.2f}" for x in f.load), mem,
-                     f"{age:.0f}s ago ({r.duration:.2f}s)", f"{f.os}, systemd {systemd}"])
+                     f"{age:.0f}s ago ({r.duration:.2f}s)", "\n".join([f"{f.os}, systemd {systemd}", *problems])])
     return table(rows, ["HOST", "REACHABLE", "SYSTEM", "LOAD", "MEMORY", "DATA", "DETAIL"])
 
 
@@ -180,12 +206,12 @@ def _details(c: Change, color: bool) -> list[str]:
                 out.append("      " + _paint(line, code, color and code != "0"))  # escapes even unpainted
         else:
             code, whole = _DETAIL_COLORS[style]
-            out.append(_paint(f"      {text}", code, color) if whole else _line(f"      {text}"))
+            out.append(_paint(f"      {text}", code, color) if whole else one_line(f"      {text}"))
     return out
 
 
 def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> str:
-    out = [_line(f"Plan for {plan.fleet}{' (lab)' if plan.lab else ''}: {len(plan.hosts)} host(s), "
+    out = [one_line(f"Plan for {plan.fleet}{' (lab)' if plan.lab else ''}: {len(plan.hosts)} host(s), "
                  f"computed {plan.created_at}")]
     for host, kind, message in plan.unknown:
         out.append(_paint(f"! {host}: UNKNOWN — could not be observed ({kind}): {message}", "31", color))
@@ -199,24 +225,25 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
         if not cs:
             continue
         out.append("")
-        out.append(_line(f"on {host}:"))
+        out.append(one_line(f"on {host}:"))
         for c in cs:
             sym = BY_ACTION[c.action].symbol(c)
-            out.append(_paint(f"  {sym} {_title(c)}", _SYMBOL_COLORS.get(sym, "0"), color) + _line(f"  — {c.reason}"))
+            head = _paint(f"  {sym} {_title(c)}", _SYMBOL_COLORS.get(sym, "0"), color)
+            out.append(head + one_line(f"  — {c.reason}"))
             out += _details(c, color)
     if plan.notes:
         out.append("")
         out.append("Reported, not changed:")
-        out += [_line(f"  • {n}") for n in plan.notes]
+        out += [one_line(f"  • {n}") for n in plan.notes]
     if plan.problems:
         out.append("")
         out.append("Cannot be fixed by fleet:")
-        out += [_line(f"  ! {p}") for p in plan.problems]
+        out += [one_line(f"  ! {p}") for p in plan.problems]
     if show_waves and plan.waves and plan.changes:
         out.append("")
         out.append(f"Order ({len(plan.waves)} wave(s); each wave runs in parallel after the previous one):")
         for i, wave in enumerate(plan.waves, 1):
-            out.append(_line(f"  {i}. " + ", ".join(_short(plan.change(cid)) for cid in wave)))
+            out.append(one_line(f"  {i}. " + ", ".join(_short(plan.change(cid)) for cid in wave)))
     out.append("")
     out.append(summary_line(plan))
     return "\n".join(out) + "\n"
@@ -268,18 +295,18 @@ def apply_text(result: ApplyResult) -> str:
             out.append("")
             out.append("Not attempted:")
             out += [f"  · on {o.change.host}, {o.change.action} {o.change.target}" for o in skipped]
-    return "\n".join(map(_line, out)) + "\n"
+    return "\n".join(map(one_line, out)) + "\n"
 
 
 # ---------------------------------------------------------------- audit
 
 
-def _when(t: float | None) -> str:
+def when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t is not None else "?"
 
 
 def audit_text(report: AuditReport, *, now: float | None = None) -> str:
-    out = [_line(f"Audit of {report.fleet}, {_when(now or time.time())}"
+    out = [one_line(f"Audit of {report.fleet}, {when(now or time.time())}"
                  + (f" (snapshot {report.snapshot_id})" if report.snapshot_id else "")), ""]
     out.append(status_text(report.status, now=now).rstrip())  # escaped, and a table of many lines
     out += ["", drift_line(report)]
@@ -297,8 +324,8 @@ def audit_text(report: AuditReport, *, now: float | None = None) -> str:
             lines.append(f"  • {c.what} — {c.attribution}")
         if report.timeline:
             lines += ["", "Timeline:"]
-            lines += [f"  {_when(t)}  {text}" for t, text in report.timeline]
-    return "\n".join(out + [_line(x) for x in lines]) + "\n"
+            lines += [f"  {when(t)}  {text}" for t, text in report.timeline]
+    return "\n".join(out + [one_line(x) for x in lines]) + "\n"
 
 
 def drift_line(report: AuditReport) -> str:
@@ -307,64 +334,32 @@ def drift_line(report: AuditReport) -> str:
             f"{d.count('missing')} missing, {d.count('unmanaged')} unmanaged — coverage {d.coverage:.0%}")
 
 
-def _md(text: object) -> str:
-    return _line(str(text).replace("|", "\\|").replace("\n", "<br>"))
+def diff_text(a: str, b: str, changes: Sequence[ObservedChange]) -> str:
+    """`fleet diff A B`: each change in words, with who made it."""
+    out = [printable(f"Changes from {a} to {b}:" if changes else f"No changes from {a} to {b}.")]
+    out += [one_line(f"  • {c.what} — {c.attribution}") for c in changes]
+    return "\n".join(out) + "\n"
 
 
-def _md_table(headers: list[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
-    return out
+def history_text(snapshots: Sequence[SnapshotRecord]) -> str:
+    """`fleet history`: the kept observations, oldest first."""
+    rows = [[x.id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x.taken)), x.operator, x.command,
+             x.fleet + (" (lab)" if x.lab else ""),
+             ", ".join(h if v == "ok" else f"{h}: {v}" for h, v in sorted(x.hosts.items()))] for x in snapshots]
+    return table(rows, ["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"]) + "\n"
 
 
-def audit_markdown(report: AuditReport, *, now: float | None = None) -> str:
-    """Ready to paste into a postmortem: headings, tables, a timeline."""
-    st = report.status
-    out = [f"# Fleet audit: {report.fleet}", "",
-           f"Taken {_when(now or time.time())}" + (f", snapshot `{report.snapshot_id}`" if report.snapshot_id else "")
-           + ".", "", "## Summary", "",
-           f"- Hosts: {len(st.hosts) - len(st.unreachable)} observed, {len(st.unreachable)} unreachable"
-           + (f" ({', '.join(e.host for e in st.unreachable)})" if st.unreachable else ""),
-           f"- {drift_line(report)}",
-           f"- Findings: {findings_summary(report.findings)}", "", "## What runs where", ""]
-    rows: list[list[object]] = []
-    for row in st.rows:
-        rows.append([row.service or "*(undeclared)*", f"`{row.unit}`",
-                     *(_cell_text(c).replace("\n", " — ") for c in row.cells)])
-    out += _md_table(["Service", "Unit", *st.hosts], rows)
-    out += ["", "### Sidekiq queues", ""]
-    cover = [[q, ", ".join(f"{p.host} `{p.unit}`" for p in st.sidekiq if q in dict(p.queues)) or "**nobody**"]
-             for q in SIDEKIQ_QUEUES]
-    out += _md_table(["Queue", "Served by"], cover)
-    out += ["", "## Drift", ""]
-    drift = [[i.host, i.kind, f"`{i.target}`", i.cls, i.detail] for i in report.drift.items if i.cls != "managed"]
-    out += _md_table(["Host", "Kind", "Target", "Class", "Detail"], drift) if drift else ["No drift."]
-    out += ["", "## Findings", ""]
-    fs = [[f.severity, f.host or "fleet", f.message, f.hint] for f in
-          sorted(report.findings, key=lambda f: (not f.is_error, f.host))]
-    out += _md_table(["Severity", "Host", "Finding", "How to fix"], fs) if fs else ["None."]
-    if report.since:
-        out += ["", f"## Changes since {report.since}", ""]
-        ch = [[c.host, c.what, c.attribution] for c in report.changes]
-        out += _md_table(["Host", "Change", "Made by"], ch) if ch else ["None."]
-        out += ["", "## Timeline", ""]
-        out += [f"- **{_when(t)}** — {_md(text)}" for t, text in report.timeline] or ["- (nothing journaled)"]
-    return "\n".join(map(_line, out)) + "\n"  # every line is one line: a line break in data is <br>
+# ---------------------------------------------------------------- journal and locks
 
 
-def audit_json(report: AuditReport) -> dict[str, object]:
-    return {
-        "format": 1,
-        "fleet": report.fleet,
-        "snapshot": report.snapshot_id,
-        "status": status_json(report.status),
-        "drift": {"coverage": round(report.drift.coverage, 4),
-                  "counts": {c: report.drift.count(c) for c in ("managed", "changed", "missing", "unmanaged")},
-                  "items": [{"host": i.host, "kind": i.kind, "target": i.target, "class": i.cls, "detail": i.detail}
-                            for i in report.drift.items]},
-        "findings": [f.as_dict() for f in report.findings],
-        "since": report.since,
-        "changes": [{"host": c.host, "target": c.target, "change": c.what, "attribution": c.attribution,
-                     "run_id": c.run_id or None} for c in report.changes],
-        "timeline": [{"time": _when(t), "event": text} for t, text in report.timeline],
-    }
+def log_text(steps: Sequence[StepRecord], runs: Sequence[RunRecord]) -> str:
+    """`fleet log`: one sentence per step, oldest first."""
+    from fleet.journal import sentence
+
+    by_id = {r.id: r for r in runs}
+    return "".join(one_line(sentence(step, by_id.get(step.run_id))) + "\n" for step in steps)
+
+
+def lock_text(report: LockReport) -> str:
+    """`fleet lock status|break`: each host's lock and who holds it."""
+    return table([[r.host, r.lock, r.holder] for r in report.rows], ["HOST", "LOCK", "HOLDER"]) + "\n"

@@ -1,0 +1,143 @@
+"""`fleet audit`, `fleet history` and `fleet diff`: the fleet observed and judged, the kept
+observations (snapshots), and what changed between two of them — each change attributed to a
+journaled apply or marked as made outside fleet (fleet/audit.py does the judging, purely)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fleet.audit import AuditReport, JournalStep, ObservedChange, attribute, build_audit, changes_between
+from fleet.errors import FleetError
+from fleet.journal import Journal, SnapshotRecord, journal_path, parse_since, sentence_without_time
+from fleet.model import HostResult
+from fleet.snapshot import unpack
+from fleet.targets import resolve
+from fleet.workflows import observe as observing
+from fleet.workflows.base import Common, Reporter, Scope
+from fleet.workflows.check import load_valid
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    common: Common
+    scope: Scope
+    since: str | None = None  # a snapshot id or a time: also report what changed since then
+
+
+@dataclass(frozen=True)
+class HistoryOptions:
+    common: Common
+    since: str | None = None  # only snapshots taken since then
+
+
+@dataclass(frozen=True)
+class HistoryResult:
+    journal: Path
+    exists: bool  # False: nothing was ever observed from this state directory
+    snapshots: tuple[SnapshotRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    common: Common
+    scope: Scope
+    a: str  # a snapshot id (or a time)
+    b: str = "now"  # another, or "now": collect live
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    a: SnapshotRecord
+    b: str  # as asked: a snapshot id, or "now"
+    changes: tuple[ObservedChange, ...]
+
+
+def audit(options: AuditOptions, reporter: Reporter) -> AuditReport:
+    common = options.common
+    desired = load_valid(common, reporter)
+    targets = resolve(desired, state_dir=str(common.state_dir), lab=common.lab, limit=options.scope.limit)
+    scoped = replace(desired, hosts=targets.hosts)
+    base: SnapshotRecord | None = None
+    if options.since:  # resolved before observing, so that "now" is never its own baseline
+        with Journal.open(journal_path(common.state_dir)) as journal:
+            base = baseline(journal, options.since)
+    with observing.open_transport(common, targets, options.scope) as transport:
+        seen = observing.observe(common, options.scope, "audit", scoped, targets, transport, reporter)
+    report = replace(build_audit(scoped, seen.results), snapshot_id=seen.snapshot_id)
+    if base is None:
+        return report
+    with Journal.open(journal_path(common.state_dir)) as journal:
+        changes, timeline = changes_since(journal, base, seen.results, time.time())
+    taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(base.taken))
+    return replace(report, changes=changes, timeline=timeline, since=f"snapshot {base.id} ({base.command}, {taken})")
+
+
+def history(options: HistoryOptions) -> HistoryResult:
+    path = journal_path(options.common.state_dir)
+    if not path.exists():
+        return HistoryResult(path, exists=False)
+    with Journal.open(path) as journal:
+        snapshots = journal.snapshots(since=parse_since(options.since) if options.since else None)
+    return HistoryResult(path, True, tuple(snapshots))
+
+
+def diff(options: DiffOptions, reporter: Reporter) -> DiffResult:
+    common = options.common
+    path = journal_path(common.state_dir)
+    if not path.exists():
+        raise FleetError(f"no journal at {path}", hint="snapshots are kept by status, plan, apply and audit")
+    with Journal.open(path) as journal:
+        a = baseline(journal, options.a)
+    if options.b == "now":
+        desired = load_valid(common, reporter)
+        targets = resolve(desired, state_dir=str(common.state_dir), lab=common.lab, limit=options.scope.limit)
+        with observing.open_transport(common, targets, options.scope) as transport:
+            seen = observing.observe(common, options.scope, "diff", replace(desired, hosts=targets.hosts), targets,
+                                     transport, reporter)
+        new, until = seen.results, time.time()
+    else:
+        with Journal.open(path) as journal:
+            b = baseline(journal, options.b)
+            data = journal.snapshot_data(b.id)
+        assert data is not None
+        new, until = unpack(data), b.taken
+    with Journal.open(path) as journal:
+        changes, _ = changes_since(journal, a, new, until)
+    return DiffResult(a, options.b, tuple(changes))
+
+
+def baseline(journal: Journal, since: str) -> SnapshotRecord:
+    """--since: a snapshot id, or the last snapshot taken at or before a time."""
+    snaps = journal.snapshots()
+    exact = next((x for x in snaps if x.id == since), None)
+    if exact is not None:
+        return exact
+    t = parse_since(since)
+    before = [x for x in snaps if x.taken <= t]
+    if before:
+        return before[-1]
+    raise FleetError(f"no snapshot was taken at or before {since}",
+                     hint="see `fleet history` for what is kept" + (f"; the oldest is {snaps[0].id}" if snaps else ""))
+
+
+def changes_since(journal: Journal, base: SnapshotRecord, new: dict[str, HostResult],
+                  until: float) -> tuple[list[ObservedChange], list[tuple[float, str]]]:
+    """What changed from the snapshot `base` to `new` (observed at `until`), each change
+    attributed; and the timeline of the journaled steps and the changes made outside fleet."""
+    data = journal.snapshot_data(base.id)
+    assert data is not None
+    old = unpack(data)
+    scope = set(new)
+    old = {h: r for h, r in old.items() if h in scope}
+    runs = {r.id: r for r in journal.runs(since=base.taken)}
+    steps = [x for x in journal.steps(since=base.taken) if x.started is None or x.started <= until]
+    changes = attribute(changes_between(old, new),
+                        [JournalStep(x.run_id, x.host, x.action, x.target, x.started, x.outcome,
+                                     tuple(k[0] for k in x.keys)) for x in steps],
+                        {rid: r.operator for rid, r in runs.items()}, base.taken, until)
+    timeline = [(x.started or x.ended or base.taken, sentence_without_time(x, runs.get(x.run_id))) for x in steps]
+    timeline += [(until, f"{c.what} — changed outside fleet (between {base.id} and now)")
+                 for c in changes if not c.run_id]
+    return changes, sorted(timeline, key=lambda t: t[0])

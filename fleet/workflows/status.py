@@ -1,0 +1,37 @@
+"""`fleet status`: what runs where, live — the fleet observed and compared with the desired state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fleet.status import StatusReport, build_status
+from fleet.targets import resolve
+from fleet.workflows import observe as observing
+from fleet.workflows.base import Common, Reporter, Scope
+from fleet.workflows.check import load_valid
+
+
+@dataclass(frozen=True)
+class StatusOptions:
+    common: Common
+    scope: Scope
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    report: StatusReport
+    snapshot_id: str
+
+    @property
+    def complete(self) -> bool:
+        """Every host answered."""
+        return not self.report.unreachable
+
+
+def status(options: StatusOptions, reporter: Reporter) -> StatusResult:
+    common = options.common
+    desired = load_valid(common, reporter)
+    targets = resolve(desired, state_dir=str(common.state_dir), lab=common.lab, limit=options.scope.limit)
+    with observing.open_transport(common, targets, options.scope) as transport:
+        seen = observing.observe(common, options.scope, "status", desired, targets, transport, reporter)
+    return StatusResult(build_status(replace(desired, hosts=targets.hosts), seen.results), seen.snapshot_id)

@@ -1,0 +1,180 @@
+"""Sidekiq's own view on the lab: the stand-in heartbeats into the lab's real Redis as Sidekiq 7 does,
+and fleet's Sidekiq section (fleet.sidekiq.section_script, run on the Redis host as the collector
+runs its script) reads it back through the real redis-cli with the lab's Redis password."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from helpers import REDIS_HOST, enqueue, fleet, lab_redis_password, redis_cli, reset_all
+
+from fleet.sidekiq import (
+    SidekiqPolicy,
+    SidekiqView,
+    check_latency,
+    check_unserved,
+    decode_token,
+    parse_section,
+    section_script,
+)
+
+ENV = "/home/mastodon/live/.env.production"
+BUNDLE = "/home/mastodon/.rbenv/shims/bundle"
+# (host, unit, queues with weights, concurrency) as desired_state.toml declares them
+DECLARED = [
+    ("freud", "mastodon-sidekiq-default.service", (("default", 8), ("ingress", 6), ("mailers", 2)), 25),
+    ("freud", "mastodon-sidekiq-push-pull.service", (("push", 6), ("pull", 4), ("fasp", 1)), 20),
+    ("nietzsche", "mastodon-sidekiq-push-pull.service", (("push", 6), ("pull", 4), ("fasp", 1)), 20),
+    ("nietzsche", "mastodon-sidekiq-scheduler.service", (("scheduler", 1),), 5),
+]
+
+
+def read_view(lab: Any) -> tuple[SidekiqView, str]:
+    """The Sidekiq section, run on the Redis host as root (as the collector runs its script): its view
+    and its raw output."""
+    done = lab.ssh(REDIS_HOST, ["sh", "-c", section_script(ENV)], user="root")
+    lines = done.stdout.split("\n")
+    assert lines[0] == "@@sidekiq", done.stdout
+    return parse_section(REDIS_HOST, lines[1:]), done.stdout
+
+
+def poll(what: Callable[[], Any], timeout: float, message: str) -> Any:
+    """what() until it returns something true, at most `timeout` seconds (Redis is polled, not slept on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got:
+            return got
+        assert time.monotonic() < deadline, message
+        time.sleep(0.5)
+
+
+def main_pid(lab: Any, host: str, unit: str) -> int:
+    return int(lab.ssh(host, f"systemctl show -p MainPID --value {unit}").stdout.strip())
+
+
+def process_of(view: SidekiqView, host: str, pid: int) -> Any:
+    return next((p for p in view.processes if p.hostname == host and p.pid == pid), None)
+
+
+def all_heartbeating(lab: Any) -> SidekiqView | None:
+    view, _ = read_view(lab)
+    pids = [(h, main_pid(lab, h, u)) for h, u, _, _ in DECLARED]
+    return view if all(process_of(view, h, pid) for h, pid in pids) else None
+
+
+@pytest.fixture(scope="module")
+def converged(lab: Any) -> Iterator[Any]:
+    reset_all(lab)
+    done = fleet(lab, "apply", "--settle", "1", "--yes", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Each stand-in beats once it has started (Sidekiq: once its app has loaded).
+    poll(lambda: all_heartbeating(lab), 30, "not every declared Sidekiq unit heartbeats")
+    yield lab
+    reset_all(lab)
+
+
+def test_each_sidekiq_unit_heartbeats_with_its_declared_queues_and_concurrency(converged: Any) -> None:
+    view, out = read_view(converged)
+    assert view.target is not None and view.target.source == "REDIS_HOST" and view.target.auth
+    assert view.target.host == "nietzsche.hachyderm.internal" and view.target.port == 6379
+    assert view.complete and not view.stale
+    for host, unit, queues, concurrency in DECLARED:
+        p = process_of(view, host, main_pid(converged, host, unit))
+        assert p is not None, f"{unit} on {host}: no heartbeat in\n{out}"
+        assert p.queues == queues and p.concurrency == concurrency
+        assert p.identity.startswith(f"{host}:{p.pid}:") and len(p.identity.rsplit(":", 1)[1]) == 12
+        assert p.version.startswith("7.") and p.tag == "live" and not p.quiet and p.rss > 0
+        assert 0 <= view.redis_time - p.beat <= 60  # the hash expires 60 s after the last beat
+    hashes = redis_cli(converged, [["TTL", p.identity] for p in view.processes])
+    assert all(0 < int(ttl) <= 60 for ttl in hashes)
+
+
+def test_stopping_a_unit_removes_its_process_and_starting_it_brings_a_new_one(converged: Any) -> None:
+    host, unit = "nietzsche", "mastodon-sidekiq-scheduler.service"
+    before = main_pid(converged, host, unit)
+    assert process_of(read_view(converged)[0], host, before)
+    converged.ssh(host, f"systemctl stop {unit}", user="root")
+    # Sidekiq leaves `processes` as it shuts down: gone as soon as the stop has finished.
+    view, _ = read_view(converged)
+    assert process_of(view, host, before) is None
+    assert not any(p.hostname == host and ("scheduler", 1) in p.queues for p in view.processes)
+    converged.ssh(host, f"systemctl start {unit}", user="root")
+    after = main_pid(converged, host, unit)
+    assert after != before
+    poll(lambda: process_of(read_view(converged)[0], host, after), 30, f"{unit} did not heartbeat again")
+
+
+def test_a_sidekiq_started_by_hand_on_the_cdn_node_shows_and_goes_quiet_on_tstp(converged: Any) -> None:
+    host = "franz"
+    start = ("cd /home/mastodon/live && echo $$ > /tmp/hand-sidekiq.pid && "
+             f"RAILS_ENV=production exec {BUNDLE} exec sidekiq -c 10 -q default")
+    converged.ssh(host, f"setsid -f runuser -u mastodon -- sh -c '{start}' >/tmp/hand-sidekiq.log 2>&1 </dev/null",
+                  user="root")
+    pid = int(poll(lambda: converged.ssh(host, "cat /tmp/hand-sidekiq.pid", user="root", check=False).stdout.strip(),
+                   10, "the hand-made Sidekiq did not start"))
+    try:
+        p = poll(lambda: process_of(read_view(converged)[0], host, pid), 30, "the hand-made Sidekiq does not show")
+        assert p.queues == (("default", 0),) and p.concurrency == 10 and not p.quiet
+        units = converged.ssh(host, "systemctl show -p MainPID --value 'mastodon-*'", user="root").stdout.split()
+        assert str(pid) not in units  # no systemd unit runs it
+        # TSTP: quiet from its next heartbeat on (Sidekiq beats every 10 s), still listed.
+        converged.ssh(host, f"kill -TSTP {pid}", user="root")
+        quiet = poll(lambda: (q := process_of(read_view(converged)[0], host, pid)) and q.quiet and q, 25,
+                     "TSTP did not make the process quiet")
+        assert quiet.identity == p.identity
+    finally:
+        converged.ssh(host, f"kill -TERM {pid}", user="root", check=False)
+    poll(lambda: process_of(read_view(converged)[0], host, pid) is None, 30, "a stopped process stays listed")
+
+
+def test_jobs_enqueued_like_sidekiqs_client_show_with_their_latency_and_are_worked_off(converged: Any) -> None:
+    host, unit = "freud", "mastodon-sidekiq-default.service"  # the one process that serves mailers
+    converged.ssh(host, f"systemctl stop {unit}", user="root")
+    try:
+        jids = enqueue(converged, "mailers", 50, enqueued_at=time.time() - 600)
+        assert len(set(jids)) == 50
+        view, _ = read_view(converged)
+        mailers = view.queue("mailers")
+        assert mailers is not None and mailers.size == 50 and mailers.latency >= 600
+        assert mailers.oldest_enqueued_at is not None and abs(mailers.oldest_enqueued_at - (time.time() - 600)) < 60
+        stalled = check_unserved(view)
+        assert [f.code for f in stalled] == ["sidekiq.queue-stalled"] and "'mailers'" in stalled[0].message
+        assert [f.severity for f in check_latency(view, SidekiqPolicy())] == ["warning"]
+        oldest = json.loads(decode_token(redis_cli(converged, [["LINDEX", "queue:mailers", "-1"]])[0]))
+        assert oldest["jid"] == jids[0] and oldest["class"] == "ActionMailer::MailDeliveryJob"
+        assert isinstance(oldest["enqueued_at"], float)  # Sidekiq 7: seconds as a float
+    finally:
+        converged.ssh(host, f"systemctl start {unit}", user="root")
+    poll(lambda: (q := read_view(converged)[0].queue("mailers")) is not None and q.size == 0, 30,
+         "the restarted process did not work the mailers queue off")
+
+
+def test_sidekiq_8_millisecond_timestamps_give_the_same_latency(converged: Any) -> None:
+    queue = "fleet-lab-test"  # served by nobody: the job stays
+    try:
+        enqueue(converged, queue, 1, enqueued_at=time.time() - 600, sidekiq8=True)
+        q = read_view(converged)[0].queue(queue)
+        assert q is not None and q.size == 1 and 600 <= q.latency < 660
+    finally:
+        redis_cli(converged, [["DEL", f"queue:{queue}"], ["SREM", "queues", queue]])
+
+
+def test_the_redis_password_is_in_no_argv_journal_log_or_output(converged: Any) -> None:
+    password = lab_redis_password(converged)
+    assert len(password) >= 32
+    _, out = read_view(converged)
+    assert password not in out
+    for host in converged.names:
+        argv = converged.ssh(host, "ps -eo args", user="root").stdout
+        assert password not in argv, f"the Redis password is in a command line on {host}"
+        journal = converged.ssh(host, "journalctl --no-pager -o cat", user="root", timeout=120).stdout
+        assert password not in journal, f"the Redis password is in {host}'s journal"
+    log = converged.ssh(REDIS_HOST, "cat /var/log/redis/redis-server.log", user="root").stdout
+    assert password not in log
+    status = fleet(converged, "status", "--json")
+    assert password not in status.stdout + status.stderr
