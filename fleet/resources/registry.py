@@ -14,6 +14,7 @@ from fleet.actions import Action
 from fleet.resources.base import ActionSpec, Resource
 from fleet.resources.drop_ins import DropIns
 from fleet.resources.env_file import EnvFiles
+from fleet.resources.sidekiq_config import SidekiqConfigs
 from fleet.resources.sidekiq_view import SidekiqHeartbeats
 from fleet.resources.stores import DataStores
 from fleet.resources.undeclared import UndeclaredUnits
@@ -26,6 +27,7 @@ RESOURCES: tuple[Resource, ...] = (
     UnitStates(),
     UndeclaredUnits(),
     DropIns(),
+    SidekiqConfigs(),
     DataStores(),
     SidekiqHeartbeats(),
 )

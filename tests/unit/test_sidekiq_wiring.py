@@ -78,14 +78,14 @@ def with_view(results: dict[str, HostResult], host: str, view: SidekiqView) -> d
 def test_the_view_is_read_in_the_round_trip_to_the_redis_host_and_nowhere_else() -> None:
     desired = example()
     scripts = {h.name: build_script(spec_for(desired, h.name)) for h in desired.hosts}
-    assert {h for h, s in scripts.items() if "@@sidekiq" in s} == {"nietzsche"}  # where Redis is declared
+    assert {h for h, s in scripts.items() if "echo '@@sidekiq'" in s} == {"nietzsche"}  # where Redis is declared
     assert "f=/home/mastodon/live/.env.production" in scripts["nietzsche"]
     fake = FakeTransport()
     fake.respond("", "not the collection output\n")
     with fake:
         collect(desired, fake)
     assert sorted(c.host for c in fake.calls) == sorted(scripts)  # still one command per host
-    assert [c.host for c in fake.calls if "@@sidekiq" in c.command] == ["nietzsche"]
+    assert [c.host for c in fake.calls if "echo '@@sidekiq'" in c.command] == ["nietzsche"]
 
 
 def _output_with(section: str) -> str:
