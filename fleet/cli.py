@@ -132,6 +132,24 @@ def _command(sub: Subparsers, common: argparse.ArgumentParser, name: str,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _add_adopt(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = _command(
+        sub, common, "adopt", "write what the hosts run as a new fleet directory (desired_state.toml, hosts/, units/)",
+        "Observe the inventory's hosts (--dir's hosts/, or --hosts) and write into TARGET a desired state "
+        "declaring every running, enabled unit the patterns match, with the hosts' own unit files in "
+        "units/ byte for byte, so that `fleet --dir TARGET plan` is empty.  Prints what it could not "
+        "express.  Changes nothing on the hosts.",
+        "exit codes:\n  0  written, every host observed\n  1  a host could not be observed (the rest is "
+        "written), TARGET is not empty without --force, or invalid input\n")
+    _host_options(p)
+    p.add_argument("target", metavar="TARGET", help="the directory to write (new or empty)")
+    p.add_argument("--pattern", action="append", metavar="GLOB",
+                   help="units to adopt, a systemd glob; repeatable (default: mastodon-*)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty TARGET, replacing desired_state.toml, hosts/ and units/ files")
+    p.add_argument("--name", metavar="NAME", help="the fleet's name (default: TARGET's directory name)")
+
+
 def _add_check(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = _command(
         sub, common, "check", "validate the desired state, the inventory and the domain policies (offline)",
@@ -281,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common.add_argument_group("global options (also accepted before the command)"), suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_check, _add_status, _add_plan, _add_show, _add_apply, _add_lock, _add_log, _add_audit,
-                _add_history, _add_diff, _add_lab):
+                _add_history, _add_diff, _add_adopt, _add_lab):
         add(sub, common)
     return parser
 
@@ -483,6 +501,17 @@ def _run_diff(args: argparse.Namespace) -> int:
     return EXIT_CHANGES if result.changes else EXIT_OK
 
 
+def _run_adopt(args: argparse.Namespace) -> int:
+    from fleet.output.text import adopt_text
+    from fleet.workflows.adopt import DEFAULT_PATTERNS, AdoptOptions, adopt
+
+    result = adopt(AdoptOptions(_common(args), _scope(args), Path(args.target),
+                                patterns=tuple(args.pattern or DEFAULT_PATTERNS), force=args.force, name=args.name),
+                   TerminalReporter())
+    _write(adopt_text(result))
+    return EXIT_OK if result.complete else EXIT_ERROR
+
+
 def _run_lab(args: argparse.Namespace) -> int:
     from fleet.lab.cli import run_lab
 
@@ -492,7 +521,7 @@ def _run_lab(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": _run_check, "status": _run_status, "plan": _run_plan, "show": _run_show, "apply": _run_apply,
     "lock": _run_lock, "log": _run_log, "audit": _run_audit, "history": _run_history, "diff": _run_diff,
-    "lab": _run_lab,
+    "adopt": _run_adopt, "lab": _run_lab,
 }
 
 
