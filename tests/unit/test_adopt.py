@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from observed import REPO, converged, failed, hand_made_unit, with_drop_in, with_unit
+from observed import REPO, converged, edited, failed, hand_made_unit, with_drop_in, with_unit
 
 from fleet import cli, config, policy
 from fleet.adopt import build, fragment_text
@@ -79,6 +79,25 @@ def test_per_host_instances_become_overrides(tmp_path: Path) -> None:
     assert '[services.streaming.overrides.freud]\ninstances = ["4000"]' in text
     adopted = load_checked(out)
     assert build_plan(adopted, {"fritz": fritz, "freud": freud}, {}).changes == ()
+
+
+def test_hosts_running_different_texts_of_one_unit_get_a_service_each(tmp_path: Path) -> None:
+    seen = converged(stock(), {})
+    web = seen["fritz"].unit("mastodon-web.service")
+    assert web is not None
+    seen["freud"] = with_unit(seen["freud"], web)
+    seen["freud"] = edited(seen["freud"], "mastodon-web.service")
+    out = write(tmp_path, seen)
+    adopted = load_checked(out)
+    webs = {s.name: (s.hosts, s.unit_spec.source if s.unit_spec else "") for s in adopted.services
+            if s.unit == "mastodon-web.service"}
+    # in inventory order: freud (its edited text) first
+    assert webs == {"web": (("freud",), "units/mastodon-web.service"),
+                    "web-2": (("fritz",), "units/2/mastodon-web.service")}
+    assert (out / "units" / "mastodon-web.service").read_text().endswith("Nice=5\n")
+    stock_web = (STOCK / "units" / "mastodon-web.service").read_bytes()
+    assert (out / "units" / "2" / "mastodon-web.service").read_bytes() == stock_web
+    assert build_plan(adopted, dict(seen), {}).changes == ()
 
 
 def test_a_failed_instance_is_left_out_and_said(tmp_path: Path) -> None:
