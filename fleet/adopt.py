@@ -15,7 +15,12 @@ is declared `observe_only` or left out, and said in `notes` — never silently d
   declare them);
 - a unit that is not running or not enabled (declaring it would make the plan start it).
 
-Env files and health checks are not observed as such; `notes` say so once.
+The env files the units load (EnvironmentFile=) are declared as they are: their non-sensitive
+values, their owner, group and mode, and every sensitive key as `"present"` — a secret's value
+never leaves the host (the collector sends only its sha256), so it is never written anywhere.
+One `[env_files.NAME]` per set of hosts holding the same file; a file fleet could not rewrite
+identically (a key twice, a line that is not KEY=value, a control character in a value) is
+left out and said.  Health checks are not observed; `notes` say so once.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fleet.model import HostState, UnitState, instance_of, is_template, template_of
+from fleet.config import USER_NAME
+from fleet.model import EnvFileState, HostState, UnitState, instance_of, is_template, template_of
 from fleet.sidekiq_settings import is_sidekiq
 from fleet.textutil import sha256_hex
 from fleet.units import UNIT_DIR, removable_unit_file
@@ -89,7 +95,13 @@ def guess_kind(unit: str, argv: Sequence[str]) -> str:
         return "streaming"
     if base.endswith("-web") or "puma" in words:
         return "web"
-    return "generic"
+    return _STORES.get(base, "generic")
+
+
+# Debian's units of the data stores Mastodon's settings point at (DB_HOST, REDIS_HOST …): declared
+# with their kind, so that `fleet check` knows where they run.
+_STORES = {"postgresql": "postgres", "redis-server": "redis", "redis": "redis", "pgbouncer": "pgbouncer",
+           "elasticsearch": "elasticsearch", "opensearch": "elasticsearch"}
 
 
 def service_name(unit: str) -> str:
@@ -163,10 +175,37 @@ def build(fleet_name: str, patterns: Sequence[str], results: Mapping[str, HostSt
         if wtext is not None and own is not None and set(own.hosts) == set(g.hosts):
             g.wrapper = (wrapper, wtext)
             del groups[(wrapper, wtext)]
-    return _write(fleet_name, patterns, list(groups.values()), notes)
+    return _write(fleet_name, patterns, list(groups.values()), _env_files(results, notes), notes)
 
 
-def _write(fleet_name: str, patterns: Sequence[str], groups: list[_Unit], notes: list[str]) -> Adopted:
+def _env_files(results: Mapping[str, HostState], notes: list[str]) -> list[tuple[EnvFileState, list[str]]]:
+    """Each env file observed, with the hosts holding exactly that file (path, keys, values, meta)."""
+    groups: dict[tuple[object, ...], tuple[EnvFileState, list[str]]] = {}
+    for host, state in results.items():
+        for ef in state.env_files:
+            why = _env_why_not(ef)
+            if why:
+                notes.append(f"{host}: {ef.path} {why}: not declared")
+                continue
+            key = (ef.path, ef.keys, ef.values, tuple(sorted(k for k, _ in ef.secrets)), ef.owner, ef.group, ef.mode)
+            groups.setdefault(key, (ef, []))[1].append(host)
+    return list(groups.values())
+
+
+def _env_why_not(ef: EnvFileState) -> str | None:
+    if not ef.present:
+        return "is loaded by a unit but absent"
+    if len(ef.keys) != len(set(ef.keys)):
+        return "has a key more than once (fleet would rewrite it)"
+    if ef.invalid_lines:
+        return f"has {ef.invalid_lines} line(s) that are not KEY=value (fleet would rewrite it)"
+    if any(ord(c) < 32 and c not in "\t\n" or c == "\x7f" for _, v in ef.values for c in v):
+        return "has a control character in a value"
+    return None
+
+
+def _write(fleet_name: str, patterns: Sequence[str], groups: list[_Unit],
+           env_files: list[tuple[EnvFileState, list[str]]], notes: list[str]) -> Adopted:
     lines = [
         "# Written by `fleet adopt` from what the hosts run: review it, then commit it.",
         "# Unit files are the hosts' own, byte for byte, in units/.  File format: docs/desired-state.md.",
@@ -184,7 +223,7 @@ def _write(fleet_name: str, patterns: Sequence[str], groups: list[_Unit], notes:
         names.append(name)
         hosts = list(g.hosts)
         p = f"services.{toml_key(name)}"
-        lines += ["", f"[{p}]", f"kind = {toml_string(g.kind if g.text is not None else 'generic')}",
+        lines += ["", f"[{p}]", f"kind = {toml_string(_kind(g))}",
                   f"unit = {toml_string(g.unit)}", f"hosts = {_array(hosts)}"]
         if g.text is None:
             lines.append("observe_only = true")
@@ -204,10 +243,35 @@ def _write(fleet_name: str, patterns: Sequence[str], groups: list[_Unit], notes:
                 wsource = _unit_file(g.wrapper[0], g.wrapper[1], taken_files, units)
                 lines += ["", f"[{p}.wrapper]", f"unit = {toml_string(g.wrapper[0])}",
                           f"source = {toml_string(wsource)}"]
+    env_names: list[str] = []
+    for ef, hosts in env_files:
+        name = _unique(env_name(ef.path), env_names)
+        env_names.append(name)
+        p = f"env_files.{toml_key(name)}"
+        lines += ["", f"[{p}]", f"path = {toml_string(ef.path)}", f"hosts = {_array(hosts)}"]
+        lines += [f"{k} = {toml_string(v)}" for k, v in (("owner", ef.owner), ("group", ef.group))
+                  if USER_NAME.fullmatch(v)]
+        lines.append(f"mode = {toml_string(ef.mode)}")
+        if ef.values:
+            lines += ["", f"[{p}.values]"] + [f"{toml_key(k)} = {toml_string(v)}" for k, v in ef.values]
+        if ef.secrets:
+            lines += ["", f"[{p}.sensitive]"] + [f"{toml_key(k)} = \"present\"" for k, _ in ef.secrets]
     if names:
         notes.append("health checks are not observed: none declared (add `health` per service, "
                      "docs/desired-state.md)")
     return Adopted("\n".join(lines) + "\n", tuple(units), tuple(names), tuple(notes))
+
+
+def env_name(path: str) -> str:
+    """`/home/mastodon/live/.env.production` -> `production`."""
+    base = path.rsplit("/", 1)[-1].removeprefix(".env").strip(".") or "env"
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", base).strip("-")
+    return name if name and name[0].isalnum() else "env" + name
+
+
+def _kind(g: _Unit) -> str:
+    """An observe-only unit keeps only a data store's kind: the others' rules need the unit text."""
+    return g.kind if g.text is not None or g.kind in _STORES.values() else "generic"
 
 
 def _unit_file(unit: str, text: str, taken: dict[str, str], units: list[tuple[str, str]]) -> str:

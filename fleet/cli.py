@@ -144,7 +144,8 @@ def _add_adopt(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     _host_options(p)
     p.add_argument("target", metavar="TARGET", help="the directory to write (new or empty)")
     p.add_argument("--pattern", action="append", metavar="GLOB",
-                   help="units to adopt, a systemd glob; repeatable (default: mastodon-*)")
+                   help="units to adopt, a systemd glob; repeatable (default: mastodon-*, postgresql.service, "
+                        "redis-server.service)")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty TARGET, replacing desired_state.toml, hosts/ and units/ files")
     p.add_argument("--name", metavar="NAME", help="the fleet's name (default: TARGET's directory name)")

@@ -3,8 +3,9 @@ desired_state.toml, hosts/ (the inventory's files, as they are) and units/ (the 
 files, byte for byte) — so that the next `fleet --dir TARGET plan` is empty.
 
 Two collections, both read-only: the first finds the units the discovery patterns match on each
-host; the second declares them (in memory only) so that the collector dumps their text and its
-per-file sha256, which is what lets fleet/adopt.py write each file exactly as the host has it.
+host; the second declares them and the env files they load (in memory only) so that the collector
+dumps their text and its per-file sha256, and reads the files (a secret as its sha256 only),
+which is what lets fleet/adopt.py write each file exactly as the host has it.
 A non-empty TARGET is refused unless `force`; nothing is written before everything is known.
 """
 
@@ -16,13 +17,27 @@ from pathlib import Path
 
 from fleet import config
 from fleet.adopt import Adopted, build
+from fleet.config import env_path_ok
 from fleet.errors import FleetError
-from fleet.model import Desired, DiscoveryPattern, Host, HostError, HostResult, HostState, Kind, Service, UnitSpec
+from fleet.model import (
+    Desired,
+    DiscoveryPattern,
+    EnvFile,
+    Host,
+    HostError,
+    HostResult,
+    HostState,
+    Kind,
+    Service,
+    UnitSpec,
+)
 from fleet.targets import resolve
 from fleet.workflows import observe as observing
 from fleet.workflows.base import Common, Reporter, Scope
 
-DEFAULT_PATTERNS = ("mastodon-*",)
+# Mastodon's units, and Debian's units of the data stores its settings name (declared observe-only,
+# so that `fleet check` finds the database DB_HOST points at).
+DEFAULT_PATTERNS = ("mastodon-*", "postgresql.service", "redis-server.service")
 
 
 @dataclass(frozen=True)
@@ -88,17 +103,22 @@ def _fleet_name(target: Path) -> str:
 
 
 def _declare_all(seen: Desired, results: dict[str, HostResult]) -> Desired:
-    """The first collection's units declared, so that the second dumps their text.  Never loaded
-    from or written to a file: only the collector's choice of units to read depends on it."""
-    services = []
+    """The first collection's units declared, and the env files they load, so that the second
+    dumps their text and reads the files (secrets as sha256 only).  Never loaded from or written
+    to a file: only the collector's choice of what to read depends on it."""
+    services, env_files = [], []
     for host, r in results.items():
         if isinstance(r, HostError):
             continue
+        paths: list[str] = []
         for i, u in enumerate(r.units):
             if u.exists:
                 services.append(Service(name=f"{host}-{i}", kind=Kind.GENERIC, unit=u.unit, hosts=(host,),
                                         unit_spec=UnitSpec(exec_start="")))
-    return Desired(name=seen.name, hosts=seen.hosts, services=tuple(services), discover=seen.discover)
+                paths += [p for p in u.environment_files if env_path_ok(p) and p not in paths]
+        env_files += [EnvFile(name=f"{host}-env-{j}", path=p, hosts=(host,)) for j, p in enumerate(paths)]
+    return Desired(name=seen.name, hosts=seen.hosts, services=tuple(services), env_files=tuple(env_files),
+                   discover=seen.discover)
 
 
 def _write(target: Path, adopted: Adopted, hosts: list[Host]) -> list[str]:

@@ -10,7 +10,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from observed import REPO, converged, edited, failed, hand_made_unit, with_drop_in, with_unit
+from observed import (
+    EXAMPLE_SECRETS,
+    REPO,
+    converged,
+    edited,
+    example,
+    failed,
+    hand_made_unit,
+    set_env_value,
+    with_drop_in,
+    with_unit,
+)
 
 from fleet import cli, config, policy
 from fleet.adopt import build, fragment_text
@@ -29,14 +40,15 @@ def stock() -> Desired:
     return loaded.desired
 
 
-def write(tmp_path: Path, results: Mapping[str, HostState], name: str = "stock") -> Path:
-    """The builder's files written as the workflow writes them, with the stock inventory."""
+def write(tmp_path: Path, results: Mapping[str, HostState], name: str = "stock",
+          hosts_dir: Path = STOCK / "hosts") -> Path:
+    """The builder's files written as the workflow writes them, with the inventory's host files."""
     a = build(name, ["mastodon-*"], results)
     out = tmp_path / "adopted"
     (out / "hosts").mkdir(parents=True)
     (out / "desired_state.toml").write_text(a.desired_state)
     for h in results:
-        shutil.copy(STOCK / "hosts" / f"{h}.toml", out / "hosts" / f"{h}.toml")
+        shutil.copy(hosts_dir / f"{h}.toml", out / "hosts" / f"{h}.toml")
     for path, text in a.units:
         (out / path).parent.mkdir(parents=True, exist_ok=True)
         (out / path).write_bytes(text.encode())
@@ -65,6 +77,44 @@ def test_the_stock_fleet_adopted_plans_nothing_and_its_unit_files_are_the_hosts_
     assert streaming.wrapper.unit == "mastodon-streaming.service"
     assert {s.name: (s.kind.value, s.hosts) for s in adopted.services} == {
         "web": ("web", ("fritz",)), "streaming": ("streaming", ("fritz",)), "sidekiq": ("sidekiq", ("freud",))}
+
+
+def test_the_example_fleet_adopted_declares_its_env_files_with_every_secret_present(tmp_path: Path) -> None:
+    seen = converged(example(), EXAMPLE_SECRETS)
+    out = write(tmp_path, seen, "hachyderm", REPO / "hosts")
+    text = (out / "desired_state.toml").read_text()
+    assert not any(secret in text for secret in EXAMPLE_SECRETS.values())
+    adopted = load_checked(out)
+    (ef,) = adopted.env_files
+    assert ef.path == "/home/mastodon/live/.env.production" and ef.name == "production"
+    assert {k for k, _ in ef.sensitive} >= {"SECRET_KEY_BASE", "DB_PASS"}
+    assert all(src.kind == "present" for _, src in ef.sensitive)
+    assert dict(ef.values)["S3_ENABLED"] == "true"
+    # the data stores DB_HOST and REDIS_HOST name are declared where they run, observe-only
+    stores = {s.unit: (s.kind.value, s.observe_only, s.hosts) for s in adopted.services if s.observe_only}
+    assert stores == {"postgresql.service": ("postgres", True, ("nietzsche",)),
+                      "redis-server.service": ("redis", True, ("nietzsche",))}
+    assert build_plan(adopted, dict(seen), {}).changes == ()
+
+
+def test_hosts_holding_different_env_files_get_one_declaration_each(tmp_path: Path) -> None:
+    seen = converged(example(), EXAMPLE_SECRETS)
+    seen["franz"] = set_env_value(seen["franz"], "S3_ENABLED", "false")
+    out = write(tmp_path, seen, "hachyderm", REPO / "hosts")
+    adopted = load_checked_allowing(out, "env.inconsistent")
+    by_name = {ef.name: ef for ef in adopted.env_files}
+    assert set(by_name) == {"production", "production-2"}
+    franz = next(ef for ef in by_name.values() if "franz" in ef.hosts)
+    assert franz.hosts == ("franz",) and dict(franz.values)["S3_ENABLED"] == "false"
+    assert build_plan(adopted, dict(seen), {}).changes == ()
+
+
+def load_checked_allowing(directory: Path, *codes: str) -> Desired:
+    """Loaded; the only errors are what the hosts really hold (the checks judge it, as they should)."""
+    loaded, findings = config.load_checked(directory / "desired_state.toml", directory / "hosts", policy.check)
+    errors = [f for f in findings if f.is_error and f.code not in codes]
+    assert loaded.desired is not None and not errors, errors
+    return loaded.desired
 
 
 def test_per_host_instances_become_overrides(tmp_path: Path) -> None:
