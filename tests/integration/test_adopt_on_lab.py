@@ -37,11 +37,13 @@ def test_adopting_the_stock_lab_writes_a_fleet_whose_plan_is_empty(stock: Any, t
 
 
 def test_adopt_refuses_a_non_empty_target_and_leaves_it_as_it_was(stock: Any, tmp_path: Path) -> None:
-    (tmp_path / "desired_state.toml").write_text("# mine\n")
-    done = fleet(stock, "adopt", str(tmp_path), directory=STOCK)
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "desired_state.toml").write_text("# mine\n")
+    done = fleet(stock, "adopt", str(target), directory=STOCK)
     assert done.returncode == 1 and "not empty" in done.stderr, done.stdout + done.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["desired_state.toml"]
-    assert (tmp_path / "desired_state.toml").read_text() == "# mine\n"
+    assert [p.name for p in target.iterdir()] == ["desired_state.toml"]
+    assert (target / "desired_state.toml").read_text() == "# mine\n"
 
 
 def test_adopting_the_converged_example_declares_its_env_files_and_data_stores_and_plans_nothing(
