@@ -31,6 +31,7 @@ from fleet.errors import FleetError
 from fleet.journal import Journal, journal_path
 from fleet.model import Desired, HostResult, HostState
 from fleet.notify import Delivery, DeliveryReport, NotifyError, Outbox, Target, parse_target
+from fleet.output.html import status_page, write_status_page
 from fleet.output.metrics import metrics_path_problem, metrics_text, write_metrics
 from fleet.snapshot import unpack
 from fleet.targets import resolve
@@ -147,8 +148,6 @@ def run_cycle(options: WatchOptions, reporter: Reporter, *, now: Callable[[], fl
     if options.metrics_file is not None:
         write_metrics(options.metrics_file, metrics_text(report, now=at))
     if options.html_dir is not None:
-        from fleet.output.html import status_page, write_status_page
-
         write_status_page(options.html_dir, status_page(report, new_state.recent, now=at))
     sent = outbox.deliver(targets_to, delivery=delivery, sleep=sleep)
     for line in sent.lines():

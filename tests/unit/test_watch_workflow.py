@@ -15,7 +15,7 @@ import pytest
 from conftest import FleetDir, fleet_executable
 from observed import unreachable
 from prometheus_client.parser import text_string_to_metric_families
-from test_workflows import Recorder
+from test_workflows import Recorder, secrets_file
 from watch_scenarios import WEBHOOK_URLS, baseline, s3_hand_edit, secret_needles
 from webhook_server import Receiver
 
@@ -239,6 +239,20 @@ def test_apply_posts_through_the_outbox_once_and_a_failed_post_is_only_a_note(
     [body] = receiver.bodies()
     assert body["kind"] == "apply.started" and body["data"]["run_id"] == run.id
     assert Outbox(common.state_dir).pending() == []
+
+
+def test_an_unusable_notify_on_apply_is_refused_before_any_host_is_touched(
+        example: FleetDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet.workflows.apply import ApplyOptions, apply
+
+    transport = FakeTransport()
+    monkeypatch.setattr(observing, "open_transport", lambda common, targets, scope: transport)
+    monkeypatch.delenv("FLEET_TEST_UNSET_HOOK", raising=False)
+    options = ApplyOptions(Common.at(example.root, state_dir=tmp_path / "state"), Scope(), yes=True,
+                           secrets=secrets_file(tmp_path), notify=("env:FLEET_TEST_UNSET_HOOK",))
+    with pytest.raises(FleetError, match="--notify.*FLEET_TEST_UNSET_HOOK is not set"):
+        apply(options, Recorder())
+    assert transport.commands() == []
 
 
 def test_a_broken_outbox_is_a_note_for_apply(example: FleetDir, tmp_path: Path, receiver: Receiver) -> None:
