@@ -45,6 +45,7 @@ from fleet.model import (
     SidekiqSpec,
     StoreSpec,
     UnitSpec,
+    WatchSettings,
     Wrapper,
     is_template,
 )
@@ -83,7 +84,7 @@ VITAL_UNITS = ("ssh.service", "sshd.service", "systemd-journald.service", "syste
 MAX_FILE_BYTES = 1 << 20  # a 1 MiB desired state is already absurd; refuse before parsing
 
 HOST_KEYS = ("name", "address", "port", "user", "sudo", "roles")
-TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files")
+TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files", "watch")
 SERVICE_KEYS = (
     "kind", "unit", "hosts", "requires", "observe_only", "unit_file", "health",
     "max_unavailable", "concurrency", "queues", "sidekiq_command", "instances", "overrides", "wrapper",
@@ -574,6 +575,7 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
     policy_t = _get(ctx, data, "", "policy", dict, default={})
     placement, extra_keys = _load_policy(ctx, policy_t)
     discover = _load_discover(ctx, _get(ctx, data, "", "discover", list, default=[]))
+    watch = _load_watch(ctx, data.get("watch"))
     host_names = [h.name for h in hosts]
     # A host whose file is invalid is reported in its own file; references to it stay valid.
     host_files = sorted(set(files) | set(host_names))
@@ -605,8 +607,18 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
     sidekiq_policy = _load_sidekiq_policy(ctx, policy_t, _get(ctx, data, "", "env_files", dict, default={}))
     return Desired(name=name, hosts=hosts, services=tuple(services), env_files=tuple(env_files),
                    discover=tuple(discover), placement=tuple(placement), extra_env_keys=tuple(extra_keys),
-                   snapshot_retention_days=float(retention),
+                   snapshot_retention_days=float(retention), watch=watch,
                    source=str(path), hosts_dir=str(hosts_dir), sidekiq_policy=sidekiq_policy)
+
+
+def _load_watch(ctx: _Ctx, table: object) -> WatchSettings:
+    """`[watch]`: fleet.notify owns what a notification target may be; its findings get lines here."""
+    # Imported here: fleet.notify reaches fleet.audit, which imports this module.
+    from fleet.notify import validate_watch
+
+    settings, findings = validate_watch(table, file=ctx.file)
+    ctx.findings += [replace(f, line=locate(ctx.text, f.key)) if f.line is None and f.key else f for f in findings]
+    return settings
 
 
 def _load_policy(ctx: _Ctx, policy: dict[str, Any]) -> tuple[list[PlacementRule], list[str]]:
