@@ -156,3 +156,29 @@ def to_result(host: str, outcome: RunResult | TransportError) -> HostResult:
         return parse_host(host, text, collected_at=now, duration=outcome.duration)
     except ParseError as e:
         return HostError(host=host, kind="parse", message=e.message, hint=e.hint, collected_at=now)
+
+
+def collect_history(transport: Transport, hosts: Sequence[Host], asks: Mapping[str, HistoryAsk], *,
+                    forks: int | None = None, timeout: float | None = None
+                    ) -> dict[str, history.HistoryRead | ParseError | TransportError]:
+    """Only the hosts' history (what `fleet log` reads from a checkout that has not collected it
+    yet): one round trip per host, the same section the full collection prints."""
+    scripts = {h.name: "export LC_ALL=C PATH=/usr/sbin:/usr/bin:/sbin:/bin\necho '@@fleet-history 1'\n"
+               + _history_section(asks.get(h.name, HistoryAsk())) + "echo '@@end'\n" for h in hosts}
+    raw = transport.run_many(list(hosts), lambda h: scripts[h.name],
+                             forks=forks or min(len(hosts), DEFAULT_MAX_FORKS) or 1, timeout=timeout)
+    out: dict[str, history.HistoryRead | ParseError | TransportError] = {}
+    for h in hosts:
+        outcome = raw.get(h.name)
+        if outcome is None:
+            continue
+        if isinstance(outcome, TransportError):
+            out[h.name] = outcome
+            continue
+        _, read = _split_history(h.name, outcome, asks.get(h.name, HistoryAsk()))
+        if read is None:
+            err = outcome.stderr.decode("utf-8", "replace").strip().splitlines()
+            read = ParseError(f"{h.name}: its history could not be read ({outcome.exit_text}"
+                              + (f": {err[-1][:200]}" if err else "") + ")", host=h.name, section="history")
+        out[h.name] = read
+    return out

@@ -559,13 +559,14 @@ def test_log_json_has_one_documented_object_per_step_with_its_run(j: Journal) ->
     first, second = doc["steps"]
     assert set(first) == {"run_id", "operator", "time", "ended", "host", "action", "target", "service", "reason",
                           "before", "after", "details", "outcome", "error", "sentence", "step_id", "change_id",
-                          "fleet", "lab", "plan_id", "run_outcome"}
+                          "fleet", "lab", "plan_id", "run_outcome", "commit", "dirty"}
     assert first | {"details": None} == {
         "run_id": run.id, "operator": "alice@laptop", "time": "2026-11-28T14:03:07Z", "ended": "2026-11-28T14:03:08Z",
         "host": "fritz", "action": "write-env", "target": WRITE_ENV.target, "service": None,
         "reason": "2 key(s) differ", "before": WRITE_ENV.before, "after": WRITE_ENV.after, "details": None,
         "outcome": "ok", "error": None, "sentence": sentence(step, run), "step_id": step.id,
         "change_id": WRITE_ENV.id, "fleet": "hachyderm", "lab": False, "plan_id": "p1", "run_outcome": None,
+        "commit": None, "dirty": None,
     }
     assert first["details"]["keys"] == [["S3_ENABLED", "change", "FALSE", "true"], ["3_BUCKET", "remove", "files", ""]]
     assert (second["operator"], second["outcome"], second["ended"]) == ("bob@desk", None, None)
