@@ -151,3 +151,56 @@ def test_a_hand_edited_history_is_a_warning_of_fleet_log(
     assert code == 0
     assert err == ("warning: history on fritz was edited or truncated at its start: record 2 does not continue "
                    "record 1: one of the two was changed\n")
+
+
+# ---------------------------------------------------------------- fleet audit from any checkout
+
+
+def test_an_audit_credits_a_change_to_a_run_only_the_hosts_history_knows(tmp_path: Path) -> None:
+    from observed import EXAMPLE_SECRETS, converged, example, stopped
+
+    from fleet.history import GENESIS, HistoryRead, host_line, line_hash, parse_record
+    from fleet.history_cache import HistoryCache
+    from fleet.journal import Journal
+    from fleet.snapshot import host_summary, pack
+    from fleet.workflows.audit import changes_since
+
+    old = dict(converged(example(), EXAMPLE_SECRETS))
+    new = dict(old)
+    new["fritz"] = stopped(old["fritz"], "mastodon-web.service")
+    t0 = 1_800_000_000.0
+    stop = Change("fritz", Action.RESTART, "mastodon-web.service", "its unit file changed")
+    lines = [host_line(history.step_body(stop, run_id=RUN, who="alice@laptop", desired_hash="dh", started=t0 + 60,
+                                         commit=COMMIT, dirty=False), seq=1, prev=GENESIS)]
+    lines.append(host_line(history.outcome_body(stop, run_id=RUN, outcome="ok", ended=t0 + 61), seq=2,
+                           prev=line_hash(lines[0])))
+    with Journal.open(tmp_path / "b" / "journal.sqlite") as journal:  # checkout B: it never applied anything
+        journal.save_snapshot(command="status", fleet="hachyderm", lab=False, hosts=host_summary(old), data=pack(old),
+                              operator="bob@desk", now=t0)
+        (base,) = journal.snapshots()
+        HistoryCache(journal).merge(HistoryRead("fritz", "ok", tuple(parse_record(x) for x in lines)))
+        changes, timeline = changes_since(journal, base, new, t0 + 120)
+    web = [c for c in changes if c.target == "mastodon-web.service"]
+    assert web and all(c.attribution == f"fleet apply run {RUN} by alice@laptop, desired state at git "
+                                        f"{COMMIT[:12]}" for c in web)
+    assert any("alice@laptop: on fritz, restarted mastodon-web.service" in line for _, line in timeline)
+
+
+def test_a_broken_chain_on_a_host_is_an_error_finding_of_the_audit_for_that_host(tmp_path: Path) -> None:
+    from fleet.history import Break, HistoryRead
+    from fleet.history_cache import HistoryCache
+    from fleet.journal import Journal
+    from fleet.workflows.audit import history_findings
+    from fleet.workflows.base import Common
+
+    common = Common.at(tmp_path, state_dir=tmp_path / "state")
+    assert history_findings(common, ["fritz"], {}) == []  # no journal yet: nothing known, nothing to say
+    with Journal.open(tmp_path / "state" / "journal.sqlite") as journal:
+        HistoryCache(journal).merge(HistoryRead("fritz", "ok", breaks=(Break("fritz", 6, "record 8 does not "
+                                                                              "continue record 7"),)))
+    found = history_findings(common, ["fritz", "franz"], {"franz": "franz: unexpected line in the history section"})
+    assert [(f.severity, f.code, f.host) for f in found] == [
+        ("error", "history.broken", "fritz"), ("error", "history.unreadable", "franz")]
+    assert found[0].message == ("history on fritz was edited or truncated after record 6: record 8 does not continue "
+                                "record 7")
+    assert history_findings(common, ["franz"], {}) == []  # only the hosts audited
