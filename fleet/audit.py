@@ -112,7 +112,15 @@ def observed_findings(desired: Desired, results: Mapping[str, HostResult], repor
                             concurrency=p.concurrency, db_pool=p.db_pool) for p in report.sidekiq]
     out += check_queues(procs, what="running")
     out += _env_findings(desired, results)
+    out += _service_problems(report)
     return out
+
+
+def _service_problems(report: StatusReport) -> list[Finding]:
+    """What the kinds of resource found wrong behind declared units (a failed database cluster under
+    an `active/exited` parent, a Redis that does not answer): errors, each naming service and host."""
+    return [Finding("error", p.code, f"{row.service} on {c.host}: {p.message}", host=c.host, hint=p.hint)
+            for row in report.rows for c in row.cells for p in c.problems]
 
 
 def _observed(f: Finding) -> Finding:

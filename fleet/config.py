@@ -27,8 +27,10 @@ except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
 from fleet.envfile import ENV_KEY_HINT, key_problem
 from fleet.errors import ConfigError
 from fleet.model import (
+    DEFAULT_PORTS,
     DEFAULT_SIDEKIQ_COMMAND,
     KINDS,
+    ROLES,
     Desired,
     DiscoveryPattern,
     EnvFile,
@@ -40,6 +42,7 @@ from fleet.model import (
     SecretSource,
     Service,
     SidekiqSpec,
+    StoreSpec,
     UnitSpec,
 )
 from fleet.textutil import did_you_mean
@@ -64,7 +67,7 @@ HOST_KEYS = ("name", "address", "port", "user", "sudo", "roles")
 TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files")
 SERVICE_KEYS = (
     "kind", "unit", "hosts", "requires", "observe_only", "unit_file", "health",
-    "max_unavailable", "concurrency", "queues", "sidekiq_command",
+    "max_unavailable", "concurrency", "queues", "sidekiq_command", "role", "probe", "port",
 )  # fmt: skip
 UNIT_FILE_KEYS = (
     "description", "user", "group", "working_directory", "environment", "environment_files",
@@ -670,6 +673,8 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
             ctx.error(f"{prefix}.{k}", f"'{k}' only applies to kind = \"sidekiq\"",
                       "remove it, or set kind = \"sidekiq\"", "config.bad-key")
 
+    store = _load_store(ctx, prefix, st, kind)
+
     unit_t = _get(ctx, st, prefix, "unit_file", dict)
     unit_spec: UnitSpec | None = None
     if observe_only:
@@ -693,7 +698,44 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
                    hosts=tuple(dict.fromkeys(hosts)) if lenient else tuple(h for h in hosts if h in host_names),
                    requires=tuple(requires),
                    observe_only=observe_only, unit_spec=unit_spec, sidekiq=sidekiq, health=health,
-                   max_unavailable=max_unavailable)
+                   max_unavailable=max_unavailable, store=store)
+
+
+_ROLE_KINDS = (Kind.POSTGRES, Kind.REDIS)  # the kinds that replicate: a primary and its standbys
+
+
+def _load_store(ctx: _Ctx, prefix: str, st: dict[str, Any], kind: Kind | None) -> StoreSpec | None:
+    """`role`, `probe` and `port` of a data store; None when none of them is given, so that a
+    service declaring none of them is the same data as before they existed (plan.desired_hash)."""
+    role = _get(ctx, st, prefix, "role", str)
+    probe = _get(ctx, st, prefix, "probe", bool, default=False)
+    port = _get(ctx, st, prefix, "port", int)
+    if kind is not None:
+        if role is not None and kind not in _ROLE_KINDS:
+            ctx.error(f"{prefix}.role", f"'role' only applies to kind = \"postgres\" or \"redis\", not {kind.value!r}",
+                      "remove it", "config.bad-key")
+            role = None
+        if "probe" in st and kind != Kind.POSTGRES:
+            ctx.error(f"{prefix}.probe", f"'probe' only applies to kind = \"postgres\", not {kind.value!r}",
+                      "remove it (fleet reads Redis with redis-cli without being asked)", "config.bad-key")
+            probe = False
+        if port is not None and kind not in DEFAULT_PORTS:
+            ctx.error(f"{prefix}.port", f"'port' only applies to the data stores "
+                      f"({', '.join(k.value for k in DEFAULT_PORTS)}), not {kind.value!r}", "remove it",
+                      "config.bad-key")
+            port = None
+    if role is not None and role not in ROLES:
+        ctx.error(f"{prefix}.role", f"role {role!r} is neither \"primary\" nor \"standby\"",
+                  did_you_mean(role, ROLES) or "role = \"primary\" (takes writes) or \"standby\" (a replica)",
+                  "config.bad-value")
+        role = None
+    if port is not None and not 1 <= port <= 65535:
+        ctx.error(f"{prefix}.port", f"port {port} is outside 1–65535", "the TCP port it listens on, e.g. port = 5432",
+                  "config.bad-value")
+        port = None
+    if role is None and not probe and port is None:
+        return None
+    return StoreSpec(role=role, probe=probe, port=port)
 
 
 def _stand_in(name: str, st: dict[str, Any], kind: Kind | None, unit: Any, hosts: list[str],

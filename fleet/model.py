@@ -19,10 +19,18 @@ class Kind(StrEnum):
     SIDEKIQ = "sidekiq"
     POSTGRES = "postgres"
     REDIS = "redis"
+    PGBOUNCER = "pgbouncer"  # a connection pooler in front of Postgres (Mastodon's scaling guide)
+    ELASTICSEARCH = "elasticsearch"  # or OpenSearch: full-text search (ES_HOST)
     GENERIC = "generic"
 
 
 KINDS: tuple[str, ...] = tuple(k.value for k in Kind)
+
+# The data stores: Mastodon's settings point at them (DB_HOST, REDIS_HOST …), and fleet observes
+# them as they run (fleet/resources/stores.py).  Each listens on a port, by default this one.
+DEFAULT_PORTS: dict[Kind, int] = {Kind.POSTGRES: 5432, Kind.REDIS: 6379, Kind.PGBOUNCER: 6432,
+                                  Kind.ELASTICSEARCH: 9200}
+ROLES: tuple[str, ...] = ("primary", "standby")  # a data store's declared replication role
 
 # Sidekiq queues Mastodon uses (fasp since 4.4).  Mastodon's admin dashboard flags any
 # queue that no process listens to.
@@ -110,6 +118,15 @@ class SidekiqSpec:
 
 
 @dataclass(frozen=True)
+class StoreSpec:
+    """What is declared about a data store beyond its unit (only when something is)."""
+
+    role: str | None = None  # "primary" | "standby" (postgres, redis): checked against what runs
+    probe: bool = False  # postgres: fleet may ask the server itself (read-only SQL via psql)
+    port: int | None = None  # where it listens, when not the health check's TCP port or the default
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     kind: Kind
@@ -121,6 +138,25 @@ class Service:
     sidekiq: SidekiqSpec | None = None
     health: HealthCheck | None = None
     max_unavailable: int = 1
+    store: StoreSpec | None = None  # None: nothing declared beyond the unit (see StoreSpec)
+
+    @property
+    def port(self) -> int | None:
+        """The port a data store listens on: `port`, else its TCP health check's, else the kind's
+        default; None for a service that is no data store."""
+        if self.store is not None and self.store.port is not None:
+            return self.store.port
+        if self.kind not in DEFAULT_PORTS:
+            return None
+        return self.health.tcp if self.health is not None and self.health.tcp is not None else DEFAULT_PORTS[self.kind]
+
+    @property
+    def role(self) -> str | None:
+        return self.store.role if self.store is not None else None
+
+    @property
+    def probe(self) -> bool:
+        return self.store is not None and self.store.probe
 
 
 @dataclass(frozen=True)

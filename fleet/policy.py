@@ -7,12 +7,14 @@ the observed one (`fleet audit`): "no process serves `pull`" is the same finding
 
 from __future__ import annotations
 
+import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 from fleet.mastodon import BOOLEAN_KEYS, KNOWN_ENV_KEYS, looks_secret
-from fleet.model import SIDEKIQ_QUEUES, Desired, Finding, Kind, Service
+from fleet.model import DEFAULT_PORTS, SIDEKIQ_QUEUES, Desired, EnvFile, Finding, Kind, Service
 from fleet.textutil import damerau_levenshtein, did_you_mean
 
 
@@ -157,6 +159,7 @@ def check(desired: Desired) -> list[Finding]:
     out += check_placement(desired, ((h, s.kind, s.unit, f"services.{s.name}.hosts")
                                      for s in desired.services for h in s.hosts))
     out += _check_env_files(desired)
+    out += check_store_settings(desired)
     return out
 
 
@@ -262,6 +265,234 @@ def _check_env_consistency(desired: Desired) -> list[Finding]:
     return _dedupe(out)
 
 
+# ---------------------------------------------------------------- settings against placement
+
+@dataclass(frozen=True)
+class StoreSetting:
+    """A Mastodon setting that says where a data store runs (lib/mastodon/redis_configuration.rb,
+    config/database.yml, config/chewy.yml)."""
+
+    key: str
+    kind: Kind  # what it points at (a Postgres setting may also point at PgBouncer)
+    port_keys: tuple[str, ...] = ()  # where its port is read, in order; () for a URL (the port is in it)
+    writes: bool = False  # Mastodon writes through it: a standby behind it is an error
+    prepared: tuple[str, ...] = ()  # the keys saying whether it uses prepared statements, in order
+
+    @property
+    def url(self) -> bool:
+        return self.key.endswith("_URL")
+
+
+_PG = ("PREPARED_STATEMENTS",)
+_REPLICA_PG = ("REPLICA_PREPARED_STATEMENTS", "PREPARED_STATEMENTS")
+STORE_SETTINGS: tuple[StoreSetting, ...] = (
+    StoreSetting("DB_HOST", Kind.POSTGRES, ("DB_PORT",), writes=True, prepared=_PG),
+    StoreSetting("DATABASE_URL", Kind.POSTGRES, writes=True, prepared=_PG),
+    StoreSetting("REPLICA_DB_HOST", Kind.POSTGRES, ("REPLICA_DB_PORT", "DB_PORT"), prepared=_REPLICA_PG),
+    StoreSetting("REPLICA_DATABASE_URL", Kind.POSTGRES, prepared=_REPLICA_PG),
+    StoreSetting("REDIS_HOST", Kind.REDIS, ("REDIS_PORT",)),
+    StoreSetting("REDIS_URL", Kind.REDIS),
+    StoreSetting("SIDEKIQ_REDIS_HOST", Kind.REDIS, ("SIDEKIQ_REDIS_PORT",)),
+    StoreSetting("SIDEKIQ_REDIS_URL", Kind.REDIS),
+    StoreSetting("CACHE_REDIS_HOST", Kind.REDIS, ("CACHE_REDIS_PORT",)),
+    StoreSetting("CACHE_REDIS_URL", Kind.REDIS),
+    StoreSetting("ES_HOST", Kind.ELASTICSEARCH, ("ES_PORT",)),
+)
+_LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+_SCHEMES = {Kind.POSTGRES: ("postgres", "postgresql"), Kind.REDIS: ("redis", "rediss", "unix"),
+            Kind.ELASTICSEARCH: ("http", "https")}
+PGBOUNCER_GUIDE = "https://docs.joinmastodon.org/admin/scaling/#pgbouncer"
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a setting points: a host part ("" for the host itself, through a Unix socket) and a port."""
+
+    host: str
+    port: int | None  # None: not a port number
+    shown: str  # how messages show it (a URL's host:port only: it may hold a password)
+
+
+def check_store_settings(desired: Desired) -> list[Finding]:
+    """Each setting that says where a data store runs (DB_HOST, REDIS_URL …, on every host that
+    reads the env file, per-host overrides included) must point at a host where a service of that
+    kind is declared, at the port it listens on; PgBouncer in front needs PREPARED_STATEMENTS=false.
+    A setting pointing outside the inventory is left alone when no service of its kind is declared
+    anywhere (an external database fleet knows nothing about)."""
+    found: dict[tuple[str, str, str, str], tuple[Finding, list[str]]] = {}
+    for ef in desired.env_files:
+        sensitive = set(ef.sensitive_keys())
+        for host in ef.hosts:
+            values = ef.values_for(host)
+            for setting in STORE_SETTINGS:
+                if setting.key not in values or setting.key in sensitive:
+                    continue
+                if setting.kind == Kind.ELASTICSEARCH and values.get("ES_ENABLED") != "true":
+                    continue  # Mastodon reads ES_HOST only with ES_ENABLED=true
+                path = _setting_path(ef, host, setting.key)
+                for f in _check_setting(desired, host, setting, values, path):
+                    group = (f.code, f.key, f.message, f.hint)
+                    found.setdefault(group, (f, []))[1].append(host)
+    out = []
+    for f, hosts in found.values():
+        where = hosts[0] if len(hosts) == 1 else ", ".join(hosts)
+        out.append(Finding(f.severity, f.code, f"{f.message} (read on {where})", file=f.file, key=f.key,
+                           hint=f.hint, host=hosts[0] if len(hosts) == 1 else ""))
+    return out
+
+
+def _setting_path(ef: EnvFile, host: str, key: str) -> str:
+    if key in dict(dict(ef.overrides).get(host, ())):
+        return f"env_files.{ef.name}.overrides.{host}.{key}"
+    return f"env_files.{ef.name}.values.{key}"
+
+
+def _check_setting(desired: Desired, host: str, setting: StoreSetting, values: dict[str, str],
+                   path: str) -> list[Finding]:
+    key, kind = setting.key, setting.kind
+    target = _target(setting, values)
+    src = desired.source
+
+    def error(code: str, message: str, hint: str) -> Finding:
+        return Finding("error", code, message, file=src, key=path, hint=hint)
+
+    if target is None:
+        return [error("store.setting-invalid", f"{key} is not a {'/'.join(_SCHEMES[kind])}:// URL fleet can read",
+                      f"write it as {_SCHEMES[kind][0]}://HOST:PORT/…")]
+    kinds = (kind, Kind.PGBOUNCER) if kind == Kind.POSTGRES else (kind,)
+    declared = [(s, h) for s in desired.services if s.kind in kinds for h in s.hosts]
+    what = "postgres (or pgbouncer)" if kind == Kind.POSTGRES else kind.value
+    where = _where(desired, [h for s, h in declared if s.kind == kind] or [h for _, h in declared])
+    local = target.host == "" or _is_local(target.host)
+    resolved = (host,) if local else _resolve(desired, target.host)
+    said = f"{key} = {target.shown!r}"
+    if not resolved:
+        if not declared:
+            return []  # an external service: nothing declared to check it against
+        return [error("store.setting-nowhere",
+                      f"{said} points at {target.host}, which is no host of the inventory; {kind.value} is "
+                      f"declared on {where}",
+                      f"point {key} at {where.split(' (')[0]} (by inventory name or address), or add the host "
+                      "it names to the inventory and declare the service there")]
+    here = [(s, h) for s, h in declared if h in resolved]
+    # A local target is a different host for each host reading it: said so, so that they group.
+    named = "the host reading it" if local else ", ".join(resolved)
+    if not here:
+        elsewhere = f"{kind.value} is declared on {where}" if declared else f"no {what} service is declared anywhere"
+        return [error("store.setting-nowhere",
+                      f"{said} points at {named}, where no {what} service is declared; {elsewhere}",
+                      (f"point {key} at {where.split(' (')[0]}, or declare {kind.value} on {named}" if declared
+                       else f"declare the {kind.value} that runs on {named} (observe_only = true for a distro "
+                            "unit), so that fleet checks and watches it"))]
+    if target.port is None:
+        return [error("store.setting-port", f"{said}: its port {_port_text(setting, values)!r} is not a number",
+                      "write the port as a number, e.g. 5432")]
+    at_port = [(s, h) for s, h in here if s.port == target.port]
+    if not at_port:
+        listening = ", ".join(f"{s.kind.value} ({s.name}) listens on {s.port}" for s, _ in here)
+        bouncer = kind == Kind.POSTGRES and target.port == DEFAULT_PORTS[Kind.PGBOUNCER]
+        return [error("store.setting-port",
+                      f"{said} with port {target.port} points at {named}, where {listening}"
+                      + (" and no pgbouncer service is declared" if bouncer else ""),
+                      (f"declare PgBouncer on {named} as a service of kind \"pgbouncer\" (port = "
+                       f"{target.port}), or point {key}'s port at Postgres" if bouncer else
+                       f"use the port the service listens on, or declare it (`port = {target.port}`)"))]
+    out: list[Finding] = []
+    svc = at_port[0][0]
+    if svc.kind == Kind.PGBOUNCER:
+        value = next((values[k] for k in setting.prepared if k in values), None)
+        if value != "false":
+            shown = f"{setting.prepared[0]} is {value!r}" if value is not None else \
+                f"{' or '.join(setting.prepared)} is not set (Mastodon then uses prepared statements)"
+            out.append(error("store.pgbouncer-prepared-statements",
+                             f"{said} with port {target.port} points at PgBouncer ({svc.name}) on {named}, and "
+                             f"{shown}: PgBouncer in transaction pooling mode breaks prepared statements",
+                             f"set {setting.prepared[0]} = \"false\" in this env file (Mastodon's scaling guide, "
+                             f"{PGBOUNCER_GUIDE})"))
+    if setting.writes and svc.role == "standby":
+        out.append(error("store.setting-standby",
+                         f"{said} points at {svc.name} on {named}, declared a standby: Mastodon writes through "
+                         f"{key}, and a standby refuses writes",
+                         "point it at the primary (REPLICA_DB_HOST is where a read replica goes)"))
+    return out
+
+
+def _target(setting: StoreSetting, values: dict[str, str]) -> _Target | None:
+    """The host part and port a setting names; None when a URL cannot be read."""
+    value = values[setting.key].strip()
+    if not setting.url:
+        host = value
+        if setting.kind == Kind.ELASTICSEARCH and "://" in host:  # ES_HOST may carry a scheme
+            host = urlsplit(host).hostname or ""
+        port_text = _port_text(setting, values)
+        port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else None
+        local = host.startswith("/")  # DB_HOST may be a Unix socket directory: the host itself
+        return _Target("" if local else host, port, value)
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError:
+        return None
+    if url.scheme not in _SCHEMES[setting.kind]:
+        return None
+    if url.scheme == "unix":
+        return _Target("", DEFAULT_PORTS[setting.kind], "unix socket")
+    host = url.hostname or ""
+    if not host and setting.kind == Kind.POSTGRES:  # postgres:///db?host=/run/postgresql
+        host = (parse_qs(url.query).get("host") or [""])[0]
+    local = not host or host.startswith("/")
+    port = port or DEFAULT_PORTS[setting.kind]
+    return _Target("" if local else host, port, f"{url.scheme}://{host or 'localhost'}:{port}/…")
+
+
+def _port_text(setting: StoreSetting, values: dict[str, str]) -> str:
+    return next((values[k].strip() for k in setting.port_keys if k in values), str(DEFAULT_PORTS[setting.kind]))
+
+
+def _is_local(name: str) -> bool:
+    """localhost, or a loopback address: the host that reads the setting."""
+    text = name.strip().strip("[]").lower().rstrip(".")
+    try:
+        return text in _LOCAL_NAMES or ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
+
+
+def _resolve(desired: Desired, name: str) -> tuple[str, ...]:
+    """The inventory hosts a setting's host part names: those whose inventory name or address it is,
+    else — settings name hosts by DNS while inventories often hold IP addresses or ssh aliases — the
+    host whose inventory name is its first label (`nietzsche.hachyderm.internal` is nietzsche)."""
+    norm = _address(name.strip().strip("[]"))
+    exact = tuple(h.name for h in desired.hosts if h.name.lower() == norm or _address(h.address) == norm)
+    if exact or "." not in norm or _is_ip(norm):
+        return exact
+    first = norm.split(".", 1)[0]
+    return tuple(h.name for h in desired.hosts if h.name.lower() == first)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _address(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address.lower().rstrip(".")
+
+
+def _where(desired: Desired, hosts: Iterable[str]) -> str:
+    shown = []
+    for name in dict.fromkeys(hosts):
+        h = desired.host(name)
+        shown.append(f"{name} ({h.address})" if h is not None and h.address != name else name)
+    return ", ".join(shown) or "no host"
+
+
 def _dedupe(findings: list[Finding]) -> list[Finding]:
     seen: set[tuple[str, str, str]] = set()
     out = []
@@ -273,5 +504,5 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-__all__ = ["SidekiqProcess", "check", "check_queues", "check_placement", "check_env_keys", "check_env_value",
-           "near_miss", "declared_sidekiq"]
+__all__ = ["SidekiqProcess", "StoreSetting", "check", "check_queues", "check_placement", "check_env_keys",
+           "check_env_value", "check_store_settings", "declared_sidekiq", "near_miss"]

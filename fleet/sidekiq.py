@@ -250,6 +250,15 @@ END { if (NR != np + 2 * nq) print "incomplete " NR " " (np + 2 * nq) }
 """
 
 
+def redis_settings_command(path: str) -> str:
+    """The shell command that reads, from the env file at `path` (a shell word, e.g. `"$f"`), where
+    and how Mastodon reaches Sidekiq's Redis, and prints it as assignments for `eval`: `sk_err`
+    (set when it cannot be told: `CODE SOURCE`), `sk_src`, `sk_host`, `sk_port`, `sk_db`, `sk_tls`,
+    `sk_user` and `sk_pass`.  Never printed to the output: `eval "$(…)"` it; the password then
+    goes to redis-cli in `REDISCLI_AUTH` only.  (fleet/resources/stores.py reads Redis with it too.)"""
+    return f"awk -v maxl={MAX_ENV_LINES} {shlex.quote(_ENV_AWK)} {path}"
+
+
 def section_script(env_path: str, *, max_processes: int = MAX_PROCESSES, max_queues: int = MAX_QUEUES,
                    max_line: int = MAX_LINE, max_name: int = MAX_NAME, timeout: int = REDIS_TIMEOUT) -> str:
     """The POSIX sh of the Sidekiq collection section: reads Sidekiq's Redis as Mastodon finds it
@@ -281,7 +290,7 @@ f={q(env_path)}
 if [ ! -f "$f" ]; then echo 'error env-missing'; exit 0; fi
 if ! command -v redis-cli >/dev/null 2>&1; then echo 'error no-redis-cli'; exit 0; fi
 sk_err= sk_src= sk_host= sk_port= sk_db= sk_tls= sk_user= sk_pass=
-if ! conf=$(awk -v maxl={MAX_ENV_LINES} {q(_ENV_AWK)} "$f" 2>/dev/null); then echo 'error env-unreadable'; exit 0; fi
+if ! conf=$({redis_settings_command('"$f"')} 2>/dev/null); then echo 'error env-unreadable'; exit 0; fi
 eval "$conf"
 if [ -n "$sk_err" ]; then echo "error $sk_err"; exit 0; fi
 if [ -n "$sk_pass" ]; then sk_auth=password; else sk_auth=none; fi

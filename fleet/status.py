@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from fleet.model import Desired, Finding, HostError, HostResult, HostState, Service, UnitState
 from fleet.policy import SidekiqProcess, check_queues
+from fleet.resources.base import Problem
 from fleet.resources.registry import RESOURCES
 from fleet.textutil import sha256_hex
 from fleet.units import instance_owner, render_unit, unit_file_differs
@@ -33,6 +34,7 @@ class Cell:
     detail: str = ""  # why it is drift: "disabled", "ExecStart differs" …
     unit: UnitState | None = None
     notes: tuple[str, ...] = ()  # what kinds of resource observed about the unit: "has drop-ins …"
+    problems: tuple[Problem, ...] = ()  # what kinds of resource found wrong with the service here (in detail too)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,10 @@ def _declared_cell(s: Service, host: str, result: HostResult, declared_on: froze
         problems.append("ExecStart differs")
     elif s.unit_spec is not None and unit_file_differs(s, u, content_hash):
         problems.append("unit file differs")
-    return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u)
+    # What the kinds find behind the unit: a failed Postgres cluster under an active/exited parent.
+    found = tuple(p for r in RESOURCES for p in r.problems(result, s))
+    problems += [p.message for p in found]
+    return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u, problems=found)
 
 
 def _noted(cell: Cell, result: HostResult, unit: str) -> Cell:

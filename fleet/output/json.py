@@ -66,6 +66,7 @@ def status_json(report: StatusReport) -> dict[str, Any]:
             cells[c.host] = {
                 "status": c.status, "state": c.state, "detail": c.detail,
                 "declared": c.host in row.declared_hosts, "notes": list(c.notes),
+                "problems": [{"code": p.code, "message": p.message, "hint": p.hint} for p in c.problems],
                 "unit": None if u is None else {
                     "load_state": u.load_state, "active_state": u.active_state, "sub_state": u.sub_state,
                     "unit_file_state": u.unit_file_state, "exec_start": list(u.exec_start), "main_pid": u.main_pid,

@@ -145,8 +145,11 @@ def hosts_text(report: StatusReport, now: float) -> str:
         mem = f"{used / 1024:.0f}/{f.mem_total_kb / 1024:.0f} MiB" if f.mem_total_kb else ""
         age = max(0.0, now - r.collected_at)
         systemd = f.systemd_version.split()[0] if f.systemd_version else "?"
+        # what the kinds found wrong behind this host's units (a failed database cluster …)
+        problems = [f"(!) {row.service}: {p.message}" for row in report.rows for c in row.cells
+                    if c.host == name for p in c.problems]
         rows.append([name, "yes", f.system_state, " ".join(f"{x:.2f}" for x in f.load), mem,
-                     f"{age:.0f}s ago ({r.duration:.2f}s)", f"{f.os}, systemd {systemd}"])
+                     f"{age:.0f}s ago ({r.duration:.2f}s)", "\n".join([f"{f.os}, systemd {systemd}", *problems])])
     return table(rows, ["HOST", "REACHABLE", "SYSTEM", "LOAD", "MEMORY", "DATA", "DETAIL"])
 
 

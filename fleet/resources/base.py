@@ -47,6 +47,17 @@ class ActionSpec:
     shows_target: bool = True  # plan text and logs name the target (a reload's is just "systemd")
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Something a kind of resource found wrong with a declared service on a host, beyond its unit's
+    own state: its status cell is drift `(!)` with the message in its detail, and `fleet audit`
+    reports it as an error finding with this code, naming the service and host."""
+
+    code: str  # the finding's code, e.g. "store.cluster-failed"
+    message: str  # short, about the service on that host: "cluster unit postgresql@15-main.service failed"
+    hint: str = ""  # how to fix it
+
+
 class PayloadError(ValueError):
     """A plan file's change does not have the shape of its action."""
 
@@ -178,6 +189,11 @@ class Resource:
     def notes(self, state: HostState, unit: str) -> list[str]:
         """What this kind observed about `unit` on the host, shown in its status cell (and so in
         `fleet audit`): short phrases, e.g. `has drop-ins: override.conf sha256:1a2b3c4d`."""
+        return []
+
+    def problems(self, state: HostState, service: Service) -> list[Problem]:
+        """What this kind found wrong with `service`, declared on the host (e.g. a failed database
+        cluster behind an `active/exited` parent unit)."""
         return []
 
     # -- diff -------------------------------------------------------------------------------

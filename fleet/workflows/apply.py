@@ -159,7 +159,8 @@ def _execute(options: ApplyOptions, prep: Prepared, plan: Plan, transport: Trans
     """Run the plan, journaled: the run is opened before the first step and closed whatever
     happens (an interrupted run says so, instead of looking as if it still ran)."""
     check_contents(plan, prep.desired, prep.secrets)
-    touched = [h for h in prep.targets.hosts if any(c.host == h.name for c in plan.changes)]
+    changed = {c.host for c in plan.changes}
+    touched = [h for h in prep.targets.hosts if h.name in changed]
     # Once per run: every step's record on its host names the same version of the desired state.
     prov = provenance.git_provenance(provenance.desired_paths(options.common.desired, options.common.hosts))
     commit, dirty = (prov.commit, prov.dirty) if prov else (None, None)

@@ -127,6 +127,27 @@ DEFECTS = [
            "env.secret-in-clear", "env_files.mastodon.values.DB_PASS", "written in clear in the repository"),
     Defect("secret-written-as-its-source", ((DESIRED, 'DB_PASS = "file"', 'DB_PASS = "hunter2"'),),
            "env.bad-secret-source", "env_files.mastodon.sensitive.DB_PASS", "must say where the secret comes from"),
+    Defect("db-host-where-no-postgres-runs",
+           ((DESIRED, 'unit = "postgresql.service"\nhosts = ["nietzsche"]',
+             'unit = "postgresql.service"\nhosts = ["freud"]'),
+            (DESIRED, 'DB_HOST = "nietzsche.hachyderm.internal"', 'DB_HOST = "nietzsche"')),
+           "store.setting-nowhere", "env_files.mastodon.values.DB_HOST",
+           "points at nietzsche, where no postgres (or pgbouncer) service is declared; postgres is declared on freud"),
+    Defect("redis-host-outside-the-inventory",
+           ((DESIRED, 'REDIS_HOST = "nietzsche.hachyderm.internal"', 'REDIS_HOST = "redis.hachyderm.internal"'),),
+           "store.setting-nowhere", "env_files.mastodon.values.REDIS_HOST",
+           "points at redis.hachyderm.internal, which is no host of the inventory; redis is declared on nietzsche"),
+    Defect("pgbouncer-port-without-pgbouncer", ((DESIRED, 'DB_PORT = "5432"', 'DB_PORT = "6432"'),),
+           "store.setting-port", "env_files.mastodon.values.DB_HOST", "and no pgbouncer service is declared"),
+    Defect("pgbouncer-with-prepared-statements", ((DESIRED, 'DB_PORT = "5432"', 'DB_PORT = "6432"'),),
+           "store.pgbouncer-prepared-statements", "env_files.mastodon.values.DB_HOST",
+           'set PREPARED_STATEMENTS = "false"',
+           append='[services.pgbouncer]\nkind = "pgbouncer"\nunit = "pgbouncer.service"\nhosts = ["nietzsche"]\n'
+                  'observe_only = true\n'),
+    Defect("data-store-role-misspelled",
+           ((DESIRED, 'health = { tcp = 5432, timeout = 15 }',
+             'health = { tcp = 5432, timeout = 15 }\nrole = "primry"'),),
+           "config.bad-value", "services.postgres.role", "did you mean primary?"),
 ]
 
 
@@ -223,7 +244,8 @@ def test_documented_mastodon_keys_fleet_used_not_to_know_pass_check(
         capsys: pytest.CaptureFixture[str], example: FleetDir) -> None:
     example.edit("S3_BUCKET =", 'REDIS_SENTINELS = "10.0.0.1:26379,10.0.0.2:26379"\nREDIS_SENTINEL_MASTER = "m"\n'
                  'MASTODON_USE_LIBVIPS = "true"\nS3_ENABLE_CHECKSUM_MODE = "when_required"\nS3_BUCKET =')
-    assert check_json(capsys, example.root) == (0, {"format": 1, "ok": True, "errors": 0, "warnings": 0, "findings": []})
+    clean = {"format": 1, "ok": True, "errors": 0, "warnings": 0, "findings": []}
+    assert check_json(capsys, example.root) == (0, clean)
 
 
 def test_a_key_of_ones_own_is_a_warning_and_check_passes(fleet_exe: str, example: FleetDir) -> None:
@@ -381,7 +403,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "desired-state.md"
 def test_every_finding_code_fleet_can_emit_is_documented() -> None:
     fleet_dir = Path(cli.__file__).parent
     source = (fleet_dir / "config.py").read_text() + (fleet_dir / "policy.py").read_text()
-    emitted = set(re.findall(r'"((?:config|toml|hosts|env|sidekiq|placement)\.[a-z-]+)"', source))
+    emitted = set(re.findall(r'"((?:config|toml|hosts|env|sidekiq|placement|store)\.[a-z-]+)"', source))
     emitted.discard("config.invalid")  # _Ctx.error's default code, which no call site leaves in place
     documented = set(re.findall(r"^\| `([a-z]+\.[a-z-]+)`", DOC.read_text(), re.M))
     assert emitted - documented == set()

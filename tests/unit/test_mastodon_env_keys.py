@@ -93,7 +93,7 @@ def one(key: str, extra: tuple[str, ...] = ()) -> tuple[str, str, str]:
 
 
 @pytest.mark.parametrize("typo", ["3_BUCKET", "S3_BUCKE", "S3BUCKET", "S3_BUKCET", "S3_BUCKETT", "s3_bucket"])
-def test_a_slip_of_S3_BUCKET_is_an_error_that_names_it(typo: str) -> None:  # noqa: N802 - the key's name
+def test_a_slip_of_S3_BUCKET_is_an_error_that_names_it(typo: str) -> None:  # capitals: the key's own name
     assert one(typo) == ("error", "env.near-miss",
                          "did you mean S3_BUCKET? if it is intentional, list it in policy.env.extra_keys")
 
