@@ -36,8 +36,10 @@ def desired_with_fritz() -> Desired:
 
 
 def append(state: Path, n: int) -> None:
-    for i in range(n):
-        body = history.step_body(START, run_id=f"20261128T14030{i}-aaaaaa", who="alice@laptop", desired_hash="dh",
+    f = state / history.HISTORY_FILE
+    done = len(f.read_text().splitlines()) if f.exists() else 0  # each record of its own run
+    for i in range(done, done + n):
+        body = history.step_body(START, run_id=f"20261128T1403{i:02d}-aaaaaa", who="alice@laptop", desired_hash="dh",
                                  started=1_764_338_587.0 + i)
         command, stdin = history.append_command(body, state_dir=str(state))
         assert subprocess.run(["sh", "-c", command], input=stdin, capture_output=True, check=False).returncode == 0
@@ -110,3 +112,37 @@ def test_the_history_read_is_bounded_well_inside_the_collections_output_limit() 
     from fleet.workflows.observe import MAX_OUTPUT
 
     assert collector.HISTORY_READ_BYTES + 256 * 1024 < MAX_OUTPUT
+
+
+def test_an_observation_merges_each_hosts_history_into_the_journals_cache_and_asks_only_for_what_is_new(
+        tmp_path: Path) -> None:
+    from fleet.history_cache import HistoryCache
+    from fleet.journal import Journal, journal_path
+    from fleet.targets import Targets
+    from fleet.workflows.base import Common, Scope
+    from fleet.workflows.observe import observe
+
+    class Quiet:
+        def note(self, line: str) -> None:
+            raise AssertionError(line)
+
+        def progress(self, line: str) -> None:
+            pass
+
+    append(tmp_path / "host", 2)
+    desired = desired_with_fritz()
+    fritz = tuple(h for h in desired.hosts if h.name == HOST)
+    fake = FakeTransport()
+    answering_with_history(fake, tmp_path / "host")
+    common = Common.at(tmp_path, state_dir=tmp_path / "state")
+    targets = Targets(hosts=fritz, ssh_config=None, known_hosts=None, lab=False)
+    seen = observe(common, Scope(), "status", desired, targets, fake, Quiet())  # type: ignore[arg-type]
+    assert isinstance(seen.results[HOST], HostState) and seen.history_problems == {}
+    append(tmp_path / "host", 1)
+    observe(common, Scope(), "status", desired, targets, fake, Quiet())  # type: ignore[arg-type]
+    with Journal.open(journal_path(common.state_dir)) as journal:
+        cache = HistoryCache(journal)
+        assert [r.seq for r in cache.records(host=HOST)] == [1, 2, 3]
+        last = cache.last_seen(HOST)
+    assert last is not None and last.seq == 3
+    assert f"S={2}" in fake.calls[1].command  # the second read asked only for what came after record 2
