@@ -132,6 +132,25 @@ def _command(sub: Subparsers, common: argparse.ArgumentParser, name: str,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _add_adopt(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = _command(
+        sub, common, "adopt", "write what the hosts run as a new fleet directory (desired_state.toml, hosts/, units/)",
+        "Observe the inventory's hosts (--dir's hosts/, or --hosts) and write into TARGET a desired state "
+        "declaring every running, enabled unit the patterns match, with the hosts' own unit files in "
+        "units/ byte for byte, so that `fleet --dir TARGET plan` is empty.  Prints what it could not "
+        "express.  Changes nothing on the hosts.",
+        "exit codes:\n  0  written, every host observed\n  1  a host could not be observed (the rest is "
+        "written), TARGET is not empty without --force, or invalid input\n")
+    _host_options(p)
+    p.add_argument("target", metavar="TARGET", help="the directory to write (new or empty)")
+    p.add_argument("--pattern", action="append", metavar="GLOB",
+                   help="units to adopt, a systemd glob; repeatable (default: mastodon-*, postgresql.service, "
+                        "redis-server.service)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty TARGET, replacing desired_state.toml, hosts/ and units/ files")
+    p.add_argument("--name", metavar="NAME", help="the fleet's name (default: TARGET's directory name)")
+
+
 def _add_check(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = _command(
         sub, common, "check", "validate the desired state, the inventory and the domain policies (offline)",
@@ -197,6 +216,9 @@ def _add_apply(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                    help="seconds a started unit must stay up without restarting (default 3)")
     p.add_argument("--start-timeout", type=seconds_option(), default=30.0, metavar="S",
                    help="seconds a unit may take to become active (default 30)")
+    p.add_argument("--notify", action="append", default=[], metavar="SPEC",
+                   help="also post the apply's start and result here (repeatable; besides the desired state's "
+                        "[watch] notify): a webhook URL, discord:/slack:/webhook:URL, or env:VAR (docs/watch.md)")
 
 
 def _add_lock(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -262,6 +284,36 @@ def _add_diff(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _add_watch(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = _command(
+        sub, common, "watch", "observe the fleet every few minutes and tell the team what changed (changes nothing)",
+        "Observe every host each --every seconds, keep the observation as a snapshot, and compare it with "
+        "the desired state and with the previous observation.  Events — a new or resolved finding or drift, "
+        "a change made outside fleet, an apply started or finished, a host unreachable or back — are printed "
+        "and posted to the --notify targets (and the desired state's [watch] notify), each once.  Optionally "
+        "writes Prometheus metrics and a status page each cycle.  SIGTERM ends it between cycles.",
+        "exit codes:\n  0  --once: the cycle ran (what it found is in its events; a message not delivered "
+        "waits for the next cycle); without --once: stopped by SIGTERM\n  1  could not watch (invalid input, "
+        "an unusable --notify, an unreadable state directory)\n"
+        "SPEC: a webhook URL, discord:URL, slack:URL, webhook:URL, or env:VAR (the URL in $VAR); see docs/watch.md\n")
+    _host_options(p)
+    p.add_argument("--every", type=seconds_option(), default=300.0, metavar="S",
+                   help="seconds from one cycle's start to the next (default 300)")
+    p.add_argument("--once", action="store_true", help="run one cycle and exit (for a timer, cron or a test)")
+    p.add_argument("--notify", action="append", default=[], metavar="SPEC",
+                   help="post events here (repeatable), besides the desired state's [watch] notify")
+    p.add_argument("--remind-every", metavar="DURATION",
+                   help='tell an open item again after this long ("30m", "4h", "1d" or seconds, at least 60); '
+                        "default: the desired state's [watch] remind_every, else never")
+    p.add_argument("--metrics-file", metavar="PATH.prom",
+                   help="write Prometheus metrics here each cycle (node_exporter's textfile collector)")
+    p.add_argument("--html", metavar="DIR", help="write the status page DIR/index.html each cycle")
+    p.add_argument("--print-systemd-unit", action="store_true",
+                   help="print a systemd unit that runs this watch on an operations host, and exit")
+    p.add_argument("--timer", action="store_true",
+                   help="with --print-systemd-unit: a oneshot service running --once and a timer starting it")
+
+
 def _add_lab(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     try:
         from fleet.lab.cli import add_lab_parser
@@ -285,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common.add_argument_group("global options (also accepted before the command)"), suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_check, _add_status, _add_plan, _add_show, _add_apply, _add_lock, _add_log, _add_audit,
-                _add_history, _add_diff, _add_lab):
+                _add_history, _add_diff, _add_adopt, _add_watch, _add_lab):
         add(sub, common)
     return parser
 
@@ -383,7 +435,7 @@ def _run_apply(args: argparse.Namespace) -> int:
 
     options = ApplyOptions(_common(args), _scope(args), plan_file=args.plan_file or None, yes=args.yes,
                            no_prune=args.no_prune, secrets=_path(args.secrets), settle=args.settle,
-                           start_timeout=args.start_timeout)
+                           start_timeout=args.start_timeout, notify=tuple(args.notify))
     outcome = apply(options, TerminalReporter())
     if outcome.cancelled:
         print("Apply cancelled; nothing was changed.")
@@ -490,6 +542,92 @@ def _run_diff(args: argparse.Namespace) -> int:
     return EXIT_CHANGES if result.changes else EXIT_OK
 
 
+def _run_adopt(args: argparse.Namespace) -> int:
+    from fleet.output.text import adopt_text
+    from fleet.workflows.adopt import DEFAULT_PATTERNS, AdoptOptions, adopt
+
+    result = adopt(AdoptOptions(_common(args), _scope(args), Path(args.target),
+                                patterns=tuple(args.pattern or DEFAULT_PATTERNS), force=args.force, name=args.name),
+                   TerminalReporter())
+    _write(adopt_text(result))
+    return EXIT_OK if result.complete else EXIT_ERROR
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    if args.timer and not args.print_systemd_unit:
+        raise FleetError("--timer only goes with --print-systemd-unit", hint="fleet watch --print-systemd-unit --timer")
+    remind = None
+    if args.remind_every is not None:
+        from fleet.notify import parse_duration
+
+        remind = parse_duration(args.remind_every)
+        if remind is None:
+            raise FleetError(f"--remind-every {printable(args.remind_every)!r} is not a duration of at least a minute",
+                             hint='e.g. --remind-every 4h (also "30m", "1d" or seconds)')
+    if args.print_systemd_unit:
+        _write(_watch_units(args))
+        return EXIT_OK
+    import signal
+    import threading
+
+    from fleet.workflows.watch import CycleResult, WatchOptions, watch
+
+    options = WatchOptions(_common(args), _scope(args), every=args.every, once=args.once, notify=tuple(args.notify),
+                           metrics_file=_path(args.metrics_file), html_dir=_path(args.html), remind_every=remind)
+    stop = threading.Event()
+    if not args.once:
+        # SIGTERM (systemctl stop) only asks: the cycle under way ends, then the loop does.
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+
+    def show(result: CycleResult) -> None:
+        from fleet.notify import event_line
+
+        for event in result.events:
+            say(event_line(event))
+        sys.stdout.flush()
+
+    watch(options, TerminalReporter(), stop=stop, on_cycle=show)
+    return EXIT_OK
+
+
+def _watch_units(args: argparse.Namespace) -> str:
+    """The unit(s) running the watch as these options describe it, paths made absolute."""
+    from fleet.watch.unit import UnitOptions, service_unit, timer_units
+
+    def absolute(path: str | None) -> str:
+        return os.path.abspath(path) if path else ""
+
+    extra: list[str] = []
+    for flag, value in (("--desired", args.desired), ("--hosts", args.hosts)):
+        if value:
+            extra += [flag, absolute(value)]
+    if args.lab:
+        extra.append("--lab")
+    own: list[str] = []
+    for flag, value in (("--limit", args.limit), ("--remind-every", args.remind_every)):
+        if value:
+            own += [flag, value]
+    options = UnitOptions(fleet=_fleet_executable(), directory=absolute(args.dir), state_dir=absolute(args.state_dir),
+                          every=args.every, metrics_file=absolute(args.metrics_file), html_dir=absolute(args.html),
+                          notify=tuple(args.notify), extra_args=tuple(extra), watch_args=tuple(own))
+    if args.timer:
+        service, timer = timer_units(options)
+        return f"# /etc/systemd/system/fleet-watch.service\n{service}\n# /etc/systemd/system/fleet-watch.timer\n{timer}"
+    return f"# /etc/systemd/system/fleet-watch.service\n{service_unit(options)}"
+
+
+def _fleet_executable() -> str:
+    """The `fleet` being run (the unit runs the same one), else the one on PATH."""
+    import shutil
+
+    if os.path.basename(sys.argv[0]) == "fleet" and os.path.exists(sys.argv[0]):
+        return os.path.abspath(sys.argv[0])
+    found = shutil.which("fleet")
+    if found is None:
+        raise FleetError("cannot tell where the fleet executable is", hint="run it as `fleet`, installed on PATH")
+    return os.path.abspath(found)
+
+
 def _run_lab(args: argparse.Namespace) -> int:
     from fleet.lab.cli import run_lab
 
@@ -499,7 +637,7 @@ def _run_lab(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": _run_check, "status": _run_status, "plan": _run_plan, "show": _run_show, "apply": _run_apply,
     "lock": _run_lock, "log": _run_log, "audit": _run_audit, "history": _run_history, "diff": _run_diff,
-    "lab": _run_lab,
+    "adopt": _run_adopt, "watch": _run_watch, "lab": _run_lab,
 }
 
 

@@ -44,6 +44,7 @@ from fleet.model import (
     SidekiqSpec,
     StoreSpec,
     UnitSpec,
+    WatchSettings,
     Wrapper,
     is_template,
 )
@@ -81,7 +82,7 @@ VITAL_UNITS = ("ssh.service", "sshd.service", "systemd-journald.service", "syste
 MAX_FILE_BYTES = 1 << 20  # a 1 MiB desired state is already absurd; refuse before parsing
 
 HOST_KEYS = ("name", "address", "port", "user", "sudo", "roles")
-TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files")
+TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files", "watch")
 SERVICE_KEYS = (
     "kind", "unit", "hosts", "requires", "observe_only", "unit_file", "health",
     "max_unavailable", "concurrency", "queues", "sidekiq_command", "instances", "overrides", "wrapper",
@@ -571,6 +572,7 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
 
     placement, extra_keys = _load_policy(ctx, _get(ctx, data, "", "policy", dict, default={}))
     discover = _load_discover(ctx, _get(ctx, data, "", "discover", list, default=[]))
+    watch = _load_watch(ctx, data.get("watch"))
     host_names = [h.name for h in hosts]
     # A host whose file is invalid is reported in its own file; references to it stay valid.
     host_files = sorted(set(files) | set(host_names))
@@ -601,8 +603,18 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
                                 host_files, hosts_dir)
     return Desired(name=name, hosts=hosts, services=tuple(services), env_files=tuple(env_files),
                    discover=tuple(discover), placement=tuple(placement), extra_env_keys=tuple(extra_keys),
-                   snapshot_retention_days=float(retention),
+                   snapshot_retention_days=float(retention), watch=watch,
                    source=str(path), hosts_dir=str(hosts_dir))
+
+
+def _load_watch(ctx: _Ctx, table: object) -> WatchSettings:
+    """`[watch]`: fleet.notify owns what a notification target may be; its findings get lines here."""
+    # Imported here: fleet.notify reaches fleet.audit, which imports this module.
+    from fleet.notify import validate_watch
+
+    settings, findings = validate_watch(table, file=ctx.file)
+    ctx.findings += [replace(f, line=locate(ctx.text, f.key)) if f.line is None and f.key else f for f in findings]
+    return settings
 
 
 def _load_policy(ctx: _Ctx, policy: dict[str, Any]) -> tuple[list[PlacementRule], list[str]]:

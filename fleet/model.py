@@ -304,6 +304,14 @@ class PlacementRule:
 
 
 @dataclass(frozen=True)
+class WatchSettings:
+    """The `[watch]` table of desired_state.toml (validated by fleet.notify.validate_watch)."""
+
+    notify: tuple[str, ...] = ()  # SPECs as written: env:VAR references (or loopback URLs)
+    remind_every: float | None = None  # seconds; None: a persisting finding is told once
+
+
+@dataclass(frozen=True)
 class Desired:
     """The whole declared fleet: inventory, services, env files and policy."""
 
@@ -315,6 +323,7 @@ class Desired:
     placement: tuple[PlacementRule, ...] = ()
     extra_env_keys: tuple[str, ...] = ()
     snapshot_retention_days: float = 90.0  # how long the journal keeps observed snapshots
+    watch: WatchSettings = WatchSettings()  # where `fleet watch` and `fleet apply` tell the team
     source: str = ""
     hosts_dir: str = ""
 

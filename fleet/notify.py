@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 from fleet import __version__
 from fleet.errors import FleetError
-from fleet.model import Finding
+from fleet.model import Finding, WatchSettings
 from fleet.output.files import write_atomic
 from fleet.output.redact import redact, redact_url
 from fleet.textutil import did_you_mean, printable, sha256_hex
@@ -180,14 +180,6 @@ def is_loopback(url: str) -> bool:
 
 
 # ---------------------------------------------------------------- [watch] in desired_state.toml
-
-
-@dataclass(frozen=True)
-class WatchSettings:
-    """The `[watch]` table of desired_state.toml."""
-
-    notify: tuple[str, ...] = ()  # SPECs as written: env:VAR references (or loopback URLs)
-    remind_every: float | None = None  # seconds; None: a persisting finding is told once
 
 
 WATCH_KEYS = ("notify", "remind_every")

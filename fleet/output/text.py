@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from fleet.plan import Plan
     from fleet.results import ApplyResult
     from fleet.status import Cell, StatusReport
+    from fleet.workflows.adopt import AdoptResult
     from fleet.workflows.lock import LockReport
 
 # Every string shown to a person goes through `printable` (fleet.textutil) before it is shown:
@@ -380,3 +381,18 @@ def run_heading(run_id: str, run: RunRecord | None) -> str:
 def lock_text(report: LockReport) -> str:
     """`fleet lock status|break`: each host's lock and who holds it."""
     return table([[r.host, r.lock, r.holder] for r in report.rows], ["HOST", "LOCK", "HOLDER"]) + "\n"
+
+
+def adopt_text(result: AdoptResult) -> str:
+    """What `fleet adopt` wrote, and every line of what it could not express."""
+    a = result.adopted
+    lines = [f"Wrote {printable(str(result.target))}: desired_state.toml, {len(a.services)} service(s), "
+             f"{len(a.units)} unit file(s) in units/."]
+    lines += [f"  {printable(s)}" for s in a.services]
+    if a.notes:
+        lines += ["", "Not expressed (review these):"] + [f"  - {one_line(n)}" for n in a.notes]
+    for e in result.unreachable:
+        lines.append(f"  - {printable(e.host)}: not observed ({printable(e.kind)}: {one_line(e.message)}): "
+                     "nothing of it adopted")
+    lines += ["", f"Next: fleet --dir {printable(str(result.target))} check, then plan (it should show no changes)."]
+    return "\n".join(lines) + "\n"

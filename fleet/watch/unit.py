@@ -46,6 +46,7 @@ class UnitOptions:
     notify: tuple[str, ...] = ()  # --notify specs: env:VAR references only
     environment_file: str = DEFAULT_ENVIRONMENT_FILE  # holds the VARs (webhook URLs): root-owned, 0600
     extra_args: tuple[str, ...] = ()  # further fleet options, e.g. ("--lab",)
+    watch_args: tuple[str, ...] = ()  # further options of the watch command, e.g. ("--limit", "web*")
 
     @property
     def state(self) -> str:
@@ -89,7 +90,7 @@ def command(o: UnitOptions, *, once: bool) -> list[str]:
         argv += ["--metrics-file", o.metrics_file]
     if o.html_dir:
         argv += ["--html", o.html_dir]
-    return argv
+    return argv + list(o.watch_args)
 
 
 def systemd_quote(arg: str, *, command_line: bool = True) -> str:
@@ -187,7 +188,7 @@ def _check(o: UnitOptions) -> None:
                              "(`systemctl show`)",
                              hint=f"put it in {o.environment_file} as FLEET_WEBHOOK=… (mode 0600) and pass "
                                   "--notify env:FLEET_WEBHOOK")
-    for a in o.extra_args:
+    for a in (*o.extra_args, *o.watch_args):
         systemd_quote(a)
 
 

@@ -1,5 +1,5 @@
 """`fleet apply [PLAN]`: lock → observe → plan → saved-plan check → confirm → execute → journal →
-unlock.
+unlock; its start and result posted to the watch's notification targets.
 
 The hosts are locked before they are observed, so that what is planned is what is applied and
 a second apply started meanwhile is refused.  With a saved plan, fleet plans again under the
@@ -17,15 +17,18 @@ from fleet import provenance
 from fleet.apply import Executor, Recording, check_contents
 from fleet.errors import FleetError
 from fleet.journal import Journal, journal_path, operator
+from fleet.notify import Target, parse_target
 from fleet.output.text import apply_summary
 from fleet.plan import Plan, first_difference
 from fleet.results import ApplyResult
 from fleet.textutil import sha256_hex
 from fleet.transport.protocol import DEFAULT_MAX_FORKS, Transport
+from fleet.watch.events import ApplyRun, apply_finished, apply_started
 from fleet.workflows import observe as observing
 from fleet.workflows.base import Common, Reporter, Scope
 from fleet.workflows.lock import holder_info, lock_hosts, lock_token, relabel_lock, unlock_hosts
 from fleet.workflows.plan import Prepared, compute, prepare, read_plan
+from fleet.workflows.watch import notify_apply
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class ApplyOptions:
     secrets: Path | None = None  # None: the state directory's secrets file
     settle: float = 3.0  # seconds a started unit must stay up
     start_timeout: float = 30.0  # seconds a unit may take to become active
+    notify: tuple[str, ...] = ()  # --notify SPECs: where its start and result are posted, besides [watch] notify
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ def apply(options: ApplyOptions, reporter: Reporter) -> ApplyOutcome:
         saved = _saved_plan(options)
         scope = replace(scope, limit=",".join(saved.hosts))  # the saved plan's hosts, and only those
     prep = prepare(common, scope, options.secrets, reporter)
+    # --notify is checked before any host is touched (an unset variable is bad input); the
+    # desired state's [watch] targets are looked up only when posting, leniently.
+    notify = [parse_target(spec, origin="--notify") for spec in options.notify]
     who = operator()
     token = lock_token()
     with observing.open_transport(common, prep.targets, scope) as transport:
@@ -72,7 +79,7 @@ def apply(options: ApplyOptions, reporter: Reporter) -> ApplyOutcome:
                 return ApplyOutcome(plan)
             if saved is None and not options.yes and not _confirmed(plan, reporter):
                 return ApplyOutcome(plan, cancelled=True)
-            return _execute(options, prep, plan, transport, token, who, reporter)
+            return _execute(options, prep, plan, transport, token, who, reporter, notify)
         finally:
             unlock_hosts(transport, prep.targets.hosts, token, reporter.note)
 
@@ -155,9 +162,10 @@ def stale_reasons(saved: Plan, fresh: Plan) -> list[str]:
 
 
 def _execute(options: ApplyOptions, prep: Prepared, plan: Plan, transport: Transport, token: str, who: str,
-             reporter: Reporter) -> ApplyOutcome:
+             reporter: Reporter, notify: list[Target]) -> ApplyOutcome:
     """Run the plan, journaled: the run is opened before the first step and closed whatever
-    happens (an interrupted run says so, instead of looking as if it still ran)."""
+    happens (an interrupted run says so, instead of looking as if it still ran).  Its start and
+    its end are posted to the watch's targets (a post that fails never fails the apply)."""
     check_contents(plan, prep.desired, prep.secrets)
     changed = {c.host for c in plan.changes}
     touched = [h for h in prep.targets.hosts if h.name in changed]
@@ -171,6 +179,7 @@ def _execute(options: ApplyOptions, prep: Prepared, plan: Plan, transport: Trans
         relabel_lock(transport, touched, holder_info(token, who, run_id=run_id, plan_id=plan.plan_id), reporter.note)
         recording = Recording(who=who, desired_hash=plan.desired_hash, fleet=plan.fleet, plan_id=plan.plan_id,
                               lab=plan.lab, commit=commit, dirty=dirty)
+        _post(options, prep, journal, run_id, notify, reporter, finished=False)
         executor = Executor(plan, prep.desired, prep.targets.hosts, prep.secrets, transport, journal, run_id,
                             settle=options.settle, start_timeout=options.start_timeout, report=reporter.note,
                             forks=options.scope.forks, recording=recording)
@@ -181,5 +190,18 @@ def _execute(options: ApplyOptions, prep: Prepared, plan: Plan, transport: Trans
         finally:
             if outcome == "interrupted":
                 journal.finish_run(run_id, outcome, "interrupted")
+                _post(options, prep, journal, run_id, notify, reporter, finished=True)
         journal.finish_run(run_id, outcome, apply_summary(result))
+        _post(options, prep, journal, run_id, notify, reporter, finished=True)
     return ApplyOutcome(plan, result, run_id)
+
+
+def _post(options: ApplyOptions, prep: Prepared, journal: Journal, run_id: str, notify: list[Target],
+          reporter: Reporter, *, finished: bool) -> None:
+    """The run as the journal holds it, told as `fleet watch` would tell it (the same event id)."""
+    record = journal.run(run_id)
+    if record is None:
+        return
+    run = ApplyRun.of(record)
+    event = apply_finished(run) if finished else apply_started(run)
+    notify_apply(options.common, prep.desired, notify, event, reporter)

@@ -69,7 +69,8 @@ def test_status_flags_the_undeclared_sidekiq_on_the_cdn_host_as_unmanaged(drifte
     procs = report["sidekiq"]["processes"]
     franz = [p for p in procs if p["host"] == "franz"]
     assert franz == [{"host": "franz", "unit": "mastodon-sidekiq.service", "concurrency": 10, "db_pool": 25,
-                      "declared": False, "queues": [{"name": "default", "weight": None}]}]
+                      "declared": False, "queues": [{"name": "default", "weight": None}], "queues_from": "-q",
+                      "problem": ""}]
 
 
 def test_status_flags_queues_nobody_serves(drifted: Any) -> None:
