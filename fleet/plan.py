@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from fleet import moves
 from fleet.actions import SUMMARY_BUCKETS, Action, Change
 from fleet.config import HOST_NAME, SERVICE_NAME
 from fleet.diff import diff
@@ -255,6 +256,8 @@ def desired_hash(desired: Desired) -> str:
     data = asdict(desired)
     data.pop("source", None)
     data.pop("hosts_dir", None)
+    if not data["moves"]:  # no move declared: hashed as before moves existed (saved plans stay valid)
+        data.pop("moves")
     for h in data["hosts"]:
         h.pop("source", None)
     for s in data["services"]:
@@ -278,6 +281,7 @@ def fingerprint(state: HostState) -> str:
 
 def build_plan(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[tuple[str, str], str], *,
                prune: bool = True, lab: bool = False, now: datetime | None = None) -> Plan:
+    moves.refuse_undeclared(desired, observed)
     d = diff(desired, observed, secrets, prune=prune)
     deps, waves = order(d.changes, desired)
     created = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
