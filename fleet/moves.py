@@ -22,8 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fleet.errors import FleetError
-from fleet.model import MOVE_METHODS, Desired, HostResult, HostState, Kind, Service
-from fleet.policy import STORE_SETTINGS, setting_hosts
+from fleet.model import MOVE_METHODS, Desired, HostResult, HostState, Kind, MoveSpec, Service
+from fleet.policy import STORE_SETTINGS, resolve_host, setting_hosts
+from fleet.resources.stores import ClusterView, RedisState, clusters_of, redis_of
 
 # The settings a move repoints: where Mastodon writes (the read replica and the cache lose nothing).
 MOVE_SETTINGS = tuple(s for s in STORE_SETTINGS
@@ -145,6 +146,94 @@ def _indented(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
+@dataclass(frozen=True)
+class Gate:
+    """One check of a move's data, judged on what the hosts' own tools said (the data stores
+    kind's read-only probes, fleet/resources/stores.py); `detail` says what was seen."""
+
+    check: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok' if self.ok else 'NOT YET'}: {self.check}: {self.detail}"
+
+
+def data_gates(desired: Desired, move: MoveSpec, observed: Mapping[str, HostResult]) -> list[Gate]:
+    """Whether the target holds the source's data now: for Postgres a streaming standby of the
+    source that has replayed all the source's WAL; for Redis a connected replica of the source
+    with as many keys.  Read from one observation; the first that cannot pass ends the list."""
+    svc = desired.service(move.service)
+    src, dst = observed.get(move.source), observed.get(move.target)
+    if svc is None:
+        return []
+    for host, state in ((move.source, src), (move.target, dst)):
+        if not isinstance(state, HostState):
+            return [Gate(f"{host} observed", False, f"{host} could not be observed")]
+    assert isinstance(src, HostState) and isinstance(dst, HostState)
+    if svc.kind == Kind.POSTGRES:
+        return _postgres_gates(desired, svc, move, clusters_of(src, svc.unit), clusters_of(dst, svc.unit))
+    return _redis_gates(desired, move, redis_of(src, svc.unit), redis_of(dst, svc.unit))
+
+
+def _postgres_gates(desired: Desired, svc: Service, move: MoveSpec, source: list[ClusterView],
+                    target: list[ClusterView]) -> list[Gate]:
+    if not svc.probe:
+        return [Gate("probe allowed", False, f"services.{svc.name} does not say probe = true: fleet reads a "
+                     "standby's upstream and replay position only through psql, and only when allowed")]
+    primary = next((v for v in source if v.probe is not None and v.probe.role == "primary"), None)
+    out = [Gate(f"{move.source} is the primary", primary is not None,
+                f"{primary.label} on {move.source} is a primary at WAL {primary.probe.lsn}"
+                if primary is not None and primary.probe is not None else
+                f"no probed primary cluster of {svc.unit} on {move.source} ({_pg_seen(source)})")]
+    standby = next((v for v in target if v.probe is not None and v.probe.in_recovery), None)
+    if standby is None or standby.probe is None:
+        out.append(Gate(f"{move.target} is a standby of {move.source}", False,
+                        f"no standby cluster of {svc.unit} on {move.target} ({_pg_seen(target)}): a new, empty "
+                        "cluster would pass a TCP check; make it a streaming standby of the source first"))
+        return out
+    up = standby.probe.upstream
+    from_source = up is not None and move.source in resolve_host(desired, up.host)
+    out.append(Gate(f"{move.target} is a standby of {move.source}", from_source and up is not None
+                    and up.status == "streaming",
+                    f"{standby.label} on {move.target} streams from {up.host}:{up.port} ({up.status})"
+                    if up is not None else f"{standby.label} on {move.target} has no WAL receiver"))
+    if primary is None or primary.probe is None or primary.probe.lsn is None or not out[-1].ok:
+        return out
+    replayed = standby.probe.replay_lsn
+    behind = primary.probe.lsn - replayed if replayed is not None else None
+    out.append(Gate("caught up", behind is not None and behind <= 0,
+                    f"{behind} bytes of WAL behind {move.source}" if behind is not None and behind > 0 else
+                    "replayed everything the primary had written" if behind is not None else
+                    "its replay position is unknown"))
+    return out
+
+
+def _pg_seen(views: list[ClusterView]) -> str:
+    return ", ".join(f"{v.label}: {v.role or 'role unknown'}" for v in views) or "no cluster seen"
+
+
+def _redis_gates(desired: Desired, move: MoveSpec, source: RedisState | None,
+                 target: RedisState | None) -> list[Gate]:
+    out = [Gate(f"{move.source} is the primary", source is not None and source.role == "master",
+                f"redis on {move.source}: {source.role or source.error or source.ping or 'no answer'}"
+                if source is not None else f"redis on {move.source} was not asked")]
+    if target is None or target.role != "slave" or target.master is None:
+        seen = (target.role or target.error or target.ping or "no answer") if target is not None else "not asked"
+        out.append(Gate(f"{move.target} is a replica of {move.source}", False,
+                        f"redis on {move.target}: {seen}; make it a replica of the source first (REPLICAOF)"))
+        return out
+    host, port = target.master
+    linked = move.source in resolve_host(desired, host) and target.link == "connected"
+    out.append(Gate(f"{move.target} is a replica of {move.source}", linked,
+                    f"redis on {move.target} replicates {host}:{port} (link {target.link or 'unknown'})"))
+    if not linked or source is None or source.keys is None or target.keys is None:
+        return out
+    out.append(Gate("holds the source's keys", target.keys == source.keys,
+                    f"{target.keys} keys on {move.target}, {source.keys} on {move.source}"))
+    return out
+
+
 def refuse_undeclared(desired: Desired, observed: Mapping[str, HostResult]) -> None:
     """MoveRefused for a plan that would move a data store: undeclared, not as declared, or —
     until fleet carries out the runbook a declaration asks for (issue 15, part B) — at all."""
@@ -155,7 +244,14 @@ def refuse_undeclared(desired: Desired, observed: Mapping[str, HostResult]) -> N
         hint = "\n  ".join(h for _, h in refused)
         raise MoveRefused(f"refusing to plan: {message}", hint=hint)
     if moves:
+        said = []
+        for m in moves:
+            declared = desired.move(m.service)
+            assert declared is not None  # refusals() let through only moves as declared
+            now = "; ".join(g.line() for g in data_gates(desired, declared, observed))
+            said.append(f"{m.service} from {declared.source} to {declared.target} (its data now: {now})")
         m = moves[0]
-        raise MoveRefused(f"refusing to plan: the move of {m.service} from {m.sources[0]} to {m.targets[0]} is "
-                          f"declared, but this version of fleet cannot yet carry out a move's runbook ({GUIDE})",
-                          hint=f"move {m.service} by hand as the guide says, or keep it on {m.sources[0]} for now")
+        raise MoveRefused(f"refusing to plan: the move of {'; and of '.join(said)} is declared, but this version of "
+                          f"fleet cannot yet carry out a move's runbook ({GUIDE})",
+                          hint=f"move {m.service} by hand as the guide says, checking its data with these gates, "
+                               f"or keep it on {m.sources[0]} for now")

@@ -354,6 +354,11 @@ def setting_hosts(desired: Desired, host: str, setting: StoreSetting, values: di
     return _resolve(desired, target.host)
 
 
+def resolve_host(desired: Desired, name: str) -> tuple[str, ...]:
+    """The inventory hosts a host name or address (as a setting or a replication link says it) names."""
+    return _resolve(desired, name)
+
+
 def _setting_path(ef: EnvFile, host: str, key: str) -> str:
     if key in dict(dict(ef.overrides).get(host, ())):
         return f"env_files.{ef.name}.overrides.{host}.{key}"
@@ -518,4 +523,4 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
 
 
 __all__ = ["SidekiqProcess", "StoreSetting", "check", "check_queues", "check_placement", "check_env_keys",
-           "check_env_value", "check_store_settings", "declared_sidekiq", "near_miss", "setting_hosts"]
+           "check_env_value", "check_store_settings", "declared_sidekiq", "near_miss", "resolve_host", "setting_hosts"]

@@ -5,6 +5,7 @@ validated like every other key."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from observed import bare, converged, distro_unit, set_env_value, with_unit
 from observed import example as shipped
 
 from fleet import cli
-from fleet.model import Desired, HostResult
-from fleet.moves import MoveRefused, pending
+from fleet.model import Desired, HostResult, HostState
+from fleet.moves import MoveRefused, data_gates, pending
 from fleet.plan import build_plan, desired_hash
+from fleet.resources.stores import Asked, Cluster, DataStores, Probe, RedisState, StoreFacts, Upstream
 from fleet.workflows import observe as observing
 from fleet.workflows.observe import Observation
 
@@ -114,8 +116,9 @@ def test_a_declared_move_is_refused_until_fleet_carries_out_its_runbook(example:
     observed = before_the_move(example)
     example.append(DECLARED + '\n[moves.redis]\nfrom = "freud"\nto = "nietzsche"\nmethod = "redis-replica"\n')
     e = refusal(loaded(example), observed)
-    assert "the move of postgres from freud to nietzsche is declared, but this version of fleet cannot yet" \
-        in e.message
+    assert e.message.startswith("refusing to plan: the move of postgres from freud to nietzsche (its data now: ")
+    assert "; and of redis from freud to nietzsche (its data now: " in e.message
+    assert "is declared, but this version of fleet cannot yet carry out a move's runbook" in e.message
 
 
 def test_a_declaration_changes_nothing_when_there_is_nothing_to_move(example: FleetDir) -> None:
@@ -195,3 +198,117 @@ def test_fleet_plan_and_apply_exit_1_with_the_refusal_and_the_hint(
                           "move declaration"), err
     assert '  hint: declare the move in ' in err and '    [moves.postgres]\n    from = "freud"\n' in err
     assert [c for c in fake.commands() if "/var/lib/fleet/lock" not in c] == []  # nothing sent but locks
+
+
+# ------------------------------------------------------------------ the data gates of a declared move
+
+PG = Asked("postgresql.service", "postgres", 5432, True)
+REDIS = Asked("redis-server.service", "redis", 6379)
+
+
+def with_facts(state: HostResult, *, probe: Probe | None = None, redis: RedisState | None = None) -> HostState:
+    assert isinstance(state, HostState)
+    clusters = (Cluster("15", "main", 5432, "online,recovery" if probe and probe.in_recovery else "online"),)
+    f = StoreFacts(services=(PG, REDIS), clusters=clusters, ready=((5432, 0),),
+                   probes=(probe,) if probe else (), redis=(redis,) if redis else ())
+    return dataclasses.replace(state, extra=(("stores", f),))
+
+
+def moving(example: FleetDir, *, probe: bool = True) -> Desired:
+    if probe:
+        example.edit(POSTGRES_ON_NIETZSCHE, POSTGRES_ON_NIETZSCHE + "\nprobe = true")
+    return loaded(example.append(DECLARED + '\n[moves.redis]\nfrom = "freud"\nto = "nietzsche"\n'
+                                            'method = "redis-replica"\n'))
+
+
+def gates_of(desired: Desired, service: str, source: HostState, target: HostState) -> list[tuple[str, bool, str]]:
+    move = desired.move(service)
+    assert move is not None
+    observed: dict[str, HostResult] = {"freud": source, "nietzsche": target}
+    return [(g.check, g.ok, g.detail) for g in data_gates(desired, move, observed)]
+
+
+PRIMARY = Probe(5432, in_recovery=False, lsn=5000)
+STREAMING = Upstream("streaming", "freud.hachyderm.internal", 5432)  # the source by its address
+
+
+def test_the_source_of_a_declared_move_is_asked_about_its_store_though_no_longer_declared_there(
+        example: FleetDir) -> None:
+    plain = loaded(example)
+    assert DataStores().to_collect(plain, "freud").services == ()
+    desired = moving(example)
+    assert [a.unit for a in DataStores().to_collect(desired, "freud").services] == [
+        "postgresql.service", "redis-server.service"]
+
+
+def test_a_caught_up_streaming_standby_of_the_source_passes_every_postgres_gate(example: FleetDir) -> None:
+    desired, base = moving(example), converged(shipped(), S)
+    target = with_facts(base["nietzsche"], probe=Probe(5432, in_recovery=True, lsn=5000, replay_lsn=5000,
+                                                        upstream=STREAMING))
+    assert gates_of(desired, "postgres", with_facts(base["freud"], probe=PRIMARY), target) == [
+        ("freud is the primary", True, "15/main on freud is a primary at WAL 5000"),
+        ("nietzsche is a standby of freud", True,
+         "15/main on nietzsche streams from freud.hachyderm.internal:5432 (streaming)"),
+        ("caught up", True, "replayed everything the primary had written")]
+
+
+def test_a_lagging_standby_is_not_caught_up_by_the_bytes_it_has_not_replayed(example: FleetDir) -> None:
+    desired, base = moving(example), converged(shipped(), S)
+    target = with_facts(base["nietzsche"], probe=Probe(5432, in_recovery=True, lsn=4000, replay_lsn=3000,
+                                                        upstream=STREAMING))
+    assert gates_of(desired, "postgres", with_facts(base["freud"], probe=PRIMARY), target)[-1] == (
+        "caught up", False, "2000 bytes of WAL behind freud")
+
+
+def test_an_empty_new_cluster_on_the_target_is_no_standby_of_the_source(example: FleetDir) -> None:
+    desired, base = moving(example), converged(shipped(), S)
+    target = with_facts(base["nietzsche"], probe=Probe(5432, in_recovery=False, lsn=100))
+    [_, (check, ok, detail)] = gates_of(desired, "postgres", with_facts(base["freud"], probe=PRIMARY), target)
+    assert (check, ok) == ("nietzsche is a standby of freud", False)
+    assert detail.startswith("no standby cluster of postgresql.service on nietzsche (15/main: primary): a new, empty")
+
+
+def test_a_standby_of_another_host_is_not_the_source_s_standby(example: FleetDir) -> None:
+    desired, base = moving(example), converged(shipped(), S)
+    target = with_facts(base["nietzsche"], probe=Probe(5432, in_recovery=True, lsn=5000, replay_lsn=5000,
+                                                        upstream=Upstream("streaming", "fritz", 5432)))
+    gates = gates_of(desired, "postgres", with_facts(base["freud"], probe=PRIMARY), target)
+    assert gates[-1] == ("nietzsche is a standby of freud", False,
+                         "15/main on nietzsche streams from fritz:5432 (streaming)")
+
+
+def test_without_probe_the_postgres_gates_say_what_to_allow(example: FleetDir) -> None:
+    desired, base = moving(example, probe=False), converged(shipped(), S)
+    [(check, ok, detail)] = gates_of(desired, "postgres", with_facts(base["freud"]), with_facts(base["nietzsche"]))
+    assert (check, ok) == ("probe allowed", False) and "probe = true" in detail
+
+
+def test_a_redis_replica_holds_the_source_s_keys_only_with_as_many(example: FleetDir) -> None:
+    desired, base = moving(example), converged(shipped(), S)
+    source = with_facts(base["freud"], redis=RedisState(6379, ping="PONG", role="master", keys=1200, queued=3))
+    full = RedisState(6379, ping="PONG", role="slave", master=("freud", 6379), link="connected", keys=1200)
+    assert gates_of(desired, "redis", source, with_facts(base["nietzsche"], redis=full)) == [
+        ("freud is the primary", True, "redis on freud: master"),
+        ("nietzsche is a replica of freud", True, "redis on nietzsche replicates freud:6379 (link connected)"),
+        ("holds the source's keys", True, "1200 keys on nietzsche, 1200 on freud")]
+    empty = dataclasses.replace(full, keys=0, link="sync")
+    assert gates_of(desired, "redis", source, with_facts(base["nietzsche"], redis=empty))[1:] == [
+        ("nietzsche is a replica of freud", False, "redis on nietzsche replicates freud:6379 (link sync)")]
+    alone = RedisState(6379, ping="PONG", role="master", keys=0)
+    assert gates_of(desired, "redis", source, with_facts(base["nietzsche"], redis=alone))[1][:2] == (
+        "nietzsche is a replica of freud", False)
+
+
+def test_the_refusal_of_a_declared_move_says_what_its_data_gates_see_now(example: FleetDir) -> None:
+    observed = before_the_move(example)
+    desired = moving(example)
+    observed["freud"] = with_facts(observed["freud"], probe=PRIMARY)
+    observed["nietzsche"] = with_facts(observed["nietzsche"], probe=Probe(5432, in_recovery=True, lsn=4000,
+                                                                          replay_lsn=4000, upstream=STREAMING))
+    e = refusal(desired, observed)
+    assert ("the move of postgres from freud to nietzsche (its data now: ok: freud is the primary: 15/main on "
+            "freud is a primary at WAL 5000; ok: nietzsche is a standby of freud: 15/main on nietzsche streams from "
+            "freud.hachyderm.internal:5432 (streaming); NOT YET: caught up: 1000 bytes of WAL behind freud); and "
+            "of redis from freud to nietzsche (its data now: NOT YET: freud is the primary: redis on freud was "
+            "not asked; NOT YET: nietzsche is a replica of freud: redis on nietzsche: not asked; make it a replica "
+            "of the source first (REPLICAOF)) is declared") in e.message
