@@ -56,7 +56,8 @@ from fleet.model import (
     UnitSpec,
     UnitState,
 )
-from fleet.plan import Plan, build_plan
+from fleet.output.text import plan_text
+from fleet.plan import Plan, build_plan, plan_from_json
 from fleet.status import build_status
 from fleet.textutil import mask, sha256_hex
 from fleet.units import as_observed_text, render_unit, unit_path
@@ -269,6 +270,13 @@ def measure(n_hosts: int, n_services: int, scenario: str, repeats: int) -> dict[
     t = time.perf_counter()
     text = plan.to_json()
     to_json_s = time.perf_counter() - t
+    # what `fleet plan` prints and `fleet show`/`apply FILE` read back: the paths that touch every change
+    t = time.perf_counter()
+    plan_text(plan)
+    render_s = time.perf_counter() - t
+    t = time.perf_counter()
+    plan_from_json(text)
+    load_s = time.perf_counter() - t
 
     phases = _phases(desired, observed, secrets) if times[0] < 20 else {}
 
@@ -294,7 +302,8 @@ def measure(n_hosts: int, n_services: int, scenario: str, repeats: int) -> dict[
         "changes": len(plan.changes), "edges": edges, "waves": len(plan.waves),
         "plan_json_bytes": len(text),
         "runs": len(times), "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-        **phases, "to_json_s": to_json_s, "status_s": statistics.median(status_times),
+        **phases, "to_json_s": to_json_s, "render_s": render_s, "load_s": load_s,
+        "status_s": statistics.median(status_times),
         "tracemalloc_peak_mb": None if peak is None else peak / 2**20,
         "maxrss_inputs_mb": rss_inputs / 1024,
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -79,17 +79,17 @@ def core_table(rows: list[dict[str, Any]]) -> str:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["hosts"], r["scenario"], "—", "—", "—", r["error"], "—", "—", "—", "—", "—", "—", "—"])
+            out.append([r["hosts"], r["scenario"], "—", "—", "—", r["error"], *["—"] * 9])
             continue
         out.append([r["hosts"], r["scenario"], r["changes"], r["edges"], r["waves"], _s(r["median_s"]),
                     _s(r.get("diff_s")), _s(r.get("graph_s")),
                     "— (too slow)" if r.get("tracemalloc_peak_mb") is None else f"{r['tracemalloc_peak_mb']:.1f} MB",
                     f"{r['maxrss_mb']:.0f} MB", f"{r['plan_json_bytes'] / 2**20:.1f} MB", _s(r.get("to_json_s")),
-                    _s(r.get("status_s"))])
+                    _s(r.get("render_s")), _s(r.get("load_s")), _s(r.get("status_s"))])
     return tabulate(out, tablefmt="github", headers=[
         "hosts ×20 svc", "scenario", "changes", "edges", "waves", "build_plan (median)", "of it: diff",
         "graph (order)", "peak (tracemalloc)", "process max RSS", "plan JSON", "to_json (once)",
-        "build_status (median)"])
+        "plan_text (once)", "load JSON (once)", "build_status (median)"])
 
 
 def growth_table(rows: list[dict[str, Any]]) -> str:

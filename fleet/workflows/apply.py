@@ -158,7 +158,8 @@ def _execute(options: ApplyOptions, prep: Prepared, plan: Plan, transport: Trans
     """Run the plan, journaled: the run is opened before the first step and closed whatever
     happens (an interrupted run says so, instead of looking as if it still ran)."""
     check_contents(plan, prep.desired, prep.secrets)
-    touched = [h for h in prep.targets.hosts if any(c.host == h.name for c in plan.changes)]
+    changed = {c.host for c in plan.changes}
+    touched = [h for h in prep.targets.hosts if h.name in changed]
     with Journal.open(journal_path(options.common.state_dir)) as journal:
         run_id = journal.start_run(operator=who, plan_id=plan.plan_id, plan_hash=sha256_hex(plan.to_json()),
                                    desired_hash=plan.desired_hash, fleet=plan.fleet, lab=plan.lab)
