@@ -287,8 +287,10 @@ def fingerprint(state: HostState) -> str:
 
 
 def build_plan(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[tuple[str, str], str], *,
-               prune: bool = True, lab: bool = False, now: datetime | None = None) -> Plan:
-    moves.refuse_undeclared(desired, observed)
+               prune: bool = True, lab: bool = False, now: datetime | None = None,
+               inventory: Desired | None = None) -> Plan:
+    """`inventory`: the desired state before --limit scoped its hosts (a move is judged on it)."""
+    moves.refuse_undeclared(inventory or desired, observed)
     d = diff(desired, observed, secrets, prune=prune)
     deps, waves = order(d.changes, desired)
     created = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -173,7 +173,8 @@ def test_the_source_still_declared_is_an_error(example: FleetDir) -> None:
     assert "remove freud from services.postgres.hosts" in errors[0].hint
 
 
-@pytest.mark.parametrize("command", [["plan"], ["apply", "--yes"], ["plan", "--json"]])
+@pytest.mark.parametrize("command", [["plan"], ["apply", "--yes"], ["plan", "--json"],
+                                     ["plan", "--limit", "fritz"], ["apply", "--yes", "--limit", "fritz"]])
 def test_fleet_plan_and_apply_exit_1_with_the_refusal_and_the_hint(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], example: FleetDir, tmp_path: Path,
         command: list[str]) -> None:
