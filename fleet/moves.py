@@ -84,8 +84,9 @@ def pending(desired: Desired, observed: Mapping[str, HostResult]) -> list[Move]:
                 continue  # a new env file points nowhere yet: nothing is repointed
             now, want = seen.value_map(), ef.values_for(host)
             for setting in MOVE_SETTINGS:
-                if setting.key in sensitive:
-                    continue
+                said = (setting.key, *setting.port_keys)
+                if setting.key in sensitive or [now.get(k) for k in said] == [want.get(k) for k in said]:
+                    continue  # unchanged: nothing to resolve (a scan of the inventory per host and key)
                 old = setting_hosts(desired, host, setting, now)
                 new = setting_hosts(desired, host, setting, want)
                 if not old or not new or set(old) == set(new):
