@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from fleet.actions import ObservedKind
 from fleet.model import Desired, Finding, HostResult, HostState, Kind, UnitState
-from fleet.policy import SidekiqProcess, check_env_keys, check_env_value, check_placement, check_queues
+from fleet.policy import check_env_keys, check_env_value, check_placement, check_queues
 from fleet.resources.registry import for_action
 from fleet.snapshot import short_secret
 from fleet.status import StatusReport, build_status, parse_sidekiq_argv
@@ -79,7 +79,7 @@ def classify(desired: Desired, results: Mapping[str, HostResult]) -> Drift:
 
 def infer_kind(desired: Desired, u: UnitState) -> Kind | None:
     """What an observed unit is: its declaring service's kind, else guessed from name and argv."""
-    svc = next((s for s in desired.services if s.unit == u.unit), None)
+    svc = next((s for s in desired.services if s.owns(u.unit)), None)
     if svc is not None:
         return svc.kind
     if parse_sidekiq_argv(u.exec_start) is not None:
@@ -108,14 +108,20 @@ def observed_findings(desired: Desired, results: Mapping[str, HostResult], repor
             if kind is not None and u.active_state == "active":
                 running.append((host, kind, u.unit, ""))
     out += [_observed(f) for f in check_placement(desired, running)]
-    procs = [SidekiqProcess(host=p.host, unit=p.unit, queues=tuple(q for q, _ in p.queues),
-                            concurrency=p.concurrency, db_pool=p.db_pool) for p in report.sidekiq]
-    out += check_queues(procs, what="running")
+    out += _down(report)
+    out += check_queues([p.as_policy() for p in report.sidekiq], what="running")
     out += _env_findings(desired, results)
     out += _service_problems(report)
     return out
 
 
+def _down(report: StatusReport) -> list[Finding]:
+    """A declared unit that does not run where it is declared (missing, failed, stopped) is an
+    error: a failed `mastodon-streaming@4001.service` is one of four streaming processes gone."""
+    return [Finding("error", "unit.down", f"{row.unit} on {c.host} is {c.state}: declared to run there "
+                                          f"({row.service})", host=c.host,
+                    hint="`fleet apply` starts it; its journal says why it stopped")
+            for row in report.rows for c in row.cells if c.down]
 def _service_problems(report: StatusReport) -> list[Finding]:
     """What the kinds of resource found wrong behind declared units (a failed database cluster under
     an `active/exited` parent, a Redis that does not answer): errors, each naming service and host."""

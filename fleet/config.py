@@ -46,8 +46,24 @@ from fleet.model import (
     SidekiqSpec,
     StoreSpec,
     UnitSpec,
+    Wrapper,
+    is_template,
 )
+from fleet.sidekiq_settings import parse_argv
 from fleet.textutil import did_you_mean
+from fleet.unitfile import (
+    KEY,
+    MAX_LINES,
+    SECTION,
+    UnitSyntaxError,
+    bad_specifiers,
+    environment,
+    environment_files,
+    exec_start,
+    is_yes,
+    parse,
+    render_directives,
+)
 
 # Names that end up in remote commands and file paths are restricted up front, so that no
 # later stage has to wonder whether a name can carry shell syntax or a path separator.
@@ -58,6 +74,7 @@ UNIT_GLOB = re.compile(r"^[A-Za-z0-9*?\[\]:_.@-]{1,255}$")
 ADDRESS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ROLE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+INSTANCE = re.compile(r"^[A-Za-z0-9:_.-]{1,64}$")  # a template's instance: systemd's characters, no \x escapes
 RESTART_VALUES = ("no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always")
 # Units no prune pattern may ever match: pruning them would cut fleet (and everyone) off the host.
 VITAL_UNITS = ("ssh.service", "sshd.service", "systemd-journald.service", "systemd-logind.service",
@@ -70,12 +87,16 @@ TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files", "moves")
 MOVE_KEYS = ("from", "to", "method")
 SERVICE_KEYS = (
     "kind", "unit", "hosts", "requires", "observe_only", "unit_file", "health",
-    "max_unavailable", "concurrency", "queues", "sidekiq_command", "role", "probe", "port",
+    "max_unavailable", "concurrency", "queues", "sidekiq_command", "instances", "overrides", "wrapper",
+    "role", "probe", "port",
 )  # fmt: skip
 UNIT_FILE_KEYS = (
     "description", "user", "group", "working_directory", "environment", "environment_files",
     "exec_start", "exec_reload", "restart", "restart_sec", "after", "wanted_by",
 )  # fmt: skip
+OWNED_UNIT_KEYS = ("source", "directives")  # the operator's own unit text, written byte for byte
+OVERRIDE_KEYS = ("instances",)
+MAX_UNIT_BYTES = 256 * 1024  # a unit file of a few KiB is large
 HEALTH_KEYS = ("command", "http", "tcp", "timeout")
 ENV_FILE_KEYS = ("path", "services", "hosts", "owner", "group", "mode", "values", "sensitive", "overrides")
 
@@ -567,7 +588,7 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
             ctx.error(prefix, f"'{prefix}' must be a table", f"write it as [{prefix}]", "config.wrong-type")
             continue
         before = len(ctx.findings)
-        svc = _load_service(ctx, sname, st, host_names, host_files, hosts_dir, lenient=sname in lenient)
+        svc = _load_service(ctx, sname, st, host_names, host_files, hosts_dir, path.parent, lenient=sname in lenient)
         first_error = next((i for i in range(before, len(ctx.findings)) if ctx.findings[i].is_error), None)
         if first_error is not None:
             ctx.broken.append((sname, first_error))
@@ -694,7 +715,7 @@ def _load_discover(ctx: _Ctx, items: list[Any]) -> list[DiscoveryPattern]:
 
 
 def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str], host_files: list[str],
-                  hosts_dir: Path, *, lenient: bool = False) -> Service | None:
+                  hosts_dir: Path, base: Path, *, lenient: bool = False) -> Service | None:
     prefix = f"services.{name}"
     _unknown_keys(ctx, st, prefix, SERVICE_KEYS)
     kind_s = _get(ctx, st, prefix, "kind", str, required=True)
@@ -727,9 +748,16 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
                   "1 rolls one host at a time", "config.bad-value")
     health = _load_health(ctx, prefix, _get(ctx, st, prefix, "health", dict))
 
+    unit_t = _get(ctx, st, prefix, "unit_file", dict)
+    owned = unit_t is not None and any(k in unit_t for k in OWNED_UNIT_KEYS)
     sidekiq: SidekiqSpec | None = None
     sidekiq_keys = [k for k in ("concurrency", "queues", "sidekiq_command") if k in st]
-    if kind == Kind.SIDEKIQ:
+    if kind == Kind.SIDEKIQ and owned:
+        for k in sidekiq_keys:
+            ctx.error(f"{prefix}.{k}", f"'{k}' does not apply: this Sidekiq's ExecStart is in its own unit text",
+                      "remove it; fleet reads -c and -q from the unit's ExecStart, and the queues from "
+                      "config/sidekiq.yml on the host when there is no -q", "config.bad-key")
+    elif kind == Kind.SIDEKIQ:
         sidekiq = _load_sidekiq(ctx, prefix, st)
     elif kind is not None and sidekiq_keys:
         for k in sidekiq_keys:
@@ -738,7 +766,6 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
 
     store = _load_store(ctx, prefix, st, kind)
 
-    unit_t = _get(ctx, st, prefix, "unit_file", dict)
     unit_spec: UnitSpec | None = None
     if observe_only:
         if unit_t is not None:
@@ -749,19 +776,257 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
             ctx.error(f"{prefix}.unit_file", f"service {name!r} needs a [{prefix}.unit_file] table",
                       "describe the unit (exec_start, user …), or set observe_only = true for distro units",
                       "config.missing-key")
+    elif owned:
+        unit_spec = _load_owned_unit(ctx, f"{prefix}.unit_file", unit_t, base)
+        if unit_spec is not None and kind == Kind.SIDEKIQ:
+            sidekiq = _sidekiq_of_text(ctx, f"{prefix}.unit_file", unit_spec)
     else:
         unit_spec = _load_unit(ctx, f"{prefix}.unit_file", unit_t, sidekiq, derived=kind == Kind.SIDEKIQ)
+
+    template = unit is not None and UNIT_NAME.fullmatch(unit) is not None and is_template(unit)
+    instances, host_instances = _load_instances(ctx, prefix, st, template, hosts)
+    wrapper = _load_wrapper(ctx, prefix, st, template, observe_only, unit, base)
 
     # Keep a service whose only faults are recoverable (unknown keys, unknown hosts, …) so that
     # the policies still judge the rest of the fleet; drop it only when its essence is missing.
     if kind is None or unit is None or not UNIT_NAME.fullmatch(unit) or (
-            not observe_only and unit_spec is None) or (kind == Kind.SIDEKIQ and sidekiq is None):
+            not observe_only and unit_spec is None) or (kind == Kind.SIDEKIQ and sidekiq is None) or (
+            template and not instances and not host_instances):
         return _stand_in(name, st, kind, unit, hosts, sidekiq) if lenient else None
     return Service(name=name, kind=kind, unit=unit,
                    hosts=tuple(dict.fromkeys(hosts)) if lenient else tuple(h for h in hosts if h in host_names),
                    requires=tuple(requires),
                    observe_only=observe_only, unit_spec=unit_spec, sidekiq=sidekiq, health=health,
-                   max_unavailable=max_unavailable, store=store)
+                   max_unavailable=max_unavailable, instances=instances, host_instances=host_instances,
+                   wrapper=wrapper, store=store)
+
+
+def _load_instances(ctx: _Ctx, prefix: str, st: dict[str, Any], template: bool,
+                    hosts: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]:
+    """A template's instances, on every host and per host (`[services.NAME.overrides.HOST]`)."""
+    overrides = _get(ctx, st, prefix, "overrides", dict, default={})
+    if "instances" in st and not template:
+        ctx.error(f"{prefix}.instances", "instances apply only to a template unit (unit = \"NAME@.service\")",
+                  "remove instances, or make unit a template", "config.bad-key")
+        return (), ()
+    instances = _instance_list(ctx, f"{prefix}.instances", st) if "instances" in st else []
+    per_host: list[tuple[str, tuple[str, ...]]] = []
+    for h, ot in overrides.items():
+        op = f"{prefix}.overrides.{h}"
+        if h not in hosts:
+            ctx.error(op, f"override for host {h!r}, which is not one of {prefix}.hosts",
+                      did_you_mean(h, hosts) or "remove the override or add the host", "config.unknown-host")
+            continue
+        if not isinstance(ot, dict):
+            ctx.error(op, f"'{op}' must be a table", f"write it as [{op}] with instances = [...]", "config.wrong-type")
+            continue
+        _unknown_keys(ctx, ot, op, OVERRIDE_KEYS)
+        if "instances" in ot:
+            if not template:
+                ctx.error(f"{op}.instances", "instances apply only to a template unit (unit = \"NAME@.service\")",
+                          "remove them, or make unit a template", "config.bad-key")
+                continue
+            per_host.append((h, tuple(_instance_list(ctx, f"{op}.instances", ot))))
+    if template:
+        missing = [h for h in hosts if h not in dict(per_host)] if not instances else []
+        if missing and "instances" not in st:
+            ctx.error(f"{prefix}.unit", f"{st.get('unit')} is a template: systemd starts only its instances, and "
+                      f"none is declared{' for ' + ', '.join(missing) if per_host else ''}",
+                      "list them: instances = [\"4000\", \"4001\"] (per host in [services.NAME.overrides.HOST])",
+                      "config.bare-template")
+    return tuple(instances), tuple(per_host)
+
+
+def _instance_list(ctx: _Ctx, path: str, table: dict[str, Any]) -> list[str]:
+    key = path.rsplit(".", 1)[1]
+    names = _str_list(ctx, table, path.rsplit(".", 1)[0], key)
+    out: list[str] = []
+    for i in names:
+        if not INSTANCE.fullmatch(i):
+            ctx.error(path, f"instance name {i!r} contains characters fleet does not accept",
+                      f"use only the characters matched by {INSTANCE.pattern}", "config.bad-name")
+        elif i in out:
+            ctx.error(path, f"instance {i!r} is listed twice", "list each instance once", "config.duplicate")
+        else:
+            out.append(i)
+    if not names and key == "instances":
+        ctx.error(path, "a template needs at least one instance", "for example instances = [\"4000\"]",
+                  "config.bare-template")
+    return out
+
+
+def _load_wrapper(ctx: _Ctx, prefix: str, st: dict[str, Any], template: bool, observe_only: bool, unit: Any,
+                  base: Path) -> Wrapper | None:
+    wt = _get(ctx, st, prefix, "wrapper", dict)
+    if wt is None:
+        return None
+    p = f"{prefix}.wrapper"
+    if not template:
+        ctx.error(p, "a wrapper starts a template's instances together; this service's unit is no template",
+                  "remove [wrapper], or make unit a template (NAME@.service)", "config.bad-key")
+        return None
+    if observe_only:
+        ctx.error(p, "fleet writes a wrapper's unit file, and this service is observe_only",
+                  "remove [wrapper], or set observe_only = false", "config.bad-key")
+        return None
+    name = _get(ctx, wt, p, "unit", str, required=True)
+    if name is not None and _check_name(ctx, f"{p}.unit", name, UNIT_NAME, "unit name"):
+        if is_template(name) or name == unit:
+            ctx.error(f"{p}.unit", f"the wrapper {name!r} must be a plain unit of its own, not the template "
+                      "or another template", "for example unit = \"mastodon-streaming.service\"", "config.bad-value")
+            name = None
+    else:
+        name = None
+    spec = _load_owned_unit(ctx, p, wt, base, extra=("unit",))
+    if name is None or spec is None:
+        return None
+    return Wrapper(unit=name, unit_spec=spec)
+
+
+def _load_owned_unit(ctx: _Ctx, p: str, ut: dict[str, Any], base: Path,
+                     extra: tuple[str, ...] = ()) -> UnitSpec | None:
+    """`unit_file = { source = "units/x.service" }` (a file in the repository, byte for byte) or
+    `directives = [[SECTION, KEY, VALUE], …]` (any directive, in order, repeated keys too)."""
+    for k in ut:
+        if k in UNIT_FILE_KEYS:
+            ctx.error(f"{p}.{k}", f"'{p}.{k}' cannot be combined with source or directives: the unit text is "
+                      "the operator's own", f"remove {k} (write it in the unit text), or remove source/directives",
+                      "config.bad-key")
+    _unknown_keys(ctx, {k: v for k, v in ut.items() if k not in UNIT_FILE_KEYS}, p, (*OWNED_UNIT_KEYS, *extra))
+    source = _get(ctx, ut, p, "source", str)
+    directives = _get(ctx, ut, p, "directives", list)
+    if source is not None and directives is not None:
+        ctx.error(p, f"{p} has both source and directives", "keep one: the file, or the directives",
+                  "config.bad-key")
+        return None
+    if source is None and directives is None:
+        ctx.error(p, f"{p} needs source = \"units/NAME\" or directives = [[SECTION, KEY, VALUE], …]",
+                  "see docs/desired-state.md", "config.missing-key")
+        return None
+    if source is not None:
+        text = _read_unit_source(ctx, f"{p}.source", source, base)
+        label = source
+    else:
+        text = _directives_text(ctx, f"{p}.directives", directives or [])
+        label = "directives"
+    if text is None:
+        return None
+    try:
+        unit = parse(text)
+    except UnitSyntaxError as e:
+        if source is not None:
+            ctx.findings.append(Finding("error", "config.unit-syntax", f"not a unit file: {e.reason}",
+                                        file=str(base / source), line=e.line,
+                                        hint="systemd reads [Section] headers, Key=value lines and # comments"))
+        else:
+            ctx.error(f"{p}.directives", f"the directives do not make a unit file: {e.reason}",
+                      "each is [SECTION, KEY, VALUE]", "config.bad-value")
+        return None
+    env_files = environment_files(unit)
+    for f in env_files:
+        if not f.startswith("/"):
+            ctx.error(p, f"EnvironmentFile={f} in {label} is not an absolute path", "systemd needs an absolute path",
+                      "config.bad-value")
+    return UnitSpec(exec_start=exec_start(unit), description=unit.value("Unit", "Description") or "",
+                    user=unit.value("Service", "User"), group=unit.value("Service", "Group"),
+                    working_directory=unit.value("Service", "WorkingDirectory"),
+                    environment=tuple(environment(unit)), environment_files=tuple(env_files),
+                    exec_reload=next(iter(unit.values("Service", "ExecReload")), None),
+                    restart=unit.value("Service", "Restart"), restart_sec=unit.value("Service", "RestartSec"),
+                    after=tuple(w for v in unit.values("Unit", "After") for w in v.split()),
+                    wanted_by=tuple(w for v in unit.values("Install", "WantedBy") for w in v.split()),
+                    text=text, source=label,
+                    remain_after_exit=unit.value("Service", "Type") == "oneshot"
+                    and is_yes(unit.value("Service", "RemainAfterExit")))
+
+
+def _read_unit_source(ctx: _Ctx, p: str, source: str, base: Path) -> str | None:
+    """The unit file `source` names, relative to the desired-state file's directory."""
+    parts = source.split("/")
+    if (not source or source.startswith("/") or any(part in ("", ".", "..") for part in parts)
+            or any(ord(c) < 32 or c == "\x7f" for c in source)):
+        ctx.error(p, f"source {source!r} must be a relative path inside the repository, without '.' or '..'",
+                  "for example source = \"units/mastodon-web.service\"", "config.bad-value")
+        return None
+    path = base / source
+    try:
+        raw = read_regular_file(path, MAX_UNIT_BYTES + 1)
+    except NotAFileError as e:
+        ctx.error(p, f"{path} is {e.kind}, not a unit file", "point source at a file", "config.unreadable")
+        return None
+    except FileTooLargeError as e:
+        ctx.error(p, f"{path} is {e.size} bytes; a unit file over {MAX_UNIT_BYTES} bytes is refused",
+                  "this is not a unit file", "config.too-large")
+        return None
+    except OSError as e:
+        ctx.error(p, f"cannot read the unit file {path}: {e.strerror or e}",
+                  "check the path (relative to the desired-state file's directory) and its permissions",
+                  "config.unreadable")
+        return None
+    if len(raw) > MAX_UNIT_BYTES:
+        ctx.error(p, f"{path} is over {MAX_UNIT_BYTES} bytes; fleet refuses it", "this is not a unit file",
+                  "config.too-large")
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        ctx.error(p, f"{path} is not valid UTF-8 (byte {e.start})", "save the unit file as UTF-8", "config.encoding")
+        return None
+    if "\x00" in text:
+        ctx.error(p, f"{path} contains a NUL byte", "a unit file is text", "config.bad-value")
+        return None
+    if text.count("\n") > MAX_LINES:
+        ctx.error(p, f"{path} has more than {MAX_LINES} lines", "a unit file is a few dozen lines",
+                  "config.too-large")
+        return None
+    return text
+
+
+def _directives_text(ctx: _Ctx, p: str, items: list[Any]) -> str | None:
+    triples: list[tuple[str, str, str]] = []
+    ok = True
+    for i, item in enumerate(items):
+        where = f"{p}[{i}]"
+        if not (isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item)):
+            ctx.error(p, f"'{where}' must be [SECTION, KEY, VALUE], three strings",
+                      "for example [\"Service\", \"LimitNOFILE\", \"65536\"]", "config.wrong-type")
+            ok = False
+            continue
+        section, key, value = item
+        if not SECTION.fullmatch(section):
+            ctx.error(p, f"'{where}': {section!r} is no unit file section name", "for example \"Service\"",
+                      "config.bad-name")
+            ok = False
+        if not KEY.fullmatch(key):
+            ctx.error(p, f"'{where}': {key!r} is no unit file key", "for example \"ExecStart\"", "config.bad-name")
+            ok = False
+        if value != value.strip() or any(ord(c) < 32 and c != "\t" for c in value) or value.endswith("\\"):
+            ctx.error(p, f"'{where}': the value of {key} is not one line as systemd reads it (a line break, a "
+                      "control character, surrounding spaces or a trailing backslash)",
+                      "write the value on one line; systemd would read something else", "config.bad-value")
+            ok = False
+        bad = bad_specifiers(value)
+        if bad:
+            ctx.error(p, f"'{where}': {', '.join(dict.fromkeys(bad))} in the value of {key} is no systemd specifier",
+                      "write %% for a literal percent sign", "config.bad-value")
+            ok = False
+        triples.append((section, key, value))
+    if not triples and ok:
+        ctx.error(p, "directives is empty", "a unit needs at least [Service] ExecStart", "config.bad-value")
+        return None
+    return render_directives(triples) if ok else None
+
+
+def _sidekiq_of_text(ctx: _Ctx, p: str, spec: UnitSpec) -> SidekiqSpec | None:
+    """What a Sidekiq unit of the operator's runs, read from its ExecStart: -c and -q, or (no -q)
+    queues Sidekiq reads from config/sidekiq.yml on the host, which `fleet status` reads."""
+    args = parse_argv(spec.exec_start.split())
+    if args is None:
+        ctx.error(p, f"a kind = \"sidekiq\" service whose ExecStart ({spec.exec_start[:80] or 'none'}) does not run "
+                  "sidekiq", "set the right kind, or fix ExecStart in the unit text", "config.bad-value")
+        return None
+    return SidekiqSpec(concurrency=args.concurrency, queues=args.queues, command="",
+                       queues_from_config=not args.queues)
 
 
 _ROLE_KINDS = (Kind.POSTGRES, Kind.REDIS)  # the kinds that replicate: a primary and its standbys
@@ -975,12 +1240,13 @@ def _check_references(ctx: _Ctx, services: list[Service], declared: list[str]) -
     owners: dict[tuple[str, str], str] = {}
     for s in services:
         for h in s.hosts:
-            other = owners.get((h, s.unit))
-            if other is not None:
-                ctx.error(f"services.{s.name}.unit",
-                          f"services {other!r} and {s.name!r} both claim {s.unit} on host {h}",
-                          "give each service its own unit name on a host", "config.duplicate-unit")
-            owners[(h, s.unit)] = s.name
+            for unit in dict.fromkeys((s.unit, *s.all_units_on(h))):  # a template's file, instances, wrapper
+                other = owners.get((h, unit))
+                if other is not None:
+                    ctx.error(f"services.{s.name}.unit",
+                              f"services {other!r} and {s.name!r} both claim {unit} on host {h}",
+                              "give each service its own unit name on a host", "config.duplicate-unit")
+                owners[(h, unit)] = s.name
 
 
 

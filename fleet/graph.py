@@ -11,9 +11,10 @@ rolling restart, which units it affects), never over the actions themselves:
     requiring it (postgres and redis before web and Sidekiq);
   * make-before-break: every prune after every run in the plan, so a service that moves is
     running on its new host before it stops on the old one;
-  * rolling restarts: restarts of one service are chained across its hosts in batches of
-    `max_unavailable`, so never more than that many of its instances restart at once, and they
-    wait for the starts of that service's missing instances on other hosts.
+  * rolling restarts: restarts of one service are chained across its hosts (and a template's
+    instances on each) in batches of `max_unavailable`, so never more than that many of its
+    instances restart at once, and they wait for the starts of that service's missing instances
+    (on other hosts, or other instances of a template).
 Waves are the topological generations: everything in a wave may run in parallel.
 
 `order` works on plain lists (changes are numbered by their position in the plan) and holds
@@ -115,8 +116,8 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
         starts = [i for i in mine if not specs[i].rolling]
         restarts_here = [i for i in mine if specs[i].rolling]
         for st in starts:
-            for rs in restarts_here:
-                if changes[rs].host != changes[st].host:
+            for rs in restarts_here:  # another instance: on another host, or another of a template's
+                if (changes[rs].host, changes[rs].target) != (changes[st].host, changes[st].target):
                     add(node[st] * width + node[rs])
         position = {h: i for i, h in enumerate(svc.hosts)}
         restarts = sorted(restarts_here, key=lambda i: position.get(changes[i].host, 0))

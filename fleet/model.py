@@ -6,6 +6,7 @@ Everything downstream (policy, diff, plan, render) reads these frozen dataclasse
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -79,7 +80,12 @@ class HealthCheck:
 
 @dataclass(frozen=True)
 class UnitSpec:
-    """The contents of a systemd unit fleet writes (never for observe-only services)."""
+    """The contents of a systemd unit fleet writes (never for observe-only services).
+
+    Either fleet renders it from the fields below (the keyed form of `unit_file`), or the operator
+    owns its text (`text`, from a file in the repository or from declared directives): then fleet
+    writes that text byte for byte and the fields are what fleet READ from it (fleet/unitfile.py),
+    for the rules that need them (DB_POOL, env files loaded, ExecStart)."""
 
     exec_start: str
     description: str = ""
@@ -93,16 +99,34 @@ class UnitSpec:
     restart_sec: str | None = None
     after: tuple[str, ...] = ("network.target",)
     wanted_by: tuple[str, ...] = ("multi-user.target",)
+    text: str | None = None  # operator-owned: the exact text fleet writes
+    source: str = ""  # where that text comes from, for messages: "units/x.service" or "directives"
+    remain_after_exit: bool = False  # Type=oneshot with RemainAfterExit=yes: up is active/exited
 
     def env(self) -> dict[str, str]:
         return dict(self.environment)
 
 
 @dataclass(frozen=True)
+class Wrapper:
+    """The unit that starts a template's instances together (Mastodon's `mastodon-streaming.service`,
+    a oneshot with RemainAfterExit that the instances are WantedBy/PartOf).  fleet writes, enables
+    and starts it, and never restarts it: through PartOf= that would restart every instance at once."""
+
+    unit: str
+    unit_spec: UnitSpec
+
+
+@dataclass(frozen=True)
 class SidekiqSpec:
-    concurrency: int
+    """A Sidekiq service's process: declared (`concurrency`, `queues`: fleet derives ExecStart), or
+    read from the operator's unit text (-c and -q of its ExecStart; without -q, Sidekiq reads its
+    queues from config/sidekiq.yml on the host, which only `fleet status` can see)."""
+
+    concurrency: int | None
     queues: tuple[tuple[str, int | None], ...]  # (queue, weight) in order
     command: str = DEFAULT_SIDEKIQ_COMMAND
+    queues_from_config: bool = False
 
     def queue_names(self) -> tuple[str, ...]:
         return tuple(q for q, _ in self.queues)
@@ -152,6 +176,11 @@ class Service:
     sidekiq: SidekiqSpec | None = None
     health: HealthCheck | None = None
     max_unavailable: int = 1
+    # A template unit (`unit = "x@.service"`) runs as instances: these on every host, unless the
+    # host has its own list (per-host overrides); the wrapper, if any, starts them together.
+    instances: tuple[str, ...] = ()
+    host_instances: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    wrapper: Wrapper | None = None
     store: StoreSpec | None = None  # None: nothing declared beyond the unit (see StoreSpec)
 
     @property
@@ -171,6 +200,75 @@ class Service:
     @property
     def probe(self) -> bool:
         return self.store is not None and self.store.probe
+
+    @property
+    def is_template(self) -> bool:
+        return is_template(self.unit)
+
+    def instances_on(self, host: str) -> tuple[str, ...]:
+        return dict(self.host_instances).get(host, self.instances) if self.is_template else ()
+
+    def units_on(self, host: str) -> tuple[str, ...]:
+        """The units that run for this service on `host`: its instances, or its unit."""
+        if not self.is_template:
+            return (self.unit,)
+        return tuple(instance_unit(self.unit, i) for i in self.instances_on(host))
+
+    def all_units_on(self, host: str) -> tuple[str, ...]:
+        """Every unit of the service on `host`: what runs, then the wrapper."""
+        return self.units_on(host) + ((self.wrapper.unit,) if self.wrapper else ())
+
+    def run_units(self) -> tuple[str, ...]:
+        """What runs for this service on any of its hosts, in declaration order."""
+        return tuple(dict.fromkeys(u for h in self.hosts for u in self.units_on(h))) if self.is_template \
+            else (self.unit,)
+
+    def owns(self, unit: str) -> bool:
+        """Is `unit` one of this service's units on some host (its unit, an instance, its wrapper)?"""
+        return unit == self.unit or unit in self.run_units() or (self.wrapper is not None and unit == self.wrapper.unit)
+
+    def health_for(self, unit: str) -> HealthCheck | None:
+        """The health check of one of its units: a template's `%i`/`%I` name the instance; a
+        wrapper has none (it only starts the instances, which have their own)."""
+        h = self.health
+        if h is None or (self.wrapper is not None and unit == self.wrapper.unit):
+            return None
+        if not self.is_template:
+            return h
+        inst = instance_of(unit) or ""
+        # %I is systemd's unescaped instance: `-` stands for `/` (fleet accepts no `\xNN` escapes)
+        names = {"%i": inst, "%I": inst.replace("-", "/"), "%%": "%"}
+
+        def sub(text: str) -> str:
+            return re.sub(r"%[iI%]", lambda m: names[m.group(0)], text)
+
+        return HealthCheck(command=sub(h.command) if h.command is not None else None,
+                           http=sub(h.http) if h.http is not None else None, tcp=h.tcp, timeout=h.timeout)
+
+
+def is_template(unit: str) -> bool:
+    """`x@.service`: a template, which systemd runs only as instances (`x@4000.service`)."""
+    return "@." in unit and unit.index("@.") == unit.rindex(".") - 1
+
+
+def instance_unit(template: str, instance: str) -> str:
+    """`x@.service` + `4000` → `x@4000.service`."""
+    at = template.index("@.")
+    return f"{template[:at + 1]}{instance}{template[at + 1:]}"
+
+
+def template_of(unit: str) -> str | None:
+    """`x@4000.service` → `x@.service`; None when `unit` is no instance."""
+    if "@" not in unit or "." not in unit or is_template(unit):
+        return None
+    return unit[:unit.index("@") + 1] + unit[unit.rindex("."):]
+
+
+def instance_of(unit: str) -> str | None:
+    """`x@4000.service` → `4000`; None when `unit` is no instance."""
+    if template_of(unit) is None:
+        return None
+    return unit[unit.index("@") + 1:unit.rindex(".")]
 
 
 @dataclass(frozen=True)

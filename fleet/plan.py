@@ -259,6 +259,22 @@ def _shown(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+# Fields the model gained after plan files existed, with their defaults: left out of the hash
+# while they hold the default, so a desired state that does not use them hashes as it always did
+# (and plans saved before the upgrade still apply).
+_LATER_FIELDS: dict[str, dict[str, Any]] = {
+    "service": {"instances": (), "host_instances": (), "wrapper": None},
+    "unit_spec": {"text": None, "source": "", "remain_after_exit": False},
+    "sidekiq": {"queues_from_config": False},
+}
+
+
+def _without_defaults(data: dict[str, Any], fields: dict[str, Any]) -> None:
+    for k, default in fields.items():
+        if k in data and data[k] == default:
+            del data[k]
+
+
 def desired_hash(desired: Desired) -> str:
     data = asdict(desired)
     data.pop("source", None)
@@ -268,6 +284,12 @@ def desired_hash(desired: Desired) -> str:
     for h in data["hosts"]:
         h.pop("source", None)
     for s in data["services"]:
+        _without_defaults(s, _LATER_FIELDS["service"])
+        for spec in (s.get("unit_spec"), (s.get("wrapper") or {}).get("unit_spec")):
+            if spec is not None:
+                _without_defaults(spec, _LATER_FIELDS["unit_spec"])
+        if s.get("sidekiq") is not None:
+            _without_defaults(s["sidekiq"], _LATER_FIELDS["sidekiq"])
         if s.get("store") is None:  # declared nothing of a data store: hashed as before `store` existed,
             s.pop("store", None)  # so saved plans of fleets that do not use it stay valid
     return sha256_hex(json.dumps(data, sort_keys=True, default=str))

@@ -29,23 +29,57 @@ class SidekiqProcess:
     db_pool: int | None  # the effective DB_POOL, None when unknown
     key: str = ""  # where it is declared, for messages (e.g. services.sidekiq-default)
     file: str = ""
+    unknown: str = ""  # why its queues are not known (they are then ()): read on the host, or unreadable there
+    source: str = ""  # where its queues come from: "-q", or the config file Sidekiq reads
 
 
 def check_queues(processes: Sequence[SidekiqProcess], *, what: str = "declared", file: str = "") -> list[Finding]:
     """Every Mastodon queue served somewhere; `scheduler` exactly once; DB_POOL ≥ -c.
-    `file` is where fleet-wide findings point (default: where the processes are declared)."""
+    `file` is where fleet-wide findings point (default: where the processes are declared).
+
+    A process whose queues are not known is said so: declared, it reads them from the config file
+    on the host (one warning: coverage is judged by `fleet status`, which reads that file);
+    running, its config file could not be read (an error naming host, unit and file).  Coverage
+    then cannot be judged, and is not: what the known processes leave unserved is one warning
+    naming the unknown processes, never "served by nobody"."""
     out: list[Finding] = []
     file = file or next((p.file for p in processes if p.file), "")
+    unknown = [p for p in processes if p.unknown]
     served = {q for p in processes for q in p.queues}
-    for q in SIDEKIQ_QUEUES:
-        if q not in served:
-            out.append(Finding(
-                "error", "sidekiq.queue-unserved",
-                f"queue {q!r} is served by no {what} Sidekiq process: its jobs would pile up unprocessed",
-                file=file, key="services",
-                hint=f"add {q!r} to the queues of a Sidekiq service (e.g. queues = {{ {q} = 1 }})"))
     schedulers = [p for p in processes if "scheduler" in p.queues]
-    if len(schedulers) != 1:
+    if unknown:
+        listed = ", ".join(f"{p.unit} on {p.host}" for p in unknown)
+        if what == "declared":
+            one = len(unknown) == 1
+            out.append(Finding(
+                "warning", "sidekiq.queues-on-host",
+                f"{listed} read{'s' if one else ''} {'its' if one else 'their'} queues from config/sidekiq.yml on "
+                "the host (no -q in ExecStart): fleet check cannot judge queue coverage offline",
+                file=file, key=unknown[0].key or "services",
+                hint="`fleet status` and `fleet audit` read that file on the host and judge the queues it lists"))
+        else:
+            for p in unknown:
+                out.append(Finding(
+                    "error", "sidekiq.config-unreadable", f"{p.unit} on {p.host}: {p.unknown}: its queues are unknown",
+                    host=p.host, hint="fix the file on the host; fleet reads its YAML without evaluating ERB "
+                                      "(docs/status.md, \"Sidekiq's queues\")"))
+            missing = [q for q in SIDEKIQ_QUEUES if q not in served]
+            if missing:
+                out.append(Finding(
+                    "warning", "sidekiq.coverage-unknown",
+                    f"queue coverage cannot be judged: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                    f"served by no {what} Sidekiq process whose queues fleet could read, and {listed} may serve "
+                    f"{'it' if len(missing) == 1 else 'them'}", file=file, key="services",
+                    hint="make the config file readable (see sidekiq.config-unreadable), then look again"))
+    else:
+        for q in SIDEKIQ_QUEUES:
+            if q not in served:
+                out.append(Finding(
+                    "error", "sidekiq.queue-unserved",
+                    f"queue {q!r} is served by no {what} Sidekiq process: its jobs would pile up unprocessed",
+                    file=file, key="services",
+                    hint=f"add {q!r} to the queues of a Sidekiq service (e.g. queues = {{ {q} = 1 }})"))
+    if len(schedulers) > 1 or not schedulers and not unknown:
         where = ", ".join(f"{p.unit} on {p.host}" for p in schedulers) or "none"
         out.append(Finding(
             "error", "sidekiq.scheduler-count",
@@ -183,9 +217,11 @@ def declared_sidekiq(desired: Desired) -> list[SidekiqProcess]:
         if s.sidekiq is None:
             continue
         for h in s.hosts:
-            procs.append(SidekiqProcess(
-                host=h, unit=s.unit, queues=s.sidekiq.queue_names(), concurrency=s.sidekiq.concurrency,
-                db_pool=_effective_db_pool(desired, s, h), key=f"services.{s.name}", file=desired.source))
+            procs.extend(SidekiqProcess(
+                host=h, unit=unit, queues=s.sidekiq.queue_names(), concurrency=s.sidekiq.concurrency,
+                db_pool=_effective_db_pool(desired, s, h), key=f"services.{s.name}", file=desired.source,
+                unknown="reads its queues from config/sidekiq.yml on the host" if s.sidekiq.queues_from_config
+                else "") for unit in s.units_on(h))
     return procs
 
 

@@ -1,21 +1,26 @@
 """What runs where: the pure comparison behind `fleet status` (and later `fleet audit`).
 
 Input: the declared fleet and what each host reported.  Output: a `StatusReport` of plain
-data — one row per declared service and per undeclared unit found by the discovery patterns,
-one cell per host — plus the Sidekiq view (which process serves which queue, and the
-findings of the same queue policy `fleet check` applies to the declared state).
+data — one row per declared unit (a template's: one per instance, then its wrapper) and per
+undeclared unit found by the discovery patterns or beside a declared template, one cell per
+host — plus the Sidekiq view (which process serves which queue, from its command line or, without
+-q, from the config file Sidekiq reads, and the findings of the same queue policy `fleet check`
+applies to the declared state).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fleet.model import Desired, Finding, HostError, HostResult, HostState, Service, UnitState
+from fleet.model import Desired, Finding, HostError, HostResult, HostState, Service, UnitSpec, UnitState
 from fleet.policy import SidekiqProcess, check_queues
 from fleet.resources.base import Problem
 from fleet.resources.registry import RESOURCES
+from fleet.resources.sidekiq_config import collected, config_file
+from fleet.sidekiq_settings import Served, SidekiqArgs, environment_of, parse_argv, served
 from fleet.textutil import sha256_hex
-from fleet.units import instance_owner, render_unit, unit_file_differs
+from fleet.unitfile import words
+from fleet.units import instance_owner, is_up, render_unit, unit_file_differs, up_state
 
 # Cell statuses, from best to worst news:
 OK = "ok"  # declared here and as declared
@@ -34,6 +39,7 @@ class Cell:
     detail: str = ""  # why it is drift: "disabled", "ExecStart differs" …
     unit: UnitState | None = None
     notes: tuple[str, ...] = ()  # what kinds of resource observed about the unit: "has drop-ins …"
+    down: bool = False  # declared here, and not up (missing, failed, stopped): an error in `fleet audit`
     problems: tuple[Problem, ...] = ()  # what kinds of resource found wrong with the service here (in detail too)
 
 
@@ -54,6 +60,14 @@ class QueueProcess:
     queues: tuple[tuple[str, int | None], ...]
     db_pool: int | None
     declared: bool
+    source: str = "-q"  # where the queues come from: "-q", a config file's path, or "defaults"
+    problem: str = ""  # why its queues are unknown (an unreadable config file); queues are then ()
+
+    def as_policy(self) -> SidekiqProcess:
+        """The process as the queue rules judge it (fleet/policy.py)."""
+        return SidekiqProcess(host=self.host, unit=self.unit, queues=tuple(q for q, _ in self.queues),
+                              concurrency=self.concurrency, db_pool=self.db_pool, unknown=self.problem,
+                              source=self.source)
 
 
 @dataclass(frozen=True)
@@ -73,15 +87,25 @@ class StatusReport:
 def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusReport:
     hosts = tuple(h.name for h in desired.hosts if h.name in results)
     rows: list[Row] = []
-    declared_units = {s.unit for s in desired.services}
+    declared_units = {u for s in desired.services for u in (s.unit, *s.run_units())} | {
+        s.wrapper.unit for s in desired.services if s.wrapper is not None}
     for s in desired.services:
         # per service, not per cell: a set for "declared here?" and the unit's hash, rendered once
         # (both are O(hosts) to recompute, which made status quadratic in hosts)
-        here = frozenset(s.hosts)
         want = sha256_hex(render_unit(s)) if s.unit_spec is not None else None
-        cells = tuple(_noted(_declared_cell(s, h, results[h], here, want), results[h], s.unit) for h in hosts)
-        rows.append(Row(unit=s.unit, service=s.name, kind=s.kind.value, declared_hosts=s.hosts, cells=cells))
-    # Units found by discovery that no service declares, e.g. a hand-made mastodon-sidekiq.service.
+        for unit in s.run_units():
+            here = frozenset(h for h in s.hosts if unit in s.units_on(h)) if s.is_template else frozenset(s.hosts)
+            cells = tuple(_noted(_declared_cell(s, unit, h, results[h], here, want), results[h], unit) for h in hosts)
+            rows.append(Row(unit=unit, service=s.name, kind=s.kind.value, declared_hosts=tuple(sorted(
+                here, key=s.hosts.index)) if s.is_template else s.hosts, cells=cells))
+        if s.wrapper is not None:
+            w, here = s.wrapper, frozenset(s.hosts)
+            want_w = sha256_hex(w.unit_spec.text or "")
+            cells = tuple(_noted(_declared_cell(s, w.unit, h, results[h], here, want_w), results[h], w.unit)
+                          for h in hosts)
+            rows.append(Row(unit=w.unit, service=s.name, kind=s.kind.value, declared_hosts=s.hosts, cells=cells))
+    # Units found by discovery that no service declares, e.g. a hand-made mastodon-sidekiq.service,
+    # or an instance of a declared template that no service declares.
     extra: dict[str, None] = {}
     for h in hosts:
         r = results[h]
@@ -93,37 +117,48 @@ def build_status(desired: Desired, results: dict[str, HostResult]) -> StatusRepo
         cells = tuple(_noted(_undeclared_cell(h, results[h], unit), results[h], unit) for h in hosts)
         rows.append(Row(unit=unit, service=None, kind="", declared_hosts=(), cells=cells))
     procs = observed_sidekiq(desired, results)
-    findings = check_queues(
-        [SidekiqProcess(host=p.host, unit=p.unit, queues=tuple(q for q, _ in p.queues), concurrency=p.concurrency,
-                        db_pool=p.db_pool) for p in procs],
-        what="running")
+    findings = check_queues([p.as_policy() for p in procs], what="running")
     return StatusReport(fleet=desired.name, hosts=hosts, results=results, rows=tuple(rows), sidekiq=tuple(procs),
                         queue_findings=tuple(findings))
 
 
-def _declared_cell(s: Service, host: str, result: HostResult, declared_on: frozenset[str],
+def _declared_cell(s: Service, unit: str, host: str, result: HostResult, declared_on: frozenset[str],
                    content_hash: str | None) -> Cell:
+    """The cell of one of the service's units (its unit, an instance, its wrapper) on `host`."""
     if isinstance(result, HostError):
         return Cell(host, UNKNOWN)
-    u = result.unit(s.unit)
+    u = result.unit(unit)
     if host not in declared_on:
-        return _undeclared_cell(host, result, s.unit)
+        return _undeclared_cell(host, result, unit)
     if u is None or not u.exists:
-        return Cell(host, DRIFT, "missing", "not installed", u)
+        return Cell(host, DRIFT, "missing", "not installed", u, down=True)
+    wrapper = s.wrapper is not None and unit == s.wrapper.unit
+    spec = s.wrapper.unit_spec if s.wrapper is not None and wrapper else s.unit_spec
     problems = []
-    healthy = u.active_state == "active" and (u.sub_state == "running" or s.observe_only)
-    if not healthy:
-        problems.append(f"should be active{'' if s.observe_only else '/running'}")
+    down = not (u.active_state == "active" if wrapper else is_up(s, u))
+    if down:
+        problems.append(f"should be {'active' if wrapper or s.observe_only else up_state(s, unit)}")
     if not u.enabled:
         problems.append(u.unit_file_state or "not enabled")
-    if s.unit_spec is not None and u.exec_start and tuple(s.unit_spec.exec_start.split()) != u.exec_start:
+    if spec is not None and u.exec_start and _exec_differs(spec, u):
         problems.append("ExecStart differs")
-    elif s.unit_spec is not None and unit_file_differs(s, u, content_hash):
+    elif spec is not None and unit_file_differs(s, u, content_hash, s.wrapper.unit if wrapper and s.wrapper else None):
         problems.append("unit file differs")
     # What the kinds find behind the unit: a failed Postgres cluster under an active/exited parent.
     found = tuple(p for r in RESOURCES for p in r.problems(result, s))
     problems += [p.message for p in found]
-    return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u, problems=found)
+    return Cell(host, DRIFT if problems else OK, u.state(), ", ".join(problems), u, down=down, problems=found)
+
+
+def _exec_differs(spec: UnitSpec, u: UnitState) -> bool:
+    """Does the running ExecStart differ from the declared one?  systemd shows argv with its words
+    joined by spaces and specifiers expanded: the operator's text is unquoted as systemd does, and
+    a command with a specifier (`%i`) is left to the unit file comparison."""
+    if spec.text is None:
+        return tuple(spec.exec_start.split()) != u.exec_start
+    if "%" in spec.exec_start:
+        return False
+    return tuple(" ".join(words(spec.exec_start)).split()) != u.exec_start
 
 
 def _noted(cell: Cell, result: HostResult, unit: str) -> Cell:
@@ -147,26 +182,8 @@ def _undeclared_cell(host: str, result: HostResult, unit: str) -> Cell:
 
 def parse_sidekiq_argv(argv: tuple[str, ...]) -> tuple[int | None, tuple[tuple[str, int | None], ...]] | None:
     """(-c, [(queue, weight)]) from a Sidekiq command line; None when it is not Sidekiq."""
-    if not any(a.rsplit("/", 1)[-1] == "sidekiq" for a in argv):
-        return None
-    concurrency: int | None = None
-    queues: list[tuple[str, int | None]] = []
-    it = iter(argv)
-    for a in it:
-        if a in ("-c", "--concurrency"):
-            concurrency = _to_int(next(it, ""))
-        elif a.startswith("--concurrency="):
-            concurrency = _to_int(a.split("=", 1)[1])
-        elif a in ("-q", "--queue"):
-            queues.append(_queue(next(it, "")))
-        elif a.startswith("--queue="):
-            queues.append(_queue(a.split("=", 1)[1]))
-    return concurrency, tuple(q for q in queues if q[0])
-
-
-def _queue(spec: str) -> tuple[str, int | None]:
-    name, _, weight = spec.partition(",")
-    return name, _to_int(weight) if weight else None
+    args = parse_argv(argv)
+    return None if args is None else (args.concurrency, args.queues)
 
 
 def _to_int(s: str) -> int | None:
@@ -177,9 +194,10 @@ def _to_int(s: str) -> int | None:
 
 
 def observed_sidekiq(desired: Desired, results: dict[str, HostResult]) -> list[QueueProcess]:
-    """Every running Sidekiq process, as its ExecStart says.  Without -q, Sidekiq reads
-    config/sidekiq.yml, which fleet cannot see: such a process is listed with no queues."""
-    declared = {(h, s.unit) for s in desired.services for h in s.hosts}
+    """Every running Sidekiq process: its -c and -q, or without -q the queues (and concurrency)
+    of the config file Sidekiq reads, as the host printed it (fleet/resources/sidekiq_config.py).
+    A file that could not be read leaves the process with no queues and says why."""
+    declared = {(h, u) for s in desired.services for h in s.hosts for u in s.units_on(h)}
     out: list[QueueProcess] = []
     for host, r in results.items():
         if not isinstance(r, HostState):
@@ -187,13 +205,38 @@ def observed_sidekiq(desired: Desired, results: dict[str, HostResult]) -> list[Q
         for u in r.units:
             if u.active_state != "active":
                 continue
-            parsed = parse_sidekiq_argv(u.exec_start)
-            if parsed is None:
+            args = parse_argv(u.exec_start)
+            if args is None:
                 continue
-            concurrency, queues = parsed
-            out.append(QueueProcess(host=host, unit=u.unit, concurrency=concurrency, queues=queues,
-                                    db_pool=_observed_db_pool(r, u), declared=(host, u.unit) in declared))
+            served = _served(r, u, args)
+            out.append(QueueProcess(host=host, unit=u.unit, concurrency=served.concurrency, queues=served.queues,
+                                    db_pool=_observed_db_pool(r, u), declared=(host, u.unit) in declared,
+                                    source=served.source, problem=served.problem))
     return out
+
+
+def _served(state: HostState, u: UnitState, args: SidekiqArgs) -> Served:
+    if args.queues:  # -q: the file's queue list does not count; its concurrency is not read
+        return Served(args.concurrency, args.queues, "-q")
+    env = _observed_env(state, u)
+    f = config_file(state, u.unit)
+    if f is None:
+        why = ("the config file Sidekiq reads was not collected (the host ran an older collection)"
+               if not collected(state) else "fleet found no config file for it")
+        return Served(args.concurrency, (), "config/sidekiq.yml", why)
+    if f.status == "none":
+        return served(args, environment_of(args, env), f.path, None, "", env)
+    return served(args, environment_of(args, env), f.path, f.config, f.problem(), env)
+
+
+def _observed_env(state: HostState, u: UnitState) -> list[tuple[str, str]]:
+    """The unit's environment as far as fleet sees it: Environment=, then the env files it loads."""
+    env = dict(u.environment)
+    for path in u.environment_files:  # EnvironmentFile= overrides Environment=
+        ef = state.env_file(path)
+        if ef is not None:
+            env.update(ef.value_map())
+    return list(env.items())
 
 
 def _observed_db_pool(state: HostState, u: UnitState) -> int | None:

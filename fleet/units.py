@@ -1,7 +1,9 @@
-"""Rendering the systemd unit fleet writes for a service: a pure function of the declaration.
+"""The unit files fleet writes for a service: a pure function of the declaration.
 
 The text is deterministic (same declaration, same bytes), so a hash comparison with what the
-collector saw on a host says whether the unit must be rewritten.
+collector saw on a host says whether the unit must be rewritten.  A service's files are its unit
+(for a template, the template file its instances load) and its wrapper's; the text is either
+rendered from the keyed `unit_file` form or the operator's own (written byte for byte).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 from fleet.mastodon import looks_secret
-from fleet.model import Service, UnitState
+from fleet.model import Service, UnitState, instance_of, template_of
 from fleet.textutil import mask, sha256_hex
+from fleet.unitfile import literal_percent
 
 UNIT_DIR = "/etc/systemd/system"
 
@@ -53,27 +56,32 @@ def refused_unit_files(unit: str, paths: Iterable[str]) -> tuple[str, ...]:
 
 
 def _literal(value: str) -> str:
-    """systemd expands %-specifiers in paths too: a literal % is written %%."""
+    """A path fleet also writes itself (an env file): systemd must read exactly it, so every %
+    is literal (%%), never a specifier."""
     return value.replace("%", "%%")
 
 
 def _env_assignment(key: str, value: str) -> str:
-    # systemd expands %-specifiers in Environment=; a literal % must be doubled.  Quoting the
-    # whole assignment keeps spaces; backslashes and quotes are escaped C-style.
-    v = value.replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    # systemd expands %-specifiers in Environment=: the operator's (%i for a template's instance)
+    # pass, a % that starts none is doubled.  Quoting the whole assignment keeps spaces;
+    # backslashes and quotes are escaped C-style.
+    v = literal_percent(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{key}={v}"'
 
 
 @lru_cache(maxsize=4096)  # a service's unit is the same on each of its hosts: render it once
 def render_unit(service: Service) -> str:
-    """The unit file text for a managed service.  Raises ValueError for observe-only ones."""
+    """The unit file text for a managed service (a template's: the template file).  Raises
+    ValueError for observe-only ones."""
     spec = service.unit_spec
     if spec is None:
         raise ValueError(f"service {service.name} is observe-only: fleet never writes its unit")
+    if spec.text is not None:
+        return spec.text  # the operator's: byte for byte
     lines = [
         f"# Managed by fleet (service {service.name}). Local edits are overwritten by `fleet apply`.",
         "[Unit]",
-        f"Description={_literal(spec.description or service.name)}",
+        f"Description={literal_percent(spec.description or service.name)}",
     ]
     if spec.after:
         lines.append(f"After={' '.join(spec.after)}")
@@ -83,7 +91,7 @@ def render_unit(service: Service) -> str:
     if spec.group:
         lines.append(f"Group={spec.group}")
     if spec.working_directory:
-        lines.append(f"WorkingDirectory={_literal(spec.working_directory)}")
+        lines.append(f"WorkingDirectory={literal_percent(spec.working_directory)}")
     for key, value in spec.environment:
         lines.append(f"Environment={_env_assignment(key, value)}")
     for path in spec.environment_files:
@@ -100,17 +108,43 @@ def render_unit(service: Service) -> str:
     return "\n".join(lines) + "\n"
 
 
-def desired_text_hash(service: Service, content_hash: str | None = None) -> str:
+def file_text(service: Service, unit: str) -> str | None:
+    """The text fleet writes for `unit`, one of the service's unit files (its unit or its
+    wrapper's); None when the service writes no such file."""
+    if service.unit_spec is not None and unit == service.unit:
+        return render_unit(service)
+    if service.wrapper is not None and unit == service.wrapper.unit:
+        return service.wrapper.unit_spec.text
+    return None
+
+
+def unit_files(service: Service, host: str) -> tuple[tuple[str, str, str], ...]:
+    """(file's unit, its text, the unit whose state shows that file on `host`) for each unit file
+    the service writes: the fragment of an instance is its template's file, so a template is
+    judged by its first instance on the host."""
+    out = []
+    if service.unit_spec is not None:
+        probe = service.units_on(host)[:1] or (service.unit,)
+        out.append((service.unit, render_unit(service), probe[0]))
+    if service.wrapper is not None and service.wrapper.unit_spec.text is not None:
+        out.append((service.wrapper.unit, service.wrapper.unit_spec.text, service.wrapper.unit))
+    return tuple(out)
+
+
+def desired_text_hash(service: Service, content_hash: str | None = None, unit: str | None = None) -> str:
     """The text hash the collector would report for this unit once fleet has written it
     (fragment in /etc/systemd/system, no drop-ins); see fleet.collect.parse.  `content_hash`:
-    sha256 of `render_unit(service)`, when the caller has it already."""
-    path = unit_path(service.unit)
-    return sha256_hex(f"{path} {content_hash or sha256_hex(render_unit(service))}")
+    sha256 of `render_unit(service)`, when the caller has it already; `unit`: another of the
+    service's unit files (its wrapper's)."""
+    unit = unit or service.unit
+    path = unit_path(unit)
+    return sha256_hex(f"{path} {content_hash or sha256_hex(file_text(service, unit) or '')}")
 
 
-def as_observed_text(service: Service) -> str:
+def as_observed_text(service: Service, unit: str | None = None) -> str:
     """The rendered unit in the collector's `systemctl cat`-like form, for unified diffs."""
-    return f"# {unit_path(service.unit)}\n{render_unit(service)}"
+    unit = unit or service.unit
+    return f"# {unit_path(unit)}\n{file_text(service, unit) or ''}"
 
 
 def masked_environment(value: str) -> tuple[tuple[str, str], ...]:
@@ -131,30 +165,63 @@ def masked_environment(value: str) -> tuple[tuple[str, str], ...]:
 
 def mask_unit_text(text: str) -> str:
     """A hand-edited unit may carry a secret in Environment=: mask it before the text is kept
-    anywhere (plans show unit texts as diffs)."""
+    anywhere (plans show unit texts as diffs).  An assignment continued on the next lines (a
+    trailing backslash, fleet/unitfile.py) is masked on every one of its lines."""
     lines = []
+    cont = False  # inside an Environment= assignment continued from the line before
     for line in text.split("\n"):
         stripped = line.lstrip()
-        if stripped.startswith("Environment="):
-            pairs = masked_environment(stripped[len("Environment="):])
+        env = stripped.startswith("Environment=")
+        if env or (cont and not stripped.startswith(("#", ";"))):
+            body = stripped[len("Environment="):] if env else stripped
+            more = _continued(body)
+            words = body[:-1] if more else body
+            pairs = masked_environment(words)
             if any(looks_secret(k) for k, _ in pairs):
-                line = "Environment=" + " ".join(f'"{k}={v}"' for k, v in pairs)
+                line = ("Environment=" if env else "  ") + " ".join(f'"{k}={v}"' for k, v in pairs) + (
+                    " \\" if more else "")
+            cont = more
         lines.append(line)
     return "\n".join(lines)
 
 
-def unit_file_differs(service: Service, u: UnitState | None, content_hash: str | None = None) -> bool:
-    """Would fleet rewrite this managed unit?  Drop-ins outside /etc/systemd/system (a
+def _continued(line: str) -> bool:
+    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
+
+
+def unit_file_differs(service: Service, u: UnitState | None, content_hash: str | None = None,
+                      unit: str | None = None) -> bool:
+    """Would fleet rewrite this managed unit file?  Drop-ins outside /etc/systemd/system (a
     package's, `systemctl edit --runtime`) are not fleet's to remove, so only the fragment and
-    drop-ins in fleet's own directory count.  `content_hash`: sha256 of `render_unit(service)`,
-    when the caller has it already (a plan asks for every host of a service)."""
-    if u is None or not u.exists or any(removable_unit_file(p, service.unit) for p in u.drop_in_paths):
+    drop-ins in fleet's own directory count.  `content_hash`: sha256 of the file's text, when
+    the caller has it already (a plan asks for every host of a service).  `unit`: which of the
+    service's files (default its unit; for a template, `u` is one of its instances)."""
+    unit = unit or service.unit
+    if u is None or not u.exists or any(removable_unit_file(p, unit) for p in u.drop_in_paths):
         return True
-    want = content_hash or sha256_hex(render_unit(service))
+    want = content_hash or sha256_hex(file_text(service, unit) or "")
     if u.file_hashes:
         fragment = dict(u.file_hashes).get(u.fragment_path)
-        return u.fragment_path != unit_path(service.unit) or fragment != want
-    return u.text_hash != desired_text_hash(service, want)  # plain data without per-file hashes
+        return u.fragment_path != unit_path(unit) or fragment != want
+    return u.text_hash != desired_text_hash(service, want, unit)  # plain data without per-file hashes
+
+
+def is_up(service: Service, u: UnitState) -> bool:
+    """Does `u`, one of the service's units, run as declared?  active/running; an observe-only
+    unit may be active/exited (Debian's postgresql.service parent), and so may a unit whose text
+    says Type=oneshot with RemainAfterExit=yes."""
+    if u.active_state != "active":
+        return False
+    spec = service.wrapper.unit_spec if service.wrapper is not None and u.unit == service.wrapper.unit \
+        else service.unit_spec
+    return u.sub_state == "running" or service.observe_only or (spec is not None and spec.remain_after_exit)
+
+
+def up_state(service: Service, unit: str) -> str:
+    """How the unit looks when it is up, as a plan says it will be."""
+    spec = service.wrapper.unit_spec if service.wrapper is not None and unit == service.wrapper.unit \
+        else service.unit_spec
+    return "active/exited" if spec is not None and spec.remain_after_exit else "active/running"
 
 
 def describe_unit(u: UnitState | None) -> str:
@@ -179,9 +246,24 @@ def _interesting_args(argv: tuple[str, ...]) -> str:
 
 
 def instance_owner(services: Iterable[Service], unit: str) -> Service | None:
-    """The service an instance unit belongs to: `postgresql@15-main.service` is part of the
-    service that declares `postgresql.service`."""
-    if "@" not in unit:
+    """The observe-only service an instance unit is part of: Debian's `postgresql@15-main.service`
+    is what its `postgresql.service` parent runs.  Only a distro parent hides its instances: an
+    instance of a unit fleet manages (`mastodon-streaming@4002.service` next to a declared
+    `mastodon-streaming@.service` or `mastodon-streaming.service`) is declared or shown."""
+    if instance_of(unit) is None:
         return None
     stem = unit.split("@", 1)[0]
-    return next((s for s in services if s.unit.rsplit(".", 1)[0] == stem), None)
+    return next((s for s in services if s.observe_only and s.unit.rsplit(".", 1)[0] == stem), None)
+
+
+def prunable_files(u: UnitState) -> tuple[str, ...]:
+    """The files a prune of `u` removes: its own fragment and the drop-ins of its own directory.
+    An instance shares its template's file and drop-ins (`x@.service`, `x@.service.d/`) with the
+    other instances, declared ones included: a prune of one instance never removes them."""
+    own = (u.unit,) if template_of(u.unit) is not None else None
+    files = (u.fragment_path, *u.drop_in_paths)
+    if own is None:
+        return tuple(p for p in files if p and removable_unit_file(p, u.unit))
+    return tuple(p for p in files if p and removable_unit_file(p, u.unit)
+                 and posixpath.basename(p if p == u.fragment_path else posixpath.dirname(p)).removesuffix(".d")
+                 == u.unit)

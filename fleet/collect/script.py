@@ -29,16 +29,17 @@ from typing import Any
 from fleet.mastodon import SECRET_NAME_PATTERN
 from fleet.model import Desired
 from fleet.resources.registry import RESOURCES
+from fleet.unitfile import MAX_LINES
 
 SCRIPT_VERSION = 1
 
 UNIT_PROPERTIES = (
     "Id", "LoadState", "ActiveState", "SubState", "UnitFileState", "ExecStart", "MainPID",
     "FragmentPath", "DropInPaths", "ActiveEnterTimestamp", "NRestarts", "Result", "Environment",
-    "EnvironmentFiles",
+    "EnvironmentFiles", "WorkingDirectory",
 )  # fmt: skip
 
-MAX_TEXT_LINES = 5000  # per unit file: a unit is a few dozen lines; more is not a unit
+MAX_TEXT_LINES = MAX_LINES  # per unit file: a unit is a few dozen lines; more is not a unit
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,15 @@ class CollectSpec:
 
 def spec_for(desired: Desired, host: str) -> CollectSpec:
     services = desired.services_on(host)
+    # A declared template's instances are looked for like a discovery pattern's units, so that an
+    # instance nobody declared (`mastodon-streaming@4002.service`) is seen, not hidden.
+    templates = tuple(f"{s.unit[:s.unit.index('@.') + 1]}*{s.unit[s.unit.index('@.') + 1:]}"
+                      for s in services if s.is_template)
     return CollectSpec(
-        units=tuple(dict.fromkeys(s.unit for s in services)),
-        managed=tuple(dict.fromkeys(s.unit for s in services if not s.observe_only)),
-        patterns=tuple(p.pattern for p in desired.discover),
+        units=tuple(dict.fromkeys(u for s in services for u in s.all_units_on(host))),
+        managed=tuple(dict.fromkeys(u for s in services if not s.observe_only for u in s.all_units_on(host))),
+        patterns=(*(p.pattern for p in desired.discover),
+                  *(t for t in dict.fromkeys(templates) if t not in {p.pattern for p in desired.discover})),
         kinds=tuple((r.section, what) for r in RESOURCES if r.section and (what := r.to_collect(desired, host))),
     )
 
@@ -103,14 +109,18 @@ function maskenv(line,   head, n, w, i, out, k, masking) {
 """
 
 # awk: dump fragment and drop-ins of the managed units, each line prefixed so that no line
-# of a file can ever be mistaken for a section marker.
+# of a file can ever be mistaken for a section marker.  An Environment= assignment continued on
+# the next lines (an odd number of trailing backslashes) is masked on each of them.
 _TEXT_AWK = _MASK_AWK + r"""
-function dump(f, u,   l, n) {
+function dump(f, u,   l, n, c) {
   print "@@file " u " " f
-  n = 0
+  n = 0; c = 0
   while ((getline l < f) > 0) {
     if (++n > maxl) { print "@@truncated"; break }
-    if (l ~ /^[ \t]*Environment=/) l = maskenv(l)
+    if (l ~ /^[ \t]*Environment=/) { c = (l ~ /(^|[^\\])(\\\\)*\\$/); l = maskenv(l) }
+    else if (c && l !~ /^[ \t]*[#;]/) {
+      c = (l ~ /(^|[^\\])(\\\\)*\\$/); l = "  " substr(maskenv("Environment=" l), 13)
+    }
     print "|" l
   }
   close(f)

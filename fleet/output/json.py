@@ -82,7 +82,8 @@ def status_json(report: StatusReport) -> dict[str, Any]:
         "services": rows,
         "sidekiq": {
             "processes": [{"host": p.host, "unit": p.unit, "concurrency": p.concurrency, "db_pool": p.db_pool,
-                           "declared": p.declared, "queues": [{"name": q, "weight": w} for q, w in p.queues]}
+                           "declared": p.declared, "queues": [{"name": q, "weight": w} for q, w in p.queues],
+                           "queues_from": p.source, "problem": p.problem}
                           for p in report.sidekiq],
             "queues": {q: [f"{p.host}:{p.unit}" for p in report.sidekiq if q in dict(p.queues)]
                        for q in _all_queues(report)},

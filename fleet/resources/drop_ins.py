@@ -20,7 +20,7 @@ from typing import Any
 
 from fleet.collect.sections import Collected, SectionParser, too_much
 from fleet.errors import ParseError
-from fleet.model import Desired, HostState
+from fleet.model import Desired, HostState, template_of
 from fleet.resources.base import Resource
 from fleet.units import unit_path
 
@@ -46,8 +46,10 @@ class DropIns(Resource):
     section = "dropins"
 
     def to_collect(self, desired: Desired, host: str) -> tuple[str, ...]:
-        """The drop-in directory of each unit declared on the host."""
-        return tuple(dict.fromkeys(f"{unit_path(s.unit)}.d" for s in desired.services_on(host)))
+        """The drop-in directory of each unit declared on the host (a template's, its instances',
+        its wrapper's)."""
+        return tuple(dict.fromkeys(f"{unit_path(u)}.d" for s in desired.services_on(host)
+                                   for u in (s.unit, *s.all_units_on(host))))
 
     def script(self, what: Any) -> str:
         dirs = " ".join(shlex.quote(d) for d in what)
@@ -61,7 +63,8 @@ class DropIns(Resource):
 
     def notes(self, state: HostState, unit: str) -> list[str]:
         found = state.facts_of(self.section)
-        mine = [d for d in found if isinstance(d, DropIn) and d.unit == unit] if isinstance(found, tuple) else []
+        names = {unit, template_of(unit) or unit}  # an instance also reads its template's drop-ins
+        mine = [d for d in found if isinstance(d, DropIn) and d.unit in names] if isinstance(found, tuple) else []
         if not mine:
             return []
         named = ", ".join(f"{d.name} sha256:{d.sha256[:8]}" for d in mine[:SHOWN])

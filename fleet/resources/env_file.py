@@ -92,9 +92,11 @@ class EnvFiles(Resource):
                 ctx.written_paths.add(ef.path)
 
     def affects(self, change: Change, desired: Desired) -> Iterable[str]:
-        """Every unit on the host that loads the file restarts after it is written."""
-        return [s.unit for s in desired.services_on(change.host)
-                if s.unit_spec is not None and change.target in s.unit_spec.environment_files]
+        """Every unit on the host that loads the file (each instance of a template) restarts after
+        it is written."""
+        return [u for s in desired.services_on(change.host)
+                if s.unit_spec is not None and change.target in s.unit_spec.environment_files
+                for u in s.units_on(change.host)]
 
     # -- plan file
 

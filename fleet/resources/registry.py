@@ -14,6 +14,7 @@ from fleet.actions import Action
 from fleet.resources.base import ActionSpec, Resource
 from fleet.resources.drop_ins import DropIns
 from fleet.resources.env_file import EnvFiles
+from fleet.resources.sidekiq_config import SidekiqConfigs
 from fleet.resources.stores import DataStores
 from fleet.resources.undeclared import UndeclaredUnits
 from fleet.resources.unit_file import UnitFiles
@@ -25,6 +26,7 @@ RESOURCES: tuple[Resource, ...] = (
     UnitStates(),
     UndeclaredUnits(),
     DropIns(),
+    SidekiqConfigs(),
     DataStores(),
 )
 

@@ -1,6 +1,10 @@
 """Undeclared units: a unit found by a discovery pattern on a host where nothing declares it is
 stopped, disabled and (when it is fleet's to remove) deleted — a prune.
 
+An instance of a declared template that no service declares on the host (`x@4002.service` next
+to a declared `x@.service` with instances 4000 and 4001) is an undeclared unit like any other;
+its prune removes only its own files, never the template file the declared instances share.
+
 Make-before-break needs the whole fleet in view: with a host excluded (--limit) or not
 observed, the instance a prune would stop may be the only one left, so the prune becomes a
 note instead.  A pattern with `prune = false` and `--no-prune` do the same.
@@ -32,7 +36,7 @@ from fleet.resources.base import (
     texts,
     was,
 )
-from fleet.units import describe_unit, instance_owner, refused_unit_files, removable_unit_file
+from fleet.units import describe_unit, instance_owner, prunable_files, refused_unit_files
 
 
 class UndeclaredUnits(Resource):
@@ -45,7 +49,7 @@ class UndeclaredUnits(Resource):
 
     def diff_host(self, ctx: HostDiff) -> None:
         desired, state, host = ctx.desired, ctx.state, ctx.host
-        declared_here = {s.unit for s in desired.services_on(host)}
+        declared_here = {unit for s in desired.services_on(host) for unit in (s.unit, *s.all_units_on(host))}
         for u in state.units:
             if u.unit in declared_here or not u.exists or instance_owner(desired.services_on(host), u.unit) is not None:
                 continue
@@ -54,7 +58,8 @@ class UndeclaredUnits(Resource):
             if pattern is None:
                 continue  # declared for another host, not matching discovery: not our business here
             report_refused(ctx, u.unit, refused_unit_files(u.unit, (u.fragment_path, *u.drop_in_paths)))
-            ours = removable_unit_file(u.fragment_path, u.unit)
+            own = prunable_files(u)
+            ours = u.fragment_path in own
             if not active and not u.enabled and not ours:
                 continue  # an installed, idle distro unit (postgresql on a non-db host): nothing to say
             if not (pattern.prune and ctx.prune and ctx.whole):
@@ -68,8 +73,7 @@ class UndeclaredUnits(Resource):
                                        ("remove", ours)) if need]
             if not steps:
                 continue
-            files = ((u.fragment_path,) if "remove" in steps else ()) + tuple(
-                p for p in u.drop_in_paths if removable_unit_file(p, u.unit))
+            files = ((u.fragment_path,) if "remove" in steps else ()) + tuple(p for p in own if p != u.fragment_path)
             ctx.add(Change(host, Action.PRUNE, u.unit,
                            f"undeclared on {host} (matches {pattern.pattern}, prune = true)",
                            _service_of(desired, u.unit), before=describe_unit(u),
@@ -129,4 +133,4 @@ def _matching_pattern(patterns: tuple[DiscoveryPattern, ...], unit: str) -> Disc
 
 
 def _service_of(desired: Desired, unit: str) -> str | None:
-    return next((s.name for s in desired.services if s.unit == unit), None)
+    return next((s.name for s in desired.services if s.owns(unit)), None)

@@ -1,9 +1,12 @@
-"""Unit files: the file fleet writes for a managed service (write-unit), and the systemd reload
+"""Unit files: the files fleet writes for a managed service (write-unit), and the systemd reload
 that every written unit file implies on its host (daemon-reload).
 
-A managed unit is rewritten when its fragment is not byte for byte what fleet renders
-(fleet/units.py) or when drop-ins in fleet's own directory change it; those drop-ins are removed
-with the rewrite (backed up first).  Drop-ins elsewhere are reported, never touched.
+A service's files are its unit (a template's: the template file its instances load) and its
+wrapper's, each either rendered from the keyed form or the operator's own text (fleet/units.py).
+A file is rewritten when it is not byte for byte what was declared, or when drop-ins in fleet's
+own directory change it; those drop-ins are removed with the rewrite (backed up first).  Drop-ins
+elsewhere are reported, never touched; an instance's own drop-ins (`x@4000.service.d/`) are the
+instance's, not the template's, and are left alone.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from fleet import remote
 from fleet.actions import Action, Change, ObservedKind, Payload, Phase, UnitFilePayload
 from fleet.config import UNIT_NAME
 from fleet.errors import FleetError
-from fleet.model import Desired, Service
+from fleet.model import Desired, Service, UnitState
 from fleet.resources.base import (
     DIFF,
     PLAIN,
@@ -39,11 +42,12 @@ from fleet.units import (
     UNIT_DIR,
     as_observed_text,
     describe_unit,
+    file_text,
     mask_unit_text,
     refused_unit_files,
     removable_unit_file,
-    render_unit,
     unit_file_differs,
+    unit_files,
     unit_path,
 )
 
@@ -54,15 +58,15 @@ class UnitTexts:
     install of 1,000 hosts would render and diff each unit 1,000 times)."""
 
     def __init__(self) -> None:
-        self._rendered: dict[int, tuple[Service, str, str]] = {}
+        self._rendered: dict[tuple[int, str], tuple[Service, str, str]] = {}
         self._bodies: dict[tuple[str, str], str] = {}
 
-    def of(self, s: Service) -> tuple[str, str]:
-        """(sha256 of the rendered unit, the rendered unit as the collector shows it)."""
-        hit = self._rendered.get(id(s))
+    def of(self, s: Service, unit: str, text: str) -> tuple[str, str]:
+        """(sha256 of the unit file's text, that text as the collector shows it)."""
+        hit = self._rendered.get((id(s), unit))
         if hit is None or hit[0] is not s:
-            hit = (s, sha256_hex(render_unit(s)), as_observed_text(s))
-            self._rendered[id(s)] = hit
+            hit = (s, sha256_hex(text), as_observed_text(s, unit))
+            self._rendered[(id(s), unit)] = hit
         return hit[1], hit[2]
 
     def unified_diff(self, before: str, after: str, fromfile: str, tofile: str) -> str:
@@ -90,28 +94,40 @@ class UnitFiles(Resource):
 
     def diff_service(self, ctx: HostDiff, service: Service) -> None:
         s, host = service, ctx.host
-        u = ctx.state.unit(s.unit)
-        if s.unit_spec is not None:
-            drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if removable_unit_file(p, s.unit))
-            units: UnitTexts = ctx.cache.setdefault(self.kind, UnitTexts())
-            content_hash, observed_text = units.of(s)
-            if unit_file_differs(s, u, content_hash):
-                before_text = mask_unit_text(u.text or "") if u is not None else ""
-                udiff = units.unified_diff(before_text, observed_text,
-                                           fromfile=f"{host}:{s.unit} (now)", tofile=f"{host}:{s.unit} (desired)")
-                installed = u is not None and u.exists
-                reason = "unit file differs from the declaration" if installed else "unit is not installed"
-                if drop_ins:
-                    reason += f"; removes {len(drop_ins)} drop-in(s) fleet did not write"
-                before = (u.fragment_path or unit_path(s.unit)) if u is not None and installed else "absent"
-                ctx.add(Change(host, Action.WRITE_UNIT, s.unit, reason, s.name, before=before,
-                               after=unit_path(s.unit),
-                               payload=UnitFilePayload(content_hash, diff=udiff, remove_files=drop_ins)))
-                ctx.rewritten_units.add(s.unit)
+        for unit, content, probe in unit_files(s, host):
+            self._diff_file(ctx, s, unit, content, ctx.state.unit(probe))
+        for run_unit in s.units_on(host) if s.unit_spec is None else ():
+            self._report_drop_ins(ctx, run_unit, ctx.state.unit(run_unit))  # observe-only: only reported
+        for run_unit in s.units_on(host)[1:] if s.unit_spec is not None else ():
+            self._report_drop_ins(ctx, run_unit, ctx.state.unit(run_unit))  # the other instances
+
+    def _diff_file(self, ctx: HostDiff, s: Service, unit: str, content: str, u: UnitState | None) -> None:
+        """One of the service's unit files; `u` the unit whose state shows it (for a template,
+        its first instance on the host)."""
+        host = ctx.host
+        drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if removable_unit_file(p, unit))
+        units: UnitTexts = ctx.cache.setdefault(self.kind, UnitTexts())
+        content_hash, observed_text = units.of(s, unit, content)
+        if unit_file_differs(s, u, content_hash, unit):
+            before_text = mask_unit_text(u.text or "") if u is not None else ""
+            udiff = units.unified_diff(before_text, observed_text,
+                                       fromfile=f"{host}:{unit} (now)", tofile=f"{host}:{unit} (desired)")
+            installed = u is not None and u.exists
+            reason = "unit file differs from the declaration" if installed else "unit is not installed"
+            if drop_ins:
+                reason += f"; removes {len(drop_ins)} drop-in(s) fleet did not write"
+            before = (u.fragment_path or unit_path(unit)) if u is not None and installed else "absent"
+            ctx.add(Change(host, Action.WRITE_UNIT, unit, reason, s.name, before=before,
+                           after=unit_path(unit),
+                           payload=UnitFilePayload(content_hash, diff=udiff, remove_files=drop_ins)))
+            ctx.rewritten_units.add(unit)
+        self._report_drop_ins(ctx, u.unit if u is not None else unit, u)
+
+    def _report_drop_ins(self, ctx: HostDiff, unit: str, u: UnitState | None) -> None:
         foreign = [p for p in (u.drop_in_paths if u else ()) if not p.startswith(UNIT_DIR + "/")]
-        report_refused(ctx, s.unit, refused_unit_files(s.unit, u.drop_in_paths if u else ()))
+        report_refused(ctx, unit, refused_unit_files(unit, u.drop_in_paths if u else ()))
         if foreign:
-            ctx.problems.append(f"on {host}, {s.unit} also reads drop-in(s) {', '.join(foreign)}, outside "
+            ctx.problems.append(f"on {ctx.host}, {unit} also reads drop-in(s) {', '.join(foreign)}, outside "
                                 f"{UNIT_DIR}: fleet does not remove them, and they may change the unit "
                                 f"(now {describe_unit(u)}); remove them by hand if they are not wanted")
 
@@ -122,7 +138,12 @@ class UnitFiles(Resource):
             ctx.add(Change(ctx.host, Action.DAEMON_RELOAD, "systemd", "unit files changed on this host"))
 
     def affects(self, change: Change, desired: Desired) -> Iterable[str]:
-        return (change.target,) if change.action == Action.WRITE_UNIT else ()
+        if change.action != Action.WRITE_UNIT:
+            return ()
+        svc = desired.service(change.service or "")
+        if svc is not None and svc.is_template and change.target == svc.unit:
+            return svc.units_on(change.host)  # a template file: what runs from it is its instances
+        return (change.target,)
 
     # -- plan file
 
@@ -148,7 +169,8 @@ class UnitFiles(Resource):
         if change.action != Action.WRITE_UNIT:
             return None
         svc = desired.service(change.service or "")
-        if svc is None or svc.unit_spec is None or sha256_hex(render_unit(svc)) != _payload(change).content_hash:
+        text = file_text(svc, change.target) if svc is not None else None
+        if text is None or sha256_hex(text) != _payload(change).content_hash:
             return f"{change.host}: the unit {change.target} would differ from the plan"
         return None
 
@@ -159,9 +181,12 @@ class UnitFiles(Resource):
         removes = _payload(change).remove_files
         refuse_removals(removes, change.target)
         svc = step.service(change.service)
+        text = file_text(svc, change.target)
+        if text is None:
+            raise FleetError(f"service {svc.name} no longer declares the unit file {change.target}")
         step.run(remote.remove_files(removes, run_id=step.run_id))
         step.backed_up(removes)  # a rollback puts them back with the unit
-        step.write(unit_path(change.target), render_unit(svc), mode="0644", owner="root", group="root")
+        step.write(unit_path(change.target), text, mode="0644", owner="root", group="root")
 
     # -- journal and plan text
 

@@ -2,9 +2,12 @@
 
 A declared unit that is not enabled is enabled; one that does not run is started (restarted
 when systemd has it active but not running); one that runs is restarted when an earlier
-resource rewrote its unit file or an env file it loads.  Every start and restart passes the
-health gate (fleet.remote.health_gate) or fails; a failed one rolls its service on that host
-back to the files it had before this run.
+resource rewrote its unit file or an env file it loads.  A template's units are its instances
+on the host, each converged on its own (rolled by max_unavailable across hosts and instances,
+fleet/graph.py); its wrapper is enabled and started, never restarted (through PartOf= that
+would restart every instance at once).  Every start and restart passes the health gate
+(fleet.remote.health_gate) or fails; a failed one rolls its service on that host back to the
+files it had before this run.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from fleet import remote
 from fleet.actions import Action, Change, ObservedKind, Phase
 from fleet.config import UNIT_NAME
 from fleet.errors import FleetError, TransportError
-from fleet.model import Desired, Service
+from fleet.model import Desired, Service, UnitState
 from fleet.resources.base import PLAIN, ActionSpec, AuditStep, Detail, Execution, HostDiff, Resource
-from fleet.units import describe_unit, unit_path
+from fleet.units import describe_unit, is_up, unit_path, up_state
 
 _RUNS = (Action.START, Action.RESTART)
 # A failed start or restart rolled files back and stopped or restarted its unit: it explains file
@@ -44,21 +47,40 @@ class UnitStates(Resource):
 
     def diff_service(self, ctx: HostDiff, service: Service) -> None:
         s, host = service, ctx.host
-        u = ctx.state.unit(s.unit)
-        if u is None or not u.exists or not u.enabled:
-            ctx.add(Change(host, Action.ENABLE, s.unit, "declared units start at boot", s.name,
-                           before=(u.unit_file_state or "absent") if u is not None else "absent", after="enabled"))
         loads_changed = [p for p in (s.unit_spec.environment_files if s.unit_spec else ()) if p in ctx.written_paths]
-        running = u is not None and u.active_state == "active" and (u.sub_state == "running" or s.observe_only)
+        for unit in s.units_on(host):
+            self._converge(ctx, s, unit, loads_changed)
+        if s.wrapper is not None:
+            self._start_wrapper(ctx, s, s.wrapper.unit)
+
+    def _converge(self, ctx: HostDiff, s: Service, unit: str, loads_changed: list[str]) -> None:
+        host = ctx.host
+        u = ctx.state.unit(unit)
+        self._enable(ctx, s, unit, u)
+        running = u is not None and is_up(s, u)
         if not running:
             was = describe_unit(u)
             action = Action.RESTART if u is not None and u.active_state == "active" else Action.START
-            ctx.add(Change(host, action, s.unit, f"declared to run here; now {was}", s.name,
-                           before=was, after="active/running"))
+            ctx.add(Change(host, action, unit, f"declared to run here; now {was}", s.name,
+                           before=was, after=up_state(s, unit)))
         elif s.unit in ctx.rewritten_units or loads_changed:
             why = "its unit file changes" if s.unit in ctx.rewritten_units else f"{', '.join(loads_changed)} changes"
-            ctx.add(Change(host, Action.RESTART, s.unit, f"running, and {why}", s.name,
-                           before=describe_unit(u), after="active/running with the new configuration"))
+            ctx.add(Change(host, Action.RESTART, unit, f"running, and {why}", s.name,
+                           before=describe_unit(u), after=f"{up_state(s, unit)} with the new configuration"))
+
+    def _enable(self, ctx: HostDiff, s: Service, unit: str, u: UnitState | None) -> None:
+        if u is None or not u.exists or not u.enabled:
+            ctx.add(Change(ctx.host, Action.ENABLE, unit, "declared units start at boot", s.name,
+                           before=(u.unit_file_state or "absent") if u is not None else "absent", after="enabled"))
+
+    def _start_wrapper(self, ctx: HostDiff, s: Service, unit: str) -> None:
+        """Enabled, and active (a oneshot wrapper stays active/exited); never restarted."""
+        u = ctx.state.unit(unit)
+        self._enable(ctx, s, unit, u)
+        if u is None or u.active_state != "active":
+            was = describe_unit(u)
+            ctx.add(Change(ctx.host, Action.START, unit, f"starts the instances of {s.unit} together; now {was}",
+                           s.name, before=was, after="active"))
 
     def affects(self, change: Change, desired: Desired) -> Iterable[str]:
         return (change.target,) if change.action == Action.ENABLE else ()  # enabled before it starts
@@ -83,7 +105,7 @@ class UnitStates(Resource):
         self._gate(change, step)
 
     def _gate(self, change: Change, step: Execution) -> None:
-        check = step.service(change.service).health
+        check = step.service(change.service).health_for(change.target)
         budget = step.start_timeout + step.settle + (check.timeout if check else 0) + 30
         out = step.run(remote.health_gate(change.target, check, settle=step.settle, start_timeout=step.start_timeout),
                        timeout=budget)
@@ -100,24 +122,25 @@ class UnitStates(Resource):
         svc = step.desired.service(change.service or "")
         if svc is None:
             return ""
-        unit_file = unit_path(svc.unit)
-        mine = [p for p in step.written() if p == unit_file or p.startswith(unit_file + ".d/")
+        unit = change.target  # the unit that failed: the service's unit, or one of its instances
+        files = {unit_path(svc.unit), unit_path(unit)}  # a template's instance: its file is the template's
+        mine = [p for p in step.written() if any(p == f or p.startswith(f + ".d/") for f in files)
                 or (svc.unit_spec is not None and p in svc.unit_spec.environment_files)]
         was_running = change.before.startswith("active")
         try:
             if not was_running:  # stop first: a crash-looping new unit must not restart meanwhile
-                step.run_unchecked(remote.systemctl("stop", svc.unit) + remote.reset_failed(svc.unit),
+                step.run_unchecked(remote.systemctl("stop", unit) + remote.reset_failed(unit),
                                    timeout=step.start_timeout + 30)
             for path in mine:
                 step.run_unchecked(remote.restore_file(path, run_id=step.run_id), timeout=60)
             if mine:
                 step.run_unchecked(remote.systemctl("daemon-reload"), timeout=60)
             if was_running:
-                step.run_unchecked(remote.systemctl("restart", svc.unit), timeout=step.start_timeout + 30)
+                step.run_unchecked(remote.systemctl("restart", unit), timeout=step.start_timeout + 30)
         except TransportError as e:
             return f"rollback on {change.host} failed: {e.message}"
         restored = ", ".join(mine) if mine else "nothing written"
-        return (f"rolled back {svc.unit} on {change.host}: restored {restored}; "
+        return (f"rolled back {unit} on {change.host}: restored {restored}; "
                 + ("restarted it" if was_running else "stopped it (it was not running before)"))
 
     # -- plan text and audit

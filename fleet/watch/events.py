@@ -65,8 +65,9 @@ RUN_MEMORY_SECONDS = 7 * 86400.0
 
 RECENT_EVENTS = 50  # how many past events the state keeps for the status page's timeline
 
-# The rule codes whose findings are told by another event: an unobservable host is a host event.
-_TOLD_ELSEWHERE = frozenset({"audit.unreachable"})
+# The rule codes whose findings are told by another event: an unobservable host is a host event,
+# a declared unit that is down is its drift event.
+_TOLD_ELSEWHERE = frozenset({"audit.unreachable", "unit.down"})
 
 # Per rule: what in its message names the subject (queue, unit, key, path).  `None`: the rule is
 # fleet-wide and has one finding at most, whatever its message says (the scheduler count).
@@ -77,6 +78,8 @@ _SUBJECT: Mapping[str, re.Pattern[str] | None] = {
     "sidekiq.scheduler-count": None,
     "sidekiq.db-pool": re.compile(r"^(.+?) on \S+ runs "),
     "sidekiq.unknown-queue": re.compile(r"^(.+?) on \S+ serves queue (.+), which Mastodon never uses$"),
+    "sidekiq.config-unreadable": re.compile(r"^(\S+) on \S+: "),
+    "sidekiq.coverage-unknown": None,
     "placement.forbidden": re.compile(r"^(\S+) \((.+?)\) on \S+, whose role "),
     "env.unknown-key": re.compile(r"^(.+?) is not a Mastodon setting"),
     "env.near-miss": re.compile(r"^(.+?) is not a Mastodon setting"),

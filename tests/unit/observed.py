@@ -35,10 +35,13 @@ from fleet.model import (
     HostResult,
     HostState,
     Service,
+    UnitSpec,
     UnitState,
+    instance_of,
 )
 from fleet.textutil import mask, sha256_hex
-from fleet.units import as_observed_text, render_unit, unit_path
+from fleet.unitfile import words
+from fleet.units import as_observed_text, file_text, unit_path
 
 REPO = Path(__file__).resolve().parents[2]
 DISTRO_UNIT_DIR = "/lib/systemd/system"
@@ -91,22 +94,44 @@ def hashes_to_text_hash(file_hashes: Iterable[tuple[str, str]]) -> str:
     return sha256_hex("\n".join(f"{p} {h}" for p, h in file_hashes))
 
 
-def exec_argv(service: Service) -> tuple[str, ...]:
-    assert service.unit_spec is not None
-    return tuple(service.unit_spec.exec_start.split())
+def _spec_of(service: Service, unit: str | None) -> UnitSpec:
+    if service.wrapper is not None and unit == service.wrapper.unit:
+        return service.wrapper.unit_spec
+    assert service.unit_spec is not None, f"{service.name} is observe-only"
+    return service.unit_spec
 
 
-def managed_unit(service: Service, *, pid: int = 4242) -> UnitState:
-    """A fleet-written unit, loaded, enabled and running exactly as declared."""
-    spec = service.unit_spec
-    assert spec is not None, f"{service.name} is observe-only"
+def _expanded(value: str, unit: str | None) -> str:
+    """What systemd shows for a value of an instance's unit: %i and %I expanded."""
+    inst = instance_of(unit or "")
+    return value if inst is None else value.replace("%i", inst).replace("%I", inst.replace("-", "/"))
+
+
+def exec_argv(service: Service, unit: str | None = None) -> tuple[str, ...]:
+    """argv as `systemctl show` reports it: the operator's text unquoted as systemd does."""
+    spec = _spec_of(service, unit)
+    if spec.text is None:
+        return tuple(spec.exec_start.split())
+    return tuple(_expanded(" ".join(words(spec.exec_start)), unit).split())
+
+
+def managed_unit(service: Service, *, pid: int = 4242, unit: str | None = None) -> UnitState:
+    """A fleet-written unit, loaded, enabled and running exactly as declared.  `unit`: one of a
+    template's instances (its file is the template's) or the service's wrapper (active/exited)."""
+    name = unit or service.unit
+    spec = _spec_of(service, unit)
+    file_unit = service.wrapper.unit if service.wrapper is not None and name == service.wrapper.unit \
+        else service.unit
+    text = file_text(service, file_unit)
+    assert text is not None
     return UnitState(
-        unit=service.unit, load_state="loaded", active_state="active", sub_state="running",
-        unit_file_state="enabled", exec_start=exec_argv(service), main_pid=pid,
-        fragment_path=unit_path(service.unit), drop_in_paths=(), active_enter="Mon 2026-11-23 10:00:00 UTC",
-        n_restarts=0, result="success", **hashed([(unit_path(service.unit), render_unit(service))]),
-        text=as_observed_text(service),
-        environment=tuple((k, mask(v) if looks_secret(k) else v) for k, v in spec.environment),
+        unit=name, load_state="loaded", active_state="active",
+        sub_state="exited" if spec.remain_after_exit else "running",
+        unit_file_state="enabled", exec_start=exec_argv(service, unit), main_pid=0 if spec.remain_after_exit else pid,
+        fragment_path=unit_path(file_unit), drop_in_paths=(), active_enter="Mon 2026-11-23 10:00:00 UTC",
+        n_restarts=0, result="success", **hashed([(unit_path(file_unit), text)]),
+        text=as_observed_text(service, file_unit),
+        environment=tuple((k, mask(v) if looks_secret(k) else _expanded(v, unit)) for k, v in spec.environment),
         environment_files=spec.environment_files,
     )
 
@@ -199,8 +224,10 @@ def facts(host: str) -> HostFacts:
 
 
 def converged_host(desired: Desired, host: str, secrets: Mapping[tuple[str, str], str]) -> HostState:
-    units = tuple(observe_only_unit(s) if s.observe_only else managed_unit(s, pid=1000 + i)
-                  for i, s in enumerate(desired.services_on(host)))
+    units = tuple(observe_only_unit(s) if s.observe_only and not s.is_template else
+                  distro_unit(u) if s.observe_only else
+                  managed_unit(s, pid=1000 + i) if not s.is_template else managed_unit(s, pid=1000 + i * 10 + j, unit=u)
+                  for i, s in enumerate(desired.services_on(host)) for j, u in enumerate(s.all_units_on(host)))
     envs = tuple(converged_env(ef, host, secrets) for ef in desired.env_files_on(host))
     return HostState(host=host, facts=facts(host), units=units, env_files=envs, collected_at=1_800_000_000.0)
 
@@ -218,7 +245,7 @@ def not_found(unit: str) -> UnitState:
 
 def bare_host(desired: Desired, host: str) -> HostState:
     """A host with none of its declared units installed and its env files absent."""
-    units = tuple(not_found(s.unit) for s in desired.services_on(host))
+    units = tuple(not_found(u) for s in desired.services_on(host) for u in s.all_units_on(host))
     envs = tuple(EnvFileState(path=ef.path, present=False) for ef in desired.env_files_on(host))
     return HostState(host=host, facts=facts(host), units=units, env_files=envs, collected_at=1_800_000_000.0)
 
@@ -391,7 +418,7 @@ def mutate(desired: Desired, state: HostState, what: str, draw: Callable[[st.Sea
 
 
 def _declared(desired: Desired, host: str, unit: str) -> Service | None:
-    return next((s for s in desired.services_on(host) if s.unit == unit), None)
+    return next((s for s in desired.services_on(host) if unit in s.all_units_on(host)), None)
 
 
 @st.composite

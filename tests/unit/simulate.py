@@ -29,13 +29,13 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from observed import DISTRO_UNIT_DIR, env_state_from, exec_argv, hashed, hashes_to_text_hash
+from observed import DISTRO_UNIT_DIR, env_state_from, exec_argv, hashed, hashes_to_text_hash, managed_unit
 
 from fleet.actions import Action, Change, EnvFilePayload, PrunePayload, UnitFilePayload
 from fleet.model import Desired, EnvFile, EnvFileState, HostError, HostResult, HostState, UnitState
 from fleet.plan import Plan
 from fleet.textutil import sha256_hex
-from fleet.units import as_observed_text, render_unit, unit_path
+from fleet.units import as_observed_text, file_text, unit_path
 
 
 class SimulationError(AssertionError):
@@ -157,27 +157,37 @@ def _prune(step: _Step) -> None:
 
 
 def _write_unit(step: _Step) -> None:
+    """The file changes on disk for every unit loaded from it: the unit itself, or each of a
+    template's instances on the host."""
     c, desired, h, now = step.c, step.desired, step.h, step.now
-    u = h.units.get(c.target)
     s = desired.service(c.service or "")
-    if s is None or s.unit_spec is None:
-        raise SimulationError(f"{c.id}: write-unit for {c.service!r}, which is not a managed service")
+    text = file_text(s, c.target) if s is not None else None
+    if s is None or text is None:
+        raise SimulationError(f"{c.id}: write-unit for {c.service!r}, which declares no file {c.target}")
     assert isinstance(c.payload, UnitFilePayload), c
-    if c.payload.content_hash != sha256_hex(render_unit(s)):
+    if c.payload.content_hash != sha256_hex(text):
         raise SimulationError(f"{c.id}: content_hash is not the hash of the rendered unit")
-    drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p not in c.payload.remove_files)
-    path = unit_path(s.unit)
-    # Drop-ins fleet does not delete stay part of the unit, and of its hashes.
-    kept = dict(u.file_hashes if u else ())
-    file_hashes = ((path, sha256_hex(render_unit(s))),) + tuple((p, kept.get(p, sha256_hex(p))) for p in drop_ins)
-    base = u if u is not None and u.exists else UnitState(
-        unit=s.unit, load_state="loaded", active_state="inactive", sub_state="dead", unit_file_state="disabled")
-    h.units[s.unit] = dataclasses.replace(base, fragment_path=path, drop_in_paths=drop_ins, file_hashes=file_hashes,
-                                          text_hash=hashes_to_text_hash(file_hashes), text=as_observed_text(s))
-    h.unreloaded.add(s.unit)
-    h.pending[s.unit] = {"exec_start": exec_argv(s), "environment": s.unit_spec.environment,
-                         "environment_files": s.unit_spec.environment_files, "load_state": "loaded"}
-    h.unit_written[s.unit] = now
+    path = unit_path(c.target)
+    loaded = s.units_on(c.host) if s.is_template and c.target == s.unit else (c.target,)
+    for name in loaded:
+        u = h.units.get(name)
+        drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if p not in c.payload.remove_files)
+        # Drop-ins fleet does not delete stay part of the unit, and of its hashes.
+        kept = dict(u.file_hashes if u else ())
+        file_hashes = ((path, sha256_hex(text)),) + tuple((p, kept.get(p, sha256_hex(p))) for p in drop_ins)
+        base = u if u is not None and u.exists else UnitState(
+            unit=name, load_state="loaded", active_state="inactive", sub_state="dead", unit_file_state="disabled")
+        h.units[name] = dataclasses.replace(base, fragment_path=path, drop_in_paths=drop_ins,
+                                            file_hashes=file_hashes, text_hash=hashes_to_text_hash(file_hashes),
+                                            text=as_observed_text(s, c.target))
+        h.unreloaded.add(name)
+        spec = s.wrapper.unit_spec if s.wrapper is not None and c.target == s.wrapper.unit else s.unit_spec
+        assert spec is not None
+        ref = managed_unit(s, unit=name if name != s.unit else None)
+        h.pending[name] = {"exec_start": exec_argv(s, name if name != s.unit else None),
+                           "environment": ref.environment, "environment_files": spec.environment_files,
+                           "load_state": "loaded"}
+        h.unit_written[name] = now
 
 
 def _write_env(step: _Step) -> None:
@@ -212,12 +222,16 @@ def _package_unit(c: Change, desired: Desired) -> UnitState:
     if s is None or not s.observe_only:
         raise SimulationError(f"{c.id}: {c.target} is not installed and fleet does not install it")
     path = f"{DISTRO_UNIT_DIR}/{s.unit}"
-    return UnitState(unit=s.unit, load_state="loaded", active_state="inactive", sub_state="dead",
+    return UnitState(unit=c.target, load_state="loaded", active_state="inactive", sub_state="dead",
                      unit_file_state="disabled", fragment_path=path, **hashed([(path, "package")]))
 
 
 def _running_sub(c: Change, desired: Desired) -> str:
     s = desired.service(c.service or "")
+    if s is not None and s.wrapper is not None and c.target == s.wrapper.unit:
+        return "exited" if s.wrapper.unit_spec.remain_after_exit else "running"
+    if s is not None and s.unit_spec is not None and s.unit_spec.remain_after_exit:
+        return "exited"
     return "exited" if s is not None and s.observe_only and s.kind.value == "postgres" else "running"
 
 
@@ -237,12 +251,13 @@ def _check_no_stale_processes(desired: Desired, hosts: dict[str, _Host]) -> None
         if h.unreloaded:
             raise SimulationError(f"{name}: unit files of {sorted(h.unreloaded)} written, systemd never reloaded")
         for s in desired.services_on(name):
-            u = h.units.get(s.unit)
-            if u is None or u.active_state != "active":
-                continue
-            since = h.started.get(s.unit, 0)
-            if s.unit in h.unit_written and h.unit_written[s.unit] >= since:
-                raise SimulationError(f"{name}: {s.unit} still runs its old unit file")
-            for path in s.unit_spec.environment_files if s.unit_spec else ():
-                if path in h.env_written and h.env_written[path] >= since:
-                    raise SimulationError(f"{name}: {s.unit} still runs with the old {path}")
+            for unit in s.units_on(name):  # a wrapper is never restarted: it only starts the instances
+                u = h.units.get(unit)
+                if u is None or u.active_state != "active":
+                    continue
+                since = h.started.get(unit, 0)
+                if unit in h.unit_written and h.unit_written[unit] >= since:
+                    raise SimulationError(f"{name}: {unit} still runs its old unit file")
+                for path in s.unit_spec.environment_files if s.unit_spec else ():
+                    if path in h.env_written and h.env_written[path] >= since:
+                        raise SimulationError(f"{name}: {unit} still runs with the old {path}")
