@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from fleet.collect.collector import HistoryAsk, collect_all
 from fleet.errors import FleetError, ParseError
+from fleet.history import HistoryRead
 from fleet.history_cache import HistoryCache
 from fleet.journal import Journal, journal_path, operator
-from fleet.history import HistoryRead
 from fleet.model import Desired, Host, HostResult, HostState
 from fleet.snapshot import host_summary, pack
 from fleet.targets import Targets
