@@ -6,6 +6,11 @@ before a step runs and its outcome after, so a crash mid-apply leaves "started, 
 visible.  A failed health gate halts the rollout: nothing new starts, what is in flight finishes,
 the failed service on that host is put back to its previous unit/env content, dependents are
 skipped.
+
+With a `Recording`, each step is also written down on its host (fleet/history.py): the step
+record travels with the step's FIRST remote command, appended before anything else runs in it
+(so a change is never made without its record), and an outcome record follows once the step
+has ended.  A record the host could not append stops the step before it changed anything.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from fleet import remote
+from fleet import history, remote
 from fleet.actions import Change
 from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Host, Service
@@ -40,6 +46,24 @@ class JournalLike(Protocol):
     def record_skipped(self, run_id: str, change: Change, reason: str) -> int: ...
 
 
+@dataclass(frozen=True)
+class Recording:
+    """What every step's record on its host says about the run (fleet/history.py): who ran it,
+    from which plan and which version of the desired state; and where the host keeps it."""
+
+    who: str  # user@machine
+    desired_hash: str
+    fleet: str = ""
+    plan_id: str = ""
+    lab: bool = False
+    commit: str | None = None  # git commit of the desired state (fleet/provenance.py); None: not in git
+    dirty: bool | None = None
+    state_dir: str = remote.STATE
+
+
+OUTCOME_TIMEOUT = 60.0  # seconds the outcome record's append may take
+
+
 class StaleInputError(FleetError):
     """The desired state or the secrets changed since the plan was computed."""
 
@@ -57,13 +81,14 @@ class Executor:
     def __init__(self, plan: Plan, desired: Desired, hosts: Sequence[Host], secrets: Mapping[tuple[str, str], str],
                  transport: Transport, journal: JournalLike, run_id: str, *, settle: float = 3.0,
                  start_timeout: float = 30.0, report: Callable[[str], None] = lambda s: None,
-                 forks: int | None = None) -> None:
+                 forks: int | None = None, recording: Recording | None = None) -> None:
         self.plan, self.desired, self.secrets = plan, desired, secrets
         self.hosts = {h.name: h for h in hosts}
         self.transport, self.journal, self.run_id = transport, journal, run_id
         self.settle, self.start_timeout = settle, start_timeout
         self.report = report
         self.forks = forks or MAX_WORKERS
+        self.recording = recording
         self.halted: str = ""
         self._lock = threading.Lock()
         self.written: dict[str, list[str]] = {}  # host -> files written this run (for rollback)
@@ -113,7 +138,7 @@ class Executor:
         t0 = time.monotonic()
         outcome = StepOutcome(c, "ok")
         resource = owner(c.action)
-        here = _Step(self, c.host)
+        here = _Step(self, c.host, self._step_body(c))
         try:
             resource.execute(c, here)
         except TransportError as e:
@@ -130,26 +155,72 @@ class Executor:
         error = outcome.error + (f"; {outcome.rollback}" if outcome.rollback else "")
         log.debug("step %s: %s after %.3fs%s", c.id, outcome.outcome, outcome.duration, f": {error}" if error else "")
         self.journal.step_finished(step, outcome.outcome, error)
+        if here.record_sent:
+            self._record_outcome(c, outcome.outcome, error)
         mark = "ok" if outcome.outcome == "ok" else "FAILED: " + outcome.error
         self.report(f"  {c.host}: {c.action} {c.target} — {mark} ({outcome.duration:.1f}s)")
         return outcome
 
+    def _step_body(self, c: Change) -> str | None:
+        """The step record to send with the step's first remote command; None: not recording."""
+        r = self.recording
+        if r is None:
+            return None
+        return history.step_body(c, run_id=self.run_id, who=r.who, desired_hash=r.desired_hash, started=time.time(),
+                                 fleet=r.fleet, plan_id=r.plan_id, lab=r.lab, commit=r.commit, dirty=r.dirty)
+
+    def _record_outcome(self, c: Change, outcome: str, error: str) -> None:
+        """Append how the step ended to its host's history.  If that fails, the step record stays
+        unanswered and later readers call the step interrupted: said now, never fatal."""
+        assert self.recording is not None
+        body = history.outcome_body(c, run_id=self.run_id, outcome=outcome, error=error, ended=time.time())
+        command, stdin = history.append_command(body, state_dir=self.recording.state_dir)
+        try:
+            res = self.transport.run(self.hosts[c.host], command, stdin=stdin, timeout=OUTCOME_TIMEOUT)
+            if b"@@ok" in res.stdout:
+                return
+            why = (res.stderr.decode("utf-8", "replace").strip().splitlines() or [res.exit_text])[-1]
+        except TransportError as e:
+            why = f"{e.kind}: {e.message}"
+        self.report(f"  warning: {c.host}: the outcome of {c.action} {c.target} could not be recorded in its history "
+                    f"({why}); `fleet log` will show that step as interrupted")
+
+
+def without_history_lines(out: str) -> str:
+    """A step command's output without the history append's own `@@history` line."""
+    if "@@history" not in out:
+        return out
+    return "".join(line for line in out.splitlines(keepends=True) if not line.startswith("@@history "))
 
 
 class _Step:
     """What a resource carries out one change with (resources.base.Execution): the executor's
     transport to the change's host, its run's backups, and the declaration."""
 
-    def __init__(self, executor: Executor, host: str) -> None:
+    def __init__(self, executor: Executor, host: str, record: str | None = None) -> None:
         self._ex = executor
         self.host = executor.hosts[host]
+        self._record = record  # the step record, until the first remote command carries it
+        self.record_sent = False  # it went to the host (and may be there): its outcome must follow
         self.desired, self.secrets, self.run_id = executor.desired, executor.secrets, executor.run_id
         self.settle, self.start_timeout = executor.settle, executor.start_timeout
         self.detail = ""
 
+    def _carry_record(self, command: str, stdin: bytes | None) -> tuple[str, bytes | None]:
+        if self._record is None:
+            return command, stdin
+        body, self._record = self._record, None
+        self.record_sent = True
+        assert self._ex.recording is not None
+        return history.with_record(command, stdin, body, state_dir=self._ex.recording.state_dir)
+
     def run(self, command: str, *, stdin: bytes | None = None, timeout: float = 120) -> str:
+        command, stdin = self._carry_record(command, stdin)
         res = self._ex.transport.run(self.host, command, stdin=stdin, timeout=timeout)
-        out = res.stdout.decode("utf-8", "replace")
+        if res.exit_code == history.APPEND_FAILED_EXIT and history.parse_appended(
+                res.stdout.decode("utf-8", "replace")) is None:
+            self.record_sent = False  # the snippet refused before appending: no record, nothing was run
+        out = without_history_lines(res.stdout.decode("utf-8", "replace"))
         if "@@ok" not in out and "@@gate" not in out:
             err = res.stderr.decode("utf-8", "replace")
             lines = err.strip().splitlines() or out.strip().splitlines() or ["(no output)"]
@@ -159,7 +230,8 @@ class _Step:
         return out
 
     def run_unchecked(self, command: str, *, timeout: float) -> None:
-        self._ex.transport.run(self.host, command, timeout=timeout)
+        command, stdin = self._carry_record(command, None)
+        self._ex.transport.run(self.host, command, stdin=stdin, timeout=timeout)
 
     def write(self, path: str, text: str, *, mode: str, owner: str | None, group: str | None,
               keep_keys: tuple[str, ...] = ()) -> None:

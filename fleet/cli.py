@@ -234,12 +234,16 @@ def _add_lock(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def _add_log(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = _command(
-        sub, common, "log", "who changed what, from what to what, when (the journal)",
-        "Print the journal of applies as sentences, oldest first, times in UTC.",
+        sub, common, "log", "who changed what, from what to what, when (the journal and the hosts' history)",
+        "Print every apply's steps as sentences, oldest first, times in UTC, each run headed by who ran it, "
+        "its id and the desired state's git commit.  The hosts' history (what any checkout applied) is read "
+        "first, one round trip per host; a host not reached is a warning.",
         "--since accepts 2026-11-28, 2026-11-28T14:03, '2026-11-28 14:03:07' (UTC) or 30m, 2h, 3d, 1w.\n"
         "exit codes: 0 ok, 1 unreadable journal\n")
-    p.add_argument("--host", metavar="HOST", help="only steps on this host")
+    p.add_argument("--host", metavar="HOST", help="only steps on this host (and read only its history)")
     p.add_argument("--since", metavar="TIME", help="only steps since TIME")
+    p.add_argument("--cached", action="store_true",
+                   help="do not read the hosts' history first: show what this checkout's journal holds")
     p.add_argument("--json", action="store_true", help="one object per step (docs/journal.md)")
 
 
@@ -470,13 +474,16 @@ def _run_lock(args: argparse.Namespace) -> int:
 def _run_log(args: argparse.Namespace) -> int:
     from fleet.workflows.log import LogOptions, log
 
-    result = log(LogOptions(_common(args), host=args.host, since=args.since))
+    result = log(LogOptions(_common(args), host=args.host, since=args.since, cached=args.cached))
+    for line in result.warnings:
+        say(line, err=True)
     if args.json:  # without a journal too: an empty document, not a sentence
         from fleet.output import json
 
         _write(json.dumps(json.log_json(result.steps, result.runs)))
     elif not result.exists:
-        say(f"No journal yet at {result.journal}: nothing has been applied from this state directory.")
+        say(f"No journal yet at {result.journal}: nothing has been applied from this state directory, and no "
+            "host's history was read.")
     else:
         from fleet.output.text import log_text
 

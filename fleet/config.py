@@ -30,6 +30,7 @@ from fleet.model import (
     DEFAULT_PORTS,
     DEFAULT_SIDEKIQ_COMMAND,
     KINDS,
+    MOVE_METHODS,
     ROLES,
     Desired,
     DiscoveryPattern,
@@ -38,6 +39,7 @@ from fleet.model import (
     HealthCheck,
     Host,
     Kind,
+    MoveSpec,
     PlacementRule,
     SecretSource,
     Service,
@@ -84,7 +86,8 @@ VITAL_UNITS = ("ssh.service", "sshd.service", "systemd-journald.service", "syste
 MAX_FILE_BYTES = 1 << 20  # a 1 MiB desired state is already absurd; refuse before parsing
 
 HOST_KEYS = ("name", "address", "port", "user", "sudo", "roles")
-TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files", "watch")
+TOP_KEYS = ("fleet", "policy", "discover", "services", "env_files", "watch", "moves")
+MOVE_KEYS = ("from", "to", "method")
 SERVICE_KEYS = (
     "kind", "unit", "hosts", "requires", "observe_only", "unit_file", "health",
     "max_unavailable", "concurrency", "queues", "sidekiq_command", "instances", "overrides", "wrapper",
@@ -604,10 +607,11 @@ def _build_desired(data: dict[str, Any], hosts: tuple[Host, ...], ctx: _Ctx, pat
     _check_references(ctx, services, declared)
     env_files = _load_env_files(ctx, _get(ctx, data, "", "env_files", dict, default={}), services, declared,
                                 host_files, hosts_dir)
+    moves = _load_moves(ctx, _get(ctx, data, "", "moves", dict, default={}), services, declared, host_files)
     sidekiq_policy = _load_sidekiq_policy(ctx, policy_t, _get(ctx, data, "", "env_files", dict, default={}))
     return Desired(name=name, hosts=hosts, services=tuple(services), env_files=tuple(env_files),
                    discover=tuple(discover), placement=tuple(placement), extra_env_keys=tuple(extra_keys),
-                   snapshot_retention_days=float(retention), watch=watch,
+                   snapshot_retention_days=float(retention), watch=watch, moves=tuple(moves),
                    source=str(path), hosts_dir=str(hosts_dir), sidekiq_policy=sidekiq_policy)
 
 
@@ -619,6 +623,65 @@ def _load_watch(ctx: _Ctx, table: object) -> WatchSettings:
     settings, findings = validate_watch(table, file=ctx.file)
     ctx.findings += [replace(f, line=locate(ctx.text, f.key)) if f.line is None and f.key else f for f in findings]
     return settings
+
+
+def _load_moves(ctx: _Ctx, table: dict[str, Any], services: list[Service], declared: list[str],
+                host_files: list[str]) -> list[MoveSpec]:
+    """`[moves.SERVICE]`: from, to, method.  A move takes a postgres or redis service off `from`,
+    onto `to`, where it is declared; the method must be the one fleet knows how to check for the
+    kind (MOVE_METHODS): fleet never copies data, it checks that the operator's replication did."""
+    out: list[MoveSpec] = []
+    by_name = {s.name: s for s in services}
+    for name, mt in table.items():
+        prefix = f"moves.{name}"
+        if not isinstance(mt, dict):
+            ctx.error(prefix, f"'{prefix}' must be a table", f"write it as [{prefix}] with from, to and method",
+                      "config.wrong-type")
+            continue
+        _unknown_keys(ctx, mt, prefix, MOVE_KEYS)
+        source = _get(ctx, mt, prefix, "from", str, required=True)
+        target = _get(ctx, mt, prefix, "to", str, required=True)
+        method = _get(ctx, mt, prefix, "method", str, required=True)
+        svc = by_name.get(name)
+        if svc is None:
+            if name not in declared:  # a declared but broken service has its own errors
+                ctx.error(prefix, f"[{prefix}] names no declared service",
+                          did_you_mean(name, declared) or "name the postgres or redis service that moves, "
+                          "e.g. [moves.postgres]", "config.unknown-service")
+            continue
+        methods = MOVE_METHODS.get(svc.kind)
+        if methods is None:
+            ctx.error(prefix, f"[{prefix}]: service {name} is of kind {svc.kind.value!r}; only postgres and redis "
+                      "services are moved this way", "remove the table: other services move by changing their hosts",
+                      "config.bad-value")
+            continue
+        ok = True
+        for key, host in (("from", source), ("to", target)):
+            if host is not None and host not in host_files:
+                ctx.error(f"{prefix}.{key}", f"{prefix}.{key} = {host!r} is no host of the inventory",
+                          did_you_mean(host, host_files) or f"hosts: {', '.join(host_files)}", "config.unknown-host")
+                ok = False
+        if ok and source is not None and source == target:
+            ctx.error(f"{prefix}.to", f"{prefix} moves {name} from {source} to the same host",
+                      "name the host it moves to, or remove the table", "config.bad-value")
+            ok = False
+        if ok and target is not None and target not in svc.hosts:
+            ctx.error(f"{prefix}.to", f"{prefix}.to = {target!r}, but services.{name}.hosts does not list it",
+                      f"declare {name} on {target}: hosts = [\"{target}\"]", "config.bad-value")
+            ok = False
+        if ok and source is not None and source in svc.hosts:
+            ctx.error(f"{prefix}.from", f"{prefix}.from = {source!r}, but services.{name}.hosts still lists it",
+                      f"a move takes {name} off {source}: remove {source} from services.{name}.hosts",
+                      "config.bad-value")
+            ok = False
+        if method is not None and method != methods:
+            ctx.error(f"{prefix}.method", f"{prefix}.method = {method!r} is not how fleet moves a {svc.kind.value} "
+                      "service", f"method = \"{methods}\" (the operator's replication; fleet checks it)",
+                      "config.bad-value")
+            ok = False
+        if ok and source is not None and target is not None and method is not None:
+            out.append(MoveSpec(service=name, source=source, target=target, method=method))
+    return out
 
 
 def _load_policy(ctx: _Ctx, policy: dict[str, Any]) -> tuple[list[PlacementRule], list[str]]:

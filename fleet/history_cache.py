@@ -279,4 +279,4 @@ def as_run_record(run_id: str, steps: Sequence[HostStep]) -> RunRecord:
     return RunRecord(id=run_id, operator=first.who or "(unknown operator)", started=first.started or 0.0,
                      ended=max(ends) if ends and outcome is not None else None, plan_id=first.plan_id, plan_hash="",
                      desired_hash=first.desired_hash, fleet=first.fleet, lab=first.lab, outcome=outcome,
-                     summary=f"known from the hosts' history{commit}")
+                     summary=f"known from the hosts' history{commit}", commit=first.commit, dirty=first.dirty)

@@ -133,6 +133,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (host, after, detail)
         )""",
     ),
+    (  # which version of the desired state this checkout's own runs applied (fleet/provenance.py)
+        "ALTER TABLE runs ADD COLUMN git_commit TEXT",  # NULL: the desired state is not in git
+        "ALTER TABLE runs ADD COLUMN git_dirty INTEGER",  # 1: it differed from that commit
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -160,6 +164,14 @@ class RunRecord:
     lab: bool
     outcome: str | None
     summary: str
+    commit: str | None = None  # git commit of the desired state; None: not in git, or not known
+    dirty: bool | None = None
+
+    def provenance(self) -> str:
+        """`desired state at git 3f2a9c1d0b7e (dirty)`, or "" when no commit is known."""
+        if not self.commit:
+            return ""
+        return f"desired state at git {self.commit[:12]}" + (" (dirty)" if self.dirty else "")
 
 
 @dataclass(frozen=True)
@@ -471,8 +483,8 @@ class Journal:
     # -- writing --------------------------------------------------------------------------------
 
     def start_run(self, *, operator: str, plan_id: str, plan_hash: str, desired_hash: str, fleet: str,
-                  lab: bool, now: float | None = None) -> str:
-        """Record the start of an apply run; returns its new id."""
+                  lab: bool, commit: str | None = None, dirty: bool | None = None, now: float | None = None) -> str:
+        """Record the start of an apply run (with the desired state's git commit, if known); returns its new id."""
         started = time.time() if now is None else now
         with self._writing("record a new run") as conn:
             for attempt in range(5):
@@ -480,8 +492,9 @@ class Journal:
                 try:
                     conn.execute(
                         "INSERT INTO runs (id, operator, started, plan_id, plan_hash, desired_hash, fleet, lab,"
-                        " summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
-                        (run_id, scrub(operator), started, plan_id, plan_hash, desired_hash, fleet, int(lab)))
+                        " summary, git_commit, git_dirty) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
+                        (run_id, scrub(operator), started, plan_id, plan_hash, desired_hash, fleet, int(lab), commit,
+                         None if dirty is None else int(dirty)))
                     return run_id
                 except sqlite3.IntegrityError:
                     if attempt == 4:
@@ -539,7 +552,8 @@ class Journal:
 
     # -- reading --------------------------------------------------------------------------------
 
-    _RUN_COLUMNS = "id, operator, started, ended, plan_id, plan_hash, desired_hash, fleet, lab, outcome, summary"
+    _RUN_COLUMNS = ("id, operator, started, ended, plan_id, plan_hash, desired_hash, fleet, lab, outcome, summary,"
+                    " git_commit, git_dirty")
     _STEP_COLUMNS = ("s.id, s.run_id, s.change_id, s.host, s.action, s.target, s.service, s.reason, s.before,"
                      " s.after, s.details, s.started, s.ended, s.outcome, s.error")
 
@@ -588,7 +602,8 @@ class Journal:
 
 def _run_record(r: tuple[Any, ...]) -> RunRecord:
     return RunRecord(id=r[0], operator=r[1], started=r[2], ended=r[3], plan_id=r[4], plan_hash=r[5],
-                     desired_hash=r[6], fleet=r[7], lab=bool(r[8]), outcome=r[9], summary=r[10] or "")
+                     desired_hash=r[6], fleet=r[7], lab=bool(r[8]), outcome=r[9], summary=r[10] or "",
+                     commit=r[11] or None, dirty=None if r[12] is None else bool(r[12]))
 
 
 def _step_record(r: tuple[Any, ...]) -> StepRecord:

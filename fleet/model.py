@@ -150,6 +150,20 @@ class StoreSpec:
     port: int | None = None  # where it listens, when not the health check's TCP port or the default
 
 
+MOVE_METHODS: dict[Kind, str] = {Kind.POSTGRES: "streaming-replica", Kind.REDIS: "redis-replica"}
+
+
+@dataclass(frozen=True)
+class MoveSpec:
+    """A declared move of a data store (`[moves.SERVICE]`): the operator's replication brings the
+    data from `source` to `target` by `method`; fleet checks that it did and orders the switch."""
+
+    service: str
+    source: str  # `from`: the host it runs on now
+    target: str  # `to`: the host it runs on after
+    method: str  # MOVE_METHODS[kind]: how the data gets there (fleet never copies it)
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -335,6 +349,7 @@ class Desired:
     extra_env_keys: tuple[str, ...] = ()
     snapshot_retention_days: float = 90.0  # how long the journal keeps observed snapshots
     watch: WatchSettings = WatchSettings()  # where `fleet watch` and `fleet apply` tell the team
+    moves: tuple[MoveSpec, ...] = ()  # declared moves of data stores ([moves.SERVICE])
     source: str = ""
     hosts_dir: str = ""
     sidekiq_policy: SidekiqPolicy = SidekiqPolicy()
@@ -344,6 +359,9 @@ class Desired:
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
+
+    def move(self, service: str) -> MoveSpec | None:
+        return next((m for m in self.moves if m.service == service), None)
 
     def services_on(self, host: str) -> tuple[Service, ...]:
         return self._by_host[0].get(host, ())

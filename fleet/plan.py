@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
+from fleet import moves
 from fleet.actions import SUMMARY_BUCKETS, Action, Change
 from fleet.config import HOST_NAME, SERVICE_NAME
 from fleet.diff import diff
@@ -278,6 +279,8 @@ def desired_hash(desired: Desired) -> str:
     data = asdict(desired)
     data.pop("source", None)
     data.pop("hosts_dir", None)
+    if not data["moves"]:  # no move declared: hashed as before moves existed (saved plans stay valid)
+        data.pop("moves")
     for h in data["hosts"]:
         h.pop("source", None)
     for s in data["services"]:
@@ -306,7 +309,10 @@ def fingerprint(state: HostState) -> str:
 
 
 def build_plan(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[tuple[str, str], str], *,
-               prune: bool = True, lab: bool = False, now: datetime | None = None) -> Plan:
+               prune: bool = True, lab: bool = False, now: datetime | None = None,
+               inventory: Desired | None = None) -> Plan:
+    """`inventory`: the desired state before --limit scoped its hosts (a move is judged on it)."""
+    moves.refuse_undeclared(inventory or desired, observed)
     d = diff(desired, observed, secrets, prune=prune)
     deps, waves = order(d.changes, desired)
     created = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -377,6 +377,24 @@ def check_store_settings(desired: Desired) -> list[Finding]:
     return out
 
 
+def setting_hosts(desired: Desired, host: str, setting: StoreSetting, values: dict[str, str]) -> tuple[str, ...]:
+    """The inventory hosts `setting`, read on `host` with `values`, points at: the host itself for
+    localhost or a socket; () when it is unset, unreadable or outside the inventory."""
+    if setting.key not in values:
+        return ()
+    target = _target(setting, values)
+    if target is None:
+        return ()
+    if target.host == "" or _is_local(target.host):
+        return (host,)
+    return _resolve(desired, target.host)
+
+
+def resolve_host(desired: Desired, name: str) -> tuple[str, ...]:
+    """The inventory hosts a host name or address (as a setting or a replication link says it) names."""
+    return _resolve(desired, name)
+
+
 def _setting_path(ef: EnvFile, host: str, key: str) -> str:
     if key in dict(dict(ef.overrides).get(host, ())):
         return f"env_files.{ef.name}.overrides.{host}.{key}"
@@ -541,4 +559,4 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
 
 
 __all__ = ["SidekiqProcess", "StoreSetting", "check", "check_queues", "check_placement", "check_env_keys",
-           "check_env_value", "check_store_settings", "declared_sidekiq", "near_miss"]
+           "check_env_value", "check_store_settings", "declared_sidekiq", "near_miss", "resolve_host", "setting_hosts"]

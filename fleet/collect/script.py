@@ -139,8 +139,9 @@ function flush(   i, k) {
 END { flush() }
 """
 
-def build_script(spec: CollectSpec) -> str:
-    """The complete remote script for one host (POSIX sh, dash-compatible)."""
+def build_script(spec: CollectSpec, *, history: str = "") -> str:
+    """The complete remote script for one host (POSIX sh, dash-compatible); `history`, when
+    given, is the host history's section (fleet.history.read_section), printed last."""
     q = shlex.quote
     parts = [
         "export LC_ALL=C SYSTEMD_PAGER= SYSTEMD_COLORS=0 PATH=/usr/sbin:/usr/bin:/sbin:/bin",
@@ -182,5 +183,7 @@ def build_script(spec: CollectSpec) -> str:
         what = spec.of(r.section) if r.section else None
         if what:
             parts.append(r.script(what))
+    if history:
+        parts.append(history)
     parts.append("echo '@@end'")
     return "\n".join(parts) + "\n"

@@ -150,6 +150,7 @@ def log_json(steps: Iterable[StepRecord], runs: Iterable[RunRecord]) -> dict[str
             "step_id": s.id, "change_id": s.change_id,
             "fleet": run.fleet if run else None, "lab": run.lab if run else None,
             "plan_id": run.plan_id if run else None, "run_outcome": run.outcome if run else None,
+            "commit": run.commit if run else None, "dirty": run.dirty if run else None,
         })
     return {"format": FORMAT, "steps": out}
 

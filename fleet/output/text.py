@@ -394,11 +394,28 @@ def history_text(snapshots: Sequence[SnapshotRecord]) -> str:
 
 
 def log_text(steps: Sequence[StepRecord], runs: Sequence[RunRecord]) -> str:
-    """`fleet log`: one sentence per step, oldest first."""
+    """`fleet log`: one sentence per step, oldest first; each run's steps headed by the run: its
+    id, who ran it and the desired state's git commit (again when another run's steps came between)."""
     from fleet.journal import sentence
 
     by_id = {r.id: r for r in runs}
-    return "".join(one_line(sentence(step, by_id.get(step.run_id))) + "\n" for step in steps)
+    out: list[str] = []
+    current = None
+    for step in steps:
+        run = by_id.get(step.run_id)
+        if step.run_id != current:
+            current = step.run_id
+            out.append(one_line(run_heading(step.run_id, run)) + "\n")
+        out.append("  " + one_line(sentence(step, run)) + "\n")
+    return "".join(out)
+
+
+def run_heading(run_id: str, run: RunRecord | None) -> str:
+    """`run 20261128T140307-a1b2c3 by alice@laptop, desired state at git 3f2a9c1d0b7e (dirty)`."""
+    if run is None:
+        return f"run {run_id} (not known to this checkout)"
+    where = run.provenance() or "desired state not in git"
+    return f"run {run_id} by {run.operator}, {where}"
 
 
 def lock_text(report: LockReport) -> str:

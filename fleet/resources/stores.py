@@ -331,8 +331,11 @@ class DataStores(Resource):
     # -- collection
 
     def to_collect(self, desired: Desired, host: str) -> ToCollect:
-        services = tuple(Asked(s.unit, s.kind.value, s.port or 0, s.probe)
-                         for s in desired.services_on(host) if s.kind in KINDS)
+        here = [s for s in desired.services_on(host) if s.kind in KINDS]
+        # A declared move's source no longer declares the store, but its gates read it there.
+        here += [s for m in desired.moves if m.source == host and (s := desired.service(m.service)) is not None
+                 and s.unit not in {t.unit for t in here}]
+        services = tuple(Asked(s.unit, s.kind.value, s.port or 0, s.probe) for s in here)
         return ToCollect(services, _env_path(desired, host) if any(s.kind == "redis" for s in services) else "")
 
     def script(self, what: Any) -> str:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fleet.apply import Executor, check_contents
+from fleet import provenance
+from fleet.apply import Executor, Recording, check_contents
 from fleet.errors import FleetError
 from fleet.journal import Journal, journal_path, operator
 from fleet.notify import Target, parse_target
@@ -168,14 +169,20 @@ def _execute(options: ApplyOptions, prep: Prepared, plan: Plan, transport: Trans
     check_contents(plan, prep.desired, prep.secrets)
     changed = {c.host for c in plan.changes}
     touched = [h for h in prep.targets.hosts if h.name in changed]
+    # Once per run: every step's record on its host names the same version of the desired state.
+    prov = provenance.git_provenance(provenance.desired_paths(options.common.desired, options.common.hosts))
+    commit, dirty = (prov.commit, prov.dirty) if prov else (None, None)
     with Journal.open(journal_path(options.common.state_dir)) as journal:
         run_id = journal.start_run(operator=who, plan_id=plan.plan_id, plan_hash=sha256_hex(plan.to_json()),
-                                   desired_hash=plan.desired_hash, fleet=plan.fleet, lab=plan.lab)
+                                   desired_hash=plan.desired_hash, fleet=plan.fleet, lab=plan.lab, commit=commit,
+                                   dirty=dirty)
         relabel_lock(transport, touched, holder_info(token, who, run_id=run_id, plan_id=plan.plan_id), reporter.note)
+        recording = Recording(who=who, desired_hash=plan.desired_hash, fleet=plan.fleet, plan_id=plan.plan_id,
+                              lab=plan.lab, commit=commit, dirty=dirty)
         _post(options, prep, journal, run_id, notify, reporter, finished=False)
         executor = Executor(plan, prep.desired, prep.targets.hosts, prep.secrets, transport, journal, run_id,
                             settle=options.settle, start_timeout=options.start_timeout, report=reporter.note,
-                            forks=options.scope.forks)
+                            forks=options.scope.forks, recording=recording)
         outcome = "interrupted"
         try:
             result = executor.execute()

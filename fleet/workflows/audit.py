@@ -8,10 +8,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fleet.audit import AuditReport, JournalStep, ObservedChange, attribute, build_audit, changes_between
+from fleet.attribution import attribute_with_history
+from fleet.audit import AuditReport, JournalStep, ObservedChange, build_audit, changes_between
 from fleet.errors import FleetError
+from fleet.history_cache import HistoryCache, host_steps, merged_log
 from fleet.journal import Journal, SnapshotRecord, journal_path, parse_since, sentence_without_time
-from fleet.model import HostResult
+from fleet.model import Finding, HostResult
 from fleet.snapshot import unpack
 from fleet.targets import resolve
 from fleet.workflows import observe as observing
@@ -67,12 +69,37 @@ def audit(options: AuditOptions, reporter: Reporter) -> AuditReport:
         seen = observing.observe(common, options.scope, "audit", scoped, targets, transport, reporter)
     quiet = observing.previous_quiet(common, desired, seen)
     report = replace(build_audit(scoped, seen.results, quiet=quiet), snapshot_id=seen.snapshot_id)
+    report.findings.extend(history_findings(common, [h.name for h in targets.hosts], seen.history_problems))
     if base is None:
         return report
     with Journal.open(journal_path(common.state_dir)) as journal:
         changes, timeline = changes_since(journal, base, seen.results, time.time())
     taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(base.taken))
     return replace(report, changes=changes, timeline=timeline, since=f"snapshot {base.id} ({base.command}, {taken})")
+
+
+def history_findings(common: Common, hosts: list[str], problems: dict[str, str]) -> list[Finding]:
+    """Each host's history that cannot be trusted, as findings: every broken chain ever found on
+    it (an edit stays a finding after later clean reads), and a history that could not be read."""
+    out: list[Finding] = []
+    path = journal_path(common.state_dir)
+    if path.exists():
+        with Journal.open(path) as journal:
+            cache = HistoryCache(journal)
+            for host in hosts:
+                for known in cache.breaks(host):
+                    after = known.brk.after
+                    out.append(Finding(
+                        "error", "history.broken", known.brk.message, host=host,
+                        hint=(f"look at /var/lib/fleet/history.jsonl* on {host}: " + (
+                            f"records up to {after} are intact; " if after else "no record of it can be trusted; ")
+                            + "changes credited to a record after the break are marked unverified")))
+    for host, why in sorted(problems.items()):
+        severity = "warning" if "lock stayed busy" in why else "error"
+        out.append(Finding(severity, "history.unreadable", f"the history on {host} could not be read: {why}",
+                           host=host, hint="changes on it cannot be credited to fleet runs made from other "
+                                           "checkouts; run the audit again, or look at /var/lib/fleet/history.jsonl*"))
+    return out
 
 
 def history(options: HistoryOptions) -> HistoryResult:
@@ -119,6 +146,9 @@ def baseline(journal: Journal, since: str) -> SnapshotRecord:
     before = [x for x in snaps if x.taken <= t]
     if before:
         return before[-1]
+    after = [x for x in snaps if x.taken > t]
+    if after:  # a checkout that began observing since then: from its first observation on
+        return after[0]
     raise FleetError(f"no snapshot was taken at or before {since}",
                      hint="see `fleet history` for what is kept" + (f"; the oldest is {snaps[0].id}" if snaps else ""))
 
@@ -132,13 +162,23 @@ def changes_since(journal: Journal, base: SnapshotRecord, new: dict[str, HostRes
     old = unpack(data)
     scope = set(new)
     old = {h: r for h, r in old.items() if h in scope}
+    cache = HistoryCache(journal)
     runs = {r.id: r for r in journal.runs(since=base.taken)}
-    steps = [x for x in journal.steps(since=base.taken) if x.started is None or x.started <= until]
-    changes = attribute(changes_between(old, new),
-                        [JournalStep(x.run_id, x.host, x.action, x.target, x.started, x.outcome,
-                                     tuple(k[0] for k in x.keys)) for x in steps],
-                        {rid: r.operator for rid, r in runs.items()}, base.taken, until)
-    timeline = [(x.started or x.ended or base.taken, sentence_without_time(x, runs.get(x.run_id))) for x in steps]
+    local = [x for x in journal.steps(since=base.taken) if x.started is None or x.started <= until]
+    ended = {r.id for r in journal.runs() if r.ended is not None}
+    recorded = [hs for hs in host_steps(cache.records(), locks=cache.locks(), ended_runs=ended)
+                if hs.record.host in scope]
+    credited = attribute_with_history(
+        changes_between(old, new), recorded, base.taken, until,
+        local_steps=[JournalStep(x.run_id, x.host, x.action, x.target, x.started, x.outcome,
+                                 tuple(k[0] for k in x.keys)) for x in local],
+        local_operators={rid: r.operator for rid, r in runs.items()})
+    changes = [a.change for a in credited]
+    # The timeline: every step in the window, this checkout's and those known from the hosts.
+    steps, all_runs = merged_log(journal, cache, since=base.taken)
+    by_run = {r.id: r for r in all_runs}
+    steps = [x for x in steps if x.host in scope and (x.started is None or x.started <= until)]
+    timeline = [(x.started or x.ended or base.taken, sentence_without_time(x, by_run.get(x.run_id))) for x in steps]
     timeline += [(until, f"{c.what} — changed outside fleet (between {base.id} and now)")
                  for c in changes if not c.run_id]
     return changes, sorted(timeline, key=lambda t: t[0])

@@ -1,15 +1,22 @@
 """Observing the fleet, the step status, plan, apply, audit and diff share: a transport opened
 to the target hosts, every host collected (a state or an error), and the observation kept in
-the journal as a snapshot (`fleet history`)."""
+the journal as a snapshot (`fleet history`).
+
+The same round trip reads each host's history since the last record this checkout saw
+(fleet/history.py) and merges it into the journal's cache (fleet/history_cache.py), so that
+`fleet log` and `fleet audit` know the applies made from any checkout."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from fleet.collect.collector import collect
-from fleet.errors import FleetError
+from fleet.collect.collector import HistoryAsk, collect_all
+from fleet.errors import FleetError, ParseError
+from fleet.history import HistoryRead
+from fleet.history_cache import HistoryCache
 from fleet.journal import Journal, journal_path, operator
-from fleet.model import Desired, HostResult, HostState
+from fleet.model import Desired, Host, HostResult, HostState
 from fleet.sidekiq import find_view, quiet_since
 from fleet.snapshot import host_summary, pack, unpack
 from fleet.targets import Targets
@@ -29,6 +36,8 @@ MAX_OUTPUT = 4 << 20
 class Observation:
     results: dict[str, HostResult]  # host name -> HostState | HostError, in the targets' order
     snapshot_id: str  # the journal's snapshot of it; "" when it could not be kept
+    history_problems: dict[str, str] = field(default_factory=dict)  # host -> why its history could not be read
+    more_history: tuple[str, ...] = ()  # hosts whose history was read only in part (bounded): read again
 
 
 def open_transport(common: Common, targets: Targets, scope: Scope) -> Transport:
@@ -50,8 +59,45 @@ def observe(common: Common, scope: Scope, command: str, desired: Desired, target
         reporter.progress(f"  {name}: {what}")
 
     reporter.progress(f"collecting {len(targets.hosts)} host(s){' (lab)' if targets.lab else ''}…")
-    results = collect(desired, transport, targets.hosts, forks=scope.forks, timeout=scope.timeout, progress=progress)
-    return Observation(results, keep_snapshot(common, command, desired, results, reporter))
+    asks = history_asks(common, targets.hosts, reporter)
+    got = collect_all(desired, transport, targets.hosts, forks=scope.forks, timeout=scope.timeout, progress=progress,
+                      history_of=asks)
+    problems, more = merge_history(common, got.history, reporter) if asks else ({}, [])
+    return Observation(got.results, keep_snapshot(common, command, desired, got.results, reporter), problems,
+                       tuple(more))
+
+
+def history_asks(common: Common, hosts: Sequence[Host], reporter: Reporter) -> dict[str, HistoryAsk]:
+    """What to ask each host's history for, from the journal's cache; none when the journal
+    cannot be opened (said once: the observation itself does not need it)."""
+    try:
+        with Journal.open(journal_path(common.state_dir)) as journal:
+            cache = HistoryCache(journal)
+            return {h.name: HistoryAsk(cache.last_seen(h.name), cache.known(h.name)) for h in hosts}
+    except FleetError as e:
+        reporter.note(f"warning: the hosts' history was not read: {e.message}")
+        return {}
+
+
+def merge_history(common: Common, reads: dict[str, HistoryRead | ParseError], reporter: Reporter
+                  ) -> tuple[dict[str, str], list[str]]:
+    """Store what the hosts' history sections gave; (host -> why its history could not be read,
+    hosts with more to read)."""
+    problems = {h: r.message for h, r in reads.items() if isinstance(r, ParseError)}
+    good = [r for r in reads.values() if not isinstance(r, ParseError)]
+    for h, r in reads.items():
+        if not isinstance(r, ParseError) and r.status in ("busy", "unreadable"):
+            problems[h] = (f"{h}: its history could not be read ("
+                           + ("its history lock stayed busy" if r.status == "busy" else "permission denied") + ")")
+    try:
+        with Journal.open(journal_path(common.state_dir)) as journal:
+            cache = HistoryCache(journal)
+            for r in good:
+                if r.status in ("ok", "none", "refused"):
+                    cache.merge(r)
+    except FleetError as e:
+        reporter.note(f"warning: the hosts' history was read but not kept: {e.message}")
+    return problems, [r.host for r in good if r.more]
 
 
 def keep_snapshot(common: Common, command: str, desired: Desired, results: dict[str, HostResult],

@@ -44,6 +44,7 @@ class Prepared:
     desired: Desired
     targets: Targets
     secrets: dict[tuple[str, str], str]
+    inventory: Desired | None = None  # unscoped (--limit): a move's hosts are named by the whole inventory
 
 
 def secrets_path(common: Common, secrets: Path | None) -> Path:
@@ -55,6 +56,9 @@ def secrets_path(common: Common, secrets: Path | None) -> Path:
 def prepare(common: Common, scope: Scope, secrets: Path | None, reporter: Reporter) -> Prepared:
     desired = load_valid(common, reporter)
     targets = resolve(desired, state_dir=str(common.state_dir), lab=common.lab, limit=scope.limit)
+    everyone = targets if scope.limit is None else resolve(desired, state_dir=str(common.state_dir), lab=common.lab,
+                                                           limit=None)
+    inventory = replace(desired, hosts=everyone.hosts)
     path = secrets_path(common, secrets)
     if common.lab and secrets is None and ensure_lab_secrets(desired, path):
         reporter.note(f"lab: generated random secrets in {path}")
@@ -66,14 +70,15 @@ def prepare(common: Common, scope: Scope, secrets: Path | None, reporter: Report
     if errors:
         reporter.findings(errors)
         raise FleetError(f"{len(errors)} secret(s) cannot be resolved; nothing was planned")
-    return Prepared(replace(desired, hosts=targets.hosts), targets, secret_values)
+    return Prepared(replace(desired, hosts=targets.hosts), targets, secret_values, inventory)
 
 
 def compute(common: Common, scope: Scope, command: str, prep: Prepared, transport: Transport, reporter: Reporter,
             *, no_prune: bool) -> Plan:
     """The plan from a fresh observation of the prepared hosts (kept as a snapshot of `command`)."""
     seen = observing.observe(common, scope, command, prep.desired, prep.targets, transport, reporter)
-    return build_plan(prep.desired, seen.results, prep.secrets, prune=not no_prune, lab=common.lab)
+    return build_plan(prep.desired, seen.results, prep.secrets, prune=not no_prune, lab=common.lab,
+                      inventory=prep.inventory)
 
 
 def plan(options: PlanOptions, reporter: Reporter) -> PlanResult:

@@ -7,6 +7,7 @@ them.  Everything goes through the real OpenSSH client or the real `fleet` conso
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -158,3 +159,38 @@ def enqueue(lab: Any, queue: str, count: int, *, enqueued_at: float, job_class: 
             for n, jid in enumerate(jids)]
     redis_cli(lab, [["SADD", "queues", queue], ["LPUSH", f"queue:{queue}", *jobs]], host=host)
     return jids
+
+
+# ------------------------------------------------------------------ other checkouts, the hosts' history
+
+HISTORY = "/var/lib/fleet/history.jsonl"
+
+
+def checkout_state(lab: Any, dest: Path) -> Path:
+    """The state directory of another checkout of the same fleet: the lab's access (keys,
+    ssh_config, known_hosts) and nothing else — no journal, as after a fresh clone."""
+    labdir = dest / "lab"
+    shutil.copytree(lab.lab_dir, labdir)
+    (labdir / "ssh_config").write_text((labdir / "ssh_config").read_text().replace(str(lab.lab_dir), str(labdir)))
+    record = json.loads((labdir / "lab.json").read_text())
+    record["ssh_config"] = str(labdir / "ssh_config")
+    record["known_hosts"] = str(labdir / "known_hosts")
+    (labdir / "lab.json").write_text(json.dumps(record))
+    return dest
+
+
+def host_history(lab: Any, host: str) -> str:
+    """Every history file of `host`, oldest first, as one text."""
+    done = lab.ssh(host, f"for f in {HISTORY}.4 {HISTORY}.3 {HISTORY}.2 {HISTORY}.1 {HISTORY}; do "
+                         "[ -f \"$f\" ] && cat -- \"$f\"; done; true", user="root")
+    return done.stdout
+
+
+def recorded_twice(text: str) -> list[tuple[str, str, str]]:
+    """(run, step, kind) of every record that appears more than once in a host's history."""
+    seen: dict[tuple[str, str, str], int] = {}
+    for line in text.splitlines():
+        d = json.loads(line)
+        key = (d["run"], d["step"], d["kind"])
+        seen[key] = seen.get(key, 0) + 1
+    return [k for k, n in seen.items() if n > 1]

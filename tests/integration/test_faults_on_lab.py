@@ -27,10 +27,23 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, fleet, fleet_argv, reset_all, reset_host, sshd_back_in, wait_for_ssh
+from helpers import (
+    REPO,
+    checkout_state,
+    fleet,
+    fleet_argv,
+    fleet_json,
+    host_history,
+    recorded_twice,
+    reset_all,
+    reset_host,
+    sshd_back_in,
+    wait_for_ssh,
+)
 
 from fleet.journal import operator
 
@@ -451,7 +464,8 @@ def test_a_rerun_right_after_the_cause_of_a_start_failure_is_fixed_converges(con
 # ------------------------------------------------------------------ fleet killed with SIGKILL
 
 
-def test_fleet_killed_mid_apply_leaves_a_stale_lock_naming_its_run_and_a_step_never_finished(bare: Any) -> None:
+def test_fleet_killed_mid_apply_leaves_a_stale_lock_naming_its_run_and_a_step_never_finished(
+        bare: Any, tmp_path: Path) -> None:
     lab = bare
     running = start_apply(lab)
     running.wait_for("wave 4/5")
@@ -487,11 +501,25 @@ def test_fleet_killed_mid_apply_leaves_a_stale_lock_naming_its_run_and_a_step_ne
     assert f"Journal: run {run_id} marked interrupted (its lock was broken)" in broken.stdout
     log = fleet(lab, "log", "--host", "nietzsche", timeout=60).stdout
     assert "STARTED, NEVER FINISHED (the run ended interrupted)" in log, log
+    # The host's own record of the killed step has no outcome; a checkout that never saw the run
+    # (its journal knows nothing) reports it interrupted, and nothing was recorded twice.
+    fresh = checkout_state(lab, tmp_path / "fresh" / ".fleet")
+    from_hosts = [s for s in fleet_json(lab, "log", "--host", "nietzsche", state_dir=fresh, timeout=60)["steps"]
+                  if s["run_id"] == run_id and s["outcome"] is None]
+    assert ("start", "postgresql.service") in {(s["action"], s["target"]) for s in from_hosts}, from_hosts
+    # (a sibling may have ended between its journal's outcome and its host's outcome record)
+    assert {(s["action"], s["target"]) for s in from_hosts} <= {("start", "postgresql.service"),
+                                                                ("start", "redis-server.service")}
+    assert all(s["run_outcome"] == "interrupted" and s["sentence"].endswith(
+        "STARTED, NEVER FINISHED (the run ended interrupted)") for s in from_hosts), from_hosts
+    assert recorded_twice(host_history(lab, "nietzsche")) == []
     report("fleet SIGKILLed", done, lab, run_id, **{"fleet lock status": "\n".join(
         f"{h}  {v}" for h, v in table.items()), "second apply (refused)": refused.stderr,
         "fleet lock break": broken.stdout})
     assert_no_lock_left(lab)
     assert_rerun_converges(lab)
+    for host in ALL_HOSTS.split(","):  # the rerun recorded its own steps, nothing of the killed run again
+        assert recorded_twice(host_history(lab, host)) == [], host
 
 
 def test_a_stale_lock_names_the_process_that_held_it(converged: Any) -> None:

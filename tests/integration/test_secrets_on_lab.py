@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, fleet, reset_all
+from helpers import HISTORY, REPO, fleet, host_history, reset_all
 
 from fleet import config
 from fleet.envfile import fingerprint, render_value
@@ -219,7 +219,9 @@ def leaks(c: Cycle, where: str, data: bytes) -> list[str]:
 
 
 def test_the_whole_cycle_ran_and_showed_secrets_masked(cycle: Cycle) -> None:
-    assert len(cycle.runs) == 16
+    assert [label for label, _ in cycle.runs] == [
+        "plan", "plan --json", "plan -o", "show", "apply", "status --json", "re-plan", "audit", "audit md",
+        "audit --json", "history", "history --json", "diff", "log", "log --json", "lock status", "lock status --json"]
     assert "Apply complete" in cycle.output("apply").stdout
     plan_text = cycle.output("plan").stdout
     assert plan_text.count("(sensitive, sha256:") >= len(cycle.secret_values)  # secrets are shown, masked
@@ -294,6 +296,23 @@ def test_fleets_backups_on_the_host_are_readable_by_root_only(cycle: Cycle) -> N
     for host in cycle.lab.names:
         meta = cycle.lab.ssh(host, "stat -c '%a %U' /var/lib/fleet /var/lib/fleet/backup", user="root").stdout.split()
         assert meta == ["700", "root", "700", "root"], host
+
+
+def test_no_clear_secret_appears_in_any_hosts_history_and_it_is_root_only(cycle: Cycle) -> None:
+    found: list[str] = []
+    env_records, masked = 0, 0
+    for host in cycle.lab.names:
+        files = cycle.lab.ssh(host, f"ls {HISTORY}*", user="root").stdout.split()
+        assert HISTORY in files, host
+        data = host_history(cycle.lab, host).encode()
+        env_records += sum(1 for line in data.splitlines() if b'"kind":"step"' in line and b'"write-env"' in line)
+        masked += data.count(b"(sensitive, sha256:")
+        found += leaks(cycle, f"{host}:{HISTORY}*", data)
+        for f in files:
+            meta = cycle.lab.ssh(host, f"stat -c '%a %U' {f}", user="root").stdout.split()
+            assert meta == ["600", "root"], (host, f)
+    assert env_records >= 4 and masked > 0  # every host's env file was written: its keys are in a record, masked
+    assert found == []
 
 
 @pytest.fixture(scope="module")

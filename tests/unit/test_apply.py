@@ -31,7 +31,7 @@ from conftest import FleetDir
 from observed import EXAMPLE_SECRETS, bare, converged, edited, example, service, with_drop_in
 
 from fleet import apply as apply_module
-from fleet import remote
+from fleet import history, remote
 from fleet.actions import Change
 from fleet.apply import ApplyResult, Executor, StaleInputError, check_contents
 from fleet.envfile import render_value
@@ -138,13 +138,14 @@ class Rig:
     runs: list[str] = field(default_factory=list)
 
     def executor(self, plan: Plan, desired: Desired | None = None,
-                 secrets: Mapping[tuple[str, str], str] = S, forks: int | None = None) -> Executor:
+                 secrets: Mapping[tuple[str, str], str] = S, forks: int | None = None,
+                 recording: apply_module.Recording | None = None) -> Executor:
         desired = desired or example()
         run_id = self.journal.start_run(operator="tester@ci", plan_id=plan.plan_id, plan_hash=plan.plan_id,
                                         desired_hash=plan.desired_hash, fleet=plan.fleet, lab=False)
         self.runs.append(run_id)
         return Executor(plan, desired, desired.hosts, secrets, self.fake, self.recorder, run_id, settle=0.1,
-                        start_timeout=1, forks=forks)
+                        start_timeout=1, forks=forks, recording=recording)
 
     def steps(self, run_id: str) -> dict[str, StepRecord]:
         steps = self.journal.steps(run_id=run_id)
@@ -788,3 +789,140 @@ def test_the_refusal_of_a_lock_says_when_its_holder_is_gone(rig: Rig) -> None:
         lock_hosts(rig.fake, hosts(), holder_info("0123456789abcdef", "tester@ci"))
     assert f"franz: locked by another apply: ops@vm from {socket.gethostname()} (pid {p.pid})" in e.value.message
     assert f"its process {p.pid} on this machine is gone: the lock is stale" in e.value.message
+
+
+# ------------------------------------------------------------------ the record each step leaves on its host
+
+COMMIT = "3f2a9c1d0b7e4a55" + "0" * 24
+SNIPPET = history.append_snippet(state_dir=STATE)
+
+
+def recording() -> apply_module.Recording:
+    return apply_module.Recording(who="alice@laptop", desired_hash="dh", fleet="hachyderm", plan_id="p1",
+                                  commit=COMMIT, dirty=True, state_dir=STATE)
+
+
+def record_for_real(rig: Rig, hosts: Mapping[str, Host]) -> None:
+    """Every command carrying a history record: its append runs for real with sh in the host's
+    directory (with the record line of its stdin), the step command after it as the rig answers
+    it (with the rest of the stdin) — so the file on the "host" is what a real host would hold."""
+
+    def hook(call: Call) -> RunResult | None:
+        if not call.command.startswith(SNIPPET):
+            return None
+        assert call.stdin is not None
+        record, _, rest_stdin = call.stdin.partition(b"\n")
+        appended = rig.fake.sh(call.host, SNIPPET, record + b"\n")
+        if appended.exit_code != 0:
+            return call.reply(appended.stdout, appended.stderr, appended.exit_code)
+        rest = rig.fake.run(hosts[call.host], call.command[len(SNIPPET):], stdin=rest_stdin or None)
+        return call.reply(appended.stdout + rest.stdout, appended.stderr + rest.stderr, rest.exit_code)
+
+    rig.fake.hook = hook
+
+
+def host_history(rig: Rig, host: str) -> list[history.HistoryRecord]:
+    f = rig.fake.host_dir(host) / "state" / history.HISTORY_FILE
+    lines, complete = history.split_lines(f.read_text() if f.exists() else "")
+    records, breaks = history.verify(lines, host=host, complete=complete)
+    assert breaks == [], breaks
+    return records
+
+
+def test_every_step_leaves_its_record_then_its_outcome_on_its_host_in_one_chain(rig: Rig) -> None:
+    plan = bare_plan()
+    desired = example()
+    record_for_real(rig, {h.name: h for h in desired.hosts})
+    result = rig.executor(plan, recording=recording()).execute()
+    assert result.ok
+    run_id = rig.runs[-1]
+    for host in {c.host for c in plan.changes}:
+        records = host_history(rig, host)
+        steps = [r for r in records if r.kind == "step"]
+        done = {r.change_id: r for r in records if r.kind == "outcome"}
+        assert sorted(r.change_id for r in steps) == sorted(c.id for c in plan.changes if c.host == host)
+        assert len(records) == 2 * len(steps), "one step record and one outcome record per step, nothing twice"
+        for r in steps:
+            assert (r.run_id, r.who, r.commit, r.dirty, r.plan_id, r.fleet) == (
+                run_id, "alice@laptop", COMMIT, True, "p1", "hachyderm")
+            assert done[r.change_id].outcome == "ok"
+            assert r.seq < done[r.change_id].seq  # the intent before how it ended
+
+
+def test_a_write_still_gets_its_content_on_stdin_after_the_record(rig: Rig) -> None:
+    plan = bare_plan()
+    desired = example()
+    record_for_real(rig, {h.name: h for h in desired.hosts})
+    rig.executor(plan, recording=recording()).execute()
+    carried = [c for c in rig.fake.calls if c.command.startswith(SNIPPET) and c.tag and ":write-env:" in c.tag]
+    inner = [c for c in rig.fake.calls if not c.command.startswith(SNIPPET) and c.tag and ":write-env:" in c.tag
+             and c.stdin]
+    assert carried and len(inner) == len(carried)
+    for outer, own in zip(carried, inner, strict=True):
+        assert outer.stdin is not None and own.stdin is not None
+        line, _, rest = outer.stdin.partition(b"\n")
+        assert line.startswith(b'{"') and rest == own.stdin  # the step's own stdin, untouched
+
+
+def test_a_failed_step_records_its_failure_and_a_skipped_step_leaves_no_record(rig: Rig) -> None:
+    plan = bare_plan()
+    desired = example()
+    fail_gate(rig, "nietzsche", "postgresql.service")
+    record_for_real(rig, {h.name: h for h in desired.hosts})
+    result = rig.executor(plan, recording=recording()).execute()
+    skipped = {o.change.id for o in result.outcomes if o.outcome == "skipped"}
+    assert skipped and not result.ok
+    recorded = {r.change_id: r for h in {c.host for c in plan.changes} for r in host_history(rig, h)
+                if r.kind == "outcome"}
+    assert not skipped & set(recorded)
+    (failed,) = [r for r in recorded.values() if r.outcome == "failed"]
+    assert "postgresql.service" in failed.target and "unit failed to start" in failed.error
+    assert "@@history" not in failed.error
+
+
+def test_a_step_whose_record_cannot_be_appended_does_nothing_and_fails_saying_so(rig: Rig) -> None:
+    plan = bare_plan()
+    desired = example()
+    record_for_real(rig, {h.name: h for h in desired.hosts})
+    state = rig.fake.host_dir("franz") / "state"
+    state.mkdir(parents=True)
+    (state / history.HISTORY_FILE).mkdir()  # the host cannot append to its history file
+    result = rig.executor(plan, recording=recording()).execute()
+    failed = [o for o in result.outcomes if o.outcome == "failed"]
+    assert failed and {o.change.host for o in failed} == {"franz"}
+    assert all("the step could not be recorded" in o.error and "@@history" not in o.error for o in failed)
+    failed_ids = {o.change.id for o in failed}
+    inner = [c for c in rig.fake.on("franz") if not c.command.startswith(SNIPPET) and "lock" not in c.command]
+    carried = [c for c in rig.fake.on("franz") if c.command.startswith(SNIPPET)]
+    # Only rollback commands ran after a refused record, never a step command of its own, and
+    # no outcome record was sent for a step whose record is not there.
+    assert all(c.tag in failed_ids for c in inner)
+    assert sorted(c.tag or "" for c in carried) == sorted(failed_ids)
+    assert not any(c.stdin and b'"kind":"outcome"' in c.stdin.partition(b"\n")[0] for c in carried)
+
+
+def test_an_outcome_that_cannot_be_recorded_is_a_warning_and_the_step_keeps_its_outcome(rig: Rig) -> None:
+    plan = bare_plan()
+    desired = example()
+    record_for_real(rig, {h.name: h for h in desired.hosts})
+    inner = rig.fake.hook
+    assert inner is not None
+
+    def outcome_unreachable(call: Call) -> RunResult | None:
+        if call.host == "fritz" and call.stdin and b'"kind":"outcome"' in call.stdin.partition(b"\n")[0]:
+            raise TransportError("fritz", "unreachable", "fritz: connection reset")
+        return inner(call)
+
+    rig.fake.hook = outcome_unreachable
+    said: list[str] = []
+    executor = rig.executor(plan, recording=recording())
+    executor.report = said.append
+    assert executor.execute().ok
+    warnings = [s for s in said if "could not be recorded in its history" in s]
+    assert warnings and all("fritz" in w and "interrupted" in w for w in warnings)
+    assert all(r.kind == "step" for r in host_history(rig, "fritz"))
+
+
+def test_without_a_recording_no_command_carries_a_record(rig: Rig) -> None:
+    rig.executor(bare_plan()).execute()
+    assert not any(c.command.startswith(SNIPPET) or "history" in c.command for c in rig.fake.calls)

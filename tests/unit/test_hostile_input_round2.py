@@ -437,11 +437,11 @@ def test_fleet_log_escapes_journal_text_and_its_json_stays_exact(
                                                    before="inactive\r", after="active"))
         journal.step_finished(step, "failed", "boom\x1b[8m hidden")
         journal.finish_run(run_id, "failed", "x")
-    code, out, _ = run(capsys, "--state-dir", state, "log")
+    code, out, _ = run(capsys, "--state-dir", state, "log", "--cached")
     assert code == 0
     assert_printable(out)
     assert "eve\\x1b[2K@host" in out and "boom\\x1b[8m hidden" in out
-    code, out, _ = run(capsys, "--state-dir", state, "log", "--json")
+    code, out, _ = run(capsys, "--state-dir", state, "log", "--cached", "--json")
     [entry] = json.loads(out)["steps"]
     assert entry["error"] == "boom\x1b[8m hidden" and entry["operator"] == "eve\x1b[2K@host"
 

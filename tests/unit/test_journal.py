@@ -161,6 +161,32 @@ def test_a_run_records_who_what_plan_and_how_it_ended(j: Journal) -> None:
     assert j.run("no-such-run") is None
 
 
+def test_a_run_records_the_git_commit_of_its_desired_state_and_whether_it_was_dirty(j: Journal) -> None:
+    commit = "3f2a9c1d0b7e4a55" + "0" * 24
+    run_id = j.start_run(operator="alice@laptop", plan_id="p1", plan_hash="ph", desired_hash="dh", fleet="hachyderm",
+                         lab=False, commit=commit, dirty=True, now=NOW)
+    run = j.run(run_id)
+    assert run is not None and (run.commit, run.dirty) == (commit, True)
+    assert run.provenance() == "desired state at git 3f2a9c1d0b7e (dirty)"
+    plain = j.run(new_run(j))
+    assert plain is not None and (plain.commit, plain.dirty, plain.provenance()) == (None, None, "")
+
+
+def test_runs_of_a_journal_from_before_provenance_are_kept_and_name_no_commit(jpath: Path) -> None:
+    jpath.parent.mkdir(parents=True)
+    with closing(sqlite3.connect(jpath)) as conn:  # schema version 3: no commit columns yet
+        for i, statements in enumerate(journal_module.MIGRATIONS[:3]):
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {i + 1}")
+        conn.execute("INSERT INTO runs (id, operator, started, plan_id, plan_hash, desired_hash, fleet, lab) "
+                     "VALUES ('r1', 'bob@ci', 1.0, 'p', 'ph', 'dh', 'f', 0)")
+        conn.commit()
+    with Journal.open(jpath) as j:
+        (run,) = j.runs()
+    assert (run.id, run.operator, run.commit, run.dirty) == ("r1", "bob@ci", None, None)
+
+
 def test_run_ids_are_utc_time_sortable_and_unique(j: Journal) -> None:
     ids = [new_run(j, now=NOW + i * 3600) for i in (2, 0, 1)] + [new_run(j, now=NOW) for _ in range(20)]
     assert all(re.fullmatch(r"\d{8}T\d{6}-[0-9a-f]{6}", i) for i in ids)
@@ -533,13 +559,14 @@ def test_log_json_has_one_documented_object_per_step_with_its_run(j: Journal) ->
     first, second = doc["steps"]
     assert set(first) == {"run_id", "operator", "time", "ended", "host", "action", "target", "service", "reason",
                           "before", "after", "details", "outcome", "error", "sentence", "step_id", "change_id",
-                          "fleet", "lab", "plan_id", "run_outcome"}
+                          "fleet", "lab", "plan_id", "run_outcome", "commit", "dirty"}
     assert first | {"details": None} == {
         "run_id": run.id, "operator": "alice@laptop", "time": "2026-11-28T14:03:07Z", "ended": "2026-11-28T14:03:08Z",
         "host": "fritz", "action": "write-env", "target": WRITE_ENV.target, "service": None,
         "reason": "2 key(s) differ", "before": WRITE_ENV.before, "after": WRITE_ENV.after, "details": None,
         "outcome": "ok", "error": None, "sentence": sentence(step, run), "step_id": step.id,
         "change_id": WRITE_ENV.id, "fleet": "hachyderm", "lab": False, "plan_id": "p1", "run_outcome": None,
+        "commit": None, "dirty": None,
     }
     assert first["details"]["keys"] == [["S3_ENABLED", "change", "FALSE", "true"], ["3_BUCKET", "remove", "files", ""]]
     assert (second["operator"], second["outcome"], second["ended"]) == ("bob@desk", None, None)

@@ -1,0 +1,101 @@
+"""Moving Postgres freud -> nietzsche on the lab's real Postgres (fleet/moves.py): undeclared, the
+plan is refused with the table to declare; declared, the refusal reports the data gates as the
+hosts' own tools answer them — a real streaming standby of freud, found by its WAL receiver's
+address, and a paused replay reported as bytes behind — and nothing on the hosts changes."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import REPO, fleet, reset_all
+
+SOURCE, TARGET = "freud", "nietzsche"
+STANDBY_UNIT = "postgresql@15-moved.service"  # a second cluster on the target: its 15/main stays as it is
+ENV = "/home/mastodon/live/.env.production"
+POSTGRES = 'unit = "postgresql.service"\nhosts = ["nietzsche"]\nobserve_only = true'
+DECLARED = '\n[moves.postgres]\nfrom = "freud"\nto = "nietzsche"\nmethod = "streaming-replica"\n'
+
+
+def fleet_dir(root: Path, *, postgres_on: str, db_port: str = "5432", extra: str = "") -> Path:
+    """The example with postgres (probed) on `postgres_on` and DB_HOST pointing there."""
+    shutil.copytree(REPO / "hosts", root / "hosts")
+    text = (REPO / "desired_state.toml").read_text()
+    assert text.count(POSTGRES) == 1 and text.count('DB_HOST = "nietzsche.hachyderm.internal"') == 1
+    port = "\nport = 5433" if db_port == "5433" else ""
+    text = text.replace(POSTGRES, POSTGRES.replace("nietzsche", postgres_on) + f"\nprobe = true{port}")
+    text = text.replace('DB_HOST = "nietzsche.hachyderm.internal"', f'DB_HOST = "{postgres_on}.hachyderm.internal"')
+    text = text.replace('DB_PORT = "5432"', f'DB_PORT = "{db_port}"')
+    (root / "desired_state.toml").write_text(text + extra)
+    return root
+
+
+def psql(lab: Any, host: str, sql: str, port: int = 5432) -> str:
+    done = lab.ssh(host, ["runuser", "-u", "postgres", "--", "psql", "-X", "-A", "-t", "-q", "-p", str(port),
+                          "-c", sql], user="root")
+    return str(done.stdout).strip()
+
+
+@pytest.fixture
+def before(lab: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
+    """The fleet before the move: postgres on freud (converged), a table written there, freud
+    open to replication from the lab network, and a new cluster 15/moved on nietzsche, port 5433,
+    made a streaming standby of freud with pg_basebackup (what the operator's replication does)."""
+    reset_all(lab)
+    root = fleet_dir(tmp_path / "before", postgres_on=SOURCE)
+    done = fleet(lab, "apply", "--yes", "--settle", "1", directory=root, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    hba = "/etc/postgresql/15/main/pg_hba.conf"
+    lab.ssh(SOURCE, f"cp {hba} {hba}.fleet-test && echo 'host replication all 10.251.0.0/24 trust' >> {hba} && "
+                    "pg_conftool 15 main set listen_addresses '*' && systemctl restart postgresql@15-main.service",
+            user="root")
+    psql(lab, SOURCE, "CREATE TABLE IF NOT EXISTS moved_rows (n int); INSERT INTO moved_rows SELECT "
+                      "generate_series(1, 100)")
+    source_address = lab.addresses[SOURCE]
+    lab.ssh(TARGET, "pg_createcluster 15 moved -p 5433 >/dev/null && rm -rf /var/lib/postgresql/15/moved/* && cd / && "
+                    f"runuser -u postgres -- pg_basebackup -h {source_address} -p 5432 -U postgres "
+                    f"-D /var/lib/postgresql/15/moved -R -X stream && systemctl start {STANDBY_UNIT}",
+            user="root", timeout=120)
+    yield lab, tmp_path
+    lab.ssh(TARGET, "pg_dropcluster --stop 15 moved", user="root", check=False)
+    lab.ssh(SOURCE, f"mv {hba}.fleet-test {hba}; pg_conftool 15 main remove listen_addresses; "
+                    "runuser -u postgres -- psql -X -q -c 'DROP TABLE IF EXISTS moved_rows'; "
+                    "systemctl restart postgresql@15-main.service", user="root", check=False)
+    reset_all(lab)
+
+
+def test_moving_postgres_is_refused_undeclared_and_declared_reports_its_real_data_gates(
+        before: tuple[Any, Path]) -> None:
+    lab, tmp = before
+    assert psql(lab, TARGET, "SELECT count(*) FROM moved_rows", port=5433) == "100"  # the standby has the rows
+
+    undeclared = fleet(lab, "plan", directory=fleet_dir(tmp / "after", postgres_on=TARGET, db_port="5433"))
+    assert undeclared.returncode == 1, undeclared.stdout + undeclared.stderr
+    assert undeclared.stderr.startswith("fleet: error: refusing to plan: postgres would move from freud to nietzsche "
+                                        "without a move declaration (postgresql.service runs on freud"), \
+        undeclared.stderr
+    assert '    [moves.postgres]\n    from = "freud"\n    to = "nietzsche"\n    method = "streaming-replica"' \
+        in undeclared.stderr
+    assert "Traceback" not in undeclared.stderr
+
+    declared = fleet_dir(tmp / "declared", postgres_on=TARGET, db_port="5433", extra=DECLARED)
+    psql(lab, TARGET, "SELECT pg_wal_replay_pause()", port=5433)  # the standby falls behind …
+    psql(lab, SOURCE, "INSERT INTO moved_rows SELECT generate_series(101, 200)")  # … as freud is written
+    lagging = fleet(lab, "plan", directory=declared)
+    assert lagging.returncode == 1, lagging.stdout + lagging.stderr
+    err = lagging.stderr
+    assert "the move of postgres from freud to nietzsche (its data now: ok: freud is the primary: 15/main on freud " \
+           "is a primary at WAL " in err, err
+    address = lab.addresses[SOURCE]
+    assert (f"ok: nietzsche is a standby of freud: 15/moved on nietzsche streams from {address}:5432 (streaming); "
+            "NOT YET: caught up: ") in err, err
+    behind = int(err.split("NOT YET: caught up: ", 1)[1].split(" ", 1)[0])
+    assert behind > 0 and " bytes of WAL behind freud)" in err
+    psql(lab, TARGET, "SELECT pg_wal_replay_resume()", port=5433)
+
+    # Refused, nothing was changed: Mastodon still points at freud, whose server still runs.
+    assert "DB_HOST=freud.hachyderm.internal" in lab.ssh(TARGET, f"grep ^DB_HOST= {ENV}", user="root").stdout
+    assert lab.ssh(SOURCE, "systemctl is-active postgresql.service", user="root").stdout.strip() == "active"
