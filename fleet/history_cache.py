@@ -98,6 +98,27 @@ class HistoryCache:
                                 "ORDER BY collected DESC, seq DESC", (host,)).fetchall()
         return {int(seq): str(h) for seq, h in rows}  # the earliest collected wins: it comes last
 
+    def forget(self, hosts: Iterable[str]) -> int:
+        """Drop everything collected from these hosts: records, read position, breaks.  For hosts
+        that were destroyed and made anew under the same names (`fleet lab down`/`up`): their old
+        history went with them, and keeping it would report every new host's history as "files
+        gone" for good.  Returns how many hosts had anything cached."""
+        names = sorted(set(hosts))
+        if not names:
+            return 0
+        marks = ", ".join("?" * len(names))
+        with self.journal._writing("forget the hosts' history") as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                had = conn.execute(f"SELECT COUNT(*) FROM host_history WHERE host IN ({marks})", names).fetchone()[0]
+                for table in ("host_records", "host_history", "host_breaks"):  # fixed names, values bound
+                    conn.execute(f"DELETE FROM {table} WHERE host IN ({marks})", names)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return int(had)
+
     # -- merging ------------------------------------------------------------------------------------
 
     def merge(self, read: HistoryRead, *, now: float | None = None) -> Merged:

@@ -96,6 +96,7 @@ def run_lab(args: argparse.Namespace) -> int:
             return _up(hosts_dir, paths, float(getattr(args, "timeout", lifecycle.DEFAULT_TIMEOUT)))
         if command == "down":
             lifecycle.down(paths, report=print)
+            forget_history(paths, _inventory_names(hosts_dir))
             return EXIT_OK
         if command == "status":
             return _status(hosts_dir, paths, bool(getattr(args, "json", False)))
@@ -114,8 +115,30 @@ def run_lab(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+def forget_history(paths: LabPaths, hosts: Sequence[str]) -> None:
+    """The lab's hosts are made anew by `up` and gone after `down`, and their history files with
+    them: the checkout's cache of those histories (its journal) must forget them, or every later
+    audit would report each host's history as edited away (fleet/history_cache.py)."""
+    from fleet.history_cache import HistoryCache
+    from fleet.journal import Journal, journal_path
+
+    journal_file = journal_path(paths.state.parent)
+    if not journal_file.exists():  # nothing cached; and `lab down` must not create a journal
+        return
+    with Journal.open(journal_file) as journal:
+        if HistoryCache(journal).forget(hosts):
+            print("forgot the cached history of the lab's previous hosts")
+
+
+def _inventory_names(hosts_dir: Path) -> list[str]:
+    from fleet.config import load_hosts
+
+    return [h.name for h in load_hosts(hosts_dir)[0]] if hosts_dir.is_dir() else []
+
+
 def _up(hosts_dir: Path, paths: LabPaths, timeout: float) -> int:
     record = lifecycle.up(hosts_dir, paths, timeout=timeout)
+    forget_history(paths, [str(h["name"]) for h in record.hosts])
     rows = [(h["name"], h["address"], h["user"]) for h in record.hosts]
     print(_table(rows, ["HOST", "ADDRESS", "USER"]))
     print(printable(f"\nssh -F {paths.ssh_config} HOST"))

@@ -143,6 +143,33 @@ def test_a_broken_chain_stays_a_finding_after_later_clean_reads(journal: Journal
     assert cache.breaks("fritz") == []
 
 
+def test_forgetting_hosts_made_anew_drops_their_records_position_and_breaks_only(journal: Journal) -> None:
+    cache = HistoryCache(journal)
+    brk = Break("franz", 3, "record 4 is missing (record 5 follows record 3)")
+    for host in ("franz", "fritz"):
+        cache.merge(HistoryRead(host, "ok", breaks=(brk,) if host == "franz" else (),
+                                last_seen=LastSeen(5, "a" * 64, "b" * 64)), now=T0)
+    assert cache.forget(["franz", "freud"]) == 1
+    assert cache.breaks("franz") == [] and cache.last_seen("franz") is None
+    assert cache.last_seen("fritz") == LastSeen(5, "a" * 64, "b" * 64)  # the others are kept
+    assert cache.forget([]) == 0
+
+
+def test_a_lab_made_anew_forgets_the_cached_history_of_its_hosts(tmp_path: Path) -> None:
+    from fleet.lab.cli import forget_history
+    from fleet.lab.settings import LabPaths
+
+    state = tmp_path / ".fleet"
+    paths = LabPaths.from_state_dir(state)
+    forget_history(paths, ["franz"])
+    assert not journal_path(state).exists()  # no journal yet: none is made
+    with Journal.open(journal_path(state)) as j:
+        HistoryCache(j).merge(HistoryRead("franz", "ok", last_seen=LastSeen(2, "a" * 64, "b" * 64)), now=T0)
+    forget_history(paths, ["franz"])
+    with Journal.open(journal_path(state)) as j:
+        assert HistoryCache(j).last_seen("franz") is None
+
+
 def test_a_record_edited_on_the_host_leaves_the_copy_collected_first_in_charge(journal: Journal) -> None:
     h = FakeHost()
     original = h.step(START)
