@@ -7,8 +7,8 @@ The host only prints the file; fleet parses it (fleet/sidekiq_settings.py), eval
 read feeds the Sidekiq view of `fleet status` and the queue rules of `fleet audit`
 (fleet/status.py); a file that cannot be read is said so, naming host, unit and file.
 
-Section `@@sidekiq` (printed whenever collected, so that "no Sidekiq without -q" is told apart
-from "not looked"), then per unit `@@sidekiq UNIT` with one line `!file PATH` and the file's
+Section `@@sidekiqconf` (printed whenever collected, so that "no Sidekiq without -q" is told apart
+from "not looked"), then per unit `@@sidekiqconf UNIT` with one line `!file PATH` and the file's
 lines each prefixed by `|`, or `!none PATH` (no config file: Sidekiq's defaults), `!missing PATH`
 (a `-C` file that is not there), `!unreadable PATH`, `!toolarge PATH`.  The unit's lines come from
 the units section's `systemctl show` output, which this part of the script reads (`$show`).
@@ -61,7 +61,7 @@ END { flush() }
 
 # sh: for each such unit, find the file as Sidekiq would and print it, bounded.
 _PRINT_SH = r"""
-  echo "@@sidekiq $u"
+  echo "@@sidekiqconf $u"
   case $wd in ''|'~') wd=/;; esac
   if [ -n "$c" ]; then
     case $c in /*) f=$c;; *) f=$wd/$c;; esac
