@@ -83,16 +83,17 @@ def test_each_sidekiq_unit_heartbeats_with_its_declared_queues_and_concurrency(c
     view, out = read_view(converged)
     assert view.target is not None and view.target.source == "REDIS_HOST" and view.target.auth
     assert view.target.host == "nietzsche.hachyderm.internal" and view.target.port == 6379
-    assert view.complete and not view.stale
+    assert view.complete and not view.stale, out
     for host, unit, queues, concurrency in DECLARED:
         p = process_of(view, host, main_pid(converged, host, unit))
         assert p is not None, f"{unit} on {host}: no heartbeat in\n{out}"
-        assert p.queues == queues and p.concurrency == concurrency
-        assert p.identity.startswith(f"{host}:{p.pid}:") and len(p.identity.rsplit(":", 1)[1]) == 12
-        assert p.version.startswith("7.") and p.tag == "live" and not p.quiet and p.rss > 0
-        assert 0 <= view.redis_time - p.beat <= 60  # the hash expires 60 s after the last beat
+        # every message carries what was read: this test once failed in a full run, never alone
+        assert p.queues == queues and p.concurrency == concurrency, f"{unit} on {host}: {p}\n{out}"
+        assert p.identity.startswith(f"{host}:{p.pid}:") and len(p.identity.rsplit(":", 1)[1]) == 12, out
+        assert p.version.startswith("7.") and p.tag == "live" and not p.quiet and p.rss > 0, f"{p}\n{out}"
+        assert 0 <= view.redis_time - p.beat <= 60, f"{p}\n{out}"  # the hash expires 60 s after the last beat
     hashes = redis_cli(converged, [["TTL", p.identity] for p in view.processes])
-    assert all(0 < int(ttl) <= 60 for ttl in hashes)
+    assert all(0 < int(ttl) <= 60 for ttl in hashes), f"TTLs {hashes}\n{out}"
 
 
 def test_stopping_a_unit_removes_its_process_and_starting_it_brings_a_new_one(converged: Any) -> None:
