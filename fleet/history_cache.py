@@ -107,16 +107,10 @@ class HistoryCache:
         if not names:
             return 0
         marks = ", ".join("?" * len(names))
-        with self.journal._writing("forget the hosts' history") as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                had = conn.execute(f"SELECT COUNT(*) FROM host_history WHERE host IN ({marks})", names).fetchone()[0]
-                for table in ("host_records", "host_history", "host_breaks"):  # fixed names, values bound
-                    conn.execute(f"DELETE FROM {table} WHERE host IN ({marks})", names)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self.journal._transaction("forget the hosts' history") as conn:
+            had = conn.execute(f"SELECT COUNT(*) FROM host_history WHERE host IN ({marks})", names).fetchone()[0]
+            for table in ("host_records", "host_history", "host_breaks"):  # fixed names, values bound
+                conn.execute(f"DELETE FROM {table} WHERE host IN ({marks})", names)
         return int(had)
 
     # -- merging ------------------------------------------------------------------------------------
@@ -126,35 +120,29 @@ class HistoryCache:
         at = time.time() if now is None else now
         added = 0
         new_breaks: list[Break] = []
-        with self.journal._writing(f"store the history of {read.host}") as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for r in read.records:
-                    t = r.started if r.kind == "step" else r.ended
-                    cur = conn.execute(
-                        "INSERT OR IGNORE INTO host_records (host, hash, seq, prev, kind, run_id, change_id, time,"
-                        " outcome, verified, line, collected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (read.host, r.hash, r.seq, r.prev, r.kind, r.run_id, r.change_id, t, r.outcome,
-                         int(r.verified), r.line, at))
-                    added += cur.rowcount
-                for b in read.breaks:
-                    cur = conn.execute("INSERT OR IGNORE INTO host_breaks (host, after, detail, found) "
-                                       "VALUES (?, ?, ?, ?)", (read.host, b.after, b.detail, at))
-                    if cur.rowcount:
-                        new_breaks.append(b)
-                last = read.last_seen
-                conn.execute(
-                    "INSERT INTO host_history (host, seq, hash, digest, collected, lock_held, lock_run)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(host) DO UPDATE SET seq = excluded.seq,"
-                    " hash = excluded.hash, digest = excluded.digest, collected = excluded.collected,"
-                    " lock_held = excluded.lock_held, lock_run = excluded.lock_run",
-                    (read.host, last.seq if last else None, last.hash if last else None,
-                     last.digest if last else None, at, None if read.lock_held is None else int(read.lock_held),
-                     read.lock_run))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self.journal._transaction(f"store the history of {read.host}") as conn:
+            for r in read.records:
+                t = r.started if r.kind == "step" else r.ended
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO host_records (host, hash, seq, prev, kind, run_id, change_id, time,"
+                    " outcome, verified, line, collected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (read.host, r.hash, r.seq, r.prev, r.kind, r.run_id, r.change_id, t, r.outcome,
+                     int(r.verified), r.line, at))
+                added += cur.rowcount
+            for b in read.breaks:
+                cur = conn.execute("INSERT OR IGNORE INTO host_breaks (host, after, detail, found) "
+                                   "VALUES (?, ?, ?, ?)", (read.host, b.after, b.detail, at))
+                if cur.rowcount:
+                    new_breaks.append(b)
+            last = read.last_seen
+            conn.execute(
+                "INSERT INTO host_history (host, seq, hash, digest, collected, lock_held, lock_run)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(host) DO UPDATE SET seq = excluded.seq,"
+                " hash = excluded.hash, digest = excluded.digest, collected = excluded.collected,"
+                " lock_held = excluded.lock_held, lock_run = excluded.lock_run",
+                (read.host, last.seq if last else None, last.hash if last else None,
+                 last.digest if last else None, at, None if read.lock_held is None else int(read.lock_held),
+                 read.lock_run))
         return Merged(read.host, added, len(read.records) - added, tuple(new_breaks))
 
     # -- reading ------------------------------------------------------------------------------------

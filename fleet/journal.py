@@ -427,18 +427,12 @@ class Journal:
         than `keep_days` are deleted in the same transaction (the retention setting)."""
         taken = time.time() if now is None else now
         snap_id = new_run_id(taken)
-        with self._writing("store a snapshot") as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("INSERT INTO snapshots (id, taken, operator, command, fleet, lab, hosts, data) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (snap_id, taken, operator, command, fleet, int(lab), json.dumps(dict(hosts)), data))
-                if keep_days is not None:
-                    conn.execute("DELETE FROM snapshots WHERE taken < ?", (taken - keep_days * 86400,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._transaction("store a snapshot") as conn:
+            conn.execute("INSERT INTO snapshots (id, taken, operator, command, fleet, lab, hosts, data) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (snap_id, taken, operator, command, fleet, int(lab), json.dumps(dict(hosts)), data))
+            if keep_days is not None:
+                conn.execute("DELETE FROM snapshots WHERE taken < ?", (taken - keep_days * 86400,))
         return snap_id
 
     def snapshots(self, since: float | None = None) -> list[SnapshotRecord]:
@@ -479,6 +473,18 @@ class Journal:
             except sqlite3.Error as e:
                 raise JournalError(f"journal {self.path}: cannot {what}: {e}", path=str(self.path),
                                    hint="if another fleet holds it locked, wait for it to finish") from e
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """`_writing`, as one transaction: all of the block's statements are kept, or none."""
+        with self._writing(what) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     # -- writing --------------------------------------------------------------------------------
 
