@@ -31,6 +31,12 @@ class Action(StrEnum):
     START = "start"
     RESTART = "restart"
     PRUNE = "prune"  # stop + disable + remove the unit file if fleet may remove it
+    # A declared move's runbook (fleet/runbook.py): gates and actions on the data store itself.
+    MOVE_CHECK = "move-check"  # the data gates, asked again of the hosts: standby of the source, caught up
+    MOVE_READ_ONLY = "move-read-only"  # the source refuses writes; open write sessions ended
+    MOVE_CAUGHT_UP = "move-caught-up"  # the standby has replayed the read-only source's last WAL position
+    MOVE_PROMOTE = "move-promote"  # the standby promoted; gate: it is out of recovery
+    MOVE_STOP_SOURCE = "move-stop-source"  # the old server stopped, after every (re)start of the plan
 
 
 class Phase(IntEnum):
@@ -116,7 +122,24 @@ class PrunePayload:
         return {"remove_files": list(self.remove_files), "steps": list(self.steps)}
 
 
-Payload = UnitFilePayload | EnvFilePayload | PrunePayload | None
+@dataclass(frozen=True, slots=True)
+class MovePayload:
+    """A runbook step of a declared move: the two hosts and the clusters (port, unit) it works on,
+    as the observation the plan was made from found them."""
+
+    source: str
+    target: str
+    source_port: int
+    target_port: int
+    source_unit: str  # the source's cluster unit, e.g. postgresql@15-main.service (stopped last)
+
+    def fields(self) -> dict[str, Any]:
+        return {"meta": {"source": self.source, "source_port": str(self.source_port),
+                         "source_unit": self.source_unit, "target": self.target,
+                         "target_port": str(self.target_port)}}
+
+
+Payload = UnitFilePayload | EnvFilePayload | PrunePayload | MovePayload | None
 
 
 def flat_fields(payload: Payload) -> dict[str, Any]:

@@ -229,6 +229,19 @@ class _Step:
             raise FleetError(f"{res.exit_text}: {tail}")
         return out
 
+    def run_on(self, host: str, command: str, *, timeout: float = 120) -> str:
+        """`run` on another host of the plan, without the step record (it travels to the step's own host)."""
+        other = self._ex.hosts.get(host)
+        if other is None:
+            raise FleetError(f"the step needs {host}, which this run does not cover")
+        res = self._ex.transport.run(other, command, timeout=timeout)
+        out = res.stdout.decode("utf-8", "replace")
+        if "@@ok" not in out:
+            lines = res.stderr.decode("utf-8", "replace").strip().splitlines() or out.strip().splitlines()
+            raise FleetError(f"on {host}, {res.exit_text}: {' / '.join(line.strip() for line in lines[-3:])}"
+                             if lines else f"on {host}, {res.exit_text}: (no output)")
+        return out
+
     def run_unchecked(self, command: str, *, timeout: float) -> None:
         command, stdin = self._carry_record(command, None)
         self._ex.transport.run(self.host, command, stdin=stdin, timeout=timeout)

@@ -23,6 +23,7 @@ from fleet.diff import diff
 from fleet.errors import FleetError
 from fleet.graph import order
 from fleet.model import Desired, HostResult, HostState
+from fleet.resources import runbook
 from fleet.resources.base import PayloadError
 from fleet.resources.registry import BY_ACTION, owner
 from fleet.textutil import indented_json, sha256_hex
@@ -226,7 +227,10 @@ def first_difference(saved: Plan, fresh: Plan) -> str | None:
         if n is None:
             return f"change {c.id} is not planned now"
         mine, theirs = c.as_dict(), n.as_dict()
+        volatile = owner(c.action).volatile_fields
         for name in CHANGE_FIELDS:
+            if name in volatile:
+                continue
             a, b = mine[name], theirs[name]
             if a != b:
                 return f"change {c.id}: {name} differs (plan: {_shown(a)}, now: {_shown(b)})"
@@ -312,15 +316,17 @@ def build_plan(desired: Desired, observed: Mapping[str, HostResult], secrets: Ma
                prune: bool = True, lab: bool = False, now: datetime | None = None,
                inventory: Desired | None = None) -> Plan:
     """`inventory`: the desired state before --limit scoped its hosts (a move is judged on it)."""
-    moves.refuse_undeclared(inventory or desired, observed)
+    declared = moves.refuse_undeclared(inventory or desired, observed)
+    scope = {h.name for h in desired.hosts}
+    book = [c for m in declared for c in runbook.steps(inventory or desired, m, observed, scope)]
     d = diff(desired, observed, secrets, prune=prune)
-    deps, waves = order(d.changes, desired)
+    changes, deps, waves = runbook.wrap(book, d.changes, *order(d.changes, desired))
     created = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return Plan(
         fleet=desired.name, created_at=created, desired_hash=desired_hash(desired),
         hosts=tuple(h.name for h in desired.hosts if h.name in observed),
         fingerprints={h: fingerprint(r) for h, r in observed.items() if isinstance(r, HostState)},
-        changes=d.changes, deps=deps, waves=waves,
+        changes=changes, deps=deps, waves=waves,
         unknown=tuple((e.host, e.kind, e.message) for e in d.unknown),
         notes=d.notes, problems=d.problems, lab=lab,
     )

@@ -109,6 +109,10 @@ class Execution(Protocol):
         """Run a remote command for its effect alone (rollback); TransportError when unreachable."""
         ...
 
+    def run_on(self, host: str, command: str, *, timeout: float = 120) -> str:
+        """`run` on another host of the plan (a move's gate asks the source and the target)."""
+        ...
+
     def write(self, path: str, text: str, *, mode: str, owner: str | None, group: str | None,
               keep_keys: tuple[str, ...] = ()) -> None:
         """Replace `path` atomically with `text`, the old file backed up for rollback."""
@@ -169,6 +173,9 @@ class Resource:
     # The NAME of its `@@NAME [ARG]` sections in the collection output; "" when it has none (it
     # reads what the facts and units sections report).
     section: ClassVar[str] = ""
+    # Fields of its changes that a saved plan may hold otherwise than the plan computed now (a
+    # move's gate answers at plan time): left out of the saved plan's verification.
+    volatile_fields: ClassVar[frozenset[str]] = frozenset()
 
     # -- collection (fleet/collect/) --------------------------------------------------------
 

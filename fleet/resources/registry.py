@@ -14,6 +14,7 @@ from fleet.actions import Action
 from fleet.resources.base import ActionSpec, Resource
 from fleet.resources.drop_ins import DropIns
 from fleet.resources.env_file import EnvFiles
+from fleet.resources.runbook import MoveSteps
 from fleet.resources.sidekiq_config import SidekiqConfigs
 from fleet.resources.sidekiq_view import SidekiqHeartbeats
 from fleet.resources.stores import DataStores
@@ -30,6 +31,7 @@ RESOURCES: tuple[Resource, ...] = (
     SidekiqConfigs(),
     DataStores(),
     SidekiqHeartbeats(),
+    MoveSteps(),
 )
 
 

@@ -20,6 +20,7 @@ from fleet.journal import Journal, journal_path, operator
 from fleet.notify import Target, parse_target
 from fleet.output.text import apply_summary
 from fleet.plan import Plan, first_difference
+from fleet.resources.registry import owner
 from fleet.results import ApplyResult
 from fleet.textutil import sha256_hex
 from fleet.transport.protocol import DEFAULT_MAX_FORKS, Transport
@@ -157,7 +158,8 @@ def stale_reasons(saved: Plan, fresh: Plan) -> list[str]:
     out += [f"  no longer needed: {cid}" for cid in old if cid not in new]
     out += [f"  newly needed: {cid} ({new[cid].reason})" for cid in new if cid not in old]
     out += [f"  different now: {cid} (was {old[cid].before!r}, now {new[cid].before!r})"
-            for cid in new if cid in old and new[cid].before != old[cid].before]
+            for cid in new if cid in old and new[cid].before != old[cid].before
+            and "before" not in owner(new[cid].action).volatile_fields]  # a move's gate answers: asked again
     return out[:30]
 
 
