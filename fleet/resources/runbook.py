@@ -195,11 +195,14 @@ def halted(gates: Sequence[Gate]) -> str:
 # ================================================================ the remote side
 
 
-def psql(port: int, *sql: str, read_only: bool = True) -> str:
+def psql(port: int, *sql: str, read_only: bool | None = True) -> str:
     """psql as the postgres user on `port`, each statement its own transaction (`-c` …), rows
-    as `a|b`; read-only sessions unless asked otherwise.  Every value quoted."""
-    options = "-c default_transaction_read_only=on -c statement_timeout=10000" if read_only else \
-        "-c statement_timeout=10000"
+    as `a|b`.  Its sessions are read-only (True), read-write whatever the server's default
+    (False: fleet's own writes, ALTER SYSTEM), or as the server's configuration makes every new
+    session (None: what Mastodon would get).  Every value quoted."""
+    options = "-c statement_timeout=10000"
+    if read_only is not None:
+        options += f" -c default_transaction_read_only={'on' if read_only else 'off'}"
     cs = " ".join(f"-c {shlex.quote(s)}" for s in sql)
     return (f"runuser -u postgres -- env PGCONNECT_TIMEOUT=5 PGOPTIONS={shlex.quote(options)} "
             f"psql -X -A -t -q -F '|' -d postgres -p {int(port)} {cs}")
@@ -276,7 +279,8 @@ def _read_only(step: Execution, change: Change) -> None:
     _, p = _move(step, change)
     ended = _one(step, psql(p.source_port, *READ_ONLY_SQL, read_only=False))
     # The reload reaches new sessions once the postmaster has read it: asked until it has.
-    seen = step.run(f"cd / && i=0 && while :; do r=$({psql(p.source_port, 'SHOW default_transaction_read_only')})"
+    asked = psql(p.source_port, "SHOW default_transaction_read_only", read_only=None)
+    seen = step.run(f"cd / && i=0 && while :; do r=$({asked})"
                     " || exit 1; i=$((i + 1)); [ \"$r\" = on ] || [ $i -ge 25 ] && break; sleep 0.2; done; "
                     "printf '%s\\n@@ok\\n' \"$r\"").replace("@@ok", "").strip()
     if seen != "on":

@@ -1,17 +1,24 @@
-"""Moving Postgres freud -> nietzsche on the lab's real Postgres (fleet/moves.py): undeclared, the
-plan is refused with the table to declare; declared, the refusal reports the data gates as the
-hosts' own tools answer them — a real streaming standby of freud, found by its WAL receiver's
-address, and a paused replay reported as bytes behind — and nothing on the hosts changes."""
+"""Moving Postgres freud -> nietzsche on the lab's real Postgres (fleet/moves.py, the runbook in
+fleet/resources/runbook.py): undeclared, the plan is refused with the table to declare; declared,
+`fleet plan` shows the runbook with the data gates as the hosts' own tools answer them — a real
+streaming standby of freud, found by its WAL receiver's address, and a paused replay reported as
+bytes behind.  `fleet apply` then halts at the first gate while the standby lags, before any env
+file changes, and `fleet log` says why; once it replays again, the move runs end to end: freud
+read-only, the standby caught up and promoted, DB_HOST repointed only after that, Mastodon
+restarted against it, freud's server stopped last, and the rows written on freud are there."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import REPO, fleet, reset_all
+
+from fleet.journal import Journal, journal_path
 
 SOURCE, TARGET = "freud", "nietzsche"
 STANDBY_UNIT = "postgresql@15-moved.service"  # a second cluster on the target: its 15/main stays as it is
@@ -61,13 +68,17 @@ def before(lab: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
             user="root", timeout=120)
     yield lab, tmp_path
     lab.ssh(TARGET, "pg_dropcluster --stop 15 moved", user="root", check=False)
+    # The move leaves freud's server stopped and read-only (ALTER SYSTEM): back as it was.
     lab.ssh(SOURCE, f"mv {hba}.fleet-test {hba}; pg_conftool 15 main remove listen_addresses; "
-                    "runuser -u postgres -- psql -X -q -c 'DROP TABLE IF EXISTS moved_rows'; "
-                    "systemctl restart postgresql@15-main.service", user="root", check=False)
+                    "systemctl restart postgresql@15-main.service; runuser -u postgres -- "
+                    "env PGOPTIONS='-c default_transaction_read_only=off' psql -X -q "
+                    "-c 'ALTER SYSTEM RESET default_transaction_read_only' "
+                    "-c 'SELECT pg_reload_conf()' -c 'DROP TABLE IF EXISTS moved_rows'",
+            user="root", check=False)
     reset_all(lab)
 
 
-def test_moving_postgres_is_refused_undeclared_and_declared_reports_its_real_data_gates(
+def test_moving_postgres_is_refused_undeclared_and_declared_runs_its_runbook_halting_while_the_standby_lags(
         before: tuple[Any, Path]) -> None:
     lab, tmp = before
     assert psql(lab, TARGET, "SELECT count(*) FROM moved_rows", port=5433) == "100"  # the standby has the rows
@@ -85,17 +96,57 @@ def test_moving_postgres_is_refused_undeclared_and_declared_reports_its_real_dat
     psql(lab, TARGET, "SELECT pg_wal_replay_pause()", port=5433)  # the standby falls behind …
     psql(lab, SOURCE, "INSERT INTO moved_rows SELECT generate_series(101, 200)")  # … as freud is written
     lagging = fleet(lab, "plan", directory=declared)
-    assert lagging.returncode == 1, lagging.stdout + lagging.stderr
-    err = lagging.stderr
-    assert "the move of postgres from freud to nietzsche (its data now: ok: freud is the primary: 15/main on freud " \
-           "is a primary at WAL " in err, err
+    assert lagging.returncode == 0, lagging.stdout + lagging.stderr
+    out = lagging.stdout
     address = lab.addresses[SOURCE]
-    assert (f"ok: nietzsche is a standby of freud: 15/moved on nietzsche streams from {address}:5432 (streaming); "
-            "NOT YET: caught up: ") in err, err
-    behind = int(err.split("NOT YET: caught up: ", 1)[1].split(" ", 1)[0])
-    assert behind > 0 and " bytes of WAL behind freud)" in err
-    psql(lab, TARGET, "SELECT pg_wal_replay_resume()", port=5433)
+    assert "? move-check postgres:5433" in out and "      now: ok: freud is the primary: 15/main on freud is a " \
+        "primary at WAL " in out, out
+    assert (f"      now: ok: nietzsche is a standby of freud: 15/moved on nietzsche streams from {address}:5432 "
+            "(streaming)\n      now: NOT YET: caught up: ") in out, out
+    behind = int(out.split("NOT YET: caught up: ", 1)[1].split(" ", 1)[0])
+    assert behind > 0 and " bytes of WAL behind freud\n" in out
+    order = out.split("Order (", 1)[1]
+    assert order.index("1. nietzsche:move-check") < order.index("2. freud:move-read-only") < order.index(
+        "3. nietzsche:move-caught-up") < order.index("4. nietzsche:move-promote") < order.index("write-env") < \
+        order.index("freud:move-stop-source"), order
 
-    # Refused, nothing was changed: Mastodon still points at freud, whose server still runs.
+    # Applied while it lags: the first gate halts the move, nothing is repointed, `fleet log` says why.
+    halted = fleet(lab, "apply", "--yes", "--settle", "1", "--start-timeout", "2", directory=declared, timeout=300)
+    assert halted.returncode != 0, halted.stdout + halted.stderr
+    log = fleet(lab, "log", "--since", "10m", directory=declared)
+    assert "on nietzsche, checked the move's data on postgres:5433" in log.stdout, log.stdout
+    assert "FAILED: gate 'caught up' did not pass: " in log.stdout and " bytes of WAL behind freud (at " in \
+        log.stdout, log.stdout
     assert "DB_HOST=freud.hachyderm.internal" in lab.ssh(TARGET, f"grep ^DB_HOST= {ENV}", user="root").stdout
-    assert lab.ssh(SOURCE, "systemctl is-active postgresql.service", user="root").stdout.strip() == "active"
+    assert psql(lab, SOURCE, "SHOW default_transaction_read_only") == "off"  # never made read-only
+    assert lab.ssh(SOURCE, "systemctl is-active postgresql@15-main.service", user="root").stdout.strip() == "active"
+
+    # Replaying again: the move runs end to end.
+    psql(lab, TARGET, "SELECT pg_wal_replay_resume()", port=5433)
+    started = time.time()
+    moved = fleet(lab, "apply", "--yes", "--settle", "1", directory=declared, timeout=300)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert psql(lab, TARGET, "SELECT count(*) FROM moved_rows", port=5433) == "200"  # every row freud had
+    assert psql(lab, TARGET, "SELECT pg_is_in_recovery()", port=5433) == "f"  # promoted: takes writes
+    psql(lab, TARGET, "INSERT INTO moved_rows VALUES (201)", port=5433)
+    for host in lab.names:
+        assert "DB_HOST=nietzsche.hachyderm.internal" in lab.ssh(host, f"grep ^DB_HOST= {ENV}", user="root").stdout
+    assert lab.ssh(SOURCE, "systemctl is-active postgresql@15-main.service", user="root",
+                   check=False).stdout.strip() == "inactive"
+
+    # From the journal: DB_HOST was rewritten on no host before the promote's gate passed, every
+    # gate before it passed, and freud's server stopped after every Mastodon (re)start.
+    with Journal.open(journal_path(lab.state_dir)) as journal:
+        run = [r for r in journal.runs(since=started) if r.outcome == "ok"][-1]
+        steps = journal.steps(run_id=run.id)
+    by_action: dict[str, list[Any]] = {}
+    for st in steps:
+        by_action.setdefault(st.action, []).append(st)
+    gates = [by_action[a][0] for a in ("move-check", "move-read-only", "move-caught-up", "move-promote")]
+    assert [g.outcome for g in gates] == ["ok"] * 4
+    assert all(a.ended <= b.started for a, b in zip(gates, gates[1:], strict=False))
+    writes = [st for st in by_action["write-env"] if "DB_HOST" in str(st.details.get("keys"))]
+    assert writes and gates[-1].ended <= min(st.started for st in writes)
+    [stop] = by_action["move-stop-source"]
+    runs = by_action.get("restart", []) + by_action.get("start", [])
+    assert runs and stop.outcome == "ok" and max(st.ended for st in runs) <= stop.started

@@ -239,9 +239,13 @@ def test_a_move_runs_its_steps_in_order_and_rewrites_db_host_only_after_the_prom
     replays = [c.seq for c in rig.fake.calls if "pg_wal_lsn_diff" in c.command and "0/3000060" in c.command]
     assert len(replays) == 2 and alter < replays[1] < promote  # caught up after the source went read-only
     assert rig.fake.calls[alter].host == "freud" and rig.fake.calls[promote].host == "nietzsche"
-    # Read-only SQL runs as the postgres user, every statement quoted as one argument.
-    assert "runuser -u postgres -- env PGCONNECT_TIMEOUT=5 PGOPTIONS='-c statement_timeout=10000' psql" in \
-        rig.fake.calls[alter].command
+    # SQL runs as the postgres user, every statement quoted as one argument; fleet's own writes in a
+    # read-write session, and the gate on the source's read-only state in a session as Mastodon's.
+    assert ("runuser -u postgres -- env PGCONNECT_TIMEOUT=5 PGOPTIONS='-c statement_timeout=10000 -c "
+            "default_transaction_read_only=off' psql -X -A -t -q -F '|' -d postgres -p 5432 -c 'ALTER SYSTEM SET "
+            "default_transaction_read_only = on' -c 'SELECT pg_reload_conf()' -c ") in rig.fake.calls[alter].command
+    show, = sent(rig, "SHOW default_transaction_read_only")
+    assert "PGOPTIONS='-c statement_timeout=10000' psql" in rig.fake.calls[show].command
 
 
 @pytest.mark.parametrize(("needle", "host", "reply", "says"), [
