@@ -56,7 +56,7 @@ def before(lab: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
     done = fleet(lab, "apply", "--yes", "--settle", "1", directory=root, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     hba = "/etc/postgresql/15/main/pg_hba.conf"
-    lab.ssh(SOURCE, f"cp {hba} {hba}.fleet-test && echo 'host replication all 10.251.0.0/24 trust' >> {hba} && "
+    lab.ssh(SOURCE, f"cp -p {hba} {hba}.fleet-test && echo 'host replication all 10.251.0.0/24 trust' >> {hba} && "
                     "pg_conftool 15 main set listen_addresses '*' && systemctl restart postgresql@15-main.service",
             user="root")
     psql(lab, SOURCE, "CREATE TABLE IF NOT EXISTS moved_rows (n int); INSERT INTO moved_rows SELECT "
@@ -68,14 +68,22 @@ def before(lab: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
             user="root", timeout=120)
     yield lab, tmp_path
     lab.ssh(TARGET, "pg_dropcluster --stop 15 moved", user="root", check=False)
-    # The move leaves freud's server stopped and read-only (ALTER SYSTEM): back as it was.
-    lab.ssh(SOURCE, f"mv {hba}.fleet-test {hba}; pg_conftool 15 main remove listen_addresses; "
-                    "systemctl restart postgresql@15-main.service; runuser -u postgres -- "
+    # The move leaves freud's server stopped and read-only (ALTER SYSTEM): back as it was, then
+    # restarted with its own pg_hba.conf and listen_addresses (which reads postgresql.auto.conf anew).
+    lab.ssh(SOURCE, "systemctl start postgresql@15-main.service; runuser -u postgres -- "
                     "env PGOPTIONS='-c default_transaction_read_only=off' psql -X -q "
-                    "-c 'ALTER SYSTEM RESET default_transaction_read_only' "
-                    "-c 'SELECT pg_reload_conf()' -c 'DROP TABLE IF EXISTS moved_rows'",
+                    "-c 'ALTER SYSTEM RESET default_transaction_read_only' -c 'DROP TABLE IF EXISTS moved_rows'",
             user="root", check=False)
-    reset_all(lab)
+    lab.ssh(SOURCE, f"mv {hba}.fleet-test {hba}; pg_conftool 15 main remove listen_addresses; "
+                    "systemctl restart postgresql@15-main.service", user="root", check=False)
+    try:  # said, not hoped for: freud's Postgres takes writes again, without the test's table
+        seen = lab.ssh(SOURCE, "pg_lsclusters; systemctl status --no-pager -n 20 postgresql@15-main.service; "
+                               "cat /var/lib/postgresql/15/main/postgresql.auto.conf", user="root", check=False)
+        assert "online" in seen.stdout.split("\n", 2)[1], seen.stdout + seen.stderr
+        assert psql(lab, SOURCE, "SHOW default_transaction_read_only") == "off"
+        assert psql(lab, SOURCE, "SELECT to_regclass('moved_rows') IS NULL") == "t"
+    finally:
+        reset_all(lab)  # (which stops the databases)
 
 
 def test_moving_postgres_is_refused_undeclared_and_declared_runs_its_runbook_halting_while_the_standby_lags(
