@@ -142,48 +142,59 @@ END { flush() }
 def build_script(spec: CollectSpec, *, history: str = "") -> str:
     """The complete remote script for one host (POSIX sh, dash-compatible); `history`, when
     given, is the host history's section (fleet.history.read_section), printed last."""
+    return "\n".join(part for _, part in script_parts(spec, history=history)) + "\n"
+
+
+def script_parts(spec: CollectSpec, *, history: str = "") -> list[tuple[str, str]]:
+    """The script as (name, shell text) parts in the order they run, what bench/remote_cost.py
+    profiles one by one (a part may use the variables an earlier one set)."""
     q = shlex.quote
-    parts = [
-        "export LC_ALL=C SYSTEMD_PAGER= SYSTEMD_COLORS=0 PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-        "set -f",  # names are data, never globs for the shell
-        f"echo '@@fleet {SCRIPT_VERSION}'",
-        _FACTS,
-        "echo '@@units'",
+    parts: list[tuple[str, str]] = [
+        ("header", "\n".join((
+            "export LC_ALL=C SYSTEMD_PAGER= SYSTEMD_COLORS=0 PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "set -f",  # names are data, never globs for the shell
+            f"echo '@@fleet {SCRIPT_VERSION}'",
+        ))),
+        ("facts", _FACTS),
     ]
     patterns = " ".join(q(p) for p in spec.patterns)
     found = ""
     if patterns:
         # `show` with a glob only sees loaded units: a disabled, never-started unit would be
         # missing.  Unit files and all units together see everything; templates are skipped.
-        parts.append(
+        parts.append(("discover",
             "found=$({ systemctl list-unit-files --no-legend --no-pager --plain -- "
             f"{patterns} 2>/dev/null; systemctl list-units --all --no-legend --no-pager --plain -- "
             f"{patterns} 2>/dev/null; }} | while read -r n _; do case $n in *@.*) ;; *) echo \"$n\";; esac; done)"
-        )
+        ))
         found = "$found "
     declared = " ".join(q(u) for u in spec.units)
-    parts.append(f"names=$(printf '%s\\n' {found}{declared} | awk 'NF && !s[$0]++')")
     props = ",".join(UNIT_PROPERTIES)
     mask_show = _MASK_AWK + "/^Environment=/ { print maskenv($0); next } { print }"
-    parts.append(f'if [ -n "$names" ]; then show=$(systemctl show --no-pager -p {props} -- $names 2>&1 | '
-                 f'awk -v secret_re={q(SECRET_NAME_PATTERN)} {q(mask_show)}); else show=; fi')
-    parts.append('printf \'%s\\n\' "$show"')
-    parts.append("echo '@@hashes'")
-    parts.append(
+    parts.append(("units", "\n".join((
+        "echo '@@units'",
+        f"names=$(printf '%s\\n' {found}{declared} | awk 'NF && !s[$0]++')",
+        f'if [ -n "$names" ]; then show=$(systemctl show --no-pager -p {props} -- $names 2>&1 | '
+        f'awk -v secret_re={q(SECRET_NAME_PATTERN)} {q(mask_show)}); else show=; fi',
+        'printf \'%s\\n\' "$show"',
+    ))))
+    parts.append(("hashes", "\n".join((
+        "echo '@@hashes'",
         "paths=$(printf '%s\\n' \"$show\" | awk '/^FragmentPath=./{print substr($0,14)} "
-        "/^DropInPaths=./{n=split(substr($0,13),a,\" \");for(i=1;i<=n;i++)print a[i]}')"
-    )
-    parts.append('[ -n "$paths" ] && sha256sum -- $paths 2>/dev/null')
-    parts.append("echo '@@text'")
+        "/^DropInPaths=./{n=split(substr($0,13),a,\" \");for(i=1;i<=n;i++)print a[i]}')",
+        '[ -n "$paths" ] && sha256sum -- $paths 2>/dev/null',
+    ))))
+    text = "echo '@@text'"
     if spec.managed:
         managed = " " + " ".join(spec.managed) + " "
-        parts.append(f"printf '%s\\n\\n' \"$show\" | awk -v m={q(managed)} -v maxl={MAX_TEXT_LINES} "
-                     f"-v secret_re={q(SECRET_NAME_PATTERN)} {q(_TEXT_AWK)}")
+        text += (f"\nprintf '%s\\n\\n' \"$show\" | awk -v m={q(managed)} -v maxl={MAX_TEXT_LINES} "
+                 f"-v secret_re={q(SECRET_NAME_PATTERN)} {q(_TEXT_AWK)}")
+    parts.append(("text", text))
     for r in RESOURCES:
         what = spec.of(r.section) if r.section else None
         if what:
-            parts.append(r.script(what))
+            parts.append((r.section, r.script(what)))
     if history:
-        parts.append(history)
-    parts.append("echo '@@end'")
-    return "\n".join(parts) + "\n"
+        parts.append(("history", history))
+    parts.append(("end", "echo '@@end'"))
+    return parts
