@@ -28,6 +28,8 @@ def _baseline(seconds: float = 3.0) -> float:
 
 
 def measure_remote_cost(lab: Lab, directory: Path, repeats: int = 15) -> dict[str, Any]:
+    from fleet.collect.script import spec_for
+
     desired, targets = _load(directory, lab.state_dir)
     floors = {argv[argv.index("-o") + 2]: argv for argv in floor_argvs(lab, directory)}
     root = next(h for h in targets.hosts if not h.sudo)
@@ -39,6 +41,10 @@ def measure_remote_cost(lab: Lab, directory: Path, repeats: int = 15) -> dict[st
             lab.ssh_argv(deploy.name, "sudo -n -- sh -c true", *kex),
         f"fleet's script on {root.name} (root login; 7 units)": floors[root.name],
         f"fleet's script on {deploy.name} (deploy login, sudo; 4 units)": floors[deploy.name],
+        f"minimal collector on {root.name} (one systemctl show)":
+            lab.ssh_argv(root.name, minimal_command(spec_for(desired, root.name).units), *kex),
+        f"minimal collector on {deploy.name} (one systemctl show, no sudo)":
+            lab.ssh_argv(deploy.name, minimal_command(spec_for(desired, deploy.name).units), *kex),
     }
     baseline = _baseline()
     out: dict[str, Any] = {"baseline_busy_cores": baseline, "repeats": repeats, "cases": {}}
