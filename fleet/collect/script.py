@@ -8,7 +8,12 @@ The script is assembled from parts: this module's own (the host's facts and its 
 units, which every unit-based kind reads), then the part of each kind of resource that has
 sections of its own (`Resource.script`, fleet/resources/), in the registry's order.  Every name
 that reaches the script is either validated by the loader (unit names, patterns, env keys) or
-passed through `shlex.quote`.  Output format (version 1):
+passed through `shlex.quote`.
+
+What the host pays for (docs/PERFORMANCE.md, "The remote script"): two `systemctl` processes —
+the manager's two facts, and one `show` of every property of every unit, declared or discovered.
+Discovery asks systemd nothing of its own: unit files come from the shell's glob over the unit
+directories, loaded units without a file from `show`'s glob.  Output format (version 1):
 
     @@fleet 1
     @@facts            KEY=value lines (hostname, kernel, uptime, load, mem_*, os) and the
