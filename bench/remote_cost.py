@@ -6,6 +6,11 @@ On the lab every host shares the machine's cores, so the remote side is part of 
 wall time.  Each case runs alone, one at a time, `repeats` times (OpenSSH client, like the floor):
 client CPU comes from wait4, the machine's busy CPU from /proc/stat around the run, minus the
 machine's idle-lab baseline for the same duration.  remote = machine - client - baseline.
+
+`profile_parts` then splits the script's own cost by part (facts, discovery, units, hashes, each
+kind's section …), measured on the host itself next to the minimal collector's one `systemctl
+show` (issue 19's yardstick): `python -m bench.remote_cost --dir DIR --state-dir STATE` on a
+running lab of a generated inventory.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ def measure_remote_cost(lab: Lab, directory: Path, repeats: int = 15) -> dict[st
             "machine_cpu_s": med(r["machine_cpu_s"] for r in rows),
             "failures": sum(1 for r in rows if r["rc"] != 0),
         }
+    out["parts"] = profile_parts(lab, directory)
     return out
 
 
