@@ -92,3 +92,34 @@ def test_a_secret_in_a_shown_environment_is_masked_on_the_host() -> None:
     assert raw != once
     assert show_awk(raw) == once
     assert re.search(r"clear-secret", show_awk(f"{raw}\n\n{raw}")) is None
+
+
+def light(name: str) -> str:
+    return (FIXTURES / f"{name}.txt").read_text()
+
+
+def test_the_lighter_script_sees_on_a_database_host_what_list_unit_files_and_list_units_saw() -> None:
+    # Captured on the lab (bench-00 of a generated 16-host fleet): `list-unit-files` and
+    # `list-units --all` there named postgresql.service, postgresql@15-main.service (loaded
+    # only: an instance), redis.service (an alias) and redis-server.service, plus the declared units.
+    state = parse_host("bench-00", light("light-db-bench-00"))
+    assert [u.unit for u in state.units] == [
+        "mastodon-sidekiq-push-pull.service", "mastodon-sidekiq-scheduler.service", "redis-server.service",
+        "postgresql.service", "postgresql@15-main.service"]
+    cluster = state.unit("postgresql@15-main.service")
+    assert cluster is not None and cluster.running and cluster.fragment_path == "/lib/systemd/system/postgresql@.service"
+    assert all(len(u.text_hash) == 64 for u in state.units)
+
+
+def test_the_lighter_script_reads_an_app_hosts_units_texts_and_secret_fingerprints() -> None:
+    state = parse_host("bench-01", light("light-app-bench-01"))
+    assert sorted(u.unit for u in state.units) == [
+        "mastodon-sidekiq-default.service", "mastodon-sidekiq-push-pull.service", "mastodon-streaming.service",
+        "mastodon-web.service", "postgresql.service", "redis-server.service"]
+    web = state.unit("mastodon-web.service")
+    assert web is not None and web.running and web.text is not None and web.text.startswith("# /etc/systemd/")
+    pg = state.unit("postgresql.service")
+    assert pg is not None and pg.unit_file_state == "disabled" and pg.text is None  # discovered, not managed
+    (env,) = state.env_files
+    assert len(env.secrets) == 7 and all(re.fullmatch(r"[0-9a-f]{64}", h) for _, h in env.secrets)
+    assert "  -" in light("light-app-bench-01")  # sha256sum's own line, read as the hash alone
