@@ -107,7 +107,8 @@ def test_the_lighter_script_sees_on_a_database_host_what_list_unit_files_and_lis
         "mastodon-sidekiq-push-pull.service", "mastodon-sidekiq-scheduler.service", "redis-server.service",
         "postgresql.service", "postgresql@15-main.service"]
     cluster = state.unit("postgresql@15-main.service")
-    assert cluster is not None and cluster.running and cluster.fragment_path == "/lib/systemd/system/postgresql@.service"
+    assert cluster is not None and cluster.running
+    assert cluster.fragment_path == "/lib/systemd/system/postgresql@.service"
     assert all(len(u.text_hash) == 64 for u in state.units)
 
 
