@@ -42,6 +42,7 @@ from fleet.model import (
     SidekiqPolicy,
     UnitState,
 )
+from fleet.sidekiq_settings import parse_argv
 from fleet.textutil import did_you_mean
 
 SECTION = "sidekiq"
@@ -867,29 +868,6 @@ class SidekiqUnit:
         return bool(self.service)
 
 
-def argv_settings(argv: Sequence[str]) -> tuple[int | None, tuple[tuple[str, int], ...], float] | None:
-    """(-c, [(queue, weight)], -t) from a Sidekiq command line; None when it is not Sidekiq."""
-    if not any(a.rsplit("/", 1)[-1] == "sidekiq" for a in argv):
-        return None
-    concurrency: int | None = None
-    queues: list[tuple[str, int]] = []
-    timeout = DEFAULT_SHUTDOWN_TIMEOUT
-    it = iter(argv)
-    for a in it:
-        opt, eq, inline = a.partition("=")
-        if opt not in ("-c", "--concurrency", "-q", "--queue", "-t", "--timeout"):
-            continue
-        value = inline if eq else next(it, "")
-        if opt in ("-c", "--concurrency") and value.isdigit():
-            concurrency = int(value)
-        elif opt in ("-t", "--timeout") and value.isdigit():
-            timeout = float(value)
-        elif opt in ("-q", "--queue") and value:
-            name, _, weight = value.partition(",")
-            queues.append((name, int(weight) if weight.isdigit() else 0))
-    return concurrency, tuple(queues), timeout
-
-
 _UTC_STAMP = re.compile(r"^\w{3} (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) (?:UTC|GMT)$")
 
 
@@ -911,10 +889,11 @@ def sidekiq_units(desired: Desired, results: Mapping[str, HostResult]) -> list[S
         declared: dict[str, Service] = {s.unit: s for s in desired.services_on(host) if s.kind == Kind.SIDEKIQ}
         for u in result.units:
             service = declared.get(u.unit)
-            parsed = argv_settings(u.exec_start)
-            if service is None and parsed is None:
+            args = parse_argv(u.exec_start)
+            if service is None and args is None:
                 continue
-            concurrency, queues, timeout = parsed or (None, (), DEFAULT_SHUTDOWN_TIMEOUT)
+            concurrency, queues = (args.concurrency, args.queues_weighted()) if args else (None, ())
+            timeout = args.timeout if args and args.timeout is not None else DEFAULT_SHUTDOWN_TIMEOUT
             if service is not None and service.sidekiq is not None:
                 concurrency = service.sidekiq.concurrency
                 queues = tuple((q, w or 0) for q, w in service.sidekiq.queues)

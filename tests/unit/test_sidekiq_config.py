@@ -20,7 +20,16 @@ from fleet.errors import ParseError
 from fleet.model import SIDEKIQ_QUEUES, Desired, HostState, UnitState
 from fleet.output.text import status_text
 from fleet.resources.sidekiq_config import ConfigFile, SidekiqConfigs
-from fleet.sidekiq_settings import Settings, SidekiqConfig, environment_of, parse_argv, parse_config, served
+from fleet.sidekiq_settings import (
+    Settings,
+    SidekiqArgs,
+    SidekiqConfig,
+    environment_of,
+    is_sidekiq,
+    parse_argv,
+    parse_config,
+    served,
+)
 from fleet.status import build_status
 
 STOCK = REPO / "tests" / "fixtures" / "stock"
@@ -105,6 +114,64 @@ def test_what_cannot_be_read_is_said_with_its_line(text: str, why: str) -> None:
     problem = c.problem or c.top.queues_problem
     assert why in problem and "line " in problem, problem
     assert c.for_environment("production").queues is None
+
+
+# ---------------------------------------------------------------- the command line: the one parser
+
+SK = ("/home/mastodon/.rbenv/shims/bundle", "exec", "sidekiq")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    # what status (parse_sidekiq_argv) read
+    (("-c", "10", "-q", "default"), SidekiqArgs(10, (("default", None),))),
+    (("-q", "default,8", "-q", "push,6"), SidekiqArgs(None, (("default", 8), ("push", 6)))),
+    (("--concurrency=5", "--queue=x"), SidekiqArgs(5, (("x", None),))),
+    (("--concurrency", "7", "--queue", "mailers,2"), SidekiqArgs(7, (("mailers", 2),))),
+    (("-C", "config/sidekiq.yml"), SidekiqArgs(None, (), config="config/sidekiq.yml")),
+    (("-c", "many", "-q", ""), SidekiqArgs(None, ())),
+    (("-c",), SidekiqArgs(None, ())),
+    # what Sidekiq's own view (argv_settings) read: -t, `-c=N`, a weight that is no number
+    (("-c", "25", "-q", "default,8", "-q", "push"), SidekiqArgs(25, (("default", 8), ("push", None)))),
+    (("--concurrency=5", "--queue=pull,4", "-t", "60"), SidekiqArgs(5, (("pull", 4),), timeout=60.0)),
+    (("--timeout=8",), SidekiqArgs(None, (), timeout=8.0)),
+    (("-c=3", "-q=x"), SidekiqArgs(3, (("x", None),))),
+    (("-q", "push,x", "-c", "-5", "-t", "soon"), SidekiqArgs(None, (("push", None),))),
+    (("-q", ",2"), SidekiqArgs(None, ())),
+    # what the declaration (config, sidekiq_settings) read: -C -r -e, long and short
+    (("-q", "push,2", "-C", "c.yml", "-e", "staging", "-r", "./app"),
+     SidekiqArgs(None, (("push", 2),), config="c.yml", require="./app", environment="staging")),
+    (("--config", "c.yml", "--environment=production", "--require", "/srv/app"),
+     SidekiqArgs(None, (), config="c.yml", require="/srv/app", environment="production")),
+    # Ruby's OptionParser also takes a short option's value glued on; the last -c wins
+    (("-c25", "-qdefault,3", "-Cconfig/x.yml", "-eproduction"),
+     SidekiqArgs(25, (("default", 3),), config="config/x.yml", environment="production")),
+    (("-c", "5", "-c", "9"), SidekiqArgs(9, ())),
+])
+def test_one_parser_reads_every_form_of_a_sidekiq_command_line(args: tuple[str, ...], expected: SidekiqArgs) -> None:
+    assert parse_argv((*SK, *args)) == expected
+    assert parse_argv(("/usr/local/bin/sidekiq", *args)) == expected  # bundle exec or not
+    assert parse_argv(("sidekiq", *args)) == expected
+
+
+def test_only_what_follows_the_sidekiq_word_is_sidekiqs() -> None:
+    argv = ("/usr/bin/env", "-C", "/srv", "bundle", "exec", "sidekiq", "-q", "push")
+    assert parse_argv(argv) == SidekiqArgs(None, (("push", None),))
+
+
+def test_the_heartbeat_shows_a_queue_without_weight_as_weight_0() -> None:
+    args = parse_argv((*SK, "-q", "default,8", "-q", "push"))
+    assert args is not None and args.queues_weighted() == (("default", 8), ("push", 0))
+
+
+@pytest.mark.parametrize("argv", [
+    ("/home/mastodon/.rbenv/shims/bundle", "exec", "puma", "-C", "config/puma.rb"),
+    ("bundle", "exec", "puma", "-c", "5"),
+    ("/usr/bin/node", "./streaming"),
+    ("/usr/bin/sidekiq-like", "-q", "default"),
+    (),
+])
+def test_other_commands_are_not_sidekiq(argv: tuple[str, ...]) -> None:
+    assert parse_argv(argv) is None and not is_sidekiq(argv)
 
 
 def test_options_on_the_command_line_win_and_without_any_queue_sidekiq_serves_default() -> None:
