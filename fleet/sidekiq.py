@@ -361,10 +361,25 @@ sk_cli() {{
 read -r sk_h </proc/sys/kernel/hostname"""
 
 
-# PING first: redis-cli exits 0 on a refused password too, and an error is no member
-_MEMBERS = """ids=$(printf 'PING\\nSMEMBERS processes\\n' | sk_cli "$@" 2>/dev/null)
+def _poll(env_path: str, pid: str, marker: str, *, no_pid: str, timeout: int) -> str:
+    """The head of apply's Redis polls: the prelude, the deadline, and the loop's first read —
+    `$ids` (PONG, then the members of `processes`) and `$mine` (those of process `pid` on this
+    host).  A `pid` of 0 or nothing prints `MARKER NO_PID` and ends the script.  Ends inside the
+    loop, IFS as usual: the caller writes the rest of the loop body and its `done`."""
+    # PING first: redis-cli exits 0 on a refused password too, and an error is no member
+    return f"""set -f
+nl='
+'
+sk_ifs=$IFS
+sk_p={pid}
+if [ "${{sk_p:-0}}" = 0 ]; then echo '{marker} {no_pid}'; exit 0; fi
+{_redis_prelude(env_path, marker)}
+end=$(( $(date +%s) + {int(timeout)} ))
+while :; do
+  ids=$(printf 'PING\\nSMEMBERS processes\\n' | sk_cli "$@" 2>/dev/null)
   case $ids in PONG|PONG"$nl"*) ;; *) echo '{marker} skipped (Redis did not answer)'; exit 0;; esac
-  mine=$(printf '%s\\n' "$ids" | sed 1d | head -n {limit} | awk -v pre="$sk_h:$sk_p:" 'index($0, pre) == 1')"""
+  mine=$(printf '%s\\n' "$ids" | sed 1d | head -n {MAX_PROCESSES * 4} |
+    awk -v pre="$sk_h:$sk_p:" 'index($0, pre) == 1')"""
 
 
 def gone_script(env_path: str, pid: str, *, timeout: int = int(BEAT_EXPIRY) + 10) -> str:
@@ -376,20 +391,13 @@ def gone_script(env_path: str, pid: str, *, timeout: int = int(BEAT_EXPIRY) + 10
     `@@sidekiq-gone ok`, `@@sidekiq-gone timeout IDENTITY` or `@@sidekiq-gone skipped REASON`."""
     marker = "@@sidekiq-gone"
     return f"""(
-set -f
-nl='
-'
-IFS=$nl
-sk_p={pid}
-if [ "${{sk_p:-0}}" = 0 ]; then echo '{marker} ok'; exit 0; fi
-{_redis_prelude(env_path, marker)}
-end=$(( $(date +%s) + {int(timeout)} ))
-while :; do
-  {_MEMBERS.format(marker=marker, limit=MAX_PROCESSES * 4)}
+{_poll(env_path, pid, marker, no_pid="ok", timeout=timeout)}
   live=
+  IFS=$nl
   for id in $mine; do
     [ "$(sk_cli "$@" EXISTS "$id" 2>/dev/null)" = 1 ] && live=$id
   done
+  IFS=$sk_ifs
   if [ -z "$live" ]; then echo '{marker} ok'; exit 0; fi
   if [ "$(date +%s)" -ge "$end" ]; then echo "{marker} timeout $live"; exit 0; fi
   sleep 0.5
@@ -411,27 +419,18 @@ def beat_script(env_path: str, pid: str, *, timeout: int, each: str = ":") -> st
     judge_beat reads that; nothing is judged here."""
     fields = " ".join(HEARTBEAT_FIELDS)
     return f"""(
-set -f
-nl='
-'
-sk_ifs=$IFS
-sk_p={pid}
-if [ "${{sk_p:-0}}" = 0 ]; then echo '{BEAT} skipped (the unit has no main process)'; exit 0; fi
-{_redis_prelude(env_path, BEAT)}
-end=$(( $(date +%s) + {int(timeout)} ))
-while :; do
-  {_MEMBERS.format(marker=BEAT, limit=MAX_PROCESSES * 4)}
+{_poll(env_path, pid, BEAT, no_pid="skipped (the unit has no main process)", timeout=timeout)}
   IFS=$nl
   for id in $mine; do
     r=$(sk_cli "$@" --csv HMGET "$id" {fields} 2>/dev/null | head -n 1 | cut -c1-{MAX_LINE + 1})
     case $r in '"'*)
-      printf '{BEAT} id %s\n{BEAT} live %s\n' "$(printf '%s' "$id" | cut -c1-{MAX_NAME})" "$r"; exit 0;; esac
+      printf '{BEAT} id %s\\n{BEAT} live %s\\n' "$(printf '%s' "$id" | cut -c1-{MAX_NAME})" "$r"; exit 0;; esac
   done
   IFS=$sk_ifs
   {each}
   if [ "$(date +%s)" -ge "$end" ]; then
     echo '{BEAT} none'
-    printf '%s\n' "$ids" | sed 1d | awk -v pre="$sk_h:" 'index($0, pre) == 1' | head -n 8 | cut -c1-200 |
+    printf '%s\\n' "$ids" | sed 1d | awk -v pre="$sk_h:" 'index($0, pre) == 1' | head -n 8 | cut -c1-200 |
       sed 's/^/{BEAT} other /'
     exit 0
   fi

@@ -280,10 +280,12 @@ def test_status_and_audit_learn_since_when_a_process_is_quiet_from_the_journals_
 
 # ------------------------------------------------------------------------- apply: a restart waits for the old process
 
-def _gone(redis: Redis, tmp_path: Path, pid: str, *, env: str | None = None, timeout: int = 1) -> str:
+def _gone(redis: Redis, tmp_path: Path, pid: str, *, env: str | None = None, timeout: int = 1,
+          script: Any = gone_script) -> str:
+    """`script` (gone_script, beat_script) run here against the throwaway Redis, found from `env`."""
     path = tmp_path / ".env.production"
     path.write_text(redis.env() if env is None else env)
-    done = subprocess.run(["sh", "-c", gone_script(str(path), pid, timeout=timeout)], capture_output=True,
+    done = subprocess.run(["sh", "-c", script(str(path), pid, timeout=timeout)], capture_output=True,
                           text=True, timeout=60, env={"PATH": os.environ["PATH"], "LC_ALL": "C"})
     assert done.returncode == 0 and done.stderr == "", done.stderr
     return done.stdout
@@ -331,13 +333,8 @@ def _info(host: str, pid: int, queues: dict[str, int], concurrency: int) -> str:
                        "version": "7.3.9"})
 
 
-def _beat(redis: Redis, tmp_path: Path, pid: str, *, env: str | None = None, timeout: int = 1) -> str:
-    path = tmp_path / ".env.production"
-    path.write_text(redis.env() if env is None else env)
-    done = subprocess.run(["sh", "-c", beat_script(str(path), pid, timeout=timeout)], capture_output=True,
-                          text=True, timeout=60, env={"PATH": os.environ["PATH"], "LC_ALL": "C"})
-    assert done.returncode == 0 and done.stderr == "", done.stderr
-    return done.stdout
+def _beat(redis: Redis, tmp_path: Path, pid: str, *, env: str | None = None) -> str:
+    return _gone(redis, tmp_path, pid, env=env, script=beat_script)
 
 
 def test_the_sidekiq_gate_reads_the_heartbeat_of_the_new_process_and_judges_its_queues(
