@@ -249,6 +249,33 @@ def test_a_file_too_large_is_not_printed(tmp_path: Path) -> None:
     assert [f.status for f in found] == ["toolarge"] and "# x" not in out
 
 
+AGREE = [
+    "-c 5 -q default", "-qdefault", "-q=default", "--queue=push,2", "--queue push", "-q ,2", "-q", "--queue=",
+    "-c 25", "-C glued.yml", "-Cglued.yml", "-C=glued.yml", "--config other.yml", "--config=other.yml",
+    "-C a.yml -C b.yml", "-r app", "-rapp", "--require=app -e production", "-e -q", "-c 5 -t 8 -q mailers",
+]
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("sh", "awk", "head", "sed", "wc")),
+                    reason="needs sh, awk, head, sed and wc to run the section's script")
+@pytest.mark.parametrize("args", AGREE)
+def test_the_host_reads_the_config_file_fleets_parser_says_sidekiq_reads(tmp_path: Path, args: str) -> None:
+    """The collection's awk (on the host) and parse_argv (here) read one command line alike."""
+    (tmp_path / "app").mkdir()  # the -r directory (a missing one falls back to WorkingDirectory)
+    argv = ("/b", "exec", "sidekiq", *args.split())
+    show = (f"Id={SIDEKIQ}\nExecStart={{ path=/b ; argv[]={' '.join(argv)} ; ignore_errors=no }}\n"
+            f"WorkingDirectory={tmp_path}")
+    _, found = run_section(show)
+    parsed = parse_argv(argv)
+    assert parsed is not None
+    if parsed.queues:
+        assert found == (), found  # -q: the file is not Sidekiq's business
+        return
+    d = tmp_path if parsed.require is None else tmp_path / parsed.require
+    expected = tmp_path / parsed.config if parsed.config else d / "config" / "sidekiq.yml"
+    assert [(f.unit, f.path) for f in found] == [(SIDEKIQ, str(expected))]
+
+
 def test_the_script_has_the_section_after_the_units_it_reads() -> None:
     script = build_script(spec_for(stock(), "freud"))
     assert "echo '@@sidekiqconf'" in script and script.index("@@sidekiqconf") > script.index("show=$(")
