@@ -150,7 +150,7 @@ def unit_file_texts(u: UnitState) -> dict[str, str]:
             ends = [len(u.text)]
         else:
             nxt = f"# {files[i + 1][0]}\n"
-            ends = [j for j in _all(u.text, nxt, start)]
+            ends = _all(u.text, nxt, start)
         end = next((e for e in ends if sha256_hex(u.text[start:e]) == want), None)
         if end is None:
             break

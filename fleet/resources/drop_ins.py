@@ -53,7 +53,7 @@ from fleet.resources.base import (
 )
 from fleet.textutil import sha256_hex
 from fleet.unitfile import DROPIN_NAME
-from fleet.units import UNIT_DIR, drop_in_dir, mask_unit_text, removable_unit_file, unit_file_texts, unit_path
+from fleet.units import UNIT_DIR, drop_in_dir, mask_unit_text, removable_unit_file, unit_file_texts
 
 MAX_DROP_INS = 1_000  # per host: a unit has a handful
 SHOWN = 5  # drop-ins named in a status cell before "and N more"
