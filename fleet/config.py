@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import json
 import os
 import re
 import stat
@@ -34,6 +35,7 @@ from fleet.model import (
     ROLES,
     Desired,
     DiscoveryPattern,
+    DropInSpec,
     EnvFile,
     Finding,
     HealthCheck,
@@ -55,6 +57,7 @@ from fleet.sidekiq import load_policy
 from fleet.sidekiq_settings import parse_argv
 from fleet.textutil import did_you_mean
 from fleet.unitfile import (
+    DROPIN_NAME,
     KEY,
     MAX_LINES,
     SECTION,
@@ -91,7 +94,7 @@ MOVE_KEYS = ("from", "to", "method")
 SERVICE_KEYS = (
     "kind", "unit", "hosts", "requires", "observe_only", "unit_file", "health",
     "max_unavailable", "concurrency", "queues", "sidekiq_command", "instances", "overrides", "wrapper",
-    "role", "probe", "port",
+    "role", "probe", "port", "dropins",
 )  # fmt: skip
 UNIT_FILE_KEYS = (
     "description", "user", "group", "working_directory", "environment", "environment_files",
@@ -813,6 +816,7 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
     template = unit is not None and UNIT_NAME.fullmatch(unit) is not None and is_template(unit)
     instances, host_instances = _load_instances(ctx, prefix, st, template, hosts)
     wrapper = _load_wrapper(ctx, prefix, st, template, observe_only, unit, base)
+    dropins = _load_dropins(ctx, prefix, st, observe_only, unit, base)
 
     # Keep a service whose only faults are recoverable (unknown keys, unknown hosts, …) so that
     # the policies still judge the rest of the fleet; drop it only when its essence is missing.
@@ -825,7 +829,46 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
                    requires=tuple(requires),
                    observe_only=observe_only, unit_spec=unit_spec, sidekiq=sidekiq, health=health,
                    max_unavailable=max_unavailable, instances=instances, host_instances=host_instances,
-                   wrapper=wrapper, store=store)
+                   wrapper=wrapper, store=store, dropins=dropins)
+
+
+def _load_dropins(ctx: _Ctx, prefix: str, st: dict[str, Any], observe_only: bool, unit: Any,
+                  base: Path) -> tuple[DropInSpec, ...] | None:
+    """`[services.NAME.dropins]`: `"10-limits.conf" = "units/x.service.d/10-limits.conf"`, each a
+    file in the repository written byte for byte to /etc/systemd/system/UNIT.d/NAME.  Absent:
+    fleet declares none and owns none.  A table (an empty one too): fleet owns UNIT.d/*.conf."""
+    dt = _get(ctx, st, prefix, "dropins", dict)
+    if dt is None:
+        return None
+    p = f"{prefix}.dropins"
+    if observe_only:
+        ctx.error(p, "fleet writes drop-ins only for a unit it writes, and this service is observe_only",
+                  "remove [dropins], or set observe_only = false with a [unit_file]", "config.bad-key")
+        return None
+    out: list[DropInSpec] = []
+    for name, source in dt.items():
+        key = f"{p}.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f"{p}.{json.dumps(name)}"
+        if not DROPIN_NAME.fullmatch(name):
+            ctx.error(key, f"drop-in name {name[:80]!r} is not a plain NAME.conf file name",
+                      f"name it like \"10-limits.conf\": no '/', no leading dot, only the characters of "
+                      f"{DROPIN_NAME.pattern}", "config.bad-name")
+            continue
+        if not isinstance(source, str):
+            ctx.error(key, f"'{key}' must be the path of a file in the repository",
+                      f"for example \"units/{unit or 'NAME.service'}.d/{name}\"", "config.wrong-type")
+            continue
+        text = _read_unit_source(ctx, key, source, base)
+        if text is None:
+            continue
+        try:
+            parse(text)
+        except UnitSyntaxError as e:
+            ctx.findings.append(Finding("error", "config.unit-syntax", f"not a drop-in ({key}): {e.reason}",
+                                        file=str(base / source), line=e.line,
+                                        hint="systemd reads [Section] headers, Key=value lines and # comments"))
+            continue
+        out.append(DropInSpec(name=name, text=text, source=source))
+    return tuple(out)
 
 
 def _load_instances(ctx: _Ctx, prefix: str, st: dict[str, Any], template: bool,

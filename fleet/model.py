@@ -113,6 +113,16 @@ class UnitSpec:
 
 
 @dataclass(frozen=True)
+class DropInSpec:
+    """A drop-in fleet writes for a service's unit: `/etc/systemd/system/UNIT.d/NAME`, the
+    operator's text byte for byte (a file in the repository)."""
+
+    name: str  # `10-limits.conf`: a plain *.conf name, no path parts
+    text: str
+    source: str  # the repository file it comes from, for messages
+
+
+@dataclass(frozen=True)
 class Wrapper:
     """The unit that starts a template's instances together (Mastodon's `mastodon-streaming.service`,
     a oneshot with RemainAfterExit that the instances are WantedBy/PartOf).  fleet writes, enables
@@ -187,6 +197,10 @@ class Service:
     host_instances: tuple[tuple[str, tuple[str, ...]], ...] = ()
     wrapper: Wrapper | None = None
     store: StoreSpec | None = None  # None: nothing declared beyond the unit (see StoreSpec)
+    # The drop-ins of its unit (a template's: of the template, which every instance loads).  None:
+    # none declared, and fleet owns none of them; a tuple (empty too): fleet owns UNIT.d/*.conf,
+    # writes these and removes any other.
+    dropins: tuple[DropInSpec, ...] | None = None
 
     @property
     def port(self) -> int | None:
