@@ -48,6 +48,9 @@ class Plan:
     notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
     lab: bool = False
+    # Made from a kept observation (--observed), not from the hosts as they were: which one.  Such
+    # a plan shows what was (or would have been) planned then; it is stale by construction.
+    observed: str = ""
     format: int = PLAN_FORMAT
 
     @property
@@ -85,7 +88,7 @@ class Plan:
             "notes": list(self.notes), "problems": list(self.problems),
             "changes": changes,
             "waves": [list(w) for w in self.waves],
-        }
+        } | ({"observed": self.observed} if self.observed else {})  # absent otherwise: plan ids stay as they were
 
     def _change_dicts(self) -> Iterator[dict[str, Any]]:
         return (c.as_dict() | {"deps": list(self.deps.get(c.id, ()))} for c in self.changes)
@@ -128,10 +131,17 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
             waves=tuple(tuple(w) for w in d["waves"]),
             unknown=tuple((u["host"], u["kind"], u["message"]) for u in d.get("unknown", ())),
             notes=tuple(d.get("notes", ())), problems=tuple(d.get("problems", ())), lab=bool(d.get("lab", False)),
+            observed=_observed(d.get("observed", ""), source),
         )
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise PlanFileError(f"{source}: plan is incomplete or damaged (missing {e})",
                             hint="recompute it with `fleet plan -o FILE`") from e
+
+
+def _observed(value: object, source: str) -> str:
+    if not isinstance(value, str):
+        _refuse(source, "its `observed` is not text")
+    return str(value)
 
 
 def _change(d: Mapping[str, Any], source: str) -> Change:

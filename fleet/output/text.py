@@ -254,6 +254,9 @@ def _details(c: Change, color: bool) -> list[str]:
 def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> str:
     out = [one_line(f"Plan for {plan.fleet}{' (lab)' if plan.lab else ''}: {len(plan.hosts)} host(s), "
                  f"computed {plan.created_at}")]
+    if plan.observed:
+        out.append(one_line(f"Planned from a kept observation, {plan.observed}, not from the hosts now: "
+                            "it shows what was planned then, and `fleet apply` refuses it"))
     for host, kind, message in plan.unknown:
         out.append(_paint(f"! {host}: UNKNOWN — could not be observed ({kind}): {message}", "31", color))
         out.append("  nothing is planned for it; this plan is INCOMPLETE and `fleet apply` will refuse it "
