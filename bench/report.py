@@ -157,7 +157,25 @@ def render(results: dict[str, Any]) -> str:
         title = f"## pure core (run of {run['started']}, commit {run['machine'].get('fleet_commit')})" if run else \
             "## pure core"
         parts += [title, core_table(results["core"]["cases"]), growth_table(results["core"]["growth"])]
+    if results.get("whole"):
+        parts += ["## whole fleet processes (--observed)", whole_table(results["whole"]["cases"]),
+                  whole_growth_table(results["whole"]["growth"])]
     return "\n\n".join(parts) + "\n"
+
+
+def whole_table(rows: list[dict[str, Any]]) -> str:
+    return tabulate([[r["hosts"], r["scenario"], r["command"], _s(r["wall_s"]), _s(r["cpu_s"]),
+                      f"{r['maxrss_mb']:.0f} MB",
+                      "" if r.get("plan_file_bytes") is None else f"{r['plan_file_bytes'] / 1e6:.2f} MB",
+                      r.get("error", "")[:60]] for r in rows],
+                    headers=["hosts", "scenario", "command", "wall (median)", "CPU (median)", "peak RSS", "plan file",
+                             "error"], tablefmt="github")
+
+
+def whole_growth_table(rows: list[dict[str, Any]]) -> str:
+    return tabulate([[g["scenario"], g["command"], f"{g['from']} → {g['to']}", f"{g['wall_exponent']:.2f}",
+                      "—" if g["cpu_exponent"] is None else f"{g['cpu_exponent']:.2f}"] for g in rows],
+                    headers=["scenario", "command", "hosts", "wall exponent", "CPU exponent"], tablefmt="github")
 
 
 def main(argv: list[str] | None = None) -> int:

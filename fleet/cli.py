@@ -132,6 +132,12 @@ def _command(sub: Subparsers, common: argparse.ArgumentParser, name: str,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _observed_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--observed", metavar="FILE|SNAPSHOT",
+                   help=f"{what} a kept observation instead of contacting the hosts: a file written by "
+                        "`fleet status --json`, or a snapshot id from `fleet history`")
+
+
 def _add_adopt(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = _command(
         sub, common, "adopt", "write what the hosts run as a new fleet directory (desired_state.toml, hosts/, units/)",
@@ -170,6 +176,7 @@ def _add_status(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "JSON schema: docs/status.md\n")
     _host_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable report (docs/status.md)")
+    _observed_option(p, "show")
 
 
 def _add_plan(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -188,6 +195,7 @@ def _add_plan(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--secrets", metavar="FILE",
                    help="secrets file for \"file\" sources "
                         "(default: STATE/secrets.toml; with --lab: STATE/lab/secrets.toml)")
+    _observed_option(p, "plan from (offline; such a plan is marked with it and cannot be applied)")
 
 
 def _add_show(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -261,6 +269,7 @@ def _add_audit(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("text", "md", "json"), default="text",
                    help="text (default), md (ready for a postmortem) or json")
     p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
+    _observed_option(p, "audit")
 
 
 def _add_history(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -383,7 +392,7 @@ def _run_check(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     from fleet.workflows.status import StatusOptions, status
 
-    result = status(StatusOptions(_common(args), _scope(args)), TerminalReporter())
+    result = status(StatusOptions(_common(args), _scope(args), observed=args.observed), TerminalReporter())
     if args.json:
         from fleet.output import json
 
@@ -414,7 +423,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from fleet.workflows.plan import PlanOptions, plan
 
     options = PlanOptions(_common(args), _scope(args), out=_path(args.out), no_prune=args.no_prune,
-                          secrets=_path(args.secrets))
+                          secrets=_path(args.secrets), observed=args.observed)
     result = plan(options, TerminalReporter())
     _print_plan(result.plan, args.json)
     if result.saved_to is not None and not args.json:
@@ -494,7 +503,8 @@ def _run_log(args: argparse.Namespace) -> int:
 def _run_audit(args: argparse.Namespace) -> int:
     from fleet.workflows.audit import AuditOptions, audit
 
-    report = audit(AuditOptions(_common(args), _scope(args), since=args.since), TerminalReporter())
+    report = audit(AuditOptions(_common(args), _scope(args), since=args.since, observed=args.observed),
+                   TerminalReporter())
     if args.format == "json":
         from fleet.output import json
 

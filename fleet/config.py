@@ -824,8 +824,9 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
             not observe_only and unit_spec is None) or (kind == Kind.SIDEKIQ and sidekiq is None) or (
             template and not instances and not host_instances):
         return _stand_in(name, st, kind, unit, hosts, sidekiq) if lenient else None
+    known = set(host_names)  # a set: a service may list every host of the inventory
     return Service(name=name, kind=kind, unit=unit,
-                   hosts=tuple(dict.fromkeys(hosts)) if lenient else tuple(h for h in hosts if h in host_names),
+                   hosts=tuple(dict.fromkeys(hosts)) if lenient else tuple(h for h in hosts if h in known),
                    requires=tuple(requires),
                    observe_only=observe_only, unit_spec=unit_spec, sidekiq=sidekiq, health=health,
                    max_unavailable=max_unavailable, instances=instances, host_instances=host_instances,

@@ -375,10 +375,19 @@ class Desired:
     sidekiq_policy: SidekiqPolicy = SidekiqPolicy()
 
     def host(self, name: str) -> Host | None:
-        return next((h for h in self.hosts if h.name == name), None)
+        return self._hosts_by_name.get(name)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
+
+    @cached_property
+    def _hosts_by_name(self) -> dict[str, Host]:
+        """name -> the first host of that name, built once: the policies look a host up for every
+        setting of every host, and a scan per lookup made `fleet check` quadratic in hosts."""
+        out: dict[str, Host] = {}
+        for h in self.hosts:
+            out.setdefault(h.name, h)
+        return out
 
     def move(self, service: str) -> MoveSpec | None:
         return next((m for m in self.moves if m.service == service), None)

@@ -46,6 +46,8 @@ def check_json(findings: Sequence[Finding]) -> dict[str, Any]:
 
 def status_json(report: StatusReport) -> dict[str, Any]:
     """The documented `fleet status --json` document (docs/status.md)."""
+    from fleet.snapshot import to_record  # here: `check --json` needs none of the collector's modules
+
     hosts: dict[str, Any] = {}
     for name in report.hosts:
         r = report.results[name]
@@ -91,6 +93,8 @@ def status_json(report: StatusReport) -> dict[str, Any]:
             "findings": [f.as_dict() for f in report.queue_findings],
             "live": None if report.live is None else sidekiq_live_json(report.live),
         },
+        # What `--observed FILE` reads back: everything the diff needs (fleet/snapshot.py).
+        "observation": to_record({h: report.results[h] for h in report.hosts}),
     }
 
 

@@ -138,6 +138,13 @@ def status_text(report: StatusReport, *, now: float | None = None) -> str:
 
 
 def hosts_text(report: StatusReport, now: float) -> str:
+    # what the kinds found wrong behind each host's units (a failed database cluster …), gathered
+    # in one pass: looked for per host among every cell, it made `status` quadratic in hosts
+    problems_of: dict[str, list[str]] = {}
+    for row in report.rows:
+        for c in row.cells:
+            for p in c.problems:
+                problems_of.setdefault(c.host, []).append(f"(!) {row.service}: {p.message}")
     rows = []
     for name in report.hosts:
         r = report.results[name]
@@ -149,9 +156,7 @@ def hosts_text(report: StatusReport, now: float) -> str:
         mem = f"{used / 1024:.0f}/{f.mem_total_kb / 1024:.0f} MiB" if f.mem_total_kb else ""
         age = max(0.0, now - r.collected_at)
         systemd = f.systemd_version.split()[0] if f.systemd_version else "?"
-        # what the kinds found wrong behind this host's units (a failed database cluster …)
-        problems = [f"(!) {row.service}: {p.message}" for row in report.rows for c in row.cells
-                    if c.host == name for p in c.problems]
+        problems = problems_of.get(name, [])
         rows.append([name, "yes", f.system_state, " ".join(f"{x:.2f}" for x in f.load), mem,
                      f"{age:.0f}s ago ({r.duration:.2f}s)", "\n".join([f"{f.os}, systemd {systemd}", *problems])])
     return table(rows, ["HOST", "REACHABLE", "SYSTEM", "LOAD", "MEMORY", "DATA", "DETAIL"])
@@ -254,6 +259,9 @@ def _details(c: Change, color: bool) -> list[str]:
 def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> str:
     out = [one_line(f"Plan for {plan.fleet}{' (lab)' if plan.lab else ''}: {len(plan.hosts)} host(s), "
                  f"computed {plan.created_at}")]
+    if plan.observed:
+        out.append(one_line(f"Planned from a kept observation, {plan.observed}, not from the hosts now: "
+                            "it shows what was planned then, and `fleet apply` refuses it"))
     for host, kind, message in plan.unknown:
         out.append(_paint(f"! {host}: UNKNOWN — could not be observed ({kind}): {message}", "31", color))
         out.append("  nothing is planned for it; this plan is INCOMPLETE and `fleet apply` will refuse it "

@@ -13,7 +13,7 @@ from fleet.audit import AuditReport, JournalStep, ObservedChange, build_audit, c
 from fleet.errors import FleetError
 from fleet.history_cache import HistoryCache, host_steps, merged_log
 from fleet.journal import Journal, SnapshotRecord, journal_path, parse_since, sentence_without_time
-from fleet.model import Finding, HostResult
+from fleet.model import Finding, HostResult, HostState
 from fleet.snapshot import unpack
 from fleet.targets import resolve
 from fleet.workflows import observe as observing
@@ -26,6 +26,7 @@ class AuditOptions:
     common: Common
     scope: Scope
     since: str | None = None  # a snapshot id or a time: also report what changed since then
+    observed: str | None = None  # audit this kept observation (a file or snapshot id), contacting no host
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,21 @@ def audit(options: AuditOptions, reporter: Reporter) -> AuditReport:
     if options.since:  # resolved before observing, so that "now" is never its own baseline
         with Journal.open(journal_path(common.state_dir)) as journal:
             base = baseline(journal, options.since)
-    with observing.open_transport(common, targets, options.scope) as transport:
-        seen = observing.observe(common, options.scope, "audit", scoped, targets, transport, reporter)
-    quiet = observing.previous_quiet(common, desired, seen)
+    if options.observed is not None:
+        seen = observing.recall(common, desired, targets, options.observed)
+        reporter.note(f"observed: {seen.kept}, not now")
+        quiet: dict[str, float] = {}  # the journal's earlier snapshots are not earlier than a kept observation
+    else:
+        with observing.open_transport(common, targets, options.scope) as transport:
+            seen = observing.observe(common, options.scope, "audit", scoped, targets, transport, reporter)
+        quiet = observing.previous_quiet(common, desired, seen)
     report = replace(build_audit(scoped, seen.results, quiet=quiet), snapshot_id=seen.snapshot_id)
     report.findings.extend(history_findings(common, [h.name for h in targets.hosts], seen.history_problems))
     if base is None:
         return report
     with Journal.open(journal_path(common.state_dir)) as journal:
-        changes, timeline = changes_since(journal, base, seen.results, time.time())
+        until = max((r.collected_at for r in seen.results.values() if isinstance(r, HostState)), default=0.0)
+        changes, timeline = changes_since(journal, base, seen.results, until if seen.kept else time.time())
     taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(base.taken))
     return replace(report, changes=changes, timeline=timeline, since=f"snapshot {base.id} ({base.command}, {taken})")
 
