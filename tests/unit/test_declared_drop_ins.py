@@ -217,4 +217,4 @@ def test_a_saved_plan_round_trips_and_a_target_outside_a_drop_in_directory_is_re
     for target in ("/etc/shadow", f"{DIR}/../../../etc/shadow.conf", f"{DIR}/x.txt", "/run/systemd/system/a.d/x.conf"):
         bad = dataclasses.replace(again.changes[0], target=target)
         assert owner(bad.action).problem(bad), target
-    assert document["changes"][0]["action"] == "remove-drop-in"
+    assert document["changes"][0][1] == "remove-drop-in"  # plan file format 2: one row per change
