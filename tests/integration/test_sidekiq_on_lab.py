@@ -81,9 +81,12 @@ def converged(lab: Any) -> Iterator[Any]:
 
 def test_each_sidekiq_unit_heartbeats_with_its_declared_queues_and_concurrency(converged: Any) -> None:
     view, out = read_view(converged)
+    read_ended = time.time()  # the lab's hosts share this machine's clock
     assert view.target is not None and view.target.source == "REDIS_HOST" and view.target.auth
     assert view.target.host == "nietzsche.hachyderm.internal" and view.target.port == 6379
-    assert view.complete and not view.stale, out
+    # Every member of `processes` was read.  A member whose hash expired (`stale`: a process killed
+    # without leaving, e.g. by an earlier module) is Redis's state, not this unit's: not judged here.
+    assert view.complete, out
     for host, unit, queues, concurrency in DECLARED:
         p = process_of(view, host, main_pid(converged, host, unit))
         assert p is not None, f"{unit} on {host}: no heartbeat in\n{out}"
@@ -91,7 +94,12 @@ def test_each_sidekiq_unit_heartbeats_with_its_declared_queues_and_concurrency(c
         assert p.queues == queues and p.concurrency == concurrency, f"{unit} on {host}: {p}\n{out}"
         assert p.identity.startswith(f"{host}:{p.pid}:") and len(p.identity.rsplit(":", 1)[1]) == 12, out
         assert p.version.startswith("7.") and p.tag == "live" and not p.quiet and p.rss > 0, f"{p}\n{out}"
-        assert 0 <= view.redis_time - p.beat <= 60, f"{p}\n{out}"  # the hash expires 60 s after the last beat
+        # Fresh: at most 60 s older than the read (the hash expires 60 s after the last beat).  Not
+        # "no newer than Redis's TIME": the section reads TIME in its first round and the hashes in its
+        # second, so a beat that lands between the two is newer than TIME — this assertion's old form
+        # failed once in a full run that way (docs/RELIABILITY.md).  A beat is never newer than the
+        # end of the read.
+        assert view.redis_time - 60 <= p.beat <= read_ended, f"{p} read ended {read_ended}\n{out}"
     hashes = redis_cli(converged, [["TTL", p.identity] for p in view.processes])
     assert all(0 < int(ttl) <= 60 for ttl in hashes), f"TTLs {hashes}\n{out}"
 

@@ -16,7 +16,8 @@ import pytest
 from redis_server import PASSWORD, Redis
 
 from fleet.errors import ParseError
-from fleet.sidekiq import SidekiqView, parse_section, section_script
+from fleet.output.text import sidekiq_live_text
+from fleet.sidekiq import Match, SidekiqReport, SidekiqView, parse_section, section_script
 
 NOW = float(int(time.time()) - 100)  # heartbeats and jobs are stamped relative to it (Redis's clock is real)
 
@@ -108,6 +109,23 @@ def test_the_section_reads_sidekiq_7_and_8_processes_and_queues_from_a_real_redi
     assert push_queue is not None and (push_queue.size, push_queue.oldest_enqueued_at, push_queue.latency) == (
         0, None, 0.0)
     assert PASSWORD not in out
+
+
+def test_a_beat_newer_than_the_sections_time_is_read_as_written_and_shown_as_just_now(r: Redis,
+                                                                                      tmp_path: Path) -> None:
+    """The section reads Redis's TIME in its first round and the heartbeats in its second: a beat
+    that lands between them (or from a client whose clock is ahead) is newer than the view's clock.
+    That is a state a read can return — a lab test once failed asserting it could not — and it is
+    shown as a beat just now, never as a negative age or a finding."""
+    ahead = time.time() + 30  # in the future of any TIME this read can take
+    heartbeat(r, "freud:101:0123456789ab", info7("freud", 101, {"default": 1}), beat=ahead)
+    view, _ = section(tmp_path, r.env())
+    (p,) = view.processes
+    assert p.beat == ahead and p.beat > view.redis_time
+    report = SidekiqReport(host="nietzsche", view=view, now=view.redis_time, matches=(Match(p, "freud", None),),
+                           silent=(), queues=(), findings=())
+    (row,) = [line for line in sidekiq_live_text(report).splitlines() if line.startswith("freud ")]
+    assert row.split()[6:8] == ["0s", "ago"], row
 
 
 def test_the_password_reaches_redis_cli_in_its_environment_and_never_in_an_argv(r: Redis, tmp_path: Path) -> None:
