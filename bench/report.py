@@ -33,6 +33,8 @@ def status_table(rows: list[dict[str, Any]]) -> str:
         out.append([
             r["hosts"], r["runs"], _ms(r["floor_median_s"]), _ms(r["fleet_median_s"]),
             f"{r['ratio_median']:.2f}", f"{r['ratio_of_medians']:.2f}",
+            _ms(r["minimal_median_s"]) if "minimal_median_s" in r else "—",
+            f"{r['ratio_minimal_median']:.2f}" if "ratio_minimal_median" in r else "—",
             f"{min(x['ratio'] for x in r['rows']):.2f}–{max(x['ratio'] for x in r['rows']):.2f}",
             _ms(r["fleet_cpu_median_s"]), _ms(r["floor_client_cpu_median_s"]),
             f"{r['fleet_maxrss_max_mb']:.0f} MB",
@@ -43,14 +45,18 @@ def status_table(rows: list[dict[str, Any]]) -> str:
         ])
     return tabulate(out, tablefmt="github", headers=[
         "N", "runs", "OpenSSH floor (median)", "fleet status (median)", "ratio (median of runs)",
-        "ratio of medians", "ratio range", "fleet CPU", "ssh clients' CPU", "fleet peak RSS",
+        "ratio of medians", "minimal collector (median)", "ratio to minimal (median of runs)",
+        "ratio range", "fleet CPU", "ssh clients' CPU", "fleet peak RSS",
         "machine CPU busy, floor / fleet",
         "conn / chan per host (stats)", "conn / chan per host (sshd log)"])
 
 
 def status_runs_table(r: dict[str, Any]) -> str:
-    return tabulate([[x["run"], x["first"], _ms(x["floor_s"]), _ms(x["fleet_s"]), f"{x['ratio']:.2f}"]
-                     for x in r["rows"]], headers=["run", "first", "floor", "fleet", "ratio"], tablefmt="github")
+    return tabulate([[x["run"], x["first"], _ms(x["floor_s"]), _ms(x["minimal_s"]) if "minimal_s" in x else "—",
+                      _ms(x["fleet_s"]), f"{x['ratio']:.2f}",
+                      f"{x['ratio_minimal']:.2f}" if "ratio_minimal" in x else "—"] for x in r["rows"]],
+                    headers=["run", "first", "floor", "minimal", "fleet", "ratio", "ratio to minimal"],
+                    tablefmt="github")
 
 
 def profile_table(p: dict[str, Any]) -> str:

@@ -100,7 +100,7 @@ UNIT_FILE_KEYS = (
 OWNED_UNIT_KEYS = ("source", "directives")  # the operator's own unit text, written byte for byte
 OVERRIDE_KEYS = ("instances",)
 MAX_UNIT_BYTES = 256 * 1024  # a unit file of a few KiB is large
-HEALTH_KEYS = ("command", "http", "tcp", "timeout")
+HEALTH_KEYS = ("command", "http", "tcp", "sidekiq", "timeout")
 ENV_FILE_KEYS = ("path", "services", "hosts", "owner", "group", "mode", "values", "sensitive", "overrides")
 
 
@@ -807,6 +807,9 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
     else:
         unit_spec = _load_unit(ctx, f"{prefix}.unit_file", unit_t, sidekiq, derived=kind == Kind.SIDEKIQ)
 
+    if health is not None and health.sidekiq:
+        _check_sidekiq_health(ctx, prefix, kind, unit_spec)
+
     template = unit is not None and UNIT_NAME.fullmatch(unit) is not None and is_template(unit)
     instances, host_instances = _load_instances(ctx, prefix, st, template, hosts)
     wrapper = _load_wrapper(ctx, prefix, st, template, observe_only, unit, base)
@@ -1114,11 +1117,17 @@ def _load_health(ctx: _Ctx, prefix: str, ht: dict[str, Any] | None) -> HealthChe
     command = _get(ctx, ht, p, "command", str)
     http = _get(ctx, ht, p, "http", str)
     tcp = _get(ctx, ht, p, "tcp", int)
+    sidekiq = _get(ctx, ht, p, "sidekiq", bool, default=False)
     timeout = _get(ctx, ht, p, "timeout", (int, float), default=10)
-    given = [k for k, v in (("command", command), ("http", http), ("tcp", tcp)) if v is not None]
+    given = [k for k, v in (("command", command), ("http", http), ("tcp", tcp), ("sidekiq", sidekiq or None))
+             if v is not None]
     if len(given) != 1:
-        ctx.error(p, f"{p} needs exactly one of command, http, tcp (has {', '.join(given) or 'none'})",
+        ctx.error(p, f"{p} needs exactly one of command, http, tcp, sidekiq = true (has {', '.join(given) or 'none'})",
                   "for example health = { http = \"http://127.0.0.1:3000/health\" }", "config.bad-value")
+        return None
+    if sidekiq and "timeout" in ht:
+        ctx.error(f"{p}.timeout", "the Sidekiq health check has no timeout of its own",
+                  "remove it: the new process must heartbeat within apply's --start-timeout", "config.bad-key")
         return None
     if http is not None and not re.fullmatch(r"https?://[^\s'\"]+", http):
         ctx.error(f"{p}.http", f"{http!r} is not an http:// or https:// URL",
@@ -1134,7 +1143,20 @@ def _load_health(ctx: _Ctx, prefix: str, ht: dict[str, Any] | None) -> HealthChe
         ctx.error(f"{p}.timeout", f"timeout must be positive and below a day (seconds), got {timeout}",
                   "for example timeout = 30", "config.bad-value")
         return None
-    return HealthCheck(command=command, http=http, tcp=tcp, timeout=float(timeout))
+    return HealthCheck(command=command, http=http, tcp=tcp, timeout=float(timeout), sidekiq=sidekiq)
+
+
+def _check_sidekiq_health(ctx: _Ctx, prefix: str, kind: Kind | None, unit_spec: UnitSpec | None) -> None:
+    """`health.sidekiq` reads the new process's heartbeat from the Redis its env file names: only a
+    Sidekiq service has one, and only one that loads an env file says where that Redis is."""
+    p = f"{prefix}.health.sidekiq"
+    if kind != Kind.SIDEKIQ:
+        ctx.error(p, "the Sidekiq health check only applies to kind = \"sidekiq\"",
+                  "use command, http or tcp for this service, or set kind = \"sidekiq\"", "config.bad-value")
+    elif unit_spec is not None and not unit_spec.environment_files:
+        ctx.error(p, "the Sidekiq health check reads Sidekiq's Redis as the service finds it, from its env file, "
+                  "and this service loads none", "add the env file to unit_file.environment_files, or remove "
+                  "health.sidekiq", "config.bad-value")
 
 
 def _load_sidekiq(ctx: _Ctx, prefix: str, st: dict[str, Any]) -> SidekiqSpec | None:

@@ -63,14 +63,19 @@ class Host:
 
 @dataclass(frozen=True)
 class HealthCheck:
-    """Exactly one of command / http / tcp is set; all run on the host itself."""
+    """Exactly one of command / http / tcp / sidekiq is set; all run on the host itself.  `sidekiq`:
+    the unit's new process must heartbeat in Sidekiq's Redis with its declared queues and
+    concurrency (fleet/sidekiq.py, beat_script), within apply's start timeout."""
 
     command: str | None = None
     http: str | None = None
     tcp: int | None = None
     timeout: float = 10.0
+    sidekiq: bool = False
 
     def describe(self) -> str:
+        if self.sidekiq:
+            return "Sidekiq heartbeat with its declared queues"
         if self.http is not None:
             return f"GET {self.http}"
         if self.tcp is not None:
@@ -243,7 +248,8 @@ class Service:
             return re.sub(r"%[iI%]", lambda m: names[m.group(0)], text)
 
         return HealthCheck(command=sub(h.command) if h.command is not None else None,
-                           http=sub(h.http) if h.http is not None else None, tcp=h.tcp, timeout=h.timeout)
+                           http=sub(h.http) if h.http is not None else None, tcp=h.tcp, timeout=h.timeout,
+                           sidekiq=h.sidekiq)
 
 
 def is_template(unit: str) -> bool:

@@ -266,6 +266,7 @@ _LATER_FIELDS: dict[str, dict[str, Any]] = {
     "service": {"instances": (), "host_instances": (), "wrapper": None},
     "unit_spec": {"text": None, "source": "", "remain_after_exit": False},
     "sidekiq": {"queues_from_config": False},
+    "health": {"sidekiq": False},
 }
 
 
@@ -288,8 +289,9 @@ def desired_hash(desired: Desired) -> str:
         for spec in (s.get("unit_spec"), (s.get("wrapper") or {}).get("unit_spec")):
             if spec is not None:
                 _without_defaults(spec, _LATER_FIELDS["unit_spec"])
-        if s.get("sidekiq") is not None:
-            _without_defaults(s["sidekiq"], _LATER_FIELDS["sidekiq"])
+        for later in ("sidekiq", "health"):
+            if s.get(later) is not None:
+                _without_defaults(s[later], _LATER_FIELDS[later])
         if s.get("store") is None:  # declared nothing of a data store: hashed as before `store` existed,
             s.pop("store", None)  # so saved plans of fleets that do not use it stay valid
     return sha256_hex(json.dumps(data, sort_keys=True, default=str))

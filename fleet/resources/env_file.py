@@ -73,7 +73,8 @@ class EnvFiles(Resource):
                 f"awk -v s={q(sens)} -v secret_re={q(SECRET_NAME_PATTERN)} -v maxl={MAX_ENV_LINES} {q(_ENV_AWK)} {p} "
                 "| while IFS= read -r l; do case $l in "
                 "'S '*) k=${l#S }; v=${k#* }; k=${k%% *}; "
-                "set -- $(printf '%b' \"$v\" | sha256sum); echo \"secret $k $1\";; "
+                # sha256sum's own line ends the `secret KEY ` line: no $(…) subshell per secret
+                "printf 'secret %s ' \"$k\"; printf '%b' \"$v\" | sha256sum;; "
                 "*) printf '%s\\n' \"$l\";; esac; done; "
                 "else echo absent; fi"
             )
@@ -269,6 +270,8 @@ def parse_env(host: str, path: str, lines: Iterable[str]) -> EnvFileState:
             values.append((key, parse_value(raw)))
         elif line.startswith("secret "):
             parts = line.split(" ")
+            if parts[3:] == ["", "-"]:  # `secret KEY SHA256  -`: sha256sum's own line (an older script
+                parts = parts[:3]  # printed the hash alone)
             if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{64}", parts[2]):
                 raise ParseError(f"{host}: malformed secret line in {path}", host=host, section="env")
             keys.append(parts[1])

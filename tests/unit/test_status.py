@@ -41,7 +41,6 @@ from fleet.status import (
     Row,
     StatusReport,
     build_status,
-    parse_sidekiq_argv,
 )
 
 S = EXAMPLE_SECRETS
@@ -241,37 +240,6 @@ def test_the_status_table_marks_each_kind_of_cell_as_its_legend_says(fleet: dict
 def test_a_converged_fleet_has_no_mark_in_its_status_table(fleet: dict[str, HostState]) -> None:
     cells = table_cells(status_text(status(fleet), now=0))
     assert set(cells.values()) == {"active/running", "active/exited", "·"}, cells
-
-
-# ------------------------------------------------------------------ parse_sidekiq_argv
-
-
-@pytest.mark.parametrize(("args", "expected"), [
-    (("-c", "10", "-q", "default"), (10, (("default", None),))),
-    (("-q", "default,8", "-q", "push,6"), (None, (("default", 8), ("push", 6)))),
-    (("--concurrency=5", "--queue=x"), (5, (("x", None),))),
-    (("--concurrency", "7", "--queue", "mailers,2"), (7, (("mailers", 2),))),
-    (("-C", "config/sidekiq.yml"), (None, ())),
-    (("-c", "many", "-q", ""), (None, ())),
-    (("-c",), (None, ())),
-])
-def test_sidekiq_concurrency_and_weighted_queues_are_read_from_the_command_line(
-        args: tuple[str, ...], expected: tuple[int | None, tuple[tuple[str, int | None], ...]]) -> None:
-    assert parse_sidekiq_argv((*BUNDLE, *args)) == expected
-
-
-def test_a_bare_sidekiq_binary_counts_as_sidekiq() -> None:
-    assert parse_sidekiq_argv(("/usr/local/bin/sidekiq", "-c", "3")) == (3, ())
-
-
-@pytest.mark.parametrize("argv", [
-    ("/home/mastodon/.rbenv/shims/bundle", "exec", "puma", "-C", "config/puma.rb"),
-    ("/usr/bin/node", "./streaming"),
-    ("/usr/bin/sidekiq-like", "-q", "default"),
-    (),
-])
-def test_other_commands_are_not_sidekiq(argv: tuple[str, ...]) -> None:
-    assert parse_sidekiq_argv(argv) is None
 
 
 def test_the_sidekiq_table_marks_undeclared_processes_and_has_no_empty_column_otherwise() -> None:
