@@ -21,6 +21,7 @@ from fleet.textutil import printable
 
 if TYPE_CHECKING:
     from fleet.audit import AuditReport, ObservedChange
+    from fleet.history_cache import RunSummary
     from fleet.journal import RunRecord, SnapshotRecord, StepRecord
     from fleet.model import Desired
     from fleet.plan import Plan
@@ -83,8 +84,10 @@ def findings_text(findings: Sequence[Finding], *, color: bool = False) -> str:
 
 def findings_summary(findings: Sequence[Finding]) -> str:
     errors = sum(f.is_error for f in findings)
-    warnings = len(findings) - errors
-    return f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+    notes = sum(f.severity == "note" for f in findings)  # an acknowledged broken history chain
+    warnings = len(findings) - errors - notes
+    return (f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+            + (f", {notes} note{'s' * (notes != 1)}" if notes else ""))
 
 
 def check_text(desired: Desired | None, findings: Sequence[Finding], *, color: bool = False) -> str:
@@ -390,12 +393,28 @@ def diff_text(a: str, b: str, changes: Sequence[ObservedChange]) -> str:
     return "\n".join(out) + "\n"
 
 
-def history_text(snapshots: Sequence[SnapshotRecord]) -> str:
-    """`fleet history`: the kept observations, oldest first."""
+def history_text(snapshots: Sequence[SnapshotRecord], runs: Sequence[RunSummary] | None = None) -> str:
+    """`fleet history`: the runs, newest first (unless `--snapshots`), then the kept observations,
+    oldest first."""
     rows = [[x.id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x.taken)), x.operator, x.command,
              x.fleet + (" (lab)" if x.lab else ""),
              ", ".join(h if v == "ok" else f"{h}: {v}" for h, v in sorted(x.hosts.items()))] for x in snapshots]
-    return table(rows, ["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"]) + "\n"
+    shots = table(rows, ["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"]) + "\n"
+    if runs is None:
+        return shots
+    out = "Runs (newest first):\n" + (table([run_row(r) for r in runs],
+                                            ["RUN", "STARTED (UTC)", "WHO", "DESIRED STATE", "HOSTS", "STEPS"])
+                                      if runs else "  none recorded") + "\n\n"
+    return out + "Snapshots (oldest first):\n" + (shots if snapshots else "  none kept\n")
+
+
+def run_row(r: RunSummary) -> list[str]:
+    """One run of `fleet history`: `3 ok, 1 failed, 1 interrupted` (zero counts left out)."""
+    counts = [(r.ok, "ok"), (r.failed, "failed"), (r.skipped, "skipped"), (r.interrupted, "interrupted"),
+              (r.running, "running")]
+    desired = (f"git {r.commit[:12]}" + (" (dirty)" if r.dirty else "")) if r.commit else "not in git"
+    return [r.run_id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.started)), r.who, desired,
+            ", ".join(r.hosts), ", ".join(f"{n} {word}" for n, word in counts if n)]
 
 
 # ---------------------------------------------------------------- journal and locks
