@@ -3,8 +3,9 @@
 As root on a Debian 12 machine with the lab available (`fleet lab up` works):
 
     python -m bench                 # everything: pure core, apply of the example, status at N = 4, 16, 32
-    python -m bench --quick         # smoke: pure core only (100 and 1,000 hosts), no lab, ~1 min
-    python -m bench --no-lab        # pure core only, all sizes
+    python -m bench --quick         # smoke, no lab: pure core (100 and 1,000 hosts), whole processes (10, 20), ~1 min
+    python -m bench --no-lab        # pure core and whole processes only, all sizes
+    python -m bench --quick --no-core   # smoke: whole processes at 10 and 20 hosts, ~20 s (a unit test runs it)
     python -m bench --sizes 16 --runs 7 --no-core --no-apply
 
 The lab parts take the machine-wide lab lock (/tmp/fleet-lab-session.lock, as `flock -x` does)
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: pure core at 100 and 1,000 hosts (converged, drift), one repeat, no lab")
+                   help="smoke test: pure core at 100 and 1,000 hosts (converged, drift), whole processes at 10 and 20 "
+                        "hosts, one repeat, no lab")
     p.add_argument("--sizes", type=_ints, default=[4, 16, 32], metavar="N,N", help="lab fleet sizes (default 4,16,32)")
     p.add_argument("--runs", type=int, default=5, help="alternating floor/fleet runs per size (default 5)")
     p.add_argument("--converge-settle", type=float, default=0.5, metavar="S",
@@ -53,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds one pure-core case may take before it is killed and reported; a size predicted "
                         "to exceed it from the smaller sizes is skipped (default 150)")
     p.add_argument("--no-core", action="store_true", help="skip the pure core")
+    p.add_argument("--whole-sizes", type=_ints, default=[100, 1000, 5000], metavar="N,N",
+                   help="fleet sizes for the whole `fleet` processes run with --observed (default 100,1000,5000)")
+    p.add_argument("--whole-scenarios", default="converged,drift,bare",
+                   help=f"comma-separated, of {', '.join(core.SCENARIOS)}")
+    p.add_argument("--whole-runs", type=int, default=3, help="interleaved runs of every whole process (default 3)")
+    p.add_argument("--no-whole", action="store_true", help="skip the whole processes")
     p.add_argument("--no-lab", action="store_true", help="skip everything that needs the lab")
     p.add_argument("--no-apply", action="store_true", help="skip the apply benchmark")
     p.add_argument("--no-status", action="store_true", help="skip the status benchmark")
@@ -68,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.core_sizes = [100, 1000]
         args.core_scenarios = "converged,drift"
         args.core_repeats = 1
+        args.whole_sizes = [10, 20]
+        args.whole_runs = 1
     return args
 
 
@@ -186,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         log("[imports] interpreter start and imports")
         results["imports"] = imports.measure()
+        _save(results, out)
+    if not args.no_whole:
+        from bench import whole
+
+        log(f"[whole] fleet processes at {args.whole_sizes} hosts, {args.whole_runs} interleaved run(s)")
+        results["whole"] = whole.run(args.work, args.whole_sizes, [s for s in args.whole_scenarios.split(",") if s],
+                                     args.whole_runs, log=log)
         _save(results, out)
     if not args.no_core:
         results["core"] = run_core(args)

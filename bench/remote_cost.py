@@ -6,10 +6,17 @@ On the lab every host shares the machine's cores, so the remote side is part of 
 wall time.  Each case runs alone, one at a time, `repeats` times (OpenSSH client, like the floor):
 client CPU comes from wait4, the machine's busy CPU from /proc/stat around the run, minus the
 machine's idle-lab baseline for the same duration.  remote = machine - client - baseline.
+
+`profile_parts` then splits the script's own cost by part (facts, discovery, units, hashes, each
+kind's section …), measured on the host itself next to the minimal collector's one `systemctl
+show` (issue 19's yardstick): `python -m bench.remote_cost --dir DIR --state-dir STATE` on a
+running lab of a generated inventory.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +33,8 @@ def _baseline(seconds: float = 3.0) -> float:
 
 
 def measure_remote_cost(lab: Lab, directory: Path, repeats: int = 15) -> dict[str, Any]:
+    from fleet.collect.script import spec_for
+
     desired, targets = _load(directory, lab.state_dir)
     floors = {argv[argv.index("-o") + 2]: argv for argv in floor_argvs(lab, directory)}
     root = next(h for h in targets.hosts if not h.sudo)
@@ -37,6 +46,10 @@ def measure_remote_cost(lab: Lab, directory: Path, repeats: int = 15) -> dict[st
             lab.ssh_argv(deploy.name, "sudo -n -- sh -c true", *kex),
         f"fleet's script on {root.name} (root login; 7 units)": floors[root.name],
         f"fleet's script on {deploy.name} (deploy login, sudo; 4 units)": floors[deploy.name],
+        f"minimal collector on {root.name} (one systemctl show)":
+            lab.ssh_argv(root.name, minimal_command(spec_for(desired, root.name).units), *kex),
+        f"minimal collector on {deploy.name} (one systemctl show, no sudo)":
+            lab.ssh_argv(deploy.name, minimal_command(spec_for(desired, deploy.name).units), *kex),
     }
     baseline = _baseline()
     out: dict[str, Any] = {"baseline_busy_cores": baseline, "repeats": repeats, "cases": {}}
@@ -57,4 +70,89 @@ def measure_remote_cost(lab: Lab, directory: Path, repeats: int = 15) -> dict[st
             "machine_cpu_s": med(r["machine_cpu_s"] for r in rows),
             "failures": sum(1 for r in rows if r["rc"] != 0),
         }
+    out["parts"] = profile_parts(lab, directory)
     return out
+
+
+MINIMAL_PROPERTIES = "Id,ActiveState,SubState,UnitFileState,ExecStart"  # issue 19's minimal collector
+
+
+def minimal_command(units: tuple[str, ...]) -> str:
+    """What the minimal OpenSSH collector runs on a host: one `systemctl show` of the declared units."""
+    return f"systemctl show --no-pager -p {MINIMAL_PROPERTIES} -- " + " ".join(shlex.quote(u) for u in units)
+
+
+def _instrumented(parts: list[tuple[str, str]], repeats: int) -> str:
+    """The parts run `repeats` times in one shell, stdout discarded; after each part, on fd 3, the
+    part's name, PID 1's utime/stime (ticks: the work systemd does to answer systemctl) and `times`
+    (the shell's and its children's CPU).  Only builtins measure: no fork is counted twice."""
+    mark = ("read -r _ _ _ _ _ _ _ _ _ _ _ _ _ u1 s1 _ </proc/1/stat; "
+            "echo \"@prof {name} $u1 $s1\" >&3; times >&3")
+    body = "\n".join(f"{text}\n{mark.format(name=name)}" for name, text in parts)
+    return (f"exec 3>&1\n{mark.format(name='start')}\n"
+            f"i=0; while [ $i -lt {int(repeats)} ]; do\n{body}\ni=$((i + 1)); done >/dev/null 2>&1\n")
+
+
+def _seconds(word: str) -> float:
+    minutes, _, rest = word.partition("m")
+    return int(minutes) * 60 + float(rest.rstrip("s"))
+
+
+def _per_part(out: str, repeats: int) -> dict[str, float]:
+    """CPU seconds per part per run (shell + children + PID 1) from the instrumented output."""
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    lines = out.splitlines()
+    samples: list[tuple[str, float]] = []
+    for i, line in enumerate(lines):
+        if line.startswith("@prof "):
+            _, name, u1, s1 = line.split()
+            shell = [_seconds(w) for w in lines[i + 1].split()] + [_seconds(w) for w in lines[i + 2].split()]
+            samples.append((name, sum(shell) + (int(u1) + int(s1)) * tick))
+    totals: dict[str, float] = {}
+    for (_, before), (name, after) in zip(samples, samples[1:], strict=False):
+        totals[name] = totals.get(name, 0.0) + after - before
+    return {name: t / repeats for name, t in totals.items()}
+
+
+def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any]:
+    """Host CPU per part of fleet's script (and of the minimal collector's one `systemctl show`),
+    measured on the host itself, as root, `repeats` runs in one shell: no SSH session counted."""
+    from fleet.collect.script import script_parts, spec_for
+
+    desired, targets = _load(directory, lab.state_dir)
+    out: dict[str, Any] = {"repeats": repeats, "hosts": {}}
+    for host in (next(h for h in targets.hosts if not h.sudo), next(h for h in targets.hosts if h.sudo)):
+        spec = spec_for(desired, host.name)
+        parts = script_parts(spec)
+        cases = {"fleet": parts, "minimal": [("systemctl_show", minimal_command(spec.units))]}
+        out["hosts"][host.name] = {}
+        for label, ps in cases.items():
+            run = lab.root(host.name, host.sudo, _instrumented(ps, repeats), timeout=300)
+            per = _per_part(run.stdout, repeats)
+            out["hosts"][host.name][label] = {"rc": run.returncode, "per_part_cpu_s": per,
+                                              "total_cpu_s": sum(per.values()), "units": len(spec.units)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.remote_cost --dir DIR --state-dir STATE`: the per-part profile on a running
+    lab of a generated inventory (take the lab lock yourself)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.remote_cost")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--ssh", action="store_true", help="also the whole-session cost through ssh (15 runs per case)")
+    args = p.parse_args(argv)
+    lab = Lab(args.state_dir, Path("/tmp/bench-work"))
+    result: dict[str, Any] = {"parts": profile_parts(lab, args.dir, args.repeats)}
+    if args.ssh:
+        result["sessions"] = measure_remote_cost(lab, args.dir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

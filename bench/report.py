@@ -33,6 +33,8 @@ def status_table(rows: list[dict[str, Any]]) -> str:
         out.append([
             r["hosts"], r["runs"], _ms(r["floor_median_s"]), _ms(r["fleet_median_s"]),
             f"{r['ratio_median']:.2f}", f"{r['ratio_of_medians']:.2f}",
+            _ms(r["minimal_median_s"]) if "minimal_median_s" in r else "—",
+            f"{r['ratio_minimal_median']:.2f}" if "ratio_minimal_median" in r else "—",
             f"{min(x['ratio'] for x in r['rows']):.2f}–{max(x['ratio'] for x in r['rows']):.2f}",
             _ms(r["fleet_cpu_median_s"]), _ms(r["floor_client_cpu_median_s"]),
             f"{r['fleet_maxrss_max_mb']:.0f} MB",
@@ -43,14 +45,18 @@ def status_table(rows: list[dict[str, Any]]) -> str:
         ])
     return tabulate(out, tablefmt="github", headers=[
         "N", "runs", "OpenSSH floor (median)", "fleet status (median)", "ratio (median of runs)",
-        "ratio of medians", "ratio range", "fleet CPU", "ssh clients' CPU", "fleet peak RSS",
+        "ratio of medians", "minimal collector (median)", "ratio to minimal (median of runs)",
+        "ratio range", "fleet CPU", "ssh clients' CPU", "fleet peak RSS",
         "machine CPU busy, floor / fleet",
         "conn / chan per host (stats)", "conn / chan per host (sshd log)"])
 
 
 def status_runs_table(r: dict[str, Any]) -> str:
-    return tabulate([[x["run"], x["first"], _ms(x["floor_s"]), _ms(x["fleet_s"]), f"{x['ratio']:.2f}"]
-                     for x in r["rows"]], headers=["run", "first", "floor", "fleet", "ratio"], tablefmt="github")
+    return tabulate([[x["run"], x["first"], _ms(x["floor_s"]), _ms(x["minimal_s"]) if "minimal_s" in x else "—",
+                      _ms(x["fleet_s"]), f"{x['ratio']:.2f}",
+                      f"{x['ratio_minimal']:.2f}" if "ratio_minimal" in x else "—"] for x in r["rows"]],
+                    headers=["run", "first", "floor", "minimal", "fleet", "ratio", "ratio to minimal"],
+                    tablefmt="github")
 
 
 def profile_table(p: dict[str, Any]) -> str:
@@ -151,7 +157,25 @@ def render(results: dict[str, Any]) -> str:
         title = f"## pure core (run of {run['started']}, commit {run['machine'].get('fleet_commit')})" if run else \
             "## pure core"
         parts += [title, core_table(results["core"]["cases"]), growth_table(results["core"]["growth"])]
+    if results.get("whole"):
+        parts += ["## whole fleet processes (--observed)", whole_table(results["whole"]["cases"]),
+                  whole_growth_table(results["whole"]["growth"])]
     return "\n\n".join(parts) + "\n"
+
+
+def whole_table(rows: list[dict[str, Any]]) -> str:
+    return tabulate([[r["hosts"], r["scenario"], r["command"], _s(r["wall_s"]), _s(r["cpu_s"]),
+                      f"{r['maxrss_mb']:.0f} MB",
+                      "" if r.get("plan_file_bytes") is None else f"{r['plan_file_bytes'] / 1e6:.2f} MB",
+                      r.get("error", "")[:60]] for r in rows],
+                    headers=["hosts", "scenario", "command", "wall (median)", "CPU (median)", "peak RSS", "plan file",
+                             "error"], tablefmt="github")
+
+
+def whole_growth_table(rows: list[dict[str, Any]]) -> str:
+    return tabulate([[g["scenario"], g["command"], f"{g['from']} → {g['to']}", f"{g['wall_exponent']:.2f}",
+                      "—" if g["cpu_exponent"] is None else f"{g['cpu_exponent']:.2f}"] for g in rows],
+                    headers=["scenario", "command", "hosts", "wall exponent", "CPU exponent"], tablefmt="github")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """`fleet --lab status --json` against the OpenSSH floor, on a converged generated fleet.
 
+Two floors: OpenSSH running fleet's own script (below), and issue 19's minimal collector
+(`minimal_argvs`: one `systemctl show` of the declared units per host, what fleet's target is
+measured against).  The three alternate, in a rotating order.
+
 The floor: one OpenSSH client process per host, all started at once, each running fleet's own
 remote collection script for that host (`build_script(spec_for(desired, host))`, wrapped by
 `sudo_command` for hosts with `sudo = true`, exactly as the transport sends it), with the key
@@ -45,6 +49,18 @@ def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
         wire = sudo_command(script) if host.sudo else script
         argvs.append(lab.ssh_argv(host.name, wire, "-o", f"KexAlgorithms={kex}"))
     return argvs
+
+
+def minimal_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
+    """The minimal OpenSSH collector of issue 19: one `ssh` per host running one `systemctl show`
+    of the host's declared units (Id, ActiveState, SubState, UnitFileState, ExecStart) as the
+    login user, no sudo: what someone would script instead of fleet."""
+    from bench.remote_cost import minimal_command
+    from fleet.collect.script import spec_for
+
+    desired, targets = _load(directory, lab.state_dir)
+    return [lab.ssh_argv(h.name, minimal_command(spec_for(desired, h.name).units), "-o", f"KexAlgorithms={kex}")
+            for h in targets.hosts]
 
 
 def negotiated_algorithms(lab: Lab, directory: Path) -> dict[str, Any]:
@@ -172,24 +188,31 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
     report(f"[status N={n}] converged: {result['check']}")
     result["algorithms"] = negotiated_algorithms(lab, directory)
     floors = floor_argvs(lab, directory)
+    minimal = minimal_argvs(lab, directory)
     result["script_bytes_max"] = max(len(a[-1]) for a in floors)
-    # warm-up of both (page cache, sshd's first fork after boot)
+    # warm-up of all three (page cache, sshd's first fork after boot)
     run_parallel(floors, out_dir=work / "logs", tag=f"floor-{n}-warm")
+    _, warm = run_parallel(minimal, out_dir=work / "logs", tag=f"minimal-{n}-warm")
+    result["minimal_check"] = {"failures": sum(1 for m in warm if m.rc != 0),
+                               "units_shown": sum(m.stdout.count("Id=") for m in warm),
+                               "stderr": next((m.stderr[-300:] for m in warm if m.rc != 0), "")}
     lab.fleet(*fleet_args, tag=f"status-{n}-warm")
     rows = []
+    orders = [("floor", "minimal", "fleet"), ("fleet", "floor", "minimal"), ("minimal", "fleet", "floor")]
     for i in range(runs):
-        order = ("floor", "fleet") if i % 2 == 0 else ("fleet", "floor")
+        order = orders[i % len(orders)]
         row: dict[str, Any] = {"run": i + 1, "first": order[0]}
         for which in order:
             time.sleep(0.3)
             busy0 = machine_busy()
-            if which == "floor":
-                wall, each = run_parallel(floors, out_dir=work / "logs", tag=f"floor-{n}-{i}")
+            if which in ("floor", "minimal"):
+                argvs = floors if which == "floor" else minimal
+                wall, each = run_parallel(argvs, out_dir=work / "logs", tag=f"{which}-{n}-{i}")
                 bad = [m.rc for m in each if m.rc != 0]
-                row["floor_s"] = wall
-                row["floor_client_cpu_s"] = sum(m.cpu_s for m in each)
-                row["floor_failures"] = len(bad)
-                row["floor_stdout_bytes"] = sum(len(m.stdout) for m in each)
+                row[f"{which}_s"] = wall
+                row[f"{which}_client_cpu_s"] = sum(m.cpu_s for m in each)
+                row[f"{which}_failures"] = len(bad)
+                row[f"{which}_stdout_bytes"] = sum(len(m.stdout) for m in each)
             else:
                 m = lab.fleet(*fleet_args, tag=f"status-{n}-{i}")
                 row["fleet_s"] = m.wall_s
@@ -198,15 +221,21 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
                 row["fleet_rc"] = m.rc
             row[f"{which}_machine_cpu_s"] = machine_busy() - busy0
         row["ratio"] = row["fleet_s"] / row["floor_s"]
+        row["ratio_minimal"] = row["fleet_s"] / row["minimal_s"]
         rows.append(row)
-        report(f"[status N={n}] run {i + 1}/{runs}: floor {row['floor_s'] * 1000:.0f} ms, "
-               f"fleet {row['fleet_s'] * 1000:.0f} ms, ratio {row['ratio']:.2f}")
+        report(f"[status N={n}] run {i + 1}/{runs}: floor {row['floor_s'] * 1000:.0f} ms, minimal "
+               f"{row['minimal_s'] * 1000:.0f} ms, fleet {row['fleet_s'] * 1000:.0f} ms, ratio {row['ratio']:.2f}, "
+               f"vs minimal {row['ratio_minimal']:.2f}")
     result["rows"] = rows
     med = statistics.median
     result["floor_median_s"] = med(r["floor_s"] for r in rows)
     result["fleet_median_s"] = med(r["fleet_s"] for r in rows)
     result["ratio_median"] = med(r["ratio"] for r in rows)
     result["ratio_of_medians"] = result["fleet_median_s"] / result["floor_median_s"]
+    result["minimal_median_s"] = med(r["minimal_s"] for r in rows)
+    result["ratio_minimal_median"] = med(r["ratio_minimal"] for r in rows)
+    result["minimal_client_cpu_median_s"] = med(r["minimal_client_cpu_s"] for r in rows)
+    result["minimal_machine_cpu_median_s"] = med(r["minimal_machine_cpu_s"] for r in rows)
     result["fleet_cpu_median_s"] = med(r["fleet_cpu_s"] for r in rows)
     result["floor_client_cpu_median_s"] = med(r["floor_client_cpu_s"] for r in rows)
     result["fleet_maxrss_max_mb"] = max(r["fleet_maxrss_mb"] for r in rows)
@@ -215,7 +244,8 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
     ncpu = os.cpu_count() or 1
     result["floor_machine_utilisation"] = result["floor_machine_cpu_median_s"] / (ncpu * result["floor_median_s"])
     result["fleet_machine_utilisation"] = result["fleet_machine_cpu_median_s"] / (ncpu * result["fleet_median_s"])
-    result["all_ok"] = all(r["fleet_rc"] == 0 and r["floor_failures"] == 0 for r in rows)
+    result["all_ok"] = all(r["fleet_rc"] == 0 and r["floor_failures"] == 0 and r["minimal_failures"] == 0
+                           for r in rows)
     if profile is not None:
         report(f"[status N={n}] in-process profile of one collection")
         try:

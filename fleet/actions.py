@@ -26,6 +26,8 @@ class Action(StrEnum):
 
     WRITE_UNIT = "write-unit"
     WRITE_ENV = "write-env"
+    WRITE_DROPIN = "write-drop-in"
+    REMOVE_DROPIN = "remove-drop-in"  # an undeclared drop-in of a service that declares its drop-ins
     DAEMON_RELOAD = "daemon-reload"
     ENABLE = "enable"
     START = "start"
@@ -43,7 +45,7 @@ class Phase(IntEnum):
     """Where a step sits among a host's steps; the ordering rules in fleet/graph.py are written
     over phases, never over actions."""
 
-    WRITE = 1  # files on the host: unit files, env files
+    WRITE = 1  # files on the host: unit files, drop-ins, env files
     RELOAD = 2  # systemd reads the unit files again
     ENABLE = 3  # a unit is enabled (starts at boot)
     RUN = 4  # a unit is started or restarted, behind its health gate

@@ -5,14 +5,17 @@ it builds `desired_state.toml` and the `units/` files so that the next `fleet pl
 fleet is empty: every running, enabled unit becomes a service whose unit file is the host's own
 text, byte for byte (`unit_file = { source = "units/NAME" }`); the instances of a template become
 one service with `instances` (per-host `overrides` where hosts differ), with the template's
-`NAME.service` wrapper when the host has one.  What it cannot write so that the plan stays empty
+`NAME.service` wrapper when the host has one.  The drop-ins in the unit's own directory
+(`/etc/systemd/system/UNIT.d/*.conf`) are declared as they are (`[services.NAME.dropins]`, files
+in `units/UNIT.d/`), so the service then owns that directory.  What it cannot write so that the plan stays empty
 is declared `observe_only` or left out, and said in `notes` — never silently dropped:
 
 - a unit whose file is not fleet's to write (a package's, under /lib/systemd/system);
 - a unit whose text did not come back byte for byte (a secret in `Environment=` is masked on the
   host before it leaves; a file without its final newline), checked against the file's sha256;
-- a unit with drop-ins in /etc/systemd/system/UNIT.d (fleet observes drop-ins, it does not
-  declare them);
+- a unit with a drop-in fleet cannot declare: an instance's own (`x@4000.service.d/`, fleet declares
+  a template's drop-ins, which every instance loads), one whose name is not a plain `NAME.conf`,
+  or one whose text did not come back byte for byte;
 - a unit that is not running or not enabled (declaring it would make the plan start it).
 
 The env files the units load (EnvironmentFile=) are declared as they are: their non-sensitive
@@ -34,7 +37,8 @@ from fleet.config import USER_NAME
 from fleet.model import EnvFileState, HostState, UnitState, instance_of, is_template, template_of
 from fleet.sidekiq_settings import is_sidekiq
 from fleet.textutil import sha256_hex
-from fleet.units import UNIT_DIR, removable_unit_file
+from fleet.unitfile import DROPIN_NAME
+from fleet.units import UNIT_DIR, drop_in_dir, removable_unit_file, unit_file_texts
 
 UNITS_DIR = "units"
 
@@ -58,6 +62,7 @@ class _Unit:
     hosts: dict[str, tuple[str, ...]]  # host -> instances (empty for a plain unit)
     kind: str
     wrapper: tuple[str, str] | None = None  # (unit, text)
+    dropins: tuple[tuple[str, str], ...] = ()  # (name, exact text) in the unit's own directory
 
 
 def toml_string(value: str) -> str:
@@ -126,19 +131,32 @@ def _observe_reason(host: str, u: UnitState, file_unit: str) -> str | None:
     """Why this unit's file cannot be fleet's (it is then declared observe_only)."""
     if not u.fragment_path.startswith(UNIT_DIR + "/"):
         return f"{host}: {u.unit} comes from {u.fragment_path or 'no file'}, not {UNIT_DIR}: declared observe_only"
-    if any(removable_unit_file(p, file_unit) or removable_unit_file(p, u.unit) for p in u.drop_in_paths):
-        return f"{host}: {u.unit} has drop-ins ({', '.join(u.drop_in_paths)}), which fleet does not declare: " \
-               "declared observe_only (fold them into the unit file to manage it)"
+    own = [p for p in u.drop_in_paths if removable_unit_file(p, file_unit) or removable_unit_file(p, u.unit)]
+    texts = unit_file_texts(u)
+    odd = [p for p in own if p.rsplit("/", 1)[0] != drop_in_dir(file_unit) or not DROPIN_NAME.fullmatch(
+        p.rsplit("/", 1)[1]) or p not in texts]
+    if odd:
+        return f"{host}: {u.unit} has drop-ins fleet cannot declare ({', '.join(odd)}: an instance's own, a name " \
+               "that is not a plain NAME.conf, or a text that did not come back byte for byte): declared " \
+               "observe_only (fold them into the unit file, or the template's drop-ins, to manage it)"
     if fragment_text(u) is None:
         return f"{host}: {u.unit}'s file did not come back byte for byte (a secret in Environment= is masked on " \
                "the host; or no final newline): declared observe_only (move the secret to an env file)"
     return None
 
 
+def own_drop_ins(u: UnitState, file_unit: str) -> tuple[tuple[str, str], ...]:
+    """(name, text) of the drop-ins in `file_unit`'s own directory that `u` loads, byte for byte."""
+    texts = unit_file_texts(u)
+    directory = drop_in_dir(file_unit)
+    return tuple((p.rsplit("/", 1)[1], texts[p]) for p in u.drop_in_paths
+                 if p.rsplit("/", 1)[0] == directory and p in texts)
+
+
 def build(fleet_name: str, patterns: Sequence[str], results: Mapping[str, HostState]) -> Adopted:
     """The desired state of the units observed on `results`' hosts (host -> state, in inventory order)."""
     notes: list[str] = []
-    groups: dict[tuple[str, str | None], _Unit] = {}  # (file unit, text) -> what declares it
+    groups: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], _Unit] = {}  # (file unit, text, drop-ins)
     plain_on: dict[str, dict[str, UnitState]] = {}
     for host, state in results.items():
         plain_on[host] = {}
@@ -157,24 +175,25 @@ def build(fleet_name: str, patterns: Sequence[str], results: Mapping[str, HostSt
             if reason:
                 notes.append(reason)
             text = None if reason else fragment_text(u)
-            if template is None and text is not None:
+            dropins = own_drop_ins(u, file_unit) if text is not None else ()
+            if template is None and text is not None and not dropins:  # a wrapper with drop-ins stays a service
                 plain_on[host][u.unit] = u
-            key = (file_unit, text)
-            g = groups.setdefault(key, _Unit(file_unit, text, {}, guess_kind(u.unit, u.exec_start)))
+            key = (file_unit, text, dropins)
+            g = groups.setdefault(key, _Unit(file_unit, text, {}, guess_kind(u.unit, u.exec_start), dropins=dropins))
             inst = instance_of(u.unit)
             g.hosts[host] = g.hosts.get(host, ()) + ((inst,) if inst is not None else ())
     # A template's wrapper: the plain `NAME.service` beside `NAME@.service` on the same host.
-    for (file_unit, text), g in list(groups.items()):
+    for (file_unit, text, _), g in list(groups.items()):
         if not is_template(file_unit) or text is None:
             continue
         wrapper = file_unit.replace("@.", ".", 1)
         texts = {fragment_text(w) if (w := plain_on[h].get(wrapper)) is not None else None for h in g.hosts}
         (wtext,) = texts if len(texts) == 1 else (None,)
-        own = groups.get((wrapper, wtext)) if wtext is not None else None
+        own = groups.get((wrapper, wtext, ())) if wtext is not None else None
         # The wrapper goes with the template only where it runs with it on exactly its hosts.
         if wtext is not None and own is not None and set(own.hosts) == set(g.hosts):
             g.wrapper = (wrapper, wtext)
-            del groups[(wrapper, wtext)]
+            del groups[(wrapper, wtext, ())]
     return _write(fleet_name, patterns, list(groups.values()), _env_files(results, notes), notes)
 
 
@@ -243,6 +262,11 @@ def _write(fleet_name: str, patterns: Sequence[str], groups: list[_Unit],
                 wsource = _unit_file(g.wrapper[0], g.wrapper[1], taken_files, units)
                 lines += ["", f"[{p}.wrapper]", f"unit = {toml_string(g.wrapper[0])}",
                           f"source = {toml_string(wsource)}"]
+            if g.dropins:
+                lines += ["", f"[{p}.dropins]"]
+                for dname, dtext in g.dropins:
+                    dsource = _unit_file(f"{g.unit}.d/{dname}", dtext, taken_files, units)
+                    lines.append(f"{toml_string(dname)} = {toml_string(dsource)}")
     env_names: list[str] = []
     for ef, hosts in env_files:
         name = _unique(env_name(ef.path), env_names)

@@ -13,8 +13,9 @@ from fleet.actions import ObservedKind
 from fleet.model import Desired, Finding, HostResult, HostState, Kind, UnitState
 from fleet.policy import check_env_keys, check_env_value, check_placement, check_queues
 from fleet.resources.registry import for_action
+from fleet.sidekiq_settings import is_sidekiq
 from fleet.snapshot import short_secret
-from fleet.status import StatusReport, build_status, parse_sidekiq_argv
+from fleet.status import StatusReport, build_status
 
 # driftctl's classes
 MATCHING, CHANGED, MISSING, UNMANAGED = "managed", "changed", "missing", "unmanaged"
@@ -82,7 +83,7 @@ def infer_kind(desired: Desired, u: UnitState) -> Kind | None:
     svc = next((s for s in desired.services if s.owns(u.unit)), None)
     if svc is not None:
         return svc.kind
-    if parse_sidekiq_argv(u.exec_start) is not None:
+    if is_sidekiq(u.exec_start):
         return Kind.SIDEKIQ
     name = u.unit.split("@", 1)[0].split(".", 1)[0]
     if name.startswith("postgres"):

@@ -132,6 +132,12 @@ def _command(sub: Subparsers, common: argparse.ArgumentParser, name: str,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _observed_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--observed", metavar="FILE|SNAPSHOT",
+                   help=f"{what} a kept observation instead of contacting the hosts: a file written by "
+                        "`fleet status --json`, or a snapshot id from `fleet history`")
+
+
 def _add_adopt(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = _command(
         sub, common, "adopt", "write what the hosts run as a new fleet directory (desired_state.toml, hosts/, units/)",
@@ -170,6 +176,7 @@ def _add_status(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "JSON schema: docs/status.md\n")
     _host_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable report (docs/status.md)")
+    _observed_option(p, "show")
 
 
 def _add_plan(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -188,6 +195,7 @@ def _add_plan(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--secrets", metavar="FILE",
                    help="secrets file for \"file\" sources "
                         "(default: STATE/secrets.toml; with --lab: STATE/lab/secrets.toml)")
+    _observed_option(p, "plan from (offline; such a plan is marked with it and cannot be applied)")
 
 
 def _add_show(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -261,14 +269,29 @@ def _add_audit(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("text", "md", "json"), default="text",
                    help="text (default), md (ready for a postmortem) or json")
     p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
+    _observed_option(p, "audit")
 
 
 def _add_history(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("history", parents=[common], help="list the kept observations (snapshots)",
-                       description="Every status, plan, apply and audit keeps its observation in the "
-                                   "journal; this lists them, oldest first.")
-    p.add_argument("--since", metavar="TIME", help="only snapshots since TIME")
-    p.add_argument("--json", action="store_true")
+    p = _command(
+        sub, common, "history", "the fleet's runs (from the hosts' history) and the kept observations",
+        "List every run, newest first, as the hosts' history records it (read first, one round trip per host, "
+        "as `fleet log` does, so a checkout that never applied anything sees them): when, who, the desired "
+        "state's git commit, the hosts it touched and how its steps went.  Then the kept observations "
+        "(snapshots), oldest first.  A broken history chain is a warning, an acknowledged one a note.\n\n"
+        "`fleet history ack HOST --reason TEXT`: after looking into a host's broken history chain, record on "
+        "the host (as a new record of its chain) who acknowledged it, when and why; the audit then reports "
+        "it as a note, and any later break as an error again.  Refused when nothing is broken.",
+        "exit codes: 0 ok, 1 unreadable journal, or (ack) nothing to acknowledge or the host not reached\n")
+    p.add_argument("history_action", nargs="?", choices=("ack",), metavar="ack",
+                   help="acknowledge HOST's broken history chain")
+    p.add_argument("ack_host", nargs="?", metavar="HOST")
+    p.add_argument("--reason", metavar="TEXT", help="with ack: what you found, and why the history can be trusted")
+    p.add_argument("--since", metavar="TIME", help="only runs started and snapshots taken since TIME")
+    p.add_argument("--cached", action="store_true",
+                   help="do not read the hosts' history first: show what this checkout's journal holds")
+    p.add_argument("--snapshots", action="store_true", help="only the kept observations (no network)")
+    p.add_argument("--json", action="store_true", help="runs and snapshots (docs/journal.md, docs/audit.md)")
 
 
 def _add_diff(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -383,7 +406,7 @@ def _run_check(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     from fleet.workflows.status import StatusOptions, status
 
-    result = status(StatusOptions(_common(args), _scope(args)), TerminalReporter())
+    result = status(StatusOptions(_common(args), _scope(args), observed=args.observed), TerminalReporter())
     if args.json:
         from fleet.output import json
 
@@ -414,7 +437,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from fleet.workflows.plan import PlanOptions, plan
 
     options = PlanOptions(_common(args), _scope(args), out=_path(args.out), no_prune=args.no_prune,
-                          secrets=_path(args.secrets))
+                          secrets=_path(args.secrets), observed=args.observed)
     result = plan(options, TerminalReporter())
     _print_plan(result.plan, args.json)
     if result.saved_to is not None and not args.json:
@@ -494,7 +517,8 @@ def _run_log(args: argparse.Namespace) -> int:
 def _run_audit(args: argparse.Namespace) -> int:
     from fleet.workflows.audit import AuditOptions, audit
 
-    report = audit(AuditOptions(_common(args), _scope(args), since=args.since), TerminalReporter())
+    report = audit(AuditOptions(_common(args), _scope(args), since=args.since, observed=args.observed),
+                   TerminalReporter())
     if args.format == "json":
         from fleet.output import json
 
@@ -513,17 +537,39 @@ def _run_audit(args: argparse.Namespace) -> int:
 def _run_history(args: argparse.Namespace) -> int:
     from fleet.workflows.audit import HistoryOptions, history
 
-    result = history(HistoryOptions(_common(args), since=args.since))
+    if args.history_action == "ack":
+        return _run_history_ack(args)
+    if args.ack_host is not None or args.reason is not None:
+        raise FleetError("HOST and --reason go with `fleet history ack HOST --reason TEXT`")
+    result = history(HistoryOptions(_common(args), since=args.since, cached=args.cached,
+                                    snapshots_only=args.snapshots))
+    for line in result.warnings:
+        say(printable(line, multiline=False), err=True)  # a reason is operator text: one line, escaped
     if args.json:  # without a journal too: an empty document, not a sentence
         from fleet.output import json
 
-        _write(json.dumps(json.history_json(result.snapshots)))
+        _write(json.dumps(json.history_json(result.snapshots, None if args.snapshots else result.runs)))
     elif not result.exists:
-        say(f"No journal yet at {result.journal}: nothing has been observed from this state directory.")
+        say(f"No journal yet at {result.journal}: nothing has been observed or applied from this state directory, "
+            "and no host's history was read.")
     else:
         from fleet.output.text import history_text
 
-        _write(history_text(result.snapshots))
+        _write(history_text(result.snapshots, None if args.snapshots else result.runs))
+    return EXIT_OK
+
+
+def _run_history_ack(args: argparse.Namespace) -> int:
+    from fleet.workflows.audit import AckOptions, ack
+    from fleet.workflows.base import Scope
+
+    if not args.ack_host or args.reason is None:
+        raise FleetError("`fleet history ack` needs HOST and --reason TEXT",
+                         hint="e.g. fleet history ack franz --reason 'restored from backup, checked'")
+    result = ack(AckOptions(_common(args), args.ack_host, args.reason, Scope(limit=args.ack_host)),
+                 TerminalReporter())
+    say(printable(f"Acknowledged on {result.host} (record {result.seq} of its history): "
+                  + "; ".join(b.brk.message for b in result.acknowledged), multiline=False))
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import json
 import os
 import re
 import stat
@@ -34,6 +35,7 @@ from fleet.model import (
     ROLES,
     Desired,
     DiscoveryPattern,
+    DropInSpec,
     EnvFile,
     Finding,
     HealthCheck,
@@ -55,6 +57,7 @@ from fleet.sidekiq import load_policy
 from fleet.sidekiq_settings import parse_argv
 from fleet.textutil import did_you_mean
 from fleet.unitfile import (
+    DROPIN_NAME,
     KEY,
     MAX_LINES,
     SECTION,
@@ -91,7 +94,7 @@ MOVE_KEYS = ("from", "to", "method")
 SERVICE_KEYS = (
     "kind", "unit", "hosts", "requires", "observe_only", "unit_file", "health",
     "max_unavailable", "concurrency", "queues", "sidekiq_command", "instances", "overrides", "wrapper",
-    "role", "probe", "port",
+    "role", "probe", "port", "dropins",
 )  # fmt: skip
 UNIT_FILE_KEYS = (
     "description", "user", "group", "working_directory", "environment", "environment_files",
@@ -100,7 +103,7 @@ UNIT_FILE_KEYS = (
 OWNED_UNIT_KEYS = ("source", "directives")  # the operator's own unit text, written byte for byte
 OVERRIDE_KEYS = ("instances",)
 MAX_UNIT_BYTES = 256 * 1024  # a unit file of a few KiB is large
-HEALTH_KEYS = ("command", "http", "tcp", "timeout")
+HEALTH_KEYS = ("command", "http", "tcp", "sidekiq", "timeout")
 ENV_FILE_KEYS = ("path", "services", "hosts", "owner", "group", "mode", "values", "sensitive", "overrides")
 
 
@@ -807,9 +810,13 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
     else:
         unit_spec = _load_unit(ctx, f"{prefix}.unit_file", unit_t, sidekiq, derived=kind == Kind.SIDEKIQ)
 
+    if health is not None and health.sidekiq:
+        _check_sidekiq_health(ctx, prefix, kind, unit_spec)
+
     template = unit is not None and UNIT_NAME.fullmatch(unit) is not None and is_template(unit)
     instances, host_instances = _load_instances(ctx, prefix, st, template, hosts)
     wrapper = _load_wrapper(ctx, prefix, st, template, observe_only, unit, base)
+    dropins = _load_dropins(ctx, prefix, st, observe_only, unit, base)
 
     # Keep a service whose only faults are recoverable (unknown keys, unknown hosts, …) so that
     # the policies still judge the rest of the fleet; drop it only when its essence is missing.
@@ -817,12 +824,52 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
             not observe_only and unit_spec is None) or (kind == Kind.SIDEKIQ and sidekiq is None) or (
             template and not instances and not host_instances):
         return _stand_in(name, st, kind, unit, hosts, sidekiq) if lenient else None
+    known = set(host_names)  # a set: a service may list every host of the inventory
     return Service(name=name, kind=kind, unit=unit,
-                   hosts=tuple(dict.fromkeys(hosts)) if lenient else tuple(h for h in hosts if h in host_names),
+                   hosts=tuple(dict.fromkeys(hosts)) if lenient else tuple(h for h in hosts if h in known),
                    requires=tuple(requires),
                    observe_only=observe_only, unit_spec=unit_spec, sidekiq=sidekiq, health=health,
                    max_unavailable=max_unavailable, instances=instances, host_instances=host_instances,
-                   wrapper=wrapper, store=store)
+                   wrapper=wrapper, store=store, dropins=dropins)
+
+
+def _load_dropins(ctx: _Ctx, prefix: str, st: dict[str, Any], observe_only: bool, unit: Any,
+                  base: Path) -> tuple[DropInSpec, ...] | None:
+    """`[services.NAME.dropins]`: `"10-limits.conf" = "units/x.service.d/10-limits.conf"`, each a
+    file in the repository written byte for byte to /etc/systemd/system/UNIT.d/NAME.  Absent:
+    fleet declares none and owns none.  A table (an empty one too): fleet owns UNIT.d/*.conf."""
+    dt = _get(ctx, st, prefix, "dropins", dict)
+    if dt is None:
+        return None
+    p = f"{prefix}.dropins"
+    if observe_only:
+        ctx.error(p, "fleet writes drop-ins only for a unit it writes, and this service is observe_only",
+                  "remove [dropins], or set observe_only = false with a [unit_file]", "config.bad-key")
+        return None
+    out: list[DropInSpec] = []
+    for name, source in dt.items():
+        key = f"{p}.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f"{p}.{json.dumps(name)}"
+        if not DROPIN_NAME.fullmatch(name):
+            ctx.error(key, f"drop-in name {name[:80]!r} is not a plain NAME.conf file name",
+                      f"name it like \"10-limits.conf\": no '/', no leading dot, only the characters of "
+                      f"{DROPIN_NAME.pattern}", "config.bad-name")
+            continue
+        if not isinstance(source, str):
+            ctx.error(key, f"'{key}' must be the path of a file in the repository",
+                      f"for example \"units/{unit or 'NAME.service'}.d/{name}\"", "config.wrong-type")
+            continue
+        text = _read_unit_source(ctx, key, source, base)
+        if text is None:
+            continue
+        try:
+            parse(text)
+        except UnitSyntaxError as e:
+            ctx.findings.append(Finding("error", "config.unit-syntax", f"not a drop-in ({key}): {e.reason}",
+                                        file=str(base / source), line=e.line,
+                                        hint="systemd reads [Section] headers, Key=value lines and # comments"))
+            continue
+        out.append(DropInSpec(name=name, text=text, source=source))
+    return tuple(out)
 
 
 def _load_instances(ctx: _Ctx, prefix: str, st: dict[str, Any], template: bool,
@@ -1114,11 +1161,17 @@ def _load_health(ctx: _Ctx, prefix: str, ht: dict[str, Any] | None) -> HealthChe
     command = _get(ctx, ht, p, "command", str)
     http = _get(ctx, ht, p, "http", str)
     tcp = _get(ctx, ht, p, "tcp", int)
+    sidekiq = _get(ctx, ht, p, "sidekiq", bool, default=False)
     timeout = _get(ctx, ht, p, "timeout", (int, float), default=10)
-    given = [k for k, v in (("command", command), ("http", http), ("tcp", tcp)) if v is not None]
+    given = [k for k, v in (("command", command), ("http", http), ("tcp", tcp), ("sidekiq", sidekiq or None))
+             if v is not None]
     if len(given) != 1:
-        ctx.error(p, f"{p} needs exactly one of command, http, tcp (has {', '.join(given) or 'none'})",
+        ctx.error(p, f"{p} needs exactly one of command, http, tcp, sidekiq = true (has {', '.join(given) or 'none'})",
                   "for example health = { http = \"http://127.0.0.1:3000/health\" }", "config.bad-value")
+        return None
+    if sidekiq and "timeout" in ht:
+        ctx.error(f"{p}.timeout", "the Sidekiq health check has no timeout of its own",
+                  "remove it: the new process must heartbeat within apply's --start-timeout", "config.bad-key")
         return None
     if http is not None and not re.fullmatch(r"https?://[^\s'\"]+", http):
         ctx.error(f"{p}.http", f"{http!r} is not an http:// or https:// URL",
@@ -1134,7 +1187,20 @@ def _load_health(ctx: _Ctx, prefix: str, ht: dict[str, Any] | None) -> HealthChe
         ctx.error(f"{p}.timeout", f"timeout must be positive and below a day (seconds), got {timeout}",
                   "for example timeout = 30", "config.bad-value")
         return None
-    return HealthCheck(command=command, http=http, tcp=tcp, timeout=float(timeout))
+    return HealthCheck(command=command, http=http, tcp=tcp, timeout=float(timeout), sidekiq=sidekiq)
+
+
+def _check_sidekiq_health(ctx: _Ctx, prefix: str, kind: Kind | None, unit_spec: UnitSpec | None) -> None:
+    """`health.sidekiq` reads the new process's heartbeat from the Redis its env file names: only a
+    Sidekiq service has one, and only one that loads an env file says where that Redis is."""
+    p = f"{prefix}.health.sidekiq"
+    if kind != Kind.SIDEKIQ:
+        ctx.error(p, "the Sidekiq health check only applies to kind = \"sidekiq\"",
+                  "use command, http or tcp for this service, or set kind = \"sidekiq\"", "config.bad-value")
+    elif unit_spec is not None and not unit_spec.environment_files:
+        ctx.error(p, "the Sidekiq health check reads Sidekiq's Redis as the service finds it, from its env file, "
+                  "and this service loads none", "add the env file to unit_file.environment_files, or remove "
+                  "health.sidekiq", "config.bad-value")
 
 
 def _load_sidekiq(ctx: _Ctx, prefix: str, st: dict[str, Any]) -> SidekiqSpec | None:

@@ -53,7 +53,7 @@ HISTORY_FILE = "history.jsonl"
 LOCK_FILE = "history.lock"
 RECORD_VERSION = 1
 GENESIS = "0" * 64  # the `prev` of the first record a host ever holds
-KINDS = ("step", "outcome")
+KINDS = ("step", "outcome", "ack")  # ack: an operator acknowledged a broken chain (fleet history ack)
 OUTCOMES = ("ok", "failed", "skipped", "rolled-back")
 
 ROTATE_BYTES = 1024 * 1024  # history.jsonl is renamed to history.jsonl.1 beyond this
@@ -75,6 +75,17 @@ _FILE_NAME = re.compile(r"history\.jsonl(\.[1-9][0-9]?)?")
 
 
 @dataclass(frozen=True)
+class AckedBreak:
+    """One break an ack record acknowledges, as the acknowledging checkout knew it: where it is
+    (`after`: the last intact record), the hash of that record as collected (GENESIS for 0) and
+    what was found."""
+
+    after: int
+    intact: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class HistoryRecord:
     """One line of a host's history, parsed.  `hash` is the sha256 of the line and its newline
     (what the next record's `prev` must be); `line` is the exact text, kept for the cache."""
@@ -82,7 +93,7 @@ class HistoryRecord:
     seq: int
     prev: str
     hash: str
-    kind: str  # step | outcome
+    kind: str  # step | outcome | ack
     run_id: str
     change_id: str
     host: str
@@ -106,6 +117,7 @@ class HistoryRecord:
     error: str = ""
     ended: float | None = None
     verified: bool = True  # both its chain links intact (set by verify)
+    acked: tuple[AckedBreak, ...] = ()  # ack: the breaks it acknowledges (`who`, `reason`, `started` say the rest)
 
     @property
     def user(self) -> str:
@@ -158,6 +170,19 @@ def outcome_body(change: Change, *, run_id: str, outcome: str, error: str = "", 
     record = {"kind": "outcome", "run": run_id, "step": scrub(change.id), "host": change.host,
               "action": change.action, "target": scrub(change.target), "outcome": outcome, "error": scrub(error),
               "ended": iso(ended)}
+    return _fit(record)
+
+
+def ack_body(host: str, breaks: Sequence[AckedBreak], *, ack_id: str, who: str, reason: str, at: float) -> str:
+    """The record of an operator acknowledging the broken chain of `host`'s history (after looking
+    into it): who, when, why, and which breaks.  Appended on the host like any record, so it is
+    chained too and every checkout reads it; see `fleet.history_cache.judge_breaks` for what it
+    covers.  The reason is operator text: scrubbed like the journal, escaped where it is shown."""
+    if not breaks:
+        raise ValueError(f"nothing to acknowledge on {host}")
+    record = {"kind": "ack", "run": ack_id, "step": "ack", "host": host, "action": "ack-history", "target": "history",
+              "who": scrub(who), "reason": scrub(reason), "started": iso(at),
+              "breaks": [{"after": b.after, "intact": b.intact, "detail": b.detail[:300]} for b in breaks[:50]]}
     return _fit(record)
 
 
@@ -251,6 +276,9 @@ def parse_record(line: str) -> HistoryRecord:
     common: dict[str, Any] = dict(seq=int(m.group(2)), prev=m.group(3), hash=line_hash(line), kind=kind,
                                   run_id=run_id, change_id=change_id, host=host, line=line, action=text("action"),
                                   target=text("target"))
+    if kind == "ack":
+        return HistoryRecord(**common, who=text("who"), reason=text("reason"), started=_required_time(d, "started"),
+                             acked=_acked(d.get("breaks")))
     if kind == "outcome":
         outcome = d.get("outcome")
         if outcome not in OUTCOMES:
@@ -276,6 +304,28 @@ def parse_record(line: str) -> HistoryRecord:
                          lab=d.get("lab") is True, desired_hash=text("desired"), commit=commit, dirty=dirty,
                          reason=text("reason"), before=text("before"), after=text("after"), details=details,
                          started=started)
+
+
+def _required_time(d: Mapping[str, Any], key: str) -> float:
+    t = _from_iso(d.get(key))
+    if t is None:
+        raise ValueError(f"no valid {key!r} time")
+    return t
+
+
+def _acked(value: Any) -> tuple[AckedBreak, ...]:
+    """An ack record's `breaks`: at least one, each with its record number, hash and detail."""
+    if not isinstance(value, list) or not value or len(value) > 50:
+        raise ValueError("an ack without a valid 'breaks' list")
+    out: list[AckedBreak] = []
+    for b in value:
+        after, intact, detail = (b.get("after"), b.get("intact"), b.get("detail")) if isinstance(b, dict) else (
+            None, None, None)
+        if (not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 10**16
+                or not isinstance(intact, str) or not _HEX64.fullmatch(intact) or not isinstance(detail, str)):
+            raise ValueError("an ack's break is not {after, intact, detail}")
+        out.append(AckedBreak(after, intact, detail))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- the chain
@@ -372,7 +422,10 @@ def verify(lines: Sequence[str | None], *, host: str, prev: str | None = GENESIS
                 problem = f"record {rec.seq} does not continue {predecessor or 'the record before it'}"
         if not problem and rec.host != host:
             problem = f"record {rec.seq} names another host ({rec.host[:40]!r})"
-        link_ok = not problem and not prev_reported and not (expect_prev is not None and rec.prev != expect_prev)
+        # An ack exists to follow a break: chained to the exact bytes of a line that is not a
+        # record (a cut or edited one), its own link still holds.
+        link_ok = (not problem and not (expect_prev is not None and rec.prev != expect_prev)
+                   and (not prev_reported or (rec.kind == "ack" and expect_prev is not None)))
         if problem:
             breaks.append(Break(host, intact, problem))
             if prev_is_record and intact < prior:

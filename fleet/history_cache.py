@@ -63,6 +63,14 @@ class KnownBreak:
 
 
 @dataclass(frozen=True)
+class AckSeen:
+    """An ack record (an operator acknowledged a broken chain) and when this checkout read it."""
+
+    record: HistoryRecord
+    collected: float
+
+
+@dataclass(frozen=True)
 class HostStep:
     """A step as a host's history tells it: the intent, its outcome record if any, and its state."""
 
@@ -122,7 +130,7 @@ class HistoryCache:
         new_breaks: list[Break] = []
         with self.journal._transaction(f"store the history of {read.host}") as conn:
             for r in read.records:
-                t = r.started if r.kind == "step" else r.ended
+                t = r.ended if r.kind == "outcome" else r.started  # a step: its intent; an ack: when it was made
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO host_records (host, hash, seq, prev, kind, run_id, change_id, time,"
                     " outcome, verified, line, collected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -130,9 +138,14 @@ class HistoryCache:
                      int(r.verified), r.line, at))
                 added += cur.rowcount
             for b in read.breaks:
-                cur = conn.execute("INSERT OR IGNORE INTO host_breaks (host, after, detail, found) "
-                                   "VALUES (?, ?, ?, ?)", (read.host, b.after, b.detail, at))
-                if cur.rowcount:
+                had = conn.execute("SELECT 1 FROM host_breaks WHERE host = ? AND after = ? AND detail = ?",
+                                   (read.host, b.after, b.detail)).fetchone()
+                # `found` is the LAST read that reported it: the same edit made again after an
+                # operator acknowledged the first one is a new finding (`judge_breaks`).
+                conn.execute("INSERT INTO host_breaks (host, after, detail, found) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(host, after, detail) DO UPDATE SET found = excluded.found",
+                             (read.host, b.after, b.detail, at))
+                if had is None:
                     new_breaks.append(b)
             last = read.last_seen
             conn.execute(
@@ -179,6 +192,19 @@ class HistoryCache:
                                 "ORDER BY host, after, found", args).fetchall()
         return [KnownBreak(Break(str(h), int(a), str(d)), float(f)) for h, a, d, f in rows]
 
+    def acks(self, host: str) -> list[AckSeen]:
+        """The ack records collected from `host` whose chain links held, with when they were read."""
+        with self.journal._writing("read the hosts' history") as conn:
+            rows = conn.execute("SELECT line, collected FROM host_records WHERE host = ? AND kind = 'ack' "
+                                "AND verified = 1 ORDER BY seq", (host,)).fetchall()
+        out: list[AckSeen] = []
+        for line, collected in rows:
+            try:
+                out.append(AckSeen(parse_record(str(line)), float(collected)))
+            except ValueError:  # a hand-edited cache row
+                continue
+        return out
+
     def locks(self) -> dict[str, LockSeen]:
         with self.journal._writing("read the hosts' history") as conn:
             rows = conn.execute("SELECT host, lock_held, lock_run, collected FROM host_history").fetchall()
@@ -195,7 +221,8 @@ def host_steps(records: Iterable[HistoryRecord], *, locks: Mapping[str, LockSeen
     locks = locks or {}
     by_host: dict[str, list[HistoryRecord]] = {}
     for r in records:
-        by_host.setdefault(r.host, []).append(r)
+        if r.kind in ("step", "outcome"):  # an ack is no run's: it says nothing of a step's state
+            by_host.setdefault(r.host, []).append(r)
     out: list[HostStep] = []
     for host, recs in by_host.items():
         recs.sort(key=lambda r: r.seq)
@@ -219,6 +246,94 @@ def host_steps(records: Iterable[HistoryRecord], *, locks: Mapping[str, LockSeen
                     or (lock is not None and lock.held is True and lock.run_id not in ("", r.run_id)))
             out.append(HostStep(r, None, INTERRUPTED if over else RUNNING))
     out.sort(key=lambda s: (s.record.started or 0.0, s.record.host, s.record.seq))
+    return out
+
+
+# --------------------------------------------------------------------------- acknowledged breaks
+
+
+def judge_breaks(breaks: Iterable[KnownBreak], acks: Iterable[AckSeen]) -> tuple[
+        list[tuple[KnownBreak, AckSeen]], list[KnownBreak]]:
+    """(acknowledged breaks, each with the ack that covers it; open breaks).
+
+    An ack record covers a break when it names the break's position (`after`), comes after it
+    in the host's chain (its seq is beyond `after`), its own chain links held when it was read
+    (a forged or edited ack is a break itself, never an acknowledgement), and the break was
+    last reported no later than the ack was read: the same edit made again, or any edit found
+    by a later read — before the ack in the chain or after it — is a new finding."""
+    acks = [a for a in acks if a.record.kind == "ack" and a.record.verified]
+    acknowledged: list[tuple[KnownBreak, AckSeen]] = []
+    open_: list[KnownBreak] = []
+    for kb in breaks:
+        by = next((a for a in acks if a.record.host == kb.brk.host and kb.brk.after < a.record.seq
+                   and kb.found <= a.collected and any(x.after == kb.brk.after for x in a.record.acked)), None)
+        if by is None:
+            open_.append(kb)
+        else:
+            acknowledged.append((kb, by))
+    return acknowledged, open_
+
+
+# --------------------------------------------------------------------------- `fleet history`: the runs
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run as `fleet history` lists it: who, from which desired state, where, how it went."""
+
+    run_id: str
+    started: float
+    who: str  # user@machine
+    commit: str | None  # git commit of the desired state; None: not in git, or not known
+    dirty: bool | None
+    hosts: tuple[str, ...]  # the hosts it has steps on
+    ok: int = 0
+    failed: int = 0  # failed or rolled back
+    skipped: int = 0
+    interrupted: int = 0
+    running: int = 0
+    on_hosts: bool = False  # its steps are (also) in the hosts' history, not only this journal
+
+
+def summarize_runs(found: Iterable[HostStep], local_steps: Iterable[StepRecord], local_runs: Iterable[RunRecord],
+                   *, since: float | None = None) -> list[RunSummary]:
+    """Every run with a step, newest first: the hosts' history (`host_steps`) merged with this
+    checkout's journal, each step counted once.  A step the host left unanswered takes the
+    journal's outcome when this checkout has one; a journal step with no outcome is interrupted
+    once its run ended, running otherwise."""
+    runs = {r.id: r for r in local_runs}
+    states: dict[tuple[str, str], tuple[str, str]] = {}  # (run, step) -> (host, state)
+    first: dict[str, HistoryRecord] = {}
+    for hs in found:
+        r = hs.record
+        states[(r.run_id, r.change_id)] = (r.host, hs.state)
+        if r.run_id not in first or (r.started or 0.0) < (first[r.run_id].started or 0.0):
+            first[r.run_id] = r
+    for st in local_steps:
+        key = (st.run_id, st.change_id)
+        run = runs.get(st.run_id)
+        mine = st.outcome or (INTERRUPTED if run is not None and run.ended is not None else RUNNING)
+        if key not in states or (states[key][1] in (RUNNING, INTERRUPTED) and st.outcome):
+            states[key] = (st.host, mine)
+    by_run: dict[str, list[tuple[str, str]]] = {}
+    for (run_id, _), hs_state in states.items():
+        by_run.setdefault(run_id, []).append(hs_state)
+    out: list[RunSummary] = []
+    for run_id, steps in by_run.items():
+        local, rec = runs.get(run_id), first.get(run_id)
+        if local is not None:
+            started, who, commit, dirty = local.started, local.operator, local.commit, local.dirty
+        else:
+            assert rec is not None  # a run with no journal row has host records
+            started, who, commit, dirty = rec.started or 0.0, rec.who or "(unknown operator)", rec.commit, rec.dirty
+        if since is not None and started < since:
+            continue
+        count = {k: sum(1 for _, state in steps if state == k) for k in ("ok", "skipped", INTERRUPTED, RUNNING)}
+        out.append(RunSummary(run_id, started, who, commit, dirty, tuple(sorted({h for h, _ in steps})),
+                              ok=count["ok"], failed=sum(1 for _, x in steps if x in ("failed", "rolled-back")),
+                              skipped=count["skipped"], interrupted=count[INTERRUPTED], running=count[RUNNING],
+                              on_hosts=rec is not None))
+    out.sort(key=lambda x: (x.started, x.run_id), reverse=True)
     return out
 
 

@@ -63,14 +63,19 @@ class Host:
 
 @dataclass(frozen=True)
 class HealthCheck:
-    """Exactly one of command / http / tcp is set; all run on the host itself."""
+    """Exactly one of command / http / tcp / sidekiq is set; all run on the host itself.  `sidekiq`:
+    the unit's new process must heartbeat in Sidekiq's Redis with its declared queues and
+    concurrency (fleet/sidekiq.py, beat_script), within apply's start timeout."""
 
     command: str | None = None
     http: str | None = None
     tcp: int | None = None
     timeout: float = 10.0
+    sidekiq: bool = False
 
     def describe(self) -> str:
+        if self.sidekiq:
+            return "Sidekiq heartbeat with its declared queues"
         if self.http is not None:
             return f"GET {self.http}"
         if self.tcp is not None:
@@ -105,6 +110,16 @@ class UnitSpec:
 
     def env(self) -> dict[str, str]:
         return dict(self.environment)
+
+
+@dataclass(frozen=True)
+class DropInSpec:
+    """A drop-in fleet writes for a service's unit: `/etc/systemd/system/UNIT.d/NAME`, the
+    operator's text byte for byte (a file in the repository)."""
+
+    name: str  # `10-limits.conf`: a plain *.conf name, no path parts
+    text: str
+    source: str  # the repository file it comes from, for messages
 
 
 @dataclass(frozen=True)
@@ -182,6 +197,10 @@ class Service:
     host_instances: tuple[tuple[str, tuple[str, ...]], ...] = ()
     wrapper: Wrapper | None = None
     store: StoreSpec | None = None  # None: nothing declared beyond the unit (see StoreSpec)
+    # The drop-ins of its unit (a template's: of the template, which every instance loads).  None:
+    # none declared, and fleet owns none of them; a tuple (empty too): fleet owns UNIT.d/*.conf,
+    # writes these and removes any other.
+    dropins: tuple[DropInSpec, ...] | None = None
 
     @property
     def port(self) -> int | None:
@@ -243,7 +262,8 @@ class Service:
             return re.sub(r"%[iI%]", lambda m: names[m.group(0)], text)
 
         return HealthCheck(command=sub(h.command) if h.command is not None else None,
-                           http=sub(h.http) if h.http is not None else None, tcp=h.tcp, timeout=h.timeout)
+                           http=sub(h.http) if h.http is not None else None, tcp=h.tcp, timeout=h.timeout,
+                           sidekiq=h.sidekiq)
 
 
 def is_template(unit: str) -> bool:
@@ -355,10 +375,19 @@ class Desired:
     sidekiq_policy: SidekiqPolicy = SidekiqPolicy()
 
     def host(self, name: str) -> Host | None:
-        return next((h for h in self.hosts if h.name == name), None)
+        return self._hosts_by_name.get(name)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
+
+    @cached_property
+    def _hosts_by_name(self) -> dict[str, Host]:
+        """name -> the first host of that name, built once: the policies look a host up for every
+        setting of every host, and a scan per lookup made `fleet check` quadratic in hosts."""
+        out: dict[str, Host] = {}
+        for h in self.hosts:
+            out.setdefault(h.name, h)
+        return out
 
     def move(self, service: str) -> MoveSpec | None:
         return next((m for m in self.moves if m.service == service), None)

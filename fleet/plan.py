@@ -3,6 +3,15 @@
 A plan carries what it was computed from — a hash of the desired state and a fingerprint per
 observed host — so that applying it later can refuse a stale plan.  It never holds a secret:
 env file changes carry masked values and fingerprints only.
+
+Two shapes of the same data (docs/plan.md): the plan *document* (`to_dict`, what `--json`
+prints: every change an object with every field, format 1) and the plan *file* (`to_json`, what
+`-o` writes and `show`/`apply` read: format 2).  The file is compact: each distinct text (a
+reason, a unit's diff, an env file's key changes) is stored once in `texts` and referenced by
+index from one row per change, dependencies and waves are change indices, and a unit diff's
+---/+++ lines, which only name the host and unit, are left for the reader to put back.  A bare
+1,000-host plan was 55 MB as a document; as a file it is a few MB.  Reading a file unpacks it
+into the document and checks that exactly as before (`plan_from_document`).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from functools import cached_property
 from typing import Any
 
 from fleet import moves
-from fleet.actions import SUMMARY_BUCKETS, Action, Change
+from fleet.actions import SUMMARY_BUCKETS, Action, Change, UnitFilePayload
 from fleet.config import HOST_NAME, SERVICE_NAME
 from fleet.diff import diff
 from fleet.errors import FleetError
@@ -28,7 +37,8 @@ from fleet.resources.base import PayloadError
 from fleet.resources.registry import BY_ACTION, owner
 from fleet.textutil import indented_json, sha256_hex
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 1  # the plan document's (`--json`)
+FILE_FORMAT = 2  # the plan file's (`-o`): compact (see the module docstring)
 
 
 class PlanFileError(FleetError):
@@ -49,6 +59,9 @@ class Plan:
     notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
     lab: bool = False
+    # Made from a kept observation (--observed), not from the hosts as they were: which one.  Such
+    # a plan shows what was (or would have been) planned then; it is stale by construction.
+    observed: str = ""
     format: int = PLAN_FORMAT
 
     @property
@@ -86,7 +99,7 @@ class Plan:
             "notes": list(self.notes), "problems": list(self.problems),
             "changes": changes,
             "waves": [list(w) for w in self.waves],
-        }
+        } | ({"observed": self.observed} if self.observed else {})  # absent otherwise: plan ids stay as they were
 
     def _change_dicts(self) -> Iterator[dict[str, Any]]:
         return (c.as_dict() | {"deps": list(self.deps.get(c.id, ()))} for c in self.changes)
@@ -96,28 +109,74 @@ class Plan:
         `indented_json`: a 1,000-host plan is never whole in memory as dicts."""
         return self._data(self._change_dicts())
 
-    def to_json(self) -> str:
+    def document_json(self) -> str:
         """`json.dumps(self.to_dict(), indent=2)`, the same text, written change by change."""
         return indented_json(self.document()) + "\n"
 
+    def to_json(self) -> str:
+        """The plan file: `plan_file_text(pack_document(self.to_dict()))`, the same text, made from the
+        changes themselves, each distinct payload serialised once."""
+        return self._file_text
+
+    @cached_property
+    def _file_text(self) -> str:  # made once: `plan -o` writes it and names the plan by its hash
+        return plan_file_text(self._packed())
+
+    def _packed(self) -> dict[str, Any]:
+        texts: dict[str, int] = {}
+        hosts = {h: i for i, h in enumerate(self.hosts)}
+        index = {c.id: i for i, c in enumerate(self.changes)}
+        payloads: dict[Any, Any] = {}
+
+        def text(value: str | None) -> Any:
+            return [value] if value is None else texts.setdefault(value, len(texts))
+
+        rows = []
+        for c in self.changes:
+            row: list[Any] = [hosts[c.host] if c.host in hosts else [c.host], c.action.value, text(c.target),
+                              text(c.service), text(c.reason), text(c.before), text(c.after)]
+            key: Any = c.payload
+            if isinstance(c.payload, UnitFilePayload):
+                lines = diff_header(c.host, c.target)
+                key = (c.payload.content_hash, c.payload.remove_files, c.payload.diff[len(lines):]
+                       if c.payload.diff.startswith(lines) else (c.host, c.payload.diff))
+            if key not in payloads:
+                payloads[key] = _payload_text(c.as_dict())
+            row.append(None if payloads[key] is None else text(payloads[key]))
+            row.append([index[d] if d in index else [d] for d in self.deps.get(c.id, ())])
+            rows.append(row)
+        waves = [[index[cid] if cid in index else [cid] for cid in w] for w in self.waves]
+        head = {k: v for k, v in self._data([]).items() if k not in ("format", "changes", "waves")}
+        return {"format": FILE_FORMAT, **head, "texts": list(texts), "changes": rows, "waves": waves}
+
     @property
     def plan_id(self) -> str:
-        """Content hash: the same plan saved twice has the same id."""
-        return sha256_hex(json.dumps(self.to_dict(), sort_keys=True))[:16]
+        """Content hash of the plan file: the same plan saved twice has the same id.  (It hashed
+        the plan document once, which at 62,000 changes cost a second of its own.)"""
+        return sha256_hex(self.to_json())[:16]
 
 
 def plan_from_json(text: str, source: str = "plan") -> Plan:
+    """A plan file (format 2), checked whole: refused with a PlanFileError naming `source`."""
+    hint = "pass a file written by `fleet plan -o FILE`"
     try:
         d = json.loads(text)
     except RecursionError as e:
-        raise PlanFileError(f"{source} nests too deeply to be a plan",
-                            hint="pass a file written by `fleet plan -o FILE`") from e
+        raise PlanFileError(f"{source} nests too deeply to be a plan", hint=hint) from e
     except ValueError as e:
-        raise PlanFileError(f"{source} is not JSON: {e}", hint="pass a file written by `fleet plan -o FILE`") from e
-    if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
-        got = d.get("format") if isinstance(d, dict) else type(d).__name__
-        raise PlanFileError(f"{source}: unsupported plan format {got!r} (this fleet reads format {PLAN_FORMAT})",
-                            hint="recompute it with `fleet plan -o FILE`")
+        raise PlanFileError(f"{source} is not JSON: {e}", hint=hint) from e
+    got = d.get("format") if isinstance(d, dict) else type(d).__name__
+    if got == PLAN_FORMAT:  # never read as a file: its shape is the document's
+        raise PlanFileError(f"{source}: plan format {PLAN_FORMAT} is a plan document (`--json`, or a plan file of an "
+                            f"older fleet), not a plan file of this fleet (format {FILE_FORMAT})", hint=hint)
+    if got != FILE_FORMAT:
+        raise PlanFileError(f"{source}: unsupported plan format {got!r} (this fleet reads format {FILE_FORMAT})",
+                            hint=hint)
+    return plan_from_document(unpack_document(d, source), source)
+
+
+def plan_from_document(d: dict[str, Any], source: str = "plan") -> Plan:
+    """A plan document (`to_dict`'s shape, as a file unpacks to), checked before anything reads it."""
     try:
         changes = tuple(_change(c, source) for c in d["changes"])
         _validate(changes, d, source)
@@ -129,10 +188,173 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
             waves=tuple(tuple(w) for w in d["waves"]),
             unknown=tuple((u["host"], u["kind"], u["message"]) for u in d.get("unknown", ())),
             notes=tuple(d.get("notes", ())), problems=tuple(d.get("problems", ())), lab=bool(d.get("lab", False)),
+            observed=_observed(d.get("observed", ""), source),
         )
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise PlanFileError(f"{source}: plan is incomplete or damaged (missing {e})",
                             hint="recompute it with `fleet plan -o FILE`") from e
+
+
+# ------------------------------------------------------------------------------ the plan file
+
+# A change's row in a plan file: these fields of its document, in this order, then its deps, then
+# its id when it is not the one its host, action and target make.  A text field is an index into
+# `texts`; any other value travels as a one-item list (`[null]`, `[5]`), so it is never misread.
+ROW_FIELDS = ("host", "action", "target", "service", "reason", "before", "after")
+_PAYLOAD_EMPTY: dict[str, Any] = {"diff": "", "keys": [], "content_hash": "", "remove_files": [], "steps": [],
+                                  "meta": {}}
+_DIFF_BODY = "diff_body"  # a diff whose ---/+++ lines are the standard ones, stored without them
+
+
+def diff_header(host: str, unit: str) -> str:
+    """The ---/+++ lines of a unit's diff (fleet/resources/unit_file.py makes them)."""
+    return f"--- {host}:{unit} (now)\n+++ {host}:{unit} (desired)\n"
+
+
+def pack_document(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A plan document as its plan file holds it (see the module docstring).  Linear: one pass
+    over the changes, every lookup through a dict."""
+    texts: dict[str, int] = {}
+    hosts = {h: i for i, h in enumerate(doc["hosts"])} if isinstance(doc["hosts"], list) else {}
+    changes = doc["changes"] if isinstance(doc["changes"], list) else list(doc["changes"])
+    index = {c["id"]: i for i, c in enumerate(changes)}
+
+    def text(value: Any) -> Any:
+        return texts.setdefault(value, len(texts)) if type(value) is str else [value]
+
+    def ref(cid: Any, table: Mapping[Any, int]) -> Any:
+        return table[cid] if type(cid) is str and cid in table else [cid]
+
+    rows = []
+    for c in changes:
+        host, target = c["host"], c["target"]
+        row: list[Any] = [hosts[host] if type(host) is str and host in hosts else [host], c["action"],
+                          *(text(c[k]) for k in ROW_FIELDS[2:])]
+        payload = _payload_text(c)
+        row.append(None if payload is None else text(payload))
+        row.append([ref(d, index) for d in c.get("deps", [])])
+        if c["id"] != f"{host}:{c['action']}:{target}":
+            row.append(text(c["id"]))
+        rows.append(row)
+    waves = [[ref(cid, index) for cid in w] for w in doc["waves"]]
+    head = {k: v for k, v in doc.items() if k not in ("format", "changes", "waves")}
+    return {"format": FILE_FORMAT, **head, "texts": list(texts), "changes": rows, "waves": waves}
+
+
+_NOT_PAYLOAD = frozenset({"id", "deps", *ROW_FIELDS})
+_ABSENT = object()
+
+
+def _payload_text(c: Mapping[str, Any]) -> str | None:
+    """A change's fields beyond its row, those not empty, as one JSON text (None: none); a diff
+    with the standard ---/+++ lines as its body alone."""
+    payload = {k: v for k, v in c.items() if k not in _NOT_PAYLOAD and v != _PAYLOAD_EMPTY.get(k, _ABSENT)}
+    diff, host, target = payload.get("diff"), c.get("host"), c.get("target")
+    if type(diff) is str and type(host) is str and type(target) is str \
+            and diff.startswith(lines := diff_header(host, target)):
+        del payload["diff"]
+        payload[_DIFF_BODY] = diff[len(lines):]
+    return json.dumps(payload, sort_keys=True, ensure_ascii=False) if payload else None
+
+
+_DENSE = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options makes one per call
+
+
+def plan_file_text(packed: Mapping[str, Any]) -> str:
+    """A packed plan as text: JSON with one text, one change and one wave per line, so that a plan
+    file reads (and diffs) line by line."""
+    dense = _DENSE.encode
+
+    def lines(items: Iterable[Any]) -> str:
+        return "[\n" + ",\n".join(map(dense, items)) + "\n]" if items else "[]"
+
+    out = [f"{json.dumps(k)}: {dense(v)}" for k, v in packed.items() if k not in ("texts", "changes", "waves")]
+    out += [f'"{k}": {lines(packed[k])}' for k in ("texts", "changes", "waves")]
+    return "{\n" + ",\n".join(out) + "\n}\n"
+
+
+def unpack_document(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """The plan document a plan file holds; a PlanFileError naming `source` and the first thing
+    out of shape (an index out of range, a row too short).  Linear: each distinct payload is
+    parsed once."""
+    def bad(what: str) -> PlanFileError:
+        return PlanFileError(f"{source}: {what} (edited or damaged)", hint="recompute it with `fleet plan -o FILE`")
+
+    texts, rows, hosts, waves = d.get("texts"), d.get("changes"), d.get("hosts"), d.get("waves")
+    for name, value in (("texts", texts), ("changes", rows), ("hosts", hosts), ("waves", waves)):
+        if not isinstance(value, list):
+            raise bad(f"its {name} is not a list")
+    assert isinstance(texts, list) and isinstance(rows, list) and isinstance(hosts, list) and isinstance(waves, list)
+    n_texts, n_hosts = len(texts), len(hosts)
+
+    def text(value: Any, where: str, n: int) -> Any:
+        if type(value) is int and 0 <= value < n_texts:
+            return texts[value]
+        if type(value) is list and len(value) == 1:
+            return value[0]
+        raise bad(f"change {n}'s {where} is {str(value)[:40]!r}, neither a text's index nor a value")
+
+    parsed: dict[int, dict[str, Any]] = {}
+
+    def payload_of(value: Any, n: int) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if type(value) is int and value in parsed:
+            return parsed[value]
+        raw = text(value, "payload", n)
+        try:
+            payload = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            raise bad(f"change {n}'s payload is not JSON") from None
+        if not isinstance(payload, dict):
+            raise bad(f"change {n}'s payload is not an object")
+        if type(value) is int:
+            parsed[value] = payload
+        return payload
+
+    changes: list[dict[str, Any]] = []
+    for n, row in enumerate(rows):
+        if type(row) is not list or len(row) not in (9, 10):
+            raise bad(f"change {n} is not a row of 9 or 10 fields")
+        h = row[0]
+        host = hosts[h] if type(h) is int and 0 <= h < n_hosts else text(h if type(h) is list else None, "host", n)
+        action, target = row[1], text(row[2], "target", n)
+        payload = dict(payload_of(row[7], n))
+        body = payload.pop(_DIFF_BODY, None)
+        if body is not None:
+            if not all(type(x) is str for x in (body, host, target)):
+                raise bad(f"change {n}'s diff is not text")
+            payload["diff"] = diff_header(host, target) + body
+        cid = text(row[9], "id", n) if len(row) == 10 else f"{host}:{action}:{target}"
+        changes.append({"id": cid, "host": host, "action": action, "target": target,
+                        "service": text(row[3], "service", n), "reason": text(row[4], "reason", n),
+                        "before": text(row[5], "before", n), "after": text(row[6], "after", n),
+                        "diff": "", "keys": [], "content_hash": "", "remove_files": [], "steps": [], "meta": {},
+                        **payload, "deps": row[8]})
+    ids = [c["id"] for c in changes]
+    n_ids = len(ids)
+
+    def change_id(value: Any, where: str) -> Any:
+        if type(value) is int and 0 <= value < n_ids:
+            return ids[value]
+        if type(value) is list and len(value) == 1:
+            return value[0]
+        raise bad(f"{where} names {str(value)[:40]!r}, neither a change's index nor an id")
+
+    for n, c in enumerate(changes):
+        if type(c["deps"]) is not list:
+            raise bad(f"change {n}'s deps are not a list")
+        c["deps"] = [ids[x] if type(x) is int and 0 <= x < n_ids else change_id(x, f"change {n}'s deps")
+                     for x in c["deps"]]
+    out = {k: v for k, v in d.items() if k not in ("texts", "changes", "waves")}
+    return out | {"format": PLAN_FORMAT, "changes": changes,
+                  "waves": [[change_id(x, "a wave") for x in w] if isinstance(w, list) else w for w in waves]}
+
+
+def _observed(value: object, source: str) -> str:
+    if not isinstance(value, str):
+        _refuse(source, "its `observed` is not text")
+    return str(value)
 
 
 def _change(d: Mapping[str, Any], source: str) -> Change:
@@ -188,13 +410,14 @@ def _validate_names(changes: tuple[Change, ...], d: dict[str, Any], source: str)
     for u in d.get("unknown", ()):
         if u["host"] not in hosts:
             _refuse(source, f"it names {u['host']!r} as unknown, a host it does not cover")
+    covered = set(hosts)  # a set: one lookup per change, not a scan of the hosts
     for c in changes:
-        problem = _change_problem(c, hosts)
+        problem = _change_problem(c, covered)
         if problem:
             _refuse(source, f"change {c.id!r}: {problem}")
 
 
-def _change_problem(c: Change, hosts: list[str]) -> str | None:
+def _change_problem(c: Change, hosts: set[str] | list[str]) -> str | None:
     if c.host not in hosts:
         return f"host {c.host!r} is not one the plan covers"
     if c.service is not None and not SERVICE_NAME.fullmatch(c.service):
@@ -270,6 +493,7 @@ _LATER_FIELDS: dict[str, dict[str, Any]] = {
     "service": {"instances": (), "host_instances": (), "wrapper": None},
     "unit_spec": {"text": None, "source": "", "remain_after_exit": False},
     "sidekiq": {"queues_from_config": False},
+    "health": {"sidekiq": False},
 }
 
 
@@ -292,8 +516,9 @@ def desired_hash(desired: Desired) -> str:
         for spec in (s.get("unit_spec"), (s.get("wrapper") or {}).get("unit_spec")):
             if spec is not None:
                 _without_defaults(spec, _LATER_FIELDS["unit_spec"])
-        if s.get("sidekiq") is not None:
-            _without_defaults(s["sidekiq"], _LATER_FIELDS["sidekiq"])
+        for later in ("sidekiq", "health"):
+            if s.get(later) is not None:
+                _without_defaults(s[later], _LATER_FIELDS[later])
         if s.get("store") is None:  # declared nothing of a data store: hashed as before `store` existed,
             s.pop("store", None)  # so saved plans of fleets that do not use it stay valid
     return sha256_hex(json.dumps(data, sort_keys=True, default=str))

@@ -517,11 +517,34 @@ def _resolve(desired: Desired, name: str) -> tuple[str, ...]:
     else — settings name hosts by DNS while inventories often hold IP addresses or ssh aliases — the
     host whose inventory name is its first label (`nietzsche.hachyderm.internal` is nietzsche)."""
     norm = _address(name.strip().strip("[]"))
-    exact = tuple(h.name for h in desired.hosts if h.name.lower() == norm or _address(h.address) == norm)
+    by_key, by_name = _HostIndex.of(desired)
+    exact = by_key.get(norm, ())
     if exact or "." not in norm or _is_ip(norm):
         return exact
-    first = norm.split(".", 1)[0]
-    return tuple(h.name for h in desired.hosts if h.name.lower() == first)
+    return by_name.get(norm.split(".", 1)[0], ())
+
+
+class _HostIndex:
+    """The inventory by normalised name and address, and by lowercase name, built once per
+    desired state: every setting of every host is resolved, and a scan of the inventory per
+    setting (each address parsed again) made `fleet check` quadratic — 30 s at 1,000 hosts."""
+
+    _last: tuple[Desired, tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]] | None = None
+
+    @classmethod
+    def of(cls, desired: Desired) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+        last = cls._last
+        if last is not None and last[0] is desired:
+            return last[1]
+        by_key: dict[str, list[str]] = {}
+        by_name: dict[str, list[str]] = {}
+        for h in desired.hosts:
+            for key in dict.fromkeys((h.name.lower(), _address(h.address))):  # a host once per key
+                by_key.setdefault(key, []).append(h.name)
+            by_name.setdefault(h.name.lower(), []).append(h.name)
+        index = ({k: tuple(v) for k, v in by_key.items()}, {k: tuple(v) for k, v in by_name.items()})
+        cls._last = (desired, index)
+        return index
 
 
 def _is_ip(text: str) -> bool:

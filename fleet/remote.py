@@ -105,12 +105,16 @@ def prune(unit: str, steps: tuple[str, ...], files: tuple[str, ...], *, run_id: 
     return "\n".join(parts) + "\n"
 
 
-def health_gate(unit: str, check: HealthCheck | None, *, settle: float, start_timeout: float) -> str:
+def health_gate(unit: str, check: HealthCheck | None, *, settle: float, start_timeout: float,
+                then: str = "") -> str:
     """After a start/restart: the unit must reach active (running, or exited for oneshot-style
     distro units such as Debian's postgresql.service), stay there
     without restarting for `settle` seconds, then the health check must pass within its timeout
     while the unit stays up (a stop or restart meanwhile fails the gate at once, with that reason).
-    Prints `@@gate ok` or `@@gate fail REASON` followed by the unit's last journal lines."""
+    `then`: shell run last, which may use `$p0` (the unit's MainPID) and `up` (fails the gate if
+    the unit stopped or restarted) — the Sidekiq check, whose output the caller judges.
+    Prints `@@gate ok` or `@@gate fail REASON` followed by the unit's last journal lines; a fail
+    line wins over an ok line that a subshell's failure is followed by."""
     u = q(unit)
     lines = [
         f"u={u}",
@@ -134,7 +138,7 @@ def health_gate(unit: str, check: HealthCheck | None, *, settle: float, start_ti
         f"sleep {settle:g}",
         "when='during the settle period'; up",
     ]
-    if check is not None:
+    if check is not None and not check.sidekiq:
         t = int(check.timeout)
         if check.http is not None:
             probe = f"curl -fsS -o /dev/null -m 3 {q(check.http)}"
@@ -150,6 +154,8 @@ def health_gate(unit: str, check: HealthCheck | None, *, settle: float, start_ti
             f"until {probe} >/dev/null 2>&1; do up; [ $(date +%s) -lt $hend ] || "
             f"fail {q(f'health check {check.describe()} did not pass within {t}s')}; sleep 0.5; done",
         ]
+    if then:
+        lines += ["when='before its Sidekiq heartbeat was read'", then]
     lines.append("echo '@@gate ok'")
     return "\n".join(lines) + "\n"
 

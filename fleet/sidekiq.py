@@ -40,8 +40,10 @@ from fleet.model import (
     Kind,
     Service,
     SidekiqPolicy,
+    SidekiqSpec,
     UnitState,
 )
+from fleet.sidekiq_settings import parse_argv
 from fleet.textutil import did_you_mean
 
 SECTION = "sidekiq"
@@ -336,28 +338,19 @@ echo end
 """
 
 
-def gone_script(env_path: str, pid: str, *, timeout: int = int(BEAT_EXPIRY) + 10) -> str:
-    """POSIX sh for apply, run on the host of a Sidekiq unit just stopped or restarted: wait (at
-    most `timeout` s) until no live heartbeat of its old process (`pid`, a shell word, e.g. "$p0")
-    is left in `processes` — Sidekiq removes its own on a clean stop; a killed one's hash expires
-    60 s after its last beat.  Redis is found from the env file at `env_path` as the collection
-    section finds it; the password goes to redis-cli in its environment only.  Prints one line:
-    `@@sidekiq-gone ok`, `@@sidekiq-gone timeout IDENTITY` or `@@sidekiq-gone skipped REASON`."""
-    q = shlex.quote
-    return f"""(
-set -f
-IFS='
-'
-sk_p={pid}
-f={q(env_path)}
+def _redis_prelude(env_path: str, marker: str) -> str:
+    """The start of apply's scripts that poll Sidekiq's Redis from a Sidekiq unit's host: Redis found
+    from the env file at `env_path` as the collection section finds it, `sk_cli` (the password in
+    its environment only), "$@" its connection options, `sk_h` the kernel hostname Sidekiq puts in
+    its identity.  What makes Redis unreadable prints `MARKER skipped (WHY)` and ends the script."""
+    return f"""f={shlex.quote(env_path)}
 sk_err= sk_src= sk_host= sk_port= sk_db= sk_tls= sk_user= sk_pass=
-if [ "${{sk_p:-0}}" = 0 ]; then echo '@@sidekiq-gone ok'; exit 0; fi
-if ! command -v redis-cli >/dev/null 2>&1; then echo '@@sidekiq-gone skipped (no redis-cli on the host)'; exit 0; fi
+if ! command -v redis-cli >/dev/null 2>&1; then echo '{marker} skipped (no redis-cli on the host)'; exit 0; fi
 if [ ! -r "$f" ] || ! conf=$({redis_settings_command('"$f"')} 2>/dev/null); then
-  echo '@@sidekiq-gone skipped (the env file cannot be read)'; exit 0
+  echo '{marker} skipped (the env file cannot be read)'; exit 0
 fi
 eval "$conf"
-if [ -n "$sk_err" ]; then echo "@@sidekiq-gone skipped ($sk_err)"; exit 0; fi
+if [ -n "$sk_err" ]; then echo "{marker} skipped ($sk_err)"; exit 0; fi
 set -- -h "$sk_host" -p "$sk_port" -n "$sk_db"
 if [ -n "$sk_user" ]; then set -- "$@" --user "$sk_user"; fi
 if [ "$sk_tls" = tls ]; then set -- "$@" --tls; fi
@@ -365,19 +358,82 @@ sk_cli() {{
   if [ -n "$sk_pass" ]; then REDISCLI_AUTH=$sk_pass timeout 10 redis-cli "$@"
   else timeout 10 redis-cli "$@"; fi
 }}
-read -r sk_h </proc/sys/kernel/hostname
+read -r sk_h </proc/sys/kernel/hostname"""
+
+
+def _poll(env_path: str, pid: str, marker: str, *, no_pid: str, timeout: int) -> str:
+    """The head of apply's Redis polls: the prelude, the deadline, and the loop's first read —
+    `$ids` (PONG, then the members of `processes`) and `$mine` (those of process `pid` on this
+    host).  A `pid` of 0 or nothing prints `MARKER NO_PID` and ends the script.  Ends inside the
+    loop, IFS as usual: the caller writes the rest of the loop body and its `done`."""
+    # PING first: redis-cli exits 0 on a refused password too, and an error is no member
+    return f"""set -f
+nl='
+'
+sk_ifs=$IFS
+sk_p={pid}
+if [ "${{sk_p:-0}}" = 0 ]; then echo '{marker} {no_pid}'; exit 0; fi
+{_redis_prelude(env_path, marker)}
 end=$(( $(date +%s) + {int(timeout)} ))
 while :; do
-  # PING first: redis-cli exits 0 on a refused password too, and an error is no member
-  ids=$(printf 'PING\nSMEMBERS processes\n' | sk_cli "$@" 2>/dev/null)
-  case $ids in PONG|PONG"$IFS"*) ;; *) echo '@@sidekiq-gone skipped (Redis did not answer)'; exit 0;; esac
+  ids=$(printf 'PING\\nSMEMBERS processes\\n' | sk_cli "$@" 2>/dev/null)
+  case $ids in PONG|PONG"$nl"*) ;; *) echo '{marker} skipped (Redis did not answer)'; exit 0;; esac
+  mine=$(printf '%s\\n' "$ids" | sed 1d | head -n {MAX_PROCESSES * 4} |
+    awk -v pre="$sk_h:$sk_p:" 'index($0, pre) == 1')"""
+
+
+def gone_script(env_path: str, pid: str, *, timeout: int = int(BEAT_EXPIRY) + 10) -> str:
+    """POSIX sh for apply, run on the host of a Sidekiq unit just stopped or restarted: wait (at
+    most `timeout` s) until no live heartbeat of its old process (`pid`, a shell word, e.g. "$p0")
+    is left in `processes` — Sidekiq removes its own on a clean stop; a killed one's hash expires
+    60 s after its last beat.  Redis is found from the env file at `env_path` as the collection
+    section finds it; the password goes to redis-cli in its environment only.  Prints one line:
+    `@@sidekiq-gone ok`, `@@sidekiq-gone timeout IDENTITY` or `@@sidekiq-gone skipped REASON`."""
+    marker = "@@sidekiq-gone"
+    return f"""(
+{_poll(env_path, pid, marker, no_pid="ok", timeout=timeout)}
   live=
-  mine=$(printf '%s\n' "$ids" | sed 1d | head -n {MAX_PROCESSES * 4} | awk -v pre="$sk_h:$sk_p:" 'index($0, pre) == 1')
+  IFS=$nl
   for id in $mine; do
     [ "$(sk_cli "$@" EXISTS "$id" 2>/dev/null)" = 1 ] && live=$id
   done
-  if [ -z "$live" ]; then echo '@@sidekiq-gone ok'; exit 0; fi
-  if [ "$(date +%s)" -ge "$end" ]; then echo "@@sidekiq-gone timeout $live"; exit 0; fi
+  IFS=$sk_ifs
+  if [ -z "$live" ]; then echo '{marker} ok'; exit 0; fi
+  if [ "$(date +%s)" -ge "$end" ]; then echo "{marker} timeout $live"; exit 0; fi
+  sleep 0.5
+done
+)"""
+
+
+BEAT = "@@sidekiq-beat"
+
+
+def beat_script(env_path: str, pid: str, *, timeout: int, each: str = ":") -> str:
+    """POSIX sh for apply's Sidekiq health gate, run on the host of a Sidekiq unit just started or
+    restarted: wait (at most `timeout` s) until its new process (`pid`, a shell word, e.g. "$p0")
+    heartbeats in Redis — found, and the password passed, as gone_script does — running `each`
+    (a shell command, e.g. the gate's check that the unit is still up) between reads.  Prints:
+        @@sidekiq-beat id IDENTITY / @@sidekiq-beat live CSV   its heartbeat (HMGET of HEARTBEAT_FIELDS)
+        @@sidekiq-beat none, then @@sidekiq-beat other IDENTITY  no heartbeat in time; this host's others
+        @@sidekiq-beat skipped (WHY)                           Redis could not be read
+    judge_beat reads that; nothing is judged here."""
+    fields = " ".join(HEARTBEAT_FIELDS)
+    return f"""(
+{_poll(env_path, pid, BEAT, no_pid="skipped (the unit has no main process)", timeout=timeout)}
+  IFS=$nl
+  for id in $mine; do
+    r=$(sk_cli "$@" --csv HMGET "$id" {fields} 2>/dev/null | head -n 1 | cut -c1-{MAX_LINE + 1})
+    case $r in '"'*)
+      printf '{BEAT} id %s\\n{BEAT} live %s\\n' "$(printf '%s' "$id" | cut -c1-{MAX_NAME})" "$r"; exit 0;; esac
+  done
+  IFS=$sk_ifs
+  {each}
+  if [ "$(date +%s)" -ge "$end" ]; then
+    echo '{BEAT} none'
+    printf '%s\\n' "$ids" | sed 1d | awk -v pre="$sk_h:" 'index($0, pre) == 1' | head -n 8 | cut -c1-200 |
+      sed 's/^/{BEAT} other /'
+    exit 0
+  fi
   sleep 0.5
 done
 )"""
@@ -867,29 +923,6 @@ class SidekiqUnit:
         return bool(self.service)
 
 
-def argv_settings(argv: Sequence[str]) -> tuple[int | None, tuple[tuple[str, int], ...], float] | None:
-    """(-c, [(queue, weight)], -t) from a Sidekiq command line; None when it is not Sidekiq."""
-    if not any(a.rsplit("/", 1)[-1] == "sidekiq" for a in argv):
-        return None
-    concurrency: int | None = None
-    queues: list[tuple[str, int]] = []
-    timeout = DEFAULT_SHUTDOWN_TIMEOUT
-    it = iter(argv)
-    for a in it:
-        opt, eq, inline = a.partition("=")
-        if opt not in ("-c", "--concurrency", "-q", "--queue", "-t", "--timeout"):
-            continue
-        value = inline if eq else next(it, "")
-        if opt in ("-c", "--concurrency") and value.isdigit():
-            concurrency = int(value)
-        elif opt in ("-t", "--timeout") and value.isdigit():
-            timeout = float(value)
-        elif opt in ("-q", "--queue") and value:
-            name, _, weight = value.partition(",")
-            queues.append((name, int(weight) if weight.isdigit() else 0))
-    return concurrency, tuple(queues), timeout
-
-
 _UTC_STAMP = re.compile(r"^\w{3} (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) (?:UTC|GMT)$")
 
 
@@ -911,10 +944,11 @@ def sidekiq_units(desired: Desired, results: Mapping[str, HostResult]) -> list[S
         declared: dict[str, Service] = {s.unit: s for s in desired.services_on(host) if s.kind == Kind.SIDEKIQ}
         for u in result.units:
             service = declared.get(u.unit)
-            parsed = argv_settings(u.exec_start)
-            if service is None and parsed is None:
+            args = parse_argv(u.exec_start)
+            if service is None and args is None:
                 continue
-            concurrency, queues, timeout = parsed or (None, (), DEFAULT_SHUTDOWN_TIMEOUT)
+            concurrency, queues = (args.concurrency, args.queues_weighted()) if args else (None, ())
+            timeout = args.timeout if args and args.timeout is not None else DEFAULT_SHUTDOWN_TIMEOUT
             if service is not None and service.sidekiq is not None:
                 concurrency = service.sidekiq.concurrency
                 queues = tuple((q, w or 0) for q, w in service.sidekiq.queues)
@@ -976,6 +1010,46 @@ def join(processes: Sequence[SidekiqProcess], units: Sequence[SidekiqUnit],
     return matches, free
 
 
+# ================================================================ apply's Sidekiq health gate
+
+
+def judge_beat(out: str, host: str, expected: SidekiqSpec, window: float) -> str:
+    """What beat_script printed, judged against the unit's declaration: "" when its new process
+    heartbeats with the declared queues (unless Sidekiq reads them from its config file) and
+    concurrency (when declared), else why the gate fails, saying what was read."""
+    lines = [ln[len(BEAT) + 1:] for ln in out.splitlines() if ln.startswith(BEAT + " ")]
+    tagged = [ln.partition(" ") for ln in lines]
+    first = tagged[0][0] if tagged else ""
+    if first == "skipped":
+        return f"cannot read Sidekiq's heartbeats in Redis {tagged[0][2]}"
+    if first == "none":
+        others = [rest[:200] for tag, _, rest in tagged if tag == "other"]
+        seen = f"; this host's processes in Redis: {', '.join(others)}" if others else \
+            "; no process of this host is in Redis"
+        return f"no Sidekiq heartbeat from its new process within {window:g} s{seen}"
+    found = dict((tag, rest) for tag, _, rest in tagged)
+    if first != "id" or "live" not in found:
+        return "the Sidekiq heartbeat check printed nothing fleet reads (no heartbeat was judged)"
+    identity = found["id"][:MAX_NAME]
+    reader = _Reader(host)
+    try:
+        fields = reader.csv(found["live"], len(HEARTBEAT_FIELDS))
+        p = reader.process(identity, [None if f is None else reader.string(f) for f in fields])
+    except ParseError as e:
+        return f"the heartbeat of {identity!r} cannot be read: {e.message}"
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+        return f"the heartbeat of {identity!r} cannot be read ({type(e).__name__})"
+    declared = tuple((q, w or 0) for q, w in expected.queues)
+    problems = []
+    if not expected.queues_from_config and not _same_queues(declared, p.queues):
+        problems.append(f"queues {_queues(p)} (declared: {_weighted(declared)})")
+    if expected.concurrency is not None and p.concurrency != expected.concurrency:
+        problems.append(f"concurrency {p.concurrency} (declared: {expected.concurrency})")
+    if problems:
+        return f"its new process (pid {p.pid}) heartbeats with {' and '.join(problems)}"
+    return ""
+
+
 # ================================================================ findings
 
 
@@ -1015,7 +1089,11 @@ def check(desired: Desired, results: Mapping[str, HostResult], view: SidekiqView
 
 
 def _queues(p: SidekiqProcess) -> str:
-    return ", ".join(q if not w else f"{q},{w}" for q, w in p.queues) or "none"
+    return _weighted(p.queues)
+
+
+def _weighted(queues: Sequence[tuple[str, int]]) -> str:
+    return ", ".join(q if not w else f"{q},{w}" for q, w in queues) or "none"
 
 
 def check_unmanaged(desired: Desired, results: Mapping[str, HostResult], matches: Sequence[Match]) -> list[Finding]:
@@ -1096,8 +1174,7 @@ def check_drift(matches: Sequence[Match], file: str = "") -> list[Finding]:
             continue
         problems = []
         if not _same_queues(u.queues, p.queues):
-            declared = ", ".join(q if not w else f"{q},{w}" for q, w in u.queues) or "none"
-            problems.append(f"queues {_queues(p)} (declared: {declared})")
+            problems.append(f"queues {_queues(p)} (declared: {_weighted(u.queues)})")
         if u.concurrency is not None and p.concurrency != u.concurrency:
             problems.append(f"concurrency {p.concurrency} (declared: {u.concurrency})")
         if problems:

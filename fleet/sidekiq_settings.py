@@ -33,36 +33,53 @@ class SidekiqArgs:
     config: str | None = None  # -C
     require: str | None = None  # -r
     environment: str | None = None  # -e
+    timeout: float | None = None  # -t: seconds it waits for busy jobs on a stop
+
+    def queues_weighted(self) -> tuple[tuple[str, int], ...]:
+        """The -q queues with weights as Sidekiq's heartbeat shows them (0: none given)."""
+        return tuple((q, w or 0) for q, w in self.queues)
 
 
 def is_sidekiq(argv: Sequence[str]) -> bool:
     return any(a.rsplit("/", 1)[-1] == "sidekiq" for a in argv)
 
 
+# Sidekiq 7's options that take a value (lib/sidekiq/cli.rb), by their one-letter name.
+_LONG = {"--concurrency": "c", "--queue": "q", "--config": "C", "--require": "r", "--environment": "e",
+         "--timeout": "t"}
+_SHORT = frozenset(_LONG.values())
+
+
 def parse_argv(argv: Sequence[str]) -> SidekiqArgs | None:
-    """The Sidekiq options of a command line; None when it does not run Sidekiq."""
-    if not is_sidekiq(argv):
+    """The Sidekiq options of a command line (`[bundle exec] sidekiq …`); None when it does not run
+    Sidekiq.  The one reader of Sidekiq's argv in fleet: the declaration (fleet check), status, the
+    audit and Sidekiq's own view all read a command line through it.  Read as Ruby's OptionParser
+    does: `-c 5`, `-c5`, `--concurrency 5`, `--concurrency=5` (and `-c=5`, which older fleet read);
+    `-q NAME[,WEIGHT]` repeats; only what follows the `sidekiq` word counts.  A value that is not a
+    number where one is needed is None (not given)."""
+    start = next((i for i, a in enumerate(argv) if a.rsplit("/", 1)[-1] == "sidekiq"), None)
+    if start is None:
         return None
-    concurrency: int | None = None
     queues: list[Queue] = []
     opts: dict[str, str] = {}
-    long = {"--concurrency": "c", "--queue": "q", "--config": "C", "--require": "r", "--environment": "e"}
-    it = iter(argv)
+    it = iter(argv[start + 1:])
     for a in it:
-        name, value = None, None
-        if a in ("-c", "-q", "-C", "-r", "-e"):
-            name, value = a[1], next(it, "")
-        elif a in long:
-            name, value = long[a], next(it, "")
-        elif "=" in a and a.split("=", 1)[0] in long:
-            name, value = long[a.split("=", 1)[0]], a.split("=", 1)[1]
-        if name == "c":
-            concurrency = _to_int(value or "")
-        elif name == "q":
-            queues.append(_queue(value or ""))
-        elif name is not None:
-            opts[name] = value or ""
-    return SidekiqArgs(concurrency, tuple(q for q in queues if q[0]), opts.get("C"), opts.get("r"), opts.get("e"))
+        opt, eq, inline = a.partition("=")
+        if opt in _LONG:
+            name, value = _LONG[opt], inline if eq else next(it, "")
+        elif len(a) >= 2 and a[0] == "-" and a[1] in _SHORT:
+            glued = a[2:]
+            name = a[1]
+            value = glued[1:] if glued.startswith("=") else glued if glued else next(it, "")
+        else:
+            continue
+        if name == "q":
+            queues.append(_queue(value))
+        else:
+            opts[name] = value  # a repeated option: the last one wins, as in Sidekiq
+    timeout = _to_int(opts["t"]) if "t" in opts else None
+    return SidekiqArgs(_to_int(opts["c"]) if "c" in opts else None, tuple(q for q in queues if q[0]),
+                       opts.get("C"), opts.get("r"), opts.get("e"), float(timeout) if timeout is not None else None)
 
 
 def _queue(spec: str) -> Queue:
@@ -71,10 +88,8 @@ def _queue(spec: str) -> Queue:
 
 
 def _to_int(s: str) -> int | None:
-    try:
-        return int(s)
-    except ValueError:
-        return None
+    """A non-negative decimal number, else None (Sidekiq refuses the rest)."""
+    return int(s) if re.fullmatch(r"[0-9]+", s) else None
 
 
 # ---------------------------------------------------------------- the config file

@@ -3,21 +3,34 @@
 Every collection (status, plan, apply, audit) is kept in the journal as a snapshot, so that
 after an incident one can say what the fleet looked like at any point and what changed since.
 A snapshot keeps what an audit compares (unit states, command lines, unit file hashes, env
-keys and non-secret values, Sidekiq's view of its processes and queues) and drops what is bulky
-(unit texts).  Secret fingerprints are cut to the same 8 hex digits fleet shows everywhere
-else: enough to tell that a secret changed, useless for guessing it.
+keys and non-secret values, Sidekiq's view of its processes and queues) and the (masked) texts
+of fleet-managed units, each distinct text once: what `--observed` needs to show a unit diff,
+at a small cost, since a fleet's hosts mostly share their units' texts.  Secret fingerprints are
+cut to the same 8 hex digits fleet shows everywhere else: enough to tell that a secret changed,
+useless for guessing it.
+
+The same record is the observation `fleet status --json` carries (docs/status.md) and that
+`--observed FILE` reads back.  A record is data from disk: `from_record` checks every field,
+within the bounds a collection is held to (fleet/collect/parse.py), and names the key of the
+first one that is wrong.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import zlib
 from collections.abc import Mapping
 from typing import Any
 
+from fleet.config import HOST_NAME
 from fleet.errors import FleetError
 from fleet.model import EnvFileState, HostError, HostFacts, HostResult, HostState, UnitState
 from fleet.sidekiq import SECTION, SidekiqView, view_from_record, view_record
+from fleet.textutil import printable
+from fleet.unitfile import MAX_LINES
+from fleet.units import mask_unit_text
 
 FORMAT = 1
 _UNIT_FIELDS = ("unit", "load_state", "active_state", "sub_state", "unit_file_state", "main_pid", "fragment_path",
@@ -30,6 +43,11 @@ def short_secret(fp: str) -> str:
 
 def to_record(results: Mapping[str, HostResult]) -> dict[str, Any]:
     hosts: dict[str, Any] = {}
+    texts: dict[str, int] = {}  # text -> its index in the record's "texts": each distinct text once
+
+    def text_ref(text: str | None) -> int | None:
+        return None if text is None else texts.setdefault(mask_unit_text(text), len(texts))
+
     for name, r in results.items():
         if isinstance(r, HostError):
             hosts[name] = {"error": {"kind": r.kind, "message": r.message}, "at": r.collected_at}
@@ -43,7 +61,7 @@ def to_record(results: Mapping[str, HostResult]) -> dict[str, Any]:
             "units": [{k: getattr(u, k) for k in _UNIT_FIELDS} | {
                 "exec_start": list(u.exec_start), "drop_ins": list(u.drop_in_paths),
                 "environment": [list(kv) for kv in u.environment], "environment_files": list(u.environment_files),
-                "file_hashes": [list(fh) for fh in u.file_hashes]} for u in r.units],
+                "file_hashes": [list(fh) for fh in u.file_hashes], "text": text_ref(u.text)} for u in r.units],
             "env_files": [{"path": e.path, "present": e.present, "mode": e.mode, "owner": e.owner, "group": e.group,
                            "keys": list(e.keys), "values": [list(kv) for kv in e.values],
                            "secrets": [[k, short_secret(v)] for k, v in e.secrets], "invalid": e.invalid_lines}
@@ -52,37 +70,174 @@ def to_record(results: Mapping[str, HostResult]) -> dict[str, Any]:
         view = r.facts_of(SECTION)
         if isinstance(view, SidekiqView):  # Sidekiq's view, on the host it was read from (audit, watch)
             hosts[name]["sidekiq"] = view_record(view)
-    return {"format": FORMAT, "hosts": hosts}
+    return {"format": FORMAT, "hosts": hosts, "texts": list(texts)}
 
 
-def from_record(record: Mapping[str, Any]) -> dict[str, HostResult]:
-    if record.get("format") != FORMAT:
-        raise FleetError(f"snapshot format {record.get('format')!r} is not {FORMAT}", hint="upgrade fleet")
+def from_record(record: object, source: str = "a snapshot in the journal") -> dict[str, HostResult]:
+    """The host results a record holds; FleetError naming `source` and the first wrong key
+    (snapshots written before unit texts were kept read back with `text` None)."""
+    # The collector's bounds, imported here: `fleet check` reaches this module (through
+    # fleet.audit) and needs nothing of the collector's.
+    from fleet.collect.parse import MAX_FILES
+
+    r = _Reader(source)
+    top = r.obj(record, "the record")
+    if top.get("format") != FORMAT:
+        raise FleetError(f"{source}: observation format {top.get('format')!r} is not {FORMAT}",
+                         hint="upgrade fleet, or observe again with this one")
+    texts = r.texts(top.get("texts", []), "texts", limit=MAX_FILES, longest=MAX_TEXT)
+    hosts = r.obj(r.key(top, "hosts", "the record"), "hosts")
     out: dict[str, HostResult] = {}
-    for name, h in record["hosts"].items():
-        if "error" in h:
-            out[name] = HostError(host=name, kind=h["error"]["kind"], message=h["error"]["message"],
-                                  collected_at=h.get("at", 0.0))
-            continue
-        f = h["facts"]
-        facts = HostFacts(hostname=f["hostname"], os=f["os"], kernel=f["kernel"], systemd_version=f["systemd"],
-                          system_state=f["state"], uptime_seconds=f["uptime"],
-                          load=(f["load"][0], f["load"][1], f["load"][2]),
-                          mem_total_kb=f["mem_total_kb"], mem_available_kb=f["mem_available_kb"])
-        units = tuple(UnitState(**{k: u[k] for k in _UNIT_FIELDS}, exec_start=tuple(u["exec_start"]),
-                                drop_in_paths=tuple(u["drop_ins"]),
-                                environment=tuple((k, v) for k, v in u["environment"]),
-                                environment_files=tuple(u["environment_files"]),
-                                file_hashes=tuple((p, x) for p, x in u["file_hashes"]))
-                      for u in h["units"])
-        envs = tuple(EnvFileState(path=e["path"], present=e["present"], mode=e["mode"], owner=e["owner"],
-                                  group=e["group"], keys=tuple(e["keys"]),
-                                  values=tuple((k, v) for k, v in e["values"]),
-                                  secrets=tuple((k, v) for k, v in e["secrets"]), invalid_lines=e["invalid"])
-                     for e in h["env_files"])
-        extra = ((SECTION, view_from_record(h["sidekiq"])),) if "sidekiq" in h else ()
-        out[name] = HostState(host=name, facts=facts, units=units, env_files=envs, collected_at=h["at"], extra=extra)
+    for name, h in hosts.items():
+        where = f"hosts.{name}"
+        if not HOST_NAME.fullmatch(name):
+            raise r.bad(where, "is not a host name")
+        out[name] = _host(r, name, r.obj(h, where), texts, where)
     return out
+
+
+def _host(r: _Reader, name: str, h: dict[str, Any], texts: list[str], where: str) -> HostResult:
+    from fleet.collect.parse import MAX_UNITS
+
+    at = r.number(h.get("at", 0.0), f"{where}.at")
+    if "error" in h:
+        e = r.obj(h["error"], f"{where}.error")
+        return HostError(host=name, kind=r.text(r.key(e, "kind", f"{where}.error"), f"{where}.error.kind"),
+                         message=r.text(r.key(e, "message", f"{where}.error"), f"{where}.error.message"),
+                         collected_at=at)
+    fw = f"{where}.facts"
+    f = r.obj(r.key(h, "facts", where), fw)
+    load = r.items(r.key(f, "load", fw), f"{fw}.load", limit=3)
+    if len(load) != 3:
+        raise r.bad(f"{fw}.load", "is not three numbers")
+    facts = HostFacts(hostname=r.text(r.key(f, "hostname", fw), f"{fw}.hostname"),
+                      os=r.text(r.key(f, "os", fw), f"{fw}.os"), kernel=r.text(r.key(f, "kernel", fw), f"{fw}.kernel"),
+                      systemd_version=r.text(r.key(f, "systemd", fw), f"{fw}.systemd"),
+                      system_state=r.text(r.key(f, "state", fw), f"{fw}.state"),
+                      uptime_seconds=r.number(r.key(f, "uptime", fw), f"{fw}.uptime"),
+                      load=(r.number(load[0], f"{fw}.load"), r.number(load[1], f"{fw}.load"),
+                            r.number(load[2], f"{fw}.load")),
+                      mem_total_kb=r.integer(r.key(f, "mem_total_kb", fw), f"{fw}.mem_total_kb"),
+                      mem_available_kb=r.integer(r.key(f, "mem_available_kb", fw), f"{fw}.mem_available_kb"))
+    units = tuple(_unit(r, r.obj(u, f"{where}.units[{i}]"), texts, f"{where}.units[{i}]")
+                  for i, u in enumerate(r.items(r.key(h, "units", where), f"{where}.units", limit=MAX_UNITS)))
+    envs = tuple(_env_file(r, r.obj(e, f"{where}.env_files[{i}]"), f"{where}.env_files[{i}]")
+                 for i, e in enumerate(r.items(r.key(h, "env_files", where), f"{where}.env_files", limit=MAX_UNITS)))
+    extra: tuple[tuple[str, object], ...] = ()
+    if "sidekiq" in h:
+        try:
+            extra = ((SECTION, view_from_record(h["sidekiq"])),)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+            raise r.bad(f"{where}.sidekiq", f"is not Sidekiq's view ({type(e).__name__}: {e})") from None
+    return HostState(host=name, facts=facts, units=units, env_files=envs, collected_at=at, extra=extra)
+
+
+def _unit(r: _Reader, u: dict[str, Any], texts: list[str], where: str) -> UnitState:
+    from fleet.collect.parse import MAX_FILES
+
+    fields: dict[str, Any] = {k: (r.integer if k in _INT_FIELDS else r.text)(r.key(u, k, where), f"{where}.{k}")
+                              for k in _UNIT_FIELDS}
+    ref = u.get("text")
+    if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref < len(texts)):
+        raise r.bad(f"{where}.text", f"is {_shown(ref)}, not the index of one of the record's texts")
+    return UnitState(**fields, exec_start=tuple(r.texts(r.key(u, "exec_start", where), f"{where}.exec_start")),
+                     drop_in_paths=tuple(r.texts(r.key(u, "drop_ins", where), f"{where}.drop_ins", limit=MAX_FILES)),
+                     environment=r.pairs(r.key(u, "environment", where), f"{where}.environment"),
+                     environment_files=tuple(r.texts(r.key(u, "environment_files", where),
+                                                    f"{where}.environment_files")),
+                     file_hashes=r.pairs(r.key(u, "file_hashes", where), f"{where}.file_hashes"),
+                     text=None if ref is None else texts[ref])
+
+
+def _env_file(r: _Reader, e: dict[str, Any], where: str) -> EnvFileState:
+    secrets = r.pairs(r.key(e, "secrets", where), f"{where}.secrets")
+    bad = next((k for k, fp in secrets if not _FINGERPRINT.fullmatch(fp)), None)
+    if bad is not None:
+        raise r.bad(f"{where}.secrets", f"holds {_shown(bad)} as something else than a fingerprint "
+                    "(sha256:8 hex digits): a secret is never kept in clear")
+    return EnvFileState(path=r.text(r.key(e, "path", where), f"{where}.path"),
+                        present=r.flag(r.key(e, "present", where), f"{where}.present"),
+                        mode=r.text(r.key(e, "mode", where), f"{where}.mode"),
+                        owner=r.text(r.key(e, "owner", where), f"{where}.owner"),
+                        group=r.text(r.key(e, "group", where), f"{where}.group"),
+                        keys=tuple(r.texts(r.key(e, "keys", where), f"{where}.keys")),
+                        values=r.pairs(r.key(e, "values", where), f"{where}.values"),
+                        secrets=secrets, invalid_lines=r.integer(r.key(e, "invalid", where), f"{where}.invalid"))
+
+
+_INT_FIELDS = frozenset({"main_pid", "n_restarts"})
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{8}|[0-9a-f]{64}")
+MAX_TEXT = MAX_LINES * 4096  # characters of one unit text: its lines, each well within a line's length
+MAX_VALUES = MAX_LINES  # items of any other list: command words, env keys
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+class _Reader:
+    """Typed access to a record's fields, each failure a FleetError naming the source and key."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def bad(self, key: str, what: str) -> FleetError:
+        return FleetError(f"{self.source}: {printable(key)} {printable(what)}",
+                          hint="pass a file written by `fleet status --json`, or a snapshot id from `fleet history`")
+
+    def key(self, obj: dict[str, Any], key: str, where: str) -> Any:
+        if key not in obj:
+            raise self.bad(f"{where}.{key}" if where != "the record" else key, "is missing")
+        return obj[key]
+
+    def obj(self, value: object, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.bad(key, f"is {_shown(value)}, not an object")
+        return value
+
+    def items(self, value: object, key: str, *, limit: int = MAX_VALUES) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.bad(key, f"is {_shown(value)}, not a list")
+        if len(value) > limit:
+            raise self.bad(key, f"holds {len(value)} items, more than a collection may ({limit})")
+        return value
+
+    def text(self, value: object, key: str, *, longest: int = MAX_TEXT) -> str:
+        if not isinstance(value, str):
+            raise self.bad(key, f"is {_shown(value)}, not text")
+        if len(value) > longest:
+            raise self.bad(key, f"is {len(value)} characters long, more than a collection keeps ({longest})")
+        return value
+
+    def texts(self, value: object, key: str, *, limit: int = MAX_VALUES, longest: int = MAX_TEXT) -> list[str]:
+        return [self.text(x, key, longest=longest) for x in self.items(value, key, limit=limit)]
+
+    def pairs(self, value: object, key: str) -> tuple[tuple[str, str], ...]:
+        from fleet.collect.parse import MAX_FILES
+
+        out = []
+        for x in self.items(value, key, limit=MAX_FILES):
+            pair = self.texts(x, key)
+            if len(pair) != 2:
+                raise self.bad(key, f"holds {_shown(x)}, not a pair of texts")
+            out.append((pair[0], pair[1]))
+        return tuple(out)
+
+    def integer(self, value: object, key: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.bad(key, f"is {_shown(value)}, not an integer")
+        return value
+
+    def number(self, value: object, key: str) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise self.bad(key, f"is {_shown(value)}, not a number")
+        return float(value)
+
+    def flag(self, value: object, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.bad(key, f"is {_shown(value)}, not true or false")
+        return value
 
 
 def pack(results: Mapping[str, HostResult]) -> bytes:
@@ -94,7 +249,7 @@ def unpack(data: bytes) -> dict[str, HostResult]:
         return from_record(json.loads(zlib.decompress(data)))
     except FleetError:
         raise
-    except (zlib.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+    except (zlib.error, ValueError, RecursionError) as e:
         raise FleetError(f"a snapshot in the journal is damaged ({type(e).__name__}: {e})",
                          hint="pick another snapshot (fleet history)") from e
 

@@ -186,12 +186,6 @@ def _undeclared_cell(host: str, result: HostResult, unit: str) -> Cell:
     return Cell(host, PRESENT, u.state(), "installed, not declared here", u)
 
 
-def parse_sidekiq_argv(argv: tuple[str, ...]) -> tuple[int | None, tuple[tuple[str, int | None], ...]] | None:
-    """(-c, [(queue, weight)]) from a Sidekiq command line; None when it is not Sidekiq."""
-    args = parse_argv(argv)
-    return None if args is None else (args.concurrency, args.queues)
-
-
 def _to_int(s: str) -> int | None:
     try:
         return int(s)

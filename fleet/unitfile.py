@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 # Every %-specifier systemd 252 knows (systemd.unit(5), "Specifiers"); `%%` is a literal `%`.
 SPECIFIERS = frozenset("aAbBCdDEfgGhHiIjJlLmMnNopPqsStTuUvVwWyY%")
+# A drop-in's file name as fleet declares, writes and removes it: a plain `*.conf` directly in
+# UNIT.d/ (no path parts, no leading dot, systemd's unit-name characters).
+DROPIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9:_.@+-]{0,250}\.conf$")
 MAX_LINES = 5000  # a unit is a few dozen lines; the collector refuses more (fleet/collect/script.py)
 SECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_. -]{0,63}$")
 KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,99}$")

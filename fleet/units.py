@@ -131,6 +131,43 @@ def unit_files(service: Service, host: str) -> tuple[tuple[str, str, str], ...]:
     return tuple(out)
 
 
+def unit_file_texts(u: UnitState) -> dict[str, str]:
+    """path -> text of each file of `u` (fragment, then drop-ins) that came back byte for byte in
+    its dump (`# PATH` then the file, fleet/collect/parse.py), checked against the file's sha256.
+    A file whose text did not (a masked secret, no final newline) is missing, and so is every file
+    after it: where it ends cannot be told."""
+    if u.text is None:
+        return {}
+    out: dict[str, str] = {}
+    pos = 0
+    files = list(u.file_hashes)
+    for i, (path, want) in enumerate(files):
+        head = f"# {path}\n"
+        if not u.text.startswith(head, pos):
+            break
+        start = pos + len(head)
+        if i + 1 == len(files):
+            ends = [len(u.text)]
+        else:
+            nxt = f"# {files[i + 1][0]}\n"
+            ends = _all(u.text, nxt, start)
+        end = next((e for e in ends if sha256_hex(u.text[start:e]) == want), None)
+        if end is None:
+            break
+        out[path] = u.text[start:end]
+        pos = end
+    return out
+
+
+def _all(text: str, needle: str, start: int) -> list[int]:
+    found = []
+    i = text.find(needle, start)
+    while i >= 0:
+        found.append(i)
+        i = text.find(needle, i + 1)
+    return found
+
+
 def desired_text_hash(service: Service, content_hash: str | None = None, unit: str | None = None) -> str:
     """The text hash the collector would report for this unit once fleet has written it
     (fragment in /etc/systemd/system, no drop-ins); see fleet.collect.parse.  `content_hash`:
@@ -189,6 +226,21 @@ def _continued(line: str) -> bool:
     return (len(line) - len(line.rstrip("\\"))) % 2 == 1
 
 
+def drop_in_dir(unit: str) -> str:
+    """The directory of the unit's drop-ins that fleet may own: `/etc/systemd/system/UNIT.d`."""
+    return f"{unit_path(unit)}.d"
+
+
+def foreign_drop_ins(service: Service, unit: str, u: UnitState) -> tuple[str, ...]:
+    """The drop-ins `u` loads that the rewrite of the service's file `unit` would answer for: all of
+    them, unless the service declares its drop-ins (`dropins`): then those in the unit's own
+    directory are the drop-in resource's to write and remove (fleet/resources/drop_ins.py)."""
+    if service.dropins is None or unit != service.unit:
+        return u.drop_in_paths
+    own = drop_in_dir(unit) + "/"
+    return tuple(p for p in u.drop_in_paths if not p.startswith(own))
+
+
 def unit_file_differs(service: Service, u: UnitState | None, content_hash: str | None = None,
                       unit: str | None = None) -> bool:
     """Would fleet rewrite this managed unit file?  Drop-ins outside /etc/systemd/system (a
@@ -197,7 +249,7 @@ def unit_file_differs(service: Service, u: UnitState | None, content_hash: str |
     the caller has it already (a plan asks for every host of a service).  `unit`: which of the
     service's files (default its unit; for a template, `u` is one of its instances)."""
     unit = unit or service.unit
-    if u is None or not u.exists or any(removable_unit_file(p, unit) for p in u.drop_in_paths):
+    if u is None or not u.exists or any(removable_unit_file(p, unit) for p in foreign_drop_ins(service, unit, u)):
         return True
     want = content_hash or sha256_hex(file_text(service, unit) or "")
     if u.file_hashes:

@@ -8,7 +8,12 @@ The script is assembled from parts: this module's own (the host's facts and its 
 units, which every unit-based kind reads), then the part of each kind of resource that has
 sections of its own (`Resource.script`, fleet/resources/), in the registry's order.  Every name
 that reaches the script is either validated by the loader (unit names, patterns, env keys) or
-passed through `shlex.quote`.  Output format (version 1):
+passed through `shlex.quote`.
+
+What the host pays for (docs/PERFORMANCE.md, "The remote script"): two `systemctl` processes —
+the manager's two facts, and one `show` of every property of every unit, declared or discovered.
+Discovery asks systemd nothing of its own: unit files come from the shell's glob over the unit
+directories, loaded units without a file from `show`'s glob.  Output format (version 1):
 
     @@fleet 1
     @@facts            KEY=value lines (hostname, kernel, uptime, load, mem_*, os) and the
@@ -22,6 +27,7 @@ passed through `shlex.quote`.  Output format (version 1):
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -139,51 +145,116 @@ function flush(   i, k) {
 END { flush() }
 """
 
+# systemd's unit search path for the system manager (`systemd-analyze unit-paths`, systemd 252;
+# /lib/systemd/system for hosts without a merged /usr), in its order of precedence.
+UNIT_DIRS = (
+    "/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
+    "/run/systemd/generator.early", "/etc/systemd/system", "/etc/systemd/system.attached", "/run/systemd/system",
+    "/run/systemd/system.attached", "/run/systemd/generator", "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system", "/run/systemd/generator.late", "/lib/systemd/system",
+)  # fmt: skip
+
+# What `list-unit-files` would list: a unit's file, not a drop-in or .wants directory beside it.
+UNIT_TYPES = ("service", "socket", "target", "path", "timer", "mount", "automount", "swap", "slice", "scope",
+              "device")
+
+_GLOB_WORD = re.compile(r"[A-Za-z0-9*?\[\]:_.@-]{1,255}")
+
+# awk over `systemctl show`: each unit's block once (a unit named and also matched by a glob is
+# printed twice), every Environment= line masked.  A block is held until its end (its Id= may
+# come after its Environment=); systemctl's complaint lines pass through as they come.
+_SHOW_AWK = _MASK_AWK + r"""
+function flush(   i) {
+  if (n && !(id in seen)) { for (i = 1; i <= n; i++) print b[i]; print "" }
+  if (id != "") seen[id] = 1
+  n = 0; id = ""
+}
+/^$/ { flush(); next }
+/^Id=/ { id = substr($0, 4) }
+/^Environment=/ { b[++n] = maskenv($0); next }
+/^[A-Za-z][A-Za-z0-9]*=/ { b[++n] = $0; next }
+{ print }
+END { flush() }
+"""
+
+
+def discover_part(globs: list[str], dirs: tuple[str, ...] = UNIT_DIRS) -> str:
+    """sh setting `$found` to the names of the unit files in `dirs` that match `globs` (checked
+    by `_glob_word`): once each, templates and drop-in or .wants directories left out."""
+    return "\n".join((
+        "found=; set +f",
+        f"for d in {' '.join(shlex.quote(d) for d in dirs)}; do [ -d \"$d\" ] || continue",
+        "  for f in " + " ".join(f'"$d"/{g}' for g in globs) + "; do n=${f##*/}",
+        f"    case $n in *@.*) continue;; {'|'.join('*.' + t for t in UNIT_TYPES)}) ;; *) continue;; esac",
+        "    { [ -e \"$f\" ] || [ -L \"$f\" ]; } || continue",
+        "    case \" $found \" in *\" $n \"*) ;; *) found=\"$found $n\";; esac",
+        "  done",
+        "done; set -f",
+    ))
+
+
+def _glob_word(pattern: str) -> str:
+    """A discovery pattern as the shell's glob: it must stay unquoted to be a glob, so it is
+    checked here to hold only the characters the loader allows (no quote, space or `$`)."""
+    if not _GLOB_WORD.fullmatch(pattern):
+        raise ValueError(f"discovery pattern {pattern!r} holds characters a unit name cannot")
+    return pattern
+
+
 def build_script(spec: CollectSpec, *, history: str = "") -> str:
     """The complete remote script for one host (POSIX sh, dash-compatible); `history`, when
     given, is the host history's section (fleet.history.read_section), printed last."""
+    return "\n".join(part for _, part in script_parts(spec, history=history)) + "\n"
+
+
+def script_parts(spec: CollectSpec, *, history: str = "") -> list[tuple[str, str]]:
+    """The script as (name, shell text) parts in the order they run, what bench/remote_cost.py
+    profiles one by one (a part may use the variables an earlier one set)."""
     q = shlex.quote
-    parts = [
-        "export LC_ALL=C SYSTEMD_PAGER= SYSTEMD_COLORS=0 PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-        "set -f",  # names are data, never globs for the shell
-        f"echo '@@fleet {SCRIPT_VERSION}'",
-        _FACTS,
-        "echo '@@units'",
+    parts: list[tuple[str, str]] = [
+        ("header", "\n".join((
+            "export LC_ALL=C SYSTEMD_PAGER= SYSTEMD_COLORS=0 PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "set -f",  # names are data, never globs for the shell
+            f"echo '@@fleet {SCRIPT_VERSION}'",
+        ))),
+        ("facts", _FACTS),
     ]
-    patterns = " ".join(q(p) for p in spec.patterns)
-    found = ""
-    if patterns:
-        # `show` with a glob only sees loaded units: a disabled, never-started unit would be
-        # missing.  Unit files and all units together see everything; templates are skipped.
-        parts.append(
-            "found=$({ systemctl list-unit-files --no-legend --no-pager --plain -- "
-            f"{patterns} 2>/dev/null; systemctl list-units --all --no-legend --no-pager --plain -- "
-            f"{patterns} 2>/dev/null; }} | while read -r n _; do case $n in *@.*) ;; *) echo \"$n\";; esac; done)"
-        )
-        found = "$found "
     declared = " ".join(q(u) for u in spec.units)
-    parts.append(f"names=$(printf '%s\\n' {found}{declared} | awk 'NF && !s[$0]++')")
+    globs = [_glob_word(p) for p in spec.patterns]
+    if globs:
+        # Units with a file but not loaded (disabled, never started) are found by the shell's own
+        # glob over systemd's unit directories: no `list-unit-files`, whose answer costs PID 1 a
+        # scan of every unit file and its enablement.  Loaded units without a file of their own
+        # (instances, units whose file was removed) come from `show`'s glob, which expands against
+        # the loaded units.  Templates cannot be shown; names are collected once.
+        parts.append(("discover", discover_part(globs)))
+    names = " ".join(x for x in ("$found" if globs else "", declared, " ".join(q(p) for p in spec.patterns)) if x)
     props = ",".join(UNIT_PROPERTIES)
-    mask_show = _MASK_AWK + "/^Environment=/ { print maskenv($0); next } { print }"
-    parts.append(f'if [ -n "$names" ]; then show=$(systemctl show --no-pager -p {props} -- $names 2>&1 | '
-                 f'awk -v secret_re={q(SECRET_NAME_PATTERN)} {q(mask_show)}); else show=; fi')
-    parts.append('printf \'%s\\n\' "$show"')
-    parts.append("echo '@@hashes'")
-    parts.append(
+    # One `systemctl show` for every property of every unit.  A unit both named and matched by a
+    # glob is printed twice: the awk keeps its first block only, and masks secrets on the way.
+    parts.append(("units", "\n".join((
+        "echo '@@units'",
+        (f"show=$(systemctl show --no-pager -p {props} -- {names} 2>&1 | "
+         f"awk -v secret_re={q(SECRET_NAME_PATTERN)} {q(_SHOW_AWK)})") if names else "show=",
+        'printf \'%s\\n\' "$show"',
+    ))))
+    parts.append(("hashes", "\n".join((
+        "echo '@@hashes'",
         "paths=$(printf '%s\\n' \"$show\" | awk '/^FragmentPath=./{print substr($0,14)} "
-        "/^DropInPaths=./{n=split(substr($0,13),a,\" \");for(i=1;i<=n;i++)print a[i]}')"
-    )
-    parts.append('[ -n "$paths" ] && sha256sum -- $paths 2>/dev/null')
-    parts.append("echo '@@text'")
+        "/^DropInPaths=./{n=split(substr($0,13),a,\" \");for(i=1;i<=n;i++)print a[i]}')",
+        '[ -n "$paths" ] && sha256sum -- $paths 2>/dev/null',
+    ))))
+    text = "echo '@@text'"
     if spec.managed:
         managed = " " + " ".join(spec.managed) + " "
-        parts.append(f"printf '%s\\n\\n' \"$show\" | awk -v m={q(managed)} -v maxl={MAX_TEXT_LINES} "
-                     f"-v secret_re={q(SECRET_NAME_PATTERN)} {q(_TEXT_AWK)}")
+        text += (f"\nprintf '%s\\n\\n' \"$show\" | awk -v m={q(managed)} -v maxl={MAX_TEXT_LINES} "
+                 f"-v secret_re={q(SECRET_NAME_PATTERN)} {q(_TEXT_AWK)}")
+    parts.append(("text", text))
     for r in RESOURCES:
         what = spec.of(r.section) if r.section else None
         if what:
-            parts.append(r.script(what))
+            parts.append((r.section, r.script(what)))
     if history:
-        parts.append(history)
-    parts.append("echo '@@end'")
-    return "\n".join(parts) + "\n"
+        parts.append(("history", history))
+    parts.append(("end", "echo '@@end'"))
+    return parts

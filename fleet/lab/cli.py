@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.errors import LabError
-from fleet.lab import lifecycle
-from fleet.lab.settings import LabPaths
+from fleet.lab.settings import DEFAULT_TIMEOUT, LabPaths
 from fleet.textutil import printable, seconds_option
 
 EXIT_OK = 0
@@ -63,7 +62,7 @@ def add_lab_commands(parser: argparse.ArgumentParser) -> None:
                              description="Tear down any previous lab, then boot one host per "
                              "inventory file; returns when all answer SSH with a finished boot.")
     add_location_options(up)
-    up.add_argument("--timeout", type=seconds_option(), default=lifecycle.DEFAULT_TIMEOUT, metavar="SECONDS",
+    up.add_argument("--timeout", type=seconds_option(), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                     help="how long hosts may take to boot (default: %(default)s)")
     down = commands.add_parser("down", help="remove every trace of the lab (idempotent)")
     add_location_options(down)
@@ -89,11 +88,14 @@ def locations(args: argparse.Namespace) -> tuple[Path, LabPaths]:
 
 def run_lab(args: argparse.Namespace) -> int:
     """Run the lab command in args; returns the exit status."""
+    # Here, not at the top: `fleet --help` builds this parser and never needs the lab's machinery.
+    from fleet.lab import lifecycle
+
     hosts_dir, paths = locations(args)
     command = getattr(args, "lab_command", None)
     try:
         if command == "up":
-            return _up(hosts_dir, paths, float(getattr(args, "timeout", lifecycle.DEFAULT_TIMEOUT)))
+            return _up(hosts_dir, paths, float(getattr(args, "timeout", DEFAULT_TIMEOUT)))
         if command == "down":
             lifecycle.down(paths, report=print)
             forget_history(paths, _inventory_names(hosts_dir))
@@ -137,6 +139,8 @@ def _inventory_names(hosts_dir: Path) -> list[str]:
 
 
 def _up(hosts_dir: Path, paths: LabPaths, timeout: float) -> int:
+    from fleet.lab import lifecycle
+
     record = lifecycle.up(hosts_dir, paths, timeout=timeout)
     forget_history(paths, [str(h["name"]) for h in record.hosts])
     rows = [(h["name"], h["address"], h["user"]) for h in record.hosts]
@@ -146,6 +150,8 @@ def _up(hosts_dir: Path, paths: LabPaths, timeout: float) -> int:
 
 
 def _status(hosts_dir: Path, paths: LabPaths, as_json: bool) -> int:
+    from fleet.lab import lifecycle
+
     state = lifecycle.status(paths, hosts_dir)
     if as_json:
         print(json.dumps(state.to_dict(), indent=2))

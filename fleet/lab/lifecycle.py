@@ -22,10 +22,10 @@ from pathlib import Path
 from fleet.errors import LabError
 from fleet.lab import image, machines, network, settings, sshfiles, system
 from fleet.lab.inventory import LabHost, read_inventory
+from fleet.lab.settings import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT  # `fleet lab up --timeout`'s default
 from fleet.lab.settings import LabPaths
 from fleet.secrets import ensure_lab_redis_password
 
-DEFAULT_TIMEOUT = 120.0
 Report = Callable[[str], None]
 
 

@@ -35,6 +35,10 @@ INOTIFY_WANTED = 1024
 DEFAULT_CACHE = "/var/cache/fleet-lab"
 DEFAULT_RUNTIME = "/var/lib/fleet-lab"
 
+# Seconds `fleet lab up` waits for the hosts to boot and answer (--timeout).  Here, where the
+# CLI's parser can read it without importing the lab's machinery (fleet.lab.lifecycle).
+DEFAULT_TIMEOUT = 120.0
+
 
 def address_of(index: int) -> str:
     """The lab address of the host at `index` in sorted name order."""

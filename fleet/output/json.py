@@ -20,6 +20,7 @@ from fleet.textutil import indented_json
 
 if TYPE_CHECKING:
     from fleet.audit import AuditReport, ObservedChange
+    from fleet.history_cache import RunSummary
     from fleet.journal import RunRecord, SnapshotRecord, StepRecord
     from fleet.plan import Plan
     from fleet.sidekiq import SidekiqReport
@@ -46,6 +47,8 @@ def check_json(findings: Sequence[Finding]) -> dict[str, Any]:
 
 def status_json(report: StatusReport) -> dict[str, Any]:
     """The documented `fleet status --json` document (docs/status.md)."""
+    from fleet.snapshot import to_record  # here: `check --json` needs none of the collector's modules
+
     hosts: dict[str, Any] = {}
     for name in report.hosts:
         r = report.results[name]
@@ -91,6 +94,8 @@ def status_json(report: StatusReport) -> dict[str, Any]:
             "findings": [f.as_dict() for f in report.queue_findings],
             "live": None if report.live is None else sidekiq_live_json(report.live),
         },
+        # What `--observed FILE` reads back: everything the diff needs (fleet/snapshot.py).
+        "observation": to_record({h: report.results[h] for h in report.hosts}),
     }
 
 
@@ -182,12 +187,23 @@ def audit_json(report: AuditReport) -> dict[str, Any]:
     }
 
 
-def history_json(snapshots: Iterable[SnapshotRecord]) -> dict[str, Any]:
-    """`fleet history --json` (docs/audit.md)."""
-    return {"format": FORMAT, "snapshots": [
+def history_json(snapshots: Iterable[SnapshotRecord], runs: Iterable[RunSummary] | None = None) -> dict[str, Any]:
+    """`fleet history --json` (docs/journal.md, docs/audit.md): the runs newest first (left out
+    with `--snapshots`), the snapshots oldest first."""
+    document: dict[str, Any] = {"format": FORMAT}
+    if runs is not None:
+        document["runs"] = [
+            {"run_id": r.run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.started)),
+             "operator": r.who, "commit": r.commit, "dirty": r.dirty, "hosts": list(r.hosts),
+             "steps": {"ok": r.ok, "failed": r.failed, "skipped": r.skipped, "interrupted": r.interrupted,
+                       "running": r.running},
+             "on_hosts": r.on_hosts}
+            for r in runs]
+    document["snapshots"] = [
         {"id": x.id, "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x.taken)), "operator": x.operator,
          "command": x.command, "fleet": x.fleet, "lab": x.lab, "hosts": x.hosts}
-        for x in snapshots]}
+        for x in snapshots]
+    return document
 
 
 def diff_json(changes: Iterable[ObservedChange]) -> dict[str, Any]:

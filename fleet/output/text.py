@@ -21,6 +21,7 @@ from fleet.textutil import printable
 
 if TYPE_CHECKING:
     from fleet.audit import AuditReport, ObservedChange
+    from fleet.history_cache import RunSummary
     from fleet.journal import RunRecord, SnapshotRecord, StepRecord
     from fleet.model import Desired
     from fleet.plan import Plan
@@ -83,8 +84,10 @@ def findings_text(findings: Sequence[Finding], *, color: bool = False) -> str:
 
 def findings_summary(findings: Sequence[Finding]) -> str:
     errors = sum(f.is_error for f in findings)
-    warnings = len(findings) - errors
-    return f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+    notes = sum(f.severity == "note" for f in findings)  # an acknowledged broken history chain
+    warnings = len(findings) - errors - notes
+    return (f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+            + (f", {notes} note{'s' * (notes != 1)}" if notes else ""))
 
 
 def check_text(desired: Desired | None, findings: Sequence[Finding], *, color: bool = False) -> str:
@@ -138,6 +141,13 @@ def status_text(report: StatusReport, *, now: float | None = None) -> str:
 
 
 def hosts_text(report: StatusReport, now: float) -> str:
+    # what the kinds found wrong behind each host's units (a failed database cluster …), gathered
+    # in one pass: looked for per host among every cell, it made `status` quadratic in hosts
+    problems_of: dict[str, list[str]] = {}
+    for row in report.rows:
+        for c in row.cells:
+            for p in c.problems:
+                problems_of.setdefault(c.host, []).append(f"(!) {row.service}: {p.message}")
     rows = []
     for name in report.hosts:
         r = report.results[name]
@@ -149,9 +159,7 @@ def hosts_text(report: StatusReport, now: float) -> str:
         mem = f"{used / 1024:.0f}/{f.mem_total_kb / 1024:.0f} MiB" if f.mem_total_kb else ""
         age = max(0.0, now - r.collected_at)
         systemd = f.systemd_version.split()[0] if f.systemd_version else "?"
-        # what the kinds found wrong behind this host's units (a failed database cluster …)
-        problems = [f"(!) {row.service}: {p.message}" for row in report.rows for c in row.cells
-                    if c.host == name for p in c.problems]
+        problems = problems_of.get(name, [])
         rows.append([name, "yes", f.system_state, " ".join(f"{x:.2f}" for x in f.load), mem,
                      f"{age:.0f}s ago ({r.duration:.2f}s)", "\n".join([f"{f.os}, systemd {systemd}", *problems])])
     return table(rows, ["HOST", "REACHABLE", "SYSTEM", "LOAD", "MEMORY", "DATA", "DETAIL"])
@@ -254,6 +262,9 @@ def _details(c: Change, color: bool) -> list[str]:
 def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> str:
     out = [one_line(f"Plan for {plan.fleet}{' (lab)' if plan.lab else ''}: {len(plan.hosts)} host(s), "
                  f"computed {plan.created_at}")]
+    if plan.observed:
+        out.append(one_line(f"Planned from a kept observation, {plan.observed}, not from the hosts now: "
+                            "it shows what was planned then, and `fleet apply` refuses it"))
     for host, kind, message in plan.unknown:
         out.append(_paint(f"! {host}: UNKNOWN — could not be observed ({kind}): {message}", "31", color))
         out.append("  nothing is planned for it; this plan is INCOMPLETE and `fleet apply` will refuse it "
@@ -382,12 +393,28 @@ def diff_text(a: str, b: str, changes: Sequence[ObservedChange]) -> str:
     return "\n".join(out) + "\n"
 
 
-def history_text(snapshots: Sequence[SnapshotRecord]) -> str:
-    """`fleet history`: the kept observations, oldest first."""
+def history_text(snapshots: Sequence[SnapshotRecord], runs: Sequence[RunSummary] | None = None) -> str:
+    """`fleet history`: the runs, newest first (unless `--snapshots`), then the kept observations,
+    oldest first."""
     rows = [[x.id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x.taken)), x.operator, x.command,
              x.fleet + (" (lab)" if x.lab else ""),
              ", ".join(h if v == "ok" else f"{h}: {v}" for h, v in sorted(x.hosts.items()))] for x in snapshots]
-    return table(rows, ["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"]) + "\n"
+    shots = table(rows, ["SNAPSHOT", "TAKEN (UTC)", "OPERATOR", "BY", "FLEET", "HOSTS"]) + "\n"
+    if runs is None:
+        return shots
+    out = "Runs (newest first):\n" + (table([run_row(r) for r in runs],
+                                            ["RUN", "STARTED (UTC)", "WHO", "DESIRED STATE", "HOSTS", "STEPS"])
+                                      if runs else "  none recorded") + "\n\n"
+    return out + "Snapshots (oldest first):\n" + (shots if snapshots else "  none kept\n")
+
+
+def run_row(r: RunSummary) -> list[str]:
+    """One run of `fleet history`: `3 ok, 1 failed, 1 interrupted` (zero counts left out)."""
+    counts = [(r.ok, "ok"), (r.failed, "failed"), (r.skipped, "skipped"), (r.interrupted, "interrupted"),
+              (r.running, "running")]
+    desired = (f"git {r.commit[:12]}" + (" (dirty)" if r.dirty else "")) if r.commit else "not in git"
+    return [r.run_id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.started)), r.who, desired,
+            ", ".join(r.hosts), ", ".join(f"{n} {word}" for n, word in counts if n)]
 
 
 # ---------------------------------------------------------------- journal and locks

@@ -73,7 +73,8 @@ class EnvFiles(Resource):
                 f"awk -v s={q(sens)} -v secret_re={q(SECRET_NAME_PATTERN)} -v maxl={MAX_ENV_LINES} {q(_ENV_AWK)} {p} "
                 "| while IFS= read -r l; do case $l in "
                 "'S '*) k=${l#S }; v=${k#* }; k=${k%% *}; "
-                "set -- $(printf '%b' \"$v\" | sha256sum); echo \"secret $k $1\";; "
+                # sha256sum's own line ends the `secret KEY ` line: no $(…) subshell per secret
+                "printf 'secret %s ' \"$k\"; printf '%b' \"$v\" | sha256sum;; "
                 "*) printf '%s\\n' \"$l\";; esac; done; "
                 "else echo absent; fi"
             )
@@ -269,6 +270,8 @@ def parse_env(host: str, path: str, lines: Iterable[str]) -> EnvFileState:
             values.append((key, parse_value(raw)))
         elif line.startswith("secret "):
             parts = line.split(" ")
+            if parts[3:] == ["", "-"]:  # `secret KEY SHA256  -`: sha256sum's own line (an older script
+                parts = parts[:3]  # printed the hash alone)
             if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{64}", parts[2]):
                 raise ParseError(f"{host}: malformed secret line in {path}", host=host, section="env")
             keys.append(parts[1])
@@ -326,6 +329,15 @@ def env_digest(ef: EnvFile, host: str, secrets: Mapping[tuple[str, str], str]) -
     return sha256_hex("\n".join(lines))
 
 
+def same_secret(have: str, want: str) -> bool:
+    """Does the fingerprint a host reported (`have`) match `want`, a full sha256?  An observation
+    kept in the journal or a status document holds only its first 8 hex digits, "sha256:…"
+    (fleet/snapshot.py): a plan made from it (`--observed`) compares those."""
+    if have.startswith("sha256:") and len(have) == 15:
+        return want.startswith(have[7:])
+    return have == want
+
+
 def _env_change(ef: EnvFile, ctx: HostDiff) -> Change | None:
     host, state, secrets, problems = ctx.host, ctx.state, ctx.secrets, ctx.problems
     obs = state.env_file(ef.path) or EnvFileState(path=ef.path, present=False)
@@ -338,12 +350,12 @@ def _env_change(ef: EnvFile, ctx: HostDiff) -> Change | None:
 
     def shown(key: str, value: str | None, fp: str | None) -> str:
         if fp is not None:
-            return f"(sensitive, sha256:{fp[:8]})"
+            return f"(sensitive, sha256:{fp.removeprefix('sha256:')[:8]})"
         return "" if value is None else value
 
     for k, v in want_values.items():
         if k in have_secret:  # the host holds it under a secret-looking name; compare by fingerprint
-            if have_secret[k] != fingerprint(v):
+            if not same_secret(have_secret[k], fingerprint(v)):
                 keys.append(KeyChange(k, "change", shown(k, None, have_secret[k]), mask(v)))
         elif k not in have_values:
             keys.append(KeyChange(k, "set", "", v))
@@ -352,7 +364,7 @@ def _env_change(ef: EnvFile, ctx: HostDiff) -> Change | None:
     for k, fp in want_secret.items():
         if k not in have_secret and k not in have_values:
             keys.append(KeyChange(k, "set", "", shown(k, None, fp)))
-        elif have_secret.get(k) != fp:
+        elif k not in have_secret or not same_secret(have_secret[k], fp):
             before = shown(k, None, have_secret[k]) if k in have_secret else mask(have_values[k])
             keys.append(KeyChange(k, "change", before, shown(k, None, fp)))
     for k, src in ef.sensitive:

@@ -25,9 +25,9 @@ from fleet.resources.unit_state import UnitStates
 RESOURCES: tuple[Resource, ...] = (
     EnvFiles(),
     UnitFiles(),
+    DropIns(),  # after the unit file, before its state: a changed drop-in restarts the unit
     UnitStates(),
     UndeclaredUnits(),
-    DropIns(),
     SidekiqConfigs(),
     DataStores(),
     SidekiqHeartbeats(),

@@ -33,19 +33,33 @@ MAX_UNITS = 200  # Sidekiq units without -q on one host
 SECTION = "sidekiqconf"  # not "sidekiq": that is Sidekiq's own view (fleet/sidekiq.py)
 
 # awk over `systemctl show` blocks: for a unit running sidekiq without -q, print
-# UNIT <tab> WORKDIR <tab> -C value <tab> -r value (absent ones empty).  argv is systemd's
-# `argv[]=… ; ignore_errors=…` rendering, words separated by single spaces.
+# UNIT <tab> +WORKDIR <tab> +(-C value) <tab> +(-r value), absent ones empty: the `+` keeps an
+# empty field a field (a tab is IFS white space, so `read` would merge two tabs into one).  argv
+# is systemd's `argv[]=… ; ignore_errors=…` rendering, words separated by single spaces.  The options are read
+# as fleet/sidekiq_settings.parse_argv reads them (after the sidekiq word: -X V, -XV, -X=V,
+# --long V, --long=V; the last one wins; a -q with no queue name is none), so that the host reads
+# the file fleet's parser says Sidekiq reads.
 _FIND_AWK = r"""
-function flush(   n, w, i, b, q, c, r, sk) {
+function flush(   n, w, i, b, q, c, r, sk, o, v) {
   if (id != "" && argv != "") {
     n = split(argv, w, " "); q = 0; c = ""; r = ""; sk = 0
     for (i = 1; i <= n; i++) {
-      b = w[i]; sub(/.*\//, "", b); if (b == "sidekiq") sk = 1
-      if (w[i] == "-q" || w[i] == "--queue" || w[i] ~ /^--queue=/) q = 1
-      if (w[i] == "-C" || w[i] == "--config") c = w[i + 1]; else if (w[i] ~ /^--config=/) c = substr(w[i], 10)
-      if (w[i] == "-r" || w[i] == "--require") r = w[i + 1]; else if (w[i] ~ /^--require=/) r = substr(w[i], 11)
+      b = w[i]; sub(/.*\//, "", b)
+      if (!sk) { if (b == "sidekiq") sk = 1; continue }
+      o = ""; v = ""
+      if (w[i] ~ /^--(queue|config|require|concurrency|environment|timeout)=/) {
+        o = w[i]; sub(/=.*/, "", o); v = substr(w[i], length(o) + 2)
+      } else if (w[i] ~ /^--(queue|config|require|concurrency|environment|timeout)$/) {
+        o = w[i]; v = w[i + 1]; i++
+      } else if (w[i] ~ /^-[qCrcet]/) {
+        o = substr(w[i], 1, 2); v = substr(w[i], 3)
+        if (v == "") { v = w[i + 1]; i++ } else sub(/^=/, "", v)
+      }
+      if ((o == "-q" || o == "--queue") && v ~ /^[^,]/) q = 1
+      if (o == "-C" || o == "--config") c = v
+      if (o == "-r" || o == "--require") r = v
     }
-    if (sk && !q) print id "\t" wd "\t" c "\t" r
+    if (sk && !q) print id "\t+" wd "\t+" c "\t+" r
   }
   id = ""; argv = ""; wd = ""
 }
@@ -61,6 +75,7 @@ END { flush() }
 
 # sh: for each such unit, find the file as Sidekiq would and print it, bounded.
 _PRINT_SH = r"""
+  wd=${wd#+} c=${c#+} r=${r#+}
   echo "@@sidekiqconf $u"
   case $wd in ''|'~') wd=/;; esac
   if [ -n "$c" ]; then

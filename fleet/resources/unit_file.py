@@ -4,7 +4,8 @@ that every written unit file implies on its host (daemon-reload).
 A service's files are its unit (a template's: the template file its instances load) and its
 wrapper's, each either rendered from the keyed form or the operator's own text (fleet/units.py).
 A file is rewritten when it is not byte for byte what was declared, or when drop-ins in fleet's
-own directory change it; those drop-ins are removed with the rewrite (backed up first).  Drop-ins
+own directory change it; those drop-ins are removed with the rewrite (backed up first), unless
+the service declares its drop-ins: then they are fleet/resources/drop_ins.py's.  Drop-ins
 elsewhere are reported, never touched; an instance's own drop-ins (`x@4000.service.d/`) are the
 instance's, not the template's, and are left alone.
 """
@@ -43,6 +44,7 @@ from fleet.units import (
     as_observed_text,
     describe_unit,
     file_text,
+    foreign_drop_ins,
     mask_unit_text,
     refused_unit_files,
     removable_unit_file,
@@ -105,7 +107,7 @@ class UnitFiles(Resource):
         """One of the service's unit files; `u` the unit whose state shows it (for a template,
         its first instance on the host)."""
         host = ctx.host
-        drop_ins = tuple(p for p in (u.drop_in_paths if u else ()) if removable_unit_file(p, unit))
+        drop_ins = tuple(p for p in (foreign_drop_ins(s, unit, u) if u else ()) if removable_unit_file(p, unit))
         units: UnitTexts = ctx.cache.setdefault(self.kind, UnitTexts())
         content_hash, observed_text = units.of(s, unit, content)
         if unit_file_differs(s, u, content_hash, unit):

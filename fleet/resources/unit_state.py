@@ -20,7 +20,7 @@ from fleet.config import UNIT_NAME
 from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Kind, Service, UnitState
 from fleet.resources.base import PLAIN, ActionSpec, AuditStep, Detail, Execution, HostDiff, Resource
-from fleet.sidekiq import BEAT_EXPIRY, RedisSource, gone_script, locate_redis
+from fleet.sidekiq import BEAT, BEAT_EXPIRY, RedisSource, beat_script, gone_script, judge_beat, locate_redis
 from fleet.units import describe_unit, is_up, unit_path, up_state
 
 _RUNS = (Action.START, Action.RESTART)
@@ -124,15 +124,25 @@ class UnitStates(Resource):
                              hint="it outlived its unit's stop: find it (ps) and stop it")
 
     def _gate(self, change: Change, step: Execution) -> None:
-        check = step.service(change.service).health_for(change.target)
-        budget = step.start_timeout + step.settle + (check.timeout if check else 0) + 30
-        out = step.run(remote.health_gate(change.target, check, settle=step.settle, start_timeout=step.start_timeout),
-                       timeout=budget)
-        if "@@gate ok" in out.splitlines():  # the marker line itself, not a log line quoting it
-            return
-        line = next((ln for ln in out.splitlines() if ln.startswith("@@gate fail")), "@@gate fail (no reason)")
-        step.detail = "\n".join(ln[2:] for ln in out.splitlines() if ln.startswith("| "))
-        raise FleetError(line[len("@@gate fail "):])
+        service = step.service(change.service)
+        check = service.health_for(change.target)
+        then, window = "", 0.0
+        if check is not None and check.sidekiq:
+            then, window = sidekiq_gate(step.desired, service, start_timeout=step.start_timeout)
+        budget = step.start_timeout + step.settle + (check.timeout if check else 0) + window + 30
+        out = step.run(remote.health_gate(change.target, check, settle=step.settle, start_timeout=step.start_timeout,
+                                          then=then), timeout=budget)
+        lines = out.splitlines()
+        failed = next((ln for ln in lines if ln.startswith("@@gate fail")), None)
+        if failed is None and "@@gate ok" in lines:  # the marker line itself, not a log line quoting it
+            why = judge_beat(out, step.host.name, service.sidekiq, window) if then and service.sidekiq else ""
+            if not why:
+                return
+            step.detail = "\n".join(ln for ln in lines if ln.startswith(BEAT))
+            raise FleetError(f"the Sidekiq health check failed: {why}",
+                             hint="check the unit's -q/-c or config/sidekiq.yml, and the Redis its env file names")
+        step.detail = "\n".join(ln[2:] for ln in lines if ln.startswith("| "))
+        raise FleetError((failed or "@@gate fail (no reason)")[len("@@gate fail "):])
 
     def rollback(self, change: Change, step: Execution) -> str:
         """Put the failed service on this host back to its previous unit/env content."""
@@ -171,6 +181,16 @@ class UnitStates(Resource):
         if not super().explains(step, kind, key):
             return False
         return not (step.action in _RUNS and kind in _ROLLED_BACK and step.outcome != "failed")
+
+
+def sidekiq_gate(desired: Desired, service: Service, *, start_timeout: float) -> tuple[str, float]:
+    """The shell that waits for a Sidekiq unit's new process to heartbeat (watching the unit stays
+    up), for the end of its health gate, and how long it waits: apply's start timeout."""
+    env = _sidekiq_env(desired, service)
+    if env is None:  # fleet check refuses health.sidekiq without an env file
+        raise FleetError(f"service {service.name!r} declares the Sidekiq health check but loads no env file")
+    window = float(int(start_timeout) + 1)
+    return beat_script(env, '"$p0"', timeout=int(window), each="up"), window
 
 
 def _sidekiq_env(desired: Desired, service: Service) -> str | None:

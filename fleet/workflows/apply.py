@@ -94,6 +94,11 @@ def _saved_plan(options: ApplyOptions) -> Plan:
         raise FleetError("a saved plan covers its own hosts; --limit cannot change it",
                          hint="make a new plan with `fleet plan --limit … -o FILE`")
     saved = read_plan(name)
+    if saved.observed:
+        raise FleetError(f"{name} was planned from a kept observation ({saved.observed}), not from the hosts as "
+                         "they are: it is stale by construction and cannot be applied",
+                         hint="plan from the hosts themselves (`fleet plan -o FILE`, without --observed), "
+                              "review it, and apply that")
     lab = options.common.lab
     if saved.lab != lab:
         raise FleetError(f"{name} was computed {'for the lab' if saved.lab else 'for real hosts'}; "

@@ -1,24 +1,39 @@
-"""`fleet audit`, `fleet history` and `fleet diff`: the fleet observed and judged, the kept
-observations (snapshots), and what changed between two of them — each change attributed to a
-journaled apply or marked as made outside fleet (fleet/audit.py does the judging, purely)."""
+"""`fleet audit`, `fleet history` and `fleet diff`: the fleet observed and judged; the runs the
+hosts' history records and the kept observations (snapshots); an operator's acknowledgement of
+a host's broken history chain; and what changed between two observations — each change
+attributed to a fleet apply or marked as made outside fleet (fleet/audit.py does the judging,
+purely)."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fleet import history as host_history
 from fleet.attribution import attribute_with_history
 from fleet.audit import AuditReport, JournalStep, ObservedChange, build_audit, changes_between
-from fleet.errors import FleetError
-from fleet.history_cache import HistoryCache, host_steps, merged_log
-from fleet.journal import Journal, SnapshotRecord, journal_path, parse_since, sentence_without_time
-from fleet.model import Finding, HostResult
+from fleet.errors import FleetError, TransportError
+from fleet.history_cache import (
+    AckSeen,
+    HistoryCache,
+    KnownBreak,
+    RunSummary,
+    host_steps,
+    judge_breaks,
+    merged_log,
+    summarize_runs,
+)
+from fleet.journal import Journal, SnapshotRecord, journal_path, operator, parse_since, sentence_without_time
+from fleet.model import Finding, HostResult, HostState
+from fleet.remote import STATE
 from fleet.snapshot import unpack
 from fleet.targets import resolve
 from fleet.workflows import observe as observing
 from fleet.workflows.base import Common, Reporter, Scope
 from fleet.workflows.check import load_valid
+from fleet.workflows.log import LogOptions, read_targets, refresh
 
 
 @dataclass(frozen=True)
@@ -26,19 +41,40 @@ class AuditOptions:
     common: Common
     scope: Scope
     since: str | None = None  # a snapshot id or a time: also report what changed since then
+    observed: str | None = None  # audit this kept observation (a file or snapshot id), contacting no host
 
 
 @dataclass(frozen=True)
 class HistoryOptions:
     common: Common
-    since: str | None = None  # only snapshots taken since then
+    since: str | None = None  # only runs started and snapshots taken since then
+    cached: bool = False  # do not read the hosts' history first (as `fleet log --cached`)
+    snapshots_only: bool = False  # only the kept observations: no runs, no network
+    scope: Scope = Scope()
 
 
 @dataclass(frozen=True)
 class HistoryResult:
     journal: Path
-    exists: bool  # False: nothing was ever observed from this state directory
+    exists: bool  # False: nothing was ever observed or applied from this state directory, nor read from a host
     snapshots: tuple[SnapshotRecord, ...] = ()
+    runs: tuple[RunSummary, ...] = ()  # newest first
+    warnings: tuple[str, ...] = ()  # hosts whose history was not read, broken chains, acknowledged ones
+
+
+@dataclass(frozen=True)
+class AckOptions:
+    common: Common
+    host: str
+    reason: str  # the operator's words: what was found, why the history can be trusted again
+    scope: Scope = Scope()
+
+
+@dataclass(frozen=True)
+class AckResult:
+    host: str
+    seq: int  # the ack record's number in the host's history
+    acknowledged: tuple[KnownBreak, ...]
 
 
 @dataclass(frozen=True)
@@ -65,15 +101,21 @@ def audit(options: AuditOptions, reporter: Reporter) -> AuditReport:
     if options.since:  # resolved before observing, so that "now" is never its own baseline
         with Journal.open(journal_path(common.state_dir)) as journal:
             base = baseline(journal, options.since)
-    with observing.open_transport(common, targets, options.scope) as transport:
-        seen = observing.observe(common, options.scope, "audit", scoped, targets, transport, reporter)
-    quiet = observing.previous_quiet(common, desired, seen)
+    if options.observed is not None:
+        seen = observing.recall(common, desired, targets, options.observed)
+        reporter.note(f"observed: {seen.kept}, not now")
+        quiet: dict[str, float] = {}  # the journal's earlier snapshots are not earlier than a kept observation
+    else:
+        with observing.open_transport(common, targets, options.scope) as transport:
+            seen = observing.observe(common, options.scope, "audit", scoped, targets, transport, reporter)
+        quiet = observing.previous_quiet(common, desired, seen)
     report = replace(build_audit(scoped, seen.results, quiet=quiet), snapshot_id=seen.snapshot_id)
     report.findings.extend(history_findings(common, [h.name for h in targets.hosts], seen.history_problems))
     if base is None:
         return report
     with Journal.open(journal_path(common.state_dir)) as journal:
-        changes, timeline = changes_since(journal, base, seen.results, time.time())
+        until = max((r.collected_at for r in seen.results.values() if isinstance(r, HostState)), default=0.0)
+        changes, timeline = changes_since(journal, base, seen.results, until if seen.kept else time.time())
     taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(base.taken))
     return replace(report, changes=changes, timeline=timeline, since=f"snapshot {base.id} ({base.command}, {taken})")
 
@@ -87,13 +129,18 @@ def history_findings(common: Common, hosts: list[str], problems: dict[str, str])
         with Journal.open(path) as journal:
             cache = HistoryCache(journal)
             for host in hosts:
-                for known in cache.breaks(host):
+                acknowledged, open_ = judge_breaks(cache.breaks(host), cache.acks(host))
+                for known in open_:
                     after = known.brk.after
                     out.append(Finding(
                         "error", "history.broken", known.brk.message, host=host,
                         hint=(f"look at /var/lib/fleet/history.jsonl* on {host}: " + (
                             f"records up to {after} are intact; " if after else "no record of it can be trusted; ")
-                            + "changes credited to a record after the break are marked unverified")))
+                            + "changes credited to a record after the break are marked unverified; once "
+                            f"understood, `fleet history ack {host} --reason TEXT` records that on the host")))
+                for known, ack in acknowledged:
+                    out.append(Finding("note", "history.acknowledged", f"{known.brk.message} ({ack_words(ack)})",
+                                       host=host, hint="acknowledged on the host; a new break is an error again"))
     for host, why in sorted(problems.items()):
         severity = "warning" if "lock stayed busy" in why else "error"
         out.append(Finding(severity, "history.unreadable", f"the history on {host} could not be read: {why}",
@@ -102,13 +149,89 @@ def history_findings(common: Common, hosts: list[str], problems: dict[str, str])
     return out
 
 
+def ack_words(ack: AckSeen) -> str:
+    """`acknowledged by alice@laptop at 2026-12-02 05:40:01 UTC: "restored from backup"` (the
+    reason is operator text: the output layer escapes it)."""
+    r = ack.record
+    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r.started or 0.0))
+    return f"acknowledged by {r.who or '(unknown operator)'} at {at} in record {r.seq}: {r.reason!r}"
+
+
 def history(options: HistoryOptions) -> HistoryResult:
-    path = journal_path(options.common.state_dir)
+    """The runs, as the hosts' history (read first, as `fleet log` does) and this checkout's
+    journal record them, newest first; and the kept snapshots, oldest first."""
+    common = options.common
+    since = parse_since(options.since) if options.since else None
+    warnings: list[str] = []
+    if not options.snapshots_only and not options.cached:
+        targets = read_targets(LogOptions(common, scope=options.scope), warnings)
+        if targets is not None:
+            warnings += refresh(common, options.scope, targets)
+    path = journal_path(common.state_dir)
     if not path.exists():
-        return HistoryResult(path, exists=False)
+        return HistoryResult(path, exists=False, warnings=tuple(warnings))
     with Journal.open(path) as journal:
-        snapshots = journal.snapshots(since=parse_since(options.since) if options.since else None)
-    return HistoryResult(path, True, tuple(snapshots))
+        snapshots = journal.snapshots(since=since)
+        if options.snapshots_only:
+            return HistoryResult(path, True, tuple(snapshots))
+        cache = HistoryCache(journal)
+        ended = {r.id for r in journal.runs() if r.ended is not None}
+        found = host_steps(cache.records(), locks=cache.locks(), ended_runs=ended)
+        runs = summarize_runs(found, journal.steps(), journal.runs(), since=since)
+        for host in sorted({b.brk.host for b in cache.breaks()}):
+            acknowledged, open_ = judge_breaks(cache.breaks(host), cache.acks(host))
+            warnings += [f"warning: {b.brk.message}" for b in open_]
+            warnings += [f"note: {b.brk.message} ({ack_words(a)})" for b, a in acknowledged]
+    return HistoryResult(path, True, tuple(snapshots), tuple(runs), tuple(warnings))
+
+
+def ack(options: AckOptions, reporter: Reporter) -> AckResult:
+    """Record on `options.host`, as a new record of its history chain, that an operator looked
+    into its broken chain: who, when, why, and which breaks (their record numbers and the hashes
+    of the last intact records).  Every checkout reads it; the audit then reports those breaks
+    as notes, and any break found later as an error again.  Refused when nothing is broken."""
+    common, host = options.common, options.host
+    reason = options.reason.strip()
+    if not reason:
+        raise FleetError("`fleet history ack` needs --reason TEXT", hint="say what you found and why the history "
+                                                                          f"of {host} can be trusted again")
+    desired = load_valid(common, reporter)
+    if not any(h.name == host for h in desired.hosts):
+        raise FleetError(f"{host} is not in the inventory", hint="name a host of `fleet status`")
+    targets = resolve(desired, state_dir=str(common.state_dir), lab=common.lab, limit=host)
+    problems = refresh(common, options.scope, targets)
+    if problems:
+        raise FleetError(f"the history on {host} could not be read, so nothing was acknowledged: "
+                         f"{problems[0].removeprefix('warning: ')}", hint="run it again once the host answers")
+    with Journal.open(journal_path(common.state_dir)) as journal:
+        cache = HistoryCache(journal)
+        _, open_ = judge_breaks(cache.breaks(host), cache.acks(host))
+        known = cache.known(host)
+    if not open_:
+        raise FleetError(f"the history on {host} has no unacknowledged break: nothing to acknowledge",
+                         hint="`fleet audit` reports a broken chain as history.broken; acknowledge one only after "
+                              "looking into it")
+    now = time.time()
+    acked = [host_history.AckedBreak(b.brk.after, known.get(b.brk.after, host_history.GENESIS), b.brk.detail)
+             for b in open_]
+    ack_id = time.strftime("ack-%Y%m%dT%H%M%S", time.gmtime(now)) + f"-{secrets.token_hex(3)}"
+    body = host_history.ack_body(host, acked, ack_id=ack_id, who=operator(), reason=reason, at=now)
+    command, stdin = host_history.append_command(body, state_dir=STATE)  # the record travels on stdin
+    target = targets.hosts[0]
+    with observing.open_transport(common, targets, options.scope) as transport:
+        try:
+            res = transport.run(target, command, stdin=stdin, timeout=60)
+        except TransportError as e:
+            raise FleetError(f"{host}: the acknowledgement was not recorded ({e.kind}: {e.message})",
+                             hint="run it again once the host answers") from None
+    out = res.stdout.decode("utf-8", "replace")
+    appended = host_history.parse_appended(out)
+    if b"@@ok" not in res.stdout or appended is None:
+        why = (res.stderr.decode("utf-8", "replace").strip().splitlines() or [res.exit_text])[-1]
+        raise FleetError(f"{host}: the acknowledgement was not recorded: {why}",
+                         hint=f"look at /var/lib/fleet/history.jsonl* on {host}")
+    refresh(common, options.scope, targets)  # this checkout reads its own ack back like any other
+    return AckResult(host, appended[0], tuple(open_))
 
 
 def diff(options: DiffOptions, reporter: Reporter) -> DiffResult:

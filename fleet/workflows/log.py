@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fleet.collect.collector import HistoryAsk, collect_history
 from fleet.errors import FleetError, ParseError, TransportError
-from fleet.history_cache import HistoryCache, merged_log
+from fleet.history_cache import HistoryCache, judge_breaks, merged_log
 from fleet.journal import Journal, RunRecord, StepRecord, journal_path, parse_since
 from fleet.model import Host
 from fleet.targets import Targets, resolve
@@ -49,7 +49,7 @@ def log(options: LogOptions) -> LogResult:
     since = parse_since(options.since) if options.since else None
     warnings: list[str] = []
     if not options.cached:
-        targets = _targets(options, warnings)
+        targets = read_targets(options, warnings)
         if targets is not None:
             warnings += refresh(options.common, options.scope, targets)
     if not path.exists():
@@ -57,11 +57,14 @@ def log(options: LogOptions) -> LogResult:
     with Journal.open(path) as journal:
         cache = HistoryCache(journal)
         steps, runs = merged_log(journal, cache, host=options.host, since=since)
-        warnings += [f"warning: {b.brk.message}" for b in cache.breaks(options.host)]
+        for host in sorted({b.brk.host for b in cache.breaks(options.host)}):
+            acknowledged, open_ = judge_breaks(cache.breaks(host), cache.acks(host))
+            warnings += [f"warning: {b.brk.message}" for b in open_]
+            warnings += [f"note: {b.brk.message} (acknowledged in record {a.record.seq})" for b, a in acknowledged]
     return LogResult(path, True, tuple(steps), tuple(runs), tuple(warnings))
 
 
-def _targets(options: LogOptions, warnings: list[str]) -> Targets | None:
+def read_targets(options: LogOptions, warnings: list[str]) -> Targets | None:
     """The hosts to read (the inventory's, or --host's), and how to reach them; None when there
     is no inventory to read them from (then the journal alone is shown, and the reason said)."""
     common = options.common

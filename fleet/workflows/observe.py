@@ -8,17 +8,22 @@ The same round trip reads each host's history since the last record this checkou
 
 from __future__ import annotations
 
+import json
+import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from fleet import config
 from fleet.collect.collector import HistoryAsk, collect_all
 from fleet.errors import FleetError, ParseError
 from fleet.history import HistoryRead
 from fleet.history_cache import HistoryCache
 from fleet.journal import Journal, journal_path, operator
-from fleet.model import Desired, Host, HostResult, HostState
+from fleet.model import Desired, Host, HostError, HostResult, HostState
 from fleet.sidekiq import find_view, quiet_since
-from fleet.snapshot import host_summary, pack, unpack
+from fleet.snapshot import from_record, host_summary, pack, unpack
 from fleet.targets import Targets
 from fleet.transport.protocol import Transport
 from fleet.workflows.base import Common, Reporter, Scope
@@ -38,6 +43,7 @@ class Observation:
     snapshot_id: str  # the journal's snapshot of it; "" when it could not be kept
     history_problems: dict[str, str] = field(default_factory=dict)  # host -> why its history could not be read
     more_history: tuple[str, ...] = ()  # hosts whose history was read only in part (bounded): read again
+    kept: str = ""  # --observed: which kept observation this is ("snapshot ID, taken …" or "FILE, collected …")
 
 
 def open_transport(common: Common, targets: Targets, scope: Scope) -> Transport:
@@ -136,3 +142,71 @@ def previous_quiet(common: Common, desired: Desired, observation: Observation) -
     except FleetError:
         return {}  # a damaged journal costs this one finding, never the status
     return {}
+
+
+def recall(common: Common, desired: Desired, targets: Targets, observed: str) -> Observation:
+    """--observed: the target hosts as a kept observation saw them, instead of contacting them —
+    a file written by `fleet status --json` (or holding only its `observation`), else a snapshot
+    id from `fleet history`.  It is read as data from disk, checked field by field within the
+    bounds of a collection; a target host it does not hold is a host not observed."""
+    path = Path(observed)
+    if path.exists():
+        record, kept = _observation_file(path, len(targets.hosts)), str(path)
+    else:
+        record, kept = _observation_snapshot(common, desired, observed)
+    seen = from_record(record, kept)
+    when = ""
+    results: dict[str, HostResult] = {}
+    for h in targets.hosts:
+        results[h.name] = seen.get(h.name) or HostError(
+            host=h.name, kind="not-observed", message=f"{h.name} is not in the observation {kept}",
+            hint="observe it (fleet status --json), or leave it out with --limit")
+    times = [r.collected_at for r in results.values() if isinstance(r, HostState) and r.collected_at]
+    if times and path.exists():
+        when = time.strftime(" (collected %Y-%m-%d %H:%M:%S UTC)", time.gmtime(min(times)))
+    return Observation(results, "", kept=f"{kept}{when}")
+
+
+def _observation_file(path: Path, n_hosts: int) -> object:
+    hint = "pass a file written by `fleet status --json`, or a snapshot id from `fleet history`"
+    try:  # as large as the hosts' collections may be, and no larger
+        raw = config.read_regular_file(path, MAX_OUTPUT * max(n_hosts, 1) + 1)
+    except config.NotAFileError as e:
+        raise FleetError(f"cannot read {path}: it is {e.kind}, not a file", hint=hint) from None
+    except config.FileTooLargeError as e:
+        raise FleetError(f"{path} is {e.size} bytes, more than the collections of {n_hosts} host(s) may be",
+                         hint=hint) from None
+    except OSError as e:
+        raise FleetError(f"cannot read {path}: {e.strerror or e}", hint=hint) from None
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise FleetError(f"{path} nests too deeply to be an observation", hint=hint) from None
+    except ValueError as e:  # UnicodeDecodeError too
+        raise FleetError(f"{path} is not JSON: {e}", hint=hint) from None
+    if isinstance(doc, dict) and "observation" in doc:  # a `fleet status --json` document
+        return doc["observation"]
+    return doc
+
+
+def _observation_snapshot(common: Common, desired: Desired, snap_id: str) -> tuple[object, str]:
+    hint = "pass a snapshot id from `fleet history`, or a file written by `fleet status --json`"
+    path = journal_path(common.state_dir)
+    if not path.exists():
+        raise FleetError(f"--observed {snap_id}: no such file, and no journal at {path} to hold a snapshot",
+                         hint=hint)
+    with Journal.open(path) as journal:
+        record = next((s for s in journal.snapshots() if s.id == snap_id), None)
+        data = journal.snapshot_data(snap_id) if record is not None else None
+    if record is None or data is None:
+        raise FleetError(f"--observed {snap_id}: no such file, nor snapshot in {path}", hint=hint)
+    if record.fleet != desired.name or record.lab != common.lab:
+        raise FleetError(f"snapshot {snap_id} observed {'the lab of ' if record.lab else ''}fleet {record.fleet!r}; "
+                         f"this is {'the lab of ' if common.lab else ''}fleet {desired.name!r}", hint=hint)
+    try:
+        record_data = json.loads(zlib.decompress(data))
+    except (zlib.error, ValueError, RecursionError) as e:
+        raise FleetError(f"snapshot {snap_id} in the journal is damaged ({type(e).__name__})",
+                         hint="pick another snapshot (fleet history)") from None
+    taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.taken))
+    return record_data, f"snapshot {snap_id} ({record.command}, {taken})"

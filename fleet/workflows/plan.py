@@ -28,6 +28,7 @@ class PlanOptions:
     out: Path | None = None  # save the plan there (-o)
     no_prune: bool = False
     secrets: Path | None = None  # None: the state directory's secrets file
+    observed: str | None = None  # plan from this kept observation (a file or snapshot id), contacting no host
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,25 @@ def compute(common: Common, scope: Scope, command: str, prep: Prepared, transpor
                       inventory=prep.inventory)
 
 
+def recalled(common: Common, prep: Prepared, observed: str, *, no_prune: bool) -> Plan:
+    """The plan from a kept observation (--observed), marked with it: what the plan was, or would
+    have been, then.  `fleet apply` refuses it: it is stale by construction."""
+    seen = observing.recall(common, prep.desired, prep.targets, observed)
+    computed = build_plan(prep.desired, seen.results, prep.secrets, prune=not no_prune, lab=common.lab,
+                          inventory=prep.inventory)
+    return replace(computed, observed=seen.kept)
+
+
 def plan(options: PlanOptions, reporter: Reporter) -> PlanResult:
     if options.out is not None:  # before any host is contacted: a plan computed for nothing costs every host a trip
         check_writable(options.out, "the plan")
     prep = prepare(options.common, options.scope, options.secrets, reporter)
-    with observing.open_transport(options.common, prep.targets, options.scope) as transport:
-        computed = compute(options.common, options.scope, "plan", prep, transport, reporter, no_prune=options.no_prune)
+    if options.observed is not None:
+        computed = recalled(options.common, prep, options.observed, no_prune=options.no_prune)
+    else:
+        with observing.open_transport(options.common, prep.targets, options.scope) as transport:
+            computed = compute(options.common, options.scope, "plan", prep, transport, reporter,
+                               no_prune=options.no_prune)
     if options.out is not None:
         write_private_file(options.out, computed.to_json(), "the plan")
     return PlanResult(computed, options.out)

@@ -15,6 +15,7 @@ from fleet.workflows.check import load_valid
 class StatusOptions:
     common: Common
     scope: Scope
+    observed: str | None = None  # show this kept observation (a file or snapshot id), contacting no host
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,13 @@ def status(options: StatusOptions, reporter: Reporter) -> StatusResult:
     common = options.common
     desired = load_valid(common, reporter)
     targets = resolve(desired, state_dir=str(common.state_dir), lab=common.lab, limit=options.scope.limit)
-    with observing.open_transport(common, targets, options.scope) as transport:
-        seen = observing.observe(common, options.scope, "status", desired, targets, transport, reporter)
-    quiet = observing.previous_quiet(common, desired, seen)
+    if options.observed is not None:
+        seen = observing.recall(common, desired, targets, options.observed)
+        reporter.note(f"observed: {seen.kept}, not now")
+        quiet: dict[str, float] = {}  # the journal's earlier snapshots are not earlier than a kept observation
+    else:
+        with observing.open_transport(common, targets, options.scope) as transport:
+            seen = observing.observe(common, options.scope, "status", desired, targets, transport, reporter)
+        quiet = observing.previous_quiet(common, desired, seen)
     return StatusResult(build_status(replace(desired, hosts=targets.hosts), seen.results, quiet=quiet),
                         seen.snapshot_id)

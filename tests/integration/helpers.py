@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,13 @@ def sidekiq_unit(args: str, description: str = "hand-made sidekiq") -> str:
     )
 
 
+STOP_MASTODON = "systemctl stop 'mastodon-*' 2>/dev/null; true"
+
+
 def reset_host(lab: Any, host: str) -> None:
     """Back to bare: no Mastodon units (stopped, disabled, files gone), no env file, no lock,
     databases stopped and disabled.  (`systemctl disable` takes no globs: name the units.)"""
-    lab.ssh(host, "systemctl stop 'mastodon-*' 2>/dev/null; "
+    lab.ssh(host, STOP_MASTODON + "; "
                   "units=$(cd /etc/systemd/system && ls -d mastodon-*.service 2>/dev/null); "
                   "[ -z \"$units\" ] || systemctl disable --quiet $units; "
                   "systemctl disable --now --quiet postgresql redis-server 2>/dev/null; "
@@ -75,8 +79,13 @@ def reset_host(lab: Any, host: str) -> None:
 
 
 def reset_all(lab: Any) -> None:
-    for h in lab.names:
-        reset_host(lab, h)
+    """Every host back to bare, the hosts side by side (each host's reset is its own: one SSH
+    session per host, as the tests' lab.ssh runs OpenSSH).  Every host's Mastodon stops first,
+    while every Redis still runs, so each Sidekiq leaves `processes` as it does in production
+    (one host's Redis stopping before another host's Sidekiq would leave that process behind)."""
+    with ThreadPoolExecutor(max_workers=len(lab.names)) as pool:
+        list(pool.map(lambda h: lab.ssh(h, STOP_MASTODON, user="root", check=False), lab.names))
+        list(pool.map(lambda h: reset_host(lab, h), lab.names))  # re-raises the first host's failure
 
 
 def wait_for_ssh(lab: Any, host: str, timeout: float = 30) -> None:

@@ -69,3 +69,29 @@ def test_adopting_the_converged_example_declares_its_env_files_and_data_stores_a
     assert plan.returncode == 0, plan.stdout + plan.stderr
     document = json.loads(plan.stdout)
     assert document["complete"] is True and document["changes"] == [], document["changes"]
+
+
+def test_an_adopted_drop_in_is_declared_and_a_changed_one_is_written_byte_for_byte(stock: Any, tmp_path: Path) -> None:
+    """A stock unit tuned with a drop-in: adopt declares it (the plan stays empty); the operator
+    changes the file in the adopted directory, and apply writes exactly it and restarts the unit."""
+    web, host = "mastodon-web.service", "fritz"
+    path = f"/etc/systemd/system/{web}.d/10-limits.conf"
+    stock.ssh(host, f"mkdir -p /etc/systemd/system/{web}.d && cat > {path} && systemctl daemon-reload",
+              user="root", input="[Service]\nLimitNOFILE=65536\n")
+    target = tmp_path / "adopted"
+    done = fleet(stock, "adopt", str(target), directory=STOCK)
+    assert done.returncode == 0, done.stdout + done.stderr
+    declared = target / "units" / f"{web}.d" / "10-limits.conf"
+    assert declared.read_bytes() == file_on(stock, host, path)
+    assert '"10-limits.conf" = "units/mastodon-web.service.d/10-limits.conf"' in (
+        target / "desired_state.toml").read_text()
+    plan = fleet(stock, "plan", "--json", directory=target)
+    assert plan.returncode == 0 and json.loads(plan.stdout)["changes"] == [], plan.stdout + plan.stderr
+    declared.write_bytes(b"# raised for the scaling guide\n[Service]\nLimitNOFILE=131072\n")
+    applied = fleet(stock, "apply", "--yes", "--settle", "1", directory=target, timeout=300)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert file_on(stock, host, path) == declared.read_bytes()
+    limit = stock.ssh(host, f"systemctl show -p LimitNOFILE --value {web}", user="root").stdout.strip()
+    assert limit == "131072"  # reloaded and restarted: the running unit has it
+    again = fleet(stock, "plan", "--json", directory=target)
+    assert again.returncode == 0 and json.loads(again.stdout)["changes"] == [], again.stdout + again.stderr

@@ -4,6 +4,7 @@ runs its script) reads it back through the real redis-cli with the lab's Redis p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -12,13 +13,18 @@ from typing import Any
 import pytest
 from helpers import REDIS_HOST, enqueue, fleet, fleet_json, lab_redis_password, redis_cli, reset_all
 
+from fleet import remote
+from fleet.config import load
 from fleet.journal import journal_path
+from fleet.model import HealthCheck
+from fleet.resources.unit_state import sidekiq_gate
 from fleet.sidekiq import (
     SidekiqPolicy,
     SidekiqView,
     check_latency,
     check_unserved,
     decode_token,
+    judge_beat,
     parse_section,
     section_script,
 )
@@ -273,3 +279,39 @@ def test_an_active_unit_whose_process_stops_heartbeating_is_reported_within_70_s
     finally:
         converged.ssh(host, f"kill -CONT {pid}", user="root", check=False)
     poll(lambda: process_of(read_view(converged)[0], host, pid), 30, f"{unit} did not heartbeat again after CONT")
+
+
+# ------------------------------------------------------------------ apply's Sidekiq health gate
+
+def sidekiq_gate_on(lab: Any, host: str, unit: str, service: str) -> tuple[str, str]:
+    """Restart `unit`, then run its Sidekiq health gate: the script apply builds for the service of
+    the lab's desired state declared with `health = { sidekiq = true }`: (why it failed or "", output)."""
+    desired = load(lab.repo / "desired_state.toml", lab.repo / "hosts").desired
+    assert desired is not None
+    declared = desired.service(service)
+    assert declared is not None and declared.sidekiq is not None
+    svc = dataclasses.replace(declared, health=HealthCheck(sidekiq=True))
+    then, window = sidekiq_gate(desired, svc, start_timeout=30)
+    lab.ssh(host, f"systemctl restart {unit}", user="root")
+    gate = remote.health_gate(unit, svc.health, settle=1, start_timeout=30, then=then)
+    out = lab.ssh(host, ["sh", "-c", gate], user="root", timeout=120).stdout
+    assert "@@gate ok" in out.splitlines() and "@@gate fail" not in out, out
+    return judge_beat(out, host, declared.sidekiq, window), out
+
+
+def test_the_sidekiq_health_gate_passes_a_restart_and_fails_a_process_serving_other_queues(converged: Any) -> None:
+    host, unit = "nietzsche", "mastodon-sidekiq-scheduler.service"
+    why, out = sidekiq_gate_on(converged, host, unit, "sidekiq-scheduler")
+    assert why == "", out
+    assert f"@@sidekiq-beat id {host}:{main_pid(converged, host, unit)}:" in out  # the new process's own
+    drop_in = f"/etc/systemd/system/{unit}.d/zz-wrong-queues.conf"
+    wrong = f"[Service]\nExecStart=\nExecStart={BUNDLE} exec sidekiq -c 5 -q default\n"
+    converged.ssh(host, f"mkdir -p /etc/systemd/system/{unit}.d && printf '{wrong}' > {drop_in} && "
+                        "systemctl daemon-reload", user="root")
+    try:
+        why, out = sidekiq_gate_on(converged, host, unit, "sidekiq-scheduler")
+        pid = main_pid(converged, host, unit)
+        assert why == f"its new process (pid {pid}) heartbeats with queues default (declared: scheduler,1)", out
+    finally:
+        converged.ssh(host, f"rm -f {drop_in} && systemctl daemon-reload && systemctl restart {unit}", user="root")
+    poll(lambda: all_heartbeating(converged), 30, f"{unit} did not heartbeat again once restored")

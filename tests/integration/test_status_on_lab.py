@@ -25,11 +25,11 @@ def web_unit() -> str:
     return render_unit(web)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def drifted(lab: Any) -> Iterator[Any]:
     """The postmortem's fleet, made by hand: web running on fritz as declared, the declared
     Sidekiq on freud installed but stopped, and an undeclared Sidekiq running only
-    `-q default` on franz, the CDN node."""
+    `-q default` on franz, the CDN node.  Made once for the module: its tests only read it."""
     reset_all(lab)
     lab.ssh("fritz", "install -o mastodon -g mastodon -m 600 /dev/null /home/mastodon/live/.env.production",
             user="root")

@@ -5,6 +5,7 @@ tests/fixtures/collect/ (a drop-in, a secret in a unit's Environment=)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,8 @@ from fleet.adopt import build, fragment_text
 from fleet.collect.parse import parse_host
 from fleet.model import Desired, HostResult, HostState
 from fleet.plan import build_plan
+from fleet.resources.drop_ins import DropIn
+from fleet.textutil import sha256_hex
 from fleet.workflows import observe as observing
 
 STOCK = REPO / "tests" / "fixtures" / "stock"
@@ -172,16 +175,36 @@ def test_the_captured_drifted_host_is_observed_only_where_its_file_cannot_be_wri
     assert any("postgresql.service is inactive/dead: not declared" in n for n in a.notes)
 
 
-def test_a_unit_with_a_drop_in_is_read_back_exactly_and_declared_observe_only(tmp_path: Path) -> None:
+def test_a_unit_with_a_drop_in_is_adopted_with_the_drop_in_declared_and_the_plan_is_empty(tmp_path: Path) -> None:
     seen = converged(stock(), {})
-    seen["fritz"] = with_drop_in(seen["fritz"], "mastodon-web.service")
+    limits = "[Service]\nLimitNOFILE=131072\n"
+    seen["fritz"] = with_drop_in(seen["fritz"], "mastodon-web.service", "10-limits.conf", limits)
+    path = "/etc/systemd/system/mastodon-web.service.d/10-limits.conf"
+    seen["fritz"] = dataclasses.replace(seen["fritz"], extra=(("dropins", (
+        DropIn("mastodon-web.service", path, sha256_hex(limits)),)),))
     web = seen["fritz"].unit("mastodon-web.service")
     assert web is not None and fragment_text(web) == (STOCK / "units" / "mastodon-web.service").read_text()
     out = write(tmp_path, seen)
-    assert not (out / "units" / "mastodon-web.service").exists()
+    assert (out / "units" / "mastodon-web.service").read_text() == fragment_text(web)
+    assert (out / "units" / "mastodon-web.service.d" / "10-limits.conf").read_text() == limits
     adopted = load_checked(out)
-    assert adopted.service("web") is not None and adopted.service("web").observe_only  # type: ignore[union-attr]
+    svc = adopted.service("web")
+    assert svc is not None and not svc.observe_only
+    assert svc.dropins is not None and [(d.name, d.text) for d in svc.dropins] == [("10-limits.conf", limits)]
     assert build_plan(adopted, dict(seen), {}).changes == ()
+    # the drop-in is what keeps the plan empty: without it declared, the rewrite would remove it
+    bare_web = (out / "desired_state.toml").read_text().replace(
+        '[services.web.dropins]\n"10-limits.conf" = "units/mastodon-web.service.d/10-limits.conf"\n', "")
+    (out / "desired_state.toml").write_text(bare_web)
+    assert [c.action.value for c in build_plan(load_checked(out), dict(seen), {}).changes][:1] == ["write-unit"]
+
+
+def test_an_instances_own_drop_in_cannot_be_declared_and_its_service_is_observed_only() -> None:
+    seen = converged(stock(), {})
+    seen["fritz"] = with_drop_in(seen["fritz"], "mastodon-streaming@4001.service", "10-x.conf", "[Service]\n")
+    a = build("stock", ["mastodon-*"], seen)
+    assert "dropins" not in a.desired_state
+    assert any("mastodon-streaming@4001.service has drop-ins fleet cannot declare" in n for n in a.notes), a.notes
 
 
 def test_a_unit_whose_secret_was_masked_on_the_host_is_not_written_masked() -> None:

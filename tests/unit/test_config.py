@@ -609,7 +609,8 @@ def test_a_max_unavailable_below_one_is_an_error(make_fleet: MakeFleet) -> None:
 
 
 @pytest.mark.parametrize(("health", "key", "text"), [
-    ("{ tcp = 1, http = \"http://x/\" }", "services.app.health", "exactly one of command, http, tcp (has http, tcp)"),
+    ("{ tcp = 1, http = \"http://x/\" }", "services.app.health",
+     "exactly one of command, http, tcp, sidekiq = true (has http, tcp)"),
     ("{ timeout = 3 }", "services.app.health", "(has none)"),
     ('{ http = "ftp://x/" }', "services.app.health.http", "is not an http:// or https:// URL"),
     ("{ tcp = 0 }", "services.app.health.tcp", "port 0 is outside 1–65535"),
@@ -633,6 +634,35 @@ def test_each_health_check_form_is_described(make_fleet: MakeFleet) -> None:
     assert [d.service(n).health.describe() for n in "htc"] == ["GET http://127.0.0.1/h", "TCP port 5432",
                                                                "command `true`"]
     assert d.service("c").health.timeout == 2.5
+
+
+ENV_LOADED = 'user = "mastodon"\nenvironment_files = ["/home/mastodon/live/.env.production"]'
+
+
+def test_a_sidekiq_service_may_gate_on_its_heartbeat(make_fleet: MakeFleet) -> None:
+    fd = make_fleet(sidekiq("sk", extra="health = { sidekiq = true }", unit_file=ENV_LOADED))
+    loaded = fd.load()
+    assert [f for f in loaded.findings if f.severity == "error"] == []
+    health = loaded.desired.service("sk").health
+    assert health is not None and health.sidekiq and health.describe() == "Sidekiq heartbeat with its declared queues"
+
+
+@pytest.mark.parametrize(("service", "key", "code", "text"), [
+    (generic("sk", extra="health = { sidekiq = true }"), "services.sk.health.sidekiq", "config.bad-value",
+     'only applies to kind = "sidekiq"'),
+    (sidekiq("sk", extra="health = { sidekiq = true }"), "services.sk.health.sidekiq", "config.bad-value",
+     "this service loads none"),
+    (sidekiq("sk", extra="health = { sidekiq = true, timeout = 5 }", unit_file=ENV_LOADED),
+     "services.sk.health.timeout", "config.bad-key", "has no timeout of its own"),
+    (sidekiq("sk", extra="health = { sidekiq = true, tcp = 80 }", unit_file=ENV_LOADED), "services.sk.health",
+     "config.bad-value", "(has tcp, sidekiq)"),
+    (sidekiq("sk", extra='health = { sidekiq = "yes" }', unit_file=ENV_LOADED), "services.sk.health.sidekiq",
+     "config.wrong-type", "must be a boolean"),
+])
+def test_a_misplaced_sidekiq_health_check_is_an_error(make_fleet: MakeFleet, service: str, key: str, code: str,
+                                                      text: str) -> None:
+    f = only(make_fleet(service).load().findings, code)
+    assert f.key == key and text in f.message, f
 
 
 def test_a_misspelled_restart_value_suggests_the_systemd_one(make_fleet: MakeFleet) -> None:

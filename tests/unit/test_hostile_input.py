@@ -48,7 +48,7 @@ from fleet.journal import parse_since
 from fleet.model import HostError, HostState
 from fleet.output.json import status_json
 from fleet.output.text import plan_text
-from fleet.plan import Plan, PlanFileError, build_plan, plan_from_json
+from fleet.plan import Plan, PlanFileError, build_plan, pack_document, plan_from_json, unpack_document
 from fleet.resources.env_file import parse_env
 from fleet.secrets import load_secrets
 from fleet.snapshot import pack, unpack
@@ -871,18 +871,18 @@ def show(capsys: pytest.CaptureFixture[str], tmp_path: Path, doc: dict[str, Any]
 
 def test_a_plan_whose_waves_name_an_unknown_change_is_refused_cleanly(capsys: pytest.CaptureFixture[str],
                                                                       tmp_path: Path) -> None:
-    doc = copy.deepcopy(PLAN_DOC)
+    doc = unpack_document(copy.deepcopy(PLAN_DOC), "plan.json")
     doc["waves"][0].append("fritz:start:nothing.service")
-    code, err = show(capsys, tmp_path, doc)
+    code, err = show(capsys, tmp_path, pack_document(doc))
     assert code == 1 and err.startswith("fleet: error:")
 
 
 def test_a_plan_with_a_malformed_env_key_change_is_refused_cleanly(capsys: pytest.CaptureFixture[str],
                                                                    tmp_path: Path) -> None:
-    doc = copy.deepcopy(PLAN_DOC)
+    doc = unpack_document(copy.deepcopy(PLAN_DOC), "plan.json")
     env = next(c for c in doc["changes"] if c["action"] == "write-env")
     env["keys"][0] = ["S3_BUCKET"]
-    code, err = show(capsys, tmp_path, doc)
+    code, err = show(capsys, tmp_path, pack_document(doc))
     assert code == 1 and err.startswith("fleet: error:")
 
 

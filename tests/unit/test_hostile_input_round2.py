@@ -347,14 +347,14 @@ def _hostile_plan_doc() -> dict[str, Any]:
     from observed import EXAMPLE_SECRETS as S
     from observed import bare, example
 
-    from fleet.plan import build_plan
+    from fleet.plan import build_plan, pack_document
 
-    doc: dict[str, Any] = json.loads(build_plan(example(), bare(example()), S).to_json())
+    doc: dict[str, Any] = build_plan(example(), bare(example()), S).to_dict()
     doc["fleet"] = "hachyderm\x1b]0;owned\x07"
     doc["changes"][0]["reason"] = "fine\x1b[2K\r  ~ nothing to see here\x1b[8m"
     doc["notes"] = ["note\x1b[1A"]
     doc["problems"] = ["problem\x9b2K"]
-    return doc
+    return pack_document(doc)  # the plan file's shape
 
 
 @pytest.mark.parametrize("color", [False, True])

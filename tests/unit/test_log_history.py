@@ -7,6 +7,7 @@ host standing for /var/lib/fleet; records are appended there by fleet's own appe
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -204,3 +205,70 @@ def test_a_broken_chain_on_a_host_is_an_error_finding_of_the_audit_for_that_host
     assert found[0].message == ("history on fritz was edited or truncated after record 6: record 8 does not continue "
                                 "record 7")
     assert history_findings(common, ["franz"], {}) == []  # only the hosts audited
+
+
+# ---------------------------------------------------------------- `fleet history` and `fleet history ack`
+
+
+class AckingHosts(Hosts):
+    """Hosts that also run the ack's append for real (its record on stdin, as the host gets it)."""
+
+    def _history(self, call: Call) -> RunResult | None:
+        if "echo @@ok" in call.command and STATE in call.command:
+            done = subprocess.run(["sh", "-c", call.command.replace(STATE, str(self.state(call.host)))],
+                                  input=call.stdin, capture_output=True, check=False, timeout=60)
+            return call.reply(done.stdout, done.stderr, done.returncode)
+        return super()._history(call)
+
+
+def run(capsys: pytest.CaptureFixture[str], example: FleetDir, state: Path, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["--dir", str(example.root), "--state-dir", str(state), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_history_lists_the_runs_recorded_on_the_hosts_from_a_checkout_that_never_applied(
+        hosts: Hosts, example: FleetDir, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hosts.applied("fritz", start("fritz"))
+    hosts.applied("franz", start("franz"), outcome="failed")
+    hosts.applied("franz", start("franz", "x.service"), run="20261128T150000-b0b0b0", who="bob@ci",
+                  at=1_764_342_000.0, outcome=None)  # its host's lock is free: interrupted
+    code, out, err = run(capsys, example, tmp_path / "fresh", "history")
+    assert code == 0 and err == ""
+    runs = out.split("Snapshots (oldest first):")[0].splitlines()
+    assert runs[0] == "Runs (newest first):" and "20261128T150000-b0b0b0" in runs[3] and RUN in runs[4]
+    assert "bob@ci" in runs[3] and runs[3].rstrip().endswith("1 interrupted")
+    assert "alice@laptop" in runs[4] and "git 3f2a9c1d0b7e (dirty)" in runs[4] and "franz, fritz" in runs[4]
+    assert runs[4].rstrip().endswith("1 ok, 1 failed")
+    code, out, _ = run(capsys, example, tmp_path / "fresh", "history", "--cached", "--json")
+    doc = json.loads(out)
+    assert [r["run_id"] for r in doc["runs"]] == ["20261128T150000-b0b0b0", RUN] and doc["snapshots"] == []
+    calls = len(hosts.calls)
+    code, out, _ = run(capsys, example, tmp_path / "fresh", "history", "--snapshots")
+    assert code == 0 and "Runs" not in out and len(hosts.calls) == calls  # no network
+
+
+def test_history_ack_records_the_acknowledgement_on_the_host_and_refuses_an_intact_chain(
+        tmp_path: Path, example: FleetDir, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts = AckingHosts(tmp_path / "hosts")
+    monkeypatch.setattr(observing, "open_transport", lambda common, targets, scope: hosts)
+    hosts.applied("fritz", start("fritz"))
+    hosts.applied("fritz", start("fritz", "x.service"), at=1_764_338_600.0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, _, err = run(capsys, example, a, "history", "ack", "fritz", "--reason", "looked")
+    assert code == 1 and "the history on fritz has no unacknowledged break: nothing to acknowledge" in err
+    file = hosts.state("fritz") / "history.jsonl"
+    file.write_text(file.read_text().replace('"target":"mastodon-web.service"', '"target":"mastodon-wob.service"', 1))
+    code, _, err = run(capsys, example, a, "history")
+    assert err == "warning: history on fritz was edited or truncated at its start: record 1 differs from the copy " \
+                  "collected before\n"
+    code, out, err = run(capsys, example, a, "history", "ack", "fritz", "--reason", "restored\x1b[2J by hand")
+    assert code == 0 and out.startswith("Acknowledged on fritz (record 5 of its history): history on fritz was")
+    record = json.loads(file.read_text().splitlines()[-1])
+    assert (record["kind"], record["reason"], record["breaks"][0]["after"]) == ("ack", "restored\x1b[2J by hand", 0)
+    for state in (a, b):  # b: a checkout that never read fritz honours the ack too
+        code, _, err = run(capsys, example, state, "history")
+        assert code == 0 and err.startswith("note: history on fritz was edited or truncated at its start: ")
+        assert "restored\\x1b[2J by hand" in err and "\x1b" not in err  # operator text, escaped
+    code, _, err = run(capsys, example, a, "history", "ack", "fritz", "--reason", "again")
+    assert code == 1 and "nothing to acknowledge" in err

@@ -81,17 +81,18 @@ def test_the_one_writer_writes_what_json_dumps_writes_and_a_newline(tmp_path: Pa
         assert json_out.dumps(doc) == json.dumps(doc, indent=2) + "\n", name
 
 
-def test_the_plan_document_is_the_plan_file_byte_for_byte() -> None:
+def test_plan_json_prints_the_plan_document() -> None:
     plan = build_plan(example(), bare(example()), EXAMPLE_SECRETS)
-    assert json_out.dumps(json_out.plan_json(plan)) == plan.to_json()
+    assert json_out.dumps(json_out.plan_json(plan)) == plan.document_json()
 
 
-@pytest.mark.parametrize(("command", "member"), [("log", "steps"), ("history", "snapshots")])
+@pytest.mark.parametrize(("args", "members"), [(["log"], ("steps",)), (["history"], ("runs", "snapshots")),
+                                               (["history", "--snapshots"], ("snapshots",))])
 def test_without_a_journal_the_json_is_an_empty_document_not_a_sentence(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, member: str) -> None:
-    cached = ["--cached"] if command == "log" else []  # log reads the hosts' history first otherwise
-    assert cli.main(["--state-dir", str(tmp_path / "state"), command, "--json", *cached]) == 0
-    assert json.loads(capsys.readouterr().out) == {"format": 1, member: []}
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], members: tuple[str, ...]) -> None:
+    # --cached: log and history read the hosts' history first otherwise
+    assert cli.main(["--state-dir", str(tmp_path / "state"), *args, "--json", "--cached"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"format": 1, **{m: [] for m in members}}
 
 
 # ------------------------------------------------------------------ fleet lock status --json

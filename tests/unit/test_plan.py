@@ -43,13 +43,18 @@ from fleet.diff import diff
 from fleet.model import Desired, HostResult, HostState
 from fleet.moves import MoveRefused, pending
 from fleet.plan import (
+    FILE_FORMAT,
     PLAN_FORMAT,
     Plan,
     PlanFileError,
     build_plan,
     desired_hash,
     fingerprint,
+    pack_document,
+    plan_file_text,
+    plan_from_document,
     plan_from_json,
+    unpack_document,
 )
 from fleet.status import DRIFT, OK, build_status
 from fleet.textutil import indented_json
@@ -94,7 +99,7 @@ def strings(value: Any) -> Iterator[str]:
 def test_the_plan_json_carries_format_fleet_time_hashes_fingerprints_changes_and_waves() -> None:
     observed = bare(example())
     plan = plan_for(observed)
-    doc = json.loads(plan.to_json())
+    doc = json.loads(plan.document_json())
     assert doc["format"] == PLAN_FORMAT == 1
     assert doc["fleet"] == "hachyderm"
     assert doc["created_at"] == "2026-11-28T12:00:00Z"
@@ -120,7 +125,7 @@ def test_an_unreachable_host_makes_the_plan_incomplete_and_lists_nothing_for_it(
     assert plan.unknown == (("nietzsche", "unreachable", "nietzsche: connection refused"),)
     assert "nietzsche" in plan.hosts and "nietzsche" not in plan.fingerprints
     assert not any(c.host == "nietzsche" for c in plan.changes)
-    assert json.loads(plan.to_json())["complete"] is False
+    assert json.loads(plan.to_json())["complete"] is False and plan.to_dict()["complete"] is False
 
 
 def test_a_limited_plan_covers_only_the_observed_hosts() -> None:
@@ -203,7 +208,36 @@ def test_a_plan_with_env_writes_survives_the_json_round_trip_unchanged() -> None
 @pytest.mark.parametrize("observed", [pytest.param(bare, id="bare"), pytest.param(lambda _: drifted(), id="drifted")])
 def test_the_plan_json_is_the_text_json_writes_with_an_indent_of_two(observed: Any) -> None:
     plan = plan_for(observed(example()))
-    assert plan.to_json() == json.dumps(plan.to_dict(), indent=2) + "\n"
+    assert plan.document_json() == json.dumps(plan.to_dict(), indent=2) + "\n"
+
+
+@pytest.mark.parametrize("observed", [pytest.param(bare, id="bare"), pytest.param(lambda _: drifted(), id="drifted")])
+def test_the_plan_file_is_the_packed_document(observed: Any) -> None:
+    plan = plan_for(observed(example()))
+    assert plan.to_json() == plan_file_text(pack_document(plan.to_dict()))
+    assert json.loads(plan.to_json())["format"] == FILE_FORMAT == 2
+    assert unpack_document(json.loads(plan.to_json()), "plan.json") == plan.to_dict()
+
+
+def test_the_plan_file_keeps_each_distinct_text_once_and_a_change_per_row() -> None:
+    plan = plan_for(bare(example()))
+    packed = json.loads(plan.to_json())
+    assert len(packed["texts"]) == len(set(packed["texts"])) and len(packed["changes"]) == len(plan.changes)
+    writes = [c for c in plan.changes if c.action == "write-unit"]
+    bodies = {c.fields()["diff"].split("\n", 2)[2] for c in writes}  # a diff without its ---/+++ lines
+    assert len(writes) > len(bodies)  # hosts share a service's unit: its diff is written once
+    payloads = [json.loads(t) for t in packed["texts"] if t.startswith("{")]
+    assert sorted(p["diff_body"] for p in payloads if "diff_body" in p) == sorted(bodies)  # each once, no host named
+    assert not any("diff" in p for p in payloads)
+
+
+def test_a_plan_document_or_an_older_plan_file_is_refused_naming_its_format(tmp_path: Path) -> None:
+    plan = plan_for(drifted())
+    path = tmp_path / "plan.json"
+    path.write_text(plan.document_json())  # `fleet plan --json > plan.json`, or a plan file of fleet < format 2
+    with pytest.raises(PlanFileError, match="plan format 1 is a plan document .* not a plan file of this fleet "
+                                            r"\(format 2\)"):
+        plan_from_json(path.read_text(), str(path))
 
 
 json_values = st.recursive(
@@ -234,7 +268,9 @@ def test_indented_json_writes_a_generator_as_a_list_and_refuses_what_json_refuse
     ("[1, 2]", "unsupported plan format 'list'"),
     ('{"format": 99}', "unsupported plan format 99"),
     ('{"fleet": "hachyderm"}', "unsupported plan format None"),
-    ('{"format": 1, "fleet": "x"}', "incomplete or damaged"),
+    ('{"format": 1, "fleet": "x"}', "plan format 1 is a plan document"),
+    ('{"format": 2, "fleet": "x"}', "its texts is not a list"),
+    ('{"format": 2, "fleet": "x", "texts": [], "hosts": [], "waves": [], "changes": [[0]]}', "change 0 is not a row"),
 ])
 def test_a_damaged_or_foreign_plan_file_is_a_plan_file_error(text: str, says: str) -> None:
     with pytest.raises(PlanFileError, match=says) as e:
@@ -249,18 +285,18 @@ def test_a_truncated_plan_file_is_a_plan_file_error() -> None:
 
 
 def test_a_plan_missing_a_change_field_is_a_plan_file_error() -> None:
-    doc = json.loads(plan_for(drifted()).to_json())
+    doc = plan_for(drifted()).to_dict()
     del doc["changes"][0]["host"]
     with pytest.raises(PlanFileError, match="missing 'host'"):
-        plan_from_json(json.dumps(doc))
+        plan_from_document(doc)
 
 
 @pytest.mark.parametrize("meta", ["x", [["owner"]], [[1, 2, 3]]])
 def test_a_plan_with_a_damaged_meta_field_is_a_plan_file_error(meta: Any) -> None:
-    doc = json.loads(plan_for(bare(example())).to_json())
+    doc = plan_for(bare(example())).to_dict()
     doc["changes"][0]["meta"] = meta
     with pytest.raises(PlanFileError):
-        plan_from_json(json.dumps(doc))
+        plan_from_json(plan_file_text(pack_document(doc)))
 
 
 def _renamed(doc: dict[str, Any], change: dict[str, Any], action: str) -> None:
@@ -274,10 +310,10 @@ def _renamed(doc: dict[str, Any], change: dict[str, Any], action: str) -> None:
 
 @pytest.mark.parametrize("action", ["stop", "disable", "reboot"])
 def test_a_plan_naming_an_action_fleet_does_not_have_is_malformed(action: str) -> None:
-    doc = json.loads(plan_for(drifted()).to_json())
+    doc = plan_for(drifted()).to_dict()
     _renamed(doc, next(c for c in doc["changes"] if c["action"] == "start"), action)
     with pytest.raises(PlanFileError, match=f"change '[a-z]+:{action}:[^']+' is malformed"):
-        plan_from_json(json.dumps(doc))
+        plan_from_json(plan_file_text(pack_document(doc)))
 
 
 @pytest.mark.parametrize(("action", "field", "value"), [
@@ -291,13 +327,13 @@ def test_a_plan_naming_an_action_fleet_does_not_have_is_malformed(action: str) -
 def test_a_plan_whose_change_carries_a_field_its_action_never_has_is_malformed(action: str, field: str,
                                                                                 value: Any) -> None:
     fleet = converged(example(), S)  # every host in view, so that the undeclared Sidekiq is pruned
-    doc = json.loads(plan_for(drifted() | {"nietzsche": fleet["nietzsche"],
-                                           "freud": env_meta(fleet["freud"], mode="0644")}).to_json())
-    plan_from_json(json.dumps(doc))  # as fleet wrote it: loads
+    doc = plan_for(drifted() | {"nietzsche": fleet["nietzsche"],
+                                "freud": env_meta(fleet["freud"], mode="0644")}).to_dict()
+    plan_from_json(plan_file_text(pack_document(doc)))  # as fleet wrote it: loads
     change = next(c for c in doc["changes"] if c["action"] == action)
     change[field] = value
     with pytest.raises(PlanFileError, match=r"is malformed \((carries|its meta)"):
-        plan_from_json(json.dumps(doc))
+        plan_from_json(plan_file_text(pack_document(doc)))
 
 
 # ------------------------------------------------------------------ fingerprints and hashes

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
+from observed import example as example_desired
 
 from fleet import policy
 from fleet.model import SIDEKIQ_QUEUES, Desired, Finding, Kind
@@ -404,3 +405,41 @@ def test_a_fleet_without_sidekiq_still_says_which_file_to_fix(example: FleetDir)
     d = dataclasses.replace(d, services=tuple(s for s in d.services if s.kind is not Kind.SIDEKIQ))
     findings = [f for f in policy.check(d) if f.code.startswith("sidekiq.")]
     assert findings and all(f.file == str(example.desired_path) for f in findings)
+
+
+# ------------------------------------------------------------------ linear in the fleet's size
+
+
+def _grown(n: int) -> Desired:
+    """The example with `n` more web hosts like fritz, each reading the Mastodon env file (and so
+    its DB_HOST and REDIS_HOST, which the store policies resolve against the inventory)."""
+    d = example_desired()
+    fritz = d.host("fritz")
+    assert fritz is not None
+    clones = tuple(dataclasses.replace(fritz, name=f"web{i:03d}", address=f"10.0.9.{i}") for i in range(n))
+    names = tuple(c.name for c in clones)
+    return dataclasses.replace(
+        d, hosts=d.hosts + clones,
+        services=tuple(dataclasses.replace(s, hosts=s.hosts + names) if s.name == "web" else s for s in d.services),
+        env_files=tuple(dataclasses.replace(e, hosts=e.hosts + names) for e in d.env_files))
+
+
+def test_the_policies_parse_each_address_a_bounded_number_of_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolving every host's settings against the inventory goes through an index: parsing the
+    whole inventory's addresses per setting made `fleet check` quadratic (30 s at 1,000 hosts)."""
+    calls = 0
+    real = policy._address
+
+    def counted(address: str) -> str:
+        nonlocal calls
+        calls += 1
+        return real(address)
+
+    monkeypatch.setattr(policy, "_address", counted)
+    counts = []
+    for n in (40, 80):
+        calls = 0
+        grown = _grown(n)
+        assert not [f for f in policy.check(grown) if f.is_error]
+        counts.append(calls)
+    assert counts[1] - counts[0] <= 10 * 40, counts  # a few per added host, not one per pair of hosts

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from redis_server import Redis
 
 from fleet import remote
 from fleet.model import HealthCheck
@@ -634,6 +635,37 @@ def gate(systemd: FakeSystemd, check: HealthCheck | None = None, *, unit: str = 
     r = sh(remote.health_gate(unit, check, settle=settle, start_timeout=start_timeout), env=systemd.env)
     assert r.returncode == 0, r.stderr
     return out(r)
+
+
+def _sidekiq_gate(systemd: FakeSystemd, redis: Redis, tmp_path: Path) -> str:
+    from fleet.sidekiq import beat_script
+
+    env = tmp_path / ".env.production"
+    env.write_text(redis.env())
+    then = beat_script(str(env), '"$p0"', timeout=5, each="up")
+    r = sh(remote.health_gate("mastodon-sidekiq.service", HealthCheck(sidekiq=True), settle=0.1, start_timeout=1,
+                              then=then), env=systemd.env)
+    assert r.returncode == 0, r.stderr
+    return out(r)
+
+
+def test_the_sidekiq_gate_reads_the_heartbeat_of_the_units_main_pid(systemd: FakeSystemd, redis: Redis,
+                                                                  tmp_path: Path) -> None:
+    redis.flush()
+    me = Path("/proc/sys/kernel/hostname").read_text().strip()
+    redis.cli("SADD", "processes", f"{me}:100:0123456789ab")
+    redis.cli("HSET", f"{me}:100:0123456789ab", "beat", "1", "info", "{}")
+    text = _sidekiq_gate(systemd, redis, tmp_path)
+    assert text.splitlines()[0] == f"@@sidekiq-beat id {me}:100:0123456789ab" and text.endswith("@@gate ok\n")
+
+
+def test_the_sidekiq_gate_fails_at_once_when_the_unit_stops_while_it_waits_for_the_heartbeat(
+        systemd: FakeSystemd, redis: Redis, tmp_path: Path) -> None:
+    redis.flush()
+    systemd.show("inactive", "dead", call=4)  # 1: reached active, 2: after settling, 3: first wait, 4: second
+    text = _sidekiq_gate(systemd, redis, tmp_path)
+    assert text.startswith("@@gate fail unit stopped before its Sidekiq heartbeat was read (now inactive/dead)\n")
+    assert "@@sidekiq-beat none" not in text  # it did not wait out the window
 
 
 def test_health_gate_passes_for_a_unit_that_stays_active_and_running(systemd: FakeSystemd) -> None:

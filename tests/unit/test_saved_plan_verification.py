@@ -35,7 +35,7 @@ from observed import (
 
 from fleet import cli
 from fleet.model import Host, HostResult
-from fleet.plan import Plan, PlanFileError, plan_from_json
+from fleet.plan import Plan, PlanFileError, pack_document, plan_file_text, plan_from_json, unpack_document
 from fleet.transport.protocol import RunResult
 from fleet.workflows import apply as applying
 from fleet.workflows import observe as observing
@@ -131,9 +131,10 @@ def rig(example: FleetDir, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 
 def edit(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    doc = json.loads(path.read_text())
+    """Edit the plan file as its document (every change an object), written back packed as fleet writes it."""
+    doc = unpack_document(json.loads(path.read_text()), str(path))
     change(doc)
-    path.write_text(json.dumps(doc, indent=2))
+    path.write_text(plan_file_text(pack_document(doc)))
 
 
 def one(doc: dict[str, Any], change_id: str) -> dict[str, Any]:
@@ -276,8 +277,7 @@ def _doc() -> dict[str, Any]:
     from fleet.plan import build_plan
 
     plan = build_plan(example(), drifted(), EXAMPLE_SECRETS)
-    doc: dict[str, Any] = json.loads(plan.to_json())
-    return doc
+    return plan.to_dict()
 
 
 def _rename(doc: dict[str, Any], old_id: str, **fields: Any) -> None:
@@ -319,8 +319,8 @@ def test_a_loaded_plan_with_a_hostile_name_or_path_is_a_plan_file_error(name: st
     doc = copy.deepcopy(_doc())
     HOSTILE_PLANS[name](doc)
     with pytest.raises(PlanFileError):
-        plan_from_json(json.dumps(doc))
+        plan_from_json(plan_file_text(pack_document(doc)))
 
 
 def test_the_plans_fleet_writes_pass_the_same_checks() -> None:
-    plan_from_json(json.dumps(_doc()))
+    plan_from_json(plan_file_text(pack_document(_doc())))

@@ -20,7 +20,16 @@ from fleet.errors import ParseError
 from fleet.model import SIDEKIQ_QUEUES, Desired, HostState, UnitState
 from fleet.output.text import status_text
 from fleet.resources.sidekiq_config import ConfigFile, SidekiqConfigs
-from fleet.sidekiq_settings import Settings, SidekiqConfig, environment_of, parse_argv, parse_config, served
+from fleet.sidekiq_settings import (
+    Settings,
+    SidekiqArgs,
+    SidekiqConfig,
+    environment_of,
+    is_sidekiq,
+    parse_argv,
+    parse_config,
+    served,
+)
 from fleet.status import build_status
 
 STOCK = REPO / "tests" / "fixtures" / "stock"
@@ -107,6 +116,64 @@ def test_what_cannot_be_read_is_said_with_its_line(text: str, why: str) -> None:
     assert c.for_environment("production").queues is None
 
 
+# ---------------------------------------------------------------- the command line: the one parser
+
+SK = ("/home/mastodon/.rbenv/shims/bundle", "exec", "sidekiq")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    # what status (parse_sidekiq_argv) read
+    (("-c", "10", "-q", "default"), SidekiqArgs(10, (("default", None),))),
+    (("-q", "default,8", "-q", "push,6"), SidekiqArgs(None, (("default", 8), ("push", 6)))),
+    (("--concurrency=5", "--queue=x"), SidekiqArgs(5, (("x", None),))),
+    (("--concurrency", "7", "--queue", "mailers,2"), SidekiqArgs(7, (("mailers", 2),))),
+    (("-C", "config/sidekiq.yml"), SidekiqArgs(None, (), config="config/sidekiq.yml")),
+    (("-c", "many", "-q", ""), SidekiqArgs(None, ())),
+    (("-c",), SidekiqArgs(None, ())),
+    # what Sidekiq's own view (argv_settings) read: -t, `-c=N`, a weight that is no number
+    (("-c", "25", "-q", "default,8", "-q", "push"), SidekiqArgs(25, (("default", 8), ("push", None)))),
+    (("--concurrency=5", "--queue=pull,4", "-t", "60"), SidekiqArgs(5, (("pull", 4),), timeout=60.0)),
+    (("--timeout=8",), SidekiqArgs(None, (), timeout=8.0)),
+    (("-c=3", "-q=x"), SidekiqArgs(3, (("x", None),))),
+    (("-q", "push,x", "-c", "-5", "-t", "soon"), SidekiqArgs(None, (("push", None),))),
+    (("-q", ",2"), SidekiqArgs(None, ())),
+    # what the declaration (config, sidekiq_settings) read: -C -r -e, long and short
+    (("-q", "push,2", "-C", "c.yml", "-e", "staging", "-r", "./app"),
+     SidekiqArgs(None, (("push", 2),), config="c.yml", require="./app", environment="staging")),
+    (("--config", "c.yml", "--environment=production", "--require", "/srv/app"),
+     SidekiqArgs(None, (), config="c.yml", require="/srv/app", environment="production")),
+    # Ruby's OptionParser also takes a short option's value glued on; the last -c wins
+    (("-c25", "-qdefault,3", "-Cconfig/x.yml", "-eproduction"),
+     SidekiqArgs(25, (("default", 3),), config="config/x.yml", environment="production")),
+    (("-c", "5", "-c", "9"), SidekiqArgs(9, ())),
+])
+def test_one_parser_reads_every_form_of_a_sidekiq_command_line(args: tuple[str, ...], expected: SidekiqArgs) -> None:
+    assert parse_argv((*SK, *args)) == expected
+    assert parse_argv(("/usr/local/bin/sidekiq", *args)) == expected  # bundle exec or not
+    assert parse_argv(("sidekiq", *args)) == expected
+
+
+def test_only_what_follows_the_sidekiq_word_is_sidekiqs() -> None:
+    argv = ("/usr/bin/env", "-C", "/srv", "bundle", "exec", "sidekiq", "-q", "push")
+    assert parse_argv(argv) == SidekiqArgs(None, (("push", None),))
+
+
+def test_the_heartbeat_shows_a_queue_without_weight_as_weight_0() -> None:
+    args = parse_argv((*SK, "-q", "default,8", "-q", "push"))
+    assert args is not None and args.queues_weighted() == (("default", 8), ("push", 0))
+
+
+@pytest.mark.parametrize("argv", [
+    ("/home/mastodon/.rbenv/shims/bundle", "exec", "puma", "-C", "config/puma.rb"),
+    ("bundle", "exec", "puma", "-c", "5"),
+    ("/usr/bin/node", "./streaming"),
+    ("/usr/bin/sidekiq-like", "-q", "default"),
+    (),
+])
+def test_other_commands_are_not_sidekiq(argv: tuple[str, ...]) -> None:
+    assert parse_argv(argv) is None and not is_sidekiq(argv)
+
+
 def test_options_on_the_command_line_win_and_without_any_queue_sidekiq_serves_default() -> None:
     cfg = parse_config(MASTODON_SHAPED)
     args = parse_argv(("/home/mastodon/.rbenv/shims/bundle", "exec", "sidekiq", "-c", "25"))
@@ -180,6 +247,33 @@ def test_a_file_too_large_is_not_printed(tmp_path: Path) -> None:
     (tmp_path / "config" / "sidekiq.yml").write_text("# x\n" * 40_000)
     out, found = run_section(SHOW.replace('{wd}', str(tmp_path)).split("\n\nId=mastodon-sidekiq-q")[0])
     assert [f.status for f in found] == ["toolarge"] and "# x" not in out
+
+
+AGREE = [
+    "-c 5 -q default", "-qdefault", "-q=default", "--queue=push,2", "--queue push", "-q ,2", "-q", "--queue=",
+    "-c 25", "-C glued.yml", "-Cglued.yml", "-C=glued.yml", "--config other.yml", "--config=other.yml",
+    "-C a.yml -C b.yml", "-r app", "-rapp", "--require=app -e production", "-e -q", "-c 5 -t 8 -q mailers",
+]
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("sh", "awk", "head", "sed", "wc")),
+                    reason="needs sh, awk, head, sed and wc to run the section's script")
+@pytest.mark.parametrize("args", AGREE)
+def test_the_host_reads_the_config_file_fleets_parser_says_sidekiq_reads(tmp_path: Path, args: str) -> None:
+    """The collection's awk (on the host) and parse_argv (here) read one command line alike."""
+    (tmp_path / "app").mkdir()  # the -r directory (a missing one falls back to WorkingDirectory)
+    argv = ("/b", "exec", "sidekiq", *args.split())
+    show = (f"Id={SIDEKIQ}\nExecStart={{ path=/b ; argv[]={' '.join(argv)} ; ignore_errors=no }}\n"
+            f"WorkingDirectory={tmp_path}")
+    _, found = run_section(show)
+    parsed = parse_argv(argv)
+    assert parsed is not None
+    if parsed.queues:
+        assert found == (), found  # -q: the file is not Sidekiq's business
+        return
+    d = tmp_path if parsed.require is None else tmp_path / parsed.require
+    expected = tmp_path / parsed.config if parsed.config else d / "config" / "sidekiq.yml"
+    assert [(f.unit, f.path) for f in found] == [(SIDEKIQ, str(expected))]
 
 
 def test_the_script_has_the_section_after_the_units_it_reads() -> None:

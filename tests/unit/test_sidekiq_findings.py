@@ -30,7 +30,6 @@ from fleet.sidekiq import (
     SidekiqProcess,
     SidekiqView,
     active_since,
-    argv_settings,
     check,
     host_names,
     join,
@@ -337,18 +336,6 @@ def test_a_truncated_view_says_so_and_skips_what_needs_every_process() -> None:
 
 
 # ------------------------------------------------------------------------- systemd's side
-
-
-@pytest.mark.parametrize(("argv", "expected"), [
-    (("/home/mastodon/.rbenv/shims/bundle", "exec", "sidekiq", "-c", "25", "-q", "default,8", "-q", "push"),
-     (25, (("default", 8), ("push", 0)), 25.0)),
-    (("bundle", "exec", "sidekiq", "--concurrency=5", "--queue=pull,4", "-t", "60"), (5, (("pull", 4),), 60.0)),
-    (("bundle", "exec", "sidekiq"), (None, (), 25.0)),
-    (("bundle", "exec", "puma", "-c", "5"), None),
-])
-def test_a_sidekiq_command_line_gives_concurrency_queues_and_shutdown_timeout(
-        argv: tuple[str, ...], expected: object) -> None:
-    assert argv_settings(argv) == expected
 
 
 def test_units_are_the_declared_sidekiq_services_and_any_unit_that_runs_sidekiq() -> None:

@@ -21,7 +21,8 @@ from fleet.collect.collector import collect
 from fleet.collect.parse import parse_host
 from fleet.collect.script import build_script, spec_for
 from fleet.config import load
-from fleet.model import Desired, HostResult, HostState
+from fleet.errors import FleetError
+from fleet.model import Desired, HostResult, HostState, SidekiqSpec
 from fleet.output.json import status_json
 from fleet.output.text import status_text
 from fleet.sidekiq import (
@@ -29,7 +30,9 @@ from fleet.sidekiq import (
     QueueState,
     SidekiqProcess,
     SidekiqView,
+    beat_script,
     gone_script,
+    judge_beat,
     quiet_since,
     sidekiq_units,
 )
@@ -277,10 +280,12 @@ def test_status_and_audit_learn_since_when_a_process_is_quiet_from_the_journals_
 
 # ------------------------------------------------------------------------- apply: a restart waits for the old process
 
-def _gone(redis: Redis, tmp_path: Path, pid: str, *, env: str | None = None, timeout: int = 1) -> str:
+def _gone(redis: Redis, tmp_path: Path, pid: str, *, env: str | None = None, timeout: int = 1,
+          script: Any = gone_script) -> str:
+    """`script` (gone_script, beat_script) run here against the throwaway Redis, found from `env`."""
     path = tmp_path / ".env.production"
     path.write_text(redis.env() if env is None else env)
-    done = subprocess.run(["sh", "-c", gone_script(str(path), pid, timeout=timeout)], capture_output=True,
+    done = subprocess.run(["sh", "-c", script(str(path), pid, timeout=timeout)], capture_output=True,
                           text=True, timeout=60, env={"PATH": os.environ["PATH"], "LC_ALL": "C"})
     assert done.returncode == 0 and done.stderr == "", done.stderr
     return done.stdout
@@ -314,6 +319,122 @@ def test_a_sidekiq_restart_runs_the_wait_and_other_restarts_do_not() -> None:
     by_kind = {s.kind.value: s for s in desired.services if s.unit_spec is not None}
     assert _sidekiq_env(desired, by_kind["sidekiq"]) == "/home/mastodon/live/.env.production"
     assert _sidekiq_env(desired, by_kind["web"]) is None
+
+
+# ------------------------------------------------------------------------- apply: the Sidekiq health gate
+
+DECLARED = SidekiqSpec(concurrency=25, queues=(("default", 8), ("ingress", 6), ("mailers", 2)))
+
+
+def _info(host: str, pid: int, queues: dict[str, int], concurrency: int) -> str:
+    """A heartbeat's `info` as Sidekiq 7 writes it (launcher.rb)."""
+    return json.dumps({"hostname": host, "started_at": NOW, "pid": pid, "tag": "live", "concurrency": concurrency,
+                       "queues": list(queues), "weights": [queues], "labels": [], "identity": f"{host}:{pid}:x",
+                       "version": "7.3.9"})
+
+
+def _beat(redis: Redis, tmp_path: Path, pid: str, *, env: str | None = None) -> str:
+    return _gone(redis, tmp_path, pid, env=env, script=beat_script)
+
+
+def test_the_sidekiq_gate_reads_the_heartbeat_of_the_new_process_and_judges_its_queues(
+        redis: Redis, tmp_path: Path) -> None:
+    redis.flush()
+    me = Path("/proc/sys/kernel/hostname").read_text().strip()
+    new, other = f"{me}:4242:0123456789ab", f"{me}:42420:0123456789ab"  # a pid that merely starts the same
+    redis.cli("SADD", "processes", other, "elsewhere:4242:0123456789ab")
+    redis.cli("HSET", other, "beat", str(NOW), "info", _info(me, 42420, {"default": 8}, 25))
+    none = _beat(redis, tmp_path, "4242")  # the new process has not beaten yet: none within the window
+    assert none == f"@@sidekiq-beat none\n@@sidekiq-beat other {other}\n"
+    assert judge_beat(none, me, DECLARED, 1) == (f"no Sidekiq heartbeat from its new process within 1 s; this "
+                                                 f"host's processes in Redis: {other}")
+    redis.cli("SADD", "processes", new)
+    redis.cli("HSET", new, "beat", str(NOW), "busy", "0", "quiet", "false",
+              "info", _info(me, 4242, {"default": 8, "ingress": 6, "mailers": 2}, 25))
+    good = _beat(redis, tmp_path, "4242")
+    assert good.splitlines()[0] == f"@@sidekiq-beat id {new}"
+    assert judge_beat(good, me, DECLARED, 1) == ""
+    redis.cli("HSET", new, "info", _info(me, 4242, {"default": 1}, 10))  # a unit started with other -q and -c
+    wrong = judge_beat(_beat(redis, tmp_path, "4242"), me, DECLARED, 1)
+    assert wrong == ("its new process (pid 4242) heartbeats with queues default,1 (declared: default,8, ingress,6, "
+                     "mailers,2) and concurrency 10 (declared: 25)")
+
+
+def test_the_sidekiq_gate_fails_when_redis_cannot_be_read_and_says_why(redis: Redis, tmp_path: Path) -> None:
+    wrong = redis.env().replace("REDIS_PASSWORD=", "REDIS_PASSWORD=x")
+    out = _beat(redis, tmp_path, "4242", env=wrong)
+    assert out == "@@sidekiq-beat skipped (Redis did not answer)\n"
+    assert judge_beat(out, "h", DECLARED, 1) == "cannot read Sidekiq's heartbeats in Redis (Redis did not answer)"
+    assert judge_beat(_beat(redis, tmp_path, "0"), "h", DECLARED, 1).endswith("(the unit has no main process)")
+
+
+def _live(queues: dict[str, int], concurrency: int) -> str:
+    info = _info("freud", 77, queues, concurrency).replace("\\", "\\\\").replace('"', '\\"')
+    return f'@@sidekiq-beat id freud:77:ab\n@@sidekiq-beat live "{info}","0","{NOW}","false","1","2",NULL\n'
+
+
+def test_judging_a_heartbeat_checks_only_what_is_declared() -> None:
+    from_file = SidekiqSpec(concurrency=None, queues=(), queues_from_config=True)
+    assert judge_beat(_live({"anything": 3}, 99), "freud", from_file, 30) == ""  # no -q, no -c: any queues
+    strict = SidekiqSpec(concurrency=5, queues=(("a", None), ("b", None)))
+    assert judge_beat(_live({"a": 0, "b": 0}, 5), "freud", strict, 30) == ""
+    assert "queues b, a (declared: a, b)" in judge_beat(_live({"b": 0, "a": 0}, 5), "freud", strict, 30)  # order
+    assert judge_beat("@@sidekiq-beat none\n", "freud", strict, 30) == (
+        "no Sidekiq heartbeat from its new process within 30 s; no process of this host is in Redis")
+    broken = '@@sidekiq-beat id freud:77:ab\n@@sidekiq-beat live "not json","0","1","false","1","2",NULL\n'
+    assert "cannot be read" in judge_beat(broken, "freud", strict, 30)
+    assert "printed nothing fleet reads" in judge_beat("", "freud", strict, 30)
+
+
+class _Step:
+    """What UnitStates._gate needs of an execution: the host, the declaration, one canned output."""
+
+    def __init__(self, desired: Desired, out: str) -> None:
+        from fleet.model import Host
+
+        self.host, self.desired, self.out = Host(name="freud", address="freud"), desired, out
+        self.settle, self.start_timeout, self.detail = 1.0, 30.0, ""
+        self.commands: list[str] = []
+
+    def service(self, name: str | None) -> Any:
+        return self.desired.service(name or "")
+
+    def run(self, command: str, *, stdin: bytes | None = None, timeout: float = 120) -> str:
+        self.commands.append(command)
+        return self.out
+
+
+def _gated(out: str) -> tuple[str, _Step]:
+    """UnitStates._gate of the example's default Sidekiq, declared with the Sidekiq health check."""
+    from fleet.actions import Action, Change
+    from fleet.model import HealthCheck
+    from fleet.resources.unit_state import UnitStates
+
+    desired = example()
+    name = next(s.name for s in desired.services if s.unit == "mastodon-sidekiq-default.service")
+    gated = [dataclasses.replace(s, health=HealthCheck(sidekiq=True)) if s.name == name else s
+             for s in desired.services]
+    step = _Step(dataclasses.replace(desired, services=tuple(gated)), out)
+    change = Change("freud", Action.RESTART, "mastodon-sidekiq-default.service", "", name)
+    try:
+        UnitStates()._gate(change, step)  # type: ignore[arg-type]
+    except FleetError as e:
+        return e.message, step
+    return "", step
+
+
+def test_apply_gates_a_sidekiq_unit_on_its_new_process_heartbeat() -> None:
+    ok, step = _gated(_live({"default": 8, "ingress": 6, "mailers": 2}, 25) + "@@gate ok\n")
+    assert ok == ""
+    script = step.commands[0]
+    assert "@@sidekiq-beat" in script and "/home/mastodon/live/.env.production" in script and "REDISCLI_AUTH" in script
+    wrong, step = _gated(_live({"default": 1}, 25) + "@@gate ok\n")
+    assert wrong.startswith("the Sidekiq health check failed: its new process (pid 77) heartbeats with queues "
+                            "default,1"), wrong
+    assert step.detail.startswith("@@sidekiq-beat id freud:77:ab")  # what was read, for the journal and output
+    # the unit stopped while the gate waited for the heartbeat: `up` failed in the subshell, and that wins
+    stopped_meanwhile, _ = _gated("@@gate fail unit stopped before its Sidekiq heartbeat was read\n@@gate ok\n")
+    assert stopped_meanwhile == "unit stopped before its Sidekiq heartbeat was read"
 
 
 # ------------------------------------------------------------------------- metrics
