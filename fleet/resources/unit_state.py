@@ -20,7 +20,16 @@ from fleet.config import UNIT_NAME
 from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Kind, Service, UnitState
 from fleet.resources.base import PLAIN, ActionSpec, AuditStep, Detail, Execution, HostDiff, Resource
-from fleet.sidekiq import BEAT, BEAT_EXPIRY, RedisSource, beat_script, gone_script, judge_beat, locate_redis
+from fleet.sidekiq import (
+    BEAT,
+    BEAT_EXPIRY,
+    RedisSource,
+    beat_script,
+    gone_script,
+    gone_timeout,
+    judge_beat,
+    locate_redis,
+)
 from fleet.units import describe_unit, is_up, unit_path, up_state
 
 _RUNS = (Action.START, Action.RESTART)
@@ -117,9 +126,9 @@ class UnitStates(Resource):
         out = step.run(f"p0=$(systemctl show -p MainPID --value -- {unit}); " + remote.reset_failed(change.target)
                        + f"systemctl restart -- {unit} && echo @@ok && " + gone_script(env_path, '"$p0"'),
                        timeout=step.start_timeout + 30 + BEAT_EXPIRY + 20)
-        line = next((ln for ln in out.splitlines() if ln.startswith("@@sidekiq-gone ")), "")
-        if line.startswith("@@sidekiq-gone timeout "):
-            raise FleetError(f"the old Sidekiq process {line.split(' ', 2)[2]} still heartbeats in Redis "
+        old = gone_timeout(out)
+        if old is not None:
+            raise FleetError(f"the old Sidekiq process {old} still heartbeats in Redis "
                              f"{BEAT_EXPIRY:g} s after the restart of {change.target}",
                              hint="it outlived its unit's stop: find it (ps) and stop it")
 
