@@ -151,14 +151,14 @@ class UndeclaredUnits(Resource):
         return out
 
 
-def prune_sidekiq(unit: str, p: PrunePayload, *, run_id: str) -> str:
+def prune_sidekiq(unit: str, p: PrunePayload, *, run_id: str, timeout: int = int(BEAT_EXPIRY) + 10) -> str:
     """The prune of a unit running Sidekiq, in one remote command: its MainPID read before the stop,
     the prune, then the wait for that process to leave `processes` (gone_script, which always ends
     0 and prints its one line: `set +e`, as the prune's `set -e` would end it at Redis's first
     refusal before it says why)."""
     return (f"p0=$(systemctl show -p MainPID --value -- {remote.q(unit)})\n"
             + remote.prune(unit, p.steps, p.remove_files, run_id=run_id)
-            + "set +e\n" + gone_script(p.sidekiq_env, '"$p0"') + "\n")
+            + "set +e\n" + gone_script(p.sidekiq_env, '"$p0"', timeout=timeout) + "\n")
 
 
 def _payload(change: Change) -> PrunePayload:
