@@ -1,4 +1,4 @@
-"""A prune that stops a unit running Sidekiq waits until its process has left Sidekiq's `processes`
+"""A prune (or a rollback) that stops a unit running Sidekiq waits until its process has left Sidekiq's `processes`
 (issue 16): the plan records the env file Redis is found through, the plan file keeps and checks
 it, and the executor reads the MainPID before the stop and waits for that process to go."""
 
@@ -174,3 +174,48 @@ def test_a_plan_file_whose_prune_meta_holds_anything_else_is_malformed() -> None
     with pytest.raises(PayloadError):
         UndeclaredUnits().load(Action.PRUNE, {**fields, "meta": {"sidekiq_env": ["/a"]}})
     assert UndeclaredUnits().load(Action.PRUNE, {**fields, "meta": {}}) == PrunePayload(("stop",), ())
+
+
+# ------------------------------------------------------------------ a rollback's stop has the same wait
+
+
+class _RollbackStep(_Step):
+    """What UnitStates.rollback needs: the declaration, the files written (none), the start timeout."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__(out)
+        self.host, self.start_timeout = Host(name="freud", address="freud"), 30.0
+        self.unchecked: list[str] = []
+
+    def written(self) -> list[str]:
+        return []
+
+    def service(self, name: str | None) -> Any:
+        return self.desired.service(name or "")
+
+    def run_unchecked(self, command: str, *, timeout: float) -> None:
+        self.unchecked.append(command)
+
+
+def _rolled_back(unit: str, out: str) -> tuple[str, _RollbackStep]:
+    from fleet.resources.unit_state import UnitStates
+
+    name = next(s.name for s in example().services if s.unit == unit)
+    step = _RollbackStep(out)
+    change = Change("freud", Action.START, unit, "", name, before="inactive/dead")
+    return UnitStates().rollback(change, step), step  # type: ignore[arg-type]
+
+
+def test_a_rollback_stopping_a_sidekiq_unit_waits_for_its_process_and_says_if_it_outlived_the_stop() -> None:
+    unit = "mastodon-sidekiq-default.service"
+    said, step = _rolled_back(unit, "@@ok\n@@sidekiq-gone ok\n")
+    assert said == f"rolled back {unit} on freud: restored nothing written; stopped it (it was not running before)"
+    [command] = step.commands
+    assert command.index(f"p0=$(systemctl show -p MainPID --value -- {unit})") < command.index(
+        f"systemctl stop -- {unit}") < command.index("@@sidekiq-gone")
+    assert f"f={shlex.quote(ENV_PATH)}" in command and step.unchecked == []
+    said, _ = _rolled_back(unit, "@@ok\n@@sidekiq-gone timeout freud:77:0123456789ab\n")
+    assert said.endswith("stopped it (it was not running before); its Sidekiq process freud:77:0123456789ab still "
+                         "heartbeats in Redis 60 s after the stop: find it (ps) and stop it")
+    said, step = _rolled_back("mastodon-web.service", "")  # not Sidekiq: stopped as before, nothing waited on
+    assert step.commands == [] and "@@sidekiq-gone" not in step.unchecked[0]
