@@ -115,13 +115,20 @@ class EnvFilePayload:
 
 @dataclass(frozen=True, slots=True)
 class PrunePayload:
-    """prune: which of stop, disable, remove, and the files removed."""
+    """prune: which of stop, disable, remove, and the files removed; for a unit that runs Sidekiq
+    and is stopped, the env file through which its host finds Sidekiq's Redis (the stop then
+    waits for its process to leave `processes`).  In the plan file that path is the meta's only
+    key, and a prune without it carries no meta, as before."""
 
     steps: tuple[str, ...]
     remove_files: tuple[str, ...] = ()
+    sidekiq_env: str = ""
 
     def fields(self) -> dict[str, Any]:
-        return {"remove_files": list(self.remove_files), "steps": list(self.steps)}
+        out: dict[str, Any] = {"remove_files": list(self.remove_files), "steps": list(self.steps)}
+        if self.sidekiq_env:
+            out["meta"] = {"sidekiq_env": self.sidekiq_env}
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -405,6 +405,13 @@ done
 )"""
 
 
+def gone_timeout(out: str) -> str | None:
+    """The identity of the old process that still heartbeated when gone_script gave up, read from
+    the output it was part of; None when it left (or the wait was skipped, which says why)."""
+    line = next((ln for ln in out.splitlines() if ln.startswith("@@sidekiq-gone ")), "")
+    return line.split(" ", 2)[2] if line.startswith("@@sidekiq-gone timeout ") else None
+
+
 BEAT = "@@sidekiq-beat"
 
 

@@ -20,7 +20,16 @@ from fleet.config import UNIT_NAME
 from fleet.errors import FleetError, TransportError
 from fleet.model import Desired, Kind, Service, UnitState
 from fleet.resources.base import PLAIN, ActionSpec, AuditStep, Detail, Execution, HostDiff, Resource
-from fleet.sidekiq import BEAT, BEAT_EXPIRY, RedisSource, beat_script, gone_script, judge_beat, locate_redis
+from fleet.sidekiq import (
+    BEAT,
+    BEAT_EXPIRY,
+    RedisSource,
+    beat_script,
+    gone_script,
+    gone_timeout,
+    judge_beat,
+    locate_redis,
+)
 from fleet.units import describe_unit, is_up, unit_path, up_state
 
 _RUNS = (Action.START, Action.RESTART)
@@ -117,9 +126,9 @@ class UnitStates(Resource):
         out = step.run(f"p0=$(systemctl show -p MainPID --value -- {unit}); " + remote.reset_failed(change.target)
                        + f"systemctl restart -- {unit} && echo @@ok && " + gone_script(env_path, '"$p0"'),
                        timeout=step.start_timeout + 30 + BEAT_EXPIRY + 20)
-        line = next((ln for ln in out.splitlines() if ln.startswith("@@sidekiq-gone ")), "")
-        if line.startswith("@@sidekiq-gone timeout "):
-            raise FleetError(f"the old Sidekiq process {line.split(' ', 2)[2]} still heartbeats in Redis "
+        old = gone_timeout(out)
+        if old is not None:
+            raise FleetError(f"the old Sidekiq process {old} still heartbeats in Redis "
                              f"{BEAT_EXPIRY:g} s after the restart of {change.target}",
                              hint="it outlived its unit's stop: find it (ps) and stop it")
 
@@ -156,8 +165,12 @@ class UnitStates(Resource):
         mine = [p for p in step.written() if any(p == f or p.startswith(f + ".d/") for f in files)
                 or (svc.unit_spec is not None and p in svc.unit_spec.environment_files)]
         was_running = change.before.startswith("active")
+        env = _sidekiq_env(step.desired, svc)
+        outlived = None
         try:
-            if not was_running:  # stop first: a crash-looping new unit must not restart meanwhile
+            if not was_running and env is not None:
+                outlived = self._stop_sidekiq(unit, step, env)
+            elif not was_running:  # stop first: a crash-looping new unit must not restart meanwhile
                 step.run_unchecked(remote.systemctl("stop", unit) + remote.reset_failed(unit),
                                    timeout=step.start_timeout + 30)
             for path in mine:
@@ -169,8 +182,20 @@ class UnitStates(Resource):
         except TransportError as e:
             return f"rollback on {change.host} failed: {e.message}"
         restored = ", ".join(mine) if mine else "nothing written"
+        still = (f"; its Sidekiq process {outlived} still heartbeats in Redis {BEAT_EXPIRY:g} s after the stop: "
+                 "find it (ps) and stop it") if outlived else ""
         return (f"rolled back {unit} on {change.host}: restored {restored}; "
-                + ("restarted it" if was_running else "stopped it (it was not running before)"))
+                + ("restarted it" if was_running else "stopped it (it was not running before)") + still)
+
+    def _stop_sidekiq(self, unit: str, step: Execution, env_path: str) -> str | None:
+        """The rollback's stop of a Sidekiq unit, done (as a prune's) when the process it stopped has
+        left Sidekiq's `processes`: a new process that failed its gate may be heartbeating, taking
+        jobs from queues it should not serve.  The identity of one still there after the wait, else None."""
+        u = remote.q(unit)
+        out = step.run(f"p0=$(systemctl show -p MainPID --value -- {u}); systemctl stop -- {u}; "
+                       + remote.reset_failed(unit) + "echo @@ok; " + gone_script(env_path, '"$p0"'),
+                       timeout=step.start_timeout + 30 + BEAT_EXPIRY + 20)
+        return gone_timeout(out)
 
     # -- plan text and audit
 

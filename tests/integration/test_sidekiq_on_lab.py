@@ -11,7 +11,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import REDIS_HOST, enqueue, fleet, fleet_json, lab_redis_password, redis_cli, reset_all
+from helpers import (
+    REDIS_HOST,
+    enqueue,
+    fleet,
+    fleet_json,
+    install_unit,
+    lab_redis_password,
+    redis_cli,
+    reset_all,
+    sidekiq_unit,
+)
 
 from fleet import remote
 from fleet.config import load
@@ -315,3 +325,26 @@ def test_the_sidekiq_health_gate_passes_a_restart_and_fails_a_process_serving_ot
     finally:
         converged.ssh(host, f"rm -f {drop_in} && systemctl daemon-reload && systemctl restart {unit}", user="root")
     poll(lambda: all_heartbeating(converged), 30, f"{unit} did not heartbeat again once restored")
+
+
+# ------------------------------------------------------------------ apply's prune of an undeclared Sidekiq
+
+def test_apply_prunes_a_hand_made_sidekiq_unit_on_the_cdn_node_and_returns_once_its_process_left_processes(
+        converged: Any) -> None:
+    """The postmortem's unit (mastodon-* prunes): apply stops it and waits for its heartbeat to go
+    (fleet/resources/undeclared.py), so the view read once, right after apply, no longer has it."""
+    host, unit = "franz", "mastodon-sidekiq.service"
+    install_unit(converged, host, unit, sidekiq_unit("-c 10 -q default"))
+    pid = main_pid(converged, host, unit)
+    try:
+        poll(lambda: process_of(read_view(converged)[0], host, pid), 30, f"{unit} on {host} does not heartbeat")
+        done = fleet(converged, "apply", "--settle", "1", "--yes", timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        view, out = read_view(converged)  # once: apply returned only when the process had left
+        assert process_of(view, host, pid) is None, out
+        assert converged.ssh(host, f"systemctl is-active {unit}", user="root", check=False).stdout.strip() != "active"
+        left = converged.ssh(host, f"ls /etc/systemd/system/{unit}", user="root", check=False)
+        assert left.returncode != 0, left.stdout
+    finally:  # the lab as `converged` expects it, whatever failed above
+        converged.ssh(host, f"systemctl disable --now --quiet {unit} 2>/dev/null; rm -f /etc/systemd/system/{unit}; "
+                            "systemctl daemon-reload; systemctl reset-failed", user="root", check=False)
