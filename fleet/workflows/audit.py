@@ -101,14 +101,8 @@ def audit(options: AuditOptions, reporter: Reporter) -> AuditReport:
     if options.since:  # resolved before observing, so that "now" is never its own baseline
         with Journal.open(journal_path(common.state_dir)) as journal:
             base = baseline(journal, options.since)
-    if options.observed is not None:
-        seen = observing.recall(common, desired, targets, options.observed)
-        reporter.note(f"observed: {seen.kept}, not now")
-        quiet: dict[str, float] = {}  # the journal's earlier snapshots are not earlier than a kept observation
-    else:
-        with observing.open_transport(common, targets, options.scope) as transport:
-            seen = observing.observe(common, options.scope, "audit", scoped, targets, transport, reporter)
-        quiet = observing.previous_quiet(common, desired, seen)
+    seen, quiet = observing.now_or_kept(common, options.scope, "audit", desired, scoped, targets, options.observed,
+                                        reporter)
     report = replace(build_audit(scoped, seen.results, quiet=quiet), snapshot_id=seen.snapshot_id)
     report.findings.extend(history_findings(common, [h.name for h in targets.hosts], seen.history_problems))
     if base is None:

@@ -210,3 +210,18 @@ def _observation_snapshot(common: Common, desired: Desired, snap_id: str) -> tup
                          hint="pick another snapshot (fleet history)") from None
     taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.taken))
     return record_data, f"snapshot {snap_id} ({record.command}, {taken})"
+
+
+def now_or_kept(common: Common, scope: Scope, command: str, desired: Desired, observe_as: Desired, targets: Targets,
+                observed: str | None, reporter: Reporter) -> tuple[Observation, dict[str, float]]:
+    """What `status` and `audit` judge: the hosts observed now (`observe_as`: the desired state the
+    collection asks about), or the kept observation `--observed` names; with the quiet-since times
+    of Sidekiq processes (none for a kept observation: the journal's earlier snapshots are not
+    earlier than it)."""
+    if observed is not None:
+        seen = recall(common, desired, targets, observed)
+        reporter.note(f"observed: {seen.kept}, not now")
+        return seen, {}
+    with open_transport(common, targets, scope) as transport:
+        seen = observe(common, scope, command, observe_as, targets, transport, reporter)
+    return seen, previous_quiet(common, desired, seen)

@@ -33,13 +33,7 @@ def status(options: StatusOptions, reporter: Reporter) -> StatusResult:
     common = options.common
     desired = load_valid(common, reporter)
     targets = resolve(desired, state_dir=str(common.state_dir), lab=common.lab, limit=options.scope.limit)
-    if options.observed is not None:
-        seen = observing.recall(common, desired, targets, options.observed)
-        reporter.note(f"observed: {seen.kept}, not now")
-        quiet: dict[str, float] = {}  # the journal's earlier snapshots are not earlier than a kept observation
-    else:
-        with observing.open_transport(common, targets, options.scope) as transport:
-            seen = observing.observe(common, options.scope, "status", desired, targets, transport, reporter)
-        quiet = observing.previous_quiet(common, desired, seen)
+    seen, quiet = observing.now_or_kept(common, options.scope, "status", desired, desired, targets, options.observed,
+                                        reporter)
     return StatusResult(build_status(replace(desired, hosts=targets.hosts), seen.results, quiet=quiet),
                         seen.snapshot_id)
