@@ -5,13 +5,19 @@ observed host — so that applying it later can refuse a stale plan.  It never h
 env file changes carry masked values and fingerprints only.
 
 Two shapes of the same data (docs/plan.md): the plan *document* (`to_dict`, what `--json`
-prints: every change an object with every field, format 1) and the plan *file* (`to_json`, what
-`-o` writes and `show`/`apply` read: format 2).  The file is compact: each distinct text (a
+prints: every change an object with every field, format 2) and the plan *file* (`to_json`, what
+`-o` writes and `show`/`apply` read: format 3).  The file is compact: each distinct text (a
 reason, a unit's diff, an env file's key changes) is stored once in `texts` and referenced by
 index from one row per change, dependencies and waves are change indices, and a unit diff's
 ---/+++ lines, which only name the host and unit, are left for the reader to put back.  A bare
 1,000-host plan was 55 MB as a document; as a file it is a few MB.  Reading a file unpacks it
 into the document and checks that exactly as before (`plan_from_document`).
+
+In both, and in memory, make-before-break stays symbolic (fleet/graph.py): a prune's deps name
+the group `@every-start-and-restart`, listed once in `groups`, instead of every start and
+restart of the plan — linear in the changes, where the pairs grew as prunes x runs (552,600 of
+577,708 dependencies at 5,000 drift hosts).  A dependency means "after that change", or "after
+every change of that group"; `waits_for` spells one change's out.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
@@ -30,15 +36,15 @@ from fleet.actions import SUMMARY_BUCKETS, Action, Change, UnitFilePayload
 from fleet.config import HOST_NAME, SERVICE_NAME
 from fleet.diff import diff
 from fleet.errors import FleetError
-from fleet.graph import order
+from fleet.graph import GROUP_NAME, expand_one, order
 from fleet.model import Desired, HostResult, HostState
 from fleet.resources import runbook
 from fleet.resources.base import PayloadError
 from fleet.resources.registry import BY_ACTION, owner
 from fleet.textutil import indented_json, sha256_hex
 
-PLAN_FORMAT = 1  # the plan document's (`--json`)
-FILE_FORMAT = 2  # the plan file's (`-o`): compact (see the module docstring)
+PLAN_FORMAT = 2  # the plan document's (`--json`); 1 listed make-before-break as pairs
+FILE_FORMAT = 3  # the plan file's (`-o`): compact (see the module docstring); 2 had the pairs
 
 
 class PlanFileError(FleetError):
@@ -53,7 +59,7 @@ class Plan:
     hosts: tuple[str, ...]  # the hosts this plan covers (after --limit)
     fingerprints: dict[str, str]  # host -> fingerprint of the observed state the plan is based on
     changes: tuple[Change, ...]
-    deps: dict[str, tuple[str, ...]]
+    deps: dict[str, tuple[str, ...]]  # change id -> the change ids and group names it waits for
     waves: tuple[tuple[str, ...], ...]
     unknown: tuple[tuple[str, str, str], ...] = ()  # (host, kind, message): could not be observed
     notes: tuple[str, ...] = ()
@@ -62,6 +68,9 @@ class Plan:
     # Made from a kept observation (--observed), not from the hosts as they were: which one.  Such
     # a plan shows what was (or would have been) planned then; it is stale by construction.
     observed: str = ""
+    # group name -> its changes, in plan order: a dependency on the group is one on each of them
+    # (fleet/graph.py EVERY_RUN: a prune waits for every start and restart of the plan).
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     format: int = PLAN_FORMAT
 
     @property
@@ -82,6 +91,15 @@ class Plan:
     def _by_id(self) -> dict[str, Change]:
         return {c.id: c for c in self.changes}
 
+    def waits_for(self, change_id: str) -> tuple[str, ...]:
+        """Every change `change_id` waits for, groups spelled out, in plan order (what `deps`
+        listed before make-before-break stayed symbolic)."""
+        return expand_one(self.deps.get(change_id, ()), self.groups, self._position)
+
+    @cached_property
+    def _position(self) -> dict[str, int]:
+        return {c.id: i for i, c in enumerate(self.changes)}
+
     def summary(self) -> dict[str, int]:
         """How many changes fall in each bucket (install, change, start …), as each resource counts."""
         counts = Counter(BY_ACTION[c.action].bucket(c) for c in self.changes)
@@ -98,6 +116,7 @@ class Plan:
             "unknown": [{"host": h, "kind": k, "message": m} for h, k, m in self.unknown],
             "notes": list(self.notes), "problems": list(self.problems),
             "changes": changes,
+            "groups": {name: list(members) for name, members in self.groups.items()},
             "waves": [list(w) for w in self.waves],
         } | ({"observed": self.observed} if self.observed else {})  # absent otherwise: plan ids stay as they were
 
@@ -146,8 +165,11 @@ class Plan:
             row.append([index[d] if d in index else [d] for d in self.deps.get(c.id, ())])
             rows.append(row)
         waves = [[index[cid] if cid in index else [cid] for cid in w] for w in self.waves]
-        head = {k: v for k, v in self._data([]).items() if k not in ("format", "changes", "waves")}
-        return {"format": FILE_FORMAT, **head, "texts": list(texts), "changes": rows, "waves": waves}
+        groups = {name: [index[cid] if cid in index else [cid] for cid in members]
+                  for name, members in self.groups.items()}
+        head = {k: v for k, v in self._data([]).items() if k not in ("format", "changes", "groups", "waves")}
+        return {"format": FILE_FORMAT, **head, "groups": groups, "texts": list(texts), "changes": rows,
+                "waves": waves}
 
     @property
     def plan_id(self) -> str:
@@ -157,7 +179,7 @@ class Plan:
 
 
 def plan_from_json(text: str, source: str = "plan") -> Plan:
-    """A plan file (format 2), checked whole: refused with a PlanFileError naming `source`."""
+    """A plan file (format 3), checked whole: refused with a PlanFileError naming `source`."""
     hint = "pass a file written by `fleet plan -o FILE`"
     try:
         d = json.loads(text)
@@ -166,9 +188,10 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
     except ValueError as e:
         raise PlanFileError(f"{source} is not JSON: {e}", hint=hint) from e
     got = d.get("format") if isinstance(d, dict) else type(d).__name__
-    if got == PLAN_FORMAT:  # never read as a file: its shape is the document's
-        raise PlanFileError(f"{source}: plan format {PLAN_FORMAT} is a plan document (`--json`, or a plan file of an "
-                            f"older fleet), not a plan file of this fleet (format {FILE_FORMAT})", hint=hint)
+    if got in (1, 2):  # a document (format 1 or 2), or the file of an older fleet (1, 2): never read as a file
+        raise PlanFileError(f"{source}: plan format {got} is a plan document (`--json`) or a plan file of an older "
+                            f"fleet, not a plan file of this fleet (format {FILE_FORMAT})",
+                            hint="recompute it with `fleet plan -o FILE`")
     if got != FILE_FORMAT:
         raise PlanFileError(f"{source}: unsupported plan format {got!r} (this fleet reads format {FILE_FORMAT})",
                             hint=hint)
@@ -189,6 +212,7 @@ def plan_from_document(d: dict[str, Any], source: str = "plan") -> Plan:
             unknown=tuple((u["host"], u["kind"], u["message"]) for u in d.get("unknown", ())),
             notes=tuple(d.get("notes", ())), problems=tuple(d.get("problems", ())), lab=bool(d.get("lab", False)),
             observed=_observed(d.get("observed", ""), source),
+            groups={name: tuple(members) for name, members in d.get("groups", {}).items()},
         )
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise PlanFileError(f"{source}: plan is incomplete or damaged (missing {e})",
@@ -237,8 +261,11 @@ def pack_document(doc: Mapping[str, Any]) -> dict[str, Any]:
             row.append(text(c["id"]))
         rows.append(row)
     waves = [[ref(cid, index) for cid in w] for w in doc["waves"]]
-    head = {k: v for k, v in doc.items() if k not in ("format", "changes", "waves")}
-    return {"format": FILE_FORMAT, **head, "texts": list(texts), "changes": rows, "waves": waves}
+    groups = doc.get("groups", {})
+    groups = {name: [ref(cid, index) for cid in members] for name, members in groups.items()} \
+        if isinstance(groups, dict) else groups
+    head = {k: v for k, v in doc.items() if k not in ("format", "changes", "groups", "waves")}
+    return {"format": FILE_FORMAT, **head, "groups": groups, "texts": list(texts), "changes": rows, "waves": waves}
 
 
 _NOT_PAYLOAD = frozenset({"id", "deps", *ROW_FIELDS})
@@ -346,8 +373,13 @@ def unpack_document(d: dict[str, Any], source: str) -> dict[str, Any]:
             raise bad(f"change {n}'s deps are not a list")
         c["deps"] = [ids[x] if type(x) is int and 0 <= x < n_ids else change_id(x, f"change {n}'s deps")
                      for x in c["deps"]]
-    out = {k: v for k, v in d.items() if k not in ("texts", "changes", "waves")}
+    groups = d.get("groups")
+    if not isinstance(groups, dict) or not all(isinstance(m, list) for m in groups.values()):
+        raise bad("its groups are not a table of lists")
+    out = {k: v for k, v in d.items() if k not in ("texts", "changes", "groups", "waves")}
     return out | {"format": PLAN_FORMAT, "changes": changes,
+                  "groups": {name: [change_id(x, f"group {str(name)[:40]!r}") for x in members]
+                             for name, members in groups.items()},
                   "waves": [[change_id(x, "a wave") for x in w] if isinstance(w, list) else w for w in waves]}
 
 
@@ -386,8 +418,14 @@ def _validate(changes: tuple[Change, ...], d: dict[str, Any], source: str) -> No
     if sorted(waves) != sorted(ids):
         raise PlanFileError(f"{source}: its waves and its changes do not match (edited or damaged)",
                             hint="recompute it with `fleet plan -o FILE`")
+    groups = d.get("groups", {})
+    if not isinstance(groups, dict) or not all(
+            isinstance(name, str) and GROUP_NAME.fullmatch(name) and isinstance(members, list)
+            and all(isinstance(m, str) and m in ids for m in members) for name, members in groups.items()):
+        raise PlanFileError(f"{source}: its groups are not named `@name` or list changes the plan does not contain "
+                            "(edited or damaged)", hint="recompute it with `fleet plan -o FILE`")
     deps = {c["id"]: c.get("deps", ()) for c in d["changes"]}
-    if any(dep not in ids for ds in deps.values() for dep in ds):
+    if any(dep not in ids and dep not in groups for ds in deps.values() for dep in ds):
         raise PlanFileError(f"{source}: a change depends on one the plan does not contain",
                             hint="recompute it with `fleet plan -o FILE`")
 
@@ -463,6 +501,10 @@ def first_difference(saved: Plan, fresh: Plan) -> str | None:
     extra = next((c.id for c in fresh.changes if c.id not in ids), None)
     if extra is not None:
         return f"change {extra} is planned now but not in the plan"
+    for name in sorted(saved.groups.keys() | fresh.groups.keys()):  # what a dep on a group means
+        a_group, b_group = saved.groups.get(name), fresh.groups.get(name)
+        if a_group != b_group:
+            return f"group {name} differs (plan: {_shown(a_group)}, now: {_shown(b_group)})"
     for i, (a, b) in enumerate(zip(saved.waves, fresh.waves, strict=False), 1):
         if a != b:
             return f"waves differ from wave {i} on (plan: {_shown(a)}, now: {_shown(b)})"
@@ -545,13 +587,13 @@ def build_plan(desired: Desired, observed: Mapping[str, HostResult], secrets: Ma
     scope = {h.name for h in desired.hosts}
     book = [c for m in declared for c in runbook.steps(inventory or desired, m, observed, scope)]
     d = diff(desired, observed, secrets, prune=prune)
-    changes, deps, waves = runbook.wrap(book, d.changes, *order(d.changes, desired))
+    changes, deps, waves, groups = runbook.wrap(book, d.changes, *order(d.changes, desired))
     created = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return Plan(
         fleet=desired.name, created_at=created, desired_hash=desired_hash(desired),
         hosts=tuple(h.name for h in desired.hosts if h.name in observed),
         fingerprints={h: fingerprint(r) for h, r in observed.items() if isinstance(r, HostState)},
-        changes=changes, deps=deps, waves=waves,
+        changes=changes, deps=deps, waves=waves, groups=groups,
         unknown=tuple((e.host, e.kind, e.message) for e in d.unknown),
         notes=d.notes, problems=d.problems, lab=lab,
     )

@@ -106,14 +106,17 @@ def steps(desired: Desired, move: MoveSpec, observed: Mapping[str, HostResult],
 
 
 def wrap(book: Sequence[Change], changes: Sequence[Change], deps: Mapping[str, tuple[str, ...]],
-         waves: Sequence[tuple[str, ...]]) -> tuple[tuple[Change, ...], dict[str, tuple[str, ...]],
-                                                    tuple[tuple[str, ...], ...]]:
-    """The plan's changes, deps and waves with the runbook around them: its steps before the
-    plan's first wave, one a wave, each after the one before; every change of the plan that
-    waited for nothing waits for the promote; the old server's stop after every change that
-    (re)starts a unit (or after the promote, when nothing restarts)."""
+         waves: Sequence[tuple[str, ...]], groups: Mapping[str, tuple[str, ...]] | None = None,
+         ) -> tuple[tuple[Change, ...], dict[str, tuple[str, ...]], tuple[tuple[str, ...], ...],
+                    dict[str, tuple[str, ...]]]:
+    """The plan's changes, deps, waves and groups (fleet/graph.py `order`) with the runbook around
+    them: its steps before the plan's first wave, one a wave, each after the one before; every
+    change of the plan that waited for nothing waits for the promote; the old server's stop after
+    every change that (re)starts a unit (or after the promote, when nothing restarts).  The groups
+    are the plan's own: no runbook step belongs to one."""
+    groups = dict(groups or {})
     if not book:
-        return tuple(changes), dict(deps), tuple(waves)
+        return tuple(changes), dict(deps), tuple(waves), groups
     first, last = [c for c in book if c.action in BEFORE], [c for c in book if c.action == LAST]
     assert [c.action for c in first] == list(BEFORE) and len(last) == 1, "a runbook is BEFORE, then LAST"
     out_deps: dict[str, tuple[str, ...]] = {}
@@ -127,7 +130,7 @@ def wrap(book: Sequence[Change], changes: Sequence[Change], deps: Mapping[str, t
     runs = [c.id for c in changes if SPECS[c.action].phase == Phase.RUN]
     out_deps[last[0].id] = tuple(runs) or (promote,)
     all_waves = (*((c.id,) for c in first), *waves, (last[0].id,))
-    return (*first, *changes, last[0]), out_deps, tuple(all_waves)
+    return (*first, *changes, last[0]), out_deps, tuple(all_waves), groups
 
 
 # ================================================================ judging (pure)

@@ -61,8 +61,9 @@ def simulate(plan: Plan | Sequence[Change], desired: Desired, secrets: Mapping[t
     if isinstance(plan, Plan):
         done: set[str] = set()
         for now, wave in enumerate(plan.waves, 1):
+            finished = {g for g, members in plan.groups.items() if done.issuperset(members)}  # a group: all of it
             for cid in wave:
-                missing = [d for d in plan.deps.get(cid, ()) if d not in done]
+                missing = [d for d in plan.deps.get(cid, ()) if d not in done and d not in finished]
                 if missing:
                     raise SimulationError(f"{cid} runs in a wave before its dependencies {missing}")
             # A wave runs in parallel: its changes share one clock tick, so none of them counts

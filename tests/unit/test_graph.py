@@ -34,7 +34,8 @@ from observed import (
 
 from fleet.actions import Action, Change, PrunePayload, UnitFilePayload
 from fleet.diff import diff
-from fleet.graph import CycleError, build_graph, order
+from fleet.graph import EVERY_RUN, CycleError, build_graph, expand
+from fleet.graph import order as symbolic_order
 from fleet.model import Desired, Host, HostResult, Kind, Service, UnitSpec
 
 S = EXAMPLE_SECRETS
@@ -42,6 +43,13 @@ WEB, STREAMING = "mastodon-web.service", "mastodon-streaming.service"
 SK_DEFAULT = "mastodon-sidekiq-default.service"
 Deps = dict[str, tuple[str, ...]]
 Waves = tuple[tuple[str, ...], ...]
+
+
+def order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, Waves]:
+    """`graph.order` with make-before-break spelled out as pairs (`expand`): what these tests
+    were written against, before the group kept it symbolic."""
+    deps, waves, groups = symbolic_order(changes, desired)
+    return expand(deps, groups, {c.id: i for i, c in enumerate(changes)}), waves
 
 
 def ordered(desired: Desired, observed: Mapping[str, HostResult]) -> tuple[list[Change], Deps, Waves]:
@@ -327,13 +335,24 @@ def reference_order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, 
 
 
 def assert_as_reference(changes: Sequence[Change], desired: Desired) -> None:
-    deps, waves = order(changes, desired)
+    """The same waves as the explicit graph, and the same dependencies once the symbolic
+    make-before-break is spelled out; symbolic, it lists each start/restart once in all."""
+    symbolic, waves, groups = symbolic_order(changes, desired)
+    deps = expand(symbolic, groups, {c.id: i for i, c in enumerate(changes)})
     want_deps, want_waves = reference_order(changes, desired)
     assert waves == want_waves
     assert deps == want_deps
     ids = {c.id for c in changes}
-    assert set(deps) == ids and {d for ds in deps.values() for d in ds} <= ids  # no barrier anywhere
+    assert set(deps) == ids and {d for ds in deps.values() for d in ds} <= ids  # no barrier once spelled out
     assert sorted(c for w in waves for c in w) == sorted(ids)
+    prunes = [c.id for c in changes if c.action == Action.PRUNE]
+    runs = list(dict.fromkeys(c.id for c in changes if c.action in (Action.START, Action.RESTART)))
+    if prunes and runs:  # make-before-break: one group of every run, each prune names it once
+        assert set(groups) == {EVERY_RUN} and sorted(groups[EVERY_RUN]) == sorted(runs)
+        assert all(symbolic[p].count(EVERY_RUN) == 1 and not set(symbolic[p]) & set(runs) - set(want_deps[p])
+                   for p in prunes)
+    else:
+        assert groups == {} and symbolic == want_deps
     assert set(build_graph(changes, desired).edges) == set(reference_graph(changes, desired).edges)
 
 

@@ -40,6 +40,7 @@ from simulate import SimulationError, simulate
 
 from fleet.collect.parse import parse_host
 from fleet.diff import diff
+from fleet.graph import EVERY_RUN
 from fleet.model import Desired, HostResult, HostState
 from fleet.moves import MoveRefused, pending
 from fleet.plan import (
@@ -100,7 +101,8 @@ def test_the_plan_json_carries_format_fleet_time_hashes_fingerprints_changes_and
     observed = bare(example())
     plan = plan_for(observed)
     doc = json.loads(plan.document_json())
-    assert doc["format"] == PLAN_FORMAT == 1
+    assert doc["format"] == PLAN_FORMAT == 2
+    assert doc["groups"] == {}  # nothing to prune: no make-before-break
     assert doc["fleet"] == "hachyderm"
     assert doc["created_at"] == "2026-11-28T12:00:00Z"
     assert doc["desired_hash"] == desired_hash(example()) and len(doc["desired_hash"]) == 64
@@ -146,10 +148,15 @@ def test_the_plan_carries_each_changes_dependencies_and_its_waves() -> None:
     plan = plan_for(whole_drifted())
     assert set(plan.deps) == {c.id for c in plan.changes}
     position = {cid: i for i, w in enumerate(plan.waves) for cid in w}
-    for cid, deps in plan.deps.items():
-        assert all(position[d] < position[cid] for d in deps)
-    assert plan.deps["franz:prune:mastodon-sidekiq.service"] == (
-        "fritz:restart:mastodon-web.service", "fritz:start:mastodon-streaming.service")
+    for cid in plan.deps:
+        assert all(position[d] < position[cid] for d in plan.waits_for(cid))
+    runs = ("fritz:restart:mastodon-web.service", "fritz:start:mastodon-streaming.service")
+    assert plan.groups == {EVERY_RUN: runs}
+    assert plan.deps["franz:prune:mastodon-sidekiq.service"] == (EVERY_RUN,)  # make-before-break, kept symbolic
+    assert plan.waits_for("franz:prune:mastodon-sidekiq.service") == runs
+    doc = plan.to_dict()
+    assert doc["groups"] == {EVERY_RUN: list(runs)}
+    assert next(c for c in doc["changes"] if c["action"] == "prune")["deps"] == [EVERY_RUN]
     assert plan.notes == ("on freud, postgresql.service is undeclared (active/exited, enabled); "
                           "left alone: postgresql* has prune = false",)
 
@@ -215,7 +222,7 @@ def test_the_plan_json_is_the_text_json_writes_with_an_indent_of_two(observed: A
 def test_the_plan_file_is_the_packed_document(observed: Any) -> None:
     plan = plan_for(observed(example()))
     assert plan.to_json() == plan_file_text(pack_document(plan.to_dict()))
-    assert json.loads(plan.to_json())["format"] == FILE_FORMAT == 2
+    assert json.loads(plan.to_json())["format"] == FILE_FORMAT == 3
     assert unpack_document(json.loads(plan.to_json()), "plan.json") == plan.to_dict()
 
 
@@ -234,10 +241,23 @@ def test_the_plan_file_keeps_each_distinct_text_once_and_a_change_per_row() -> N
 def test_a_plan_document_or_an_older_plan_file_is_refused_naming_its_format(tmp_path: Path) -> None:
     plan = plan_for(drifted())
     path = tmp_path / "plan.json"
-    path.write_text(plan.document_json())  # `fleet plan --json > plan.json`, or a plan file of fleet < format 2
-    with pytest.raises(PlanFileError, match="plan format 1 is a plan document .* not a plan file of this fleet "
-                                            r"\(format 2\)"):
+    path.write_text(plan.document_json())  # `fleet plan --json > plan.json`
+    with pytest.raises(PlanFileError, match=r"plan format 2 is a plan document \(`--json`\) or a plan file of an "
+                                            r"older fleet, not a plan file of this fleet \(format 3\)"):
         plan_from_json(path.read_text(), str(path))
+
+
+@pytest.mark.parametrize("older", [1, 2])
+def test_a_plan_file_of_an_older_fleet_is_refused_naming_its_format_and_what_to_do(older: int) -> None:
+    """Format 2 listed make-before-break as pairs; format 1 was the document's shape.  Neither is
+    misread: the message names the format and the hint says to plan again."""
+    packed = json.loads(plan_for(whole_drifted()).to_json())
+    packed["format"] = older
+    packed.pop("groups")
+    with pytest.raises(PlanFileError, match=f"plan.json: plan format {older} is a plan document .* a plan file of an "
+                                            r"older fleet, not a plan file of this fleet \(format 3\)") as e:
+        plan_from_json(json.dumps(packed), "plan.json")
+    assert e.value.hint == "recompute it with `fleet plan -o FILE`"
 
 
 json_values = st.recursive(
@@ -269,8 +289,8 @@ def test_indented_json_writes_a_generator_as_a_list_and_refuses_what_json_refuse
     ('{"format": 99}', "unsupported plan format 99"),
     ('{"fleet": "hachyderm"}', "unsupported plan format None"),
     ('{"format": 1, "fleet": "x"}', "plan format 1 is a plan document"),
-    ('{"format": 2, "fleet": "x"}', "its texts is not a list"),
-    ('{"format": 2, "fleet": "x", "texts": [], "hosts": [], "waves": [], "changes": [[0]]}', "change 0 is not a row"),
+    ('{"format": 3, "fleet": "x"}', "its texts is not a list"),
+    ('{"format": 3, "fleet": "x", "texts": [], "hosts": [], "waves": [], "changes": [[0]]}', "change 0 is not a row"),
 ])
 def test_a_damaged_or_foreign_plan_file_is_a_plan_file_error(text: str, says: str) -> None:
     with pytest.raises(PlanFileError, match=says) as e:

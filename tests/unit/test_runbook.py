@@ -310,4 +310,6 @@ def test_a_move_step_refuses_a_plan_whose_move_is_no_longer_declared(rig: Rig, e
 
 
 def test_wrap_leaves_a_plan_without_a_move_as_it_was() -> None:
-    assert runbook.wrap([], [], {}, [("a",)]) == ((), {}, (("a",),))
+    assert runbook.wrap([], [], {}, [("a",)]) == ((), {}, (("a",),), {})
+    assert runbook.wrap([], [], {"p": ("@g",)}, [("r",), ("p",)], {"@g": ("r",)}) == (
+        (), {"p": ("@g",)}, (("r",), ("p",)), {"@g": ("r",)})
