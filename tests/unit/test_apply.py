@@ -28,7 +28,17 @@ from pathlib import Path
 
 import pytest
 from conftest import FleetDir
-from observed import EXAMPLE_SECRETS, bare, converged, edited, example, service, with_drop_in
+from observed import (
+    EXAMPLE_SECRETS,
+    bare,
+    converged,
+    edited,
+    example,
+    service,
+    undeclared_sidekiq,
+    with_drop_in,
+    with_unit,
+)
 
 from fleet import apply as apply_module
 from fleet import history, remote
@@ -36,6 +46,7 @@ from fleet.actions import Change
 from fleet.apply import ApplyResult, Executor, StaleInputError, check_contents
 from fleet.envfile import render_value
 from fleet.errors import FleetError, TransportError
+from fleet.graph import EVERY_RUN
 from fleet.journal import Journal, StepRecord
 from fleet.model import Desired, Host, HostResult
 from fleet.plan import Plan, build_plan
@@ -190,15 +201,38 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 # ------------------------------------------------------------------ order
 
 
-def test_every_change_starts_only_after_all_of_its_dependencies_finished(rig: Rig) -> None:
-    plan = bare_plan()
+def web_edited_and_a_sidekiq_to_prune() -> Plan:
+    """web restarts on fritz and franz; an undeclared Sidekiq on franz is pruned after every
+    (re)start of the plan (make-before-break: one dependency on the group of them all)."""
+    fleet = converged(example(), S)
+    observed = fleet | {h: edited(fleet[h], WEB) for h in ("fritz", "franz")}
+    plan = plan_for(observed | {"franz": with_unit(observed["franz"], undeclared_sidekiq())})
+    assert plan.deps[PRUNE] == (EVERY_RUN,) and len(plan.groups[EVERY_RUN]) == 2
+    return plan
+
+
+PRUNE = "franz:prune:mastodon-sidekiq.service"
+
+
+@pytest.mark.parametrize("make", [bare_plan, web_edited_and_a_sidekiq_to_prune])
+def test_every_change_starts_only_after_all_of_its_dependencies_finished(rig: Rig, make: Callable[[], Plan]) -> None:
+    plan = make()
     rig.fake.delay = 0.002
     result = rig.executor(plan).execute()
     assert result.ok and set(outcomes(result).values()) == {"ok"}
     assert sorted(outcomes(result)) == sorted(c.id for c in plan.changes)
     for c in plan.changes:
-        for dep in plan.deps[c.id]:
+        for dep in plan.waits_for(c.id):  # a group spelled out: every change of it
             assert rig.recorder.index("end", dep) < rig.recorder.index("start", c.id), f"{c.id} before {dep}"
+
+
+def test_a_failed_restart_leaves_the_prune_that_waits_for_every_restart_unattempted(rig: Rig) -> None:
+    plan = web_edited_and_a_sidekiq_to_prune()
+    fail_gate(rig, "fritz", WEB)
+    result = rig.executor(plan).execute()
+    got = outcomes(result)
+    assert got[f"fritz:restart:{WEB}"] == "failed" and got[PRUNE] == "skipped"
+    assert not any(c.tag == PRUNE for c in rig.fake.calls), "the old Sidekiq is left running"
 
 
 def test_a_wave_finishes_on_every_host_before_the_next_wave_starts(rig: Rig) -> None:

@@ -34,6 +34,7 @@ from observed import (
 )
 
 from fleet import cli
+from fleet.graph import EVERY_RUN
 from fleet.model import Host, HostResult
 from fleet.plan import Plan, PlanFileError, pack_document, plan_file_text, plan_from_json, unpack_document
 from fleet.transport.protocol import RunResult
@@ -199,6 +200,11 @@ EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "diff-shown-to-the-reviewer": (_set(f"fritz:write-unit:{WEB}", diff=""),
                                    f"change fritz:write-unit:{WEB}: diff differs"),
     "deps": (lambda d: one(d, f"fritz:restart:{WEB}").update(deps=[]), f"change fritz:restart:{WEB}: deps differ"),
+    "prune-waits-for-nothing": (lambda d: one(d, PRUNE).update(deps=[]),
+                                f"change {PRUNE}: deps differ (plan: none, now: {EVERY_RUN})"),
+    "group-without-a-restart": (lambda d: d["groups"][EVERY_RUN].remove(f"fritz:restart:{WEB}"),
+                                f"group {EVERY_RUN} differs (plan: freud:restart:mastodon-sidekiq-default.service, "
+                                f"freud:restart:mastodon-sidekiq-push-pull.service, fritz:start:"),
     "waves-merged": (lambda d: d.update(waves=[[cid for w in d["waves"] for cid in w]]), "waves differ"),
     # a host left out: the desired state scoped to the plan's hosts is another one
     "a-host-left-out": (lambda d: (d.update(hosts=[h for h in d["hosts"] if h != "nietzsche"]),
