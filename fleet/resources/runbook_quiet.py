@@ -318,7 +318,9 @@ def judge_drained(units: Sequence[Quieted], out: str, waited: float, accepted: i
     busy = []
     for u in units:
         beat = beats.get(u.prefix)
-        if u.pid and beat is not None and beat.identity and beat.busy != "0":
+        if u.pid and beat is not None and beat.identity and beat.quiet != "true":
+            busy.append(f"{_who(u)} is not quiet (quiet={beat.quiet}): restarted since move-quiet, it takes jobs")
+        elif u.pid and beat is not None and beat.identity and beat.busy != "0":
             busy.append(f"{_who(u)} has {beat.busy} job(s) in flight after {waited:g}s")
         elif u.pid and (beat is None or not beat.identity):
             busy.append(f"{_who(u)} left Sidekiq's processes since it was quieted (restarted?): a new process "

@@ -192,6 +192,9 @@ def test_the_drain_gate_waits_for_jobs_in_flight_then_counts_the_queued_ones() -
     assert not unknown.ok and unknown.detail == "could not count the jobs in queue(s) orphans"
     restarted = judge_drained(UNITS, beats(idle[0], "nietzsche:201: - - -"), 30, None, None)
     assert not restarted[0].ok and "left Sidekiq's processes since it was quieted" in restarted[0].detail
+    working = judge_drained(UNITS, beats(idle[0], "nietzsche:201: nietzsche:201:bb false 0"), 30, None, None)
+    assert [g.ok for g in working] == [False] and working[0].detail == \
+        "b.service on nietzsche (pid 201) is not quiet (quiet=false): restarted since move-quiet, it takes jobs"
 
 
 @pytest.mark.parametrize("text", ["-1", "seven", "2.5", ""])
