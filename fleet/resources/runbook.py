@@ -325,11 +325,11 @@ def _stop_source(step: Execution, change: Change) -> None:
 
 
 def _back_to_read_write(step: Execution, change: Change) -> tuple[bool, str]:
-    """After a failed catch-up or promote: the source takes writes again while the target is still
+    """After a failed read-only, catch-up or promote: the source takes writes again while the target is still
     a standby (a promoted target keeps the source read-only: two primaries must never both write).
     (whether the source takes writes again, what was done)."""
     move, p = _move(step, change)
-    if _one(step, psql(p.target_port, "SELECT pg_is_in_recovery()")) != "t":
+    if _one(step, psql(p.target_port, "SELECT pg_is_in_recovery()"), move.target) != "t":
         return False, f"{move.source} left read-only: {move.target} is no longer a standby"
     _one(step, psql(p.source_port, *READ_WRITE_SQL, read_only=False), move.source)
     return True, f"{move.source} takes writes again (default_transaction_read_only reset); the fleet still points at it"
@@ -387,12 +387,10 @@ class MoveSteps(Resource):
     def rollback(self, change: Change, step: Execution) -> str:
         if change.action not in (Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP, Action.MOVE_PROMOTE):
             return ""
-        writable, said = True, ""
-        if change.action != Action.MOVE_READ_ONLY:
-            try:
-                writable, said = _back_to_read_write(step, change)
-            except FleetError as e:
-                writable, said = False, f"the source could not be made writable again ({e.message})"
+        try:  # (a failed read-only step may have set it: ALTER SYSTEM went through, the gate did not)
+            writable, said = _back_to_read_write(step, change)
+        except FleetError as e:
+            writable, said = False, f"the source could not be made writable again ({e.message})"
         # Sidekiq quieted before the source went read-only resumes against it only when it takes writes.
         sidekiq = runbook_quiet.resume(step, step.plan_changes) if writable else \
             runbook_quiet.left_quiet(step.plan_changes, "the source stays read-only")

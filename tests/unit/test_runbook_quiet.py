@@ -317,6 +317,20 @@ def test_a_failed_promote_that_left_the_target_promoted_leaves_sidekiq_quiet_and
     assert not sent(rig, "systemctl restart -- ")
 
 
+def test_a_source_that_does_not_turn_read_only_is_put_back_and_sidekiq_resumes(rig: Rig, example: FleetDir) -> None:
+    desired, observed = moving(example)
+    plan = build_plan(desired, observed, S)
+    healthy_move(rig)
+    answer(rig, "freud", "SHOW default_transaction_read_only", "off\n@@ok\n")
+    answer(rig, "nietzsche", "SELECT pg_is_in_recovery()'", "t\n@@ok\n")  # still a standby
+    result = rig.executor(plan, desired).execute()
+    failed = next(o for o in result.outcomes if o.outcome == "failed")
+    assert failed.change.action == Action.MOVE_READ_ONLY
+    assert failed.rollback.startswith("freud takes writes again (default_transaction_read_only reset); the fleet "
+                                      "still points at it; restarted the Sidekiq units quieted for the move")
+    assert max(sent(rig, "ALTER SYSTEM RESET")) < min(sent(rig, "systemctl restart -- ")) and not env_writes(rig)
+
+
 def test_the_replay_wait_refuses_a_position_that_is_not_one() -> None:
     with pytest.raises(FleetError, match="is not one psql prints"):
         runbook._replay_wait(5432, "0/1'); DROP TABLE x; --", 1)
