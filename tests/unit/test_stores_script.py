@@ -274,3 +274,19 @@ def test_a_host_without_redis_cli_says_so(tmp_path: Path) -> None:
     found_, _ = run(ToCollect((Asked("redis-server.service", "redis", 6379),)), tmp_path, str(basics(tmp_path / "b")))
     (r,) = found_.redis
     assert r.error == "redis-cli is not installed" and not r.installed
+
+
+def test_the_example_reads_its_cluster_units_from_the_show_and_a_fleet_without_the_glob_asks_systemd() -> None:
+    import dataclasses
+
+    from observed import example
+
+    desired = example()  # discovers `postgresql*`: the units' show named every cluster unit
+    what = DataStores().to_collect(desired, "nietzsche")
+    assert what.units_shown
+    assert "list-units" not in section_script(what)
+    bare = dataclasses.replace(desired, discover=tuple(p for p in desired.discover
+                                                        if not p.pattern.startswith("postgres")))
+    what = DataStores().to_collect(bare, "nietzsche")
+    assert not what.units_shown
+    assert "systemctl list-units --all" in section_script(what)
