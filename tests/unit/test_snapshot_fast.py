@@ -20,7 +20,7 @@ from fleet.errors import FleetError
 from fleet.model import HostState
 from fleet.sidekiq import SECTION, QueueState, RedisTarget, SidekiqProcess, SidekiqView
 
-MANY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Text(str):
