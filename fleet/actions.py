@@ -187,13 +187,15 @@ class Change:
 
     @property
     def id(self) -> str:
-        return f"{self.host}:{self.action.value}:{self.target}"
+        # `_value_`: the member's value as a plain attribute; `.value` goes through enum's
+        # descriptor, three times the cost, and a 62,000-change plan asks for ids ~200,000 times
+        return f"{self.host}:{self.action._value_}:{self.target}"
 
     def fields(self) -> dict[str, Any]:
         """The payload's fields as a plan file holds them (see flat_fields)."""
         return flat_fields(self.payload)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "host": self.host, "action": self.action.value, "target": self.target,
+        return {"id": self.id, "host": self.host, "action": self.action._value_, "target": self.target,
                 "service": self.service, "reason": self.reason, "before": self.before, "after": self.after,
                 **self.fields()}

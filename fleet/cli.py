@@ -9,9 +9,11 @@ to an exit code (`_run_COMMAND`).  Each command imports what it needs when it ru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -409,16 +411,33 @@ def _run_check(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     from fleet.workflows.status import StatusOptions, status
 
-    result = status(StatusOptions(_common(args), _scope(args), observed=args.observed), TerminalReporter())
-    if args.json:
-        from fleet.output import json
+    with _offline(args.observed is not None):
+        result = status(StatusOptions(_common(args), _scope(args), observed=args.observed), TerminalReporter())
+        if args.json:
+            from fleet.output import json
 
-        _write(json.dumps(json.status_json(result.report)))
-    else:
-        from fleet.output.text import status_text
+            _write(json.dumps(json.status_json(result.report)))
+        else:
+            from fleet.output.text import status_text
 
-        _write(status_text(result.report))
+            _write(status_text(result.report))
     return EXIT_OK if result.complete else EXIT_ERROR
+
+
+@contextlib.contextmanager
+def _offline(active: bool) -> Iterator[None]:
+    """An offline command (`--observed`, `show`) reads, builds and prints a few million objects
+    and ends: the cycle collector, run again and again over a heap that only grows, cost it a
+    fifth of its CPU at 1,000 hosts, for no cycle worth collecting before the process exits.
+    Paused for the command, back on after it (refcounting frees what it can all along)."""
+    if not active or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _plan_exit(plan: Plan) -> int:
@@ -441,8 +460,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     options = PlanOptions(_common(args), _scope(args), out=_path(args.out), no_prune=args.no_prune,
                           secrets=_path(args.secrets), observed=args.observed)
-    result = plan(options, TerminalReporter())
-    _print_plan(result.plan, args.json)
+    with _offline(args.observed is not None):
+        result = plan(options, TerminalReporter())
+        _print_plan(result.plan, args.json)
     if result.saved_to is not None and not args.json:
         say(f"Saved to {args.out} (plan {result.plan.plan_id}); apply exactly this with `fleet apply {args.out}`.")
     return _plan_exit(result.plan)
@@ -451,8 +471,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 def _run_show(args: argparse.Namespace) -> int:
     from fleet.workflows.plan import show
 
-    plan = show(args.plan_file)
-    _print_plan(plan, args.json)
+    with _offline(True):
+        plan = show(args.plan_file)
+        _print_plan(plan, args.json)
     return _plan_exit(plan)
 
 

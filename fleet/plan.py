@@ -133,7 +133,7 @@ class Plan:
 
         rows = []
         for c in self.changes:
-            row: list[Any] = [hosts[c.host] if c.host in hosts else [c.host], c.action.value, text(c.target),
+            row: list[Any] = [hosts[c.host] if c.host in hosts else [c.host], c.action._value_, text(c.target),
                               text(c.service), text(c.reason), text(c.before), text(c.after)]
             key: Any = c.payload
             if isinstance(c.payload, UnitFilePayload):

@@ -108,6 +108,12 @@ def printable(text: str, *, multiline: bool = True) -> str:
     return pattern.sub(_escape, text) if pattern.search(text) else text
 
 
+def is_printable(text: str, *, multiline: bool = True) -> bool:
+    """`printable(text, multiline=...)` would return `text` as it is: nothing in it to escape.
+    (With `multiline`, true of a text exactly when it is true of each of its lines alone.)"""
+    return not (_CONTROL_BUT_LINES if multiline else _CONTROL).search(text)
+
+
 MAX_SECONDS = 86400.0  # a day: longer than any wait fleet has a reason for; bigger overflows timers
 
 
