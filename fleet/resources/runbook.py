@@ -1,6 +1,7 @@
 """A declared move's runbook, carried out by `fleet apply`: the steps around the plan's own
 changes that make a move of Postgres (`method = "streaming-replica"`) safe, and the resource
-that owns their actions.
+that owns their actions.  A Redis move (`method = "redis-replica"`) has the same steps in the
+same layout; what they do on its hosts is fleet/resources/runbook_redis.py's (`_is_redis`).
 
 The plan stays pure data.  A declared move adds changes of its own to the plan, each in a wave
 of its own, chained, around the waves the ordinary diff made:
