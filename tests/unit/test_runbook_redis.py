@@ -19,8 +19,8 @@ from observed import EXAMPLE_SECRETS as S
 from observed import distro_unit, with_unit
 from redis_server import PASSWORD, Redis
 from test_apply import STATE, Hosts, Recorder, Rig, outcomes
-from test_runbook import moved_to
 from test_moves import DB_HOST_NIETZSCHE, POSTGRES_ON_NIETZSCHE, before_the_move, loaded, with_facts
+from test_runbook import moved_to
 
 from fleet import remote
 from fleet.actions import Action, MovePayload
