@@ -35,6 +35,8 @@ class Action(StrEnum):
     PRUNE = "prune"  # stop + disable + remove the unit file if fleet may remove it
     # A declared move's runbook (fleet/runbook.py): gates and actions on the data store itself.
     MOVE_CHECK = "move-check"  # the data gates, asked again of the hosts: standby of the source, caught up
+    MOVE_QUIET = "move-quiet"  # every Sidekiq unit of the run sent TSTP; gate: its heartbeat says quiet
+    MOVE_DRAINED = "move-drained"  # quiet Sidekiq's jobs in flight done; jobs still queued 0 or accepted
     MOVE_READ_ONLY = "move-read-only"  # the source refuses writes; open write sessions ended
     MOVE_CAUGHT_UP = "move-caught-up"  # the standby has replayed the read-only source's last WAL position
     MOVE_PROMOTE = "move-promote"  # the standby promoted; gate: it is out of recovery
@@ -148,7 +150,20 @@ class MovePayload:
                          "target_port": str(self.target_port)}}
 
 
-Payload = UnitFilePayload | EnvFilePayload | PrunePayload | MovePayload | None
+@dataclass(frozen=True, slots=True)
+class QuietPayload:
+    """move-quiet, move-drained: the Sidekiq units a move's run quiets, as `(host, unit)` in plan
+    order, and the env file through which the step's host (the Sidekiq Redis host) finds
+    Sidekiq's Redis.  In the plan file: `steps` holds "HOST UNIT" lines, `meta` the env file."""
+
+    units: tuple[tuple[str, str], ...]
+    sidekiq_env: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"steps": [f"{h} {u}" for h, u in self.units], "meta": {"sidekiq_env": self.sidekiq_env}}
+
+
+Payload = UnitFilePayload | EnvFilePayload | PrunePayload | MovePayload | QuietPayload | None
 
 
 def flat_fields(payload: Payload) -> dict[str, Any]:

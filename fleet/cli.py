@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from fleet import __version__
 from fleet.errors import FleetError
-from fleet.textutil import positive_int_option, printable, seconds_option
+from fleet.textutil import accept_queued_option, positive_int_option, printable, seconds_option
 
 if TYPE_CHECKING:
     from fleet.model import Finding
@@ -224,6 +224,9 @@ def _add_apply(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                    help="seconds a started unit must stay up without restarting (default 3)")
     p.add_argument("--start-timeout", type=seconds_option(), default=30.0, metavar="S",
                    help="seconds a unit may take to become active (default 30)")
+    p.add_argument("--accept-queued", type=accept_queued_option, default=None, metavar="N",
+                   help="a declared move may go on with up to N jobs still queued in quiet Sidekiq (they run after "
+                        "Sidekiq restarts, against the new server); without it, any queued job halts the move")
     p.add_argument("--notify", action="append", default=[], metavar="SPEC",
                    help="also post the apply's start and result here (repeatable; besides the desired state's "
                         "[watch] notify): a webhook URL, discord:/slack:/webhook:URL, or env:VAR (docs/watch.md)")
@@ -458,7 +461,8 @@ def _run_apply(args: argparse.Namespace) -> int:
 
     options = ApplyOptions(_common(args), _scope(args), plan_file=args.plan_file or None, yes=args.yes,
                            no_prune=args.no_prune, secrets=_path(args.secrets), settle=args.settle,
-                           start_timeout=args.start_timeout, notify=tuple(args.notify))
+                           start_timeout=args.start_timeout, notify=tuple(args.notify),
+                           accept_queued=args.accept_queued)
     outcome = apply(options, TerminalReporter())
     if outcome.cancelled:
         print("Apply cancelled; nothing was changed.")

@@ -140,6 +140,18 @@ def positive_int_option(text: str) -> int:
     return value
 
 
+def accept_queued_option(text: str) -> int:
+    """An argparse `type=` for apply's --accept-queued: a whole number of jobs, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of jobs (0 or more): give the count of "
+                                         "queued jobs the halted move reported")
+    return value
+
+
 _string = encode_basestring_ascii  # json's own C function for a string, as json.dumps writes it
 
 

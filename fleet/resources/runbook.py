@@ -40,12 +40,14 @@ from fleet.errors import FleetError
 from fleet.model import DEFAULT_PORTS, Desired, HostResult, HostState, Kind, MoveSpec
 from fleet.moves import Gate, data_gates
 from fleet.policy import resolve_host
-from fleet.resources import runbook_redis
+from fleet.resources import runbook_quiet, runbook_redis
 from fleet.resources.base import PLAIN, ActionSpec, Detail, Execution, PayloadError, Resource, StepView, empty
 from fleet.resources.stores import clusters_of
 
 # The runbook's steps before the plan's own changes, in order; the stop of the source comes last.
-BEFORE = (Action.MOVE_CHECK, Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP, Action.MOVE_PROMOTE)
+# Sidekiq's quiet and drain (fleet/resources/runbook_quiet.py) come only when the run has Sidekiq.
+BEFORE = (Action.MOVE_CHECK, Action.MOVE_QUIET, Action.MOVE_DRAINED, Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP,
+          Action.MOVE_PROMOTE)
 LAST = Action.MOVE_STOP_SOURCE
 ON_SOURCE = frozenset({Action.MOVE_READ_ONLY, Action.MOVE_STOP_SOURCE})
 
@@ -105,8 +107,7 @@ def steps(desired: Desired, move: MoveSpec, observed: Mapping[str, HostResult],
                             "one", ""),
     }
     out = []
-    for action in (*BEFORE, LAST):
-        host, reason, before = reasons[action]
+    for action, (host, reason, before) in reasons.items():  # in order (the Sidekiq steps: runbook_quiet)
         target = payload.source_unit if host == move.source else f"{svc.kind.value}:{payload.target_port}"
         out.append(Change(host, action, target, reason, svc.name, before=before, payload=payload))
     return out
@@ -117,12 +118,16 @@ def wrap(book: Sequence[Change], changes: Sequence[Change], deps: Mapping[str, t
                                                     tuple[tuple[str, ...], ...]]:
     """The plan's changes, deps and waves with the runbook around them: its steps before the
     plan's first wave, one a wave, each after the one before; every change of the plan that
-    waited for nothing waits for the promote; the old server's stop after every change that
-    (re)starts a unit (or after the promote, when nothing restarts)."""
+    waited for nothing waits for the promote; the book's restarts of quieted Sidekiq units the
+    plan does not restart (runbook_quiet.around) in a wave after the plan's; the old server's
+    stop after every change that (re)starts a unit (or after the promote, when nothing restarts)."""
     if not book:
         return tuple(changes), dict(deps), tuple(waves)
     first, last = [c for c in book if c.action in BEFORE], [c for c in book if c.action == LAST]
-    assert [c.action for c in first] == list(BEFORE) and len(last) == 1, "a runbook is BEFORE, then LAST"
+    resumes = [c for c in book if c.action not in BEFORE and c.action != LAST]
+    steps_in = [BEFORE.index(c.action) for c in first]
+    assert steps_in == sorted(set(steps_in)) and {BEFORE[0], BEFORE[-1]} <= {c.action for c in first} \
+        and len(last) == 1, "a runbook is BEFORE (in order), then LAST"
     out_deps: dict[str, tuple[str, ...]] = {}
     for prev, c in zip([None, *first], first, strict=False):
         out_deps[c.id] = (prev.id,) if prev is not None else ()
@@ -131,10 +136,13 @@ def wrap(book: Sequence[Change], changes: Sequence[Change], deps: Mapping[str, t
         out_deps[c.id] = tuple(deps.get(c.id, ())) or (promote,)
     from fleet.resources.registry import SPECS  # the registry imports this module's resource
 
-    runs = [c.id for c in changes if SPECS[c.action].phase == Phase.RUN]
+    for c in resumes:
+        out_deps[c.id] = (promote,)
+    runs = [c.id for c in (*changes, *resumes) if SPECS[c.action].phase == Phase.RUN]
     out_deps[last[0].id] = tuple(runs) or (promote,)
-    all_waves = (*((c.id,) for c in first), *waves, (last[0].id,))
-    return (*first, *changes, last[0]), out_deps, tuple(all_waves)
+    resumed = (tuple(c.id for c in resumes),) if resumes else ()
+    all_waves = (*((c.id,) for c in first), *waves, *resumed, (last[0].id,))
+    return (*first, *changes, *resumes, last[0]), out_deps, tuple(all_waves)
 
 
 # ================================================================ judging (pure)
@@ -235,7 +243,9 @@ def _one(step: Execution, command: str, host: str | None = None) -> str:
 def _replay_wait(port: int, source_lsn: str, seconds: float) -> str:
     """A loop on the target: its bytes behind `source_lsn`, asked every 0.2 s until 0 or
     `seconds` passed; prints `behind N` (N as pg_wal_lsn_diff says it)."""
-    assert _LSN.fullmatch(source_lsn)  # checked before: it goes into SQL text
+    if not _LSN.fullmatch(source_lsn):  # it goes into SQL text: judge_source let through only a position
+        raise FleetError(f"the source's WAL position {source_lsn[:40]!r} is not one psql prints (like 16/B374D848): "
+                         "fleet will not put it into SQL")
     ask = psql(port, f"SELECT pg_wal_lsn_diff('{source_lsn}', pg_last_wal_replay_lsn())")
     tries = max(1, int(seconds / 0.2))
     return (f"cd / && i=0 && while :; do b=$({ask}) || exit 1; i=$((i + 1)); "
@@ -320,14 +330,15 @@ def _stop_source(step: Execution, change: Change) -> None:
         raise FleetError(f"gate 'old server stopped' did not pass: {p.source_unit} on {p.source} is {state}")
 
 
-def _back_to_read_write(step: Execution, change: Change) -> str:
-    """After a failed catch-up or promote: the source takes writes again while the target is still
-    a standby (a promoted target keeps the source read-only: two primaries must never both write)."""
+def _back_to_read_write(step: Execution, change: Change) -> tuple[bool, str]:
+    """After a failed read-only, catch-up or promote: the source takes writes again while the target is still
+    a standby (a promoted target keeps the source read-only: two primaries must never both write).
+    (whether the source takes writes again, what was done)."""
     move, p = _move(step, change)
-    if _one(step, psql(p.target_port, "SELECT pg_is_in_recovery()")) != "t":
-        return f"{move.source} left read-only: {move.target} is no longer a standby"
+    if _one(step, psql(p.target_port, "SELECT pg_is_in_recovery()"), move.target) != "t":
+        return False, f"{move.source} left read-only: {move.target} is no longer a standby"
     _one(step, psql(p.source_port, *READ_WRITE_SQL, read_only=False), move.source)
-    return f"{move.source} takes writes again (default_transaction_read_only reset); the fleet still points at it"
+    return True, f"{move.source} takes writes again (default_transaction_read_only reset); the fleet still points at it"
 
 
 # ================================================================ the resource
@@ -387,13 +398,17 @@ class MoveSteps(Resource):
         run[change.action](step, change)
 
     def rollback(self, change: Change, step: Execution) -> str:
-        if change.action not in (Action.MOVE_CAUGHT_UP, Action.MOVE_PROMOTE):
+        if change.action not in (Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP, Action.MOVE_PROMOTE):
             return ""
-        try:
-            return runbook_redis.back_to_writable(step, change) if _is_redis(step, change) else \
+        try:  # (a failed read-only step may have set it: ALTER SYSTEM went through, the gate did not)
+            writable, said = runbook_redis.back_to_writable(step, change) if _is_redis(step, change) else \
                 _back_to_read_write(step, change)
         except FleetError as e:
-            return f"the source could not be made writable again ({e.message})"
+            writable, said = False, f"the source could not be made writable again ({e.message})"
+        # Sidekiq quieted before the source went read-only resumes against it only when it takes writes.
+        sidekiq = runbook_quiet.resume(step, step.plan_changes) if writable else \
+            runbook_quiet.left_quiet(step.plan_changes, "the source stays read-only")
+        return "; ".join(s for s in (said, sidekiq) if s)
 
     def sentence(self, step: StepView) -> str:
         spec = self.actions[Action(step.action)]

@@ -21,8 +21,9 @@ on the hosts when the store is Redis, and how its gates judge what Redis answere
   5. the plan's own changes (REDIS_HOST/REDIS_URL rewritten, Mastodon restarted wave by wave);
   6. move-stop-source (source) the source's unit stopped last (runbook.py's own step).
 
-A catch-up or promote that fails puts `min-replicas-to-write` back to 0 (Redis's default) on the
-source while the target is still a replica: the fleet, still pointed at the source, writes again.
+A read-only, catch-up or promote that fails puts `min-replicas-to-write` back to 0 (Redis's
+default) on the source while the target is still a replica: the fleet, still pointed at the
+source, writes again (and Sidekiq, quieted before, resumes: fleet/resources/runbook_quiet.py).
 
 Redis is asked on 127.0.0.1 at the port the plan names, with the password Mastodon uses there:
 read on the host from the env file the desired state declares on it (fleet/sidekiq.py's reader,
@@ -350,18 +351,18 @@ def _promote(step: Execution, change: Change) -> None:
     step.detail = gate.line()
 
 
-def back_to_writable(step: Execution, change: Change) -> str:
-    """After a failed catch-up or promote: the source takes writes again while the target is
-    still its replica (a promoted target keeps the source refusing: two masters must never both
-    take writes)."""
+def back_to_writable(step: Execution, change: Change) -> tuple[bool, str]:
+    """After a failed read-only, catch-up or promote: the source takes writes again while the
+    target is still its replica (a promoted target keeps the source refusing: two masters must
+    never both take writes).  (whether the source takes writes again, what was done)."""
     move, p = _move(step, change)
-    role = info(_on_target(step, move, p, info_command)).get("role")
-    if role != "slave":
-        return f"{move.source} left refusing writes: redis on {move.target} is no longer a replica"
+    asked = step.run_on(move.target, info_command(env_of(step.desired, move.target), p.target_port))
+    if info(_answer(asked)).get("role") != "slave":
+        return False, f"{move.source} left refusing writes: redis on {move.target} is no longer a replica"
     answer = _on_source(step, move, p, writable_command)
     if said(answer) != "OK":
-        return f"{move.source} could not be made writable again (CONFIG SET answered {said(answer)!r})"
-    return f"{move.source} takes writes again (min-replicas-to-write 0); the fleet still points at it"
+        return False, f"{move.source} could not be made writable again (CONFIG SET answered {said(answer)!r})"
+    return True, f"{move.source} takes writes again (min-replicas-to-write 0); the fleet still points at it"
 
 
 def _stop_source(step: Execution, change: Change) -> None:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, fleet, reset_all
+from helpers import REPO, enqueue, fleet, redis_cli, reset_all
+from test_sidekiq_on_lab import DECLARED as SIDEKIQ
+from test_sidekiq_on_lab import main_pid, poll, process_of, read_view
 
 from fleet.journal import Journal, journal_path
 
@@ -25,6 +27,7 @@ SOURCE, TARGET = "freud", "nietzsche"
 STANDBY_UNIT = "postgresql@15-moved.service"  # a second cluster on the target: its 15/main stays as it is
 ENV = "/home/mastodon/live/.env.production"
 POSTGRES = 'unit = "postgresql.service"\nhosts = ["nietzsche"]\nobserve_only = true'
+ORPHANS = "fleet-move-test"  # a queue no declared Sidekiq process serves: its jobs stay queued
 DECLARED = '\n[moves.postgres]\nfrom = "freud"\nto = "nietzsche"\nmethod = "streaming-replica"\n'
 
 
@@ -68,6 +71,7 @@ def before(lab: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
                     f"-D /var/lib/postgresql/15/moved -R -X stream && systemctl start {STANDBY_UNIT}",
             user="root", timeout=120)
     yield lab, tmp_path
+    redis_cli(lab, [["DEL", f"queue:{ORPHANS}"], ["SREM", "queues", ORPHANS]])
     lab.ssh(TARGET, "pg_dropcluster --stop 15 moved", user="root", check=False)
     # The move leaves freud's server stopped and read-only (ALTER SYSTEM): back as it was, then
     # restarted with its own pg_hba.conf and listen_addresses (which reads postgresql.auto.conf anew).
@@ -115,9 +119,11 @@ def test_moving_postgres_is_refused_undeclared_and_declared_runs_its_runbook_hal
     behind = int(out.split("NOT YET: caught up: ", 1)[1].split(" ", 1)[0])
     assert behind > 0 and " bytes of WAL behind freud\n" in out
     order = out.split("Order (", 1)[1]
-    assert order.index("1. nietzsche:move-check") < order.index("2. freud:move-read-only") < order.index(
-        "3. nietzsche:move-caught-up") < order.index("4. nietzsche:move-promote") < order.index("write-env") < \
+    assert order.index("1. nietzsche:move-check") < order.index("2. nietzsche:move-quiet") < order.index(
+        "3. nietzsche:move-drained") < order.index("4. freud:move-read-only") < order.index(
+        "5. nietzsche:move-caught-up") < order.index("6. nietzsche:move-promote") < order.index("write-env") < \
         order.index("freud:move-stop-source"), order
+    assert "\n      now: jobs queued: " in out, out  # Sidekiq's view, under move-drained
 
     # Applied while it lags: the first gate halts the move, nothing is repointed, `fleet log` says why.
     halted = fleet(lab, "apply", "--yes", "--settle", "1", "--start-timeout", "2", directory=declared, timeout=300)
@@ -130,16 +136,32 @@ def test_moving_postgres_is_refused_undeclared_and_declared_runs_its_runbook_hal
     assert psql(lab, SOURCE, "SHOW default_transaction_read_only") == "off"  # never made read-only
     assert lab.ssh(SOURCE, "systemctl is-active postgresql@15-main.service", user="root").stdout.strip() == "active"
 
-    # Replaying again: the move runs end to end.
+    # Replaying again, but 7 jobs wait in a queue no Sidekiq process serves: quiet Sidekiq leaves them
+    # queued, so the move halts at move-drained naming them, before anything is read-only or rewritten,
+    # and restarts the Sidekiq units it quieted.
     psql(lab, TARGET, "SELECT pg_wal_replay_resume()", port=5433)
-    # Sidekiq stopped first (by hand, while freud takes writes, so each leaves `processes`): its
-    # restarts would each wait ~52 s for the old process's entry, replicated to nietzsche and left
-    # there by a process that cannot remove it from a source refusing writes, to expire (measured;
-    # docs/apply.md).  Stopped, the plan starts them, after the promote, like every other change.
-    for host in (SOURCE, TARGET):
-        lab.ssh(host, "systemctl stop 'mastodon-sidekiq*'", user="root")
+    enqueue(lab, ORPHANS, 7, enqueued_at=time.time())
+    queued = fleet(lab, "apply", "--yes", "--settle", "1", directory=declared, timeout=300)
+    assert queued.returncode != 0, queued.stdout + queued.stderr
+    log = fleet(lab, "log", "--since", "10m", directory=declared)
+    assert f"FAILED: gate 'queues drained' did not pass: 7 ({ORPHANS}: 7) job(s) still queued" in log.stdout, \
+        log.stdout
+    assert "apply again with --accept-queued 7" in log.stdout, log.stdout
+    assert "restarted the Sidekiq units quieted for the move, which resume against the source: " in log.stdout, \
+        log.stdout
+    assert "DB_HOST=freud.hachyderm.internal" in lab.ssh(TARGET, f"grep ^DB_HOST= {ENV}", user="root").stdout
+    assert psql(lab, SOURCE, "SHOW default_transaction_read_only") == "off"
+
+    def working() -> bool:  # every declared Sidekiq unit's (new) process heartbeats, and not quiet
+        view, _ = read_view(lab)
+        procs = [process_of(view, h, main_pid(lab, h, u)) for h, u, _, _ in SIDEKIQ]
+        return all(p is not None and not p.quiet for p in procs)
+
+    poll(working, 30, "the Sidekiq units quieted for the halted move are not all working again")
+
+    # Accepted: the move runs end to end, the 7 jobs still queued.
     started = time.time()
-    moved = fleet(lab, "apply", "--yes", "--settle", "1", directory=declared, timeout=300)
+    moved = fleet(lab, "apply", "--yes", "--settle", "1", "--accept-queued", "7", directory=declared, timeout=300)
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert psql(lab, TARGET, "SELECT count(*) FROM moved_rows", port=5433) == "200"  # every row freud had
     assert psql(lab, TARGET, "SELECT pg_is_in_recovery()", port=5433) == "f"  # promoted: takes writes
@@ -157,14 +179,20 @@ def test_moving_postgres_is_refused_undeclared_and_declared_runs_its_runbook_hal
     by_action: dict[str, list[Any]] = {}
     for st in steps:
         by_action.setdefault(st.action, []).append(st)
-    gates = [by_action[a][0] for a in ("move-check", "move-read-only", "move-caught-up", "move-promote")]
-    assert [g.outcome for g in gates] == ["ok"] * 4
+    gates = [by_action[a][0] for a in ("move-check", "move-quiet", "move-drained", "move-read-only",
+                                       "move-caught-up", "move-promote")]
+    assert [g.outcome for g in gates] == ["ok"] * 6
     assert all(a.ended <= b.started for a, b in zip(gates, gates[1:], strict=False))
     writes = [st for st in by_action["write-env"] if "DB_HOST" in str(st.details.get("keys"))]
     assert writes and gates[-1].ended <= min(st.started for st in writes)
     [stop] = by_action["move-stop-source"]
     runs = by_action.get("restart", []) + by_action.get("start", [])
     assert runs and stop.outcome == "ok" and max(st.ended for st in runs) <= stop.started
+    # Sidekiq quiet before the source went read-only, and every quieted unit restarted after the promote.
+    assert gates[1].ended <= gates[3].started
+    restarted = {(st.host, st.target) for st in runs if st.outcome == "ok" and gates[-1].ended <= st.started}
+    assert {(h, u) for h, u, _, _ in SIDEKIQ} <= restarted, restarted
+    assert redis_cli(lab, [["LLEN", f"queue:{ORPHANS}"]]) == ["7"]  # accepted, still queued (nobody serves it)
 
 
 # ------------------------------------------------------------------ moving Redis (runbook_redis.py)

@@ -20,7 +20,7 @@ from observed import distro_unit, with_unit
 from redis_server import PASSWORD, Redis
 from test_apply import STATE, Hosts, Recorder, Rig, outcomes
 from test_moves import DB_HOST_NIETZSCHE, POSTGRES_ON_NIETZSCHE, before_the_move, loaded, with_facts
-from test_runbook import moved_to
+from test_runbook import SIDEKIQ, moved_to
 
 from fleet import remote
 from fleet.actions import Action, MovePayload
@@ -42,6 +42,7 @@ MOVE = MoveSpec("redis", "freud", "nietzsche", "redis-replica")
 CHECK, READ_ONLY = "nietzsche:move-check:redis:6379", "freud:move-read-only:redis-server.service"
 CAUGHT_UP, PROMOTE = "nietzsche:move-caught-up:redis:6379", "nietzsche:move-promote:redis:6379"
 STOP = "freud:move-stop-source:redis-server.service"
+QUIET, DRAINED = "nietzsche:move-quiet:sidekiq", "nietzsche:move-drained:sidekiq"
 
 SOURCE_INFO = "# Replication\r\nrole:master\r\nconnected_slaves:1\r\nmaster_repl_offset:4242\r\n"
 TARGET_INFO = ("# Replication\r\nrole:slave\r\nmaster_host:freud.hachyderm.internal\r\nmaster_port:6379\r\n"
@@ -69,7 +70,8 @@ def test_a_declared_redis_move_is_planned_as_its_runbook_around_the_repointing_o
     desired, observed = redis_moving(example)
     plan = build_plan(desired, observed, S)
     waves = [[plan.change(cid).id for cid in wave] for wave in plan.waves]
-    assert waves[:4] == [[CHECK], [READ_ONLY], [CAUGHT_UP], [PROMOTE]] and waves[-1] == [STOP]
+    # Sidekiq quieted and drained (runbook_quiet.py: on its Redis host as declared) before writes stop.
+    assert waves[:6] == [[CHECK], [QUIET], [DRAINED], [READ_ONLY], [CAUGHT_UP], [PROMOTE]] and waves[-1] == [STOP]
     assert plan.change(STOP).payload == MovePayload("freud", "nietzsche", 6379, 6379, "redis-server.service")
     at = {cid: i for i, wave in enumerate(plan.waves) for cid in wave}
     writes = [c.id for c in plan.changes if c.action == Action.WRITE_ENV]
@@ -194,6 +196,18 @@ def healthy_move(rig: Rig) -> None:
     answer(rig, "nietzsche", "REPLICAOF NO ONE", "replicaof OK\nconfig /etc/redis/redis.conf\nrewrite -\nnames 0\n"
                                                  "role:master\n@@ok\n")
     answer(rig, "freud", "systemctl stop", "inactive\n@@ok\n")
+    # Sidekiq's units name their main PIDs (and take the TSTP); its Redis, read from nietzsche (its
+    # host as declared), says each of them is quiet and idle, nothing queued.
+    for host, units in SIDEKIQ.items():
+        answer(rig, host, "@@quiet", "".join(f"@@quiet {u} {host} {pid}\n" for u, pid in units) + "@@ok\n")
+    beats = "".join(f"@@move-sidekiq p {h}:{pid}: {h}:{pid}:0a1b true 0\n" for h, units in SIDEKIQ.items()
+                    for _, pid in units)
+    answer(rig, "nietzsche", "@@move-sidekiq", beats + "@@move-sidekiq q 0 default\n@@ok\n")
+
+
+def env_writes(rig: Rig) -> list[int]:
+    """The calls that write an env file (fleet's Redis commands only read one)."""
+    return [c.seq for c in rig.fake.calls if ".env.production" in c.command and "redis-cli" not in c.command]
 
 
 def sent(rig: Rig, needle: str, host: str | None = None) -> list[int]:
@@ -211,7 +225,7 @@ def test_a_redis_move_runs_its_steps_in_order_and_rewrites_redis_host_only_after
     read_only, = sent(rig, "CONFIG SET min-replicas-to-write 2147483647")
     promote, = sent(rig, "REPLICAOF NO ONE")
     stop, = sent(rig, "systemctl stop -- redis-server.service")
-    env = [c.seq for c in rig.fake.calls if ".env.production" in c.command and "redis-cli" not in c.command]
+    env = env_writes(rig)
     restarts = sent(rig, "systemctl restart")
     assert env and restarts
     assert check < read_only < promote < min(env) and max(restarts) < stop
@@ -246,7 +260,7 @@ def test_a_failed_redis_gate_halts_before_any_env_file_is_written_and_says_what_
     result = rig.executor(plan, desired).execute()
     done = outcomes(result)
     assert done[CHECK] == "failed" and {o for cid, o in done.items() if cid != CHECK} == {"skipped"}
-    assert not [c for c in rig.fake.commands() if ".env.production" in c and "redis-cli" not in c]
+    assert not env_writes(rig)
     assert not sent(rig, "CONFIG SET")
     [step] = [s for s in rig.steps(rig.runs[-1]).values() if s.action == "move-check"]
     assert step.error is not None and step.error.startswith(says), step.error
@@ -268,10 +282,11 @@ def test_a_replica_that_does_not_catch_up_after_writes_stopped_gives_the_source_
     done = outcomes(result)
     assert done[CAUGHT_UP] == "failed" and done[PROMOTE] == "skipped"
     assert sent(rig, "CONFIG SET min-replicas-to-write 0", "freud")  # freud takes writes again
-    assert not sent(rig, "REPLICAOF NO ONE")
-    assert not [c for c in rig.fake.commands() if ".env.production" in c and "redis-cli" not in c]
+    assert not sent(rig, "REPLICAOF NO ONE") and not env_writes(rig)
     failed = next(o for o in result.outcomes if o.outcome == "failed")
-    assert failed.rollback == "freud takes writes again (min-replicas-to-write 0); the fleet still points at it"
+    assert failed.rollback.startswith("freud takes writes again (min-replicas-to-write 0); the fleet still points "
+                                      "at it; ")
+    assert "restarted the Sidekiq units quieted for the move, which resume against the source" in failed.rollback
 
 
 def test_a_promoted_target_keeps_the_source_refusing_writes(rig: Rig, example: FleetDir) -> None:
@@ -287,7 +302,8 @@ def test_a_promoted_target_keeps_the_source_refusing_writes(rig: Rig, example: F
     assert outcomes(result)[PROMOTE] == "failed"
     assert not sent(rig, "CONFIG SET min-replicas-to-write 0")
     failed = next(o for o in result.outcomes if o.outcome == "failed")
-    assert failed.rollback == "freud left refusing writes: redis on nietzsche is no longer a replica"
+    assert failed.rollback.startswith("freud left refusing writes: redis on nietzsche is no longer a replica; ")
+    assert "restarted" not in failed.rollback  # Sidekiq stays quiet: its jobs would fail against freud
 
 
 def test_a_redis_step_refuses_a_plan_that_would_stop_another_unit_than_the_service_s(
@@ -353,3 +369,19 @@ def test_the_promote_on_a_real_redis_takes_the_replicaof_line_out_of_its_config_
         assert again.ok and again.detail.endswith("names no master")
     finally:
         conf.write_text(before)
+
+
+def test_a_source_whose_writes_are_not_refused_halts_the_move_and_is_given_its_writes_back(
+        rig: Rig, example: FleetDir) -> None:
+    desired, observed = redis_moving(example)
+    plan = build_plan(desired, observed, S)
+    healthy_move(rig)
+    answer(rig, "freud", "min-replicas-to-write 2147483647", "set OK \nwrite 0 \n@@ok\n")  # the setting took no effect
+    answer(rig, "freud", "CONFIG SET min-replicas-to-write 0", "OK\n@@ok\n")
+    result = rig.executor(plan, desired).execute()
+    done = outcomes(result)
+    assert done[READ_ONLY] == "failed" and done[CAUGHT_UP] == "skipped" and not env_writes(rig)
+    failed = next(o for o in result.outcomes if o.outcome == "failed")
+    assert failed.error.startswith("gate 'source refuses writes' did not pass: a write on freud was not refused")
+    assert failed.rollback.startswith("freud takes writes again (min-replicas-to-write 0)")
+    assert rig.fake.calls[sent(rig, "INFO replication", "nietzsche")[-1]].seq < sent(rig, "min-replicas-to-write 0")[0]
