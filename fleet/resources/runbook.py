@@ -1,6 +1,7 @@
 """A declared move's runbook, carried out by `fleet apply`: the steps around the plan's own
 changes that make a move of Postgres (`method = "streaming-replica"`) safe, and the resource
-that owns their actions.
+that owns their actions.  A Redis move (`method = "redis-replica"`) has the same steps in the
+same layout; what they do on its hosts is fleet/resources/runbook_redis.py's (`_is_redis`).
 
 The plan stays pure data.  A declared move adds changes of its own to the plan, each in a wave
 of its own, chained, around the waves the ordinary diff made:
@@ -39,7 +40,7 @@ from fleet.errors import FleetError
 from fleet.model import DEFAULT_PORTS, Desired, HostResult, HostState, Kind, MoveSpec
 from fleet.moves import Gate, data_gates
 from fleet.policy import resolve_host
-from fleet.resources import runbook_quiet
+from fleet.resources import runbook_quiet, runbook_redis
 from fleet.resources.base import PLAIN, ActionSpec, Detail, Execution, PayloadError, Resource, StepView, empty
 from fleet.resources.stores import clusters_of
 
@@ -65,12 +66,12 @@ class RunbookRefused(FleetError):
 
 def steps(desired: Desired, move: MoveSpec, observed: Mapping[str, HostResult],
           scope: Collection[str]) -> list[Change]:
-    """The runbook's changes for a declared Postgres move, in order (BEFORE, then LAST); the
+    """The runbook's changes for a declared Postgres or Redis move, in order (BEFORE, then LAST); the
     move-check's `before` holds the data gates' answers in `observed`.  RunbookRefused when
     the run does not cover both hosts (`scope`, after --limit) or the observation does not say
     which clusters to work on."""
     svc = desired.service(move.service)
-    assert svc is not None and svc.kind == Kind.POSTGRES
+    assert svc is not None and svc.kind in (Kind.POSTGRES, Kind.REDIS)
     outside = [h for h in (move.source, move.target) if h not in scope]
     if outside:
         raise RunbookRefused(f"the move of {move.service} from {move.source} to {move.target} needs both hosts, "
@@ -81,28 +82,33 @@ def steps(desired: Desired, move: MoveSpec, observed: Mapping[str, HostResult],
     src = observed.get(move.source)
     if not isinstance(src, HostState):
         raise RunbookRefused(f"the move of {move.service}: {now}")
-    primary = next((v for v in clusters_of(src, svc.unit) if v.role == "primary" and v.cluster is not None), None)
-    if primary is None or primary.cluster is None:
-        raise RunbookRefused(f"the move of {move.service} from {move.source} to {move.target} cannot be laid out: "
-                             f"fleet found no primary cluster of {svc.unit} on {move.source} to make read-only and "
-                             f"stop (its data now: {now})",
-                             hint=f"start the source's cluster, or allow fleet to ask it: probe = true on "
-                                  f"services.{svc.name}")
-    # The target's cluster is the one Mastodon will connect to: on the service's declared port.
-    payload = MovePayload(move.source, move.target, primary.port, svc.port or DEFAULT_PORTS[Kind.POSTGRES],
-                          primary.cluster.unit)
+    standby = "standby"
+    if svc.kind == Kind.REDIS:  # its own module: fleet/resources/runbook_redis.py (the layout is this one)
+        payload, standby = runbook_redis.payload(svc, move, src, now), "replica"
+    else:
+        primary = next((v for v in clusters_of(src, svc.unit) if v.role == "primary" and v.cluster is not None), None)
+        if primary is None or primary.cluster is None:
+            raise RunbookRefused(f"the move of {move.service} from {move.source} to {move.target} cannot be laid out: "
+                                 f"fleet found no primary cluster of {svc.unit} on {move.source} to make read-only and "
+                                 f"stop (its data now: {now})",
+                                 hint=f"start the source's cluster, or allow fleet to ask it: probe = true on "
+                                      f"services.{svc.name}")
+        # The target's cluster is the one Mastodon will connect to: on the service's declared port.
+        payload = MovePayload(move.source, move.target, primary.port, svc.port or DEFAULT_PORTS[Kind.POSTGRES],
+                              primary.cluster.unit)
     said = f"{move.service} {move.source} -> {move.target}"
     reasons = {
         Action.MOVE_CHECK: (move.target, f"move {said}: the data gates, asked again when the step runs", now),
         Action.MOVE_READ_ONLY: (move.source, f"move {said}: no write reaches the source after the last check", ""),
-        Action.MOVE_CAUGHT_UP: (move.target, f"move {said}: the standby has replayed the source's last write", ""),
-        Action.MOVE_PROMOTE: (move.target, f"move {said}: the standby becomes the primary Mastodon is pointed at", ""),
+        Action.MOVE_CAUGHT_UP: (move.target, f"move {said}: the {standby} has replayed the source's last write", ""),
+        Action.MOVE_PROMOTE: (move.target, f"move {said}: the {standby} becomes the primary Mastodon is pointed "
+                                           "at", ""),
         LAST: (move.source, f"move {said}: the old server stops once every Mastodon process runs against the new "
                             "one", ""),
     }
     out = []
     for action, (host, reason, before) in reasons.items():  # in order (the Sidekiq steps: runbook_quiet)
-        target = payload.source_unit if host == move.source else f"postgres:{payload.target_port}"
+        target = payload.source_unit if host == move.source else f"{svc.kind.value}:{payload.target_port}"
         out.append(Change(host, action, target, reason, svc.name, before=before, payload=payload))
     return out
 
@@ -338,6 +344,12 @@ def _back_to_read_write(step: Execution, change: Change) -> tuple[bool, str]:
 # ================================================================ the resource
 
 
+def _is_redis(step: Execution, change: Change) -> bool:
+    """The move's store is Redis (fleet/resources/runbook_redis.py carries out its steps)."""
+    svc = step.desired.service(change.service or "")
+    return svc is not None and svc.kind == Kind.REDIS
+
+
 class MoveSteps(Resource):
     """The runbook's actions: planned by fleet.plan.build_plan (through `steps` and `wrap`),
     never by a host's diff."""
@@ -375,20 +387,22 @@ class MoveSteps(Resource):
             return f"its move {p.source!r} -> {p.target!r} is not between two host names"
         if change.host != (p.source if change.action in ON_SOURCE else p.target):
             return f"it runs on {change.host}, not on the move's {'source' if change.action in ON_SOURCE else 'target'}"
-        if not _CLUSTER_UNIT.fullmatch(p.source_unit):
-            return f"{p.source_unit!r} is not a Postgres cluster unit"
+        if not (_CLUSTER_UNIT.fullmatch(p.source_unit) or runbook_redis.UNIT.fullmatch(p.source_unit)):
+            return f"{p.source_unit!r} is not a Postgres cluster unit (nor a Redis unit)"
         if not (0 < p.source_port < 65536 and 0 < p.target_port < 65536):
             return "its ports are out of range"
         return None
 
     def execute(self, change: Change, step: Execution) -> None:
-        self._run[change.action](step, change)
+        run = {**self._run, **runbook_redis.RUN} if _is_redis(step, change) else self._run
+        run[change.action](step, change)
 
     def rollback(self, change: Change, step: Execution) -> str:
         if change.action not in (Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP, Action.MOVE_PROMOTE):
             return ""
         try:  # (a failed read-only step may have set it: ALTER SYSTEM went through, the gate did not)
-            writable, said = _back_to_read_write(step, change)
+            writable, said = runbook_redis.back_to_writable(step, change) if _is_redis(step, change) else \
+                _back_to_read_write(step, change)
         except FleetError as e:
             writable, said = False, f"the source could not be made writable again ({e.message})"
         # Sidekiq quieted before the source went read-only resumes against it only when it takes writes.

@@ -109,12 +109,12 @@ def test_plan_text_shows_the_runbook_in_order_with_the_gates_current_answers(exa
         order.index("freud:move-stop-source")
 
 
-def test_a_redis_move_or_two_moves_at_once_are_still_refused(example: FleetDir) -> None:
+def test_two_moves_at_once_are_still_refused(example: FleetDir) -> None:
     from fleet.moves import MoveRefused
     observed = before_the_move(example)
     desired = loaded(example.append(DECLARED + '\n[moves.redis]\nfrom = "freud"\nto = "nietzsche"\n'
                                                'method = "redis-replica"\n'))
-    with pytest.raises(MoveRefused, match="runs the runbook of a Postgres move only"):
+    with pytest.raises(MoveRefused, match="fleet runs one move's runbook at a time"):
         build_plan(desired, observed, S)
 
 
