@@ -9,10 +9,19 @@ remote collection script for that host (`build_script(spec_for(desired, host))`,
 `sudo_command` for hosts with `sudo = true`, exactly as the transport sends it), with the key
 exchange paramiko negotiates forced on OpenSSH (`-o KexAlgorithms=…`).  Floor and fleet runs
 alternate, so both see the same machine load; each run's ratio is fleet / floor of that run.
+
+With BENCH_BASELINE_PYTHONPATH set to a directory holding another fleet package (e.g. `git archive
+COMMIT fleet | tar -x -C DIR`), a fourth variant runs the same `fleet` command with that package
+first on PYTHONPATH: an older fleet measured in the same rounds, under the same load.
+
+Every fleet package measured has its bytecode compiled first (`compileall`), as `pip install`
+leaves it: with PYTHONDONTWRITEBYTECODE set (as on the shared machine) and no .pyc, every `fleet`
+process would compile its modules from source (~170 ms of CPU measured on 2026-12-02).
 """
 
 from __future__ import annotations
 
+import compileall
 import json
 import logging
 import os
@@ -22,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.inventory import write_inventory
-from bench.lab import Lab, Measured, run_parallel
+from bench.lab import Lab, Measured, fleet_argv, measure, run_parallel
 
 KEX = "curve25519-sha256@libssh.org"  # verified per run by `negotiated_algorithms`
 
@@ -167,12 +176,26 @@ def _check_status(m: Measured, n: int) -> dict[str, Any]:
             "remote_duration_max_s": max(durations) if durations else None}
 
 
+BASELINE = os.environ.get("BENCH_BASELINE_PYTHONPATH", "")
+
+
+def compile_bytecode() -> list[str]:
+    """Compile fleet's modules (and the baseline's) as an installed package has them."""
+    import fleet
+
+    dirs = [str(Path(fleet.__file__).parent)] + ([str(Path(BASELINE) / "fleet")] if BASELINE else [])
+    for d in dirs:
+        compileall.compile_dir(d, quiet=1)
+    return dirs
+
+
 def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle: float = 0.5,
                  counts: bool = True, profile: Any = None, remote_cost: Any = None) -> dict[str, Any]:
     """Boot n generated hosts, converge them, then alternate floor and fleet `runs` times."""
     directory = write_inventory(work / f"fleet-{n}", n)
     state = str(lab.state_dir)
-    result: dict[str, Any] = {"hosts": n, "runs": runs}
+    result: dict[str, Any] = {"hosts": n, "runs": runs, "bytecode_compiled": compile_bytecode(),
+                              "baseline": BASELINE}
     report(f"[status N={n}] lab up")
     up = lab.up(directory / "hosts", tag=f"up-{n}")
     result["lab_up_s"] = up.wall_s
@@ -197,8 +220,13 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
                                "units_shown": sum(m.stdout.count("Id=") for m in warm),
                                "stderr": next((m.stderr[-300:] for m in warm if m.rc != 0), "")}
     lab.fleet(*fleet_args, tag=f"status-{n}-warm")
+    baseline_env = {**os.environ, "PYTHONPATH": BASELINE} if BASELINE else None
+    if baseline_env is not None:
+        m = measure([*fleet_argv(), *fleet_args], out_dir=work / "logs", tag=f"baseline-{n}-warm", env=baseline_env)
+        result["baseline_check"] = _check_status(m, n)
     rows = []
-    orders = [("floor", "minimal", "fleet"), ("fleet", "floor", "minimal"), ("minimal", "fleet", "floor")]
+    variants = ["floor", "minimal", "fleet"] + (["baseline"] if baseline_env is not None else [])
+    orders = [tuple(variants[k:] + variants[:k]) for k in range(len(variants))]
     for i in range(runs):
         order = orders[i % len(orders)]
         row: dict[str, Any] = {"run": i + 1, "first": order[0]}
@@ -213,6 +241,13 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
                 row[f"{which}_client_cpu_s"] = sum(m.cpu_s for m in each)
                 row[f"{which}_failures"] = len(bad)
                 row[f"{which}_stdout_bytes"] = sum(len(m.stdout) for m in each)
+            elif which == "baseline":
+                m = measure([*fleet_argv(), *fleet_args], out_dir=work / "logs", tag=f"baseline-{n}-{i}",
+                            env=baseline_env)
+                row["baseline_s"] = m.wall_s
+                row["baseline_cpu_s"] = m.cpu_s
+                row["baseline_maxrss_mb"] = m.maxrss_mb
+                row["baseline_rc"] = m.rc
             else:
                 m = lab.fleet(*fleet_args, tag=f"status-{n}-{i}")
                 row["fleet_s"] = m.wall_s
@@ -222,10 +257,13 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
             row[f"{which}_machine_cpu_s"] = machine_busy() - busy0
         row["ratio"] = row["fleet_s"] / row["floor_s"]
         row["ratio_minimal"] = row["fleet_s"] / row["minimal_s"]
+        if "baseline_s" in row:
+            row["ratio_minimal_baseline"] = row["baseline_s"] / row["minimal_s"]
         rows.append(row)
         report(f"[status N={n}] run {i + 1}/{runs}: floor {row['floor_s'] * 1000:.0f} ms, minimal "
                f"{row['minimal_s'] * 1000:.0f} ms, fleet {row['fleet_s'] * 1000:.0f} ms, ratio {row['ratio']:.2f}, "
-               f"vs minimal {row['ratio_minimal']:.2f}")
+               f"vs minimal {row['ratio_minimal']:.2f}"
+               + (f", baseline vs minimal {row['ratio_minimal_baseline']:.2f}" if "baseline_s" in row else ""))
     result["rows"] = rows
     med = statistics.median
     result["floor_median_s"] = med(r["floor_s"] for r in rows)
@@ -244,6 +282,11 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
     ncpu = os.cpu_count() or 1
     result["floor_machine_utilisation"] = result["floor_machine_cpu_median_s"] / (ncpu * result["floor_median_s"])
     result["fleet_machine_utilisation"] = result["fleet_machine_cpu_median_s"] / (ncpu * result["fleet_median_s"])
+    if baseline_env is not None:
+        result["baseline_median_s"] = med(r["baseline_s"] for r in rows)
+        result["ratio_minimal_baseline_median"] = med(r["ratio_minimal_baseline"] for r in rows)
+        result["baseline_cpu_median_s"] = med(r["baseline_cpu_s"] for r in rows)
+    result["load_average"] = os.getloadavg()
     result["all_ok"] = all(r["fleet_rc"] == 0 and r["floor_failures"] == 0 and r["minimal_failures"] == 0
                            for r in rows)
     if profile is not None:

@@ -81,11 +81,13 @@ class Executor:
     def __init__(self, plan: Plan, desired: Desired, hosts: Sequence[Host], secrets: Mapping[tuple[str, str], str],
                  transport: Transport, journal: JournalLike, run_id: str, *, settle: float = 3.0,
                  start_timeout: float = 30.0, report: Callable[[str], None] = lambda s: None,
-                 forks: int | None = None, recording: Recording | None = None) -> None:
+                 forks: int | None = None, recording: Recording | None = None,
+                 accept_queued: int | None = None) -> None:
         self.plan, self.desired, self.secrets = plan, desired, secrets
         self.hosts = {h.name: h for h in hosts}
         self.transport, self.journal, self.run_id = transport, journal, run_id
         self.settle, self.start_timeout = settle, start_timeout
+        self.accept_queued = accept_queued
         self.report = report
         self.forks = forks or MAX_WORKERS
         self.recording = recording
@@ -204,6 +206,7 @@ class _Step:
         self.record_sent = False  # it went to the host (and may be there): its outcome must follow
         self.desired, self.secrets, self.run_id = executor.desired, executor.secrets, executor.run_id
         self.settle, self.start_timeout = executor.settle, executor.start_timeout
+        self.accept_queued, self.plan_changes = executor.accept_queued, executor.plan.changes
         self.detail = ""
 
     def _carry_record(self, command: str, stdin: bytes | None) -> tuple[str, bytes | None]:

@@ -9,15 +9,17 @@ to an exit code (`_run_COMMAND`).  Each command imports what it needs when it ru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 from fleet import __version__
 from fleet.errors import FleetError
-from fleet.textutil import positive_int_option, printable, seconds_option
+from fleet.textutil import accept_queued_option, positive_int_option, printable, seconds_option
 
 if TYPE_CHECKING:
     from fleet.model import Finding
@@ -224,6 +226,9 @@ def _add_apply(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                    help="seconds a started unit must stay up without restarting (default 3)")
     p.add_argument("--start-timeout", type=seconds_option(), default=30.0, metavar="S",
                    help="seconds a unit may take to become active (default 30)")
+    p.add_argument("--accept-queued", type=accept_queued_option, default=None, metavar="N",
+                   help="a declared move may go on with up to N jobs still queued in quiet Sidekiq (they run after "
+                        "Sidekiq restarts, against the new server); without it, any queued job halts the move")
     p.add_argument("--notify", action="append", default=[], metavar="SPEC",
                    help="also post the apply's start and result here (repeatable; besides the desired state's "
                         "[watch] notify): a webhook URL, discord:/slack:/webhook:URL, or env:VAR (docs/watch.md)")
@@ -406,16 +411,33 @@ def _run_check(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     from fleet.workflows.status import StatusOptions, status
 
-    result = status(StatusOptions(_common(args), _scope(args), observed=args.observed), TerminalReporter())
-    if args.json:
-        from fleet.output import json
+    with _offline(args.observed is not None):
+        result = status(StatusOptions(_common(args), _scope(args), observed=args.observed), TerminalReporter())
+        if args.json:
+            from fleet.output import json
 
-        _write(json.dumps(json.status_json(result.report)))
-    else:
-        from fleet.output.text import status_text
+            _write(json.dumps(json.status_json(result.report)))
+        else:
+            from fleet.output.text import status_text
 
-        _write(status_text(result.report))
+            _write(status_text(result.report))
     return EXIT_OK if result.complete else EXIT_ERROR
+
+
+@contextlib.contextmanager
+def _offline(active: bool) -> Iterator[None]:
+    """An offline command (`--observed`, `show`) reads, builds and prints a few million objects
+    and ends: the cycle collector, run again and again over a heap that only grows, cost it a
+    fifth of its CPU at 1,000 hosts, for no cycle worth collecting before the process exits.
+    Paused for the command, back on after it (refcounting frees what it can all along)."""
+    if not active or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _plan_exit(plan: Plan) -> int:
@@ -438,8 +460,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     options = PlanOptions(_common(args), _scope(args), out=_path(args.out), no_prune=args.no_prune,
                           secrets=_path(args.secrets), observed=args.observed)
-    result = plan(options, TerminalReporter())
-    _print_plan(result.plan, args.json)
+    with _offline(args.observed is not None):
+        result = plan(options, TerminalReporter())
+        _print_plan(result.plan, args.json)
     if result.saved_to is not None and not args.json:
         say(f"Saved to {args.out} (plan {result.plan.plan_id}); apply exactly this with `fleet apply {args.out}`.")
     return _plan_exit(result.plan)
@@ -448,8 +471,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 def _run_show(args: argparse.Namespace) -> int:
     from fleet.workflows.plan import show
 
-    plan = show(args.plan_file)
-    _print_plan(plan, args.json)
+    with _offline(True):
+        plan = show(args.plan_file)
+        _print_plan(plan, args.json)
     return _plan_exit(plan)
 
 
@@ -458,7 +482,8 @@ def _run_apply(args: argparse.Namespace) -> int:
 
     options = ApplyOptions(_common(args), _scope(args), plan_file=args.plan_file or None, yes=args.yes,
                            no_prune=args.no_prune, secrets=_path(args.secrets), settle=args.settle,
-                           start_timeout=args.start_timeout, notify=tuple(args.notify))
+                           start_timeout=args.start_timeout, notify=tuple(args.notify),
+                           accept_queued=args.accept_queued)
     outcome = apply(options, TerminalReporter())
     if outcome.cancelled:
         print("Apply cancelled; nothing was changed.")

@@ -758,12 +758,13 @@ def _load_service(ctx: _Ctx, name: str, st: dict[str, Any], host_names: list[str
         _check_name(ctx, f"{prefix}.unit", unit, UNIT_NAME, "unit name")
     hosts = _str_list(ctx, st, prefix, "hosts", required=True)
     seen: set[str] = set()
+    files = set(host_files)  # a set: a service may list every host of the inventory (a scan each was quadratic)
     for h in hosts:
         if h in seen:
             ctx.error(f"{prefix}.hosts", f"host {h!r} is listed twice in {prefix}.hosts", "list each host once",
                       "config.duplicate")
         seen.add(h)
-        if h not in host_files:
+        if h not in files:
             hint = did_you_mean(h, host_files) or f"add {hosts_dir}/{h}.toml or remove it from the list"
             ctx.error(f"{prefix}.hosts", f"service {name!r} names host {h!r}, which has no file in {hosts_dir}/",
                       hint, "config.unknown-host")

@@ -236,9 +236,10 @@ def _redis_gates(desired: Desired, move: MoveSpec, source: RedisState | None,
 
 
 def refuse_undeclared(desired: Desired, observed: Mapping[str, HostResult]) -> list[MoveSpec]:
-    """The declared moves the plan carries out as a runbook (fleet/resources/runbook.py): one Postgres move
-    by streaming replica at a time.  MoveRefused for a plan that would move a data store
-    undeclared, not as declared, or in a way fleet cannot yet run (a Redis move, two at once)."""
+    """The declared moves the plan carries out as a runbook (fleet/resources/runbook.py): one move
+    at a time, of Postgres by streaming replica or of Redis by replica.  MoveRefused for a plan
+    that would move a data store undeclared, not as declared, or in a way fleet cannot yet run
+    (two moves at once)."""
     moves = pending(desired, observed)
     refused = refusals(desired, moves)
     if refused:
@@ -247,16 +248,14 @@ def refuse_undeclared(desired: Desired, observed: Mapping[str, HostResult]) -> l
         raise MoveRefused(f"refusing to plan: {message}", hint=hint)
     declared = [d for m in moves if (d := desired.move(m.service)) is not None]
     assert len(declared) == len(moves)  # refusals() let through only moves as declared
-    runnable = [d for d in declared if d.method == MOVE_METHODS[Kind.POSTGRES]]
-    if len(runnable) == len(declared) <= 1:
-        return runnable
+    if len(declared) <= 1:
+        return declared
     said = []
     for d in declared:
         now = "; ".join(g.line() for g in data_gates(desired, d, observed))
         said.append(f"{d.service} from {d.source} to {d.target} (its data now: {now})")
     m = moves[0]
-    why = ("this version of fleet runs the runbook of a Postgres move only" if len(runnable) < len(declared) else
-           "fleet runs one move's runbook at a time")
+    why = "fleet runs one move's runbook at a time"
     raise MoveRefused(f"refusing to plan: the move of {'; and of '.join(said)} is declared, but {why} ({GUIDE})",
                       hint=f"move {m.service} by hand as the guide says, checking its data with these gates, "
                            f"or keep it on {m.sources[0]} for now")

@@ -38,7 +38,7 @@ from fleet.diff import diff
 from fleet.errors import FleetError
 from fleet.graph import GROUP_NAME, expand_one, order
 from fleet.model import Desired, HostResult, HostState
-from fleet.resources import runbook
+from fleet.resources import runbook, runbook_quiet
 from fleet.resources.base import PayloadError
 from fleet.resources.registry import BY_ACTION, owner
 from fleet.textutil import indented_json, sha256_hex
@@ -152,7 +152,7 @@ class Plan:
 
         rows = []
         for c in self.changes:
-            row: list[Any] = [hosts[c.host] if c.host in hosts else [c.host], c.action.value, text(c.target),
+            row: list[Any] = [hosts[c.host] if c.host in hosts else [c.host], c.action._value_, text(c.target),
                               text(c.service), text(c.reason), text(c.before), text(c.after)]
             key: Any = c.payload
             if isinstance(c.payload, UnitFilePayload):
@@ -585,8 +585,9 @@ def build_plan(desired: Desired, observed: Mapping[str, HostResult], secrets: Ma
     """`inventory`: the desired state before --limit scoped its hosts (a move is judged on it)."""
     declared = moves.refuse_undeclared(inventory or desired, observed)
     scope = {h.name for h in desired.hosts}
-    book = [c for m in declared for c in runbook.steps(inventory or desired, m, observed, scope)]
     d = diff(desired, observed, secrets, prune=prune)
+    book = [c for m in declared for c in runbook_quiet.around(runbook.steps(inventory or desired, m, observed, scope),
+                                                              inventory or desired, m, observed, scope, d.changes)]
     changes, deps, waves, groups = runbook.wrap(book, d.changes, *order(d.changes, desired))
     created = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return Plan(

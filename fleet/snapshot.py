@@ -76,6 +76,13 @@ def to_record(results: Mapping[str, HostResult]) -> dict[str, Any]:
 def from_record(record: object, source: str = "a snapshot in the journal") -> dict[str, HostResult]:
     """The host results a record holds; FleetError naming `source` and the first wrong key
     (snapshots written before unit texts were kept read back with `text` None)."""
+    return _from_record(record, source, fast=True)
+
+
+def _from_record(record: object, source: str, *, fast: bool) -> dict[str, HostResult]:
+    """`from_record`; `fast`: each host through `_host_fast` first, and through the checking
+    reader only when the fast path declines it (the reader then names the first wrong key, or
+    reads a value the fast path was too strict for).  Tests compare the two ways."""
     # The collector's bounds, imported here: `fleet check` reaches this module (through
     # fleet.audit) and needs nothing of the collector's.
     from fleet.collect.parse import MAX_FILES
@@ -92,8 +99,162 @@ def from_record(record: object, source: str = "a snapshot in the journal") -> di
         where = f"hosts.{name}"
         if not HOST_NAME.fullmatch(name):
             raise r.bad(where, "is not a host name")
-        out[name] = _host(r, name, r.obj(h, where), texts, where)
+        got = _host_fast(name, h, texts) if fast else None
+        out[name] = got if got is not None else _host(r, name, r.obj(h, where), texts, where)
     return out
+
+
+# The fast path: the same rules as the reader's, checked per unit in one function instead of a
+# method call (and a key name made) per field — at 1,000 hosts × 20 services, a second of every
+# `--observed` command.  It never raises: anything it does not accept as plainly valid (a wrong
+# type, a value too long, a subclass, a missing key) returns None, and the reader, which checks
+# the same host field by field, accepts it or names the first wrong key.  Exact types only
+# (`type(x) is str`): what json.loads makes; the reader takes subclasses as well.
+
+def _texts_fast(value: object, limit: int) -> tuple[str, ...] | None:
+    """A list of at most `limit` texts, each no longer than MAX_TEXT (all of them together no
+    longer than MAX_TEXT: a joined length over it is left to the reader)."""
+    if type(value) is not list or len(value) > limit:
+        return None
+    try:
+        if len("".join(value)) > MAX_TEXT:
+            return None
+    except TypeError:  # an item that is not text
+        return None
+    if not all(type(x) is str for x in value):
+        return None
+    return tuple(value)
+
+
+def _pairs_fast(value: object, limit: int) -> tuple[tuple[str, str], ...] | None:
+    if type(value) is not list or len(value) > limit:
+        return None
+    out = []
+    for p in value:
+        if type(p) is not list or len(p) != 2:
+            return None
+        a, b = p
+        if type(a) is not str or type(b) is not str or len(a) > MAX_TEXT or len(b) > MAX_TEXT:
+            return None
+        out.append((a, b))
+    return tuple(out)
+
+
+def _number_fast(value: object) -> float | None:
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if type(value) is int and -_EXACT < value < _EXACT:
+        return float(value)
+    return None
+
+
+_EXACT = 2 ** 53  # an int this small is a float without overflow (larger ones: the reader's way)
+
+
+def _unit_fast(u: object, texts: list[str], max_files: int) -> UnitState | None:
+    if type(u) is not dict:
+        return None
+    try:
+        name, load, active, sub, file_state, pid, fragment, enter, restarts, result, text_hash = (
+            u["unit"], u["load_state"], u["active_state"], u["sub_state"], u["unit_file_state"], u["main_pid"],
+            u["fragment_path"], u["active_enter"], u["n_restarts"], u["result"], u["text_hash"])
+        exec_start, drop_ins, environment = u["exec_start"], u["drop_ins"], u["environment"]
+        environment_files, file_hashes = u["environment_files"], u["file_hashes"]
+    except KeyError:
+        return None
+    scalars = (name, load, active, sub, file_state, fragment, enter, result, text_hash)
+    if not all(type(x) is str for x in scalars) or len("".join(scalars)) > MAX_TEXT:
+        return None
+    if type(pid) is not int or type(restarts) is not int:
+        return None
+    ref = u.get("text")
+    if ref is not None and (type(ref) is not int or not 0 <= ref < len(texts)):
+        return None
+    argv = _texts_fast(exec_start, MAX_VALUES)
+    paths = _texts_fast(drop_ins, max_files)
+    env = _pairs_fast(environment, max_files)
+    env_paths = _texts_fast(environment_files, MAX_VALUES)
+    hashes = _pairs_fast(file_hashes, max_files)
+    if argv is None or paths is None or env is None or env_paths is None or hashes is None:
+        return None
+    return UnitState(unit=name, load_state=load, active_state=active, sub_state=sub, unit_file_state=file_state,
+                     main_pid=pid, fragment_path=fragment, active_enter=enter, n_restarts=restarts, result=result,
+                     text_hash=text_hash, exec_start=argv, drop_in_paths=paths, environment=env,
+                     environment_files=env_paths, file_hashes=hashes, text=None if ref is None else texts[ref])
+
+
+def _env_file_fast(e: object, max_files: int) -> EnvFileState | None:
+    if type(e) is not dict:
+        return None
+    try:
+        path, present, mode, owner, group, keys, values, secrets, invalid = (
+            e["path"], e["present"], e["mode"], e["owner"], e["group"], e["keys"], e["values"], e["secrets"],
+            e["invalid"])
+    except KeyError:
+        return None
+    scalars = (path, mode, owner, group)
+    if not all(type(x) is str for x in scalars) or len("".join(scalars)) > MAX_TEXT:
+        return None
+    if type(present) is not bool or type(invalid) is not int:
+        return None
+    pairs = _pairs_fast(secrets, max_files)
+    if pairs is None or not all(_FINGERPRINT.fullmatch(fp) for _, fp in pairs):
+        return None
+    names, kept = _texts_fast(keys, MAX_VALUES), _pairs_fast(values, max_files)
+    if names is None or kept is None:
+        return None
+    return EnvFileState(path=path, present=present, mode=mode, owner=owner, group=group, keys=names, values=kept,
+                        secrets=pairs, invalid_lines=invalid)
+
+
+def _host_fast(name: str, h: object, texts: list[str]) -> HostState | None:
+    """A plainly valid host's state, or None (see above).  Hosts that could not be observed
+    (`error`) are left to the reader: there are few."""
+    from fleet.collect.parse import MAX_FILES, MAX_UNITS
+
+    if type(h) is not dict or "error" in h:
+        return None
+    at = _number_fast(h.get("at", 0.0))
+    f, units, envs = h.get("facts"), h.get("units"), h.get("env_files")
+    if at is None or type(f) is not dict or type(units) is not list or len(units) > MAX_UNITS:
+        return None
+    if type(envs) is not list or len(envs) > MAX_UNITS:
+        return None
+    try:
+        hostname, os_, kernel, systemd, state = f["hostname"], f["os"], f["kernel"], f["systemd"], f["state"]
+        uptime, load, total, available = f["uptime"], f["load"], f["mem_total_kb"], f["mem_available_kb"]
+    except KeyError:
+        return None
+    scalars = (hostname, os_, kernel, systemd, state)
+    if not all(type(x) is str for x in scalars) or len("".join(scalars)) > MAX_TEXT:
+        return None
+    if type(load) is not list or len(load) != 3 or type(total) is not int or type(available) is not int:
+        return None
+    up, l1, l5, l15 = _number_fast(uptime), _number_fast(load[0]), _number_fast(load[1]), _number_fast(load[2])
+    if up is None or l1 is None or l5 is None or l15 is None:
+        return None
+    facts = HostFacts(hostname=hostname, os=os_, kernel=kernel, systemd_version=systemd, system_state=state,
+                      uptime_seconds=up, load=(l1, l5, l15), mem_total_kb=total, mem_available_kb=available)
+    unit_states = []
+    for u in units:
+        unit = _unit_fast(u, texts, MAX_FILES)
+        if unit is None:
+            return None
+        unit_states.append(unit)
+    env_states = []
+    for e in envs:
+        env = _env_file_fast(e, MAX_FILES)
+        if env is None:
+            return None
+        env_states.append(env)
+    extra: tuple[tuple[str, object], ...] = ()
+    if "sidekiq" in h:
+        try:
+            extra = ((SECTION, view_from_record(h["sidekiq"])),)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+            return None
+    return HostState(host=name, facts=facts, units=tuple(unit_states), env_files=tuple(env_states), collected_at=at,
+                     extra=extra)
 
 
 def _host(r: _Reader, name: str, h: dict[str, Any], texts: list[str], where: str) -> HostResult:

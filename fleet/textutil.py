@@ -108,6 +108,12 @@ def printable(text: str, *, multiline: bool = True) -> str:
     return pattern.sub(_escape, text) if pattern.search(text) else text
 
 
+def is_printable(text: str, *, multiline: bool = True) -> bool:
+    """`printable(text, multiline=...)` would return `text` as it is: nothing in it to escape.
+    (With `multiline`, true of a text exactly when it is true of each of its lines alone.)"""
+    return not (_CONTROL_BUT_LINES if multiline else _CONTROL).search(text)
+
+
 MAX_SECONDS = 86400.0  # a day: longer than any wait fleet has a reason for; bigger overflows timers
 
 
@@ -137,6 +143,18 @@ def positive_int_option(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def accept_queued_option(text: str) -> int:
+    """An argparse `type=` for apply's --accept-queued: a whole number of jobs, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of jobs (0 or more): give the count of "
+                                         "queued jobs the halted move reported")
     return value
 
 

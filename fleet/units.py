@@ -69,10 +69,28 @@ def _env_assignment(key: str, value: str) -> str:
     return f'"{key}={v}"'
 
 
-@lru_cache(maxsize=4096)  # a service's unit is the same on each of its hosts: render it once
+# A service's unit is the same on each of its hosts: rendered once.  Looked up first by the
+# service object itself (the diff asks once per host for the same object): an lru_cache alone
+# hashes the frozen Service — every host name it lists — on every call, 20,000 times at 1,000
+# hosts × 20 services.  The entry holds the service, so its id is not reused while it is kept.
+_RENDERED: dict[int, tuple[Service, str]] = {}
+
+
 def render_unit(service: Service) -> str:
     """The unit file text for a managed service (a template's: the template file).  Raises
     ValueError for observe-only ones."""
+    hit = _RENDERED.get(id(service))
+    if hit is not None and hit[0] is service:
+        return hit[1]
+    text = _render_unit(service)
+    if len(_RENDERED) >= 4096:
+        _RENDERED.clear()
+    _RENDERED[id(service)] = (service, text)
+    return text
+
+
+@lru_cache(maxsize=4096)  # equal services (a desired state loaded again) rendered once
+def _render_unit(service: Service) -> str:
     spec = service.unit_spec
     if spec is None:
         raise ValueError(f"service {service.name} is observe-only: fleet never writes its unit")

@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 # throwaway Redis of their own; under CI a test that skips for want of a tool fails (tests/conftest.py).
 # chromium: for the tests only — tests/unit/test_watch_html.py loads fleet watch's status page in a
 # real headless browser (console errors, the page's Content-Security-Policy); fleet never runs it.
+# postgresql-common (pg_lsclusters): tests/unit/test_pg_clusters.py checks fleet's reading of the clusters
+# against it.
 packages=(systemd-container debootstrap openssh-client openssh-server iproute2 zstd python3 python3-venv ca-certificates sudo
-          passwd procps redis-server chromium)
+          passwd procps redis-server postgresql-common chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

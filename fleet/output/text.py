@@ -17,7 +17,7 @@ from fleet.actions import SUMMARY_BUCKETS, Change
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
 from fleet.resources.base import ADDED, CHANGED, DIFF, PLAIN, REMOVED
 from fleet.resources.registry import BY_ACTION, SPECS
-from fleet.textutil import printable
+from fleet.textutil import is_printable, printable
 
 if TYPE_CHECKING:
     from fleet.audit import AuditReport, ObservedChange
@@ -249,7 +249,15 @@ def _title(c: Change) -> str:
 def _details(c: Change, color: bool) -> list[str]:
     out: list[str] = []
     for style, text in BY_ACTION[c.action].details(c):
-        if style == DIFF:
+        if style == DIFF and is_printable(text):  # no line to escape: a bare plan's 500,000 lines
+            lines = text.rstrip("\n").split("\n")
+            if not color:
+                out += ["      " + line for line in lines]
+                continue
+            for line in lines:
+                code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
+                out.append(f"      \033[{code}m{line}\033[0m" if code != "0" else "      " + line)
+        elif style == DIFF:
             for line in text.rstrip("\n").split("\n"):
                 code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
                 out.append("      " + _paint(line, code, color and code != "0"))  # escapes even unpainted

@@ -100,6 +100,8 @@ class Execution(Protocol):
     start_timeout: float
     host: Host
     detail: str  # what to show under a failure (a unit's last journal lines)
+    accept_queued: int | None  # jobs left queued in quiet Sidekiq the operator accepted (--accept-queued)
+    plan_changes: tuple[Change, ...]  # the plan's changes: a runbook step's rollback reads the steps before it
 
     def run(self, command: str, *, stdin: bytes | None = None, timeout: float = 120) -> str:
         """Run a remote command; its output, or a FleetError when it did not print its @@ marker."""

@@ -71,11 +71,7 @@ class EnvFiles(Resource):
                 f"echo '@@env '{p}\n"
                 f"if [ -f {p} ]; then stat -c 'meta 0%a %U %G %s' -- {p}; "
                 f"awk -v s={q(sens)} -v secret_re={q(SECRET_NAME_PATTERN)} -v maxl={MAX_ENV_LINES} {q(_ENV_AWK)} {p} "
-                "| while IFS= read -r l; do case $l in "
-                "'S '*) k=${l#S }; v=${k#* }; k=${k%% *}; "
-                # sha256sum's own line ends the `secret KEY ` line: no $(…) subshell per secret
-                "printf 'secret %s ' \"$k\"; printf '%b' \"$v\" | sha256sum;; "
-                "*) printf '%s\\n' \"$l\";; esac; done; "
+                f"| {{ {_HASH_SECRETS} }}; "
                 "else echo absent; fi"
             )
         return "\n".join(parts)
@@ -182,6 +178,26 @@ class EnvFiles(Resource):
         # A write-env that did not touch a key does not explain that key's change.
         return super().explains(step, kind, key) and (kind != ObservedKind.ENV_KEY or key in step.keys)
 
+
+# sh, reading the awk's lines: every secret of the file hashed by one `sha256sum` per
+# SECRETS_PER_HASH secrets (it was one per secret), each value handed to it through a pipe of its
+# own (`printf %b` in a subshell, /dev/fd/N): never in an argv, never in a file.  The lines come out
+# in the file's order, each secret's as `secret KEY SHA256`.  Only variable *names* reach `eval`.
+SECRETS_PER_HASH = 7  # file descriptors 3-9: the single-digit ones a POSIX sh can redirect
+_HASH_SECRETS = (
+    "n=0 m=0; while IFS= read -r l; do m=$((m + 1)); case $l in "
+    "'S '*) n=$((n + 1)); k=${l#S }; eval \"s$n=\\${k#* } k$n=\\${k%% *} l$m=\\\"S $n\\\"\";; "
+    "*) eval \"l$m=\\$l\";; esac; done; "
+    "i=1; while [ $i -le $n ]; do c=; e=; f=3; j=$i; "
+    f"while [ $j -le $n ] && [ $f -le {2 + SECRETS_PER_HASH} ]; do "
+    "c=\"$c printf '%b' \\\"\\$s$j\\\" | { exec $f<&0;\"; e=\"$e /dev/fd/$f\"; f=$((f + 1)); j=$((j + 1)); done; "
+    "c=\"$c sha256sum$e </dev/null\"; while [ $f -gt 3 ]; do c=\"$c; }\"; f=$((f - 1)); done; "
+    "for w in $(eval \"$c\"); do case $w in /dev/fd/*) ;; *) eval \"h$i=\\$w\"; i=$((i + 1));; esac; done; "
+    "[ $i -ge $j ] || break; done; "
+    "i=1; while [ $i -le $m ]; do eval \"l=\\$l$i\"; case $l in "
+    "'S '*) eval \"printf 'secret %s %s\\\\n' \\\"\\$k${l#S }\\\" \\\"\\$h${l#S }\\\"\";; "
+    "*) printf '%s\\n' \"$l\";; esac; i=$((i + 1)); done;"
+)
 
 # awk: classify each line of an env file; sensitive values go to the shell loop for hashing
 # and never to stdout.

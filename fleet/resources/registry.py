@@ -15,6 +15,7 @@ from fleet.resources.base import ActionSpec, Resource
 from fleet.resources.drop_ins import DropIns
 from fleet.resources.env_file import EnvFiles
 from fleet.resources.runbook import MoveSteps
+from fleet.resources.runbook_quiet import QuietSteps
 from fleet.resources.sidekiq_config import SidekiqConfigs
 from fleet.resources.sidekiq_view import SidekiqHeartbeats
 from fleet.resources.stores import DataStores
@@ -32,6 +33,7 @@ RESOURCES: tuple[Resource, ...] = (
     DataStores(),
     SidekiqHeartbeats(),
     MoveSteps(),
+    QuietSteps(),
 )
 
 

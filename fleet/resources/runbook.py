@@ -1,6 +1,7 @@
 """A declared move's runbook, carried out by `fleet apply`: the steps around the plan's own
 changes that make a move of Postgres (`method = "streaming-replica"`) safe, and the resource
-that owns their actions.
+that owns their actions.  A Redis move (`method = "redis-replica"`) has the same steps in the
+same layout; what they do on its hosts is fleet/resources/runbook_redis.py's (`_is_redis`).
 
 The plan stays pure data.  A declared move adds changes of its own to the plan, each in a wave
 of its own, chained, around the waves the ordinary diff made:
@@ -39,11 +40,14 @@ from fleet.errors import FleetError
 from fleet.model import DEFAULT_PORTS, Desired, HostResult, HostState, Kind, MoveSpec
 from fleet.moves import Gate, data_gates
 from fleet.policy import resolve_host
+from fleet.resources import runbook_quiet, runbook_redis
 from fleet.resources.base import PLAIN, ActionSpec, Detail, Execution, PayloadError, Resource, StepView, empty
 from fleet.resources.stores import clusters_of
 
 # The runbook's steps before the plan's own changes, in order; the stop of the source comes last.
-BEFORE = (Action.MOVE_CHECK, Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP, Action.MOVE_PROMOTE)
+# Sidekiq's quiet and drain (fleet/resources/runbook_quiet.py) come only when the run has Sidekiq.
+BEFORE = (Action.MOVE_CHECK, Action.MOVE_QUIET, Action.MOVE_DRAINED, Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP,
+          Action.MOVE_PROMOTE)
 LAST = Action.MOVE_STOP_SOURCE
 ON_SOURCE = frozenset({Action.MOVE_READ_ONLY, Action.MOVE_STOP_SOURCE})
 
@@ -62,12 +66,12 @@ class RunbookRefused(FleetError):
 
 def steps(desired: Desired, move: MoveSpec, observed: Mapping[str, HostResult],
           scope: Collection[str]) -> list[Change]:
-    """The runbook's changes for a declared Postgres move, in order (BEFORE, then LAST); the
+    """The runbook's changes for a declared Postgres or Redis move, in order (BEFORE, then LAST); the
     move-check's `before` holds the data gates' answers in `observed`.  RunbookRefused when
     the run does not cover both hosts (`scope`, after --limit) or the observation does not say
     which clusters to work on."""
     svc = desired.service(move.service)
-    assert svc is not None and svc.kind == Kind.POSTGRES
+    assert svc is not None and svc.kind in (Kind.POSTGRES, Kind.REDIS)
     outside = [h for h in (move.source, move.target) if h not in scope]
     if outside:
         raise RunbookRefused(f"the move of {move.service} from {move.source} to {move.target} needs both hosts, "
@@ -78,29 +82,33 @@ def steps(desired: Desired, move: MoveSpec, observed: Mapping[str, HostResult],
     src = observed.get(move.source)
     if not isinstance(src, HostState):
         raise RunbookRefused(f"the move of {move.service}: {now}")
-    primary = next((v for v in clusters_of(src, svc.unit) if v.role == "primary" and v.cluster is not None), None)
-    if primary is None or primary.cluster is None:
-        raise RunbookRefused(f"the move of {move.service} from {move.source} to {move.target} cannot be laid out: "
-                             f"fleet found no primary cluster of {svc.unit} on {move.source} to make read-only and "
-                             f"stop (its data now: {now})",
-                             hint=f"start the source's cluster, or allow fleet to ask it: probe = true on "
-                                  f"services.{svc.name}")
-    # The target's cluster is the one Mastodon will connect to: on the service's declared port.
-    payload = MovePayload(move.source, move.target, primary.port, svc.port or DEFAULT_PORTS[Kind.POSTGRES],
-                          primary.cluster.unit)
+    standby = "standby"
+    if svc.kind == Kind.REDIS:  # its own module: fleet/resources/runbook_redis.py (the layout is this one)
+        payload, standby = runbook_redis.payload(svc, move, src, now), "replica"
+    else:
+        primary = next((v for v in clusters_of(src, svc.unit) if v.role == "primary" and v.cluster is not None), None)
+        if primary is None or primary.cluster is None:
+            raise RunbookRefused(f"the move of {move.service} from {move.source} to {move.target} cannot be laid out: "
+                                 f"fleet found no primary cluster of {svc.unit} on {move.source} to make read-only and "
+                                 f"stop (its data now: {now})",
+                                 hint=f"start the source's cluster, or allow fleet to ask it: probe = true on "
+                                      f"services.{svc.name}")
+        # The target's cluster is the one Mastodon will connect to: on the service's declared port.
+        payload = MovePayload(move.source, move.target, primary.port, svc.port or DEFAULT_PORTS[Kind.POSTGRES],
+                              primary.cluster.unit)
     said = f"{move.service} {move.source} -> {move.target}"
     reasons = {
         Action.MOVE_CHECK: (move.target, f"move {said}: the data gates, asked again when the step runs", now),
         Action.MOVE_READ_ONLY: (move.source, f"move {said}: no write reaches the source after the last check", ""),
-        Action.MOVE_CAUGHT_UP: (move.target, f"move {said}: the standby has replayed the source's last write", ""),
-        Action.MOVE_PROMOTE: (move.target, f"move {said}: the standby becomes the primary Mastodon is pointed at", ""),
+        Action.MOVE_CAUGHT_UP: (move.target, f"move {said}: the {standby} has replayed the source's last write", ""),
+        Action.MOVE_PROMOTE: (move.target, f"move {said}: the {standby} becomes the primary Mastodon is pointed "
+                                           "at", ""),
         LAST: (move.source, f"move {said}: the old server stops once every Mastodon process runs against the new "
                             "one", ""),
     }
     out = []
-    for action in (*BEFORE, LAST):
-        host, reason, before = reasons[action]
-        target = payload.source_unit if host == move.source else f"postgres:{payload.target_port}"
+    for action, (host, reason, before) in reasons.items():  # in order (the Sidekiq steps: runbook_quiet)
+        target = payload.source_unit if host == move.source else f"{svc.kind.value}:{payload.target_port}"
         out.append(Change(host, action, target, reason, svc.name, before=before, payload=payload))
     return out
 
@@ -111,14 +119,18 @@ def wrap(book: Sequence[Change], changes: Sequence[Change], deps: Mapping[str, t
                     dict[str, tuple[str, ...]]]:
     """The plan's changes, deps, waves and groups (fleet/graph.py `order`) with the runbook around
     them: its steps before the plan's first wave, one a wave, each after the one before; every
-    change of the plan that waited for nothing waits for the promote; the old server's stop after
-    every change that (re)starts a unit (or after the promote, when nothing restarts).  The groups
-    are the plan's own: no runbook step belongs to one."""
+    change of the plan that waited for nothing waits for the promote; the book's restarts of
+    quieted Sidekiq units the plan does not restart (runbook_quiet.around) in a wave after the
+    plan's; the old server's stop after every change that (re)starts a unit (or after the promote,
+    when nothing restarts).  The groups are the plan's own: no runbook step belongs to one."""
     groups = dict(groups or {})
     if not book:
         return tuple(changes), dict(deps), tuple(waves), groups
     first, last = [c for c in book if c.action in BEFORE], [c for c in book if c.action == LAST]
-    assert [c.action for c in first] == list(BEFORE) and len(last) == 1, "a runbook is BEFORE, then LAST"
+    resumes = [c for c in book if c.action not in BEFORE and c.action != LAST]
+    steps_in = [BEFORE.index(c.action) for c in first]
+    assert steps_in == sorted(set(steps_in)) and {BEFORE[0], BEFORE[-1]} <= {c.action for c in first} \
+        and len(last) == 1, "a runbook is BEFORE (in order), then LAST"
     out_deps: dict[str, tuple[str, ...]] = {}
     for prev, c in zip([None, *first], first, strict=False):
         out_deps[c.id] = (prev.id,) if prev is not None else ()
@@ -127,10 +139,13 @@ def wrap(book: Sequence[Change], changes: Sequence[Change], deps: Mapping[str, t
         out_deps[c.id] = tuple(deps.get(c.id, ())) or (promote,)
     from fleet.resources.registry import SPECS  # the registry imports this module's resource
 
-    runs = [c.id for c in changes if SPECS[c.action].phase == Phase.RUN]
+    for c in resumes:
+        out_deps[c.id] = (promote,)
+    runs = [c.id for c in (*changes, *resumes) if SPECS[c.action].phase == Phase.RUN]
     out_deps[last[0].id] = tuple(runs) or (promote,)
-    all_waves = (*((c.id,) for c in first), *waves, (last[0].id,))
-    return (*first, *changes, last[0]), out_deps, tuple(all_waves), groups
+    resumed = (tuple(c.id for c in resumes),) if resumes else ()
+    all_waves = (*((c.id,) for c in first), *waves, *resumed, (last[0].id,))
+    return (*first, *changes, *resumes, last[0]), out_deps, tuple(all_waves), groups
 
 
 # ================================================================ judging (pure)
@@ -231,7 +246,9 @@ def _one(step: Execution, command: str, host: str | None = None) -> str:
 def _replay_wait(port: int, source_lsn: str, seconds: float) -> str:
     """A loop on the target: its bytes behind `source_lsn`, asked every 0.2 s until 0 or
     `seconds` passed; prints `behind N` (N as pg_wal_lsn_diff says it)."""
-    assert _LSN.fullmatch(source_lsn)  # checked before: it goes into SQL text
+    if not _LSN.fullmatch(source_lsn):  # it goes into SQL text: judge_source let through only a position
+        raise FleetError(f"the source's WAL position {source_lsn[:40]!r} is not one psql prints (like 16/B374D848): "
+                         "fleet will not put it into SQL")
     ask = psql(port, f"SELECT pg_wal_lsn_diff('{source_lsn}', pg_last_wal_replay_lsn())")
     tries = max(1, int(seconds / 0.2))
     return (f"cd / && i=0 && while :; do b=$({ask}) || exit 1; i=$((i + 1)); "
@@ -316,17 +333,24 @@ def _stop_source(step: Execution, change: Change) -> None:
         raise FleetError(f"gate 'old server stopped' did not pass: {p.source_unit} on {p.source} is {state}")
 
 
-def _back_to_read_write(step: Execution, change: Change) -> str:
-    """After a failed catch-up or promote: the source takes writes again while the target is still
-    a standby (a promoted target keeps the source read-only: two primaries must never both write)."""
+def _back_to_read_write(step: Execution, change: Change) -> tuple[bool, str]:
+    """After a failed read-only, catch-up or promote: the source takes writes again while the target is still
+    a standby (a promoted target keeps the source read-only: two primaries must never both write).
+    (whether the source takes writes again, what was done)."""
     move, p = _move(step, change)
-    if _one(step, psql(p.target_port, "SELECT pg_is_in_recovery()")) != "t":
-        return f"{move.source} left read-only: {move.target} is no longer a standby"
+    if _one(step, psql(p.target_port, "SELECT pg_is_in_recovery()"), move.target) != "t":
+        return False, f"{move.source} left read-only: {move.target} is no longer a standby"
     _one(step, psql(p.source_port, *READ_WRITE_SQL, read_only=False), move.source)
-    return f"{move.source} takes writes again (default_transaction_read_only reset); the fleet still points at it"
+    return True, f"{move.source} takes writes again (default_transaction_read_only reset); the fleet still points at it"
 
 
 # ================================================================ the resource
+
+
+def _is_redis(step: Execution, change: Change) -> bool:
+    """The move's store is Redis (fleet/resources/runbook_redis.py carries out its steps)."""
+    svc = step.desired.service(change.service or "")
+    return svc is not None and svc.kind == Kind.REDIS
 
 
 class MoveSteps(Resource):
@@ -366,22 +390,28 @@ class MoveSteps(Resource):
             return f"its move {p.source!r} -> {p.target!r} is not between two host names"
         if change.host != (p.source if change.action in ON_SOURCE else p.target):
             return f"it runs on {change.host}, not on the move's {'source' if change.action in ON_SOURCE else 'target'}"
-        if not _CLUSTER_UNIT.fullmatch(p.source_unit):
-            return f"{p.source_unit!r} is not a Postgres cluster unit"
+        if not (_CLUSTER_UNIT.fullmatch(p.source_unit) or runbook_redis.UNIT.fullmatch(p.source_unit)):
+            return f"{p.source_unit!r} is not a Postgres cluster unit (nor a Redis unit)"
         if not (0 < p.source_port < 65536 and 0 < p.target_port < 65536):
             return "its ports are out of range"
         return None
 
     def execute(self, change: Change, step: Execution) -> None:
-        self._run[change.action](step, change)
+        run = {**self._run, **runbook_redis.RUN} if _is_redis(step, change) else self._run
+        run[change.action](step, change)
 
     def rollback(self, change: Change, step: Execution) -> str:
-        if change.action not in (Action.MOVE_CAUGHT_UP, Action.MOVE_PROMOTE):
+        if change.action not in (Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP, Action.MOVE_PROMOTE):
             return ""
-        try:
-            return _back_to_read_write(step, change)
+        try:  # (a failed read-only step may have set it: ALTER SYSTEM went through, the gate did not)
+            writable, said = runbook_redis.back_to_writable(step, change) if _is_redis(step, change) else \
+                _back_to_read_write(step, change)
         except FleetError as e:
-            return f"the source could not be made writable again ({e.message})"
+            writable, said = False, f"the source could not be made writable again ({e.message})"
+        # Sidekiq quieted before the source went read-only resumes against it only when it takes writes.
+        sidekiq = runbook_quiet.resume(step, step.plan_changes) if writable else \
+            runbook_quiet.left_quiet(step.plan_changes, "the source stays read-only")
+        return "; ".join(s for s in (said, sidekiq) if s)
 
     def sentence(self, step: StepView) -> str:
         spec = self.actions[Action(step.action)]

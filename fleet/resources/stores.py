@@ -5,10 +5,12 @@ systemd alone gets a data store wrong.  On Debian a Postgres server runs as the 
 stays "active" when the cluster under it has failed.  So for every declared `postgres`, `redis`
 and `pgbouncer` service this kind asks the host's own tools, in the one collection round trip:
 
-* Postgres: the cluster units systemd has loaded (`postgresql@*.service`) and their states; each
-  cluster from `pg_lsclusters -s` where it is installed (version, name, port, online/down,
-  recovery, start.conf); `pg_isready` on each cluster's port; and — only for a service declared
-  with `probe = true` — one read-only query through `psql` as the postgres user
+* Postgres: the cluster units systemd has loaded (`postgresql@*.service`) and their states (from
+  the units' own `show` when a discovery glob named them all); each cluster as `pg_lsclusters -s`
+  lists it where postgresql-common is installed (version, name, port, online/down, recovery,
+  start.conf) — read from the files pg_lsclusters reads, by `pg_clusters.awk`, and from
+  pg_lsclusters itself only where those files do not decide; `pg_isready` on each cluster's port;
+  and — only for a service declared with `probe = true` — one read-only query through `psql` as the postgres user
   (`default_transaction_read_only`, a statement timeout): primary or standby
   (`pg_is_in_recovery()`), the WAL positions (a primary's current LSN; a standby's received and
   replayed LSN and how long ago it last replayed a transaction), a standby's upstream
@@ -32,7 +34,7 @@ Section `@@stores` (every line bounded by the script with head/cut, and again by
     service UNIT KIND PORT probe|-     one per declared data store on the host: what was asked
     pg-unit UNIT LOAD ACTIVE SUB       each postgresql@*.service systemd has loaded
     pg-clusters none                   pg_lsclusters is not installed (declared ports are used)
-    pg-cluster VER NAME PORT STATUS OWNER   a line of `pg_lsclusters -s --no-header`
+    pg-cluster VER NAME PORT STATUS OWNER   a line as `pg_lsclusters -s --no-header` prints it
     pg-ready PORT CODE                 pg_isready's exit status on PORT (`-`: not installed)
     pg-sql PORT LINE                   psql's output on PORT: `tag|a|b|c` rows, messages, `exit N`
     redis PORT LINE                    redis-cli --csv: replies to PING, ROLE, DBSIZE and the
@@ -45,6 +47,7 @@ import re
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fleet.collect.sections import Collected, SectionParser, too_much
@@ -107,6 +110,7 @@ class Asked:
 class ToCollect:
     services: tuple[Asked, ...]
     env_path: str = ""  # the env file whose Redis password to use ("" when none is declared here)
+    units_shown: bool = False  # the units' `show` named every loaded postgresql@*.service (a discovery glob)
 
     def __bool__(self) -> bool:
         return bool(self.services)
@@ -336,7 +340,8 @@ class DataStores(Resource):
         here += [s for m in desired.moves if m.source == host and (s := desired.service(m.service)) is not None
                  and s.unit not in {t.unit for t in here}]
         services = tuple(Asked(s.unit, s.kind.value, s.port or 0, s.probe) for s in here)
-        return ToCollect(services, _env_path(desired, host) if any(s.kind == "redis" for s in services) else "")
+        return ToCollect(services, _env_path(desired, host) if any(s.kind == "redis" for s in services) else "",
+                         units_shown=any(_covers_cluster_units(p.pattern) for p in desired.discover))
 
     def script(self, what: Any) -> str:
         assert isinstance(what, ToCollect)
@@ -376,6 +381,13 @@ class DataStores(Resource):
         return []
 
 
+def _covers_cluster_units(pattern: str) -> bool:
+    """Does the discovery glob match every `postgresql@X.service`?  Only a plain prefix then `*` is
+    trusted to (`postgresql*`, `postgresql@*`): the script's `show` of it named each one loaded."""
+    head = pattern[:-1]
+    return pattern.endswith("*") and not any(ch in head for ch in "*?[]") and "postgresql@".startswith(head)
+
+
 def _env_path(desired: Desired, host: str) -> str:
     """The env file on `host` that a Mastodon service loads: it holds the Redis password."""
     loaded = {p for s in desired.services if s.unit_spec is not None for p in s.unit_spec.environment_files}
@@ -403,11 +415,32 @@ pg_sql() {
 }
 """
 
+# pg_lsclusters (a Perl program, ~80 ms a call) read without Perl: the awk in pg_clusters.awk does
+# what postgresql-common's cluster_info does for the plain Debian case (postgresql.conf, its conf.d,
+# the data directory's postgresql.auto.conf, the external PID file and /proc/PID/cmdline for
+# online/down, standby.signal/recovery.signal for recovery, start.conf); `stat` names the owner.
+# Anything else (no external_pid_file, a PID file whose process is gone, an include_dir other than
+# conf.d, a line it cannot read) and pg_lsclusters itself is asked, as before.
+_PG_CLUSTERS_FUNCTION = r"""
+pg_clusters() {
+  set +f; set -- @CONF@/*/*/conf.d/*.conf; incl="$*"; set -- @CONF@/*/*/postgresql.conf; set -f
+  { [ -e "$1" ] || [ -L "$1" ]; } || return 0
+  found=$(awk -v incl="$incl" -v proc=@PROC@ @AWK@ "$@" 2>/dev/null) || found=fallback
+  if [ "$found" = fallback ]; then timeout @TIMEOUT@ pg_lsclusters -s --no-header </dev/null 2>/dev/null; return; fi
+  printf '%s\n' "$found" | while read -r v c p st d; do
+    [ -n "$v" ] || continue
+    o=$(stat -c %U -- "$d" 2>/dev/null) || o='<unknown>'
+    [ -e "@PGLIB@/$v/bin/postgres" ] || st=$st,binaries_missing
+    echo "$v $c $p $st $o $d"
+  done
+}
+"""
+
 _PG_CLUSTERS = r"""
-systemctl list-units --all --plain --no-legend --no-pager -- 'postgresql@*.service' 2>/dev/null | head -n @MAXCL@ |
+@UNITS@ | head -n @MAXCL@ |
   while read -r u l a s _; do echo "pg-unit $u $l $a $s"; done
 if command -v pg_lsclusters >/dev/null 2>&1; then
-  timeout @TIMEOUT@ pg_lsclusters -s --no-header </dev/null 2>/dev/null | head -n @MAXCL@ | cut -c1-@MAXLINE@ |
+  pg_clusters | head -n @MAXCL@ | cut -c1-@MAXLINE@ |
   while read -r v c p st o _; do
     [ -n "$v" ] || continue
     echo "pg-cluster $v $c $p $st $o"
@@ -421,6 +454,19 @@ if command -v pg_lsclusters >/dev/null 2>&1; then
 else
   echo 'pg-clusters none'
 """
+
+# The cluster units systemd has loaded: from the units' `show` the script already ran when a
+# discovery pattern covers every `postgresql@*.service` (its glob then named them all), else asked.
+_UNITS_ASKED = "systemctl list-units --all --plain --no-legend --no-pager -- 'postgresql@*.service' 2>/dev/null"
+_UNITS_FROM_SHOW = r"""printf '%s\n\n' "$show" | awk '
+/^Id=/ { id = substr($0, 4) } /^LoadState=/ { l = substr($0, 11) } /^ActiveState=/ { a = substr($0, 13) }
+/^SubState=/ { s = substr($0, 10) }
+/^$/ { if (id ~ /^postgresql@.+\.service$/ && !(id in seen)) { seen[id] = 1; u[++n] = id " " l " " a " " s }
+       id = ""; l = ""; a = ""; s = "" }
+END { for (i = 2; i <= n; i++) for (j = i; j > 1 && u[j - 1] > u[j]; j--) { t = u[j]; u[j] = u[j - 1]; u[j - 1] = t }
+      for (i = 1; i <= n; i++) print u[i] }'"""
+
+_PG_AWK = (Path(__file__).with_name("pg_clusters.awk")).read_text()
 
 _REDIS = r"""
 rcli() {
@@ -440,9 +486,11 @@ redis_probe() {
 """
 
 
-def section_script(what: ToCollect, *, pg_lib: str = "/usr/lib/postgresql") -> str:
+def section_script(what: ToCollect, *, pg_lib: str = "/usr/lib/postgresql", pg_conf: str = "/etc/postgresql",
+                   proc: str = "/proc") -> str:
     """The POSIX sh of the section for one host (in a subshell: its functions and variables end
-    with it).  `pg_lib` holds each version's own tools (`VERSION/bin/pg_isready`); tests move it."""
+    with it).  `pg_lib` holds each version's own tools (`VERSION/bin/pg_isready`), `pg_conf` the
+    clusters' configuration, `proc` the processes; tests move them."""
     q = shlex.quote
     parts = ["echo '@@stores'", "(", "export LC_ALL=C", "unset REDISCLI_AUTH PGOPTIONS", "cd / || exit 0"]
     parts += [f"echo {q(' '.join(('service', s.unit, s.kind, str(s.port), 'probe' if s.probe else '-')))}"
@@ -456,7 +504,9 @@ def section_script(what: ToCollect, *, pg_lib: str = "/usr/lib/postgresql") -> s
         ids = {cluster_id(s.unit) or "all" for s in postgres if s.probe}
         parts.append(f"pg_query={q(SQL)}")
         parts.append(f"pg_probe={q(' '.join(sorted(ids)))}")
-        parts.append(_fill(_PG_CLUSTERS).replace("/usr/lib/postgresql", pg_lib).rstrip("\n"))
+        parts.append(pg_clusters_function(pg_conf=pg_conf, proc=proc, pg_lib=pg_lib))
+        parts.append(_fill(_PG_CLUSTERS).replace("@UNITS@", _UNITS_FROM_SHOW if what.units_shown else _UNITS_ASKED)
+                     .replace("/usr/lib/postgresql", pg_lib).rstrip("\n"))
         ports = dict.fromkeys(s.port for s in postgres)
         parts.append(f"  for p in {' '.join(str(p) for p in ports)}; do pg_ready \"$p\" ''; done")
         probed = dict.fromkeys(s.port for s in postgres if s.probe)
@@ -476,6 +526,15 @@ def section_script(what: ToCollect, *, pg_lib: str = "/usr/lib/postgresql") -> s
         parts.append(f"for p in {' '.join(str(p) for p in redis)}; do redis_probe \"$p\"; done")
     parts.append(")")
     return "\n".join(parts)
+
+
+def pg_clusters_function(*, pg_conf: str = "/etc/postgresql", proc: str = "/proc",
+                         pg_lib: str = "/usr/lib/postgresql") -> str:
+    """sh defining `pg_clusters`, which prints what `pg_lsclusters -s --no-header` prints (its first
+    six columns), reading the files itself, and runs pg_lsclusters only where they do not decide."""
+    q = shlex.quote
+    return (_fill(_PG_CLUSTERS_FUNCTION).replace("@CONF@", q(pg_conf)).replace("@PROC@", q(proc))
+            .replace("@AWK@", q(_PG_AWK)).replace("@PGLIB@", q(pg_lib)).strip("\n"))
 
 
 def _fill(template: str) -> str:

@@ -128,3 +128,19 @@ def test_help_and_check_load_neither_paramiko_networkx_nor_tabulate(argv: list[s
     code, *loaded = done.stdout.split()
     assert code == "0"
     assert not {m for m in loaded for n in NOT_FOR_HELP_OR_CHECK if m == n or m.startswith(n + ".")}
+
+
+def test_planning_and_rendering_a_plan_load_neither_networkx_paramiko_nor_tabulate() -> None:
+    """Ordering a plan is fleet's own code (fleet.graph); networkx draws a graph only to name a
+    cycle.  `plan --observed` and `show` pay for no import they do not use (issue 19)."""
+    probe = ("import sys\nsys.path.insert(0, 'tests/unit')\n"
+             "from observed import EXAMPLE_SECRETS, bare, example\n"
+             "from fleet.output.text import plan_text\nfrom fleet.plan import build_plan, plan_from_json\n"
+             "plan = build_plan(example(), bare(example()), EXAMPLE_SECRETS)\n"
+             "plan_text(plan_from_json(plan.to_json(), 'plan.json'))\n"
+             "print(len(plan.waves), *sorted(sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          check=True, stdin=subprocess.DEVNULL)
+    waves, *loaded = done.stdout.split()
+    assert int(waves) > 1
+    assert not {m for m in loaded for n in ("networkx", "paramiko", "tabulate") if m == n or m.startswith(n + ".")}

@@ -112,13 +112,13 @@ def test_a_declared_move_against_another_source_is_refused_naming_the_declaratio
     assert 'from = "freud"' in e.hint
 
 
-def test_a_declared_redis_move_is_refused_until_fleet_carries_out_its_runbook(example: FleetDir) -> None:
+def test_a_declared_redis_move_with_a_postgres_move_is_refused_one_at_a_time(example: FleetDir) -> None:
     observed = before_the_move(example)
     example.append(DECLARED + '\n[moves.redis]\nfrom = "freud"\nto = "nietzsche"\nmethod = "redis-replica"\n')
     e = refusal(loaded(example), observed)
     assert e.message.startswith("refusing to plan: the move of postgres from freud to nietzsche (its data now: ")
     assert "; and of redis from freud to nietzsche (its data now: " in e.message
-    assert "is declared, but this version of fleet runs the runbook of a Postgres move only" in e.message
+    assert "is declared, but fleet runs one move's runbook at a time" in e.message
 
 
 def test_a_declaration_changes_nothing_when_there_is_nothing_to_move(example: FleetDir) -> None:

@@ -39,7 +39,11 @@ from fleet.transport.fake import Call
 from fleet.transport.protocol import RunResult
 from fleet.workflows.apply import same_as_saved
 
-RUNBOOK = [Action.MOVE_CHECK, Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP, Action.MOVE_PROMOTE]
+RUNBOOK = [Action.MOVE_CHECK, Action.MOVE_QUIET, Action.MOVE_DRAINED, Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP,
+           Action.MOVE_PROMOTE]
+# The example's Sidekiq units (quieted by the move) as their hosts answer: unit, kernel hostname, MainPID.
+SIDEKIQ = {"freud": [("mastodon-sidekiq-default.service", 101), ("mastodon-sidekiq-push-pull.service", 102)],
+           "nietzsche": [("mastodon-sidekiq-push-pull.service", 201), ("mastodon-sidekiq-scheduler.service", 202)]}
 STANDBY = Probe(5432, in_recovery=True, lsn=5000, replay_lsn=5000, upstream=STREAMING)
 
 
@@ -70,8 +74,8 @@ def test_the_runbook_wraps_the_plan_gates_first_each_alone_and_the_old_server_st
     desired, observed = postgres_moving(example)
     plan = build_plan(desired, observed, S)
     waves = waves_of(plan)
-    assert waves[:4] == [["nietzsche:move-check"], ["freud:move-read-only"], ["nietzsche:move-caught-up"],
-                         ["nietzsche:move-promote"]]
+    assert waves[:6] == [["nietzsche:move-check"], ["freud:move-quiet"], ["freud:move-drained"],
+                         ["freud:move-read-only"], ["nietzsche:move-caught-up"], ["nietzsche:move-promote"]]
     assert waves[-1] == ["freud:move-stop-source"]
     assert plan.change("freud:move-stop-source:postgresql@15-main.service").payload == MovePayload(
         "freud", "nietzsche", 5432, 5432, "postgresql@15-main.service")
@@ -84,9 +88,9 @@ def test_the_runbook_wraps_the_plan_gates_first_each_alone_and_the_old_server_st
     stop = "freud:move-stop-source:postgresql@15-main.service"
     assert set(plan.deps[stop]) == set(restarts)  # and the old server stopped after every (re)start
     # Each step waits for the one before it, and the plan's first changes for the promote.
-    chain = [c.id for c in plan.changes[:4]]
-    assert [plan.deps[c] for c in chain] == [(), (chain[0],), (chain[1],), (chain[2],)]
-    assert all(plan.deps[c] == (promote,) for c in plan.waves[4])
+    chain = [c.id for c in plan.changes[:6]]
+    assert [plan.deps[c] for c in chain] == [(), *((c,) for c in chain[:5])]
+    assert all(plan.deps[c] == (promote,) for c in plan.waves[6])
 
 
 def test_plan_text_shows_the_runbook_in_order_with_the_gates_current_answers(example: FleetDir) -> None:
@@ -99,17 +103,18 @@ def test_plan_text_shows_the_runbook_in_order_with_the_gates_current_answers(exa
             "freud.hachyderm.internal:5432 (streaming)\n"
             "      now: NOT YET: caught up: 1000 bytes of WAL behind freud\n") in text
     order = text.split("Order (", 1)[1]
-    assert order.index("1. nietzsche:move-check") < order.index("2. freud:move-read-only") < order.index(
-        "3. nietzsche:move-caught-up") < order.index("4. nietzsche:move-promote") < order.index("write-env") < \
+    assert order.index("1. nietzsche:move-check") < order.index("2. freud:move-quiet") < order.index(
+        "3. freud:move-drained") < order.index("4. freud:move-read-only") < order.index(
+        "5. nietzsche:move-caught-up") < order.index("6. nietzsche:move-promote") < order.index("write-env") < \
         order.index("freud:move-stop-source")
 
 
-def test_a_redis_move_or_two_moves_at_once_are_still_refused(example: FleetDir) -> None:
+def test_two_moves_at_once_are_still_refused(example: FleetDir) -> None:
     from fleet.moves import MoveRefused
     observed = before_the_move(example)
     desired = loaded(example.append(DECLARED + '\n[moves.redis]\nfrom = "freud"\nto = "nietzsche"\n'
                                                'method = "redis-replica"\n'))
-    with pytest.raises(MoveRefused, match="runs the runbook of a Postgres move only"):
+    with pytest.raises(MoveRefused, match="fleet runs one move's runbook at a time"):
         build_plan(desired, observed, S)
 
 
@@ -220,6 +225,23 @@ def healthy_move(rig: Rig) -> None:
     answer(rig, "freud", "SHOW default_transaction_read_only", "on\n@@ok\n")
     answer(rig, "nietzsche", "SELECT pg_is_in_recovery()'", "f\n@@ok\n")
     answer(rig, "freud", "systemctl stop", "inactive\n@@ok\n")
+    sidekiq_answers(rig)
+
+
+def sidekiq_answers(rig: Rig, *, quiet: str = "true", busy: str = "0", queued: dict[str, str] | None = None) -> None:
+    """The Sidekiq units' hosts name their main PIDs (and take the TSTP); Sidekiq's Redis on freud
+    says each of those processes is `quiet` with `busy` jobs, and the queues hold `queued`."""
+    for host, units in SIDEKIQ.items():
+        answer(rig, host, "@@quiet", "".join(f"@@quiet {u} {host} {pid}\n" for u, pid in units) + "@@ok\n")
+    beats = "".join(f"@@move-sidekiq p {h}:{pid}: {h}:{pid}:0a1b {quiet} {busy}\n"
+                    for h, units in SIDEKIQ.items() for _, pid in units)
+    queues = "".join(f"@@move-sidekiq q {n} {name}\n" for name, n in (queued or {"default": "0"}).items())
+    answer(rig, "freud", "@@move-sidekiq", beats + queues + "@@ok\n")
+
+
+def env_writes(rig: Rig) -> list[int]:
+    """The calls that write an env file (the Sidekiq Redis polls only read one)."""
+    return [c.seq for c in rig.fake.calls if ".env.production" in c.command and "@@move-sidekiq" not in c.command]
 
 
 def sent(rig: Rig, needle: str) -> list[int]:
@@ -237,7 +259,7 @@ def test_a_move_runs_its_steps_in_order_and_rewrites_db_host_only_after_the_prom
     alter, = sent(rig, "ALTER SYSTEM SET default_transaction_read_only = on")
     promote, = sent(rig, "pg_promote(true, 60)")
     stop, = sent(rig, "systemctl stop -- postgresql@15-main.service")
-    env = [c.seq for c in rig.fake.calls if ".env.production" in c.command]
+    env = env_writes(rig)
     restarts = [c.seq for c in rig.fake.calls if "systemctl restart" in c.command]
     assert env and restarts
     assert check < alter < promote < min(env) and max(restarts) < stop
@@ -271,7 +293,7 @@ def test_a_failed_gate_halts_before_any_env_file_is_written_and_says_what_the_ho
     done = outcomes(result)
     assert done["nietzsche:move-check:postgres:5432"] == "failed"
     assert {o for cid, o in done.items() if cid != "nietzsche:move-check:postgres:5432"} == {"skipped"}
-    assert not [c for c in rig.fake.commands() if ".env.production" in c or "ALTER SYSTEM" in c]
+    assert not env_writes(rig) and not sent(rig, "ALTER SYSTEM")
     [step] = [s for s in rig.steps(rig.runs[-1]).values() if s.action == "move-check"]
     assert step.error is not None and step.error.startswith(says), step.error
 
@@ -293,9 +315,16 @@ def test_a_standby_that_does_not_catch_up_after_the_source_went_read_only_puts_t
     assert done["nietzsche:move-caught-up:postgres:5432"] == "failed"
     assert "nietzsche:move-promote:postgres:5432" not in {cid for cid, o in done.items() if o != "skipped"}
     assert sent(rig, "ALTER SYSTEM RESET default_transaction_read_only")  # freud writable again
-    assert not sent(rig, "pg_promote") and not [c for c in rig.fake.commands() if ".env.production" in c]
+    assert not sent(rig, "pg_promote") and not env_writes(rig)
     failed = next(o for o in result.outcomes if o.outcome == "failed")
     assert "freud takes writes again" in failed.rollback
+    # … and the Sidekiq units quieted before it resume against it.
+    assert "restarted the Sidekiq units quieted for the move, which resume against the source: " \
+           "mastodon-sidekiq-default.service, mastodon-sidekiq-push-pull.service on freud; " \
+           "mastodon-sidekiq-push-pull.service, mastodon-sidekiq-scheduler.service on nietzsche" in failed.rollback
+    resumed = sent(rig, "systemctl restart -- mastodon-sidekiq-")
+    assert [rig.fake.calls[i].host for i in resumed] == ["freud", "nietzsche"]
+    assert min(resumed) > max(sent(rig, "ALTER SYSTEM RESET"))
 
 
 def test_a_move_step_refuses_a_plan_whose_move_is_no_longer_declared(rig: Rig, example: FleetDir) -> None:

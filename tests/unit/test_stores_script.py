@@ -15,7 +15,7 @@ import pytest
 from redis_server import PASSWORD, REDIS_CLI, Redis
 
 from fleet.collect.sections import Collected
-from fleet.resources.stores import Asked, DataStores, StoreFacts, ToCollect, section_script
+from fleet.resources.stores import Asked, DataStores, StoreFacts, ToCollect, _covers_cluster_units, section_script
 
 SH = shutil.which("sh") or "/bin/sh"
 REAL = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -58,10 +58,29 @@ def tools(tmp_path: Path) -> Path:
     (tmp_path / "lsclusters.txt").write_text(LSCLUSTERS)
     stub(bin_, "systemctl", f'echo "systemctl $*" >>{log}\nprintf %s {_q(UNITS)}\n')
     stub(bin_, "pg_lsclusters", f'echo "pg_lsclusters $*" >>{log}\ncat {tmp_path}/lsclusters.txt\n')
+    stub(bin_, "stat", 'echo postgres\n')  # the data directory's owner
+    # The clusters of LSCLUSTERS as files (pg_clusters reads those, not pg_lsclusters): postgresql.conf,
+    # start.conf, the external PID file and the process it names, standby.signal.
+    for version, name, port, pid, start, signal in (("15", "main", 5432, 101, "auto", ""),
+                                                    ("15", "standby", 5433, 102, "auto", "standby.signal"),
+                                                    ("13", "old", 5434, None, "manual", "")):
+        conf, data = tmp_path / "etc" / version / name, tmp_path / "data" / version / name
+        conf.mkdir(parents=True)
+        data.mkdir(parents=True)
+        (conf / "postgresql.conf").write_text(f"data_directory = '{data}'\nport = {port}\n"
+                                              f"external_pid_file = '{tmp_path}/{version}-{name}.pid'\n")
+        (conf / "start.conf").write_text(start + "\n")
+        if signal:
+            (data / signal).write_text("")
+        if pid is not None:
+            (tmp_path / f"{version}-{name}.pid").write_text(f"{pid}\n")
+            (tmp_path / "proc" / str(pid)).mkdir(parents=True)
+            (tmp_path / "proc" / str(pid) / "cmdline").write_text(f"/usr/lib/postgresql/{version}/bin/postgres\0-D\0x")
     stub(bin_, "runuser", f'echo "runuser $*" >>{log}\nwhile [ "$1" != -- ]; do shift; done; shift; exec "$@"\n')
     for version in ("15", "13"):
         pg = tmp_path / "pg" / version / "bin"
         pg.mkdir(parents=True)
+        (pg / "postgres").write_text("")
         stub(pg, "pg_isready", f'echo "pg_isready{version} $*" >>{log}\n'
                                'case " $* " in *" -p 5432 "*|*" -p 5433 "*) exit 0;; esac\nexit 2\n')
         rows = "".join(f'  *" -p {port} "*) printf %s {_q(text)};;\n' for port, text in ROWS.items())
@@ -75,7 +94,8 @@ def _q(text: str) -> str:
 
 
 def run(what: ToCollect, root: Path, path: str) -> tuple[StoreFacts, str]:
-    done = subprocess.run([SH, "-c", section_script(what, pg_lib=str(root / "pg"))], capture_output=True, text=True,
+    done = subprocess.run([SH, "-c", section_script(what, pg_lib=str(root / "pg"), pg_conf=str(root / "etc"),
+                                                     proc=str(root / "proc"))], capture_output=True, text=True,
                           env={"PATH": path, "LC_ALL": "C"}, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split("\n")
@@ -101,9 +121,9 @@ def calls(root: Path) -> list[str]:
 PG = Asked("postgresql.service", "postgres", 5432)
 
 
-def test_without_probe_the_section_asks_systemd_pg_lsclusters_and_pg_isready_and_never_psql(tools: Path) -> None:
+def test_without_probe_the_section_asks_systemd_the_files_and_pg_isready_and_never_psql_or_perl(tools: Path) -> None:
     found, _ = run(ToCollect((PG,)), tools, path(tools))
-    assert [c.id for c in found.clusters or ()] == ["15-main", "15-standby", "13-old"]
+    assert [c.id for c in found.clusters or ()] == ["13-old", "15-main", "15-standby"]  # pg_lsclusters' order
     assert [u.unit for u in found.units] == ["postgresql@15-main.service", "postgresql@15-standby.service"]
     assert dict(found.ready) == {5432: 0, 5433: 0, 5434: 2}
     assert found.probes == ()
@@ -111,7 +131,7 @@ def test_without_probe_the_section_asks_systemd_pg_lsclusters_and_pg_isready_and
     assert not [c for c in log if c.startswith(("psql", "runuser"))], log
     # the version's own pg_isready (no pg_wrapper), the right one for each cluster
     assert "pg_isready15 -q -t 5 -p 5432" in log and "pg_isready13 -q -t 5 -p 5434" in log
-    assert "pg_lsclusters -s --no-header" in log
+    assert not [c for c in log if c.startswith("pg_lsclusters")], log  # the files decided: no Perl
 
 
 def test_with_probe_psql_runs_read_only_as_postgres_for_each_online_cluster_only(tools: Path) -> None:
@@ -125,6 +145,30 @@ def test_with_probe_psql_runs_read_only_as_postgres_for_each_online_cluster_only
         assert "default_transaction_read_only=on" in c and "statement_timeout=5000" in c
         assert " -X -A -t -q -F | -d postgres " in c and "pg_is_in_recovery()" in c
     assert [c for c in log if c.startswith("runuser")][0].startswith("runuser -u postgres -- env ")
+
+
+SHOW = ("Id=postgresql@15-standby.service\nLoadState=loaded\nActiveState=inactive\nSubState=dead\nMainPID=0\n\n"
+        "Id=postgresql.service\nLoadState=loaded\nActiveState=active\nSubState=exited\n\n"
+        "Id=postgresql@15-main.service\nLoadState=loaded\nActiveState=failed\nSubState=failed\nResult=signal")
+
+
+def test_the_cluster_units_come_from_the_units_show_when_a_discovery_glob_named_them_all(tools: Path) -> None:
+    what = ToCollect((PG,), units_shown=True)
+    script = section_script(what, pg_lib=str(tools / "pg"), pg_conf=str(tools / "etc"), proc=str(tools / "proc"))
+    done = subprocess.run([SH, "-c", f"show={_q(SHOW)}\n{script}"], capture_output=True, text=True,
+                          env={"PATH": path(tools), "LC_ALL": "C"}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [x for x in done.stdout.splitlines() if x.startswith("pg-unit ")] == [
+        "pg-unit postgresql@15-main.service loaded failed failed",
+        "pg-unit postgresql@15-standby.service loaded inactive dead"]  # list-units' order: by name
+    assert not [c for c in calls(tools) if c.startswith("systemctl")]
+
+
+@pytest.mark.parametrize(("pattern", "covers"), [("postgresql*", True), ("postgresql@*", True), ("*", True),
+                                                 ("postgres*", True), ("postgresql@1*", False), ("redis*", False),
+                                                 ("postgresql@*.service", False), ("p?stgresql*", False)])
+def test_only_a_plain_prefix_glob_is_trusted_to_have_named_every_cluster_unit(pattern: str, covers: bool) -> None:
+    assert _covers_cluster_units(pattern) is covers
 
 
 def test_a_probe_on_one_cluster_unit_asks_only_that_cluster(tools: Path) -> None:
@@ -146,8 +190,10 @@ def test_without_pg_lsclusters_the_declared_ports_are_asked(tools: Path) -> None
 
 def test_hostile_pg_lsclusters_output_never_reaches_a_path_or_a_command(tools: Path) -> None:
     (tools / "lsclusters.txt").write_text("../../tmp/x main 5432 online postgres\n15 main $(touch) online postgres\n")
+    (tools / "etc" / "15" / "main" / "postgresql.conf").write_text("a line pg_clusters cannot read\n")  # ask Perl
     done = subprocess.run([SH, "-c", section_script(ToCollect((Asked("postgresql.service", "postgres", 5432, True),)),
-                                                     pg_lib=str(tools / "pg"))],
+                                                     pg_lib=str(tools / "pg"), pg_conf=str(tools / "etc"),
+                                                     proc=str(tools / "proc"))],
                           capture_output=True, text=True, env={"PATH": path(tools), "LC_ALL": "C"}, timeout=60)
     assert "pg-cluster ../../tmp/x main 5432 online postgres" in done.stdout  # printed: the parser refuses it
     assert not [c for c in calls(tools) if c.startswith(("pg_isready", "psql"))], calls(tools)
@@ -228,3 +274,19 @@ def test_a_host_without_redis_cli_says_so(tmp_path: Path) -> None:
     found_, _ = run(ToCollect((Asked("redis-server.service", "redis", 6379),)), tmp_path, str(basics(tmp_path / "b")))
     (r,) = found_.redis
     assert r.error == "redis-cli is not installed" and not r.installed
+
+
+def test_the_example_reads_its_cluster_units_from_the_show_and_a_fleet_without_the_glob_asks_systemd() -> None:
+    import dataclasses
+
+    from observed import example
+
+    desired = example()  # discovers `postgresql*`: the units' show named every cluster unit
+    what = DataStores().to_collect(desired, "nietzsche")
+    assert what.units_shown
+    assert "list-units" not in section_script(what)
+    bare = dataclasses.replace(desired, discover=tuple(p for p in desired.discover
+                                                        if not p.pattern.startswith("postgres")))
+    what = DataStores().to_collect(bare, "nietzsche")
+    assert not what.units_shown
+    assert "systemctl list-units --all" in section_script(what)
