@@ -6,11 +6,13 @@ them.  Everything goes through the real OpenSSH client or the real `fleet` conso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -97,12 +99,22 @@ def wait_for_ssh(lab: Any, host: str, timeout: float = 30) -> None:
     raise AssertionError(f"{host} did not answer SSH again within {timeout}s")
 
 
-def sshd_back_in(seconds: int) -> str:
-    """A shell command (run on a lab host before stopping its sshd) that starts sshd again after
-    `seconds`.  The timer's accuracy is set tight: by default (AccuracySec=1min) systemd may fire
-    it up to a minute late, and sshd came back 55 s after a 15 s timer."""
-    return (f"systemd-run --quiet --on-active={seconds} --timer-property=AccuracySec=100ms "
-            "systemctl start ssh.service")
+@contextlib.contextmanager
+def sshd_stopped(lab: Any, host: str, *, then: str = "") -> Iterator[None]:
+    """sshd on a lab host stopped for the length of the block (ssh.service and ssh.socket; `then`:
+    a shell command run right after, in the same shell), and started again when the block ends.
+    Both are done from inside the host's namespaces (`inside`), not over SSH and not by a timer:
+    a timer set to bring sshd back after N seconds did so while a loaded machine was still
+    planning, and the test found the host reachable.  Sessions already open survive the stop."""
+    stop = "systemctl stop ssh.service ssh.socket 2>/dev/null; ! systemctl is-active --quiet ssh.service"
+    done = inside(host, "sh", "-c", f"{stop} && {then}" if then else stop)
+    assert done is not None and done.returncode == 0, f"could not stop sshd on {host}: {done}"
+    try:
+        yield
+    finally:
+        back = inside(host, "systemctl", "start", "ssh.service")
+        assert back is not None and back.returncode == 0, f"could not start sshd on {host} again: {back}"
+        wait_for_ssh(lab, host)
 
 
 def container_pid1(host: str) -> int | None:

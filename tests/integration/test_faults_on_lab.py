@@ -24,7 +24,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from helpers import (
     recorded_twice,
     reset_all,
     reset_host,
-    sshd_back_in,
+    sshd_stopped,
     wait_for_ssh,
 )
 
@@ -306,27 +305,6 @@ def nspawn_pid(host: str) -> int:
     return pids[0]
 
 
-def sshd_back(lab: Any, host: str) -> None:
-    """After a test stopped sshd with a systemd-run timer to start it again: wait for it, and if
-    the timer did not bring it back, start ssh.service from inside the container (nsenter into its
-    PID 1) and say so as a warning with what systemd knew.  The timer is the lab's, not fleet's:
-    its failure must not hide what the test found about fleet, nor break the tests after it."""
-    try:
-        wait_for_ssh(lab, host, timeout=40)
-        return
-    except AssertionError:
-        pass
-    init = subprocess.run(["pgrep", "-P", str(nspawn_pid(host))], capture_output=True, text=True, timeout=10)
-    inside = ["nsenter", "-t", init.stdout.split()[0], "-a"]
-    status = subprocess.run([*inside, "sh", "-c", "systemctl list-timers --all --no-pager | grep -i run-; "
-                             "systemctl status ssh.service --no-pager -n 20"],
-                            capture_output=True, text=True, timeout=30)
-    subprocess.run([*inside, "systemctl", "start", "ssh.service"], capture_output=True, text=True, timeout=30)
-    warnings.warn(f"sshd on {host} did not come back by its timer; started it from inside the container. "
-                  f"What systemd said:\n{status.stdout}{status.stderr}", stacklevel=2)
-    wait_for_ssh(lab, host, timeout=30)
-
-
 def ssh_refused(lab: Any, host: str) -> bool:
     probe = subprocess.run(["ssh", "-F", str(lab.ssh_config), "-o", "ConnectTimeout=5", host, "true"],
                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
@@ -546,17 +524,11 @@ def test_a_stale_lock_names_the_process_that_held_it(converged: Any) -> None:
 def test_sshd_stopped_mid_apply_does_not_stop_the_apply_over_its_open_connection(bare: Any) -> None:
     lab = bare
     running = start_apply(lab)
-    try:
-        running.wait_for("wave 5/5")  # ~6 s of starts left, 2 of them on freud
-        # sshd comes back by itself in 15 s; sessions already open survive a stop of ssh.service
-        lab.ssh("freud", f"{sshd_back_in(15)} && "
-                         "systemctl stop ssh.service ssh.socket", user="root")
+    running.wait_for("wave 5/5")  # ~6 s of starts left, 2 of them on freud
+    # sshd stays down until the apply has ended; sessions already open survive a stop of ssh.service
+    with sshd_stopped(lab, "freud"):
         assert ssh_refused(lab, "freud"), "sshd on freud still accepts connections"
         done = running.finish(timeout=120)
-        still_refused = ssh_refused(lab, "freud")
-    finally:
-        sshd_back(lab, "freud")
-    assert still_refused, "sshd came back before the apply ended: the test proved nothing"
     assert done.code == 0, done.output
     assert "Apply complete: 33 done, 0 failed, 0 not attempted." in done.stdout
     assert "freud: start mastodon-sidekiq-push-pull.service — ok" in done.stderr
@@ -573,14 +545,10 @@ def test_sshd_stopped_with_fleets_session_killed_fails_that_host_and_its_lock_is
     assert_rerun_converges(lab)
     reset_host(lab, "freud")  # only freud has work: 4 waves, its two starts last
     running = start_apply(lab)
-    try:
-        running.wait_for("wave 4/4")
-        time.sleep(0.5)  # freud is inside the health gate of sidekiq-default
-        lab.ssh("freud", f"{sshd_back_in(10)} && "
-                         "systemctl stop ssh.service ssh.socket && pkill -KILL -f '^sshd: [d]eploy'", user="root")
+    running.wait_for("wave 4/4")
+    time.sleep(0.5)  # freud is inside the health gate of sidekiq-default
+    with sshd_stopped(lab, "freud", then="pkill -KILL -f '^sshd: [d]eploy'"):
         done = running.finish(timeout=120)
-    finally:
-        sshd_back(lab, "freud")
     assert done.code == 1, done.output
     assert done.seconds < 30
     # Killing fleet's session either drops the connection at once, or first ends the channel

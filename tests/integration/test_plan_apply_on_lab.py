@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, fleet, fleet_argv, fleet_json, install_unit, reset_all, sidekiq_unit, sshd_back_in
+from helpers import REPO, fleet, fleet_argv, fleet_json, install_unit, reset_all, sidekiq_unit, sshd_stopped
 
 SETTLE = ("--settle", "1")
 ENV = "/home/mastodon/live/.env.production"
@@ -256,9 +256,7 @@ def test_apply_without_a_terminal_and_without_yes_refuses(converged: Any) -> Non
 
 def test_an_unreachable_host_makes_the_plan_incomplete_and_apply_refuses(converged: Any, tmp_path: Path) -> None:
     lab = converged
-    lab.ssh("nietzsche", f"{sshd_back_in(10)} && "
-                         "systemctl stop ssh.service ssh.socket 2>/dev/null; true", user="root")
-    try:
+    with sshd_stopped(lab, "nietzsche"):
         saved = tmp_path / "plan.json"
         done = fleet(lab, "plan", "--json", "-o", str(saved))
         assert done.returncode == 2
@@ -271,7 +269,3 @@ def test_an_unreachable_host_makes_the_plan_incomplete_and_apply_refuses(converg
         refused = apply(lab, "--yes")  # fleet cannot even lock it: refused before anything is observed
         assert refused.returncode == 1
         assert "nietzsche: cannot take the lock (unreachable)" in refused.stderr and "--limit" in refused.stderr
-    finally:
-        from helpers import wait_for_ssh
-
-        wait_for_ssh(lab, "nietzsche")

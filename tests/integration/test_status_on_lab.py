@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, fleet, fleet_json, install_unit, reset_all, sidekiq_unit, sshd_back_in, wait_for_ssh
+from helpers import REPO, fleet, fleet_json, install_unit, reset_all, sidekiq_unit, sshd_stopped
 
 from fleet import config
 from fleet.units import render_unit
@@ -115,10 +115,7 @@ def test_status_text_marks_drift_and_unmanaged_cells(drifted: Any) -> None:
 
 
 def test_a_host_with_sshd_stopped_shows_as_unreachable_while_the_others_report(lab: Any) -> None:
-    # Schedule sshd's return before stopping it: a lab host has no console for us to use.
-    lab.ssh("nietzsche", f"{sshd_back_in(6)} && "
-                         "systemctl stop ssh.service ssh.socket 2>/dev/null; true", user="root")
-    try:
+    with sshd_stopped(lab, "nietzsche"):
         done = fleet(lab, "status", "--json")
         assert done.returncode == 1, done.stderr
         report = json.loads(done.stdout)
@@ -127,8 +124,6 @@ def test_a_host_with_sshd_stopped_shows_as_unreachable_while_the_others_report(l
         assert all(report["hosts"][h]["reachable"] for h in ("fritz", "franz", "freud"))
         cell = row(report, "postgresql.service")["cells"]["nietzsche"]
         assert cell["status"] == "unknown"
-    finally:
-        wait_for_ssh(lab, "nietzsche")
 
 
 def test_a_wrong_host_key_is_refused_for_that_host_only(lab: Any, tmp_path: Path) -> None:
