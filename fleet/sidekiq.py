@@ -338,7 +338,7 @@ echo end
 """
 
 
-def _redis_prelude(env_path: str, marker: str) -> str:
+def redis_prelude(env_path: str, marker: str) -> str:
     """The start of apply's scripts that poll Sidekiq's Redis from a Sidekiq unit's host: Redis found
     from the env file at `env_path` as the collection section finds it, `sk_cli` (the password in
     its environment only), "$@" its connection options, `sk_h` the kernel hostname Sidekiq puts in
@@ -373,7 +373,7 @@ nl='
 sk_ifs=$IFS
 sk_p={pid}
 if [ "${{sk_p:-0}}" = 0 ]; then echo '{marker} {no_pid}'; exit 0; fi
-{_redis_prelude(env_path, marker)}
+{redis_prelude(env_path, marker)}
 end=$(( $(date +%s) + {int(timeout)} ))
 while :; do
   ids=$(printf 'PING\\nSMEMBERS processes\\n' | sk_cli "$@" 2>/dev/null)

@@ -27,7 +27,7 @@ changes and before the old server stops (`around`).
 
 Where Sidekiq's Redis is read is `sidekiq.locate_redis`, as for the collection's view: the
 Redis host finds it from the env file Sidekiq loads; the password goes to redis-cli in its
-environment only (`sidekiq._redis_prelude`).
+environment only (`sidekiq.redis_prelude`).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ from fleet.sidekiq import (
     host_names,
     join,
     locate_redis,
+    redis_prelude,
     sidekiq_units,
 )
-from fleet.sidekiq import _redis_prelude as redis_prelude
 from fleet.units import describe_unit
 
 QUIET, DRAINED = Action.MOVE_QUIET, Action.MOVE_DRAINED
