@@ -195,13 +195,18 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
     if got != FILE_FORMAT:
         raise PlanFileError(f"{source}: unsupported plan format {got!r} (this fleet reads format {FILE_FORMAT})",
                             hint=hint)
-    return plan_from_document(unpack_document(d, source), source)
+    keys: list[Any] = []
+    return plan_from_document(unpack_document(d, source, keys), source, keys)
 
 
-def plan_from_document(d: dict[str, Any], source: str = "plan") -> Plan:
-    """A plan document (`to_dict`'s shape, as a file unpacks to), checked before anything reads it."""
+def plan_from_document(d: dict[str, Any], source: str = "plan", keys: list[Any] | None = None) -> Plan:
+    """A plan document (`to_dict`'s shape, as a file unpacks to), checked before anything reads it.
+    `keys` (from `unpack_document`): per change, what its payload is a function of, or None; the
+    changes with the same key share one loaded payload (a bare plan's repeat per host)."""
     try:
-        changes = tuple(_change(c, source) for c in d["changes"])
+        loaded: dict[Any, tuple[Action, Any]] = {}
+        changes = tuple(_change(c, source, loaded, k) for c, k in zip(d["changes"], keys, strict=True)) \
+            if keys is not None else tuple(_change(c, source) for c in d["changes"])
         _validate(changes, d, source)
         _validate_names(changes, d, source)
         return Plan(
@@ -300,10 +305,12 @@ def plan_file_text(packed: Mapping[str, Any]) -> str:
     return "{\n" + ",\n".join(out) + "\n}\n"
 
 
-def unpack_document(d: dict[str, Any], source: str) -> dict[str, Any]:
+def unpack_document(d: dict[str, Any], source: str, keys: list[Any] | None = None) -> dict[str, Any]:
     """The plan document a plan file holds; a PlanFileError naming `source` and the first thing
     out of shape (an index out of range, a row too short).  Linear: each distinct payload is
-    parsed once."""
+    parsed once.  Given `keys`, appends to it per change what its loaded payload is a function of
+    — (action, payload text index) — or None when that is not known (a diff, whose ---/+++ lines
+    name the host; a payload or action given as a value): `plan_from_document` loads each once."""
     def bad(what: str) -> PlanFileError:
         return PlanFileError(f"{source}: {what} (edited or damaged)", hint="recompute it with `fleet plan -o FILE`")
 
@@ -321,11 +328,13 @@ def unpack_document(d: dict[str, Any], source: str) -> dict[str, Any]:
             return value[0]
         raise bad(f"change {n}'s {where} is {str(value)[:40]!r}, neither a text's index nor a value")
 
-    parsed: dict[int, dict[str, Any]] = {}
+    # payload text index -> (its fields but a diff body, the diff body or None): parsed once
+    parsed: dict[int, tuple[dict[str, Any], Any]] = {}
+    none: tuple[dict[str, Any], Any] = ({}, None)
 
-    def payload_of(value: Any, n: int) -> dict[str, Any]:
+    def payload_of(value: Any, n: int) -> tuple[dict[str, Any], Any]:
         if value is None:
-            return {}
+            return none
         if type(value) is int and value in parsed:
             return parsed[value]
         raw = text(value, "payload", n)
@@ -335,9 +344,14 @@ def unpack_document(d: dict[str, Any], source: str) -> dict[str, Any]:
             raise bad(f"change {n}'s payload is not JSON") from None
         if not isinstance(payload, dict):
             raise bad(f"change {n}'s payload is not an object")
+        payload = dict(payload)
+        out = (payload, payload.pop(_DIFF_BODY, None))
         if type(value) is int:
-            parsed[value] = payload
-        return payload
+            parsed[value] = out
+        return out
+
+    def field(value: Any, where: str, n: int) -> Any:  # text(), its common case inline
+        return texts[value] if type(value) is int and 0 <= value < n_texts else text(value, where, n)
 
     changes: list[dict[str, Any]] = []
     for n, row in enumerate(rows):
@@ -345,17 +359,20 @@ def unpack_document(d: dict[str, Any], source: str) -> dict[str, Any]:
             raise bad(f"change {n} is not a row of 9 or 10 fields")
         h = row[0]
         host = hosts[h] if type(h) is int and 0 <= h < n_hosts else text(h if type(h) is list else None, "host", n)
-        action, target = row[1], text(row[2], "target", n)
-        payload = dict(payload_of(row[7], n))
-        body = payload.pop(_DIFF_BODY, None)
+        action, target = row[1], field(row[2], "target", n)
+        payload, body = payload_of(row[7], n)
         if body is not None:
             if not all(type(x) is str for x in (body, host, target)):
                 raise bad(f"change {n}'s diff is not text")
-            payload["diff"] = diff_header(host, target) + body
-        cid = text(row[9], "id", n) if len(row) == 10 else f"{host}:{action}:{target}"
+            payload = payload | {"diff": diff_header(host, target) + body}
+        if keys is not None:
+            p = row[7]
+            keys.append((action, p) if body is None and type(action) is str and (p is None or type(p) is int)
+                        else None)
+        cid = field(row[9], "id", n) if len(row) == 10 else f"{host}:{action}:{target}"
         changes.append({"id": cid, "host": host, "action": action, "target": target,
-                        "service": text(row[3], "service", n), "reason": text(row[4], "reason", n),
-                        "before": text(row[5], "before", n), "after": text(row[6], "after", n),
+                        "service": field(row[3], "service", n), "reason": field(row[4], "reason", n),
+                        "before": field(row[5], "before", n), "after": field(row[6], "after", n),
                         "diff": "", "keys": [], "content_hash": "", "remove_files": [], "steps": [], "meta": {},
                         **payload, "deps": row[8]})
     ids = [c["id"] for c in changes]
@@ -389,16 +406,24 @@ def _observed(value: object, source: str) -> str:
     return str(value)
 
 
-def _change(d: Mapping[str, Any], source: str) -> Change:
+def _change(d: Mapping[str, Any], source: str, loaded: dict[Any, tuple[Action, Any]] | None = None,
+            key: Any = None) -> Change:
     """One change of a plan file; its payload is read (and its shape checked) by the resource
-    that owns its action."""
+    that owns its action — once per `key` (see `plan_from_document`): a resource's `load` reads
+    the payload fields alone, and the changes of one key have the same."""
     host, value, target, reason = str(d["host"]), d["action"], str(d["target"]), str(d["reason"])
     service = d.get("service")
     try:
-        action = Action(value)
         if service is not None and not isinstance(service, str):
+            Action(value)  # an unknown action is named first, as before
             raise PayloadError("its service is not text")
-        payload = owner(action).load(action, d)
+        if loaded is not None and key is not None and key in loaded:
+            action, payload = loaded[key]
+        else:
+            action = Action(value)
+            payload = owner(action).load(action, d)
+            if loaded is not None and key is not None:
+                loaded[key] = (action, payload)
     except (ValueError, TypeError) as e:  # PayloadError, or an action this fleet does not know
         raise PlanFileError(f"{source}: change {f'{host}:{value}:{target}'[:80]!r} is malformed ({e})",
                             hint="recompute it with `fleet plan -o FILE`") from e
