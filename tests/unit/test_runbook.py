@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import FleetDir
 from observed import EXAMPLE_SECRETS as S
 from observed import distro_unit, with_unit
-from test_apply import STATE, Hosts, Recorder, Rig, outcomes
+from test_apply import Rig, outcomes, rig
 from test_moves import (
     DECLARED,
     PRIMARY,
@@ -26,9 +24,7 @@ from test_moves import (
     with_facts,
 )
 
-from fleet import remote
 from fleet.actions import Action, MovePayload
-from fleet.journal import Journal
 from fleet.model import Desired, HostResult
 from fleet.moves import Gate
 from fleet.output.text import plan_text
@@ -38,6 +34,8 @@ from fleet.resources.stores import Probe
 from fleet.transport.fake import Call
 from fleet.transport.protocol import RunResult
 from fleet.workflows.apply import same_as_saved
+
+__all__ = ["rig"]  # the executor rig, a fixture: test_apply's
 
 RUNBOOK = [Action.MOVE_CHECK, Action.MOVE_QUIET, Action.MOVE_DRAINED, Action.MOVE_READ_ONLY, Action.MOVE_CAUGHT_UP,
            Action.MOVE_PROMOTE]
@@ -200,18 +198,6 @@ def test_the_gates_judge_what_psql_printed(example: FleetDir) -> None:
 
 
 # ------------------------------------------------------------------ carried out
-
-
-@pytest.fixture
-def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
-    """test_apply's executor rig: scripted hosts, a real journal."""
-    monkeypatch.setattr(remote, "STATE", STATE)
-    monkeypatch.setattr(remote, "LOCK", f"{STATE}/lock")
-    monkeypatch.setattr(remote, "BACKUPS", f"{STATE}/backup")
-    journal = Journal.open(tmp_path / "journal.sqlite")
-    recorder = Recorder(journal)
-    yield Rig(Hosts(tmp_path / "hosts", recorder), journal, recorder)
-    journal.close()
 
 
 def answer(rig: Rig, host: str, needle: str, text: str) -> None:

@@ -18,13 +18,11 @@ from conftest import FleetDir
 from observed import EXAMPLE_SECRETS as S
 from observed import distro_unit, with_unit
 from redis_server import PASSWORD, Redis
-from test_apply import STATE, Hosts, Recorder, Rig, outcomes
+from test_apply import Rig, outcomes, rig
 from test_moves import DB_HOST_NIETZSCHE, POSTGRES_ON_NIETZSCHE, before_the_move, loaded, with_facts
-from test_runbook import SIDEKIQ, moved_to
+from test_runbook import SIDEKIQ, answer, moved_to
 
-from fleet import remote
 from fleet.actions import Action, MovePayload
-from fleet.journal import Journal
 from fleet.model import Desired, HostResult, MoveSpec
 from fleet.moves import Gate
 from fleet.output.text import plan_text
@@ -33,6 +31,8 @@ from fleet.resources import runbook_redis as rr
 from fleet.resources.stores import RedisState
 from fleet.transport.fake import Call
 from fleet.transport.protocol import RunResult
+
+__all__ = ["rig"]  # the executor rig, a fixture: test_apply's
 
 DECLARED = '\n[moves.redis]\nfrom = "freud"\nto = "nietzsche"\nmethod = "redis-replica"\n'
 MASTER = RedisState(6379, ping="PONG", role="master", offset=900, keys=12)
@@ -171,21 +171,6 @@ def test_the_promote_gate_wants_a_master_whose_config_file_names_no_master() -> 
 
 
 # ------------------------------------------------------------------ carried out
-
-
-@pytest.fixture
-def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
-    monkeypatch.setattr(remote, "STATE", STATE)
-    monkeypatch.setattr(remote, "LOCK", f"{STATE}/lock")
-    monkeypatch.setattr(remote, "BACKUPS", f"{STATE}/backup")
-    journal = Journal.open(tmp_path / "journal.sqlite")
-    recorder = Recorder(journal)
-    yield Rig(Hosts(tmp_path / "hosts", recorder), journal, recorder)
-    journal.close()
-
-
-def answer(rig: Rig, host: str, needle: str, text: str) -> None:
-    rig.fake.respond(re.compile(re.escape(needle)), text, host=host)
 
 
 def healthy_move(rig: Rig) -> None:
