@@ -43,7 +43,7 @@ from fleet.model import DEFAULT_PORTS, Desired, HostState, Kind, MoveSpec, Servi
 from fleet.moves import Gate
 from fleet.policy import resolve_host
 from fleet.resources.base import Execution
-from fleet.resources.stores import TIMEOUT, _env_path, redis_of
+from fleet.resources.stores import TIMEOUT, mastodon_env_path, redis_of
 from fleet.sidekiq import redis_settings_command
 
 # More good replicas than any Redis has: the master refuses every write (NOREPLICAS).
@@ -195,7 +195,7 @@ def judge_promoted(move: MoveSpec, answer: str) -> Gate:
 def env_of(desired: Desired, host: str) -> str:
     """The env file the desired state declares on `host` for a Mastodon service: it holds the
     Redis password Mastodon uses ("" when none is declared there)."""
-    return _env_path(desired, host)
+    return mastodon_env_path(desired, host)
 
 
 def cli(path: str, port: int, body: str) -> str:

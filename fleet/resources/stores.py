@@ -340,7 +340,7 @@ class DataStores(Resource):
         here += [s for m in desired.moves if m.source == host and (s := desired.service(m.service)) is not None
                  and s.unit not in {t.unit for t in here}]
         services = tuple(Asked(s.unit, s.kind.value, s.port or 0, s.probe) for s in here)
-        return ToCollect(services, _env_path(desired, host) if any(s.kind == "redis" for s in services) else "",
+        return ToCollect(services, mastodon_env_path(desired, host) if any(s.kind == "redis" for s in services) else "",
                          units_shown=any(_covers_cluster_units(p.pattern) for p in desired.discover))
 
     def script(self, what: Any) -> str:
@@ -388,7 +388,7 @@ def _covers_cluster_units(pattern: str) -> bool:
     return pattern.endswith("*") and not any(ch in head for ch in "*?[]") and "postgresql@".startswith(head)
 
 
-def _env_path(desired: Desired, host: str) -> str:
+def mastodon_env_path(desired: Desired, host: str) -> str:
     """The env file on `host` that a Mastodon service loads: it holds the Redis password."""
     loaded = {p for s in desired.services if s.unit_spec is not None for p in s.unit_spec.environment_files}
     return next((e.path for e in desired.env_files_on(host) if e.path in loaded), "")
