@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from fleet.actions import SUMMARY_BUCKETS, Change
 from fleet.model import SIDEKIQ_QUEUES, Finding, HostError
-from fleet.resources.base import ADDED, CHANGED, DIFF, PLAIN, REMOVED
+from fleet.resources.base import ADDED, CHANGED, DIFF, PLAIN, REMOVED, Detail
 from fleet.resources.registry import BY_ACTION, SPECS
 from fleet.textutil import is_printable, printable
 
@@ -246,25 +246,75 @@ def _title(c: Change) -> str:
     return f"{c.action} {c.target}" if SPECS[c.action].shows_target else str(c.action)
 
 
-def _details(c: Change, color: bool) -> list[str]:
-    out: list[str] = []
-    for style, text in BY_ACTION[c.action].details(c):
-        if style == DIFF and is_printable(text):  # no line to escape: a bare plan's 500,000 lines
-            lines = text.rstrip("\n").split("\n")
-            if not color:
-                out += ["      " + line for line in lines]
-                continue
-            for line in lines:
-                code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
-                out.append(f"      \033[{code}m{line}\033[0m" if code != "0" else "      " + line)
-        elif style == DIFF:
-            for line in text.rstrip("\n").split("\n"):
-                code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
-                out.append("      " + _paint(line, code, color and code != "0"))  # escapes even unpainted
-        else:
-            code, whole = _DETAIL_COLORS[style]
-            out.append(_paint(f"      {text}", code, color) if whole else one_line(f"      {text}"))
+def _diff_lines(text: str, color: bool) -> list[str]:
+    """A diff's lines as the plan shows them: indented, `+` green and `-` red, each escaped."""
+    return _diff_lines_of(text.rstrip("\n").split("\n"), is_printable(text), color)
+
+
+def _diff_lines_of(lines: list[str], clean: bool, color: bool) -> list[str]:
+    """`lines` (of a diff, `clean`: none with anything to escape) as the plan shows them."""
+    if clean:  # no line to escape (true of a text exactly when of each line): a bare plan's 500,000
+        if not color:
+            return ["      " + line for line in lines]
+        return [f"      \033[32m{line}\033[0m" if line.startswith("+") else
+                f"      \033[31m{line}\033[0m" if line.startswith("-") else "      " + line for line in lines]
+    out = []
+    for line in lines:
+        code = "32" if line.startswith("+") else "31" if line.startswith("-") else "0"
+        out.append("      " + _paint(line, code, color and code != "0"))  # escapes even unpainted
     return out
+
+
+class _Rendered:
+    """What `plan_text` has rendered already, by what it depends on.  A bare 1,000-host plan shows
+    each service's new-unit diff once per host: the same lines under a ---/+++ pair that names the
+    host, so a diff's body (after those two lines) is rendered once, as one block of lines, and
+    so is each distinct heading and detail line."""
+
+    def __init__(self, color: bool) -> None:
+        self.color = color
+        self.heads: dict[tuple[str, str, str, str], str] = {}
+        self.bodies: dict[str, str] = {}
+        self.lines: dict[tuple[str, str], str] = {}
+
+    def head(self, sym: str, c: Change) -> str:
+        key = (sym, c.action, c.target, c.reason)
+        line = self.heads.get(key)
+        if line is None:
+            head = _paint(f"  {sym} {_title(c)}", _SYMBOL_COLORS.get(sym, "0"), self.color)
+            line = self.heads[key] = head + one_line(f"  — {c.reason}")
+        return line
+
+    def details(self, details: list[Detail]) -> list[str]:
+        out: list[str] = []
+        for style, text in details:
+            if style != DIFF:
+                line = self.lines.get((style, text))
+                if line is None:
+                    code, whole = _DETAIL_COLORS[style]
+                    line = _paint(f"      {text}", code, self.color) if whole else one_line(f"      {text}")
+                    self.lines[(style, text)] = line
+                out.append(line)
+                continue
+            # Lines are rendered one by one, each alone: the ---/+++ pair, then the body, which
+            # the hosts share, as one block (`plan_text` joins every entry with a line break).
+            second = text.find("\n", text.find("\n") + 1)
+            body = text[second + 1:] if second >= 0 else ""
+            if not body.rstrip("\n"):  # no body to share: as it comes
+                out += _diff_lines(text, self.color)
+                continue
+            head = text[:second]
+            out += _diff_lines_of(head.split("\n"), is_printable(head), self.color)
+            block = self.bodies.get(body)
+            if block is None:
+                block = self.bodies[body] = "\n".join(_diff_lines(body, self.color))
+            out.append(block)
+        return out
+
+
+def _details(c: Change, color: bool) -> list[str]:
+    """The detail lines under a change in the plan text."""
+    return _Rendered(color).details(BY_ACTION[c.action].details(c))
 
 
 def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> str:
@@ -280,6 +330,7 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
     by_host: dict[str, list[Change]] = {}
     for c in plan.changes:
         by_host.setdefault(c.host, []).append(c)
+    rendered = _Rendered(color)
     for host in plan.hosts:
         cs = by_host.get(host, [])
         if not cs:
@@ -287,10 +338,11 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
         out.append("")
         out.append(one_line(f"on {host}:"))
         for c in cs:
-            sym = BY_ACTION[c.action].symbol(c)
-            head = _paint(f"  {sym} {_title(c)}", _SYMBOL_COLORS.get(sym, "0"), color)
-            out.append(head + one_line(f"  — {c.reason}"))
-            out += _details(c, color)
+            resource = BY_ACTION[c.action]
+            out.append(rendered.head(resource.symbol(c), c))
+            details = resource.details(c)
+            if details:
+                out += rendered.details(details)
     if plan.notes:
         out.append("")
         out.append("Reported, not changed:")
@@ -302,8 +354,9 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
     if show_waves and plan.waves and plan.changes:
         out.append("")
         out.append(f"Order ({len(plan.waves)} wave(s); each wave runs in parallel after the previous one):")
+        change = plan.change
         for i, wave in enumerate(plan.waves, 1):
-            out.append(one_line(f"  {i}. " + ", ".join(_short(plan.change(cid)) for cid in wave)))
+            out.append(one_line(f"  {i}. " + ", ".join([_short(change(cid)) for cid in wave])))
     out.append("")
     out.append(summary_line(plan))
     return "\n".join(out) + "\n"
