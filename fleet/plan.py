@@ -139,37 +139,50 @@ class Plan:
 
     @cached_property
     def _file_text(self) -> str:  # made once: `plan -o` writes it and names the plan by its hash
-        return plan_file_text(self._packed())
-
-    def _packed(self) -> dict[str, Any]:
+        """`plan_file_text(pack_document(self.to_dict()))`, each row written as JSON here: the part
+        of a row that hosts share (action, target … payload) is made once per distinct part, the
+        host's index and the deps per change (a bare plan repeats each row's middle per host)."""
         texts: dict[str, int] = {}
         hosts = {h: i for i, h in enumerate(self.hosts)}
-        index = {c.id: i for i, c in enumerate(self.changes)}
-        payloads: dict[Any, Any] = {}
+        ids = [c.id for c in self.changes]
+        index = {cid: i for i, cid in enumerate(ids)}
+        payloads: dict[Any, str | None] = {}  # a payload (its key) -> its text, or None: it has none
+        middles: dict[tuple[Any, ...], str] = {}  # (action, target … payload key) -> the row's fields 2 to 8
+        dense = _DENSE.encode
 
-        def text(value: str | None) -> Any:
-            return [value] if value is None else texts.setdefault(value, len(texts))
+        def text(value: str | None) -> str:  # a text field: its index in `texts`, None as [null]
+            return "[null]" if value is None else str(texts.setdefault(value, len(texts)))
 
+        deps_of, position = self.deps.get, index.get
         rows = []
-        for c in self.changes:
-            row: list[Any] = [hosts[c.host] if c.host in hosts else [c.host], c.action._value_, text(c.target),
-                              text(c.service), text(c.reason), text(c.before), text(c.after)]
+        for c, cid in zip(self.changes, ids, strict=True):
             key: Any = c.payload
-            if isinstance(c.payload, UnitFilePayload):
+            if isinstance(key, UnitFilePayload):
                 lines = diff_header(c.host, c.target)
-                key = (c.payload.content_hash, c.payload.remove_files, c.payload.diff[len(lines):]
-                       if c.payload.diff.startswith(lines) else (c.host, c.payload.diff))
-            if key not in payloads:
-                payloads[key] = _payload_text(c.as_dict())
-            row.append(None if payloads[key] is None else text(payloads[key]))
-            row.append([index[d] if d in index else [d] for d in self.deps.get(c.id, ())])
-            rows.append(row)
+                key = (key.content_hash, key.remove_files, key.diff[len(lines):]
+                       if key.diff.startswith(lines) else (c.host, key.diff))
+            whole = (c.action, c.target, c.service, c.reason, c.before, c.after, key)
+            middle = middles.get(whole)
+            if middle is None:
+                fields = [dense(c.action._value_), text(c.target), text(c.service), text(c.reason), text(c.before),
+                          text(c.after)]
+                if key not in payloads:
+                    payloads[key] = _payload_text(c.as_dict())
+                payload = payloads[key]
+                fields.append("null" if payload is None else text(payload))
+                middle = middles[whole] = ",".join(fields)
+            h = hosts.get(c.host)
+            deps = deps_of(cid, ())
+            refs = list(map(position, deps))  # a group, or a change the plan lacks: not a position, [name]
+            refs_json = ",".join(map(str, refs)) if None not in refs else \
+                dense([index[d] if d in index else [d] for d in deps])[1:-1]
+            rows.append(f"[{dense([c.host]) if h is None else h},{middle},[{refs_json}]]")
         waves = [[index[cid] if cid in index else [cid] for cid in w] for w in self.waves]
         groups = {name: [index[cid] if cid in index else [cid] for cid in members]
                   for name, members in self.groups.items()}
         head = {k: v for k, v in self._data([]).items() if k not in ("format", "changes", "groups", "waves")}
-        return {"format": FILE_FORMAT, **head, "groups": groups, "texts": list(texts), "changes": rows,
-                "waves": waves}
+        return _file_text({"format": FILE_FORMAT, **head, "groups": groups},
+                          {"texts": list(map(dense, texts)), "changes": rows, "waves": list(map(dense, waves))})
 
     @property
     def plan_id(self) -> str:
@@ -295,13 +308,21 @@ _DENSE = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with
 def plan_file_text(packed: Mapping[str, Any]) -> str:
     """A packed plan as text: JSON with one text, one change and one wave per line, so that a plan
     file reads (and diffs) line by line."""
-    dense = _DENSE.encode
+    return _file_text({k: v for k, v in packed.items() if k not in _LISTED},
+                      {k: list(map(_DENSE.encode, packed[k])) for k in _LISTED})
 
-    def lines(items: Iterable[Any]) -> str:
-        return "[\n" + ",\n".join(map(dense, items)) + "\n]" if items else "[]"
 
-    out = [f"{json.dumps(k)}: {dense(v)}" for k, v in packed.items() if k not in ("texts", "changes", "waves")]
-    out += [f'"{k}": {lines(packed[k])}' for k in ("texts", "changes", "waves")]
+_LISTED = ("texts", "changes", "waves")  # the members of a plan file written one item per line
+
+
+def _file_text(head: Mapping[str, Any], listed: Mapping[str, list[str]]) -> str:
+    """`plan_file_text` of a packed plan given as its other members and its listed members' items,
+    each already JSON."""
+    def lines(items: list[str]) -> str:
+        return "[\n" + ",\n".join(items) + "\n]" if items else "[]"
+
+    out = [f"{json.dumps(k)}: {_DENSE.encode(v)}" for k, v in head.items()]
+    out += [f'"{k}": {lines(listed[k])}' for k in _LISTED]
     return "{\n" + ",\n".join(out) + "\n}\n"
 
 

@@ -536,3 +536,29 @@ def test_diffing_twice_gives_the_same_changes(data: st.DataObject) -> None:
     assume(not pending(d, observed))  # a move of a data store is refused (test_moves.py), not planned
     assert diff(d, observed, S) == diff(d, dict(observed), S)
     assert plan_for(observed).plan_id == plan_for(dict(observed)).plan_id
+
+
+def test_the_plan_file_is_the_packed_document_whatever_rows_share() -> None:
+    """`to_json` writes a row's shared middle once per distinct (action, target, service, reason,
+    before, after, payload): rows that differ in any one of them, a diff whose ---/+++ lines are
+    not the standard ones, a service of None, a host the plan does not cover, and deps on a group
+    and on a change the plan lacks are all written as `pack_document` writes them."""
+    from fleet.actions import Action, Change, UnitFilePayload
+
+    def unit(host: str, reason: str = "unit is not installed", service: str | None = "web", before: str = "absent",
+             diff: str | None = None, h: str = "a" * 64) -> Change:
+        body = "+[Unit]\n+Description=x\n"
+        text = diff if diff is not None else f"--- {host}:web.service (now)\n+++ {host}:web.service (desired)\n{body}"
+        return Change(host, Action.WRITE_UNIT, "web.service", reason, service, before=before,
+                      after="/etc/systemd/system/web.service", payload=UnitFilePayload(h, diff=text))
+
+    changes = (unit("a1"), unit("a2"), unit("a3", reason="unit file differs"), unit("a4", service=None),
+               unit("a5", before="/lib/x"), unit("a6", diff="--- elsewhere\n+++ x\n+y\n"), unit("a7", h="b" * 64),
+               unit("stranger"), Change("a1", Action.DAEMON_RELOAD, "systemd", "unit files changed"))
+    ids = [c.id for c in changes]
+    plan = Plan("f", "2026-12-02T00:00:00Z", "0" * 64, ("a1", "a2", "a3", "a4", "a5", "a6", "a7"), {}, changes,
+                {ids[8]: (ids[0], "@every-start-and-restart", "gone:start:x.service"), ids[1]: (ids[0],)},
+                (tuple(ids),), groups={"@every-start-and-restart": (ids[2],)})
+    assert plan.to_json() == plan_file_text(pack_document(plan.to_dict()))
+    packed = json.loads(plan.to_json())
+    assert len({json.dumps(row[1:8]) for row in packed["changes"]}) == 7  # a1, a2 and the stranger share theirs
