@@ -102,6 +102,10 @@ class Plan:
 
     def summary(self) -> dict[str, int]:
         """How many changes fall in each bucket (install, change, start …), as each resource counts."""
+        return dict(self._summary)  # a copy: the plan's own stays as it is
+
+    @cached_property
+    def _summary(self) -> dict[str, int]:  # counted once: the text and the file each show it
         counts = Counter(BY_ACTION[c.action].bucket(c) for c in self.changes)
         return {bucket: counts[bucket] for bucket in SUMMARY_BUCKETS}
 

@@ -287,29 +287,34 @@ class _Rendered:
 
     def details(self, details: list[Detail]) -> list[str]:
         out: list[str] = []
-        for style, text in details:
-            if style != DIFF:
-                line = self.lines.get((style, text))
-                if line is None:
-                    code, whole = _DETAIL_COLORS[style]
-                    line = _paint(f"      {text}", code, self.color) if whole else one_line(f"      {text}")
-                    self.lines[(style, text)] = line
+        for detail in details:
+            line = self.lines.get(detail)
+            if line is not None:
                 out.append(line)
-                continue
-            # Lines are rendered one by one, each alone: the ---/+++ pair, then the body, which
-            # the hosts share, as one block (`plan_text` joins every entry with a line break).
-            second = text.find("\n", text.find("\n") + 1)
-            body = text[second + 1:] if second >= 0 else ""
-            if not body.rstrip("\n"):  # no body to share: as it comes
-                out += _diff_lines(text, self.color)
-                continue
-            head = text[:second]
-            out += _diff_lines_of(head.split("\n"), is_printable(head), self.color)
-            block = self.bodies.get(body)
-            if block is None:
-                block = self.bodies[body] = "\n".join(_diff_lines(body, self.color))
-            out.append(block)
+            elif detail[0] != DIFF:
+                out.append(self.line(detail))
+            else:
+                out += self.diff(detail[1])
         return out
+
+    def line(self, detail: Detail) -> str:
+        style, text = detail
+        code, whole = _DETAIL_COLORS[style]
+        line = self.lines[detail] = _paint(f"      {text}", code, self.color) if whole else one_line(f"      {text}")
+        return line
+
+    def diff(self, text: str) -> list[str]:
+        # Lines are rendered one by one, each alone: the ---/+++ pair, then the body, which the
+        # hosts share, as one block (`plan_text` joins every entry with a line break).
+        second = text.find("\n", text.find("\n") + 1)
+        body = text[second + 1:] if second >= 0 else ""
+        if not body.rstrip("\n"):  # no body to share: as it comes
+            return _diff_lines(text, self.color)
+        head = text[:second]
+        block = self.bodies.get(body)
+        if block is None:
+            block = self.bodies[body] = "\n".join(_diff_lines(body, self.color))
+        return [*_diff_lines_of(head.split("\n"), is_printable(head), self.color), block]
 
 
 def _details(c: Change, color: bool) -> list[str]:
@@ -331,6 +336,7 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
     for c in plan.changes:
         by_host.setdefault(c.host, []).append(c)
     rendered = _Rendered(color)
+    lines = rendered.lines
     for host in plan.hosts:
         cs = by_host.get(host, [])
         if not cs:
@@ -340,9 +346,12 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
         for c in cs:
             resource = BY_ACTION[c.action]
             out.append(rendered.head(resource.symbol(c), c))
-            details = resource.details(c)
-            if details:
-                out += rendered.details(details)
+            for detail in resource.details(c):
+                line = lines.get(detail)
+                if line is not None:
+                    out.append(line)
+                else:
+                    out += rendered.details([detail])
     if plan.notes:
         out.append("")
         out.append("Reported, not changed:")
@@ -354,9 +363,9 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
     if show_waves and plan.waves and plan.changes:
         out.append("")
         out.append(f"Order ({len(plan.waves)} wave(s); each wave runs in parallel after the previous one):")
-        change = plan.change
+        change, shorts = plan.change, _Shorts()
         for i, wave in enumerate(plan.waves, 1):
-            out.append(one_line(f"  {i}. " + ", ".join([_short(change(cid)) for cid in wave])))
+            out.append(one_line(f"  {i}. " + ", ".join([shorts.of(change(cid)) for cid in wave])))
     out.append("")
     out.append(summary_line(plan))
     return "\n".join(out) + "\n"
@@ -364,6 +373,19 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
 
 def _short(c: Change) -> str:
     return f"{c.host}:{c.action}" + (f" {c.target.rsplit('/', 1)[-1]}" if SPECS[c.action].shows_target else "")
+
+
+class _Shorts:
+    """`_short` of many changes: what follows the host is made once per action and target."""
+
+    def __init__(self) -> None:
+        self.tails: dict[tuple[str, str], str] = {}
+
+    def of(self, c: Change) -> str:
+        tail = self.tails.get((c.action, c.target))
+        if tail is None:
+            tail = self.tails[(c.action, c.target)] = _short(c)[len(c.host):]
+        return c.host + tail
 
 
 def summary_line(plan: Plan) -> str:

@@ -103,3 +103,14 @@ def test_a_shared_body_is_rendered_once() -> None:
     for c in plan.changes:
         rendered.details(BY_ACTION[c.action].details(c))
     assert list(rendered.bodies) == [body]
+
+
+def test_the_order_names_each_change_as_it_did_change_by_change() -> None:
+    plan = shared_body_plan(["+x\n", "+y\n"])
+    plan = Plan(plan.fleet, plan.created_at, plan.desired_hash, plan.hosts, {}, plan.changes, {},
+                (tuple(c.id for c in plan.changes[:2]), tuple(c.id for c in plan.changes[2:])))
+    waves = render.plan_text(plan).split("wave(s); each wave runs in parallel after the previous one):\n")[1]
+    expected = [render.one_line(f"  {i}. " + ", ".join(render._short(plan.change(cid)) for cid in wave))
+                for i, wave in enumerate(plan.waves, 1)]
+    assert waves.split("\n\n")[0].split("\n") == expected
+    assert "b\\x1b[2J:write-unit u1.service" in waves  # the host's own name, escaped
