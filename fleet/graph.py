@@ -78,30 +78,31 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
     edges: list[int] = []
     add = edges.append
     specs = [SPECS[c.action] for c in changes]
+    phases = [sp.phase for sp in specs]
     by_host: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(changes):
         by_host[c.host].append(i)
-    runs = [i for i, sp in enumerate(specs) if sp.phase == Phase.RUN]
+    run, reload, enable = Phase.RUN, Phase.RELOAD, Phase.ENABLE
+    runs = [i for i, phase in enumerate(phases) if phase == run]
     service_units = {s.name: s for s in desired.services}
 
     for cs in by_host.values():
-        reloads = [node[i] for i in cs if specs[i].phase == Phase.RELOAD]
+        reloads = [node[i] for i in cs if phases[i] == reload]
         affecting: dict[str, list[int]] = defaultdict(list)  # unit -> this host's changes that affect it
         for i in cs:
             if not (reloads and specs[i].needs_reload):  # else it reaches the runs through the reload
-                for unit in BY_ACTION[changes[i].action].affects(changes[i], desired):
+                c = changes[i]
+                for unit in BY_ACTION[c.action].affects(c, desired):
                     affecting[unit].append(node[i])
         for i in cs:
-            c, n, sp = changes[i], node[i], specs[i]
-            if sp.needs_reload:
-                for r in reloads:
-                    add(n * width + r)
-            if sp.phase in (Phase.ENABLE, Phase.RUN):
-                for r in reloads:
-                    add(r * width + n)
-            if sp.phase == Phase.RUN:
-                for a in affecting.get(c.target, ()):
-                    add(a * width + n)
+            n, phase = node[i], phases[i]
+            if reloads:
+                if specs[i].needs_reload:
+                    edges += [n * width + r for r in reloads]
+                if phase == enable or phase == run:
+                    edges += [r * width + n for r in reloads]
+            if phase == run and affecting:
+                edges += [a * width + n for a in affecting.get(changes[i].target, ())]
 
     runs_of: dict[str, list[int]] = defaultdict(list)  # service -> positions of its starts and restarts
     for i in runs:
