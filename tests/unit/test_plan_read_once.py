@@ -59,3 +59,54 @@ def test_the_shared_loads_read_the_plan_that_loading_every_change_reads() -> Non
     shared = plan_from_document(unpack_document(json.loads(plan.to_json()), "plan.json", keys), "plan.json", keys)
     assert len(keys) == len(plan.changes) and any(k is not None for k in keys)
     assert shared == plan_from_document(unpack_document(d, "plan.json"), "plan.json") == plan
+
+
+def shared_rows() -> tuple[dict[str, Any], int, int]:
+    """A bare plan's file and two rows of different hosts that share their middle (action, target
+    … payload): rows are read once per distinct middle, then copied."""
+    plan = build_plan(example(), bare(example()), EXAMPLE_SECRETS, now=NOW)
+    d = json.loads(plan.to_json())
+    first: dict[str, int] = {}
+    for n, row in enumerate(d["changes"]):
+        key = json.dumps(row[1:8])
+        if key in first and row[0] != d["changes"][first[key]][0] and row[7] is not None \
+                and "diff_body" in d["texts"][row[7]]:
+            return d, first[key], n
+        first.setdefault(key, n)
+    raise AssertionError("no two hosts share a write-unit row")
+
+
+def swap_texts(d: dict[str, Any], i: int, j: int) -> None:
+    """Texts i and j change places, and every row's reference to them: the same plan."""
+    texts = d["texts"]
+    texts[i], texts[j] = texts[j], texts[i]
+    for row in d["changes"]:
+        for k in (*range(2, 8), *range(9, len(row))):
+            if type(row[k]) is int and row[k] in (i, j):
+                row[k] = i + j - row[k]
+
+
+@pytest.mark.parametrize("value", [True, False, 0.0, 1.0])
+@pytest.mark.parametrize("at", range(2, 8))
+def test_a_field_that_equals_a_shared_one_but_is_not_an_index_is_refused(at: int, value: Any) -> None:
+    """JSON's `true` and `1.0` equal the index 1 in Python: a row that matches an earlier one but
+    for such a field is not taken for it."""
+    d, a, b = shared_rows()
+    rows = d["changes"]
+    assert type(rows[a][at]) is int and rows[a][at] == rows[b][at]
+    swap_texts(d, int(value), rows[a][at])  # the shared index is now 0 or 1
+    expected = unpack_document(json.loads(json.dumps(d)), "plan.json")
+    assert [c["id"] for c in expected["changes"]] == [c["id"] for c in unpack_document(d, "plan.json")["changes"]]
+    rows[b][at] = value
+    with pytest.raises(fleet.plan.PlanFileError, match=f"change {b}'s"):
+        unpack_document(d, "plan.json")
+
+
+def test_a_row_that_shares_a_diff_but_names_its_host_by_a_value_that_is_not_text_is_refused() -> None:
+    d, a, b = shared_rows()
+    d["changes"][b][0] = [5]
+    with pytest.raises(fleet.plan.PlanFileError, match=f"change {b}'s diff is not text"):
+        unpack_document(d, "plan.json")
+    d["changes"][a][0] = [5]  # the first of them: refused the same way, read alone
+    with pytest.raises(fleet.plan.PlanFileError, match=f"change {a}'s diff is not text"):
+        unpack_document(d, "plan.json")
