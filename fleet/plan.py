@@ -219,7 +219,9 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
 def plan_from_document(d: dict[str, Any], source: str = "plan", keys: list[Any] | None = None) -> Plan:
     """A plan document (`to_dict`'s shape, as a file unpacks to), checked before anything reads it.
     `keys` (from `unpack_document`): per change, what its payload is a function of, or None; the
-    changes with the same key share one loaded payload (a bare plan's repeat per host)."""
+    changes with the same key share one loaded payload (a bare plan's repeat per host).  Those of
+    a diff body's key share it with the diff their own: a unit file's payload is its diff as read,
+    so it is shared only when the one loaded holds the diff verbatim."""
     try:
         loaded: dict[Any, tuple[Action, Any]] = {}
         changes = tuple(_change(c, source, loaded, k) for c, k in zip(d["changes"], keys, strict=True)) \
@@ -334,8 +336,9 @@ def unpack_document(d: dict[str, Any], source: str, keys: list[Any] | None = Non
     """The plan document a plan file holds; a PlanFileError naming `source` and the first thing
     out of shape (an index out of range, a row too short).  Linear: each distinct payload is
     parsed once.  Given `keys`, appends to it per change what its loaded payload is a function of
-    — (action, payload text index) — or None when that is not known (a diff, whose ---/+++ lines
-    name the host; a payload or action given as a value): `plan_from_document` loads each once."""
+    — (action, payload text index), or (action, payload text index, "diff_body") for a payload
+    whose diff is a body stored once under ---/+++ lines that name the host — or None when that is
+    not known (a payload or action given as a value): `plan_from_document` loads each once."""
     def bad(what: str) -> PlanFileError:
         return PlanFileError(f"{source}: {what} (edited or damaged)", hint="recompute it with `fleet plan -o FILE`")
 
@@ -415,8 +418,9 @@ def unpack_document(d: dict[str, Any], source: str, keys: list[Any] | None = Non
             payload = payload | {"diff": diff_header(host, target) + body}
         if keys is not None:
             p = row[7]
-            keys.append((action, p) if body is None and type(action) is str and (p is None or type(p) is int)
-                        else None)
+            keys.append(None if type(action) is not str
+                        else (action, p) if body is None and (p is None or type(p) is int)
+                        else (action, p, _DIFF_BODY) if body is not None and type(p) is int else None)
         cid = field(row[9], "id", n) if len(row) == 10 else f"{host}:{action}:{target}"
         changes.append({"id": cid, "host": host, "action": action, "target": target,
                         "service": field(row[3], "service", n), "reason": field(row[4], "reason", n),
@@ -469,11 +473,14 @@ def _change(d: Mapping[str, Any], source: str, loaded: dict[Any, tuple[Action, A
             raise PayloadError("its service is not text")
         if loaded is not None and key is not None and key in loaded:
             action, payload = loaded[key]
+            if len(key) == 3:  # the unit diff's body is shared, its ---/+++ lines are this host's
+                payload = UnitFilePayload(payload.content_hash, diff=d["diff"], remove_files=payload.remove_files)
         else:
             action = Action(value)
             payload = owner(action).load(action, d)
-            if loaded is not None and key is not None:
-                loaded[key] = (action, payload)
+            if loaded is not None and key is not None and (
+                    len(key) == 2 or type(payload) is UnitFilePayload and payload.diff == d["diff"]):
+                loaded[key] = (action, payload)  # a diff: shared only where the payload is the diff, verbatim
     except (ValueError, TypeError) as e:  # PayloadError, or an action this fleet does not know
         raise PlanFileError(f"{source}: change {f'{host}:{value}:{target}'[:80]!r} is malformed ({e})",
                             hint="recompute it with `fleet plan -o FILE`") from e

@@ -1,9 +1,11 @@
 """Reading a plan file loads each distinct payload once (issue #19: `fleet show` of a bare
-1,000-host plan spent ~0.4 s of CPU loading the same payload per host), and reads the same plan
-as loading every change did."""
+1,000-host plan spent ~0.4 s of CPU loading the same payload per host) — a unit diff once per
+distinct body, under each host's own ---/+++ lines — and reads the same plan as loading every
+change did."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from datetime import UTC, datetime
@@ -48,8 +50,11 @@ def test_a_plan_file_loads_each_distinct_payload_once(monkeypatch: pytest.Monkey
     # a start, enable or daemon-reload carries no payload: one load per action, not per host
     for action in ("start", "enable", "daemon-reload"):
         assert per_action[action] > 1 and calls[action] == 1, (action, per_action[action], calls[action])
-    # a unit's diff names its host: loaded per change, as before
-    assert calls["write-unit"] == per_action["write-unit"]
+    # a unit's diff names its host in its ---/+++ lines only: loaded once per distinct body and
+    # payload (the plan file's payload text), each change with its own host's diff (`again == plan`)
+    rows = json.loads(text)["changes"]
+    bodies = {row[7] for row in rows if row[1] == "write-unit"}
+    assert per_action["write-unit"] > len(bodies) and calls["write-unit"] == len(bodies)
 
 
 def test_the_shared_loads_read_the_plan_that_loading_every_change_reads() -> None:
@@ -110,3 +115,30 @@ def test_a_row_that_shares_a_diff_but_names_its_host_by_a_value_that_is_not_text
     d["changes"][a][0] = [5]  # the first of them: refused the same way, read alone
     with pytest.raises(fleet.plan.PlanFileError, match=f"change {a}'s diff is not text"):
         unpack_document(d, "plan.json")
+
+
+def test_a_shared_diff_body_is_not_shared_with_a_payload_that_does_not_hold_the_diff_as_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sharing a loaded unit payload across hosts relies on it holding the diff as read: a load
+    that did not (a resource that changed the text) is done again for each change."""
+    plan = build_plan(example(), bare(example()), EXAMPLE_SECRETS, now=NOW)
+    calls: Counter[str] = Counter()
+    real = fleet.plan.owner
+
+    class Rewriting:
+        def __init__(self, action: Action) -> None:
+            self.resource = real(action)
+
+        def load(self, action: Action, fields: Any) -> Any:
+            calls[action.value] += 1
+            payload = self.resource.load(action, fields)
+            return dataclasses.replace(payload, diff=payload.diff.upper()) if action == Action.WRITE_UNIT else payload
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.resource, name)
+
+    monkeypatch.setattr(fleet.plan, "owner", Rewriting)
+    again = plan_from_json(plan.to_json())
+    writes = [(c, a) for c, a in zip(plan.changes, again.changes, strict=True) if c.action == Action.WRITE_UNIT]
+    assert calls["write-unit"] == len(writes) > 1
+    assert all(a.fields()["diff"] == c.fields()["diff"].upper() for c, a in writes)
