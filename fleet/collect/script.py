@@ -289,7 +289,8 @@ def idle_part(offers: tuple[UnitState, ...], dirs: tuple[str, ...] = UNIT_DIRS) 
         # call has its own positional parameters, so the shift is the script's.
         lines.append('now=${1-}; [ $# -gt 0 ] && shift; '
                      f'idle {q(u.unit)} "$now" {q(u.unit_file_state)} {q(u.fragment_path)} '
-                     + q("\n".join(f"{h}  {p}" for p, h in u.file_hashes)) + "".join(f" {q(d)}" for d in u.drop_in_paths))
+                     + q("\n".join(f"{h}  {p}" for p, h in u.file_hashes))
+                     + "".join(f" {q(d)}" for d in u.drop_in_paths))
     lines += [
         "for n in $reused; do echo \"$n\"; done",
         "nf=",

@@ -298,3 +298,35 @@ def test_a_reused_name_the_client_did_not_offer_is_refused() -> None:
     units = full.split("@@units\n", 1)[1].split("\n@@hashes", 1)[0]
     with pytest.raises(ParseError, match="not offered"):
         parse_host("bench-01", collection(units, ["sshd.service"]))
+
+
+# ---- where the kept observation comes from ---------------------------------------------------
+
+
+def test_the_kept_states_are_each_hosts_newest_snapshot_of_this_fleet(tmp_path: Path) -> None:
+    from fleet.journal import Journal, journal_path
+    from fleet.model import Desired, Host, HostError
+    from fleet.snapshot import host_summary, pack
+    from fleet.workflows.base import Common
+    from fleet.workflows.observe import kept_states
+
+    common = Common(desired=tmp_path / "d.toml", hosts=tmp_path / "hosts", state_dir=tmp_path / "state")
+    desired = Desired(name="hachyderm", hosts=(Host(name="a", address="a"), Host(name="b", address="b")), services=())
+    hosts = desired.hosts
+    assert kept_states(common, desired, hosts) == {}  # no journal: a first collection
+
+    def state(host: str, enablement: str) -> HostState:
+        return HostState(host=host, facts=FACTS, units=(replace(IDLE, unit_file_state=enablement),), env_files=())
+
+    def save(fleet: str, results: dict[str, HostState | HostError], lab: bool = False, now: float = 0) -> None:
+        (tmp_path / "state").mkdir(exist_ok=True)
+        with Journal.open(journal_path(common.state_dir)) as j:
+            j.save_snapshot(command="status", fleet=fleet, lab=lab, hosts=host_summary(results), data=pack(results),
+                            operator="t", now=now)
+
+    save("hachyderm", {"a": state("a", "old"), "b": state("b", "old")}, now=1)
+    save("hachyderm", {"a": state("a", "new"), "b": HostError(host="b", kind="connect", message="down")}, now=2)
+    save("other", {"a": state("a", "other fleet")}, now=3)
+    save("hachyderm", {"a": state("a", "the lab's")}, lab=True, now=4)
+    kept = kept_states(common, desired, hosts)
+    assert {h: s.units[0].unit_file_state for h, s in kept.items()} == {"a": "new", "b": "old"}
