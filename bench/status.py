@@ -46,15 +46,27 @@ def _load(directory: Path, state_dir: Path) -> tuple[Any, Any]:
     return loaded.desired, resolve(loaded.desired, state_dir=str(state_dir), lab=True)
 
 
+def kept(desired: Any, targets: Any, state_dir: Path) -> dict[str, Any]:
+    """The hosts as the lab's newest kept snapshots saw them: what `fleet status` hands its script
+    (fleet.workflows.observe.kept_states), so that OpenSSH runs the same script fleet would."""
+    from fleet.workflows.base import Common
+    from fleet.workflows.observe import kept_states
+
+    common = Common(desired=Path("desired_state.toml"), hosts=Path("hosts"), state_dir=state_dir, lab=True)
+    return kept_states(common, desired, targets.hosts)
+
+
 def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
-    """One OpenSSH command line per host, carrying fleet's exact remote command for it."""
-    from fleet.collect.script import build_script, spec_for
+    """One OpenSSH command line per host, carrying fleet's exact remote command for it (with the
+    idle units of the newest kept snapshot offered, as fleet's own run after the first has them)."""
+    from fleet.collect.script import build_script, idle_offers, spec_for
     from fleet.transport.protocol import sudo_command
 
     desired, targets = _load(directory, lab.state_dir)
+    seen = kept(desired, targets, lab.state_dir)
     argvs = []
     for host in targets.hosts:
-        script = build_script(spec_for(desired, host.name))
+        script = build_script(idle_offers(spec_for(desired, host.name), seen.get(host.name)))
         wire = sudo_command(script) if host.sudo else script
         argvs.append(lab.ssh_argv(host.name, wire, "-o", f"KexAlgorithms={kex}"))
     return argvs

@@ -12,8 +12,8 @@ passed through `shlex.quote`.
 
 What the host pays for (docs/PERFORMANCE.md, "The remote script"): two `systemctl` processes —
 the manager's two facts, and one `show` of every property of every unit, declared or discovered —
-and, when the client hands it kept idle units, one `sha256sum` and one client-side `systemctl
-is-enabled` that spare PID 1 loading those units for the `show`.
+and, when the client hands it kept idle units, one `sha256sum` (and a look at the unit
+directories' symlinks) that spares PID 1 loading those units for the `show`.
 Discovery asks systemd nothing of its own: unit files come from the shell's glob over the unit
 directories, loaded units without a file from `show`'s glob.  Output format (version 1):
 
@@ -89,7 +89,7 @@ def spec_for(desired: Desired, host: str) -> CollectSpec:
 # script's own word lists (they are still quoted where they are written into it).
 _IDLE_NAME = re.compile(r"[A-Za-z0-9:_.-]{1,255}")
 _IDLE_PATH = re.compile(r"/[A-Za-z0-9/._:+@-]{1,4095}")
-_IDLE_WORD = re.compile(r"[a-z-]{1,40}")
+_IDLE_ENABLEMENT = ("disabled", "static")  # what the script can confirm from the symlinks alone
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -97,7 +97,8 @@ def idle_offers(spec: CollectSpec, kept: HostState | None) -> CollectSpec:
     """`spec` with the units of the kept observation `kept` that the script may leave out of its
     `show` (docs/PERFORMANCE.md, "The `show` of installed, idle units"): found by a discovery
     pattern, not declared, and seen exactly as systemd shows a unit it loads only to answer —
-    loaded from a plain fragment, inactive/dead, never started since it was loaded.  Such a unit is
+    loaded from a plain fragment, inactive/dead, never started since it was loaded, `disabled` or
+    `static` (an enablement the script confirms from symlinks, `_IDLE_SH`).  Such a unit is
     loaded and freed by PID 1 for every `show`; while its files and enablement are unchanged and it
     is not loaded, a `show` would print what was kept.  Anything else is not offered."""
     if kept is None or not spec.patterns:
@@ -110,7 +111,7 @@ def idle_offers(spec: CollectSpec, kept: HostState | None) -> CollectSpec:
                 or not any(fnmatchcase(u.unit, p) for p in spec.patterns)
                 or (u.load_state, u.active_state, u.sub_state, u.result) != ("loaded", "inactive", "dead", "success")
                 or u.main_pid or u.n_restarts or u.active_enter or u.text is not None
-                or not _IDLE_WORD.fullmatch(u.unit_file_state)
+                or u.unit_file_state not in _IDLE_ENABLEMENT
                 or u.fragment_path == "/dev/null"
                 or not all(_IDLE_PATH.fullmatch(f) for f in files)
                 or tuple(p for p, _ in u.file_hashes) != files
@@ -221,21 +222,24 @@ END { flush() }
 """
 
 
-# sh deciding which kept idle units (`idle_offers`) the `show` may leave out.  `idle UNIT NOW KEPT
-# FRAGMENT SUMS [DROP-IN…]` succeeds only when UNIT is still found as a unit file, its enablement
-# (NOW, from a client-side `systemctl is-enabled`: no PID 1) is KEPT, its files hash to SUMS
-# (`sha256sum` lines), every file of its name in the unit directories is FRAGMENT, and the drop-ins
-# systemd would read for it — its own, its type's, its name's prefixes', its aliases' (symlinks of
-# its type to FRAGMENT) — are exactly the kept DROP-INs.  Whether it is loaded is not asked here:
+# sh deciding which kept idle units (`idle_offers`) the `show` may leave out.  `idle UNIT FRAGMENT
+# SUMS [DROP-IN…]` succeeds only when UNIT is still found as a unit file, its files hash to SUMS
+# (`sha256sum` lines), every file of its name in the unit directories is FRAGMENT (no override, no
+# mask, no link), no symlink in a unit directory is another name for it (an alias) or enables it
+# (an entry of a `.wants`/`.requires`/`.upholds` directory named UNIT or pointing at FRAGMENT), and
+# the drop-ins systemd would read for it — its own, its type's, its name's prefixes' — are exactly
+# the kept DROP-INs.  Its enablement is then still the kept one without asking systemctl: the
+# client offers only units kept `disabled` or `static`, and with no such symlink and the same files,
+# systemd's answer is the same (it is one of those two exactly when no symlink enables the unit;
+# which one follows from the file's [Install] section).  Whether the unit is loaded is not asked:
 # a loaded one is matched by the discovery glob handed to the `show`, and that fresh block wins.
 _IDLE_SH = r"""
 idle_dirs() {
-  t=${1##*.}; p=${1%.*}; dd="$dd $1.d $t.d"
+  t=${1##*.}; p=${1%.*}; dd="$1.d $t.d"
   while :; do case $p in *-*) p=${p%-*}; dd="$dd $p-.$t.d";; *) break;; esac; done
 }
 idle() {
-  u=$1 now=$2 was=$3 frag=$4 want=$5; shift 5
-  [ "$now" = "$was" ] || return 1
+  u=$1 frag=$2 want=$3; shift 3
   case " $found " in *" $u "*) ;; *) return 1;; esac
   oifs=$IFS; IFS=$nl
   for l in $want; do case "$nl$sums$nl" in *"$nl$l$nl"*) ;; *) IFS=$oifs; return 1;; esac; done
@@ -244,31 +248,36 @@ idle() {
     { [ -e "$f" ] || [ -L "$f" ]; } || continue
     [ "$f" = "$frag" ] || { [ ! -L "$f" ] && [ "$f" -ef "$frag" ]; } || return 1
   done
-  dd=; al=; seen=; idle_dirs "$u"; set +f
-  for d in $unitdirs; do for f in "$d"/*."${u##*.}"; do
-    [ -L "$f" ] && [ "${f##*/}" != "$u" ] && [ "$f" -ef "$frag" ] || continue
-    al="$al ${f##*/}"; idle_dirs "${f##*/}"
-  done; done
-  for d in $unitdirs; do for x in $dd; do for f in "$d/$x"/*.conf; do
-    { [ -e "$f" ] || [ -L "$f" ]; } || continue
-    ok=
-    for k; do
-      if [ "$f" = "$k" ] || { [ ! -L "$f" ] && [ "$f" -ef "$k" ]; }; then ok=1; seen="$seen $k"; break; fi
+  idle_dirs "$u"; seen=; set +f
+  for d in $unitdirs; do
+    for f in "$d"/*."${u##*.}"; do
+      [ -L "$f" ] && [ "${f##*/}" != "$u" ] && [ "$f" -ef "$frag" ] && { set -f; return 1; }
     done
-    [ -n "$ok" ] || { set -f; return 1; }
-  done; done; done
+    for f in "$d"/*.wants/* "$d"/*.requires/* "$d"/*.upholds/*; do
+      [ "${f##*/}" = "$u" ] && { set -f; return 1; }
+      [ -L "$f" ] && [ "$f" -ef "$frag" ] && { set -f; return 1; }
+    done
+    for x in $dd; do for f in "$d/$x"/*.conf; do
+      { [ -e "$f" ] || [ -L "$f" ]; } || continue
+      ok=
+      for k; do
+        if [ "$f" = "$k" ] || { [ ! -L "$f" ] && [ "$f" -ef "$k" ]; }; then ok=1; seen="$seen $k"; break; fi
+      done
+      [ -n "$ok" ] || { set -f; return 1; }
+    done; done
+  done
   set -f
   for k; do case " $seen " in *" $k "*) ;; *) return 1;; esac; done
-  reused="$reused $u"; aliases="$aliases $al"
+  reused="$reused $u"
 }
 """
 
 
 def idle_part(offers: tuple[UnitState, ...], dirs: tuple[str, ...] = UNIT_DIRS) -> str:
     """sh printing the @@reused section: the kept idle units whose files and enablement are
-    unchanged, then taking them (and their aliases) out of `$found`, so that the `show` names them
-    only through the discovery glob — which matches them only when they are loaded.  Every value
-    from the kept observation is quoted."""
+    unchanged, then taking them out of `$found`, so that the `show` names them only through the
+    discovery glob — which matches them only when they are loaded.  Every value from the kept
+    observation is quoted."""
     q = shlex.quote
     files = [p for u in offers for p in (u.fragment_path, *u.drop_in_paths)]
     lines = [
@@ -276,25 +285,17 @@ def idle_part(offers: tuple[UnitState, ...], dirs: tuple[str, ...] = UNIT_DIRS) 
         "echo '@@reused'",
         "nl='\n'",
         f"unitdirs={q(' '.join(dirs))}",
-        "reused=; aliases=",
+        "reused=",
         f"sums=$(sha256sum -- {' '.join(q(f) for f in files)} 2>/dev/null)",
-        # Client-side: systemctl reads the unit directories itself, as PID 1 would for
-        # UnitFileState; the SysV hook is PID 1's business neither.  One line per unit, in order,
-        # stopping at the first it cannot answer: a missing line is a mismatch.
-        "set -- $(SYSTEMCTL_INSTALL_CLIENT_SIDE=1 SYSTEMCTL_SKIP_SYSV=1 systemctl is-enabled -- "
-        f"{' '.join(q(u.unit) for u in offers)} 2>/dev/null)",
     ]
     for u in offers:
-        # `now` is this unit's line of is-enabled (empty when it stopped before it); a function
-        # call has its own positional parameters, so the shift is the script's.
-        lines.append('now=${1-}; [ $# -gt 0 ] && shift; '
-                     f'idle {q(u.unit)} "$now" {q(u.unit_file_state)} {q(u.fragment_path)} '
+        lines.append(f"idle {q(u.unit)} {q(u.fragment_path)} "
                      + q("\n".join(f"{h}  {p}" for p, h in u.file_hashes))
                      + "".join(f" {q(d)}" for d in u.drop_in_paths))
     lines += [
         "for n in $reused; do echo \"$n\"; done",
         "nf=",
-        'for n in $found; do case " $reused $aliases " in *" $n "*) ;; *) nf="$nf $n";; esac; done',
+        'for n in $found; do case " $reused " in *" $n "*) ;; *) nf="$nf $n";; esac; done',
         "found=$nf",
     ]
     return "\n".join(lines)

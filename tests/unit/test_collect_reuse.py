@@ -2,10 +2,11 @@
 idle_part; docs/PERFORMANCE.md, "The `show` of installed, idle units").
 
 The script's own shell runs here with `sh` over unit directories built in tmp_path, the real
-`sha256sum`, and a fake `systemctl` first on PATH that answers `is-enabled` from a file (and
-records that it was asked client-side).  Every change systemd would see in a unit it loads — its
-text, a drop-in of its own, of its type, of a name prefix or of an alias, an override of its
-fragment, a mask, its enablement — must make the script name it in the `show` again."""
+`sha256sum`, and a `systemctl` first on PATH that records any call (the script must make none: no
+PID 1).  Every change systemd would see in a unit it loads — its text, a drop-in of its own, of
+its type or of a name prefix, an override of its fragment, a mask, a link, an alias, its
+enablement (a `.wants`/`.requires` symlink, at run time too) — must make the script name it in the
+`show` again."""
 
 from __future__ import annotations
 
@@ -27,15 +28,8 @@ from fleet.model import HostFacts, HostState, UnitState
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "collect"
 
 FAKE_SYSTEMCTL = """#!/bin/sh
-# is-enabled only: each unit's line from $FAKE_STATES ("UNIT STATE"), stopping at the first unknown
-echo "$SYSTEMCTL_INSTALL_CLIENT_SIDE $SYSTEMCTL_SKIP_SYSV $*" >>"$FAKE_CALLS"
-[ "$1" = is-enabled ] || exit 3
-shift; [ "$1" = -- ] && shift
-for u; do
-  s=$(awk -v u="$u" '$1 == u { print $2 }' "$FAKE_STATES")
-  [ -n "$s" ] || { echo "Failed to get unit file state for $u: No such file or directory" >&2; exit 1; }
-  echo "$s"
-done
+echo "$*" >>"$FAKE_CALLS"
+exit 1
 """
 
 
@@ -45,7 +39,7 @@ def sha(path: Path) -> str:
 
 class Host:
     """Unit directories (etc before lib, as systemd's search path), `lib` also reachable through a
-    symlinked directory (`merged`: /lib → /usr/lib), and the fake systemctl's answers."""
+    symlinked directory (`merged`: /lib → /usr/lib), and a systemctl that records its calls."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -60,31 +54,26 @@ class Host:
         fake = self.bin / "systemctl"
         fake.write_text(FAKE_SYSTEMCTL)
         fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-        self.states = root / "states"
         self.calls = root / "calls"
-        self.states.write_text("")
         self.calls.write_text("")
-        self.enablement: dict[str, str] = {}
 
     def install(self, name: str, text: str = "[Service]\nExecStart=/bin/true\n") -> None:
         (self.usr / name).write_text(text)
-        self.enablement[name] = "disabled"
 
     def seen(self, name: str) -> UnitState:
         """The unit as a fresh `show` of it, not loaded before, would describe it."""
         frag = self.lib / name
         return UnitState(unit=name, load_state="loaded", active_state="inactive", sub_state="dead",
-                         unit_file_state=self.enablement[name], result="success",
+                         unit_file_state="disabled", result="success",
                          exec_start=("/bin/true",), fragment_path=str(frag), file_hashes=((str(frag), sha(frag)),),
                          text_hash="kept")
 
     def run(self, offers: tuple[UnitState, ...], globs: list[str]) -> tuple[list[str], list[str]]:
         """(the names the script reused, what `$found` names for the `show` then)."""
-        self.states.write_text("".join(f"{u} {s}\n" for u, s in self.enablement.items()))
         script = "\n".join(("set -f", discover_part(globs, self.dirs), idle_part(offers, self.dirs),
                             "echo '@@found'", "echo $found"))
         env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "LC_ALL": "C",
-               "FAKE_STATES": str(self.states), "FAKE_CALLS": str(self.calls)}
+               "FAKE_CALLS": str(self.calls)}
         done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env, timeout=30, check=True)
         head, _, tail = done.stdout.partition("@@found\n")
         assert head.startswith("@@reused\n")
@@ -110,8 +99,7 @@ def test_unchanged_idle_units_are_reused_and_left_out_of_the_show(host: Host) ->
     reused, found = host.run(both(host), GLOBS)
     assert reused == ["postgresql.service", "redis-server.service"]
     assert found == []
-    # asked once, client-side, without the SysV hook: PID 1 is not asked to load anything
-    assert host.calls.read_text().splitlines() == ["1 1 is-enabled -- postgresql.service redis-server.service"]
+    assert host.calls.read_text() == ""  # systemd is not asked anything
 
 
 def test_without_offers_every_found_unit_is_named(host: Host) -> None:
@@ -147,21 +135,34 @@ def mask(host: Host) -> None:
 
 
 def enable(host: Host) -> None:
-    host.enablement["redis-server.service"] = "enabled"
+    (host.etc / "multi-user.target.wants").mkdir()
+    (host.etc / "multi-user.target.wants" / "redis-server.service").symlink_to(host.lib / "redis-server.service")
+
+
+def enable_at_run_time_under_another_name(host: Host) -> None:
+    (host.rundir / "default.target.requires").mkdir()
+    (host.rundir / "default.target.requires" / "keydb.service").symlink_to(host.usr / "redis-server.service")
+
+
+def enable_dangling(host: Host) -> None:  # a symlink of its name, whatever it points at
+    (host.etc / "multi-user.target.wants").mkdir()
+    (host.etc / "multi-user.target.wants" / "redis-server.service").symlink_to(host.root / "nowhere")
+
+
+def link(host: Host) -> None:
+    (host.etc / "redis-server.service").symlink_to(host.usr / "redis-server.service")
 
 
 def removed(host: Host) -> None:
     (host.usr / "redis-server.service").unlink()
 
 
-def alias_with_drop_in(host: Host) -> None:
+def alias(host: Host) -> None:
     (host.etc / "keydb.service").symlink_to(host.lib / "redis-server.service")
-    (host.etc / "keydb.service.d").mkdir()
-    (host.etc / "keydb.service.d" / "x.conf").write_text("[Service]\nNice=5\n")
 
 
-@pytest.mark.parametrize("change", [change_text, new_drop_in, prefix_drop_in, override, mask, enable, removed,
-                                    alias_with_drop_in])
+@pytest.mark.parametrize("change", [change_text, new_drop_in, prefix_drop_in, override, mask, link, enable,
+                                    enable_at_run_time_under_another_name, enable_dangling, removed, alias])
 def test_a_unit_whose_files_or_enablement_changed_is_named_in_the_show_again(host: Host, change: object) -> None:
     offers = both(host)
     change(host)  # type: ignore[operator]
@@ -170,6 +171,7 @@ def test_a_unit_whose_files_or_enablement_changed_is_named_in_the_show_again(hos
     if change is not removed:
         assert "redis-server.service" in found
     assert "postgresql.service" not in found
+    assert host.calls.read_text() == ""
 
 
 def test_a_drop_in_for_every_unit_of_the_type_names_them_all_again(host: Host) -> None:
@@ -191,17 +193,10 @@ def test_a_kept_drop_in_that_no_longer_applies_names_the_unit_again(host: Host) 
     assert reused == [] and "redis-server.service" in found
 
 
-def test_an_alias_of_a_reused_unit_is_left_out_of_the_show_too(host: Host) -> None:
-    (host.etc / "redis.service").symlink_to(host.lib / "redis-server.service")
-    reused, found = host.run(both(host), GLOBS)
-    assert reused == ["postgresql.service", "redis-server.service"] and found == []
-
-
-def test_is_enabled_stopping_at_a_unit_it_cannot_answer_reuses_none_after_it(host: Host) -> None:
-    ghost = replace(host.seen("postgresql.service"), unit="postgresql-old.service")
-    del host.enablement["redis-server.service"]  # is-enabled fails on it
-    reused, found = host.run((host.seen("postgresql.service"), replace(ghost, unit="redis-server.service")), GLOBS)
-    assert reused == ["postgresql.service"] and found == ["redis-server.service"]
+def test_an_enablement_symlink_of_another_unit_changes_nothing(host: Host) -> None:
+    (host.etc / "multi-user.target.wants").mkdir()
+    (host.etc / "multi-user.target.wants" / "cron.service").symlink_to("/lib/systemd/system/cron.service")
+    assert host.run(both(host), GLOBS) == (["postgresql.service", "redis-server.service"], [])
 
 
 # ---- what the client offers -------------------------------------------------------------------
@@ -238,6 +233,8 @@ def test_the_first_collection_without_a_kept_observation_is_todays_script() -> N
     replace(IDLE, load_state="masked", unit_file_state="masked", fragment_path="/dev/null",
             file_hashes=(("/dev/null", "e" * 64),)),
     replace(IDLE, unit_file_state=""),
+    replace(IDLE, unit_file_state="enabled"),  # idle but enabled: only a systemctl could confirm it
+    replace(IDLE, unit_file_state="indirect"),
     replace(IDLE, file_hashes=(("/lib/systemd/system/redis-server.service", "-"),)),  # not hashed
     replace(IDLE, drop_in_paths=("/etc/systemd/system/redis-server.service.d/x.conf",)),  # hash missing
     replace(IDLE, fragment_path="/lib/systemd/system/it's $(touch pwned).service",
@@ -254,7 +251,7 @@ def test_every_value_sent_to_the_host_is_quoted(tmp_path: Path) -> None:
     offered = idle_offers(SPEC, kept(IDLE)).idle
     assert offered == (IDLE,)
     part = dict(script_parts(idle_offers(SPEC, kept(IDLE))))["idle"]
-    assert "idle redis-server.service \"$now\" disabled /lib/systemd/system/redis-server.service '" in part
+    assert "idle redis-server.service /lib/systemd/system/redis-server.service '" in part
     assert re.search(r"'a{64}  /lib/systemd/system/redis-server.service'", part)
     done = subprocess.run(["sh", "-n", "-c", build_script(idle_offers(SPEC, kept(IDLE)))], capture_output=True,
                           check=False)
