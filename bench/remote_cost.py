@@ -131,7 +131,13 @@ def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any
         reused = once.split("@@reused\n", 1)[1].split("@@", 1)[0].split() if "@@reused\n" in once else []
         cases = {"fleet": script_parts(spec), "fleet_first": script_parts(first),
                  "minimal": [("systemctl_show", minimal_command(spec.units))]}
-        out["hosts"][host.name] = {"offered": [u.unit for u in spec.idle], "reused": reused}
+        # Can the manager's facts ride in the units' `show`?  What systemctl prints when the
+        # manager's properties are asked next to a unit's (issue 19's question), kept as seen.
+        mixed = lab.root(host.name, host.sudo, "systemctl show --no-pager -p Version -p SystemState -p Id -- "
+                         + shlex.quote(spec.units[0]), timeout=60)
+        out["hosts"][host.name] = {"offered": [u.unit for u in spec.idle], "reused": reused,
+                                   "manager_with_unit": {"rc": mixed.returncode, "stdout": mixed.stdout[-500:],
+                                                         "stderr": mixed.stderr[-500:]}}
         for label, ps in cases.items():
             run = lab.root(host.name, host.sudo, _instrumented(ps, repeats), timeout=300)
             per = _per_part(run.stdout, repeats)
