@@ -64,6 +64,7 @@ class CollectSpec:
     # Installed, idle units as the kept observation saw them (`idle_offers`): the script leaves
     # each out of the `show` when its files and enablement are still those, and says so (@@reused).
     idle: tuple[UnitState, ...] = ()
+    idle_hostname: str = ""  # the host's name when they were kept: a unit's %H/%l expand to it
 
     def of(self, section: str) -> Any:
         """What the kind printing `section` looks at on the host (None: nothing)."""
@@ -101,7 +102,7 @@ def idle_offers(spec: CollectSpec, kept: HostState | None) -> CollectSpec:
     `static` (an enablement the script confirms from symlinks, `_IDLE_SH`).  Such a unit is
     loaded and freed by PID 1 for every `show`; while its files and enablement are unchanged and it
     is not loaded, a `show` would print what was kept.  Anything else is not offered."""
-    if kept is None or not spec.patterns:
+    if kept is None or not spec.patterns or not _IDLE_NAME.fullmatch(kept.facts.hostname):
         return spec
     declared = set(spec.units)
     offers = []
@@ -118,7 +119,7 @@ def idle_offers(spec: CollectSpec, kept: HostState | None) -> CollectSpec:
                 or not all(_SHA256.fullmatch(h) for _, h in u.file_hashes)):
             continue
         offers.append(u)
-    return replace(spec, idle=tuple(offers))
+    return replace(spec, idle=tuple(offers), idle_hostname=kept.facts.hostname if offers else "")
 
 
 _FACTS = r"""
@@ -273,11 +274,12 @@ idle() {
 """
 
 
-def idle_part(offers: tuple[UnitState, ...], dirs: tuple[str, ...] = UNIT_DIRS) -> str:
+def idle_part(offers: tuple[UnitState, ...], hostname: str, dirs: tuple[str, ...] = UNIT_DIRS) -> str:
     """sh printing the @@reused section: the kept idle units whose files and enablement are
     unchanged, then taking them out of `$found`, so that the `show` names them only through the
-    discovery glob — which matches them only when they are loaded.  Every value from the kept
-    observation is quoted."""
+    discovery glob — which matches them only when they are loaded.  None when the host's name is
+    no longer `hostname` (the one they were kept under: specifiers such as %H expand to it).  Every
+    value from the kept observation is quoted."""
     q = shlex.quote
     files = [p for u in offers for p in (u.fragment_path, *u.drop_in_paths)]
     lines = [
@@ -285,7 +287,9 @@ def idle_part(offers: tuple[UnitState, ...], dirs: tuple[str, ...] = UNIT_DIRS) 
         "echo '@@reused'",
         "nl='\n'",
         f"unitdirs={q(' '.join(dirs))}",
-        "reused=",
+        "reused=; name_now=",
+        "read -r name_now </proc/sys/kernel/hostname",
+        f"if [ \"$name_now\" = {q(hostname)} ]; then",
         f"sums=$(sha256sum -- {' '.join(q(f) for f in files)} 2>/dev/null)",
     ]
     for u in offers:
@@ -293,6 +297,7 @@ def idle_part(offers: tuple[UnitState, ...], dirs: tuple[str, ...] = UNIT_DIRS) 
                      + q("\n".join(f"{h}  {p}" for p, h in u.file_hashes))
                      + "".join(f" {q(d)}" for d in u.drop_in_paths))
     lines += [
+        "fi",
         "for n in $reused; do echo \"$n\"; done",
         "nf=",
         'for n in $found; do case " $reused " in *" $n "*) ;; *) nf="$nf $n";; esac; done',
@@ -352,7 +357,7 @@ def script_parts(spec: CollectSpec, *, history: str = "") -> list[tuple[str, str
         # the loaded units.  Templates cannot be shown; names are collected once.
         parts.append(("discover", discover_part(globs)))
         if spec.idle:
-            parts.append(("idle", idle_part(spec.idle)))
+            parts.append(("idle", idle_part(spec.idle, spec.idle_hostname)))
     names = " ".join(x for x in ("$found" if globs else "", declared, " ".join(q(p) for p in spec.patterns)) if x)
     props = ",".join(UNIT_PROPERTIES)
     # One `systemctl show` for every property of every unit.  A unit both named and matched by a

@@ -68,9 +68,11 @@ class Host:
                          exec_start=("/bin/true",), fragment_path=str(frag), file_hashes=((str(frag), sha(frag)),),
                          text_hash="kept")
 
-    def run(self, offers: tuple[UnitState, ...], globs: list[str]) -> tuple[list[str], list[str]]:
-        """(the names the script reused, what `$found` names for the `show` then)."""
-        script = "\n".join(("set -f", discover_part(globs, self.dirs), idle_part(offers, self.dirs),
+    def run(self, offers: tuple[UnitState, ...], globs: list[str], hostname: str = "") -> tuple[list[str], list[str]]:
+        """(the names the script reused, what `$found` names for the `show` then); `hostname`: the
+        one the units were kept under (default: this machine's)."""
+        hostname = hostname or Path("/proc/sys/kernel/hostname").read_text().strip()
+        script = "\n".join(("set -f", discover_part(globs, self.dirs), idle_part(offers, hostname, self.dirs),
                             "echo '@@found'", "echo $found"))
         env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "LC_ALL": "C",
                "FAKE_CALLS": str(self.calls)}
@@ -100,6 +102,10 @@ def test_unchanged_idle_units_are_reused_and_left_out_of_the_show(host: Host) ->
     assert reused == ["postgresql.service", "redis-server.service"]
     assert found == []
     assert host.calls.read_text() == ""  # systemd is not asked anything
+
+
+def test_nothing_is_reused_once_the_host_has_another_name(host: Host) -> None:
+    assert host.run(both(host), GLOBS, hostname="another-name") == ([], ["postgresql.service", "redis-server.service"])
 
 
 def test_without_offers_every_found_unit_is_named(host: Host) -> None:
@@ -208,7 +214,7 @@ IDLE = UnitState(unit="redis-server.service", load_state="loaded", active_state=
                  file_hashes=(("/lib/systemd/system/redis-server.service", "a" * 64),), text_hash="t")
 
 
-FACTS = HostFacts(hostname="h")
+FACTS = HostFacts(hostname="bench-01")
 
 
 def kept(*units: UnitState) -> HostState:
@@ -217,6 +223,7 @@ def kept(*units: UnitState) -> HostState:
 
 def test_the_first_collection_without_a_kept_observation_is_todays_script() -> None:
     assert idle_offers(SPEC, None) == SPEC
+    assert idle_offers(SPEC, replace(kept(IDLE), facts=HostFacts(hostname="it's"))) == SPEC
     assert "@@reused" not in build_script(idle_offers(SPEC, None))
     assert "@@reused" in build_script(idle_offers(SPEC, kept(IDLE)))
 
@@ -252,6 +259,7 @@ def test_every_value_sent_to_the_host_is_quoted(tmp_path: Path) -> None:
     assert offered == (IDLE,)
     part = dict(script_parts(idle_offers(SPEC, kept(IDLE))))["idle"]
     assert "idle redis-server.service /lib/systemd/system/redis-server.service '" in part
+    assert 'if [ "$name_now" = bench-01 ]; then' in part
     assert re.search(r"'a{64}  /lib/systemd/system/redis-server.service'", part)
     done = subprocess.run(["sh", "-n", "-c", build_script(idle_offers(SPEC, kept(IDLE)))], capture_output=True,
                           check=False)
