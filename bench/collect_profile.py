@@ -164,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     policy.check(desired)
     targets = resolve(desired, state_dir=args.state_dir, lab=True)
     t, c = step("load + check desired state", t, c)
+    from pathlib import Path
+
+    from fleet.workflows.base import Common
+    from fleet.workflows.observe import kept_states
+
+    kept_now = kept_states(Common(desired=Path("desired_state.toml"), hosts=Path("hosts"),
+                                  state_dir=Path(args.state_dir), lab=True), desired, targets.hosts)
+    t, c = step("read the kept snapshot", t, c)
 
     phases: dict[str, list[float]] = defaultdict(list)
     thread_cpu: dict[str, float] = defaultdict(float)
@@ -240,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     main_c0 = time.thread_time()
     tr = transport.SSHTransport(ssh_config=targets.ssh_config, known_hosts=targets.known_hosts)
     t, c = step("open transport (parse ssh_config)", t, c)
-    results = collector.collect(desired, tr, targets.hosts)
+    # as `fleet status` after a first collection: the lab's newest kept snapshot handed over
+    results = collector.collect(desired, tr, targets.hosts, kept=kept_now)
     thread_cpu["calling thread (run_many, parsing)"] = time.thread_time() - main_c0
     stats = tr.stats()
     t, c = step("collect (all hosts)", t, c)

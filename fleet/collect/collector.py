@@ -60,9 +60,10 @@ def collect(
     forks: int | None = None,
     timeout: float | None = None,
     progress: Callable[[str, HostResult], None] | None = None,
+    kept: Mapping[str, HostState] | None = None,
 ) -> dict[str, HostResult]:
     """Observe `hosts` (default: every host in the inventory); returns host name → result."""
-    return collect_all(desired, transport, hosts, forks=forks, timeout=timeout, progress=progress).results
+    return collect_all(desired, transport, hosts, forks=forks, timeout=timeout, progress=progress, kept=kept).results
 
 
 def collect_all(
