@@ -12,8 +12,8 @@ passed through `shlex.quote`.
 
 What the host pays for (docs/PERFORMANCE.md, "The remote script"): two `systemctl` processes —
 the manager's two facts, and one `show` of every property of every unit, declared or discovered —
-and, when the client hands it kept idle units, one `sha256sum` (and a look at the unit
-directories' symlinks) that spares PID 1 loading those units for the `show`.
+and, when the client hands it kept idle units, one `sha256sum` and one `find` over the unit
+directories that spare PID 1 loading those units for the `show`.
 Discovery asks systemd nothing of its own: unit files come from the shell's glob over the unit
 directories, loaded units without a file from `show`'s glob.  Output format (version 1):
 
@@ -113,7 +113,7 @@ def idle_offers(spec: CollectSpec, kept: HostState | None) -> CollectSpec:
                 or (u.load_state, u.active_state, u.sub_state, u.result) != ("loaded", "inactive", "dead", "success")
                 or u.main_pid or u.n_restarts or u.active_enter or u.text is not None
                 or u.unit_file_state not in _IDLE_ENABLEMENT
-                or u.fragment_path == "/dev/null"
+                or u.fragment_path == "/dev/null" or u.fragment_path.rsplit("/", 1)[-1] != u.unit
                 or not all(_IDLE_PATH.fullmatch(f) for f in files)
                 or tuple(p for p, _ in u.file_hashes) != files
                 or not all(_SHA256.fullmatch(h) for _, h in u.file_hashes)):
@@ -223,55 +223,58 @@ END { flush() }
 """
 
 
-# sh deciding which kept idle units (`idle_offers`) the `show` may leave out.  `idle UNIT FRAGMENT
-# SUMS [DROP-IN…]` succeeds only when UNIT is still found as a unit file, its files hash to SUMS
-# (`sha256sum` lines), every file of its name in the unit directories is FRAGMENT (no override, no
-# mask, no link), no symlink in a unit directory is another name for it (an alias) or enables it
-# (an entry of a `.wants`/`.requires`/`.upholds` directory named UNIT or pointing at FRAGMENT), and
-# the drop-ins systemd would read for it — its own, its type's, its name's prefixes' — are exactly
+# sh deciding which kept idle units (`idle_offers`) the `show` may leave out.  One `find` lists
+# every path in the unit directories (and one level below: `.wants`, `.requires`, `.upholds`,
+# drop-in directories) that is one of the units' fragments (`-samefile`, following symlinks), that
+# bears one of their names, or that is a drop-in systemd would read for one of them — its own,
+# its type's, its name's prefixes'.  `idle UNIT FRAGMENT SUMS [DROP-IN…]` then succeeds only when
+# UNIT is still found as a unit file, its files hash to SUMS (`sha256sum` lines), nothing of its
+# name is anything but FRAGMENT itself (no override, mask, link, enabling symlink), nothing else
+# is FRAGMENT (no alias, no enabling symlink under another name), and its drop-ins are exactly
 # the kept DROP-INs.  Its enablement is then still the kept one without asking systemctl: the
-# client offers only units kept `disabled` or `static`, and with no such symlink and the same files,
-# systemd's answer is the same (it is one of those two exactly when no symlink enables the unit;
-# which one follows from the file's [Install] section).  Whether the unit is loaded is not asked:
-# a loaded one is matched by the discovery glob handed to the `show`, and that fresh block wins.
+# client offers only units kept `disabled` or `static`, and with no such symlink and the same
+# files, systemd's answer is the same (it is one of those two exactly when no symlink enables the
+# unit; which one follows from the file's [Install] section).  Whether the unit is loaded is not
+# asked: a loaded one is matched by the discovery glob handed to the `show`, and its fresh block wins.
 _IDLE_SH = r"""
-idle_dirs() {
-  t=${1##*.}; p=${1%.*}; dd="$1.d $t.d"
-  while :; do case $p in *-*) p=${p%-*}; dd="$dd $p-.$t.d";; *) break;; esac; done
-}
 idle() {
   u=$1 frag=$2 want=$3; shift 3
   case " $found " in *" $u "*) ;; *) return 1;; esac
-  oifs=$IFS; IFS=$nl
+  t=${u##*.}; p=${u%.*}; dd="$u.d $t.d"
+  while :; do case $p in *-*) p=${p%-*}; dd="$dd $p-.$t.d";; *) break;; esac; done
+  seen=; oifs=$IFS; IFS=$nl
   for l in $want; do case "$nl$sums$nl" in *"$nl$l$nl"*) ;; *) IFS=$oifs; return 1;; esac; done
-  IFS=$oifs
-  for d in $unitdirs; do f=$d/$u
-    { [ -e "$f" ] || [ -L "$f" ]; } || continue
-    [ "$f" = "$frag" ] || { [ ! -L "$f" ] && [ "$f" -ef "$frag" ]; } || return 1
-  done
-  idle_dirs "$u"; seen=; set +f
-  for d in $unitdirs; do
-    for f in "$d"/*."${u##*.}"; do
-      [ -L "$f" ] && [ "${f##*/}" != "$u" ] && [ "$f" -ef "$frag" ] && { set -f; return 1; }
-    done
-    for f in "$d"/*.wants/* "$d"/*.requires/* "$d"/*.upholds/*; do
-      [ "${f##*/}" = "$u" ] && { set -f; return 1; }
-      [ -L "$f" ] && [ "$f" -ef "$frag" ] && { set -f; return 1; }
-    done
-    for x in $dd; do for f in "$d/$x"/*.conf; do
-      { [ -e "$f" ] || [ -L "$f" ]; } || continue
-      ok=
-      for k; do
-        if [ "$f" = "$k" ] || { [ ! -L "$f" ] && [ "$f" -ef "$k" ]; }; then ok=1; seen="$seen $k"; break; fi
+  for f in $refs; do
+    IFS=$oifs
+    if [ "${f##*/}" = "$u" ]; then
+      [ "$f" = "$frag" ] || { [ ! -L "$f" ] && [ "$f" -ef "$frag" ]; } || return 1
+    elif [ "$f" -ef "$frag" ]; then
+      return 1
+    else
+      for x in $dd; do
+        case $f in */"$x"/*.conf) ;; *) continue;; esac
+        ok=
+        for k; do
+          if [ "$f" = "$k" ] || { [ ! -L "$f" ] && [ "$f" -ef "$k" ]; }; then ok=1; seen="$seen $k"; break; fi
+        done
+        [ -n "$ok" ] || return 1
       done
-      [ -n "$ok" ] || { set -f; return 1; }
-    done; done
+    fi
+    IFS=$nl
   done
-  set -f
+  IFS=$oifs
   for k; do case " $seen " in *" $k "*) ;; *) return 1;; esac; done
   reused="$reused $u"
 }
 """
+
+
+def _dropin_dirs(unit: str) -> list[str]:
+    """The drop-in directories systemd reads for `unit` (no template): its own, its type's, and one
+    per dash-separated prefix of its name (`redis-.service.d` for redis-server.service)."""
+    stem, _, kind = unit.rpartition(".")
+    parts = stem.split("-")
+    return [f"{unit}.d", f"{kind}.d", *(f"{'-'.join(parts[:i])}-.{kind}.d" for i in range(len(parts) - 1, 0, -1))]
 
 
 def idle_part(offers: tuple[UnitState, ...], hostname: str, dirs: tuple[str, ...] = UNIT_DIRS) -> str:
@@ -282,14 +285,19 @@ def idle_part(offers: tuple[UnitState, ...], hostname: str, dirs: tuple[str, ...
     value from the kept observation is quoted."""
     q = shlex.quote
     files = [p for u in offers for p in (u.fragment_path, *u.drop_in_paths)]
+    tests = [f"-samefile {q(u.fragment_path)} -o -name {q(u.unit)}" for u in offers]
+    tests += [f"-path {q(f'*/{d}/*.conf')}" for d in dict.fromkeys(d for u in offers for d in _dropin_dirs(u.unit))]
     lines = [
         _IDLE_SH,
         "echo '@@reused'",
         "nl='\n'",
-        f"unitdirs={q(' '.join(dirs))}",
-        "reused=; name_now=",
+        "reused=; name_now=; dirs=; frags=1",
         "read -r name_now </proc/sys/kernel/hostname",
-        f"if [ \"$name_now\" = {q(hostname)} ]; then",
+        f"for d in {' '.join(q(d) for d in dirs)}; do [ -d \"$d\" ] && dirs=\"$dirs $d\"; done",
+        # find fails on a missing -samefile reference, and then lists nothing: reuse nothing then
+        f"for f in {' '.join(q(u.fragment_path) for u in offers)}; do [ -e \"$f\" ] || frags=; done",
+        f"if [ \"$name_now\" = {q(hostname)} ] && [ -n \"$frags\" ] && "
+        f"refs=$(find -L $dirs -maxdepth 2 \\( {' -o '.join(tests)} \\) -print 2>/dev/null); then",
         f"sums=$(sha256sum -- {' '.join(q(f) for f in files)} 2>/dev/null)",
     ]
     for u in offers:
