@@ -25,6 +25,7 @@ import compileall
 import json
 import logging
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -259,12 +260,14 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
                 row["baseline_s"] = m.wall_s
                 row["baseline_cpu_s"] = m.cpu_s
                 row["baseline_maxrss_mb"] = m.maxrss_mb
+                row["baseline_hwm_mb"] = m.hwm_mb
                 row["baseline_rc"] = m.rc
             else:
                 m = lab.fleet(*fleet_args, tag=f"status-{n}-{i}")
                 row["fleet_s"] = m.wall_s
                 row["fleet_cpu_s"] = m.cpu_s
                 row["fleet_maxrss_mb"] = m.maxrss_mb
+                row["fleet_hwm_mb"] = m.hwm_mb
                 row["fleet_rc"] = m.rc
             row[f"{which}_machine_cpu_s"] = machine_busy() - busy0
         row["ratio"] = row["fleet_s"] / row["floor_s"]
@@ -289,6 +292,9 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
     result["fleet_cpu_median_s"] = med(r["fleet_cpu_s"] for r in rows)
     result["floor_client_cpu_median_s"] = med(r["floor_client_cpu_s"] for r in rows)
     result["fleet_maxrss_max_mb"] = max(r["fleet_maxrss_mb"] for r in rows)
+    # the process's own peak (VmHWM): ru_maxrss above also counts this bench process's size at the fork
+    result["fleet_hwm_max_mb"] = max(r["fleet_hwm_mb"] for r in rows)
+    result["bench_parent_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["floor_machine_cpu_median_s"] = med(r["floor_machine_cpu_s"] for r in rows)
     result["fleet_machine_cpu_median_s"] = med(r["fleet_machine_cpu_s"] for r in rows)
     ncpu = os.cpu_count() or 1
