@@ -293,7 +293,10 @@ def idle_part(offers: tuple[UnitState, ...], hostname: str, dirs: tuple[str, ...
         "nl='\n'",
         "reused=; name_now=; dirs=; frags=1",
         "read -r name_now </proc/sys/kernel/hostname",
-        f"for d in {' '.join(q(d) for d in dirs)}; do [ -d \"$d\" ] && dirs=\"$dirs $d\"; done",
+        # each directory once: with a merged /usr, /lib/systemd/system is /usr/lib/systemd/system
+        f"for d in {' '.join(q(d) for d in dirs)}; do [ -d \"$d\" ] || continue",
+        '  for e in $dirs; do [ "$d" -ef "$e" ] && continue 2; done; dirs="$dirs $d"',
+        "done",
         # find fails on a missing -samefile reference, and then lists nothing: reuse nothing then
         f"for f in {' '.join(q(u.fragment_path) for u in offers)}; do [ -e \"$f\" ] || frags=; done",
         f"if [ \"$name_now\" = {q(hostname)} ] && [ -n \"$frags\" ] && "

@@ -355,3 +355,11 @@ def test_the_kept_states_are_each_hosts_newest_snapshot_of_this_fleet(tmp_path: 
     save("hachyderm", {"a": state("a", "the lab's")}, lab=True, now=4)
     kept = kept_states(common, desired, hosts)
     assert {h: s.units[0].unit_file_state for h, s in kept.items()} == {"a": "new", "b": "old"}
+
+
+def test_find_walks_a_directory_reached_by_two_names_once(host: Host) -> None:
+    # merged /usr: /lib/systemd/system is /usr/lib/systemd/system, the largest unit directory
+    part = idle_part(both(host), Path("/proc/sys/kernel/hostname").read_text().strip(), host.dirs)
+    done = subprocess.run(["sh", "-c", f"set -f; found=; {part}\necho \"@@dirs $dirs\""], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.rsplit("@@dirs ", 1)[1].split() == [str(host.etc), str(host.rundir), str(host.usr)]
