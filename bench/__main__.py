@@ -171,6 +171,11 @@ def _profile(lab: Lab, directory: Path, n: int) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(m.stdout)
     data["process_wall_s"] = m.wall_s  # seen from outside: includes interpreter teardown
     data["process_cpu_s"] = m.cpu_s
+    for key, extra in (("memory", []), ("memory_tracemalloc", ["--tracemalloc"])):
+        mem = measure([sys.executable, "-m", "bench.collect_profile", "--dir", str(directory), "--state-dir",
+                       str(lab.state_dir), "--memory", *extra], out_dir=lab.work / "logs", tag=f"{key}-{n}")
+        data[key] = json.loads(mem.stdout) if mem.rc == 0 else {"error": mem.stderr[-2000:]}
+        data[key]["process_maxrss_mb"] = mem.maxrss_mb
     return data
 
 

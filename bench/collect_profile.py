@@ -15,6 +15,12 @@
   exchange crypto, encryption, MACs, the auth signature).
 
 Only this process is patched; fleet's code is untouched.
+
+`--memory` instead runs the real `fleet --lab status --json` in this process (`fleet.cli.main`)
+and says where its resident memory goes: VmRSS and VmHWM (the peak so far) before and after each
+step of the workflow (import, kept snapshot, history, collection, snapshot, status), the peak
+sampled every 5 ms with the threads alive then, and tracemalloc's peak of Python's own
+allocations (`--tracemalloc`: a second run, since tracing costs memory itself).
 """
 
 from __future__ import annotations
@@ -38,11 +44,90 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _vm() -> dict[str, int]:
+    """VmRSS, VmHWM (kB) and Threads of this process, from /proc/self/status."""
+    out: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "Threads"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def memory(directory: str, state_dir: str, trace: bool) -> dict[str, Any]:
+    """Where one `fleet --lab status --json` process's resident memory goes (see the docstring)."""
+    marks: list[dict[str, Any]] = []
+
+    def mark(what: str) -> None:
+        v = _vm()
+        marks.append({"at": what, "rss_mb": v.get("VmRSS", 0) / 1024, "hwm_mb": v.get("VmHWM", 0) / 1024,
+                      "threads": v.get("Threads", 0)})
+
+    mark("interpreter")
+    if trace:
+        import tracemalloc
+
+        tracemalloc.start(1)
+    import fleet.cli as cli
+
+    mark("import fleet.cli")
+    from fleet.workflows import observe
+    from fleet.workflows import status as status_flow
+
+    def wrap(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            mark(f"before {name}")
+            try:
+                return real(*a, **kw)
+            finally:
+                mark(f"after {name}")
+
+        setattr(module, name, wrapped)
+
+    for module, name in ((observe, "kept_states"), (observe, "history_asks"), (observe, "open_transport"),
+                         (observe, "collect_all"), (observe, "merge_history"), (observe, "keep_snapshot"),
+                         (observe, "previous_quiet"), (status_flow, "build_status")):
+        if hasattr(module, name):
+            wrap(module, name)
+    peak = {"rss_mb": 0.0, "threads": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            v = _vm()
+            if v.get("VmRSS", 0) / 1024 > peak["rss_mb"]:
+                peak["rss_mb"], peak["threads"] = v.get("VmRSS", 0) / 1024, v.get("Threads", 0)
+
+    threading.Thread(target=sample, daemon=True).start()
+    real_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")  # the status JSON, discarded
+    try:
+        rc = cli.main(["--lab", "--dir", directory, "--state-dir", state_dir, "status", "--json"])
+    finally:
+        sys.stdout.close()
+        sys.stdout = real_stdout
+        done.set()
+    mark("end")
+    out: dict[str, Any] = {"rc": rc, "marks": marks, "sampled_peak": peak,
+                           "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if trace:
+        out["tracemalloc_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.collect_profile")
     p.add_argument("--dir", required=True)
     p.add_argument("--state-dir", required=True)
+    p.add_argument("--memory", action="store_true", help="where the resident memory of `fleet status` goes")
+    p.add_argument("--tracemalloc", action="store_true", help="with --memory: also tracemalloc's peak")
     args = p.parse_args(argv)
+    if args.memory:
+        json.dump(memory(args.dir, args.state_dir, args.tracemalloc), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
 
     steps: dict[str, dict[str, float]] = {}
     cpu0 = _cpu()
@@ -79,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     policy.check(desired)
     targets = resolve(desired, state_dir=args.state_dir, lab=True)
     t, c = step("load + check desired state", t, c)
+    from pathlib import Path
+
+    from fleet.workflows.base import Common
+    from fleet.workflows.observe import kept_states
+
+    kept_now = kept_states(Common(desired=Path("desired_state.toml"), hosts=Path("hosts"),
+                                  state_dir=Path(args.state_dir), lab=True), desired, targets.hosts)
+    t, c = step("read the kept snapshot", t, c)
 
     phases: dict[str, list[float]] = defaultdict(list)
     thread_cpu: dict[str, float] = defaultdict(float)
@@ -155,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     main_c0 = time.thread_time()
     tr = transport.SSHTransport(ssh_config=targets.ssh_config, known_hosts=targets.known_hosts)
     t, c = step("open transport (parse ssh_config)", t, c)
-    results = collector.collect(desired, tr, targets.hosts)
+    # as `fleet status` after a first collection: the lab's newest kept snapshot handed over
+    results = collector.collect(desired, tr, targets.hosts, kept=kept_now)
     thread_cpu["calling thread (run_many, parsing)"] = time.thread_time() - main_c0
     stats = tr.stats()
     t, c = step("collect (all hosts)", t, c)

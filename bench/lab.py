@@ -42,6 +42,10 @@ class Measured:
     maxrss_mb: float
     stdout: str
     stderr: str
+    # The child's own peak (VmHWM, polled while it runs): wait4's ru_maxrss also counts the memory
+    # image it was forked from — this (large) bench process — until its exec (Linux keeps the old
+    # image's high-water mark), so a small child measured from a big parent reports the parent's size.
+    hwm_mb: float = 0.0
 
     @property
     def cpu_s(self) -> float:
@@ -59,7 +63,9 @@ def measure(argv: Sequence[str], *, out_dir: Path, tag: str, timeout: float = 60
         started = time.perf_counter()
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=child_env)
         deadline = started + timeout
+        hwm_kb = 0
         while True:
+            hwm_kb = max(hwm_kb, _hwm_kb(proc.pid))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -71,7 +77,19 @@ def measure(argv: Sequence[str], *, out_dir: Path, tag: str, timeout: float = 60
         wall = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)  # keeps Popen from waiting again
     return Measured(tuple(argv), proc.returncode, wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss / 1024,
-                    out_path.read_text(errors="replace"), err_path.read_text(errors="replace"))
+                    out_path.read_text(errors="replace"), err_path.read_text(errors="replace"), hwm_kb / 1024)
+
+
+def _hwm_kb(pid: int) -> int:
+    """VmHWM of a running process (kB); 0 once it has exited (a zombie has no memory image)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def run_parallel(argvs: Sequence[Sequence[str]], *, out_dir: Path, tag: str, timeout: float = 120

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.lab import Lab, run_parallel
-from bench.status import KEX, _load, floor_argvs, machine_busy
+from bench.status import KEX, _load, floor_argvs, kept, machine_busy
 
 
 def _baseline(seconds: float = 3.0) -> float:
@@ -116,16 +116,28 @@ def _per_part(out: str, repeats: int) -> dict[str, float]:
 
 def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any]:
     """Host CPU per part of fleet's script (and of the minimal collector's one `systemctl show`),
-    measured on the host itself, as root, `repeats` runs in one shell: no SSH session counted."""
-    from fleet.collect.script import script_parts, spec_for
+    measured on the host itself, as root, `repeats` runs in one shell: no SSH session counted.
+    `fleet` is the script as fleet sends it after a first collection (the lab's newest kept
+    snapshot's idle units offered: part `idle`), `fleet_first` as a first collection sends it."""
+    from fleet.collect.script import build_script, idle_offers, script_parts, spec_for
 
     desired, targets = _load(directory, lab.state_dir)
+    seen = kept(desired, targets, lab.state_dir)
     out: dict[str, Any] = {"repeats": repeats, "hosts": {}}
     for host in (next(h for h in targets.hosts if not h.sudo), next(h for h in targets.hosts if h.sudo)):
-        spec = spec_for(desired, host.name)
-        parts = script_parts(spec)
-        cases = {"fleet": parts, "minimal": [("systemctl_show", minimal_command(spec.units))]}
-        out["hosts"][host.name] = {}
+        first = spec_for(desired, host.name)
+        spec = idle_offers(first, seen.get(host.name))
+        once = lab.root(host.name, host.sudo, build_script(spec), timeout=120).stdout
+        reused = once.split("@@reused\n", 1)[1].split("@@", 1)[0].split() if "@@reused\n" in once else []
+        cases = {"fleet": script_parts(spec), "fleet_first": script_parts(first),
+                 "minimal": [("systemctl_show", minimal_command(spec.units))]}
+        # Can the manager's facts ride in the units' `show`?  What systemctl prints when the
+        # manager's properties are asked next to a unit's (issue 19's question), kept as seen.
+        mixed = lab.root(host.name, host.sudo, "systemctl show --no-pager -p Version -p SystemState -p Id -- "
+                         + shlex.quote(spec.units[0]), timeout=60)
+        out["hosts"][host.name] = {"offered": [u.unit for u in spec.idle], "reused": reused,
+                                   "manager_with_unit": {"rc": mixed.returncode, "stdout": mixed.stdout[-500:],
+                                                         "stderr": mixed.stderr[-500:]}}
         for label, ps in cases.items():
             run = lab.root(host.name, host.sudo, _instrumented(ps, repeats), timeout=300)
             per = _per_part(run.stdout, repeats)

@@ -25,6 +25,7 @@ import compileall
 import json
 import logging
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -46,15 +47,27 @@ def _load(directory: Path, state_dir: Path) -> tuple[Any, Any]:
     return loaded.desired, resolve(loaded.desired, state_dir=str(state_dir), lab=True)
 
 
+def kept(desired: Any, targets: Any, state_dir: Path) -> dict[str, Any]:
+    """The hosts as the lab's newest kept snapshots saw them: what `fleet status` hands its script
+    (fleet.workflows.observe.kept_states), so that OpenSSH runs the same script fleet would."""
+    from fleet.workflows.base import Common
+    from fleet.workflows.observe import kept_states
+
+    common = Common(desired=Path("desired_state.toml"), hosts=Path("hosts"), state_dir=state_dir, lab=True)
+    return kept_states(common, desired, targets.hosts)
+
+
 def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
-    """One OpenSSH command line per host, carrying fleet's exact remote command for it."""
-    from fleet.collect.script import build_script, spec_for
+    """One OpenSSH command line per host, carrying fleet's exact remote command for it (with the
+    idle units of the newest kept snapshot offered, as fleet's own run after the first has them)."""
+    from fleet.collect.script import build_script, idle_offers, spec_for
     from fleet.transport.protocol import sudo_command
 
     desired, targets = _load(directory, lab.state_dir)
+    seen = kept(desired, targets, lab.state_dir)
     argvs = []
     for host in targets.hosts:
-        script = build_script(spec_for(desired, host.name))
+        script = build_script(idle_offers(spec_for(desired, host.name), seen.get(host.name)))
         wire = sudo_command(script) if host.sudo else script
         argvs.append(lab.ssh_argv(host.name, wire, "-o", f"KexAlgorithms={kex}"))
     return argvs
@@ -247,12 +260,14 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
                 row["baseline_s"] = m.wall_s
                 row["baseline_cpu_s"] = m.cpu_s
                 row["baseline_maxrss_mb"] = m.maxrss_mb
+                row["baseline_hwm_mb"] = m.hwm_mb
                 row["baseline_rc"] = m.rc
             else:
                 m = lab.fleet(*fleet_args, tag=f"status-{n}-{i}")
                 row["fleet_s"] = m.wall_s
                 row["fleet_cpu_s"] = m.cpu_s
                 row["fleet_maxrss_mb"] = m.maxrss_mb
+                row["fleet_hwm_mb"] = m.hwm_mb
                 row["fleet_rc"] = m.rc
             row[f"{which}_machine_cpu_s"] = machine_busy() - busy0
         row["ratio"] = row["fleet_s"] / row["floor_s"]
@@ -277,6 +292,9 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
     result["fleet_cpu_median_s"] = med(r["fleet_cpu_s"] for r in rows)
     result["floor_client_cpu_median_s"] = med(r["floor_client_cpu_s"] for r in rows)
     result["fleet_maxrss_max_mb"] = max(r["fleet_maxrss_mb"] for r in rows)
+    # the process's own peak (VmHWM): ru_maxrss above also counts this bench process's size at the fork
+    result["fleet_hwm_max_mb"] = max(r["fleet_hwm_mb"] for r in rows)
+    result["bench_parent_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["floor_machine_cpu_median_s"] = med(r["floor_machine_cpu_s"] for r in rows)
     result["fleet_machine_cpu_median_s"] = med(r["fleet_machine_cpu_s"] for r in rows)
     ncpu = os.cpu_count() or 1

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from fleet import history
 from fleet.collect.parse import parse_host
-from fleet.collect.script import build_script, spec_for
+from fleet.collect.script import CollectSpec, build_script, idle_offers, spec_for
 from fleet.errors import ParseError, TransportError
-from fleet.model import Desired, Host, HostError, HostResult
+from fleet.model import Desired, Host, HostError, HostResult, HostState
 from fleet.transport.protocol import RunResult, Transport
 
 DEFAULT_MAX_FORKS = 32
@@ -60,9 +60,10 @@ def collect(
     forks: int | None = None,
     timeout: float | None = None,
     progress: Callable[[str, HostResult], None] | None = None,
+    kept: Mapping[str, HostState] | None = None,
 ) -> dict[str, HostResult]:
     """Observe `hosts` (default: every host in the inventory); returns host name → result."""
-    return collect_all(desired, transport, hosts, forks=forks, timeout=timeout, progress=progress).results
+    return collect_all(desired, transport, hosts, forks=forks, timeout=timeout, progress=progress, kept=kept).results
 
 
 def collect_all(
@@ -74,12 +75,16 @@ def collect_all(
     timeout: float | None = None,
     progress: Callable[[str, HostResult], None] | None = None,
     history_of: Mapping[str, HistoryAsk] | None = None,
+    kept: Mapping[str, HostState] | None = None,
 ) -> Collection:
-    """Observe `hosts` and, for each host in `history_of`, read its history in the same round trip."""
+    """Observe `hosts` and, for each host in `history_of`, read its history in the same round trip.
+    `kept`: the hosts as the last kept observation saw them, whose installed, idle units the
+    script may then leave out of its `show` while they are unchanged (script.idle_offers)."""
     targets = list(desired.hosts if hosts is None else hosts)
     asks = history_of or {}
-    scripts = {h.name: build_script(spec_for(desired, h.name), history=_history_section(asks.get(h.name)))
-               for h in targets}
+    specs: dict[str, CollectSpec] = {h.name: idle_offers(spec_for(desired, h.name), (kept or {}).get(h.name))
+                                     for h in targets}
+    scripts = {h.name: build_script(specs[h.name], history=_history_section(asks.get(h.name))) for h in targets}
     results: dict[str, HostResult] = {}
     reads: dict[str, history.HistoryRead | ParseError] = {}
 
@@ -87,7 +92,7 @@ def collect_all(
         outcome, read = _split_history(name, outcome, asks.get(name))
         if read is not None:
             reads[name] = read
-        results[name] = to_result(name, outcome)
+        results[name] = to_result(name, outcome, specs.get(name))
         if progress is not None:
             progress(name, results[name])
 
@@ -100,7 +105,7 @@ def collect_all(
             outcome, read = _split_history(name, outcome, asks.get(name))
             if read is not None:
                 reads[name] = read
-            results[name] = to_result(name, outcome)
+            results[name] = to_result(name, outcome, specs.get(name))
     return Collection({h.name: results[h.name] for h in targets if h.name in results},
                       {h.name: reads[h.name] for h in targets if h.name in reads})
 
@@ -138,7 +143,7 @@ def _split_history(host: str, outcome: RunResult | TransportError, ask: HistoryA
     return dataclasses.replace(outcome, stdout=rest), read
 
 
-def to_result(host: str, outcome: RunResult | TransportError) -> HostResult:
+def to_result(host: str, outcome: RunResult | TransportError, spec: CollectSpec | None = None) -> HostResult:
     now = time.time()
     if isinstance(outcome, TransportError):
         return HostError(host=host, kind=outcome.kind, message=outcome.message, hint=outcome.hint, collected_at=now)
@@ -153,7 +158,8 @@ def to_result(host: str, outcome: RunResult | TransportError) -> HostResult:
                               + (" (and sudo -n without a password)" if kind == "sudo" else ""),
                          collected_at=now)
     try:
-        return parse_host(host, text, collected_at=now, duration=outcome.duration)
+        return parse_host(host, text, collected_at=now, duration=outcome.duration,
+                          idle=spec.idle if spec is not None else ())
     except ParseError as e:
         return HostError(host=host, kind="parse", message=e.message, hint=e.hint, collected_at=now)
 

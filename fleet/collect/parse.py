@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from fleet.collect.script import MAX_TEXT_LINES, SCRIPT_VERSION, UNIT_PROPERTIES
 from fleet.collect.sections import Collected, capped, to_int, too_much
@@ -27,10 +27,13 @@ _ARGV = re.compile(r"argv\[\]=(.*?) ; ignore_errors=")
 _ENVFILE = re.compile(r"(/\S+) \(ignore_errors=(?:yes|no)\)")
 
 
-def parse_host(host: str, text: str, *, collected_at: float = 0.0, duration: float = 0.0) -> HostState:
-    """Parse a whole collection output for `host`."""
+def parse_host(host: str, text: str, *, collected_at: float = 0.0, duration: float = 0.0,
+               idle: Sequence[UnitState] = ()) -> HostState:
+    """Parse a whole collection output for `host`; `idle`: the kept units the script was offered
+    (fleet.collect.script.idle_offers), those it names in @@reused are taken as they were kept
+    unless the `show` printed them anyway (loaded since: the fresh block wins)."""
     try:
-        return _parse(host, text, collected_at, duration)
+        return _parse(host, text, collected_at, duration, idle)
     except ParseError:
         raise
     except (ValueError, IndexError, KeyError) as e:  # defensive: a malformed field somewhere
@@ -92,8 +95,9 @@ def _lines(text: str, start: int, stop: int, window: int = 1 << 16) -> Iterator[
         start = cut + 1
 
 
-def _parse(host: str, text: str, collected_at: float, duration: float) -> HostState:
+def _parse(host: str, text: str, collected_at: float, duration: float, idle: Sequence[UnitState]) -> HostState:
     facts: HostFacts | None = None
+    reused: list[UnitState] = []
     blocks: list[dict[str, str]] | None = None
     hashes: dict[str, str] | None = None
     texts: dict[str, list[tuple[str, str]]] | None = None
@@ -116,6 +120,8 @@ def _parse(host: str, text: str, collected_at: float, duration: float) -> HostSt
             hashes = parse_hashes(host, lines)
         elif name == "text":
             texts = parse_texts(host, lines)
+        elif name == "reused":
+            reused = parse_reused(host, lines, idle)
         elif word in kinds:
             kinds[word].section(arg, lines)
         else:
@@ -129,7 +135,11 @@ def _parse(host: str, text: str, collected_at: float, duration: float) -> HostSt
     collected = Collected(host)
     for parser in kinds.values():
         parser.finish(collected)
-    return HostState(host=host, facts=facts, units=build_units(host, blocks, hashes, texts),
+    units = build_units(host, blocks, hashes, texts)
+    if reused:
+        fresh = {u.unit for u in units}
+        units += tuple(u for u in reused if u.unit not in fresh)
+    return HostState(host=host, facts=facts, units=units,
                      env_files=collected.env_files, collected_at=collected_at, duration=duration,
                      extra=tuple(collected.extra.items()))
 
@@ -155,6 +165,20 @@ def parse_facts(host: str, lines: Iterable[str]) -> HostFacts:
         mem_total_kb=to_int(kv.get("mem_total_kb", "0")),
         mem_available_kb=to_int(kv.get("mem_available_kb", "0")),
     )
+
+
+def parse_reused(host: str, lines: Iterable[str], idle: Sequence[UnitState]) -> list[UnitState]:
+    """The kept idle units the script left out of its `show`: each must be one it was offered."""
+    offered = {u.unit: u for u in idle}
+    out: dict[str, UnitState] = {}
+    for line in lines:
+        if not line:
+            continue
+        if line not in offered:
+            raise ParseError(f"{host}: the script reused {line[:80]!r}, a unit it was not offered", host=host,
+                             section="reused", hint="something on the host prints to stdout besides the script")
+        out[line] = offered[line]
+    return list(out.values())
 
 
 def parse_hashes(host: str, lines: Iterable[str]) -> dict[str, str]:

@@ -11,13 +11,17 @@ that reaches the script is either validated by the loader (unit names, patterns,
 passed through `shlex.quote`.
 
 What the host pays for (docs/PERFORMANCE.md, "The remote script"): two `systemctl` processes —
-the manager's two facts, and one `show` of every property of every unit, declared or discovered.
+the manager's two facts, and one `show` of every property of every unit, declared or discovered —
+and, when the client hands it kept idle units, one `sha256sum` and one `find` over the unit
+directories that spare PID 1 loading those units for the `show`.
 Discovery asks systemd nothing of its own: unit files come from the shell's glob over the unit
 directories, loaded units without a file from `show`'s glob.  Output format (version 1):
 
     @@fleet 1
     @@facts            KEY=value lines (hostname, kernel, uptime, load, mem_*, os) and the
                        manager's Version=/SystemState=
+    @@reused           only when the client offered kept idle units (`idle_offers`): the names of
+                       those left out of the `show`, their files and enablement unchanged
     @@units            `systemctl show` blocks, one per unit, separated by blank lines
     @@hashes           `sha256sum` lines for every fragment and drop-in of those units
     @@text             `@@file UNIT PATH` then the file's lines, each prefixed by `|`
@@ -29,11 +33,12 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from typing import Any
 
 from fleet.mastodon import SECRET_NAME_PATTERN
-from fleet.model import Desired
+from fleet.model import Desired, HostState, UnitState
 from fleet.resources.registry import RESOURCES
 from fleet.unitfile import MAX_LINES
 
@@ -56,6 +61,10 @@ class CollectSpec:
     managed: tuple[str, ...] = ()  # units whose full text is wanted (fleet writes them)
     patterns: tuple[str, ...] = ()  # discovery globs
     kinds: tuple[tuple[str, Any], ...] = ()  # (section, what that kind looks at), e.g. ("env", ((path, keys),))
+    # Installed, idle units as the kept observation saw them (`idle_offers`): the script leaves
+    # each out of the `show` when its files and enablement are still those, and says so (@@reused).
+    idle: tuple[UnitState, ...] = ()
+    idle_hostname: str = ""  # the host's name when they were kept: a unit's %H/%l expand to it
 
     def of(self, section: str) -> Any:
         """What the kind printing `section` looks at on the host (None: nothing)."""
@@ -75,6 +84,42 @@ def spec_for(desired: Desired, host: str) -> CollectSpec:
                   *(t for t in dict.fromkeys(templates) if t not in {p.pattern for p in desired.discover})),
         kinds=tuple((r.section, what) for r in RESOURCES if r.section and (what := r.to_collect(desired, host))),
     )
+
+
+# What a kept observation may hand the script: names and paths that need no quoting inside the
+# script's own word lists (they are still quoted where they are written into it).
+_IDLE_NAME = re.compile(r"[A-Za-z0-9:_.-]{1,255}")
+_IDLE_PATH = re.compile(r"/[A-Za-z0-9/._:+@-]{1,4095}")
+_IDLE_ENABLEMENT = ("disabled", "static")  # what the script can confirm from the symlinks alone
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def idle_offers(spec: CollectSpec, kept: HostState | None) -> CollectSpec:
+    """`spec` with the units of the kept observation `kept` that the script may leave out of its
+    `show` (docs/PERFORMANCE.md, "The `show` of installed, idle units"): found by a discovery
+    pattern, not declared, and seen exactly as systemd shows a unit it loads only to answer —
+    loaded from a plain fragment, inactive/dead, never started since it was loaded, `disabled` or
+    `static` (an enablement the script confirms from symlinks, `_IDLE_SH`).  Such a unit is
+    loaded and freed by PID 1 for every `show`; while its files and enablement are unchanged and it
+    is not loaded, a `show` would print what was kept.  Anything else is not offered."""
+    if kept is None or not spec.patterns or not _IDLE_NAME.fullmatch(kept.facts.hostname):
+        return spec
+    declared = set(spec.units)
+    offers = []
+    for u in kept.units:
+        files = ((u.fragment_path,) + u.drop_in_paths)
+        if (u.unit in declared or not _IDLE_NAME.fullmatch(u.unit) or "@" in u.unit
+                or not any(fnmatchcase(u.unit, p) for p in spec.patterns)
+                or (u.load_state, u.active_state, u.sub_state, u.result) != ("loaded", "inactive", "dead", "success")
+                or u.main_pid or u.n_restarts or u.active_enter or u.text is not None
+                or u.unit_file_state not in _IDLE_ENABLEMENT
+                or u.fragment_path == "/dev/null" or u.fragment_path.rsplit("/", 1)[-1] != u.unit
+                or not all(_IDLE_PATH.fullmatch(f) for f in files)
+                or tuple(p for p, _ in u.file_hashes) != files
+                or not all(_SHA256.fullmatch(h) for _, h in u.file_hashes)):
+            continue
+        offers.append(u)
+    return replace(spec, idle=tuple(offers), idle_hostname=kept.facts.hostname if offers else "")
 
 
 _FACTS = r"""
@@ -178,6 +223,100 @@ END { flush() }
 """
 
 
+# sh deciding which kept idle units (`idle_offers`) the `show` may leave out.  One `find` lists
+# every path in the unit directories (and one level below: `.wants`, `.requires`, `.upholds`,
+# drop-in directories) that is one of the units' fragments (`-samefile`, following symlinks), that
+# bears one of their names, or that is a drop-in systemd would read for one of them — its own,
+# its type's, its name's prefixes'.  `idle UNIT FRAGMENT SUMS [DROP-IN…]` then succeeds only when
+# UNIT is still found as a unit file, its files hash to SUMS (`sha256sum` lines), nothing of its
+# name is anything but FRAGMENT itself (no override, mask, link, enabling symlink), nothing else
+# is FRAGMENT (no alias, no enabling symlink under another name), and its drop-ins are exactly
+# the kept DROP-INs.  Its enablement is then still the kept one without asking systemctl: the
+# client offers only units kept `disabled` or `static`, and with no such symlink and the same
+# files, systemd's answer is the same (it is one of those two exactly when no symlink enables the
+# unit; which one follows from the file's [Install] section).  Whether the unit is loaded is not
+# asked: a loaded one is matched by the discovery glob handed to the `show`, and its fresh block wins.
+_IDLE_SH = r"""
+idle() {
+  u=$1 frag=$2 want=$3; shift 3
+  case " $found " in *" $u "*) ;; *) return 1;; esac
+  t=${u##*.}; p=${u%.*}; dd="$u.d $t.d"
+  while :; do case $p in *-*) p=${p%-*}; dd="$dd $p-.$t.d";; *) break;; esac; done
+  seen=; oifs=$IFS; IFS=$nl
+  for l in $want; do case "$nl$sums$nl" in *"$nl$l$nl"*) ;; *) IFS=$oifs; return 1;; esac; done
+  for f in $refs; do
+    IFS=$oifs
+    if [ "${f##*/}" = "$u" ]; then
+      [ "$f" = "$frag" ] || { [ ! -L "$f" ] && [ "$f" -ef "$frag" ]; } || return 1
+    elif [ "$f" -ef "$frag" ]; then
+      return 1
+    else
+      for x in $dd; do
+        case $f in */"$x"/*.conf) ;; *) continue;; esac
+        ok=
+        for k; do
+          if [ "$f" = "$k" ] || { [ ! -L "$f" ] && [ "$f" -ef "$k" ]; }; then ok=1; seen="$seen $k"; break; fi
+        done
+        [ -n "$ok" ] || return 1
+      done
+    fi
+    IFS=$nl
+  done
+  IFS=$oifs
+  for k; do case " $seen " in *" $k "*) ;; *) return 1;; esac; done
+  reused="$reused $u"
+}
+"""
+
+
+def _dropin_dirs(unit: str) -> list[str]:
+    """The drop-in directories systemd reads for `unit` (no template): its own, its type's, and one
+    per dash-separated prefix of its name (`redis-.service.d` for redis-server.service)."""
+    stem, _, kind = unit.rpartition(".")
+    parts = stem.split("-")
+    return [f"{unit}.d", f"{kind}.d", *(f"{'-'.join(parts[:i])}-.{kind}.d" for i in range(len(parts) - 1, 0, -1))]
+
+
+def idle_part(offers: tuple[UnitState, ...], hostname: str, dirs: tuple[str, ...] = UNIT_DIRS) -> str:
+    """sh printing the @@reused section: the kept idle units whose files and enablement are
+    unchanged, then taking them out of `$found`, so that the `show` names them only through the
+    discovery glob — which matches them only when they are loaded.  None when the host's name is
+    no longer `hostname` (the one they were kept under: specifiers such as %H expand to it).  Every
+    value from the kept observation is quoted."""
+    q = shlex.quote
+    files = [p for u in offers for p in (u.fragment_path, *u.drop_in_paths)]
+    tests = [f"-samefile {q(u.fragment_path)} -o -name {q(u.unit)}" for u in offers]
+    tests += [f"-path {q(f'*/{d}/*.conf')}" for d in dict.fromkeys(d for u in offers for d in _dropin_dirs(u.unit))]
+    lines = [
+        _IDLE_SH,
+        "echo '@@reused'",
+        "nl='\n'",
+        "reused=; name_now=; dirs=; frags=1",
+        "read -r name_now </proc/sys/kernel/hostname",
+        # each directory once: with a merged /usr, /lib/systemd/system is /usr/lib/systemd/system
+        f"for d in {' '.join(q(d) for d in dirs)}; do [ -d \"$d\" ] || continue",
+        '  for e in $dirs; do [ "$d" -ef "$e" ] && continue 2; done; dirs="$dirs $d"',
+        "done",
+        # find fails on a missing -samefile reference, and then lists nothing: reuse nothing then
+        f"for f in {' '.join(q(u.fragment_path) for u in offers)}; do [ -e \"$f\" ] || frags=; done",
+        f"if [ \"$name_now\" = {q(hostname)} ] && [ -n \"$frags\" ] && "
+        f"refs=$(find -L $dirs -maxdepth 2 \\( {' -o '.join(tests)} \\) -print 2>/dev/null); then",
+        f"sums=$(sha256sum -- {' '.join(q(f) for f in files)} 2>/dev/null)",
+    ]
+    for u in offers:
+        lines.append(f"idle {q(u.unit)} {q(u.fragment_path)} "
+                     + q("\n".join(f"{h}  {p}" for p, h in u.file_hashes))
+                     + "".join(f" {q(d)}" for d in u.drop_in_paths))
+    lines += [
+        "fi",
+        "for n in $reused; do echo \"$n\"; done",
+        "nf=",
+        'for n in $found; do case " $reused " in *" $n "*) ;; *) nf="$nf $n";; esac; done',
+        "found=$nf",
+    ]
+    return "\n".join(lines)
+
+
 def discover_part(globs: list[str], dirs: tuple[str, ...] = UNIT_DIRS) -> str:
     """sh setting `$found` to the names of the unit files in `dirs` that match `globs` (checked
     by `_glob_word`): once each, templates and drop-in or .wants directories left out."""
@@ -228,6 +367,8 @@ def script_parts(spec: CollectSpec, *, history: str = "") -> list[tuple[str, str
         # (instances, units whose file was removed) come from `show`'s glob, which expands against
         # the loaded units.  Templates cannot be shown; names are collected once.
         parts.append(("discover", discover_part(globs)))
+        if spec.idle:
+            parts.append(("idle", idle_part(spec.idle, spec.idle_hostname)))
     names = " ".join(x for x in ("$found" if globs else "", declared, " ".join(q(p) for p in spec.patterns)) if x)
     props = ",".join(UNIT_PROPERTIES)
     # One `systemctl show` for every property of every unit.  A unit both named and matched by a

@@ -67,10 +67,39 @@ def observe(common: Common, scope: Scope, command: str, desired: Desired, target
     reporter.progress(f"collecting {len(targets.hosts)} host(s){' (lab)' if targets.lab else ''}…")
     asks = history_asks(common, targets.hosts, reporter)
     got = collect_all(desired, transport, targets.hosts, forks=scope.forks, timeout=scope.timeout, progress=progress,
-                      history_of=asks)
+                      history_of=asks, kept=kept_states(common, desired, targets.hosts))
     problems, more = merge_history(common, got.history, reporter) if asks else ({}, [])
     return Observation(got.results, keep_snapshot(common, command, desired, got.results, reporter), problems,
                        tuple(more))
+
+
+def kept_states(common: Common, desired: Desired, hosts: Sequence[Host]) -> dict[str, HostState]:
+    """Each host as the newest kept snapshot of this fleet that observed it saw it (looking back
+    LOOK_BACK snapshots): what the collection hands the script so that the `show` may leave out
+    installed, idle units that did not change (fleet.collect.script.idle_offers).  Empty when
+    there is no journal or it cannot be read: the collection then names every unit, as a first one."""
+    path = journal_path(common.state_dir)
+    if not path.exists():
+        return {}
+    wanted = {h.name for h in hosts}
+    found: dict[str, HostState] = {}
+    try:
+        with Journal.open(path) as journal:
+            mine = [s for s in journal.snapshots() if s.fleet == desired.name and s.lab == common.lab]
+            for record in reversed(mine[-LOOK_BACK:]):
+                if not (wanted - set(found)) & set(record.hosts):
+                    continue
+                data = journal.snapshot_data(record.id)
+                if data is None:
+                    continue
+                for name, r in unpack(data).items():
+                    if name in wanted and name not in found and isinstance(r, HostState):
+                        found[name] = r
+                if not wanted - set(found):
+                    break
+    except FleetError:
+        return {}  # a damaged journal costs this saving, never the observation
+    return found
 
 
 def history_asks(common: Common, hosts: Sequence[Host], reporter: Reporter) -> dict[str, HistoryAsk]:
