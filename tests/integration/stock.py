@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import shlex
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from helpers import REPO, reset_host
@@ -77,19 +78,24 @@ def enabled_on(host: str) -> list[str]:
 
 
 def shape_stock(lab: Any) -> None:
-    """Every host of the stock fleet reset, then installed by hand and running."""
-    for host in stock_hosts():
-        reset_host(lab, host)
-        for unit, text in units_on(host).items():
-            lab.ssh(host, f"cat > /etc/systemd/system/{shlex.quote(unit)}", user="root", input=text.decode())
-        runs = [s for s in stock_desired().services_on(host) if s.kind.value == "sidekiq"]
-        if runs:
-            lab.ssh(host, f"mkdir -p {LIVE}/config && cat > {LIVE}/config/sidekiq.yml && "
-                          f"chown -R mastodon: {LIVE}/config", user="root", input=SIDEKIQ_YML)
-        units = " ".join(shlex.quote(u) for u in enabled_on(host))
-        lab.ssh(host, f"systemctl daemon-reload && systemctl enable --quiet {units} && systemctl start {units}",
-                user="root")
-        wait_active(lab, host, enabled_on(host))
+    """Every host of the stock fleet reset, then installed by hand and running (the hosts side by
+    side: each host's shaping is its own, as in helpers.reset_all)."""
+    with ThreadPoolExecutor(max_workers=len(stock_hosts())) as pool:
+        list(pool.map(lambda host: shape_host(lab, host), stock_hosts()))  # re-raises the first failure
+
+
+def shape_host(lab: Any, host: str) -> None:
+    reset_host(lab, host)
+    for unit, text in units_on(host).items():
+        lab.ssh(host, f"cat > /etc/systemd/system/{shlex.quote(unit)}", user="root", input=text.decode())
+    runs = [s for s in stock_desired().services_on(host) if s.kind.value == "sidekiq"]
+    if runs:
+        lab.ssh(host, f"mkdir -p {LIVE}/config && cat > {LIVE}/config/sidekiq.yml && "
+                      f"chown -R mastodon: {LIVE}/config", user="root", input=SIDEKIQ_YML)
+    units = " ".join(shlex.quote(u) for u in enabled_on(host))
+    lab.ssh(host, f"systemctl daemon-reload && systemctl enable --quiet {units} && systemctl start {units}",
+            user="root")
+    wait_active(lab, host, enabled_on(host))
 
 
 def wait_active(lab: Any, host: str, units: list[str], timeout: float = 30) -> None:
@@ -107,9 +113,12 @@ def wait_active(lab: Any, host: str, units: list[str], timeout: float = 30) -> N
 
 
 def unshape_stock(lab: Any) -> None:
-    for host in stock_hosts():
+    def unshape(host: str) -> None:
         reset_host(lab, host)
         lab.ssh(host, f"rm -rf {LIVE}/config", user="root", check=False)
+
+    with ThreadPoolExecutor(max_workers=len(stock_hosts())) as pool:
+        list(pool.map(unshape, stock_hosts()))
 
 
 def file_on(lab: Any, host: str, path: str) -> bytes:

@@ -374,6 +374,7 @@ class Result:
     expected: int
     code: int | None
     output: str
+    seconds: float = 0.0  # how long it ran: the report says where the test's time goes (not asserted)
 
     @property
     def problem(self) -> str | None:
@@ -453,6 +454,7 @@ class DocRun:
 
     # -- running
     def record(self, what: str, expected: int, run: Callable[[], subprocess.CompletedProcess[str]]) -> Result:
+        started = time.monotonic()
         try:
             done = run()
             result = Result(what, expected, done.returncode, done.stdout + done.stderr)
@@ -461,6 +463,7 @@ class DocRun:
             result = Result(what, expected, None, out.decode(errors="replace") if isinstance(out, bytes) else out)
         except Unsubstituted as e:
             result = Result(what, expected, -1, f"placeholder {e.args[0]} has no value in PLACEHOLDERS")
+        result.seconds = time.monotonic() - started
         self.results.append(result)
         return result
 
@@ -723,7 +726,8 @@ def test_every_documented_command_line_runs_as_documented(doc_run: DocRun) -> No
             run.inline(command, argv)
 
     report = run.root / "doc-commands.txt"
-    report.write_text("".join(f"== exit {r.code} (expected {r.expected}): {r.what}\n{r.output}\n" for r in run.results))
+    report.write_text("".join(f"== exit {r.code} (expected {r.expected}, {r.seconds:.1f} s): {r.what}\n{r.output}\n"
+                              for r in run.results))
     problems = run.problems
     assert not problems, (f"{len(problems)} of {len(run.results)} documented command lines failed "
                           f"(all of them, with their output: {report}):\n\n" + "\n\n".join(problems))

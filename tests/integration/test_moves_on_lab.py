@@ -50,6 +50,19 @@ def psql(lab: Any, host: str, sql: str, port: int = 5432) -> str:
     return str(done.stdout).strip()
 
 
+def last_ok_run_steps_by_action(lab: Any, *, since: float) -> dict[str, list[Any]]:
+    """The steps of the last run since `since` that ended ok, from the session's journal, grouped by
+    action (each action's steps in the journal's order)."""
+    with Journal.open(journal_path(lab.state_dir)) as journal:
+        ok = [r for r in journal.runs(since=since) if r.outcome == "ok"]
+        assert ok, f"no run ended ok since {since}"
+        steps = journal.steps(run_id=ok[-1].id)
+    by_action: dict[str, list[Any]] = {}
+    for st in steps:
+        by_action.setdefault(st.action, []).append(st)
+    return by_action
+
+
 @pytest.fixture
 def before(lab: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
     """The fleet before the move: postgres on freud (converged), a table written there, freud
@@ -173,12 +186,7 @@ def test_moving_postgres_is_refused_undeclared_and_declared_runs_its_runbook_hal
 
     # From the journal: DB_HOST was rewritten on no host before the promote's gate passed, every
     # gate before it passed, and freud's server stopped after every Mastodon (re)start.
-    with Journal.open(journal_path(lab.state_dir)) as journal:
-        run = [r for r in journal.runs(since=started) if r.outcome == "ok"][-1]
-        steps = journal.steps(run_id=run.id)
-    by_action: dict[str, list[Any]] = {}
-    for st in steps:
-        by_action.setdefault(st.action, []).append(st)
+    by_action = last_ok_run_steps_by_action(lab, since=started)
     gates = [by_action[a][0] for a in ("move-check", "move-quiet", "move-drained", "move-read-only",
                                        "move-caught-up", "move-promote")]
     assert [g.outcome for g in gates] == ["ok"] * 6
@@ -293,12 +301,7 @@ def test_moving_redis_halts_while_the_target_is_no_replica_then_runs_its_runbook
 
     # From the journal: REDIS_HOST rewritten on no host before the promote's gate passed, every gate
     # before it passed, and freud's Redis stopped after every Mastodon (re)start.
-    with Journal.open(journal_path(lab.state_dir)) as journal:
-        run = [r for r in journal.runs(since=started) if r.outcome == "ok"][-1]
-        steps = journal.steps(run_id=run.id)
-    by_action: dict[str, list[Any]] = {}
-    for st in steps:
-        by_action.setdefault(st.action, []).append(st)
+    by_action = last_ok_run_steps_by_action(lab, since=started)
     gates = [by_action[a][0] for a in ("move-check", "move-read-only", "move-caught-up", "move-promote")]
     assert [g.outcome for g in gates] == ["ok"] * 4
     assert all(a.ended <= b.started for a, b in zip(gates, gates[1:], strict=False))
