@@ -538,7 +538,16 @@ class HostState:
     extra: tuple[tuple[str, object], ...] = ()
 
     def unit(self, name: str) -> UnitState | None:
-        return next((u for u in self.units if u.unit == name), None)
+        return self._units_by_name.get(name)
+
+    @cached_property
+    def _units_by_name(self) -> dict[str, UnitState]:
+        """name -> the first unit of that name, built once: the diff looks each of a host's
+        declared units up two or three times, and a scan per lookup is quadratic in its units."""
+        out: dict[str, UnitState] = {}
+        for u in self.units:
+            out.setdefault(u.unit, u)
+        return out
 
     def env_file(self, path: str) -> EnvFileState | None:
         return next((e for e in self.env_files if e.path == path), None)

@@ -108,7 +108,9 @@ class UnitFiles(Resource):
         its first instance on the host)."""
         host = ctx.host
         drop_ins = tuple(p for p in (foreign_drop_ins(s, unit, u) if u else ()) if removable_unit_file(p, unit))
-        units: UnitTexts = ctx.cache.setdefault(self.kind, UnitTexts())
+        units: UnitTexts | None = ctx.cache.get(self.kind)
+        if units is None:  # not setdefault(): that would build a UnitTexts for every host and file
+            units = ctx.cache[self.kind] = UnitTexts()
         content_hash, observed_text = units.of(s, unit, content)
         if unit_file_differs(s, u, content_hash, unit):
             before_text = mask_unit_text(u.text or "") if u is not None else ""
