@@ -382,6 +382,7 @@ def check_store_settings(desired: Desired) -> list[Finding]:
     A setting pointing outside the inventory is left alone when no service of its kind is declared
     anywhere (an external database fleet knows nothing about)."""
     found: dict[tuple[str, str, str, str], tuple[Finding, list[str]]] = {}
+    check_setting = _setting_checker(desired)
     for ef in desired.env_files:
         sensitive = set(ef.sensitive_keys())
         for host in ef.hosts:
@@ -392,7 +393,7 @@ def check_store_settings(desired: Desired) -> list[Finding]:
                 if setting.kind == Kind.ELASTICSEARCH and values.get("ES_ENABLED") != "true":
                     continue  # Mastodon reads ES_HOST only with ES_ENABLED=true
                 path = _setting_path(ef, host, setting.key)
-                for f in _check_setting(desired, host, setting, values, path):
+                for f in check_setting(host, setting, values, path):
                     group = (f.code, f.key, f.message, f.hint)
                     found.setdefault(group, (f, []))[1].append(host)
     out = []
@@ -425,6 +426,31 @@ def _setting_path(ef: EnvFile, host: str, key: str) -> str:
     if key in dict(dict(ef.overrides).get(host, ())):
         return f"env_files.{ef.name}.overrides.{host}.{key}"
     return f"env_files.{ef.name}.values.{key}"
+
+
+def _setting_checker(desired: Desired) -> Callable[[str, StoreSetting, dict[str, str], str], list[Finding]]:
+    """`_check_setting`, worked out once per setting, key path and the values it reads, where
+    its target is another host: then the answer does not depend on the host reading it (1,000
+    hosts read one DB_HOST).  A local target (localhost, a socket) is each reading host itself,
+    and is checked for every host."""
+    memo: dict[tuple[int, str, tuple[str | None, ...]], list[Finding]] = {}
+    local: set[tuple[int, str, tuple[str | None, ...]]] = set()
+
+    def check(host: str, setting: StoreSetting, values: dict[str, str], path: str) -> list[Finding]:
+        key = (id(setting), path, tuple(values.get(k) for k in (setting.key, *setting.port_keys, *setting.prepared)))
+        hit = memo.get(key)
+        if hit is not None:
+            return hit
+        out = _check_setting(desired, host, setting, values, path)
+        if key not in local:
+            target = _target(setting, values)
+            if target is not None and (target.host == "" or _is_local(target.host)):
+                local.add(key)
+            else:
+                memo[key] = out
+        return out
+
+    return check
 
 
 def _check_setting(desired: Desired, host: str, setting: StoreSetting, values: dict[str, str],

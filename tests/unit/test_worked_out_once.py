@@ -4,6 +4,8 @@ env values per set of env files) still answers for the very host asked about."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fleet import policy
 from fleet.model import (
     Desired,
@@ -65,3 +67,12 @@ def test_a_value_differing_only_on_hosts_asked_later_is_still_named_per_host() -
     found = [f for f in policy.check(d) if f.code == "env.inconsistent"]
     assert [f.message for f in found] == [
         "S3_BUCKET differs between hosts of service s (a='one', b='one', c='two', d='two')"]
+
+
+def test_a_store_setting_read_on_many_hosts_is_judged_with_each_hosts_own_port(example: Any) -> None:
+    """REDIS_HOST reads the same on every host, but freud (read after others) overrides REDIS_PORT."""
+    example.append('[env_files.mastodon.overrides.freud]\nREDIS_PORT = "6380"\n')
+    found = [f for f in example.check() if f.code.startswith("store.")]
+    assert [(f.code, f.key, f.host) for f in found] == [
+        ("store.setting-port", "env_files.mastodon.values.REDIS_HOST", "freud")]
+    assert found[0].message.endswith("(read on freud)")
