@@ -220,9 +220,13 @@ class Service:
     def probe(self) -> bool:
         return self.store is not None and self.store.probe
 
-    @property
-    def is_template(self) -> bool:
+    @cached_property
+    def is_template(self) -> bool:  # cached: the diff and the checks ask for every host of the service
         return is_template(self.unit)
+
+    @cached_property
+    def _own_unit(self) -> tuple[str]:
+        return (self.unit,)
 
     def instances_on(self, host: str) -> tuple[str, ...]:
         return dict(self.host_instances).get(host, self.instances) if self.is_template else ()
@@ -230,7 +234,7 @@ class Service:
     def units_on(self, host: str) -> tuple[str, ...]:
         """The units that run for this service on `host`: its instances, or its unit."""
         if not self.is_template:
-            return (self.unit,)
+            return self._own_unit
         return tuple(instance_unit(self.unit, i) for i in self.instances_on(host))
 
     def all_units_on(self, host: str) -> tuple[str, ...]:

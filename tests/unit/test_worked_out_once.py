@@ -76,3 +76,20 @@ def test_a_store_setting_read_on_many_hosts_is_judged_with_each_hosts_own_port(e
     assert [(f.code, f.key, f.host) for f in found] == [
         ("store.setting-port", "env_files.mastodon.values.REDIS_HOST", "freud")]
     assert found[0].message.endswith("(read on freud)")
+
+
+def test_secret_fingerprints_kept_for_a_diff_are_each_env_files_own() -> None:
+    from fleet.envfile import fingerprint
+    from fleet.model import SecretSource
+    from fleet.resources.env_file import env_digest, secret_fingerprints
+
+    web = EnvFile("web", "/w", ("a",), sensitive=(("SECRET_KEY_BASE", SecretSource("file")),))
+    worker = EnvFile("worker", "/k", ("a",), sensitive=(("SECRET_KEY_BASE", SecretSource("file")),
+                                                       ("OTP_SECRET", SecretSource("present"))))
+    secrets = {("web", "SECRET_KEY_BASE"): "one", ("worker", "SECRET_KEY_BASE"): "two"}
+    cache: dict[str, Any] = {}
+    for _ in range(2):  # asked again: from the cache
+        assert secret_fingerprints(web, secrets, cache) == (("SECRET_KEY_BASE", fingerprint("one")),)
+        assert secret_fingerprints(worker, secrets, cache) == (("SECRET_KEY_BASE", fingerprint("two")),)
+    assert env_digest(worker, "a", secrets, secret_fingerprints(worker, secrets, cache)) == \
+        env_digest(worker, "a", secrets)
