@@ -1330,8 +1330,10 @@ def _check_references(ctx: _Ctx, services: list[Service], declared: list[str]) -
                   "break the cycle by removing one of these requires", "config.cycle")
     owners: dict[tuple[str, str], str] = {}
     for s in services:
+        # a plain unit's units are the same on every host: listed once, not once per host
+        same = None if s.is_template else tuple(dict.fromkeys((s.unit, *s.all_units_on(""))))
         for h in s.hosts:
-            for unit in dict.fromkeys((s.unit, *s.all_units_on(h))):  # a template's file, instances, wrapper
+            for unit in same or dict.fromkeys((s.unit, *s.all_units_on(h))):  # a template's file, instances, wrapper
                 other = owners.get((h, unit))
                 if other is not None:
                     ctx.error(f"services.{s.name}.unit",

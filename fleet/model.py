@@ -220,9 +220,13 @@ class Service:
     def probe(self) -> bool:
         return self.store is not None and self.store.probe
 
-    @property
-    def is_template(self) -> bool:
+    @cached_property
+    def is_template(self) -> bool:  # cached: the diff and the checks ask for every host of the service
         return is_template(self.unit)
+
+    @cached_property
+    def _own_unit(self) -> tuple[str]:
+        return (self.unit,)
 
     def instances_on(self, host: str) -> tuple[str, ...]:
         return dict(self.host_instances).get(host, self.instances) if self.is_template else ()
@@ -230,7 +234,7 @@ class Service:
     def units_on(self, host: str) -> tuple[str, ...]:
         """The units that run for this service on `host`: its instances, or its unit."""
         if not self.is_template:
-            return (self.unit,)
+            return self._own_unit
         return tuple(instance_unit(self.unit, i) for i in self.instances_on(host))
 
     def all_units_on(self, host: str) -> tuple[str, ...]:
@@ -538,7 +542,16 @@ class HostState:
     extra: tuple[tuple[str, object], ...] = ()
 
     def unit(self, name: str) -> UnitState | None:
-        return next((u for u in self.units if u.unit == name), None)
+        return self._units_by_name.get(name)
+
+    @cached_property
+    def _units_by_name(self) -> dict[str, UnitState]:
+        """name -> the first unit of that name, built once: the diff looks each of a host's
+        declared units up two or three times, and a scan per lookup is quadratic in its units."""
+        out: dict[str, UnitState] = {}
+        for u in self.units:
+            out.setdefault(u.unit, u)
+        return out
 
     def env_file(self, path: str) -> EnvFileState | None:
         return next((e for e in self.env_files if e.path == path), None)

@@ -8,8 +8,7 @@ the observed one (`fleet audit`): "no process serves `pull`" is the same finding
 from __future__ import annotations
 
 import ipaddress
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
@@ -213,16 +212,36 @@ def _check_unit_secrets(desired: Desired) -> list[Finding]:
 
 def declared_sidekiq(desired: Desired) -> list[SidekiqProcess]:
     procs: list[SidekiqProcess] = []
+    db_pool = _db_pools(desired)
     for s in desired.services:
         if s.sidekiq is None:
             continue
+        queues, key = s.sidekiq.queue_names(), f"services.{s.name}"
+        unknown = "reads its queues from config/sidekiq.yml on the host" if s.sidekiq.queues_from_config else ""
         for h in s.hosts:
             procs.extend(SidekiqProcess(
-                host=h, unit=unit, queues=s.sidekiq.queue_names(), concurrency=s.sidekiq.concurrency,
-                db_pool=_effective_db_pool(desired, s, h), key=f"services.{s.name}", file=desired.source,
-                unknown="reads its queues from config/sidekiq.yml on the host" if s.sidekiq.queues_from_config
-                else "") for unit in s.units_on(h))
+                host=h, unit=unit, queues=queues, concurrency=s.sidekiq.concurrency, db_pool=db_pool(s, h),
+                key=key, file=desired.source, unknown=unknown) for unit in s.units_on(h))
     return procs
+
+
+def _db_pools(desired: Desired) -> Callable[[Service, str], int | None]:
+    """`_effective_db_pool`, worked out once per service and set of env files: a host without
+    overrides sees exactly its env files' values, so hosts with the same env files share the
+    answer (a Sidekiq service on 1,000 hosts asked 1,000 times).  A host with an override in
+    any env file is worked out on its own."""
+    overridden = {h for ef in desired.env_files for h, _ in ef.overrides}
+    memo: dict[tuple[int, tuple[int, ...]], int | None] = {}
+
+    def of(service: Service, host: str) -> int | None:
+        if host in overridden:
+            return _effective_db_pool(desired, service, host)
+        key = (id(service), tuple(map(id, desired.env_files_on(host))))  # all alive for this call
+        if key not in memo:
+            memo[key] = _effective_db_pool(desired, service, host)
+        return memo[key]
+
+    return of
 
 
 def _effective_db_pool(desired: Desired, service: Service, host: str) -> int | None:
@@ -284,14 +303,21 @@ def _check_env_consistency(desired: Desired) -> list[Finding]:
         if svc.unit_spec is None:
             continue
         for path in svc.unit_spec.environment_files:
-            base: dict[str, dict[str, str]] = defaultdict(dict)  # key -> host -> value
+            # A host's values here are its env files' `values` (not its overrides): the same for
+            # every host with the same env files (in the same order), so hosts are grouped by them
+            # and each group's values merged once, not once per host and key.
+            groups: dict[tuple[int, ...], tuple[dict[str, str], list[str]]] = {}
             for h in svc.hosts:
-                for ef in desired.env_files_on(h):
-                    if ef.path == path:
-                        for k, v in ef.values:
-                            base[k][h] = v
-            for k, per_host in base.items():
-                if len(set(per_host.values())) > 1:
+                files = [ef for ef in desired.env_files_on(h) if ef.path == path]
+                ids = tuple(map(id, files))  # all alive for this call
+                group = groups.get(ids)
+                if group is None:
+                    group = groups[ids] = ({k: v for ef in files for k, v in ef.values}, [])
+                group[1].append(h)
+            keys = dict.fromkeys(k for values, _ in groups.values() for k in values)  # in the hosts' order
+            for k in keys:
+                if len({values[k] for values, _ in groups.values() if k in values}) > 1:
+                    per_host = {h: values[k] for values, hosts in groups.values() if k in values for h in hosts}
                     shown = ", ".join(f"{h}={v!r}" if not looks_secret(k) else h for h, v in sorted(per_host.items()))
                     out.append(Finding(
                         "error", "env.inconsistent",
@@ -356,6 +382,7 @@ def check_store_settings(desired: Desired) -> list[Finding]:
     A setting pointing outside the inventory is left alone when no service of its kind is declared
     anywhere (an external database fleet knows nothing about)."""
     found: dict[tuple[str, str, str, str], tuple[Finding, list[str]]] = {}
+    check_setting = _setting_checker(desired)
     for ef in desired.env_files:
         sensitive = set(ef.sensitive_keys())
         for host in ef.hosts:
@@ -366,7 +393,7 @@ def check_store_settings(desired: Desired) -> list[Finding]:
                 if setting.kind == Kind.ELASTICSEARCH and values.get("ES_ENABLED") != "true":
                     continue  # Mastodon reads ES_HOST only with ES_ENABLED=true
                 path = _setting_path(ef, host, setting.key)
-                for f in _check_setting(desired, host, setting, values, path):
+                for f in check_setting(host, setting, values, path):
                     group = (f.code, f.key, f.message, f.hint)
                     found.setdefault(group, (f, []))[1].append(host)
     out = []
@@ -399,6 +426,31 @@ def _setting_path(ef: EnvFile, host: str, key: str) -> str:
     if key in dict(dict(ef.overrides).get(host, ())):
         return f"env_files.{ef.name}.overrides.{host}.{key}"
     return f"env_files.{ef.name}.values.{key}"
+
+
+def _setting_checker(desired: Desired) -> Callable[[str, StoreSetting, dict[str, str], str], list[Finding]]:
+    """`_check_setting`, worked out once per setting, key path and the values it reads, where
+    its target is another host: then the answer does not depend on the host reading it (1,000
+    hosts read one DB_HOST).  A local target (localhost, a socket) is each reading host itself,
+    and is checked for every host."""
+    memo: dict[tuple[int, str, tuple[str | None, ...]], list[Finding]] = {}
+    local: set[tuple[int, str, tuple[str | None, ...]]] = set()
+
+    def check(host: str, setting: StoreSetting, values: dict[str, str], path: str) -> list[Finding]:
+        key = (id(setting), path, tuple(values.get(k) for k in (setting.key, *setting.port_keys, *setting.prepared)))
+        hit = memo.get(key)
+        if hit is not None:
+            return hit
+        out = _check_setting(desired, host, setting, values, path)
+        if key not in local:
+            target = _target(setting, values)
+            if target is not None and (target.host == "" or _is_local(target.host)):
+                local.add(key)
+            else:
+                memo[key] = out
+        return out
+
+    return check
 
 
 def _check_setting(desired: Desired, host: str, setting: StoreSetting, values: dict[str, str],

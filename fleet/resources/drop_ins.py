@@ -241,8 +241,10 @@ class DropIns(Resource):
 def judge(service: Service, state: HostState) -> _Judged | None:
     """What differs between the drop-ins the service declares and those in its unit's directory on
     the host; None when it declares none (it owns none) or the host's were not collected."""
+    if service.dropins is None or service.observe_only:
+        return None  # before the host's drop-ins are looked at: most services declare none
     found = _found(state)
-    if service.dropins is None or service.observe_only or found is None:
+    if found is None:
         return None
     directory = drop_in_dir(service.unit)
     here = [d for d in found if posixpath.dirname(d.path) == directory]

@@ -336,13 +336,31 @@ def desired_env_items(ef: EnvFile, host: str, secrets: Mapping[tuple[str, str], 
     return items
 
 
-def env_digest(ef: EnvFile, host: str, secrets: Mapping[tuple[str, str], str]) -> str:
+def env_digest(ef: EnvFile, host: str, secrets: Mapping[tuple[str, str], str],
+               fingerprints: tuple[tuple[str, str], ...] | None = None) -> str:
     """A hash of exactly what fleet would write into `ef` on `host`, computed over secret
     fingerprints rather than values, so it can be stored in a plan and re-checked at apply."""
     lines = [f"{k}={v}" for k, v in ef.values_for(host).items()]
-    lines += [f"{k}=sha256:{fingerprint(secrets[(ef.name, k)])}" for k, src in ef.sensitive
-              if src.kind != "present" and (ef.name, k) in secrets]
+    lines += [f"{k}=sha256:{fp}" for k, fp in (fingerprints if fingerprints is not None
+                                              else secret_fingerprints(ef, secrets))]
     return sha256_hex("\n".join(lines))
+
+
+def secret_fingerprints(ef: EnvFile, secrets: Mapping[tuple[str, str], str],
+                        cache: dict[str, Any] | None = None) -> tuple[tuple[str, str], ...]:
+    """(key, fingerprint of its value) of each sensitive key of `ef` fleet writes, in order.
+    `cache`: a diff()'s memo (one set of secrets): the same for every host of the file, so each
+    value is fingerprinted once per diff, not twice per host."""
+    memo: dict[int, tuple[EnvFile, tuple[tuple[str, str], ...]]] | None = \
+        cache.setdefault("env file fingerprints", {}) if cache is not None else None
+    hit = memo.get(id(ef)) if memo is not None else None
+    if hit is not None and hit[0] is ef:  # the entry holds ef: its id is not reused meanwhile
+        return hit[1]
+    out = tuple((k, fingerprint(secrets[(ef.name, k)])) for k, src in ef.sensitive
+                if src.kind != "present" and (ef.name, k) in secrets)
+    if memo is not None:
+        memo[id(ef)] = (ef, out)
+    return out
 
 
 def same_secret(have: str, want: str) -> bool:
@@ -359,8 +377,8 @@ def _env_change(ef: EnvFile, ctx: HostDiff) -> Change | None:
     obs = state.env_file(ef.path) or EnvFileState(path=ef.path, present=False)
     want_values = ef.values_for(host)
     sensitive = dict(ef.sensitive)
-    want_secret = {k: fingerprint(secrets[(ef.name, k)]) for k, src in ef.sensitive
-                   if src.kind != "present" and (ef.name, k) in secrets}
+    fingerprints = secret_fingerprints(ef, secrets, ctx.cache)
+    want_secret = dict(fingerprints)
     have_values, have_secret = obs.value_map(), obs.secret_map()
     keys: list[KeyChange] = []
 
@@ -411,5 +429,5 @@ def _env_change(ef: EnvFile, ctx: HostDiff) -> Change | None:
     return Change(host, Action.WRITE_ENV, ef.path, "; ".join(reasons), None,
                   before="absent" if not obs.present else f"{len(obs.keys)} keys, {obs.owner}:{obs.group} {obs.mode}",
                   after=f"{len(want_values) + len(sensitive)} keys, {ef.owner or 'root'}:{ef.group or 'root'} {mode}",
-                  payload=EnvFilePayload(keys=tuple(keys), content_hash=env_digest(ef, host, secrets), name=ef.name,
-                                         owner=ef.owner or "", group=ef.group or "", mode=mode))
+                  payload=EnvFilePayload(keys=tuple(keys), content_hash=env_digest(ef, host, secrets, fingerprints),
+                                         name=ef.name, owner=ef.owner or "", group=ef.group or "", mode=mode))

@@ -107,8 +107,11 @@ class UnitFiles(Resource):
         """One of the service's unit files; `u` the unit whose state shows it (for a template,
         its first instance on the host)."""
         host = ctx.host
-        drop_ins = tuple(p for p in (foreign_drop_ins(s, unit, u) if u else ()) if removable_unit_file(p, unit))
-        units: UnitTexts = ctx.cache.setdefault(self.kind, UnitTexts())
+        drop_ins = tuple(p for p in foreign_drop_ins(s, unit, u) if removable_unit_file(p, unit)) \
+            if u is not None and u.drop_in_paths else ()  # most units have none: no scan
+        units: UnitTexts | None = ctx.cache.get(self.kind)
+        if units is None:  # not setdefault(): that would build a UnitTexts for every host and file
+            units = ctx.cache[self.kind] = UnitTexts()
         content_hash, observed_text = units.of(s, unit, content)
         if unit_file_differs(s, u, content_hash, unit):
             before_text = mask_unit_text(u.text or "") if u is not None else ""
@@ -126,8 +129,10 @@ class UnitFiles(Resource):
         self._report_drop_ins(ctx, u.unit if u is not None else unit, u)
 
     def _report_drop_ins(self, ctx: HostDiff, unit: str, u: UnitState | None) -> None:
-        foreign = [p for p in (u.drop_in_paths if u else ()) if not p.startswith(UNIT_DIR + "/")]
-        report_refused(ctx, unit, refused_unit_files(unit, u.drop_in_paths if u else ()))
+        if u is None or not u.drop_in_paths:
+            return  # nothing to report (asked for each of the fleet's units on each host)
+        foreign = [p for p in u.drop_in_paths if not p.startswith(UNIT_DIR + "/")]
+        report_refused(ctx, unit, refused_unit_files(unit, u.drop_in_paths))
         if foreign:
             ctx.problems.append(f"on {ctx.host}, {unit} also reads drop-in(s) {', '.join(foreign)}, outside "
                                 f"{UNIT_DIR}: fleet does not remove them, and they may change the unit "
