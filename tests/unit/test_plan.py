@@ -38,6 +38,7 @@ from observed import (
 )
 from simulate import SimulationError, simulate
 
+from fleet.actions import Action
 from fleet.collect.parse import parse_host
 from fleet.diff import diff
 from fleet.graph import EVERY_RUN
@@ -52,6 +53,7 @@ from fleet.plan import (
     desired_hash,
     fingerprint,
     pack_document,
+    plain_data,
     plan_file_text,
     plan_from_document,
     plan_from_json,
@@ -397,6 +399,51 @@ def test_the_desired_hash_ignores_where_the_files_were_read_from_but_not_what_th
         desired_hash(d))
     web = dataclasses.replace(d.services[2], max_unavailable=2)
     assert desired_hash(dataclasses.replace(d, services=(*d.services[:2], web, *d.services[3:]))) != desired_hash(d)
+
+
+EXAMPLE_DESIRED_HASH = "56b8a8329ee2163f7cf8baf7a7eccd8e57845807ed5034889a7001613e15067f"  # asdict's, before plain_data
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    name: str
+    weight: float = 1.0
+    flag: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Node:
+    leaves: tuple[_Leaf, ...]
+    table: dict[str, Any]
+    items: list[Any]
+    kind: Any = None
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5),
+                     st.sampled_from(list(Action)))
+_leaves = st.builds(_Leaf, st.text(max_size=5), st.floats(allow_nan=False), st.one_of(st.none(), st.booleans()))
+_values = st.recursive(st.one_of(_scalars, _leaves), lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.lists(inner, max_size=3).map(tuple),
+    st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    st.builds(_Node, st.lists(_leaves, max_size=2).map(tuple), st.dictionaries(st.text(max_size=3), inner, max_size=2),
+              st.lists(inner, max_size=2), _scalars)), max_leaves=12)
+
+
+@given(value=_values)
+def test_plain_data_is_asdict_as_json_writes_it(value: Any) -> None:
+    """desired_hash hashes `plain_data` where it hashed `dataclasses.asdict`: the JSON must be the
+    same, or every saved plan would be refused as made for another desired state."""
+    expected = dataclasses.asdict(_Node((), {}, [value]))
+    got = plain_data(_Node((), {}, [value]))
+    assert json.dumps(got, sort_keys=True, default=str) == json.dumps(expected, sort_keys=True, default=str)
+    assert [type(v) for v in got["items"]] == [type(v) for v in expected["items"]]
+
+
+def test_the_desired_hash_is_the_one_asdict_gave_so_saved_plans_stay_valid() -> None:
+    for d in (example(), dataclasses.replace(example(), source="/x", hosts_dir="/y")):
+        assert plain_data(d) == dataclasses.asdict(d)  # equal as Python values: () stays () (defaults compare to it)
+    # the example's hash, pinned: a change here refuses every plan saved before it
+    assert desired_hash(example()) == EXAMPLE_DESIRED_HASH
 
 
 # ------------------------------------------------------------------ executing a plan
