@@ -294,6 +294,14 @@ def up_state(service: Service, unit: str) -> str:
     return "active/exited" if spec is not None and spec.remain_after_exit else "active/running"
 
 
+def not_there(u: UnitState | None) -> bool:
+    """Is nothing of this unit on the host: not reported, or not found with no unit file state,
+    no drop-in, no text, not active?  What fleet does for such a unit depends on its service
+    alone (fleet/resources/unit_file.py and unit_state.py copy it from host to host)."""
+    return u is None or (u.load_state in ("not-found", "") and not u.unit_file_state and not u.drop_in_paths
+                         and u.text is None and u.active_state != "active")
+
+
 def describe_unit(u: UnitState | None) -> str:
     """`active/running, enabled, -c 10 -q default` — what a reader needs to recognise it."""
     if u is None or not u.exists:

@@ -46,6 +46,7 @@ from fleet.units import (
     file_text,
     foreign_drop_ins,
     mask_unit_text,
+    not_there,
     refused_unit_files,
     removable_unit_file,
     unit_file_differs,
@@ -82,6 +83,54 @@ class UnitTexts:
         return f"--- {fromfile}\n+++ {tofile}\n{body}" if body else ""
 
 
+_FIRST_INSTALLS = "unit file: first installs"
+
+
+class FirstInstalls:
+    """A service's unit files written on a host where none of its units is there yet (`not_there`)
+    are the same on every such host with the same units but for the host's name: worked out on the
+    first and copied (a first install of 1,000 hosts made them 1,000 times).  Per service and its
+    units on the host: (the units looked at, and per file (unit, reason, before, after, content
+    hash, the diff's body below its ---/+++ lines, which name the host)), or None when what the
+    first host got cannot be copied."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[int, tuple[str, ...]], tuple[Service, Any]] = {}
+
+    def get(self, s: Service, runs: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]] | None:
+        hit = self._made.get((id(s), runs))
+        return hit[1] if hit is not None and hit[0] is s else None
+
+    def learn(self, s: Service, runs: tuple[str, ...], files: tuple[tuple[str, str, str], ...], ctx: HostDiff,
+              made: list[Change]) -> None:
+        """What the full diff of `s` just made on ctx's host (with no problem or note), kept if it
+        can be copied to another host: none of the service's units was there, it made one
+        write-unit per file, and the host's name is in none of their fields but the diff's ---/+++
+        lines.  Learnt once per service and units (a copy that cannot be made is not tried again)."""
+        hit = self._made.get((id(s), runs))
+        if hit is not None and hit[0] is s:
+            return
+        looked_at = tuple(dict.fromkeys((*runs, *(probe for _, _, probe in files), *(unit for unit, _, _ in files))))
+        if not all(not_there(ctx.state.unit(u)) for u in looked_at):
+            return  # not a first install here: learnt from a host where it is
+        host = ctx.host
+        kept = None
+        if len(made) == len(files):
+            rows = []
+            for (unit, _, _), c in zip(files, made, strict=True):
+                p = c.payload
+                header = f"--- {host}:{unit} (now)\n+++ {host}:{unit} (desired)\n"
+                body = p.diff[len(header):] if isinstance(p, UnitFilePayload) and p.diff.startswith(header) else None
+                if (c.host != host or c.action != Action.WRITE_UNIT or c.target != unit or c.service != s.name
+                        or not isinstance(p, UnitFilePayload) or p.remove_files or (body is None and p.diff)
+                        or any(host in f for f in (c.reason, c.before, c.after, p.content_hash, body or ""))):
+                    break
+                rows.append((unit, c.reason, c.before, c.after, p.content_hash, body or ""))
+            else:
+                kept = (looked_at, tuple(rows))
+        self._made[(id(s), runs)] = (s, kept)
+
+
 class UnitFiles(Resource):
     kind = "unit file"
     actions = {
@@ -96,12 +145,28 @@ class UnitFiles(Resource):
 
     def diff_service(self, ctx: HostDiff, service: Service) -> None:
         s, host = service, ctx.host
-        for unit, content, probe in unit_files(s, host):
+        runs = s.units_on(host)
+        installs: FirstInstalls | None = ctx.cache.get(_FIRST_INSTALLS)
+        if installs is None:
+            installs = ctx.cache[_FIRST_INSTALLS] = FirstInstalls()
+        made = installs.get(s, runs)
+        if made is not None and all(not_there(ctx.state.unit(u)) for u in made[0]):
+            for unit, reason, before, after, content_hash, body in made[1]:  # none of its units here yet
+                header = f"--- {host}:{unit} (now)\n+++ {host}:{unit} (desired)\n" if body else ""
+                ctx.add(Change(host, Action.WRITE_UNIT, unit, reason, s.name, before=before, after=after,
+                               payload=UnitFilePayload(content_hash, diff=header + body)))
+                ctx.rewritten_units.add(unit)
+            return
+        first = (len(ctx.changes), len(ctx.problems), len(ctx.notes))
+        files = unit_files(s, host)
+        for unit, content, probe in files:
             self._diff_file(ctx, s, unit, content, ctx.state.unit(probe))
         for run_unit in s.units_on(host) if s.unit_spec is None else ():
             self._report_drop_ins(ctx, run_unit, ctx.state.unit(run_unit))  # observe-only: only reported
         for run_unit in s.units_on(host)[1:] if s.unit_spec is not None else ():
             self._report_drop_ins(ctx, run_unit, ctx.state.unit(run_unit))  # the other instances
+        if made is None and (len(ctx.problems), len(ctx.notes)) == first[1:]:
+            installs.learn(s, runs, files, ctx, ctx.changes[first[0]:])
 
     def _diff_file(self, ctx: HostDiff, s: Service, unit: str, content: str, u: UnitState | None) -> None:
         """One of the service's unit files; `u` the unit whose state shows it (for a template,

@@ -30,13 +30,20 @@ from fleet.sidekiq import (
     judge_beat,
     locate_redis,
 )
-from fleet.units import describe_unit, is_up, unit_path, up_state
+from fleet.units import describe_unit, is_up, not_there, unit_path, up_state
 
 _RUNS = (Action.START, Action.RESTART)
 # A failed start or restart rolled files back and stopped or restarted its unit: it explains file
 # and enablement changes only when it failed; the state change it made, either way.
 _ROLLED_BACK = frozenset({ObservedKind.UNIT_DISAPPEARED, ObservedKind.UNIT_TEXT, ObservedKind.UNIT_ENABLEMENT,
                           ObservedKind.ENV_PRESENCE})
+
+
+# A service's enables and starts on a host where none of its units is there yet (`not_there`): the same on
+# every such host with the same units but for the host's name, so worked out on the first and
+# copied (a first install of 1,000 hosts made them 1,000 times).  Per service and units: the
+# changes made on the first such host, or None when they name it and cannot be copied.
+_FIRST_STARTS = "unit state: first starts"
 
 
 class UnitStates(Resource):
@@ -57,11 +64,28 @@ class UnitStates(Resource):
 
     def diff_service(self, ctx: HostDiff, service: Service) -> None:
         s, host = service, ctx.host
+        units = s.all_units_on(host)
+        firsts: dict[tuple[int, tuple[str, ...]], tuple[Service, tuple[Change, ...] | None]] | None = \
+            ctx.cache.get(_FIRST_STARTS)
+        if firsts is None:
+            firsts = ctx.cache[_FIRST_STARTS] = {}
+        known = firsts.get((id(s), units))
+        if known is not None and known[0] is s and known[1] is not None \
+                and all(not_there(ctx.state.unit(u)) for u in units):  # none there: as on the host learnt from
+            for c in known[1]:
+                ctx.add(Change(host, c.action, c.target, c.reason, c.service, before=c.before, after=c.after))
+            return
+        first = (len(ctx.changes), len(ctx.problems), len(ctx.notes))
         loads_changed = [p for p in (s.unit_spec.environment_files if s.unit_spec else ()) if p in ctx.written_paths]
         for unit in s.units_on(host):
             self._converge(ctx, s, unit, loads_changed)
         if s.wrapper is not None:
             self._start_wrapper(ctx, s, s.wrapper.unit)
+        if (known is None or known[0] is not s) and all(not_there(ctx.state.unit(u)) for u in units):
+            made = tuple(ctx.changes[first[0]:])
+            copyable = (len(ctx.problems), len(ctx.notes)) == first[1:] and all(
+                c.host == host and c.payload is None and host not in c.reason + c.before + c.after for c in made)
+            firsts[(id(s), units)] = (s, made if copyable else None)
 
     def _converge(self, ctx: HostDiff, s: Service, unit: str, loads_changed: list[str]) -> None:
         host = ctx.host
