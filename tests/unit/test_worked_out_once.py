@@ -93,3 +93,84 @@ def test_secret_fingerprints_kept_for_a_diff_are_each_env_files_own() -> None:
         assert secret_fingerprints(worker, secrets, cache) == (("SECRET_KEY_BASE", fingerprint("two")),)
     assert env_digest(worker, "a", secrets, secret_fingerprints(worker, secrets, cache)) == \
         env_digest(worker, "a", secrets)
+
+
+# -- a first install: a service's unit files, enables and starts made on the first host where none of
+# its units is there, and copied to the next such host with that host's own name
+
+def first_install_fleet(hosts: tuple[str, ...]) -> Desired:
+    """A plain service, a template with a wrapper whose instances differ on the last host, and one
+    whose unit text names nothing of a host (a wrapper with the operator's own text)."""
+    from fleet.model import Wrapper
+
+    plain = UnitSpec(exec_start="/bin/web", environment=(("A", "1"),))
+    tmpl = UnitSpec(exec_start="/bin/stream --port %i")
+    wrap = UnitSpec(exec_start="/bin/true", text="[Unit]\nDescription=together\n[Service]\nType=oneshot\n"
+                    "RemainAfterExit=yes\nExecStart=/bin/true\n", remain_after_exit=True)
+    return Desired(
+        name="t", hosts=tuple(Host(h, h) for h in hosts),
+        services=(Service("web", Kind.WEB, "web.service", hosts, unit_spec=plain),
+                  Service("stream", Kind.STREAMING, "stream@.service", hosts, unit_spec=tmpl,
+                          instances=("4000", "4001"), host_instances=((hosts[-1], ("4002",)),),
+                          wrapper=Wrapper("stream.service", wrap))))
+
+
+def alone(desired: Desired, observed: dict[str, Any], host: str) -> list[Any]:
+    """The host's changes when it is the only one diffed: nothing learnt from another host."""
+    from fleet.diff import diff
+
+    return list(diff(desired, {host: observed[host]}, {}, prune=False).changes)
+
+
+def each_hosts_own(desired: Desired, observed: dict[str, Any]) -> None:
+    from fleet.diff import diff
+
+    together = diff(desired, observed, {}, prune=False).changes
+    for h in observed:
+        mine = [c for c in together if c.host == h]
+        assert mine == alone(desired, observed, h), h
+        assert all(h in c.payload.diff for c in mine if c.action.value == "write-unit")  # type: ignore[union-attr]
+
+
+def not_found(name: str, **kw: Any) -> UnitState:
+    return UnitState(name, "not-found", kw.pop("active", "inactive"), "dead", kw.pop("file_state", ""), **kw)
+
+
+def test_a_first_install_copied_from_host_to_host_is_each_hosts_own() -> None:
+    hosts = ("web-1", "web-2", "web-3", "web-4")
+    desired = first_install_fleet(hosts)
+    states = [(), (not_found("web.service"), not_found("stream@4000.service")),
+              tuple(not_found(u) for u in ("web.service", "stream@4000.service", "stream@4001.service",
+                                          "stream.service")),
+              (not_found("stream@4002.service"),)]
+    observed = {h: HostState(h, HostFacts(), units, ()) for h, units in zip(hosts, states, strict=True)}
+    each_hosts_own(desired, observed)
+    from fleet.diff import diff
+
+    changes = diff(desired, observed, {}, prune=False).changes
+    last = [(c.action.value, c.target) for c in changes if c.host == "web-4"]
+    assert ("start", "stream@4002.service") in last and ("start", "stream@4000.service") not in last
+    diffs = {c.payload.diff for c in changes if c.target == "web.service" and c.action.value == "write-unit"}  # type: ignore[union-attr]
+    assert len(diffs) == 4  # one per host: each names its own
+
+
+def test_a_unit_that_is_partly_there_is_not_given_the_first_installs_answer() -> None:
+    """Hosts after the first whose units are not quite absent (a unit file state, an active unit
+    systemd cannot find, a drop-in, a text, a loaded unit) each get their own diff."""
+    hosts = ("h1", "h2", "h3", "h4", "h5", "h6", "h7")
+    desired = first_install_fleet(hosts)
+    odd = [(), (not_found("web.service", file_state="masked"),), (not_found("web.service", active="active"),),
+           (not_found("web.service", drop_in_paths=("/etc/systemd/system/web.service.d/x.conf",)),),
+           (not_found("web.service", text="# /etc/systemd/system/web.service\n[Unit]\n"),),
+           (UnitState("web.service", "loaded", "inactive", "dead", "disabled"),
+            UnitState("stream@4000.service", "loaded", "failed", "failed", "enabled")),
+           ()]
+    observed = {h: HostState(h, HostFacts(), units, ()) for h, units in zip(hosts, odd, strict=True)}
+    each_hosts_own(desired, observed)
+
+
+def test_a_host_whose_name_is_in_its_changes_texts_is_not_copied_from() -> None:
+    """`a` is in "absent" and in the unit's text: what a names is not copied to b (nor b's name missed)."""
+    desired = first_install_fleet(("a", "b", "ab"))
+    observed = {h: HostState(h, HostFacts(), (), ()) for h in ("a", "b", "ab")}
+    each_hosts_own(desired, observed)
