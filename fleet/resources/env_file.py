@@ -372,10 +372,39 @@ def same_secret(have: str, want: str) -> bool:
     return have == want
 
 
+# A declared env file missing on a host: its write is the same on every host that must hold the
+# same values but for the host's name (a first install of 1,000 hosts made it 1,000 times), so
+# it is made once per file and values and copied.  (file's id, its values there) -> (the file,
+# the change made for the first such host).
+_MISSING = "env file: missing"
+
+
 def _env_change(ef: EnvFile, ctx: HostDiff) -> Change | None:
-    host, state, secrets, problems = ctx.host, ctx.state, ctx.secrets, ctx.problems
-    obs = state.env_file(ef.path) or EnvFileState(path=ef.path, present=False)
+    host = ctx.host
+    obs = ctx.state.env_file(ef.path)
     want_values = ef.values_for(host)
+    if obs is not None and (obs.present or obs.keys or obs.values or obs.secrets):
+        return _env_change_of(ef, ctx, obs, want_values)
+    missing: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[EnvFile, Change | None]] | None = \
+        ctx.cache.get(_MISSING)
+    if missing is None:
+        missing = ctx.cache[_MISSING] = {}
+    key = (id(ef), tuple(want_values.items()))
+    hit = missing.get(key)
+    if hit is not None and hit[0] is ef and hit[1] is not None:
+        c = hit[1]
+        return Change(host, c.action, c.target, c.reason, c.service, before=c.before, after=c.after, payload=c.payload)
+    problems = len(ctx.problems)
+    made = _env_change_of(ef, ctx, obs or EnvFileState(path=ef.path, present=False), want_values)
+    if hit is None or hit[0] is not ef:
+        copyable = made is not None and len(ctx.problems) == problems \
+            and host not in made.reason + made.before + made.after
+        missing[key] = (ef, made if copyable else None)
+    return made
+
+
+def _env_change_of(ef: EnvFile, ctx: HostDiff, obs: EnvFileState, want_values: dict[str, str]) -> Change | None:
+    host, secrets, problems = ctx.host, ctx.secrets, ctx.problems
     sensitive = dict(ef.sensitive)
     fingerprints = secret_fingerprints(ef, secrets, ctx.cache)
     want_secret = dict(fingerprints)

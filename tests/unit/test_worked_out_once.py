@@ -174,3 +174,33 @@ def test_a_host_whose_name_is_in_its_changes_texts_is_not_copied_from() -> None:
     desired = first_install_fleet(("a", "b", "ab"))
     observed = {h: HostState(h, HostFacts(), (), ()) for h in ("a", "b", "ab")}
     each_hosts_own(desired, observed)
+
+
+def test_a_missing_env_file_copied_from_host_to_host_is_each_hosts_own() -> None:
+    """The write of a missing env file is made once per file and values: a host with an override
+    (DB_HOST), one whose file is there, one reported absent but with keys, get their own."""
+    from fleet.model import EnvFileState, SecretSource
+
+    hosts = ("a1", "a2", "b1", "a3", "c1", "a4")
+    spec = UnitSpec(exec_start="/bin/web", environment_files=("/e",))
+    desired = Desired(
+        name="t", hosts=tuple(Host(h, h) for h in hosts),
+        services=(Service("web", Kind.WEB, "web.service", hosts, unit_spec=spec),),
+        env_files=(EnvFile("e", "/e", hosts, values=(("DB_HOST", "db"), ("LOCAL_DOMAIN", "x")),
+                           overrides=(("b1", (("DB_HOST", "b1-db"),)),),
+                           sensitive=(("SECRET_KEY_BASE", SecretSource("file")),)),))
+    envs: dict[str, tuple[EnvFileState, ...]] = {
+        "a3": (EnvFileState("/e", True, "0600", "root", "root", keys=("DB_HOST",), values=(("DB_HOST", "db"),)),),
+        "c1": (EnvFileState("/e", False, keys=("LOCAL_DOMAIN",), values=(("LOCAL_DOMAIN", "y"),)),),
+        "a4": (EnvFileState("/e", False),)}
+    observed = {h: HostState(h, HostFacts(), (), envs.get(h, ())) for h in hosts}
+    from fleet.diff import diff
+
+    secrets = {("e", "SECRET_KEY_BASE"): "s3cret"}
+    together = diff(desired, observed, secrets, prune=False).changes
+    for h in hosts:
+        alone_h = list(diff(desired, {h: observed[h]}, secrets, prune=False).changes)
+        assert [c for c in together if c.host == h] == alone_h, h
+    writes = {c.host: c for c in together if c.action.value == "write-env"}
+    assert writes["b1"].payload != writes["a1"].payload == writes["a2"].payload == writes["a4"].payload
+    assert "b1-db" in str(writes["b1"].payload) and "b1-db" not in str(writes["a2"].payload)
