@@ -609,3 +609,28 @@ def test_the_plan_file_is_the_packed_document_whatever_rows_share() -> None:
     assert plan.to_json() == plan_file_text(pack_document(plan.to_dict()))
     packed = json.loads(plan.to_json())
     assert len({json.dumps(row[1:8]) for row in packed["changes"]}) == 7  # a1, a2 and the stranger share theirs
+
+
+def test_a_changes_own_init_takes_its_fields_in_order_with_their_defaults() -> None:
+    """Change sets its fields itself (fleet/actions.py): what dataclass would generate, held here
+    to the fields, so that a field added without it is caught."""
+    import dataclasses
+    import inspect
+
+    from fleet.actions import Action, Change, UnitFilePayload
+
+    params = list(inspect.signature(Change.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(Change)
+    assert [p.name for p in params] == [f.name for f in fields]
+    assert [p.default for p in params] == [inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+                                           for f in fields]
+    payload = UnitFilePayload("a" * 64, diff="d")
+    c = Change("h", Action.WRITE_UNIT, "x.service", "why", "web", "was", "will", payload)
+    assert [getattr(c, f.name) for f in fields] == ["h", Action.WRITE_UNIT, "x.service", "why", "web", "was", "will",
+                                                   payload]
+    assert c == Change(host="h", action=Action.WRITE_UNIT, target="x.service", reason="why", service="web",
+                       before="was", after="will", payload=payload)
+    assert dataclasses.replace(c, host="g").host == "g" and dataclasses.replace(c, host="g").payload is payload
+    assert Change("h", Action.START, "x", "r") == Change("h", Action.START, "x", "r", None, "", "", None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.host = "other"  # type: ignore[misc]
