@@ -146,27 +146,39 @@ class UnitFiles(Resource):
     def diff_service(self, ctx: HostDiff, service: Service) -> None:
         s, host = service, ctx.host
         runs = s.units_on(host)
+        unit_of = ctx.state.unit
+        if runs and not not_there(unit_of(runs[0])):  # it is (partly) here: diffed here, nothing learnt
+            self._diff_files(ctx, s, unit_files(s, host))
+            return
         installs: FirstInstalls | None = ctx.cache.get(_FIRST_INSTALLS)
         if installs is None:
             installs = ctx.cache[_FIRST_INSTALLS] = FirstInstalls()
         made = installs.get(s, runs)
-        if made is not None and all(not_there(ctx.state.unit(u)) for u in made[0]):
-            for unit, reason, before, after, content_hash, body in made[1]:  # none of its units here yet
-                header = f"--- {host}:{unit} (now)\n+++ {host}:{unit} (desired)\n" if body else ""
-                ctx.add(Change(host, Action.WRITE_UNIT, unit, reason, s.name, before=before, after=after,
-                               payload=UnitFilePayload(content_hash, diff=header + body)))
-                ctx.rewritten_units.add(unit)
-            return
+        if made is not None:
+            for u in made[0]:
+                if not not_there(unit_of(u)):
+                    break
+            else:  # none of its units here yet: as on the host it was learnt from
+                for unit, reason, before, after, content_hash, body in made[1]:
+                    header = f"--- {host}:{unit} (now)\n+++ {host}:{unit} (desired)\n" if body else ""
+                    ctx.add(Change(host, Action.WRITE_UNIT, unit, reason, s.name, before=before, after=after,
+                                   payload=UnitFilePayload(content_hash, diff=header + body)))
+                    ctx.rewritten_units.add(unit)
+                return
         first = (len(ctx.changes), len(ctx.problems), len(ctx.notes))
         files = unit_files(s, host)
+        self._diff_files(ctx, s, files)
+        if made is None and (len(ctx.problems), len(ctx.notes)) == first[1:]:
+            installs.learn(s, runs, files, ctx, ctx.changes[first[0]:])  # if none of its units is here
+
+    def _diff_files(self, ctx: HostDiff, s: Service, files: tuple[tuple[str, str, str], ...]) -> None:
+        host = ctx.host
         for unit, content, probe in files:
             self._diff_file(ctx, s, unit, content, ctx.state.unit(probe))
         for run_unit in s.units_on(host) if s.unit_spec is None else ():
             self._report_drop_ins(ctx, run_unit, ctx.state.unit(run_unit))  # observe-only: only reported
         for run_unit in s.units_on(host)[1:] if s.unit_spec is not None else ():
             self._report_drop_ins(ctx, run_unit, ctx.state.unit(run_unit))  # the other instances
-        if made is None and (len(ctx.problems), len(ctx.notes)) == first[1:]:
-            installs.learn(s, runs, files, ctx, ctx.changes[first[0]:])
 
     def _diff_file(self, ctx: HostDiff, s: Service, unit: str, content: str, u: UnitState | None) -> None:
         """One of the service's unit files; `u` the unit whose state shows it (for a template,

@@ -64,28 +64,39 @@ class UnitStates(Resource):
 
     def diff_service(self, ctx: HostDiff, service: Service) -> None:
         s, host = service, ctx.host
+        runs = s.units_on(host)
+        unit_of = ctx.state.unit
+        if runs and not not_there(unit_of(runs[0])):  # it is (partly) here: converged here, nothing learnt
+            self._diff_units(ctx, s)
+            return
         units = s.all_units_on(host)
         firsts: dict[tuple[int, tuple[str, ...]], tuple[Service, tuple[Change, ...] | None]] | None = \
             ctx.cache.get(_FIRST_STARTS)
         if firsts is None:
             firsts = ctx.cache[_FIRST_STARTS] = {}
         known = firsts.get((id(s), units))
-        if known is not None and known[0] is s and known[1] is not None \
-                and all(not_there(ctx.state.unit(u)) for u in units):  # none there: as on the host learnt from
-            for c in known[1]:
-                ctx.add(Change(host, c.action, c.target, c.reason, c.service, before=c.before, after=c.after))
-            return
+        if known is not None and known[0] is s and known[1] is not None:
+            for u in units:
+                if not not_there(unit_of(u)):
+                    break
+            else:  # none of its units here yet: as on the host it was learnt from
+                for c in known[1]:
+                    ctx.add(Change(host, c.action, c.target, c.reason, c.service, before=c.before, after=c.after))
+                return
         first = (len(ctx.changes), len(ctx.problems), len(ctx.notes))
-        loads_changed = [p for p in (s.unit_spec.environment_files if s.unit_spec else ()) if p in ctx.written_paths]
-        for unit in s.units_on(host):
-            self._converge(ctx, s, unit, loads_changed)
-        if s.wrapper is not None:
-            self._start_wrapper(ctx, s, s.wrapper.unit)
-        if (known is None or known[0] is not s) and all(not_there(ctx.state.unit(u)) for u in units):
+        self._diff_units(ctx, s)
+        if (known is None or known[0] is not s) and all(not_there(unit_of(u)) for u in units):
             made = tuple(ctx.changes[first[0]:])
             copyable = (len(ctx.problems), len(ctx.notes)) == first[1:] and all(
                 c.host == host and c.payload is None and host not in c.reason + c.before + c.after for c in made)
             firsts[(id(s), units)] = (s, made if copyable else None)
+
+    def _diff_units(self, ctx: HostDiff, s: Service) -> None:
+        loads_changed = [p for p in (s.unit_spec.environment_files if s.unit_spec else ()) if p in ctx.written_paths]
+        for unit in s.units_on(ctx.host):
+            self._converge(ctx, s, unit, loads_changed)
+        if s.wrapper is not None:
+            self._start_wrapper(ctx, s, s.wrapper.unit)
 
     def _converge(self, ctx: HostDiff, s: Service, unit: str, loads_changed: list[str]) -> None:
         host = ctx.host
