@@ -199,13 +199,17 @@ def observed_sidekiq(desired: Desired, results: dict[str, HostResult]) -> list[Q
     A file that could not be read leaves the process with no queues and says why."""
     declared = {(h, u) for s in desired.services for h in s.hosts for u in s.units_on(h)}
     out: list[QueueProcess] = []
+    # a fleet runs a few distinct command lines on many hosts: each is read once (parse_argv is
+    # pure, and its answer depends on the argv alone; the rest below is read per host)
+    parsed: dict[tuple[str, ...], SidekiqArgs | None] = {}
     for host, r in results.items():
         if not isinstance(r, HostState):
             continue
         for u in r.units:
             if u.active_state != "active":
                 continue
-            args = parse_argv(u.exec_start)
+            argv = u.exec_start
+            args = parsed[argv] if argv in parsed else parsed.setdefault(argv, parse_argv(argv))
             if args is None:
                 continue
             served = _served(r, u, args)

@@ -236,10 +236,13 @@ def sidekiq_text(report: StatusReport) -> str:
         out.append(table(rows, headers))
     else:
         out.append("  no running Sidekiq process found")
-    cover = []
-    for q in SIDEKIQ_QUEUES:
-        servers = [f"{p.host}:{p.unit}" for p in report.sidekiq if q in dict(p.queues)]
-        cover.append([q, ", ".join(servers) if servers else "NOBODY (!)"])
+    # one pass over the processes (a queue list per process, not per process and queue)
+    servers: dict[str, list[str]] = {q: [] for q in SIDEKIQ_QUEUES}
+    for p in report.sidekiq:
+        for q in dict(p.queues):  # a queue named twice in one process: that process once
+            if q in servers:
+                servers[q].append(f"{p.host}:{p.unit}")
+    cover = [[q, ", ".join(by) if by else "NOBODY (!)"] for q, by in servers.items()]
     out.append("")
     out.append(table(cover, ["QUEUE", "SERVED BY"]))
     if report.queue_findings:

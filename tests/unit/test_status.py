@@ -101,6 +101,30 @@ def test_an_undeclared_sidekiq_on_the_cdn_node_is_an_unmanaged_row_and_process(f
         "mastodon-sidekiq.service", False, 10, (("default", None),))
 
 
+def test_each_host_gets_its_own_sidekiq_command_line_read_when_hosts_share_a_unit_name(
+        fleet: dict[str, HostState]) -> None:
+    # status reads each distinct command line once: a host must still get its own line's answer
+    fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq(args="-c 10 -q default"))
+    fleet["fritz"] = with_unit(fleet["fritz"], undeclared_sidekiq(args="-c 3 -q push,2 -q pull"))
+    fleet["freud"] = with_unit(fleet["freud"], undeclared_sidekiq(args="-c 10 -q default"))
+    fleet["nietzsche"] = with_unit(fleet["nietzsche"], undeclared_sidekiq(args="-q mailers"))
+    report = status(fleet)
+    assert {p.host: (p.concurrency, p.queues) for p in report.sidekiq if p.unit == "mastodon-sidekiq.service"} == {
+        "franz": (10, (("default", None),)), "freud": (10, (("default", None),)),
+        "fritz": (3, (("push", 2), ("pull", None))), "nietzsche": (None, (("mailers", None),))}
+
+
+def test_the_queue_table_names_each_process_once_per_queue_it_serves(fleet: dict[str, HostState]) -> None:
+    fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq(args="-q default -q fasp -q default,3"))
+    report = status(fleet)
+    lines = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in sidekiq_text(report).splitlines()
+             if line.split(None, 1)[:1] in (["default"], ["fasp"], ["push"])}
+    for q in ("default", "fasp", "push"):  # in the order of the processes, each process once
+        assert lines[q].split(", ") == [f"{p.host}:{p.unit}" for p in report.sidekiq if any(n == q for n, _ in p.queues)]
+    assert lines["default"].count("franz:") == 1 and lines["fasp"].count("franz:") == 1
+    assert "franz:" not in lines["push"]
+
+
 def test_a_declared_service_running_on_a_host_it_is_not_declared_for_is_unmanaged_there(
         fleet: dict[str, HostState]) -> None:
     fleet["franz"] = with_unit(fleet["franz"], unit_of(fleet["freud"], "mastodon-sidekiq-default.service"))
