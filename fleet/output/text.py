@@ -65,7 +65,7 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """
     if any(len(row) != len(headers) for row in rows):
         raise ValueError(f"a table row is not {len(headers)} cells long, as its headers are")
-    raw = list(zip(*rows)) if rows else [() for _ in headers]
+    raw = list(zip(*rows, strict=True)) if rows else [() for _ in headers]
     escaped = [[_cell_text(c) for c in column] for column in raw]
     right = [column_alignment(column) == "right" for column in raw]
     # a line break anywhere, even one the stripping removes, makes the table a table of multi-line
@@ -80,13 +80,14 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
               [[line.rjust(w) if r else line.ljust(w) for line in c.split("\n")] if c else [] for c in column]
               for column, w, r in zip(columns, widths, right, strict=True)]
     if not multiline:
-        lines += ["  ".join(row).rstrip() for row in zip(*padded)]
+        lines += ["  ".join(row).rstrip() for row in zip(*padded, strict=True)]
     else:
         blanks = [" " * w for w in widths]
-        for row in zip(*padded):
+        for row in zip(*padded, strict=True):
             height = max(map(len, row))  # an empty cell has no line: a row of empty cells none at all
             for n in range(height):
-                lines.append("  ".join(c[n] if n < len(c) else blank for c, blank in zip(row, blanks)).rstrip())
+                line = "  ".join(c[n] if n < len(c) else blank for c, blank in zip(row, blanks, strict=True))
+                lines.append(line.rstrip())
     return "\n".join(lines)
 
 

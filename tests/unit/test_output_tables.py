@@ -86,10 +86,11 @@ CELL = st.one_of(
 @given(st.integers(min_value=1, max_value=5).flatmap(lambda n: st.tuples(
     st.lists(st.text(alphabet="ABC -c", min_size=0, max_size=6), min_size=n, max_size=n),
     st.lists(st.lists(CELL, min_size=n, max_size=n), max_size=6))))
-def test_the_table_is_tabulates_simple_table_told_the_same_alignment(case: tuple[list[str], list[list[object]]]) -> None:
+def test_the_table_is_tabulates_simple_table_told_the_same_alignment(
+        case: tuple[list[str], list[list[object]]]) -> None:
     headers, rows = case
     cells = [[printable(c) if isinstance(c, str) else c for c in row] for row in rows]
-    aligns = [column_alignment(column) for column in zip(*rows)] if rows else None
+    aligns = [column_alignment(column) for column in zip(*rows, strict=True)] if rows else None
     expected = tabulate(cells, headers=headers, tablefmt="simple", disable_numparse=True, colalign=aligns)
     assert table(rows, headers) == expected
 
