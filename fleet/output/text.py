@@ -66,7 +66,7 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     if any(len(row) != len(headers) for row in rows):
         raise ValueError(f"a table row is not {len(headers)} cells long, as its headers are")
     raw = list(zip(*rows, strict=True)) if rows else [() for _ in headers]
-    escaped = [[_cell_text(c) for c in column] for column in raw]
+    escaped = [_column_text(column) for column in raw]
     right = [column_alignment(column) == "right" for column in raw]
     # a line break anywhere, even one the stripping removes, makes the table a table of multi-line
     # cells, where a row of empty cells takes no line at all (as in tabulate)
@@ -91,11 +91,12 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _cell_text(cell: object) -> str:
-    """A cell as shown (before stripping): an integer in digits, nothing for None, anything else escaped."""
-    if type(cell) is int:
-        return str(cell)
-    return "" if cell is None else printable(cell if isinstance(cell, str) else str(cell))
+def _column_text(column: Sequence[object]) -> list[str]:
+    """A column's cells as shown (before stripping): an integer in digits, nothing for None,
+    anything else escaped — looked at once per column: a text has something to escape exactly
+    when one of its parts has (what is escaped is single characters)."""
+    texts = ["" if c is None else c if isinstance(c, str) else str(c) for c in column]
+    return texts if is_printable("".join(texts)) else [printable(t) for t in texts]
 
 
 def _width(cell: str) -> int:
