@@ -117,16 +117,17 @@ def _per_part(out: str, repeats: int) -> dict[str, float]:
 def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any]:
     """Host CPU per part of fleet's script (and of the minimal collector's one `systemctl show`),
     measured on the host itself, as root, `repeats` runs in one shell: no SSH session counted.
-    `fleet` is the script as fleet sends it after a first collection (the lab's newest kept
-    snapshot's idle units offered: part `idle`), `fleet_first` as a first collection sends it."""
-    from fleet.collect.script import build_script, idle_offers, script_parts, spec_for
+    `fleet` is the script as fleet sends it after a first collection (what the lab's newest kept
+    snapshot lets it skip offered: idle units, part `idle`; env files whose hash it knows),
+    `fleet_first` as a first collection sends it."""
+    from fleet.collect.script import build_script, known_env, reuse_offers, script_parts, spec_for
 
     desired, targets = _load(directory, lab.state_dir)
     seen = kept(desired, targets, lab.state_dir)
     out: dict[str, Any] = {"repeats": repeats, "hosts": {}}
     for host in (next(h for h in targets.hosts if not h.sudo), next(h for h in targets.hosts if h.sudo)):
         first = spec_for(desired, host.name)
-        spec = idle_offers(first, seen.get(host.name))
+        spec = reuse_offers(first, seen.get(host.name))
         once = lab.root(host.name, host.sudo, build_script(spec), timeout=120).stdout
         reused = once.split("@@reused\n", 1)[1].split("@@", 1)[0].split() if "@@reused\n" in once else []
         cases = {"fleet": script_parts(spec), "fleet_first": script_parts(first),
@@ -135,7 +136,9 @@ def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any
         # manager's properties are asked next to a unit's (issue 19's question), kept as seen.
         mixed = lab.root(host.name, host.sudo, "systemctl show --no-pager -p Version -p SystemState -p Id -- "
                          + shlex.quote(spec.units[0]), timeout=60)
+        known = [line.split(" ", 1)[0] for line in once.split("\n@@env ")[1:] if "\nknown " in line.split("\n@@", 1)[0]]
         out["hosts"][host.name] = {"offered": [u.unit for u in spec.idle], "reused": reused,
+                                   "env_offered": sorted(known_env(spec)), "env_known": known,
                                    "manager_with_unit": {"rc": mixed.returncode, "stdout": mixed.stdout[-500:],
                                                          "stderr": mixed.stderr[-500:]}}
         for label, ps in cases.items():

@@ -58,16 +58,17 @@ def kept(desired: Any, targets: Any, state_dir: Path) -> dict[str, Any]:
 
 
 def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
-    """One OpenSSH command line per host, carrying fleet's exact remote command for it (with the
-    idle units of the newest kept snapshot offered, as fleet's own run after the first has them)."""
-    from fleet.collect.script import build_script, idle_offers, spec_for
+    """One OpenSSH command line per host, carrying fleet's exact remote command for it (with what
+    the newest kept snapshot lets it skip offered — idle units, known env files — as fleet's own run
+    after the first has them)."""
+    from fleet.collect.script import build_script, reuse_offers, spec_for
     from fleet.transport.protocol import sudo_command
 
     desired, targets = _load(directory, lab.state_dir)
     seen = kept(desired, targets, lab.state_dir)
     argvs = []
     for host in targets.hosts:
-        script = build_script(idle_offers(spec_for(desired, host.name), seen.get(host.name)))
+        script = build_script(reuse_offers(spec_for(desired, host.name), seen.get(host.name)))
         wire = sudo_command(script) if host.sudo else script
         argvs.append(lab.ssh_argv(host.name, wire, "-o", f"KexAlgorithms={kex}"))
     return argvs
