@@ -98,6 +98,13 @@ def env_section(lab: Any, host: str, kept: HostState) -> list[str]:
     return out.split(f"@@env {ENV}\n", 1)[1].split("\n@@", 1)[0].splitlines()
 
 
+def observed(status: dict[str, Any], host: str) -> HostState:
+    """The host as a `fleet status --json` document observed it (the snapshot it keeps)."""
+    state = from_record(status["observation"])[host]
+    assert isinstance(state, HostState)
+    return state
+
+
 def env_cell(status: dict[str, Any], host: str) -> list[dict[str, Any]]:
     return [e for e in status["observation"]["hosts"][host]["env_files"] if e["path"] == ENV]
 
@@ -108,7 +115,7 @@ def test_a_hand_edit_of_an_env_file_is_seen_after_a_collection_that_reused_its_p
     try:
         fleet_json(lab, "status", ok_codes=(0, 1, 2, 3))
         reused = fleet_json(lab, "status", ok_codes=(0, 1, 2, 3))  # taken with the first kept
-        kept = kept_of(lab, reused["snapshot"], ENV_HOST)
+        kept = observed(reused, ENV_HOST)
         (kept_env,) = [e for e in kept.env_files if e.path == ENV]
         assert len(kept_env.sha256) == 64 and dict(kept_env.values)["S3_ENABLED"] == "true"
         section = env_section(lab, ENV_HOST, kept)
@@ -134,7 +141,7 @@ def test_a_hand_edit_of_an_env_file_is_seen_after_a_collection_that_reused_its_p
         # the edited file kept, then collected again with its new parse reused: still seen
         again = fleet_json(lab, "status", ok_codes=(0, 1, 2, 3))
         assert env_cell(again, ENV_HOST) == [seen]
-        assert env_section(lab, ENV_HOST, kept_of(lab, again["snapshot"], ENV_HOST))[1:] == [f"known {seen['sha256']}"]
+        assert env_section(lab, ENV_HOST, observed(again, ENV_HOST))[1:] == [f"known {seen['sha256']}"]
         replan = fleet_json(lab, "plan", ok_codes=(2,))
         assert [c for c in replan["changes"] if c["host"] == ENV_HOST and c["target"] == ENV] == [write]
     finally:
