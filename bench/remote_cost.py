@@ -139,7 +139,7 @@ def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any
         # manager's properties are asked next to a unit's (issue 19's question), kept as seen.
         mixed = lab.root(host.name, host.sudo, "systemctl show --no-pager -p Version -p SystemState -p Id -- "
                          + shlex.quote(spec.units[0]), timeout=60)
-        known = [line.split(" ", 1)[0] for line in once.split("\n@@env ")[1:] if "\nknown " in line.split("\n@@", 1)[0]]
+        known = [s.split("\n", 1)[0] for s in once.split("\n@@env ")[1:] if "\nknown " in s.split("\n@@", 1)[0]]
         out["hosts"][host.name] = {"offered": [u.unit for u in spec.idle], "reused": reused,
                                    "env_offered": sorted(known_env(spec)), "env_known": known,
                                    "manager_with_unit": {"rc": mixed.returncode, "stdout": mixed.stdout[-500:],
