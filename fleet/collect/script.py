@@ -13,7 +13,8 @@ passed through `shlex.quote`.
 What the host pays for (docs/PERFORMANCE.md, "The remote script"): two `systemctl` processes —
 the manager's two facts, and one `show` of every property of every unit, declared or discovered —
 and, when the client hands it kept idle units, one `sha256sum` and one `find` over the unit
-directories that spare PID 1 loading those units for the `show`.
+directories that spare PID 1 loading those units for the `show`; an env file whose hash the client
+offers as known (`reuse_offers`) is not parsed again.
 Discovery asks systemd nothing of its own: unit files come from the shell's glob over the unit
 directories, loaded units without a file from `show`'s glob.  Output format (version 1):
 
@@ -23,7 +24,8 @@ directories, loaded units without a file from `show`'s glob.  Output format (ver
     @@reused           only when the client offered kept idle units (`idle_offers`): the names of
                        those left out of the `show`, their files and enablement unchanged
     @@units            `systemctl show` blocks, one per unit, separated by blank lines
-    @@hashes           `sha256sum` lines for every fragment and drop-in of those units
+    @@hashes           `sha256sum` lines for every fragment and drop-in of those units, and for
+                       each declared env file (its section reads the hash: `known` when offered)
     @@text             `@@file UNIT PATH` then the file's lines, each prefixed by `|`
     @@NAME [ARG] …     the sections of the kinds (e.g. `@@env PATH`, fleet/resources/env_file.py)
     @@end

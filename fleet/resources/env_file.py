@@ -1,7 +1,9 @@
 """Env files: a declared `.env` file with its keys, owner, group and mode (write-env).
 
 Collected by its own `@@env PATH` section per declared file: `absent`, or `meta MODE OWNER GROUP
-SIZE` then `V KEY raw`, `secret KEY SHA256` and `invalid` lines.  Secrets never leave the host:
+SIZE` then either `known SHA256` (the file hashes to the hash the client offered from its kept
+observation, whose parse it fills in: `env_offers`, `fill_known`) or `V KEY raw`, `secret KEY
+SHA256` and `invalid` lines and, last, `sha256 SHA256` of the whole file read after them.  Secrets never leave the host:
 for keys that are declared sensitive or look secret the script prints only a sha256 of the raw
 value.  Desired values arrive resolved in `secrets` and are compared by fingerprint; a change
 holds only masked text, and its content hash is computed over fingerprints (`env_digest`), so
