@@ -67,7 +67,7 @@ def to_record(results: Mapping[str, HostResult]) -> dict[str, Any]:
             "env_files": [{"path": e.path, "present": e.present, "mode": e.mode, "owner": e.owner, "group": e.group,
                            "keys": list(e.keys), "values": [list(kv) for kv in e.values],
                            "secrets": [[k, short_secret(v)] for k, v in e.secrets], "invalid": e.invalid_lines}
-                          | ({"sha256": e.sha256} if e.sha256 else {})
+                          | ({"sha256": e.sha256, "parse": ENV_PARSE} if e.sha256 else {})
                           for e in r.env_files],
         }
         view = r.facts_of(SECTION)
@@ -209,6 +209,8 @@ def _env_file_fast(e: object, max_files: int) -> EnvFileState | None:
     digest = e.get("sha256", "")
     if type(digest) is not str or not _DIGEST.fullmatch(digest):
         return None
+    if e.get("parse") != ENV_PARSE:  # parsed by another version of the script: not reused
+        digest = ""
     return EnvFileState(path=path, present=present, mode=mode, owner=owner, group=group, keys=names, values=kept,
                         secrets=pairs, invalid_lines=invalid, sha256=digest)
 
@@ -330,7 +332,8 @@ def _env_file(r: _Reader, e: dict[str, Any], where: str) -> EnvFileState:
                         keys=tuple(r.texts(r.key(e, "keys", where), f"{where}.keys")),
                         values=r.pairs(r.key(e, "values", where), f"{where}.values"),
                         secrets=secrets, invalid_lines=r.integer(r.key(e, "invalid", where), f"{where}.invalid"),
-                        sha256=_digest(r, e.get("sha256", ""), f"{where}.sha256"))
+                        sha256=_digest(r, e.get("sha256", ""), f"{where}.sha256") if e.get("parse") == ENV_PARSE
+                        else "")
 
 
 def _digest(r: _Reader, value: object, key: str) -> str:
@@ -343,6 +346,10 @@ def _digest(r: _Reader, value: object, key: str) -> str:
 _INT_FIELDS = frozenset({"main_pid", "n_restarts"})
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{8}|[0-9a-f]{64}")
 _DIGEST = re.compile(r"(?:[0-9a-f]{64})?")  # an env file's whole-file hash, or "" (not known)
+# The version of the env file's parse (fleet/resources/env_file.py: its awk, `parse_env`) a kept
+# hash stands for: a kept parse is reused for a file that hashes the same, so a change to how a
+# file is parsed must raise this, and the parses kept before it are then read with no hash.
+ENV_PARSE = 1
 MAX_TEXT = MAX_LINES * 4096  # characters of one unit text: its lines, each well within a line's length
 MAX_VALUES = MAX_LINES  # items of any other list: command words, env keys
 

@@ -219,7 +219,8 @@ _HASH_SECRETS = (
 )
 
 # awk: classify each line of an env file; sensitive values go to the shell loop for hashing
-# and never to stdout.
+# and never to stdout.  A change to what it (or `parse_env`) makes of a file must raise
+# fleet/snapshot.py ENV_PARSE: kept parses are reused for files that hash the same.
 _ENV_AWK = r"""
 # A double-quoted value may span lines (fleet writes a newline in a value that way): it ends at
 # the first line ending in an unescaped quote.

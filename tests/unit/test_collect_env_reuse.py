@@ -226,3 +226,19 @@ def test_the_kept_hash_survives_the_journal_and_a_wrong_one_is_refused() -> None
     record["hosts"]["h"]["env_files"][0]["sha256"] = "not-a-hash"
     with pytest.raises(FleetError, match="sha256"):
         from_record(record)
+
+
+def test_a_hash_kept_by_another_version_of_the_parse_is_not_reused() -> None:
+    from fleet.snapshot import ENV_PARSE, from_record, to_record
+
+    state = HostState(host="h", facts=HostFacts(), units=(),
+                      env_files=(EnvFileState(path="/e", present=True, sha256="d" * 64),))
+    for slow in (False, True):  # the fast path, and the checking reader (a number the fast path declines)
+        for parse, digest in ((ENV_PARSE, "d" * 64), (ENV_PARSE + 1, ""), (None, "")):
+            record = to_record({"h": state})
+            record["hosts"]["h"]["env_files"][0]["parse"] = parse
+            if slow:
+                record["hosts"]["h"]["facts"]["uptime"] = 2 ** 60
+            kept = from_record(record)["h"]
+            assert isinstance(kept, HostState) and kept.env_files[0].sha256 == digest, (slow, parse)
+            assert env_offers((("/e", ()),), kept) == (("/e", (), digest),)
