@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.lab import Lab, run_parallel
-from bench.status import KEX, _load, floor_argvs, kept, machine_busy
+from bench.status import BASELINE, KEX, _load, floor_argvs, kept, machine_busy
 
 
 def _baseline(seconds: float = 3.0) -> float:
@@ -117,25 +117,31 @@ def _per_part(out: str, repeats: int) -> dict[str, float]:
 def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any]:
     """Host CPU per part of fleet's script (and of the minimal collector's one `systemctl show`),
     measured on the host itself, as root, `repeats` runs in one shell: no SSH session counted.
-    `fleet` is the script as fleet sends it after a first collection (the lab's newest kept
-    snapshot's idle units offered: part `idle`), `fleet_first` as a first collection sends it."""
-    from fleet.collect.script import build_script, idle_offers, script_parts, spec_for
+    `fleet` is the script as fleet sends it after a first collection (what the lab's newest kept
+    snapshot lets it skip offered: idle units, part `idle`; env files whose hash it knows),
+    `fleet_first` as a first collection sends it, and with BENCH_BASELINE_PYTHONPATH set,
+    `baseline` as that fleet sends it after a first collection."""
+    from fleet.collect.script import build_script, known_env, reuse_offers, script_parts, spec_for
 
     desired, targets = _load(directory, lab.state_dir)
     seen = kept(desired, targets, lab.state_dir)
     out: dict[str, Any] = {"repeats": repeats, "hosts": {}}
     for host in (next(h for h in targets.hosts if not h.sudo), next(h for h in targets.hosts if h.sudo)):
         first = spec_for(desired, host.name)
-        spec = idle_offers(first, seen.get(host.name))
+        spec = reuse_offers(first, seen.get(host.name))
         once = lab.root(host.name, host.sudo, build_script(spec), timeout=120).stdout
         reused = once.split("@@reused\n", 1)[1].split("@@", 1)[0].split() if "@@reused\n" in once else []
         cases = {"fleet": script_parts(spec), "fleet_first": script_parts(first),
                  "minimal": [("systemctl_show", minimal_command(spec.units))]}
+        if BASELINE:
+            cases["baseline"] = _baseline_parts(directory, lab.state_dir, host.name)
         # Can the manager's facts ride in the units' `show`?  What systemctl prints when the
         # manager's properties are asked next to a unit's (issue 19's question), kept as seen.
         mixed = lab.root(host.name, host.sudo, "systemctl show --no-pager -p Version -p SystemState -p Id -- "
                          + shlex.quote(spec.units[0]), timeout=60)
+        known = [s.split("\n", 1)[0] for s in once.split("\n@@env ")[1:] if "\nknown " in s.split("\n@@", 1)[0]]
         out["hosts"][host.name] = {"offered": [u.unit for u in spec.idle], "reused": reused,
+                                   "env_offered": sorted(known_env(spec)), "env_known": known,
                                    "manager_with_unit": {"rc": mixed.returncode, "stdout": mixed.stdout[-500:],
                                                          "stderr": mixed.stderr[-500:]}}
         for label, ps in cases.items():
@@ -144,6 +150,32 @@ def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any
             out["hosts"][host.name][label] = {"rc": run.returncode, "per_part_cpu_s": per,
                                               "total_cpu_s": sum(per.values()), "units": len(spec.units)}
     return out
+
+
+_BASELINE_PARTS = """
+import json, sys
+from pathlib import Path
+from bench.status import _load, kept
+from fleet.collect.script import idle_offers, script_parts, spec_for
+desired, targets = _load(Path(sys.argv[1]), Path(sys.argv[2]))
+state = kept(desired, targets, Path(sys.argv[2])).get(sys.argv[3])
+print(json.dumps(script_parts(idle_offers(spec_for(desired, sys.argv[3]), state))))
+"""
+
+
+def _baseline_parts(directory: Path, state_dir: Path, host: str) -> list[tuple[str, str]]:
+    """The script parts the baseline fleet (BENCH_BASELINE_PYTHONPATH, bench/status.py) sends `host`
+    after a first collection (its idle units offered from the lab's newest kept snapshot), made by
+    that fleet in a process of its own."""
+    import json
+    import subprocess
+    import sys
+
+    # cwd "/": with `-c`, the working directory comes first on sys.path, before PYTHONPATH
+    env = {**os.environ, "PYTHONPATH": f"{BASELINE}:{Path(__file__).resolve().parents[1]}"}
+    done = subprocess.run([sys.executable, "-c", _BASELINE_PARTS, str(directory), str(state_dir), host],
+                          capture_output=True, text=True, env=env, check=True, timeout=120, cwd="/")
+    return [(name, text) for name, text in json.loads(done.stdout)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,9 @@ alternate, so both see the same machine load; each run's ratio is fleet / floor 
 
 With BENCH_BASELINE_PYTHONPATH set to a directory holding another fleet package (e.g. `git archive
 COMMIT fleet | tar -x -C DIR`), a fourth variant runs the same `fleet` command with that package
-first on PYTHONPATH: an older fleet measured in the same rounds, under the same load.
+first on PYTHONPATH: an older fleet measured in the same rounds, under the same load, with a state
+directory of its own (a copy taken after converging), so that each collects with its own kept
+snapshots.
 
 Every fleet package measured has its bytecode compiled first (`compileall`), as `pip install`
 leaves it: with PYTHONDONTWRITEBYTECODE set (as on the shared machine) and no .pyc, every `fleet`
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -58,16 +61,17 @@ def kept(desired: Any, targets: Any, state_dir: Path) -> dict[str, Any]:
 
 
 def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
-    """One OpenSSH command line per host, carrying fleet's exact remote command for it (with the
-    idle units of the newest kept snapshot offered, as fleet's own run after the first has them)."""
-    from fleet.collect.script import build_script, idle_offers, spec_for
+    """One OpenSSH command line per host, carrying fleet's exact remote command for it (with what
+    the newest kept snapshot lets it skip offered — idle units, known env files — as fleet's own run
+    after the first has them)."""
+    from fleet.collect.script import build_script, reuse_offers, spec_for
     from fleet.transport.protocol import sudo_command
 
     desired, targets = _load(directory, lab.state_dir)
     seen = kept(desired, targets, lab.state_dir)
     argvs = []
     for host in targets.hosts:
-        script = build_script(idle_offers(spec_for(desired, host.name), seen.get(host.name)))
+        script = build_script(reuse_offers(spec_for(desired, host.name), seen.get(host.name)))
         wire = sudo_command(script) if host.sudo else script
         argvs.append(lab.ssh_argv(host.name, wire, "-o", f"KexAlgorithms={kex}"))
     return argvs
@@ -234,8 +238,18 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
                                "stderr": next((m.stderr[-300:] for m in warm if m.rc != 0), "")}
     lab.fleet(*fleet_args, tag=f"status-{n}-warm")
     baseline_env = {**os.environ, "PYTHONPATH": BASELINE} if BASELINE else None
+    baseline_args = fleet_args
     if baseline_env is not None:
-        m = measure([*fleet_argv(), *fleet_args], out_dir=work / "logs", tag=f"baseline-{n}-warm", env=baseline_env)
+        # The baseline keeps its snapshots in a state directory of its own (a copy, lab record and
+        # journal): each fleet then collects with its own newest kept observation, as it would
+        # alone — a snapshot of one is not what the other would offer the hosts as known.
+        own = Path(f"{state}-baseline")
+        shutil.rmtree(own, ignore_errors=True)
+        shutil.copytree(state, own, symlinks=True)
+        baseline_args = [str(own) if a == state else a for a in fleet_args]
+        result["baseline_state_dir"] = str(own)
+        m = measure([*fleet_argv(), *baseline_args], out_dir=work / "logs", tag=f"baseline-{n}-warm",
+                    env=baseline_env)
         result["baseline_check"] = _check_status(m, n)
     rows = []
     variants = ["floor", "minimal", "fleet"] + (["baseline"] if baseline_env is not None else [])
@@ -255,7 +269,7 @@ def bench_status(lab: Lab, n: int, runs: int, work: Path, report: Any, *, settle
                 row[f"{which}_failures"] = len(bad)
                 row[f"{which}_stdout_bytes"] = sum(len(m.stdout) for m in each)
             elif which == "baseline":
-                m = measure([*fleet_argv(), *fleet_args], out_dir=work / "logs", tag=f"baseline-{n}-{i}",
+                m = measure([*fleet_argv(), *baseline_args], out_dir=work / "logs", tag=f"baseline-{n}-{i}",
                             env=baseline_env)
                 row["baseline_s"] = m.wall_s
                 row["baseline_cpu_s"] = m.cpu_s

@@ -506,6 +506,10 @@ class EnvFileState:
     values: tuple[tuple[str, str], ...] = ()  # non-sensitive keys only
     secrets: tuple[tuple[str, str], ...] = ()  # sensitive key -> sha256 of its raw value
     invalid_lines: int = 0  # lines that are neither KEY=value, comments nor blank
+    # sha256 of the whole file as the parse above read it ("" unknown): a later collection that
+    # finds the same hash on the host reuses this parse instead of reading the file again
+    # (fleet/resources/env_file.py, `env_offers`).
+    sha256: str = ""
 
     def value_map(self) -> dict[str, str]:
         return dict(self.values)

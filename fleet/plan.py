@@ -682,7 +682,10 @@ def fingerprint(state: HostState) -> str:
          u.fragment_path, list(u.drop_in_paths))
         for u in sorted(state.units, key=lambda u: u.unit)
     ]
-    envs = [(e.path, e.present, e.mode, e.owner, e.group, list(e.keys), list(e.values), list(e.secrets),
+    # Secret fingerprints as a kept observation holds them (8 hex digits): a collection that
+    # reused an env file's kept parse (fleet/resources/env_file.py `env_offers`) has no more.
+    envs = [(e.path, e.present, e.mode, e.owner, e.group, list(e.keys), list(e.values),
+             [(k, fp if fp.startswith("sha256:") else f"sha256:{fp[:8]}") for k, fp in e.secrets],
              e.invalid_lines) for e in sorted(state.env_files, key=lambda e: e.path)]
     return sha256_hex(json.dumps([units, envs], sort_keys=True))
 

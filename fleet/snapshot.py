@@ -7,7 +7,9 @@ keys and non-secret values, Sidekiq's view of its processes and queues) and the 
 of fleet-managed units, each distinct text once: what `--observed` needs to show a unit diff,
 at a small cost, since a fleet's hosts mostly share their units' texts.  Secret fingerprints are
 cut to the same 8 hex digits fleet shows everywhere else: enough to tell that a secret changed,
-useless for guessing it.
+useless for guessing it.  An env file keeps the sha256 of the whole file its parse was read from
+(a later collection that finds the same hash reuses the parse): it tells no more of a secret than
+its 8-digit fingerprint, since checking a guess against it also needs every other secret of the file.
 
 The same record is the observation `fleet status --json` carries (docs/status.md) and that
 `--observed FILE` reads back.  A record is data from disk: `from_record` checks every field,
@@ -65,6 +67,7 @@ def to_record(results: Mapping[str, HostResult]) -> dict[str, Any]:
             "env_files": [{"path": e.path, "present": e.present, "mode": e.mode, "owner": e.owner, "group": e.group,
                            "keys": list(e.keys), "values": [list(kv) for kv in e.values],
                            "secrets": [[k, short_secret(v)] for k, v in e.secrets], "invalid": e.invalid_lines}
+                          | ({"sha256": e.sha256, "parse": ENV_PARSE} if e.sha256 else {})
                           for e in r.env_files],
         }
         view = r.facts_of(SECTION)
@@ -203,8 +206,13 @@ def _env_file_fast(e: object, max_files: int) -> EnvFileState | None:
     names, kept = _texts_fast(keys, MAX_VALUES), _pairs_fast(values, max_files)
     if names is None or kept is None:
         return None
+    digest = e.get("sha256", "")
+    if type(digest) is not str or not _DIGEST.fullmatch(digest):
+        return None
+    if e.get("parse") != ENV_PARSE:  # parsed by another version of the script: not reused
+        digest = ""
     return EnvFileState(path=path, present=present, mode=mode, owner=owner, group=group, keys=names, values=kept,
-                        secrets=pairs, invalid_lines=invalid)
+                        secrets=pairs, invalid_lines=invalid, sha256=digest)
 
 
 def _host_fast(name: str, h: object, texts: list[str]) -> HostState | None:
@@ -323,11 +331,25 @@ def _env_file(r: _Reader, e: dict[str, Any], where: str) -> EnvFileState:
                         group=r.text(r.key(e, "group", where), f"{where}.group"),
                         keys=tuple(r.texts(r.key(e, "keys", where), f"{where}.keys")),
                         values=r.pairs(r.key(e, "values", where), f"{where}.values"),
-                        secrets=secrets, invalid_lines=r.integer(r.key(e, "invalid", where), f"{where}.invalid"))
+                        secrets=secrets, invalid_lines=r.integer(r.key(e, "invalid", where), f"{where}.invalid"),
+                        sha256=_digest(r, e.get("sha256", ""), f"{where}.sha256") if e.get("parse") == ENV_PARSE
+                        else "")
+
+
+def _digest(r: _Reader, value: object, key: str) -> str:
+    text = r.text(value, key)
+    if not _DIGEST.fullmatch(text):
+        raise r.bad(key, f"is {_shown(text)}, not a sha256 (64 hex digits) or empty")
+    return text
 
 
 _INT_FIELDS = frozenset({"main_pid", "n_restarts"})
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{8}|[0-9a-f]{64}")
+_DIGEST = re.compile(r"(?:[0-9a-f]{64})?")  # an env file's whole-file hash, or "" (not known)
+# The version of the env file's parse (fleet/resources/env_file.py: its awk, `parse_env`) a kept
+# hash stands for: a kept parse is reused for a file that hashes the same, so a change to how a
+# file is parsed must raise this, and the parses kept before it are then read with no hash.
+ENV_PARSE = 1
 MAX_TEXT = MAX_LINES * 4096  # characters of one unit text: its lines, each well within a line's length
 MAX_VALUES = MAX_LINES  # items of any other list: command words, env keys
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from fleet import history
 from fleet.collect.parse import parse_host
-from fleet.collect.script import CollectSpec, build_script, idle_offers, spec_for
+from fleet.collect.script import CollectSpec, build_script, known_env, reuse_offers, spec_for
 from fleet.errors import ParseError, TransportError
-from fleet.model import Desired, Host, HostError, HostResult, HostState
+from fleet.model import Desired, EnvFileState, Host, HostError, HostResult, HostState
 from fleet.transport.protocol import RunResult, Transport
 
 DEFAULT_MAX_FORKS = 32
@@ -79,20 +79,24 @@ def collect_all(
 ) -> Collection:
     """Observe `hosts` and, for each host in `history_of`, read its history in the same round trip.
     `kept`: the hosts as the last kept observation saw them, whose installed, idle units the
-    script may then leave out of its `show` while they are unchanged (script.idle_offers)."""
+    script may then leave out of its `show` while they are unchanged (script.idle_offers), and whose
+    env files' parses stand for the files while they hash the same (script.reuse_offers)."""
     targets = list(desired.hosts if hosts is None else hosts)
     asks = history_of or {}
-    specs: dict[str, CollectSpec] = {h.name: idle_offers(spec_for(desired, h.name), (kept or {}).get(h.name))
+    specs: dict[str, CollectSpec] = {h.name: reuse_offers(spec_for(desired, h.name), (kept or {}).get(h.name))
                                      for h in targets}
     scripts = {h.name: build_script(specs[h.name], history=_history_section(asks.get(h.name))) for h in targets}
     results: dict[str, HostResult] = {}
     reads: dict[str, history.HistoryRead | ParseError] = {}
+    known = {name: {p: e for p, h in known_env(spec).items()
+                    if (e := kept[name].env_file(p)) is not None and e.sha256 == h}
+             for name, spec in specs.items() if kept and name in kept}
 
     def done(name: str, outcome: RunResult | TransportError) -> None:
         outcome, read = _split_history(name, outcome, asks.get(name))
         if read is not None:
             reads[name] = read
-        results[name] = to_result(name, outcome, specs.get(name))
+        results[name] = to_result(name, outcome, specs.get(name), known.get(name))
         if progress is not None:
             progress(name, results[name])
 
@@ -105,7 +109,7 @@ def collect_all(
             outcome, read = _split_history(name, outcome, asks.get(name))
             if read is not None:
                 reads[name] = read
-            results[name] = to_result(name, outcome, specs.get(name))
+            results[name] = to_result(name, outcome, specs.get(name), known.get(name))
     return Collection({h.name: results[h.name] for h in targets if h.name in results},
                       {h.name: reads[h.name] for h in targets if h.name in reads})
 
@@ -143,7 +147,8 @@ def _split_history(host: str, outcome: RunResult | TransportError, ask: HistoryA
     return dataclasses.replace(outcome, stdout=rest), read
 
 
-def to_result(host: str, outcome: RunResult | TransportError, spec: CollectSpec | None = None) -> HostResult:
+def to_result(host: str, outcome: RunResult | TransportError, spec: CollectSpec | None = None,
+              known: Mapping[str, EnvFileState] | None = None) -> HostResult:
     now = time.time()
     if isinstance(outcome, TransportError):
         return HostError(host=host, kind=outcome.kind, message=outcome.message, hint=outcome.hint, collected_at=now)
@@ -159,7 +164,7 @@ def to_result(host: str, outcome: RunResult | TransportError, spec: CollectSpec 
                          collected_at=now)
     try:
         return parse_host(host, text, collected_at=now, duration=outcome.duration,
-                          idle=spec.idle if spec is not None else ())
+                          idle=spec.idle if spec is not None else (), known_env=known)
     except ParseError as e:
         return HostError(host=host, kind="parse", message=e.message, hint=e.hint, collected_at=now)
 

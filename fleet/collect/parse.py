@@ -11,12 +11,14 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 
 from fleet.collect.script import MAX_TEXT_LINES, SCRIPT_VERSION, UNIT_PROPERTIES
 from fleet.collect.sections import Collected, capped, to_int, too_much
 from fleet.errors import ParseError
-from fleet.model import HostFacts, HostState, UnitState
+from fleet.model import EnvFileState, HostFacts, HostState, UnitState
+from fleet.resources.env_file import fill_known
 from fleet.resources.registry import RESOURCES
 from fleet.textutil import sha256_hex
 from fleet.units import mask_unit_text, masked_environment
@@ -28,12 +30,14 @@ _ENVFILE = re.compile(r"(/\S+) \(ignore_errors=(?:yes|no)\)")
 
 
 def parse_host(host: str, text: str, *, collected_at: float = 0.0, duration: float = 0.0,
-               idle: Sequence[UnitState] = ()) -> HostState:
+               idle: Sequence[UnitState] = (), known_env: Mapping[str, EnvFileState] | None = None) -> HostState:
     """Parse a whole collection output for `host`; `idle`: the kept units the script was offered
     (fleet.collect.script.idle_offers), those it names in @@reused are taken as they were kept
-    unless the `show` printed them anyway (loaded since: the fresh block wins)."""
+    unless the `show` printed them anyway (loaded since: the fresh block wins); `known_env`: path ->
+    the kept parse of each env file whose hash (its `sha256`) was offered as known: an env section
+    saying `known` is that parse with the meta read now, and only for a hash offered for its path."""
     try:
-        return _parse(host, text, collected_at, duration, idle)
+        return _parse(host, text, collected_at, duration, idle, known_env or {})
     except ParseError:
         raise
     except (ValueError, IndexError, KeyError) as e:  # defensive: a malformed field somewhere
@@ -95,7 +99,8 @@ def _lines(text: str, start: int, stop: int, window: int = 1 << 16) -> Iterator[
         start = cut + 1
 
 
-def _parse(host: str, text: str, collected_at: float, duration: float, idle: Sequence[UnitState]) -> HostState:
+def _parse(host: str, text: str, collected_at: float, duration: float, idle: Sequence[UnitState],
+           known_env: Mapping[str, EnvFileState]) -> HostState:
     facts: HostFacts | None = None
     reused: list[UnitState] = []
     blocks: list[dict[str, str]] | None = None
@@ -140,8 +145,25 @@ def _parse(host: str, text: str, collected_at: float, duration: float, idle: Seq
         fresh = {u.unit for u in units}
         units += tuple(u for u in reused if u.unit not in fresh)
     return HostState(host=host, facts=facts, units=units,
-                     env_files=collected.env_files, collected_at=collected_at, duration=duration,
+                     env_files=env_files(host, collected, hashes, known_env), collected_at=collected_at,
+                     duration=duration,
                      extra=tuple(collected.extra.items()))
+
+
+def env_files(host: str, collected: Collected, hashes: Mapping[str, str],
+              known: Mapping[str, EnvFileState]) -> tuple[EnvFileState, ...]:
+    """The env files as parsed, a `known` one filled in from the kept parse offered for it, and a
+    fresh parse's hash kept only when the file hashed the same in the units' `sha256sum` before it
+    was read and after (it did not change meanwhile: the parse is then the parse of that hash)."""
+    out = []
+    for e in collected.env_files:
+        if e.path in collected.known_env:
+            kept = known.get(e.path)
+            e = fill_known(host, e, kept.sha256 if kept is not None else "", kept)
+        elif e.sha256 and hashes.get(e.path) != e.sha256:
+            e = replace(e, sha256="")
+        out.append(e)
+    return tuple(out)
 
 
 def parse_facts(host: str, lines: Iterable[str]) -> HostFacts:

@@ -13,7 +13,8 @@ passed through `shlex.quote`.
 What the host pays for (docs/PERFORMANCE.md, "The remote script"): two `systemctl` processes —
 the manager's two facts, and one `show` of every property of every unit, declared or discovered —
 and, when the client hands it kept idle units, one `sha256sum` and one `find` over the unit
-directories that spare PID 1 loading those units for the `show`.
+directories that spare PID 1 loading those units for the `show`; an env file whose hash the client
+offers as known (`reuse_offers`) is not parsed again.
 Discovery asks systemd nothing of its own: unit files come from the shell's glob over the unit
 directories, loaded units without a file from `show`'s glob.  Output format (version 1):
 
@@ -23,7 +24,8 @@ directories, loaded units without a file from `show`'s glob.  Output format (ver
     @@reused           only when the client offered kept idle units (`idle_offers`): the names of
                        those left out of the `show`, their files and enablement unchanged
     @@units            `systemctl show` blocks, one per unit, separated by blank lines
-    @@hashes           `sha256sum` lines for every fragment and drop-in of those units
+    @@hashes           `sha256sum` lines for every fragment and drop-in of those units, and for
+                       each declared env file (its section reads the hash: `known` when offered)
     @@text             `@@file UNIT PATH` then the file's lines, each prefixed by `|`
     @@NAME [ARG] …     the sections of the kinds (e.g. `@@env PATH`, fleet/resources/env_file.py)
     @@end
@@ -39,6 +41,7 @@ from typing import Any
 
 from fleet.mastodon import SECRET_NAME_PATTERN
 from fleet.model import Desired, HostState, UnitState
+from fleet.resources.env_file import env_offers
 from fleet.resources.registry import RESOURCES
 from fleet.unitfile import MAX_LINES
 
@@ -92,6 +95,23 @@ _IDLE_NAME = re.compile(r"[A-Za-z0-9:_.-]{1,255}")
 _IDLE_PATH = re.compile(r"/[A-Za-z0-9/._:+@-]{1,4095}")
 _IDLE_ENABLEMENT = ("disabled", "static")  # what the script can confirm from the symlinks alone
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def reuse_offers(spec: CollectSpec, kept: HostState | None) -> CollectSpec:
+    """`spec` with everything the kept observation `kept` lets the script skip while unchanged:
+    its installed, idle units (`idle_offers`) and the parse of each env file whose hash it knows
+    (fleet/resources/env_file.py `env_offers`)."""
+    spec = idle_offers(spec, kept)
+    env = spec.of("env")
+    if not env or kept is None:
+        return spec
+    offers = env_offers(env, kept)
+    return replace(spec, kinds=tuple((name, offers if name == "env" else what) for name, what in spec.kinds))
+
+
+def known_env(spec: CollectSpec) -> dict[str, str]:
+    """path -> the hash offered for that env file (none offered: not in it)."""
+    return {item[0]: item[2] for item in (spec.of("env") or ()) if len(item) > 2 and item[2]}
 
 
 def idle_offers(spec: CollectSpec, kept: HostState | None) -> CollectSpec:
@@ -379,11 +399,17 @@ def script_parts(spec: CollectSpec, *, history: str = "") -> list[tuple[str, str
          f"awk -v secret_re={q(SECRET_NAME_PATTERN)} {q(_SHOW_AWK)})") if names else "show=",
         'printf \'%s\\n\' "$show"',
     ))))
+    # The env files are hashed in the same `sha256sum` as the unit files: their sections print a
+    # file's parse only when its hash (`$hs`) is not the one the client offered as known.
+    env_paths = "".join(f" {q(item[0])}" for item in (spec.of("env") or ()))
     parts.append(("hashes", "\n".join((
         "echo '@@hashes'",
         "paths=$(printf '%s\\n' \"$show\" | awk '/^FragmentPath=./{print substr($0,14)} "
         "/^DropInPaths=./{n=split(substr($0,13),a,\" \");for(i=1;i<=n;i++)print a[i]}')",
-        '[ -n "$paths" ] && sha256sum -- $paths 2>/dev/null',
+        "nl='\n' hs=",
+        (f'hs=$(sha256sum -- $paths{env_paths} 2>/dev/null)' if env_paths
+         else '[ -n "$paths" ] && hs=$(sha256sum -- $paths 2>/dev/null)'),
+        '[ -n "$hs" ] && printf \'%s\\n\' "$hs"',
     ))))
     text = "echo '@@text'"
     if spec.managed:

@@ -27,6 +27,7 @@ class Collected:
 
     host: str
     env_files: tuple[EnvFileState, ...] = ()
+    known_env: dict[str, str] = field(default_factory=dict)  # path -> the offered hash the script said it has
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,7 +1,9 @@
 """Env files: a declared `.env` file with its keys, owner, group and mode (write-env).
 
 Collected by its own `@@env PATH` section per declared file: `absent`, or `meta MODE OWNER GROUP
-SIZE` then `V KEY raw`, `secret KEY SHA256` and `invalid` lines.  Secrets never leave the host:
+SIZE` then either `known SHA256` (the file hashes to the hash the client offered from its kept
+observation, whose parse it fills in: `env_offers`, `fill_known`) or `V KEY raw`, `secret KEY
+SHA256` and `invalid` lines and, last, `sha256 SHA256` of the whole file read after them.  Secrets never leave the host:
 for keys that are declared sensitive or look secret the script prints only a sha256 of the raw
 value.  Desired values arrive resolved in `secrets` and are compared by fingerprint; a change
 holds only masked text, and its content hash is computed over fingerprints (`env_digest`), so
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from fleet.actions import KEY_OPS, Action, Change, EnvFilePayload, KeyChange, ObservedKind, Payload, Phase
@@ -20,8 +23,8 @@ from fleet.collect.sections import Collected, SectionParser, to_int, too_much
 from fleet.config import USER_NAME, env_path_ok
 from fleet.envfile import fingerprint, key_problem, parse_value, render_file
 from fleet.errors import FleetError, ParseError
-from fleet.mastodon import SECRET_KEYS, SECRET_NAME_PATTERN
-from fleet.model import Desired, EnvFile, EnvFileState
+from fleet.mastodon import SECRET_KEYS, SECRET_NAME_PATTERN, looks_secret
+from fleet.model import Desired, EnvFile, EnvFileState, HostState
 from fleet.resources.base import (
     ADDED,
     CHANGED,
@@ -43,6 +46,10 @@ from fleet.textutil import mask, sha256_hex
 
 MAX_ENV_LINES = 5000  # per file, in the collection script
 MAX_ENV_FILES = 1_000  # per host, in a parse of its output
+# What a kept observation may offer the script as a file's known hash: plain paths and hex only,
+# still quoted where they are written into the script.
+OFFER_PATH = re.compile(r"/[A-Za-z0-9/._:+@-]{1,4095}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_KEYS_SHOWN = 6  # in a journal sentence
 _META = frozenset({"owner", "group", "mode", "name"})
 _MODE = re.compile(r"0[0-7]{3}")
@@ -62,16 +69,28 @@ class EnvFiles(Resource):
         return tuple((e.path, e.sensitive_keys()) for e in desired.env_files_on(host))
 
     def script(self, what: Any) -> str:
+        """Per declared file: its meta, then either `known SHA256` — the file hashes (in the units'
+        one `sha256sum`, `$hs`: fleet/collect/script.py) to the hash the client offered for it
+        (`env_offers`), whose parse the client already holds — or its parse and, after it, the
+        file's `sha256` again: the client keeps that hash with the parse only when it is the one
+        `$hs` holds, i.e. the file did not change while it was read."""
         q = shlex.quote
         parts = []
-        for path, sensitive in what:
+        for path, sensitive, *offered in what:
             sens = " " + " ".join(sorted(set(sensitive) | SECRET_KEYS)) + " "
             p = q(path)
+            fresh = (f"awk -v s={q(sens)} -v secret_re={q(SECRET_NAME_PATTERN)} -v maxl={MAX_ENV_LINES} "
+                     f"{q(_ENV_AWK)} {p} | {{ {_HASH_SECRETS} }}; "
+                     f"h=$(sha256sum <{p}) && echo \"sha256 ${{h%% *}}\"")
+            known = offered[0] if offered else ""
+            if known:
+                if not (_SHA256_HEX.fullmatch(known) and OFFER_PATH.fullmatch(path)):
+                    raise ValueError(f"env file {path!r}: offered hash {known!r} is not a sha256 of a plain path")
+                fresh = (f"case \"$nl$hs$nl\" in *\"$nl\"{q(f'{known}  {path}')}\"$nl\"*) echo {q('known ' + known)};; "
+                         f"*) {fresh};; esac")
             parts.append(
                 f"echo '@@env '{p}\n"
-                f"if [ -f {p} ]; then stat -c 'meta 0%a %U %G %s' -- {p}; "
-                f"awk -v s={q(sens)} -v secret_re={q(SECRET_NAME_PATTERN)} -v maxl={MAX_ENV_LINES} {q(_ENV_AWK)} {p} "
-                f"| {{ {_HASH_SECRETS} }}; "
+                f"if [ -f {p} ]; then stat -c 'meta 0%a %U %G %s' -- {p}; {fresh}; "
                 "else echo absent; fi"
             )
         return "\n".join(parts)
@@ -200,7 +219,8 @@ _HASH_SECRETS = (
 )
 
 # awk: classify each line of an env file; sensitive values go to the shell loop for hashing
-# and never to stdout.
+# and never to stdout.  A change to what it (or `parse_env`) makes of a file must raise
+# fleet/snapshot.py ENV_PARSE: kept parses are reused for files that hash the same.
 _ENV_AWK = r"""
 # A double-quoted value may span lines (fleet writes a newline in a value that way): it ends at
 # the first line ending in an unescaped quote.
@@ -242,44 +262,72 @@ NR > maxl { print "invalid"; exit }
 
 
 class _EnvSections:
-    """The `@@env PATH` sections of one host's output."""
+    """The `@@env PATH` sections of one host's output; a `known SHA256` one is put in
+    `Collected.known_env`, to be filled in from the kept parse the client offered
+    (fleet.collect.parse, `fill_known_env`)."""
 
     def __init__(self, host: str) -> None:
         self.host = host
         self.files: list[EnvFileState] = []
+        self.known: dict[str, str] = {}
 
     def section(self, arg: str, lines: Iterator[str]) -> None:
         if not arg:
             raise ParseError(f"{self.host}: an env section without its path", host=self.host, section="env")
         if len(self.files) >= MAX_ENV_FILES:
             raise too_much(self.host, "env", f"{MAX_ENV_FILES:,} env files")
-        self.files.append(parse_env(self.host, arg, lines))
+        state, known = _parse_env(self.host, arg, lines)
+        if known:
+            self.known[arg] = state.sha256
+        self.files.append(state)
 
     def finish(self, collected: Collected) -> None:
         collected.env_files = tuple(self.files)
+        collected.known_env = dict(self.known)
 
 
 def parse_env(host: str, path: str, lines: Iterable[str]) -> EnvFileState:
+    """One env file's section, read as it is printed when nothing was offered as known."""
+    state, known = _parse_env(host, path, lines)
+    if known:
+        raise ParseError(f"{host}: the script says {path} is known, but no hash was offered for it", host=host,
+                         section="env")
+    return state
+
+
+def _parse_env(host: str, path: str, lines: Iterable[str]) -> tuple[EnvFileState, bool]:
+    """(the file's state, whether the script said it hashes to a known hash: then its state holds
+    only the meta and that hash, `sha256`)."""
     kept: list[str] = []
     for line in lines:
         if line:
-            if len(kept) >= MAX_ENV_LINES + 2:  # the script prints meta, MAX_ENV_LINES keys at most, `invalid`
+            if len(kept) >= MAX_ENV_LINES + 3:  # meta, MAX_ENV_LINES keys at most, `invalid`, `sha256`
                 raise too_much(host, "env", f"{MAX_ENV_LINES:,} keys for {path[:80]}")
             kept.append(line)
     lines = kept
     if lines == ["absent"]:
-        return EnvFileState(path=path, present=False)
+        return EnvFileState(path=path, present=False), False
     if not lines or not lines[0].startswith("meta "):
         raise ParseError(f"{host}: env file section for {path} lacks its meta line", host=host, section="env")
     meta = lines[0].split(" ")
     if len(meta) != 5:
         raise ParseError(f"{host}: malformed meta line for {path}: {lines[0][:80]!r}", host=host, section="env")
     mode = meta[1][-4:].rjust(4, "0")
+    if len(lines) == 2 and lines[1].startswith("known "):
+        known = lines[1][6:]
+        if not _SHA256_HEX.fullmatch(known):
+            raise ParseError(f"{host}: malformed known line in {path}", host=host, section="env")
+        return EnvFileState(path=path, present=True, mode=mode, owner=meta[2], group=meta[3], size=to_int(meta[4]),
+                            sha256=known), True
     keys: list[str] = []
     values: list[tuple[str, str]] = []
     secrets: list[tuple[str, str]] = []
     invalid = 0
+    digest = ""
     for line in lines[1:]:
+        if digest:
+            raise ParseError(f"{host}: a line after the file's sha256 in the env file section for {path}",
+                             host=host, section="env")
         if line.startswith("V "):
             key, _, raw = line[2:].partition(" ")
             keys.append(key)
@@ -294,12 +342,47 @@ def parse_env(host: str, path: str, lines: Iterable[str]) -> EnvFileState:
             secrets.append((parts[1], parts[2]))
         elif line == "invalid":
             invalid += 1
+        elif line.startswith("sha256 ") and _SHA256_HEX.fullmatch(line[7:]):
+            digest = line[7:]
         else:
             raise ParseError(f"{host}: unexpected line in env file section for {path}: {line[:80]!r}",
                              host=host, section="env")
     return EnvFileState(path=path, present=True, mode=mode, owner=meta[2], group=meta[3], size=to_int(meta[4]),
-                        keys=tuple(keys), values=tuple(values), secrets=tuple(secrets), invalid_lines=invalid)
+                        keys=tuple(keys), values=tuple(values), secrets=tuple(secrets), invalid_lines=invalid,
+                        sha256=digest), False
 
+
+def env_offers(what: tuple[tuple[str, tuple[str, ...]], ...], kept: HostState | None
+               ) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """`what` (to_collect's (path, sensitive keys) per file) with, for each file, the hash of the
+    kept observation's parse of it when that parse may stand for the file while it hashes the
+    same ("" otherwise): the file was present, its hash is known, and every key of it is a secret
+    now exactly when it was one then (the script's split depends on the declared sensitive keys).
+    What the script then does with the hash: `script`; what the client: `fill_known`."""
+    out = []
+    for path, sensitive in what:
+        e = kept.env_file(path) if kept is not None else None
+        ok = (e is not None and e.present and _SHA256_HEX.fullmatch(e.sha256) is not None
+              and OFFER_PATH.fullmatch(path) is not None and _split_as_now(e, set(sensitive)))
+        out.append((path, tuple(sensitive), e.sha256 if ok and e is not None else ""))
+    return tuple(out)
+
+
+def _split_as_now(e: EnvFileState, sensitive: set[str]) -> bool:
+    secret = {k for k, _ in e.secrets}
+    plain = {k for k, _ in e.values}
+    return (not secret & plain and secret | plain == set(e.keys)
+            and all((k in sensitive or looks_secret(k)) == (k in secret) for k in e.keys))
+
+
+def fill_known(host: str, state: EnvFileState, offered: str, kept: EnvFileState | None) -> EnvFileState:
+    """The file the script said hashes to `state.sha256`: the kept parse with today's meta.  Only
+    for the hash the client offered for that path; anything else is not fleet's script talking."""
+    if kept is None or not offered or state.sha256 != offered or kept.sha256 != offered:
+        raise ParseError(f"{host}: the script says {state.path} hashes to {state.sha256[:16]}…, a hash fleet did "
+                         "not offer for it", host=host, section="env",
+                         hint="something on the host prints to stdout besides the script")
+    return replace(kept, present=True, mode=state.mode, owner=state.owner, group=state.group, size=state.size)
 
 
 def _payload(change: Change) -> EnvFilePayload:

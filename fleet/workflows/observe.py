@@ -76,7 +76,8 @@ def observe(common: Common, scope: Scope, command: str, desired: Desired, target
 def kept_states(common: Common, desired: Desired, hosts: Sequence[Host]) -> dict[str, HostState]:
     """Each host as the newest kept snapshot of this fleet that observed it saw it (looking back
     LOOK_BACK snapshots): what the collection hands the script so that the `show` may leave out
-    installed, idle units that did not change (fleet.collect.script.idle_offers).  Empty when
+    installed, idle units that did not change (fleet.collect.script.idle_offers), and skip parsing
+    an env file that hashes as it did (fleet.collect.script.reuse_offers).  Empty when
     there is no journal or it cannot be read: the collection then names every unit, as a first one."""
     path = journal_path(common.state_dir)
     if not path.exists():

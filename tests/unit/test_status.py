@@ -26,10 +26,10 @@ from observed import (
 )
 
 from fleet import status as status_module
-from fleet.model import HostResult, HostState
+from fleet.model import HostResult, HostState, Service
 from fleet.output.json import status_json
 from fleet.output.text import cell_text, hosts_text, sidekiq_text, status_text
-from fleet.resources.base import Resource
+from fleet.resources.base import Problem, Resource
 from fleet.status import (
     ABSENT,
     DRIFT,
@@ -99,6 +99,31 @@ def test_an_undeclared_sidekiq_on_the_cdn_node_is_an_unmanaged_row_and_process(f
     (proc,) = [p for p in report.sidekiq if p.host == "franz"]
     assert (proc.unit, proc.declared, proc.concurrency, proc.queues) == (
         "mastodon-sidekiq.service", False, 10, (("default", None),))
+
+
+def test_each_host_gets_its_own_sidekiq_command_line_read_when_hosts_share_a_unit_name(
+        fleet: dict[str, HostState]) -> None:
+    # status reads each distinct command line once: a host must still get its own line's answer
+    fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq(args="-c 10 -q default"))
+    fleet["fritz"] = with_unit(fleet["fritz"], undeclared_sidekiq(args="-c 3 -q push,2 -q pull"))
+    fleet["freud"] = with_unit(fleet["freud"], undeclared_sidekiq(args="-c 10 -q default"))
+    fleet["nietzsche"] = with_unit(fleet["nietzsche"], undeclared_sidekiq(args="-q mailers"))
+    report = status(fleet)
+    assert {p.host: (p.concurrency, p.queues) for p in report.sidekiq if p.unit == "mastodon-sidekiq.service"} == {
+        "franz": (10, (("default", None),)), "freud": (10, (("default", None),)),
+        "fritz": (3, (("push", 2), ("pull", None))), "nietzsche": (None, (("mailers", None),))}
+
+
+def test_the_queue_table_names_each_process_once_per_queue_it_serves(fleet: dict[str, HostState]) -> None:
+    fleet["franz"] = with_unit(fleet["franz"], undeclared_sidekiq(args="-q default -q fasp -q default,3"))
+    report = status(fleet)
+    lines = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in sidekiq_text(report).splitlines()
+             if line.split(None, 1)[:1] in (["default"], ["fasp"], ["push"])}
+    for q in ("default", "fasp", "push"):  # in the order of the processes, each process once
+        assert lines[q].split(", ") == [f"{p.host}:{p.unit}" for p in report.sidekiq
+                                        if any(n == q for n, _ in p.queues)]
+    assert lines["default"].count("franz:") == 1 and lines["fasp"].count("franz:") == 1
+    assert "franz:" not in lines["push"]
 
 
 def test_a_declared_service_running_on_a_host_it_is_not_declared_for_is_unmanaged_there(
@@ -262,6 +287,25 @@ class _Noting(Resource):
 
     def notes(self, state: HostState, unit: str) -> list[str]:
         return [f"seen by {self.kind}"] if (state.host, unit) == ("fritz", "mastodon-web.service") else []
+
+
+class _Judging(Resource):
+    """A kind that finds the web service wrong on fritz, and has nothing to note."""
+
+    kind = "test problems"
+
+    def problems(self, state: HostState, service: Service) -> list[Problem]:
+        return [Problem("test.wrong", "judged wrong")] if (state.host, service.name) == ("fritz", "web") else []
+
+
+def test_a_kind_that_only_judges_is_asked_for_every_declared_cell(
+        fleet: dict[str, HostState], monkeypatch: pytest.MonkeyPatch) -> None:
+    # status asks only the kinds that override notes or problems: one overriding problems alone counts
+    monkeypatch.setattr(status_module, "RESOURCES", (*status_module.RESOURCES, _Judging()))
+    report = status(fleet)
+    web = next(r for r in report.rows if r.service == "web")
+    assert {c.host: (c.status, c.detail) for c in web.cells}["fritz"] == (DRIFT, "judged wrong")
+    assert {c.status for c in web.cells if c.host != "fritz"} == {OK, ABSENT}
 
 
 def test_what_a_kind_notes_about_a_unit_is_shown_in_its_cell_table_and_json(
