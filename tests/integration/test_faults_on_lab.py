@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -33,6 +32,7 @@ from typing import Any
 import pytest
 from helpers import (
     REPO,
+    WEB_HEALTH,
     checkout_state,
     fleet,
     fleet_argv,
@@ -43,6 +43,7 @@ from helpers import (
     reset_host,
     sshd_stopped,
     wait_for_ssh,
+    with_health_timeout,
 )
 
 from fleet.journal import operator
@@ -343,19 +344,7 @@ def converged(lab: Any) -> Iterator[Any]:
 # ------------------------------------------------------------------ a health check that hangs
 
 
-WEB_HEALTH = 'health = { http = "http://127.0.0.1:3000/health", timeout = 30 }'
 HANG_TIMEOUT = 6  # seconds: more than one of the gate's 3-second probes
-
-
-def with_web_health_timeout(root: Path, seconds: int) -> Path:
-    """The lab's desired state with web's health check given another timeout (nothing on the hosts
-    depends on it: it is apply's gate alone)."""
-    shutil.copytree(REPO / "hosts", root / "hosts")
-    text = (REPO / "desired_state.toml").read_text()
-    assert text.count(WEB_HEALTH) == 1, "desired_state.toml's web health check changed: update WEB_HEALTH"
-    (root / "desired_state.toml").write_text(
-        text.replace(WEB_HEALTH, WEB_HEALTH.replace("timeout = 30", f"timeout = {seconds}")))
-    return root
 
 
 def test_a_health_check_that_hangs_fails_the_gate_within_its_timeout_and_rolls_back(converged: Any,
@@ -363,7 +352,7 @@ def test_a_health_check_that_hangs_fails_the_gate_within_its_timeout_and_rolls_b
     lab = converged
     # The gate waits for the check's declared timeout: the repository's 30 s would be 30 s of waiting
     # for the same facts, so the check is declared with a shorter one here.
-    directory = with_web_health_timeout(tmp_path / "fleet", HANG_TIMEOUT)
+    directory = with_health_timeout(tmp_path / "fleet", HANG_TIMEOUT, WEB_HEALTH)
     lab.ssh("fritz", f"echo hang > {FAIL_FILE} && systemctl stop mastodon-web.service", user="root")
     t0 = time.monotonic()
     applied = fleet(lab, "apply", "--yes", "--settle", SETTLE, directory=directory, timeout=180)
