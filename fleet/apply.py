@@ -77,16 +77,22 @@ def check_contents(plan: Plan, desired: Desired, secrets: Mapping[tuple[str, str
                               hint="compute a new plan with `fleet plan -o FILE`, review it, and apply that")
 
 
+# Seconds a remote command of a step may run past its own budget (the start timeout, settle
+# period and health-check timeout it waits for) before fleet gives up on it and drops its
+# connection: `fleet apply --command-grace` (docs/apply.md).
+COMMAND_GRACE = 30.0
+
+
 class Executor:
     def __init__(self, plan: Plan, desired: Desired, hosts: Sequence[Host], secrets: Mapping[tuple[str, str], str],
                  transport: Transport, journal: JournalLike, run_id: str, *, settle: float = 3.0,
                  start_timeout: float = 30.0, report: Callable[[str], None] = lambda s: None,
                  forks: int | None = None, recording: Recording | None = None,
-                 accept_queued: int | None = None) -> None:
+                 accept_queued: int | None = None, command_grace: float = COMMAND_GRACE) -> None:
         self.plan, self.desired, self.secrets = plan, desired, secrets
         self.hosts = {h.name: h for h in hosts}
         self.transport, self.journal, self.run_id = transport, journal, run_id
-        self.settle, self.start_timeout = settle, start_timeout
+        self.settle, self.start_timeout, self.command_grace = settle, start_timeout, command_grace
         self.accept_queued = accept_queued
         self.report = report
         self.forks = forks or MAX_WORKERS
@@ -206,6 +212,7 @@ class _Step:
         self.record_sent = False  # it went to the host (and may be there): its outcome must follow
         self.desired, self.secrets, self.run_id = executor.desired, executor.secrets, executor.run_id
         self.settle, self.start_timeout = executor.settle, executor.start_timeout
+        self.command_grace = executor.command_grace
         self.accept_queued, self.plan_changes = executor.accept_queued, executor.plan.changes
         self.detail = ""
 

@@ -226,6 +226,10 @@ def _add_apply(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                    help="seconds a started unit must stay up without restarting (default 3)")
     p.add_argument("--start-timeout", type=seconds_option(), default=30.0, metavar="S",
                    help="seconds a unit may take to become active (default 30)")
+    p.add_argument("--command-grace", type=seconds_option(), default=30.0, metavar="S",  # fleet.apply.COMMAND_GRACE
+                   help="seconds a start's or restart's remote command may run past its own budget (start "
+                        "timeout, settle, health-check timeout) before fleet ends it and drops the connection "
+                        "(default 30)")
     p.add_argument("--accept-queued", type=accept_queued_option, default=None, metavar="N",
                    help="a declared move may go on with up to N jobs still queued in quiet Sidekiq (they run after "
                         "Sidekiq restarts, against the new server); without it, any queued job halts the move")
@@ -482,7 +486,8 @@ def _run_apply(args: argparse.Namespace) -> int:
 
     options = ApplyOptions(_common(args), _scope(args), plan_file=args.plan_file or None, yes=args.yes,
                            no_prune=args.no_prune, secrets=_path(args.secrets), settle=args.settle,
-                           start_timeout=args.start_timeout, notify=tuple(args.notify),
+                           start_timeout=args.start_timeout, command_grace=args.command_grace,
+                           notify=tuple(args.notify),
                            accept_queued=args.accept_queued)
     outcome = apply(options, TerminalReporter())
     if outcome.cancelled:

@@ -98,6 +98,7 @@ class Execution(Protocol):
     run_id: str
     settle: float
     start_timeout: float
+    command_grace: float  # seconds a remote command may run past its own budget (--command-grace)
     host: Host
     detail: str  # what to show under a failure (a unit's last journal lines)
     accept_queued: int | None  # jobs left queued in quiet Sidekiq the operator accepted (--accept-queued)

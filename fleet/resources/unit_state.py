@@ -148,7 +148,7 @@ class UnitStates(Resource):
         env = _sidekiq_env(step.desired, step.service(change.service)) if verb == "restart" else None
         if env is None:
             step.run(remote.reset_failed(change.target) + remote.systemctl(verb, change.target),
-                     timeout=step.start_timeout + 30)
+                     timeout=step.start_timeout + step.command_grace)
         else:
             self._restart_sidekiq(change, step, env)
         self._gate(change, step)
@@ -160,7 +160,7 @@ class UnitStates(Resource):
         unit = remote.q(change.target)
         out = step.run(f"p0=$(systemctl show -p MainPID --value -- {unit}); " + remote.reset_failed(change.target)
                        + f"systemctl restart -- {unit} && echo @@ok && " + gone_script(env_path, '"$p0"'),
-                       timeout=step.start_timeout + 30 + BEAT_EXPIRY + 20)
+                       timeout=step.start_timeout + step.command_grace + BEAT_EXPIRY + 20)
         old = gone_timeout(out)
         if old is not None:
             raise FleetError(f"the old Sidekiq process {old} still heartbeats in Redis "
@@ -173,7 +173,7 @@ class UnitStates(Resource):
         then, window = "", 0.0
         if check is not None and check.sidekiq:
             then, window = sidekiq_gate(step.desired, service, start_timeout=step.start_timeout)
-        budget = step.start_timeout + step.settle + (check.timeout if check else 0) + window + 30
+        budget = step.start_timeout + step.settle + (check.timeout if check else 0) + window + step.command_grace
         out = step.run(remote.health_gate(change.target, check, settle=step.settle, start_timeout=step.start_timeout,
                                           then=then), timeout=budget)
         lines = out.splitlines()
@@ -207,13 +207,14 @@ class UnitStates(Resource):
                 outlived = self._stop_sidekiq(unit, step, env)
             elif not was_running:  # stop first: a crash-looping new unit must not restart meanwhile
                 step.run_unchecked(remote.systemctl("stop", unit) + remote.reset_failed(unit),
-                                   timeout=step.start_timeout + 30)
+                                   timeout=step.start_timeout + step.command_grace)
             for path in mine:
                 step.run_unchecked(remote.restore_file(path, run_id=step.run_id), timeout=60)
             if mine:
                 step.run_unchecked(remote.systemctl("daemon-reload"), timeout=60)
             if was_running:
-                step.run_unchecked(remote.systemctl("restart", unit), timeout=step.start_timeout + 30)
+                step.run_unchecked(remote.systemctl("restart", unit),
+                                   timeout=step.start_timeout + step.command_grace)
         except TransportError as e:
             return f"rollback on {change.host} failed: {e.message}"
         restored = ", ".join(mine) if mine else "nothing written"
@@ -229,7 +230,7 @@ class UnitStates(Resource):
         u = remote.q(unit)
         out = step.run(f"p0=$(systemctl show -p MainPID --value -- {u}); systemctl stop -- {u}; "
                        + remote.reset_failed(unit) + "echo @@ok; " + gone_script(env_path, '"$p0"'),
-                       timeout=step.start_timeout + 30 + BEAT_EXPIRY + 20)
+                       timeout=step.start_timeout + step.command_grace + BEAT_EXPIRY + 20)
         return gone_timeout(out)
 
     # -- plan text and audit

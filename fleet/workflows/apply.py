@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fleet import provenance
-from fleet.apply import Executor, Recording, check_contents
+from fleet.apply import COMMAND_GRACE, Executor, Recording, check_contents
 from fleet.errors import FleetError
 from fleet.journal import Journal, journal_path, operator
 from fleet.notify import Target, parse_target
@@ -42,6 +42,7 @@ class ApplyOptions:
     secrets: Path | None = None  # None: the state directory's secrets file
     settle: float = 3.0  # seconds a started unit must stay up
     start_timeout: float = 30.0  # seconds a unit may take to become active
+    command_grace: float = COMMAND_GRACE  # seconds a step's remote command may run past its own budget
     accept_queued: int | None = None  # a move's Sidekiq jobs left queued, accepted (--accept-queued N)
     notify: tuple[str, ...] = ()  # --notify SPECs: where its start and result are posted, besides [watch] notify
 
@@ -190,7 +191,8 @@ def _execute(options: ApplyOptions, prep: Prepared, plan: Plan, transport: Trans
         _post(options, prep, journal, run_id, notify, reporter, finished=False)
         executor = Executor(plan, prep.desired, prep.targets.hosts, prep.secrets, transport, journal, run_id,
                             settle=options.settle, start_timeout=options.start_timeout, report=reporter.note,
-                            forks=options.scope.forks, recording=recording, accept_queued=options.accept_queued)
+                            forks=options.scope.forks, recording=recording, accept_queued=options.accept_queued,
+                            command_grace=options.command_grace)
         outcome = "interrupted"
         try:
             result = executor.execute()

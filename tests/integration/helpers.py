@@ -36,6 +36,23 @@ def fleet(lab: Any, *args: str, state_dir: Path | None = None, timeout: float = 
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+WEB_HEALTH = 'health = { http = "http://127.0.0.1:3000/health", timeout = 30 }'
+STREAMING_HEALTH = 'health = { http = "http://127.0.0.1:4000/api/v1/streaming/health", timeout = 30 }'
+
+
+def with_health_timeout(root: Path, seconds: int, *checks: str) -> Path:
+    """The lab's desired state in ROOT (returned) with these health checks (lines of
+    desired_state.toml) given another timeout: nothing on the hosts depends on it, it is apply's
+    gate alone."""
+    shutil.copytree(REPO / "hosts", root / "hosts")
+    text = (REPO / "desired_state.toml").read_text()
+    for check in checks:
+        assert text.count(check) == 1, f"desired_state.toml no longer declares {check!r}: update helpers.py"
+        text = text.replace(check, check.replace("timeout = 30", f"timeout = {seconds}"))
+    (root / "desired_state.toml").write_text(text)
+    return root
+
+
 def fleet_json(lab: Any, *args: str, ok_codes: tuple[int, ...] = (0,), **kw: Any) -> dict[str, Any]:
     done = fleet(lab, *args, "--json", **kw)
     assert done.returncode in ok_codes, f"fleet {' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}"

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from helpers import (
     REPO,
+    WEB_HEALTH,
     checkout_state,
     fleet,
     fleet_argv,
@@ -43,6 +44,7 @@ from helpers import (
     reset_host,
     sshd_stopped,
     wait_for_ssh,
+    with_health_timeout,
 )
 
 from fleet.journal import operator
@@ -313,13 +315,18 @@ def ssh_refused(lab: Any, host: str) -> bool:
 
 
 def heal(lab: Any) -> None:
-    """Remove every fault these tests inject, whatever state a failed test left."""
+    """Remove every fault these tests inject, whatever state a failed test left: the hosts side
+    by side (each host's faults are its own; one SSH session per host, as reset_all does)."""
     for i in range(len(lab.names)):
         subprocess.run(["ip", "link", "set", f"fleetlab-v{i}", "up"], capture_output=True, timeout=10)
-    for h in lab.names:
+
+    def heal_host(h: str) -> None:
         wait_for_ssh(lab, h, timeout=60)
         lab.ssh(h, f"rm -f {FAIL_FILE} && chmod 755 /usr/bin/node && rm -rf /var/lib/fleet/lock && "
                    "systemctl reset-failed", user="root", check=False)
+
+    with ThreadPoolExecutor(max_workers=len(lab.names)) as pool:
+        list(pool.map(heal_host, lab.names))  # re-raises the first host's failure
 
 
 @pytest.fixture
@@ -343,19 +350,7 @@ def converged(lab: Any) -> Iterator[Any]:
 # ------------------------------------------------------------------ a health check that hangs
 
 
-WEB_HEALTH = 'health = { http = "http://127.0.0.1:3000/health", timeout = 30 }'
 HANG_TIMEOUT = 6  # seconds: more than one of the gate's 3-second probes
-
-
-def with_web_health_timeout(root: Path, seconds: int) -> Path:
-    """The lab's desired state with web's health check given another timeout (nothing on the hosts
-    depends on it: it is apply's gate alone)."""
-    shutil.copytree(REPO / "hosts", root / "hosts")
-    text = (REPO / "desired_state.toml").read_text()
-    assert text.count(WEB_HEALTH) == 1, "desired_state.toml's web health check changed: update WEB_HEALTH"
-    (root / "desired_state.toml").write_text(
-        text.replace(WEB_HEALTH, WEB_HEALTH.replace("timeout = 30", f"timeout = {seconds}")))
-    return root
 
 
 def test_a_health_check_that_hangs_fails_the_gate_within_its_timeout_and_rolls_back(converged: Any,
@@ -363,7 +358,7 @@ def test_a_health_check_that_hangs_fails_the_gate_within_its_timeout_and_rolls_b
     lab = converged
     # The gate waits for the check's declared timeout: the repository's 30 s would be 30 s of waiting
     # for the same facts, so the check is declared with a shorter one here.
-    directory = with_web_health_timeout(tmp_path / "fleet", HANG_TIMEOUT)
+    directory = with_health_timeout(tmp_path / "fleet", HANG_TIMEOUT, WEB_HEALTH)
     lab.ssh("fritz", f"echo hang > {FAIL_FILE} && systemctl stop mastodon-web.service", user="root")
     t0 = time.monotonic()
     applied = fleet(lab, "apply", "--yes", "--settle", SETTLE, directory=directory, timeout=180)
@@ -600,8 +595,12 @@ def test_sshd_stopped_with_fleets_session_killed_fails_that_host_and_its_lock_is
 def test_a_network_cut_to_a_host_mid_apply_times_out_instead_of_hanging(bare: Any) -> None:
     lab = bare
     veth = veth_of(lab, "freud")
-    start_timeout = 10
-    running = start_apply(lab, "--start-timeout", str(start_timeout), "--connect-timeout", "3")
+    # The gate's command budget is --start-timeout + settle + --command-grace: with the default
+    # grace (30 s) it is 43 s of waiting for the same facts, so the apply is given a 5 s grace
+    # (the default is pinned by tests/unit/test_apply.py).
+    start_timeout, grace = 10, 5
+    running = start_apply(lab, "--start-timeout", str(start_timeout), "--command-grace", str(grace),
+                          "--connect-timeout", "3")
     try:
         running.wait_for("wave 5/5")
         time.sleep(1.0)  # freud has started both its Sidekiqs and is inside their gates (settle 3 s)
@@ -613,7 +612,7 @@ def test_a_network_cut_to_a_host_mid_apply_times_out_instead_of_hanging(bare: An
         set_link(veth, "up")
     # Bounded by the gate's command timeout; after it the dead connection is dropped, so the
     # rollback and the lock release each fail within --connect-timeout (3 s).
-    gate = start_timeout + int(SETTLE) + 30
+    gate = start_timeout + int(SETTLE) + grace
     assert after_cut < gate + 3 + 3 + 20, after_cut
     assert done.code == 1, done.output
     # push-pull's gate (no health check) has the shorter budget: it times out first, the dead
@@ -622,7 +621,7 @@ def test_a_network_cut_to_a_host_mid_apply_times_out_instead_of_hanging(bare: An
     assert "on freud, start mastodon-sidekiq-default.service: unreachable: connection to freud was lost" \
            in done.stdout, done.output
     # the gate's script (or, had the cut come a moment earlier, its `systemctl start`) timed out
-    assert re.search(rf"on freud did not finish within ({gate}|{start_timeout + 30})s; it was sent SIGTERM and "
+    assert re.search(rf"on freud did not finish within ({gate}|{start_timeout + grace})s; it was sent SIGTERM and "
                      r"its channel closed", done.stdout), done.stdout
     assert "rollback on freud failed: connecting to freud (10.251.0.11:22) timed out after 3s" in done.stdout
     assert "warning: could not release the lock on freud: " in done.stderr

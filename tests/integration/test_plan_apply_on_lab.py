@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,9 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, fleet, fleet_argv, fleet_json, install_unit, reset_all, sidekiq_unit, sshd_stopped
+from helpers import (
+    REPO,
+    STREAMING_HEALTH,
+    WEB_HEALTH,
+    fleet,
+    fleet_argv,
+    fleet_json,
+    install_unit,
+    reset_all,
+    sidekiq_unit,
+    sshd_stopped,
+    with_health_timeout,
+)
 
 SETTLE = ("--settle", "1")
+WEB_CHECK_TIMEOUT = 6  # seconds: more than one of the gate's 3-second probes
 ENV = "/home/mastodon/live/.env.production"
 
 
@@ -29,6 +41,12 @@ def plan_json(lab: Any, *args: str, **kw: Any) -> dict[str, Any]:
 
 def ids(plan: dict[str, Any]) -> set[str]:
     return {c["id"] for c in plan["changes"]}
+
+
+def assert_converged(lab: Any) -> None:
+    """The lab is as fleet converges it: its plan is empty."""
+    done = fleet(lab, "plan")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.fixture
@@ -173,21 +191,30 @@ def test_a_failing_health_check_halts_the_rollout_and_rolls_back(converged: Any)
 
 def test_a_failed_restart_puts_the_previous_env_file_back(converged: Any, tmp_path: Path) -> None:
     lab = converged
-    work = tmp_path / "fleet"
-    work.mkdir()
-    shutil.copy(REPO / "desired_state.toml", work)
-    shutil.copytree(REPO / "hosts", work / "hosts")
+    # The gates wait for web's and streaming's declared check timeouts while the stand-ins answer
+    # 503: the repository's 30 s would be 30 s of waiting for the same facts (the failed gate, the
+    # env file restored), so the copy declares shorter ones (as the hanging-check fault test does).
+    work = with_health_timeout(tmp_path / "fleet", WEB_CHECK_TIMEOUT, WEB_HEALTH, STREAMING_HEALTH)
     desired = (work / "desired_state.toml").read_text()
     (work / "desired_state.toml").write_text(desired.replace('SMTP_PORT = "587"', 'SMTP_PORT = "2525"'))
     before = lab.ssh("fritz", f"sha256sum {ENV}", user="root").stdout.split()[0]
     lab.ssh("fritz", "echo unhealthy > /home/mastodon/live/STANDIN_FAIL", user="root")
     done = apply(lab, "--yes", directory=work)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "health check GET http://127.0.0.1:3000/health did not pass" in done.stdout
+    assert f"health check GET http://127.0.0.1:3000/health did not pass within {WEB_CHECK_TIMEOUT}s" in done.stdout
     assert f"restored {ENV}" in done.stdout
     after = lab.ssh("fritz", f"sha256sum {ENV}", user="root").stdout.split()[0]
     assert after == before
     assert lab.ssh("fritz", "systemctl is-active mastodon-web.service", user="root").stdout.strip() == "active"
+    # Undo what the test changed, no more (cheaper than a reset to bare and a converge): fritz's
+    # stand-ins still answer 503 (they read STANDIN_FAIL when they start), so they are healed and
+    # restarted; the other hosts took the copy's SMTP_PORT, so the repository's desired state is
+    # applied.  An empty plan is the proof that the lab is converged again for the next test.
+    lab.ssh("fritz", "rm -f /home/mastodon/live/STANDIN_FAIL && "
+                     "systemctl restart mastodon-web.service mastodon-streaming.service", user="root")
+    back = apply(lab, "--yes")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert_converged(lab)
 
 
 def test_a_second_apply_while_one_runs_is_refused_by_the_lock(converged: Any) -> None:
@@ -252,6 +279,8 @@ def test_apply_without_a_terminal_and_without_yes_refuses(converged: Any) -> Non
     assert "no terminal" in done.stderr
     assert lab.ssh("fritz", "systemctl is-active mastodon-streaming.service", user="root",
                    check=False).stdout.strip() == "inactive"
+    lab.ssh("fritz", "systemctl start mastodon-streaming.service", user="root")  # the test's change, undone
+    assert_converged(lab)
 
 
 def test_an_unreachable_host_makes_the_plan_incomplete_and_apply_refuses(converged: Any, tmp_path: Path) -> None:

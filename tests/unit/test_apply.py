@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import re
 import shlex
@@ -150,13 +151,14 @@ class Rig:
 
     def executor(self, plan: Plan, desired: Desired | None = None,
                  secrets: Mapping[tuple[str, str], str] = S, forks: int | None = None,
-                 recording: apply_module.Recording | None = None) -> Executor:
+                 recording: apply_module.Recording | None = None,
+                 command_grace: float = apply_module.COMMAND_GRACE) -> Executor:
         desired = desired or example()
         run_id = self.journal.start_run(operator="tester@ci", plan_id=plan.plan_id, plan_hash=plan.plan_id,
                                         desired_hash=plan.desired_hash, fleet=plan.fleet, lab=False)
         self.runs.append(run_id)
         return Executor(plan, desired, desired.hosts, secrets, self.fake, self.recorder, run_id, settle=0.1,
-                        start_timeout=1, forks=forks, recording=recording)
+                        start_timeout=1, forks=forks, recording=recording, command_grace=command_grace)
 
     def steps(self, run_id: str) -> dict[str, StepRecord]:
         steps = self.journal.steps(run_id=run_id)
@@ -337,6 +339,29 @@ def test_every_started_unit_is_health_gated_with_its_check_and_the_settle_time(r
     [web_gate] = [c for c in gates if c.tag == f"fritz:start:{WEB}"]
     assert web_gate.command == remote.health_gate(WEB, service(example(), "web").health, settle=0.1,
                                                   start_timeout=1)
+
+
+def test_a_start_and_its_gate_may_run_the_command_grace_past_their_own_budget(rig: Rig) -> None:
+    plan = bare_plan()
+    rig.executor(plan, command_grace=7).execute()
+    web = [c for c in rig.fake.calls if c.tag == f"fritz:start:{WEB}"]
+    [start] = [c for c in web if "systemctl start" in c.command]
+    [gate] = [c for c in web if c.command.startswith("u=")]
+    check = service(example(), "web").health
+    assert check is not None and check.timeout > 0
+    assert start.timeout == 1 + 7  # --start-timeout, then the grace
+    assert gate.timeout == 1 + 0.1 + check.timeout + 7  # start timeout, settle, the check's timeout, the grace
+
+
+def test_the_command_grace_is_30_seconds_unless_given() -> None:
+    from fleet import cli
+    from fleet.workflows.apply import ApplyOptions
+
+    assert apply_module.COMMAND_GRACE == 30.0
+    assert inspect.signature(Executor).parameters["command_grace"].default == 30.0
+    assert {f.name: f.default for f in dataclasses.fields(ApplyOptions)}["command_grace"] == 30.0
+    assert cli.build_parser().parse_args(["apply"]).command_grace == 30.0
+    assert cli.build_parser().parse_args(["apply", "--command-grace", "5"]).command_grace == 5.0
 
 
 # ------------------------------------------------------------------ the journal

@@ -617,7 +617,8 @@ def test_a_plan_file_that_is_not_text_or_not_a_file_is_a_one_line_error(
 
 
 FLOAT_OPTIONS = [
-    (["apply"], "--start-timeout"), (["apply"], "--settle"), (["apply"], "--timeout"), (["status"], "--timeout"),
+    (["apply"], "--start-timeout"), (["apply"], "--settle"), (["apply"], "--command-grace"), (["apply"], "--timeout"),
+    (["status"], "--timeout"),
     (["plan"], "--timeout"), (["audit"], "--timeout"), (["lock", "status"], "--timeout"),
     (["diff", "x"], "--timeout"), (["status"], "--connect-timeout"), (["--connect-timeout"], ""),
     (["lab", "up"], "--timeout"),
@@ -645,7 +646,7 @@ def test_sensible_durations_are_still_accepted(example: FleetDir, option: str, v
     assert getattr(args, option[2:].replace("-", "_")) == float(value)
 
 
-@pytest.mark.parametrize("option", ["--start-timeout", "--timeout", "--connect-timeout"])
+@pytest.mark.parametrize("option", ["--start-timeout", "--command-grace", "--timeout", "--connect-timeout"])
 def test_a_zero_duration_is_refused(capsys: pytest.CaptureFixture[str], option: str) -> None:
     code, _, err = run(capsys, "apply", f"{option}=0")
     assert code == 64 and f"argument {option}" in err

@@ -184,7 +184,7 @@ class _RollbackStep(_Step):
 
     def __init__(self, out: str) -> None:
         super().__init__(out)
-        self.host, self.start_timeout = Host(name="freud", address="freud"), 30.0
+        self.host, self.start_timeout, self.command_grace = Host(name="freud", address="freud"), 30.0, 30.0
         self.unchecked: list[str] = []
 
     def written(self) -> list[str]:

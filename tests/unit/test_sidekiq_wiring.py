@@ -393,7 +393,7 @@ class _Step:
         from fleet.model import Host
 
         self.host, self.desired, self.out = Host(name="freud", address="freud"), desired, out
-        self.settle, self.start_timeout, self.detail = 1.0, 30.0, ""
+        self.settle, self.start_timeout, self.command_grace, self.detail = 1.0, 30.0, 30.0, ""
         self.commands: list[str] = []
 
     def service(self, name: str | None) -> Any:
