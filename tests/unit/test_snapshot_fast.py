@@ -47,7 +47,25 @@ hostile = st.one_of(
     st.lists(st.one_of(st.text(max_size=4), st.integers(), st.none()), max_size=3),
     st.lists(st.lists(st.text(max_size=4), max_size=3), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
-)
+).map(copy.deepcopy)  # each draw its own copy: `damaged` edits what it put in place (appends to it,
+# replaces its items), and an edit to the shared constants above would carry into every later
+# example, until a list held itself and `places` recursed without end
+
+
+@settings(derandomize=True, max_examples=300, database=None, deadline=None)
+@given(hostile)
+def test_a_drawn_hostile_value_is_never_a_shared_constant_itself(value: Any) -> None:
+    """Reproduces, deterministically, what failed a full unit run once (2 December): a record damaged
+    with TOO_MANY_PAIRS, then damaged again inside it, changed the constant for later examples.
+    Edit what was drawn as `damaged` does; the constants must not change."""
+    assert all(value is not c for c in (TOO_MANY_TEXTS, TOO_MANY_PAIRS))
+    if isinstance(value, list) and value:
+        if isinstance(value[0], list):
+            value[0].append("edited")
+        value[0] = "edited"
+        value.append(value)
+    assert TOO_MANY_TEXTS == ["a"] * (snapshot.MAX_VALUES + 1)
+    assert len(TOO_MANY_PAIRS) == 50_001 and TOO_MANY_PAIRS[0] == ["a", "b"]
 
 
 def sidekiq_record() -> dict[str, Any]:
