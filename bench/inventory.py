@@ -195,4 +195,5 @@ DB_PASS = "file"
 AWS_ACCESS_KEY_ID = "file"
 AWS_SECRET_ACCESS_KEY = "file"
 SMTP_PASSWORD = "file"
+REDIS_PASSWORD = "file"  # under --lab, the lab Redis's own password: Sidekiq's view and the stand-ins authenticate
 '''
