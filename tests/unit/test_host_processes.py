@@ -1,0 +1,181 @@
+"""Fewer processes on the host (docs/PERFORMANCE.md, "Fifth round"): the database host's sections
+start no `head`, `cut`, `sed` or `grep` any more, and what replaced them prints what they printed.
+
+Each replaced pipeline is kept here as it was (`OLD_…`) and run next to the section's own text on
+tricky inputs, with `sh` (dash) and the machine's awk, byte for byte."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from redis_server import PASSWORD, REDIS_CLI, Redis
+from test_stores_script import PG, path, run, tools  # noqa: F401  (`tools`: the stand-ins' fixture)
+
+from fleet.resources import stores
+from fleet.resources.stores import Asked, ToCollect
+from fleet.sidekiq import section_script as sidekiq_script
+
+SH = shutil.which("sh") or "/bin/sh"
+LOGGED = ("head", "cut", "sed", "grep")
+
+
+def sh(script: str, stdin: bytes = b"", **env: str) -> bytes:
+    done = subprocess.run([SH, "-c", script], input=stdin, capture_output=True,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", **env}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def logging_tools(directory: Path) -> Path:
+    """head, cut, sed and grep that log their start, then run the real ones."""
+    directory.mkdir()
+    log = directory / "started.log"
+    for tool in LOGGED:
+        real = shutil.which(tool)
+        assert real is not None
+        wrapper = directory / tool
+        wrapper.write_text(f'#!/bin/sh\necho {tool} >>{log}\nexec {real} "$@"\n')
+        wrapper.chmod(0o755)
+    return log
+
+
+def started(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+# ------------------------------------------------------------------ no head, cut, sed or grep
+
+
+def test_the_stores_section_starts_no_head_cut_or_sed(tools: Path) -> None:  # noqa: F811
+    log = logging_tools(tools / "logged")
+    what = ToCollect((Asked(PG.unit, "postgres", 5432, probe=True), Asked("pgbouncer.service", "pgbouncer", 6432)))
+    found, _ = run(what, tools, f"{tools / 'logged'}:{path(tools)}")
+    assert found.units and found.clusters and found.probes  # every part ran
+    assert started(log) == []
+
+
+needs_redis = pytest.mark.skipif(REDIS_CLI is None, reason="needs redis-cli (scripts/setup.sh installs it)")
+
+
+@needs_redis
+def test_the_redis_probe_and_sidekiqs_view_start_no_head_cut_sed_or_grep(redis: Redis, tmp_path: Path) -> None:
+    redis.flush()
+    redis.cli("SADD", "processes", "h:1:ab")
+    redis.cli("HSET", "h:1:ab", "info", "{}", "beat", "1")
+    redis.cli("SADD", "queues", "default")
+    redis.cli("LPUSH", "queue:default", "x")
+    env = tmp_path / ".env.production"
+    env.write_text(redis.env())
+    log = logging_tools(tmp_path / "logged")
+    logged = f"{tmp_path / 'logged'}:/usr/sbin:/usr/bin:/sbin:/bin"
+    found, out = run(ToCollect((Asked("redis-server.service", "redis", redis.port),), str(env)), tmp_path, logged)
+    assert found.redis[0].queued == 1 and PASSWORD not in out
+    text = sh(sidekiq_script(str(env)), PATH=logged).decode()
+    assert "\nP " in text and "\nL 1\n" in text and text.endswith("end\n") and PASSWORD not in text, text
+    assert started(log) == []
+
+
+# ------------------------------------------------------------------ the same output as before
+
+
+def _lines(n: int, width: int = 10) -> bytes:
+    return b"".join(b"%d %s\n" % (i, b"x" * width) for i in range(n))
+
+
+TRICKY = [
+    b"", b"\n", b"one line without a newline", b"\n\n\nblank lines\n\n", _lines(11), _lines(12), _lines(13),
+    _lines(12).rstrip(b"\n"), b"y" * 299 + b"\n" + b"z" * 300 + b"\n" + b"w" * 301 + b"\n" + b"v" * 5000,
+    b"tab\there\r\nCR\r\n", b"bytes \xff\xfe\xe9\xc3\xa9 \x01\x7f\n" * 3, b"back\\slash \\n \\\\ & / % $1 \"q\" 'q'\n",
+    b'ERROR,"NOAUTH Authentication required."\nERROR,"x"\nexit 0\n', b"exit 124\n",
+]
+
+OLD_BOUND = 'head -n 12 | cut -c1-300 | sed "s/^/redis $1 /"'
+NEW_BOUND = 'awk -v n=12 -v w=300 -v p="redis $1 " "$bound_awk"'
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_one_awk_bounds_and_prefixes_as_head_cut_and_sed_did(text: bytes) -> None:
+    for old, new in ((OLD_BOUND, NEW_BOUND),
+                     (OLD_BOUND.replace("redis", "pg-sql").replace("12", "41"),
+                      NEW_BOUND.replace("redis", "pg-sql").replace("12", "41")),
+                     ("head -n 64 | cut -c1-300", 'awk -v n=64 -v w=300 -v p= "$bound_awk"')):
+        script = f'set -- 6379\nbound_awk={stores.shlex.quote(stores.BOUND_AWK)}\n'
+        assert sh(script + new, text) == sh(script + old, text)
+
+
+OLD_UNITS_ASKED = 'head -n 64 | while read -r u l a s _; do echo "pg-unit $u $l $a $s"; done'
+OLD_UNITS_FROM_SHOW_END = ("      for (i = 1; i <= n; i++) print u[i] }'"
+                           ' | head -n 64 |\n  while read -r u l a s _; do echo "pg-unit $u $l $a $s"; done')
+LIST_UNITS = [
+    b"", b"postgresql@15-main.service    loaded active   running PostgreSQL Cluster 15-main\n",
+    b"  postgresql@15-main.service\tloaded  failed failed\n\npostgresql@x.service loaded\n   \n",
+    b"".join(b"postgresql@%d-main.service loaded active running X Y\n" % i for i in range(70)),
+    b"a b c d e f g\r\npostgresql@a\\x2db.service \xff\n",
+]
+
+
+@pytest.mark.parametrize("text", LIST_UNITS)
+def test_the_cluster_units_asked_of_systemd_print_as_the_read_loop_printed_them(text: bytes) -> None:
+    new = stores._fill(stores._UNITS_ASKED).split("|\n", 1)[1]
+    assert sh(new, text) == sh(OLD_UNITS_ASKED, text)
+
+
+def test_a_backslash_is_printed_as_systemd_printed_it_where_dashs_echo_read_escapes() -> None:
+    """The one difference: dash's `echo` turned `\\\\` into one backslash and `\\c` into the end of the
+    output; systemd escapes a unit name with `\\xNN` only, which both print as is."""
+    new = stores._fill(stores._UNITS_ASKED).split("|\n", 1)[1]
+    assert sh(new, b"postgresql@a\\\\b\\c.service loaded\n") == b"pg-unit postgresql@a\\\\b\\c.service loaded  \n"
+
+
+def _show(n: int) -> str:
+    return "".join(f"Id=postgresql@{i:02d}-main.service\nLoadState=loaded\nActiveState=active\nSubState=running\n\n"
+                   for i in reversed(range(n)))
+
+
+@pytest.mark.parametrize("show", [
+    "", _show(1), _show(70), "Id=postgresql@15-main.service\nLoadState=\nActiveState=a b\nSubState=\tx\n\n"
+    "Id=postgresql.service\nLoadState=loaded\n\nId=postgresql@15-main.service\nLoadState=dup\n\n"
+    "Id=postgresql@a\\x2db.service\nSubState=dead\nFailed to get unit\n",
+])
+def test_the_cluster_units_read_from_the_show_print_as_the_read_loop_printed_them(show: str) -> None:
+    new = stores._fill(stores._UNITS_FROM_SHOW)
+    old_end = ("      for (i = 1; i <= n && i <= 64; i++) "
+               "{ $0 = u[i]; print \"pg-unit \" $1 \" \" $2 \" \" $3 \" \" $4 } }'")
+    assert old_end in new
+    old = new.replace(old_end, OLD_UNITS_FROM_SHOW_END)
+    prefix = f"show={stores.shlex.quote(show)}\n"
+    assert sh(prefix + new) == sh(prefix + old)
+
+
+OLD_COUNT = """np=$(printf '%s\\n' "$out" | grep -c '^p "')
+nq=$(printf '%s\\n' "$out" | grep -c '^q "')
+echo "$np $nq\""""
+
+
+@pytest.mark.parametrize("out", [
+    'time "1","2"\nprocesses 0\nqueues 0',
+    'time "1","2"\nprocesses 2\np "a:1"\np "*"\nqueues 3\nq "?"\nq "default"\nq "[a]"',
+    'p "\nq "\npp "x"\n p "x"\nqq "\n\n\np "" \nq "/*"', "\n".join(f'p "h{i}:1:{i}"' for i in range(256)),
+])
+def test_the_shell_counts_the_members_as_grep_counted_them(out: str) -> None:
+    script = sidekiq_script("/nonexistent")
+    start = script.index("# the members counted by the shell")
+    new = script[start:script.index("if [ \"$np\" -gt 0 ]", start)] + 'echo "$np $nq"'
+    prefix = f"out={stores.shlex.quote(out)}\ncd {Path(__file__).parent}\n"  # a glob would match files here
+    assert sh(prefix + new) == sh(prefix + OLD_COUNT)
+
+
+OLD_ERROR = """printf 'error redis %s\\n' "$(printf '%s\\n' "$r1" | head -n 1 | cut -c7-300)\""""
+
+
+@pytest.mark.parametrize("r1", ['ERROR,"NOAUTH Authentication required."', "ERROR,", "ERROR,x\nERROR,y",
+                                "ERROR," + "e" * 400, 'ERROR,"WRONGPASS \\xff"\r'])
+def test_a_redis_error_line_prints_as_head_and_cut_printed_it(r1: str) -> None:
+    script = sidekiq_script("/nonexistent")
+    line = next(x for x in script.splitlines() if x.startswith("ERROR,*) "))
+    new = line[len("ERROR,*) "):].rsplit("; exit 0;;", 1)[0]
+    prefix = f"r1={stores.shlex.quote(r1)}\n"
+    assert sh(prefix + new) == sh(prefix + OLD_ERROR)
