@@ -59,7 +59,7 @@ function flush(   n, w, i, b, q, c, r, sk, o, v) {
       if (o == "-C" || o == "--config") c = v
       if (o == "-r" || o == "--require") r = v
     }
-    if (sk && !q) print id "\t+" wd "\t+" c "\t+" r
+    if (sk && !q && ++found <= max) print id "\t+" wd "\t+" c "\t+" r
   }
   id = ""; argv = ""; wd = ""
 }
@@ -121,7 +121,7 @@ class SidekiqConfigs(Resource):
     def script(self, what: Any) -> str:
         body = _PRINT_SH % {"bytes": MAX_BYTES, "lines": MAX_LINES}
         return (f"echo '@@{SECTION}'\n"
-                f"printf '%s\\n\\n' \"$show\" | awk {shlex.quote(_FIND_AWK)} | head -n {MAX_UNITS} | "
+                f"printf '%s\\n\\n' \"$show\" | awk -v max={MAX_UNITS} {shlex.quote(_FIND_AWK)} | "
                 "while IFS=\"$(printf '\\t')\" read -r u wd c r; do" + body + "done")
 
     def parser(self, host: str) -> SectionParser:

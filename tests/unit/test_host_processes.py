@@ -179,3 +179,69 @@ def test_a_redis_error_line_prints_as_head_and_cut_printed_it(r1: str) -> None:
     new = line[len("ERROR,*) "):].rsplit("; exit 0;;", 1)[0]
     prefix = f"r1={stores.shlex.quote(r1)}\n"
     assert sh(prefix + new) == sh(prefix + OLD_ERROR)
+
+
+# ------------------------------------------------------------------ every host: hashes, Sidekiq config
+
+OLD_HASH_PATHS = ("paths=$(printf '%s\\n' \"$show\" | awk '/^FragmentPath=./{print substr($0,14)} "
+                  "/^DropInPaths=./{n=split(substr($0,13),a,\" \");for(i=1;i<=n;i++)print a[i]}')")
+SHOWN = [
+    "",
+    "Id=a.service\nFragmentPath=\nDropInPaths=\n",
+    "Id=mastodon-streaming@4000.service\nFragmentPath=/etc/systemd/system/mastodon-streaming@.service\n"
+    "DropInPaths=/etc/systemd/system/mastodon-streaming@.service.d/a.conf "
+    "/etc/systemd/system/mastodon-streaming@4000.service.d/b.conf\nEnvironment=A=1\n\n"
+    "Id=b.service\nFragmentPath=/lib/systemd/system/b.service\nDropInPaths=/run/x.conf\t/run/y.conf  /run/z.conf \n",
+    "FragmentPath=/a b/c *.service\nDropInPaths=/d/[ab].conf /e/?.conf\n FragmentPath=/indented\nxFragmentPath=/x\n"
+    "Failed to get properties: Unit name a@.service is neither a valid invocation ID nor unit name.\n"
+    "FragmentPath=/last/without/newline",
+]
+
+
+@pytest.mark.parametrize("show", SHOWN)
+def test_the_shell_finds_the_files_to_hash_as_the_awk_found_them(show: str) -> None:
+    from fleet.collect.script import HASH_PATHS_SH
+
+    words = "\nprintf '<%s>\\n' $paths; [ -n \"$paths\" ] && echo nonempty; true"
+    prefix = f"set -f\nshow={stores.shlex.quote(show)}\n"
+    assert sh(prefix + HASH_PATHS_SH + words) == sh(prefix + OLD_HASH_PATHS + words)
+
+
+def _sidekiqs(n: int, argv: str) -> str:
+    return "".join(f"Id=mastodon-sidekiq-{i}@x.service\nWorkingDirectory=!/home/m/live\n"
+                   f"ExecStart={{ path=/usr/bin/bundle ; argv[]={argv} ; ignore_errors=no ; pid=0 }}\n\n"
+                   for i in range(n))
+
+
+@pytest.mark.parametrize("show", [
+    "", _sidekiqs(3, "bundle exec sidekiq -c 5"), _sidekiqs(250, "bundle exec sidekiq -C config/x.yml"),
+    _sidekiqs(2, "bundle exec sidekiq -q default") + _sidekiqs(201, "/x/bin/sidekiq -r /srv/app -C=/a b.yml"),
+])
+def test_the_sidekiq_config_candidates_are_bounded_by_the_awk_as_head_bounded_them(show: str) -> None:
+    from fleet.resources.sidekiq_config import _FIND_AWK, MAX_UNITS
+
+    prefix = f"show={stores.shlex.quote(show)}\n"
+    find = f"printf '%s\\n\\n' \"$show\" | awk -v max={MAX_UNITS} {stores.shlex.quote(_FIND_AWK)}"
+    old_awk = _FIND_AWK.replace(" && ++found <= max", "")
+    assert old_awk != _FIND_AWK
+    old = f"printf '%s\\n\\n' \"$show\" | awk {stores.shlex.quote(old_awk)} | head -n {MAX_UNITS}"
+    assert sh(prefix + find) == sh(prefix + old)
+    if show:
+        assert sh(prefix + find)
+
+
+def test_the_hashes_part_starts_no_awk_and_the_sidekiq_config_part_no_head(tmp_path: Path) -> None:
+    from fleet.collect.script import CollectSpec, script_parts
+
+    log = logging_tools(tmp_path / "logged")
+    real_awk = shutil.which("awk")
+    (tmp_path / "logged" / "awk").write_text(f'#!/bin/sh\necho awk >>{log}\nexec {real_awk} "$@"\n')
+    (tmp_path / "logged" / "awk").chmod(0o755)
+    unit = tmp_path / "u.service"
+    unit.write_text("[Service]\nExecStart=/bin/true\n")
+    show = f"Id=u.service\nFragmentPath={unit}\nDropInPaths=\n\n" + _sidekiqs(1, "bundle exec sidekiq")
+    parts = dict(script_parts(CollectSpec(units=("u.service",), kinds=(("sidekiqconf", True),))))
+    out = sh(f"set -f\nshow={stores.shlex.quote(show)}\n{parts['hashes']}\n{parts['sidekiqconf']}",
+             PATH=f"{tmp_path / 'logged'}:/usr/sbin:/usr/bin:/sbin:/bin").decode()
+    assert f"  {unit}\n" in out and "@@sidekiqconf mastodon-sidekiq-0@x.service\n!none /home/m/live/config/" in out
+    assert started(log) == ["awk"]  # the Sidekiq config's own; the hashes' paths need none
