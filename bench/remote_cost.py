@@ -156,17 +156,19 @@ _BASELINE_PARTS = """
 import json, sys
 from pathlib import Path
 from bench.status import _load, kept
-from fleet.collect.script import idle_offers, script_parts, spec_for
+from fleet.collect import script
 desired, targets = _load(Path(sys.argv[1]), Path(sys.argv[2]))
 state = kept(desired, targets, Path(sys.argv[2])).get(sys.argv[3])
-print(json.dumps(script_parts(idle_offers(spec_for(desired, sys.argv[3]), state))))
+# what that fleet offers: its kept idle units, and the env files whose hash it knows where it can
+offers = getattr(script, "reuse_offers", None) or script.idle_offers
+print(json.dumps(script.script_parts(offers(script.spec_for(desired, sys.argv[3]), state))))
 """
 
 
 def _baseline_parts(directory: Path, state_dir: Path, host: str) -> list[tuple[str, str]]:
     """The script parts the baseline fleet (BENCH_BASELINE_PYTHONPATH, bench/status.py) sends `host`
-    after a first collection (its idle units offered from the lab's newest kept snapshot), made by
-    that fleet in a process of its own."""
+    after a first collection (what the lab's newest kept snapshot lets it skip offered: idle units,
+    and known env files where that fleet has `reuse_offers`), made by that fleet in a process of its own."""
     import json
     import subprocess
     import sys
