@@ -245,3 +245,23 @@ def test_the_hashes_part_starts_no_awk_and_the_sidekiq_config_part_no_head(tmp_p
              PATH=f"{tmp_path / 'logged'}:/usr/sbin:/usr/bin:/sbin:/bin").decode()
     assert f"  {unit}\n" in out and "@@sidekiqconf mastodon-sidekiq-0@x.service\n!none /home/m/live/config/" in out
     assert started(log) == ["awk"]  # the Sidekiq config's own; the hashes' paths need none
+
+
+OLD_COMMANDS_AWK = (
+    '/^p "/ { print "HMGET " substr($0, 3) " info busy beat quiet rss rtt_us concurrency" }\n'
+    '/^q "/ { t = "\\"queue:" substr($0, 4); print "LLEN " t; print "LINDEX " t " -1" }\n'
+)
+
+
+@pytest.mark.parametrize("out", [
+    'time "1","2"\nprocesses 1\np "h:1:ab"\nqueues 2\nq "default"\nq "mailers"',
+    'p "a\\"b\\\\\\\\c"\nq "x\\"y"\nq "\\\\"\np "*"\nq "?"\nq "q \\"z"\np "-n %s %d \\\\n"\np ""\n'
+    'pp "no"\n p "no"\nq "$(echo no)" `no`\nq "${HOME}"',
+    "\n".join(f'q "q{i}"' for i in range(64)) + "\n" + "\n".join(f'p "h{i}:1:{"x" * 1000}"' for i in range(256)),
+])
+def test_the_shell_prints_the_second_rounds_commands_as_the_awk_printed_them(out: str) -> None:
+    from fleet.sidekiq import _COMMANDS_SH
+
+    prefix = "set -f\nnl='\n'\nout=$(cat)\n"  # on stdin: 256 long identities pass no argv limit
+    old = f"printf '%s\\n' \"$out\" | awk {stores.shlex.quote(OLD_COMMANDS_AWK)}"
+    assert sh(prefix + _COMMANDS_SH, out.encode()) == sh(prefix + old, out.encode())
