@@ -73,7 +73,9 @@ function flush(   n, w, i, b, q, c, r, sk, o, v) {
 END { flush() }
 """
 
-# sh: for each such unit, find the file as Sidekiq would and print it, bounded.
+# sh: for each such unit, find the file as Sidekiq would and print it, bounded: one awk prints its
+# first lines each prefixed by `|` and ended by a newline (`head | sed` was two starts, and left a
+# last line without a newline unended, gluing the next header to it).
 _PRINT_SH = r"""
   wd=${wd#+} c=${c#+} r=${r#+}
   echo "@@sidekiqconf $u"
@@ -90,7 +92,7 @@ _PRINT_SH = r"""
   fi
   if [ ! -f "$f" ] || [ ! -r "$f" ]; then echo "!unreadable $f"
   elif [ "$(wc -c <"$f")" -gt %(bytes)d ]; then echo "!toolarge $f"
-  else echo "!file $f"; head -n %(lines)d "$f" | sed 's/^/|/'; fi
+  else echo "!file $f"; awk '{ print "|" $0 } NR >= %(lines)d { exit }' "$f"; fi
 """
 
 

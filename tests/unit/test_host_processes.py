@@ -265,3 +265,15 @@ def test_the_shell_prints_the_second_rounds_commands_as_the_awk_printed_them(out
     prefix = "set -f\nnl='\n'\nout=$(cat)\n"  # on stdin: 256 long identities pass no argv limit
     old = f"printf '%s\\n' \"$out\" | awk {stores.shlex.quote(OLD_COMMANDS_AWK)}"
     assert sh(prefix + _COMMANDS_SH, out.encode()) == sh(prefix + old, out.encode())
+
+
+@pytest.mark.parametrize("text", [b"", b"\n", b":queues:\n  - default\n", b"".join(b"- q%d\n" % i for i in range(2001)),
+                                  b"\r\n\t x \\ & / \xff\n" * 3])
+def test_a_config_file_prints_as_head_and_sed_printed_it_when_it_ends_with_a_newline(tmp_path: Path,
+                                                                                     text: bytes) -> None:
+    from fleet.resources.sidekiq_config import _PRINT_SH, MAX_LINES
+
+    (tmp_path / "f").write_bytes(text)
+    new = next(x for x in _PRINT_SH.splitlines() if 'echo "!file $f"' in x).split("; ", 1)[1].rsplit("; fi", 1)[0]
+    new = new % {"lines": MAX_LINES}
+    assert sh(f"f={tmp_path / 'f'}\n{new}") == sh(f"f={tmp_path / 'f'}\nhead -n {MAX_LINES} \"$f\" | sed 's/^/|/'")
