@@ -29,7 +29,7 @@ cluster unit, a failed readiness check, a role other than the declared one.  `no
 runs: `15/main: primary, accepting on 5432`.  Move gates (issue 15, part B) read the same facts
 through `HostState.facts_of("stores")` and `clusters_of`/`redis_of`.
 
-Section `@@stores` (every line bounded by the script with head/cut, and again by the parser):
+Section `@@stores` (every line bounded by the script with one awk, and again by the parser):
 
     service UNIT KIND PORT probe|-     one per declared data store on the host: what was asked
     pg-unit UNIT LOAD ACTIVE SUB       each postgresql@*.service systemd has loaded
