@@ -124,7 +124,8 @@ class SidekiqConfigs(Resource):
         body = _PRINT_SH % {"bytes": MAX_BYTES, "lines": MAX_LINES}
         return (f"echo '@@{SECTION}'\n"
                 f"printf '%s\\n\\n' \"$show\" | awk -v max={MAX_UNITS} {shlex.quote(_FIND_AWK)} | "
-                "while IFS=\"$(printf '\\t')\" read -r u wd c r; do" + body + "done")
+                # a tab written into the script: `$(printf '\\t')` was a subshell at every turn
+                "while IFS='\t' read -r u wd c r; do" + body + "done")
 
     def parser(self, host: str) -> SectionParser:
         return _Section(host)

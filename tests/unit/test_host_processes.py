@@ -277,3 +277,28 @@ def test_a_config_file_prints_as_head_and_sed_printed_it_when_it_ends_with_a_new
     new = next(x for x in _PRINT_SH.splitlines() if 'echo "!file $f"' in x).split("; ", 1)[1].rsplit("; fi", 1)[0]
     new = new % {"lines": MAX_LINES}
     assert sh(f"f={tmp_path / 'f'}\n{new}") == sh(f"f={tmp_path / 'f'}\nhead -n {MAX_LINES} \"$f\" | sed 's/^/|/'")
+
+
+def test_the_sidekiq_config_loop_splits_on_a_written_tab_as_on_printfs() -> None:
+    from fleet.resources.sidekiq_config import SidekiqConfigs
+
+    script = SidekiqConfigs().script(True)
+    assert "$(printf" not in script and "while IFS='\t' read -r u wd c r; do" in script
+    lines = b"u1\t+/w d\t+\t+\nu@2.service\t+\t+-C x.yml\t+ /r \n\t+\t+\t+\nu3 \t+a\tb\t+c\t+d\n"
+    loop = ' read -r u wd c r; do printf "<%s|%s|%s|%s>\\n" "$u" "$wd" "$c" "$r"; done'
+    assert sh("while IFS='\t'" + loop, lines) == sh("while IFS=\"$(printf '\\t')\"" + loop, lines)
+
+
+def test_the_drop_ins_part_starts_nothing_where_no_directory_exists_and_prints_as_before(tmp_path: Path) -> None:
+    from fleet.resources.drop_ins import DropIns
+
+    log = logging_tools(tmp_path / "logged")
+    logged = f"{tmp_path / 'logged'}:/usr/sbin:/usr/bin:/sbin:/bin"
+    gone, there = tmp_path / "gone.service.d", tmp_path / "there.service.d"
+    script = DropIns().script((str(gone), str(there)))
+    assert sh(script, PATH=logged) == b"@@dropins\n" and started(log) == []
+    there.mkdir()
+    (there / "a.conf").write_text("[Service]\n")
+    (there / "b.txt").write_text("")
+    old = script.replace("[ -z \"$dd\" ] || ", "")
+    assert sh(script) == sh(old) and sh(script).count(b".conf\n") == 1
