@@ -93,6 +93,26 @@ def _instrumented(parts: list[tuple[str, str]], repeats: int) -> str:
             f"i=0; while [ $i -lt {int(repeats)} ]; do\n{body}\ni=$((i + 1)); done >/dev/null 2>&1\n")
 
 
+def _pid_marked(parts: list[tuple[str, str]], repeats: int) -> str:
+    """The parts run `repeats` times in one shell, stdout discarded; after each part, on fd 3, the
+    last PID the host's PID namespace gave out (/proc/loadavg): the processes the part started
+    (forks, subshells included), whatever the machine's load — the lab host runs little else."""
+    mark = 'read -r _ _ _ _ lp _ </proc/loadavg; echo "@pid {name} $lp" >&3'
+    body = "\n".join(f"{text}\n{mark.format(name=name)}" for name, text in parts)
+    return (f"exec 3>&1\n{mark.format(name='start')}\n"
+            f"i=0; while [ $i -lt {int(repeats)} ]; do\n{body}\ni=$((i + 1)); done >/dev/null 2>&1\n")
+
+
+def _forks_per_part(out: str) -> dict[str, float]:
+    """Median processes started per part per run, from `_pid_marked`'s output (the `read` of the
+    mark itself is a builtin: it starts none)."""
+    samples = [(w[1], int(w[2])) for w in (line.split() for line in out.splitlines()) if w[:1] == ["@pid"]]
+    seen: dict[str, list[int]] = {}
+    for (_, before), (name, after) in zip(samples, samples[1:], strict=False):
+        seen.setdefault(name, []).append(after - before)
+    return {name: statistics.median(n) for name, n in seen.items()}
+
+
 def _seconds(word: str) -> float:
     minutes, _, rest = word.partition("m")
     return int(minutes) * 60 + float(rest.rstrip("s"))
@@ -120,7 +140,9 @@ def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any
     `fleet` is the script as fleet sends it after a first collection (what the lab's newest kept
     snapshot lets it skip offered: idle units, part `idle`; env files whose hash it knows),
     `fleet_first` as a first collection sends it, and with BENCH_BASELINE_PYTHONPATH set,
-    `baseline` as that fleet sends it after a first collection."""
+    `baseline` as that fleet sends it after a first collection.  Each case also counts the processes
+    each part starts (`per_part_processes`, the median of 5 runs): CPU shares the machine's noise,
+    that count does not."""
     from fleet.collect.script import build_script, known_env, reuse_offers, script_parts, spec_for
 
     desired, targets = _load(directory, lab.state_dir)
@@ -147,8 +169,10 @@ def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any
         for label, ps in cases.items():
             run = lab.root(host.name, host.sudo, _instrumented(ps, repeats), timeout=300)
             per = _per_part(run.stdout, repeats)
+            forks = _forks_per_part(lab.root(host.name, host.sudo, _pid_marked(ps, 5), timeout=120).stdout)
             out["hosts"][host.name][label] = {"rc": run.returncode, "per_part_cpu_s": per,
-                                              "total_cpu_s": sum(per.values()), "units": len(spec.units)}
+                                              "total_cpu_s": sum(per.values()), "units": len(spec.units),
+                                              "per_part_processes": forks, "processes": sum(forks.values())}
     return out
 
 
@@ -156,17 +180,19 @@ _BASELINE_PARTS = """
 import json, sys
 from pathlib import Path
 from bench.status import _load, kept
-from fleet.collect.script import idle_offers, script_parts, spec_for
+from fleet.collect import script
 desired, targets = _load(Path(sys.argv[1]), Path(sys.argv[2]))
 state = kept(desired, targets, Path(sys.argv[2])).get(sys.argv[3])
-print(json.dumps(script_parts(idle_offers(spec_for(desired, sys.argv[3]), state))))
+# what that fleet offers: its kept idle units, and the env files whose hash it knows where it can
+offers = getattr(script, "reuse_offers", None) or script.idle_offers
+print(json.dumps(script.script_parts(offers(script.spec_for(desired, sys.argv[3]), state))))
 """
 
 
 def _baseline_parts(directory: Path, state_dir: Path, host: str) -> list[tuple[str, str]]:
     """The script parts the baseline fleet (BENCH_BASELINE_PYTHONPATH, bench/status.py) sends `host`
-    after a first collection (its idle units offered from the lab's newest kept snapshot), made by
-    that fleet in a process of its own."""
+    after a first collection (what the lab's newest kept snapshot lets it skip offered: idle units,
+    and known env files where that fleet has `reuse_offers`), made by that fleet in a process of its own."""
     import json
     import subprocess
     import sys

@@ -229,10 +229,13 @@ NR == 6 { last = $0 }
 END { if (!bad && (NR != 6 || last != "\"PONG\"")) { print "incomplete " NR " 6"; bad = 1 } exit bad }
 """
 
-# awk: the second round's commands, from the member lines.
-_COMMANDS_AWK = (
-    '/^p "/ { print "HMGET " substr($0, 3) " ' + " ".join(HEARTBEAT_FIELDS) + '" }\n'
-    '/^q "/ { t = "\\"queue:" substr($0, 4); print "LLEN " t; print "LINDEX " t " -1" }\n'
+# sh: the second round's commands, from the member lines (`p "ID"`: HMGET "ID" FIELDS…; `q "NAME"`:
+# LLEN and LINDEX of "queue:NAME"), printed by the shell's own loop over `$out` (no awk start).
+_COMMANDS_SH = (
+    "{ IFS=$nl; for l in $out; do case $l in\n"
+    "  'p \"'*) printf 'HMGET %s " + " ".join(HEARTBEAT_FIELDS) + "\\n' \"${l#p }\";;\n"
+    "  'q \"'*) t=\"\\\"queue:${l#q \\\"}\"; printf 'LLEN %s\\nLINDEX %s -1\\n' \"$t\" \"$t\";;\n"
+    "esac; done; }"
 )
 
 # awk: the second round's replies: each process's heartbeat fields as printed (bounded), each
@@ -319,18 +322,21 @@ sk_cli() {{
 r1=$(printf '{first}' | sk_cli "$@" 2>/dev/null)
 case $r1 in
 '"'*) ;;
-ERROR,*) printf 'error redis %s\\n' "$(printf '%s\\n' "$r1" | head -n 1 | cut -c7-300)"; exit 0;;
-*) m=$(sk_cli "$@" PING 2>&1 >/dev/null | head -n 1 | cut -c1-300)
+ERROR,*) printf '%s\\n' "$r1" | awk 'NR == 1 {{ print "error redis " substr($0, 7, 294); exit }}'; exit 0;;
+*) m=$(sk_cli "$@" PING 2>&1 >/dev/null | awk 'NR == 1 {{ print substr($0, 1, 300); exit }}')
    printf 'error connect %s\\n' "${{m:-no answer within {int(timeout)} s}}"; exit 0;;
 esac
 out=$(printf '%s\\n' "$r1" | awk -v maxname={int(max_name)} {q(_MEMBERS_AWK)})
 st=$?
 printf '%s\\n' "$out"
 [ "$st" -eq 0 ] || exit 0
-np=$(printf '%s\\n' "$out" | grep -c '^p "')
-nq=$(printf '%s\\n' "$out" | grep -c '^q "')
+# the members counted by the shell itself (as `grep -c` would: lines that start so), no process
+set -f; nl='
+' np=0 nq=0 oifs=$IFS; IFS=$nl
+for l in $out; do case $l in 'p "'*) np=$((np + 1));; 'q "'*) nq=$((nq + 1));; esac; done
+IFS=$oifs
 if [ "$np" -gt 0 ] || [ "$nq" -gt 0 ]; then
-  printf '%s\\n' "$out" | awk {q(_COMMANDS_AWK)} | sk_cli "$@" 2>/dev/null |
+  {_COMMANDS_SH} | sk_cli "$@" 2>/dev/null |
     awk -v np="$np" -v nq="$nq" -v maxline={int(max_line)} {q(_REPLIES_AWK)}
 fi
 echo end

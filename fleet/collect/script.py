@@ -142,6 +142,15 @@ def idle_offers(spec: CollectSpec, kept: HostState | None) -> CollectSpec:
     return replace(spec, idle=tuple(offers), idle_hostname=kept.facts.hostname if offers else "")
 
 
+# sh: the fragments and drop-ins named in `$show`, as words for `sha256sum`, read by the shell's own
+# loop over the lines (no `$(printf | awk)`: a subshell, a fork and an awk start less).  The words
+# are those the awk's `FragmentPath=` value and `DropInPaths=` split on blanks gave (`set -f`).
+HASH_PATHS_SH = """nl='
+' paths= oifs=$IFS; IFS=$nl
+for l in $show; do case $l in FragmentPath=?*) paths="$paths$nl${l#FragmentPath=}";; \\
+DropInPaths=?*) paths="$paths$nl${l#DropInPaths=}";; esac; done
+IFS=$oifs"""
+
 _FACTS = r"""
 echo '@@facts'
 read -r v </proc/sys/kernel/hostname && echo "hostname=$v"
@@ -404,9 +413,8 @@ def script_parts(spec: CollectSpec, *, history: str = "") -> list[tuple[str, str
     env_paths = "".join(f" {q(item[0])}" for item in (spec.of("env") or ()))
     parts.append(("hashes", "\n".join((
         "echo '@@hashes'",
-        "paths=$(printf '%s\\n' \"$show\" | awk '/^FragmentPath=./{print substr($0,14)} "
-        "/^DropInPaths=./{n=split(substr($0,13),a,\" \");for(i=1;i<=n;i++)print a[i]}')",
-        "nl='\n' hs=",
+        HASH_PATHS_SH,
+        "hs=",
         (f'hs=$(sha256sum -- $paths{env_paths} 2>/dev/null)' if env_paths
          else '[ -n "$paths" ] && hs=$(sha256sum -- $paths 2>/dev/null)'),
         '[ -n "$hs" ] && printf \'%s\\n\' "$hs"',

@@ -103,8 +103,10 @@ class DropIns(Resource):
     def script(self, what: Any) -> str:
         # -xtype f: regular files, or links to one; never a FIFO sha256sum would wait on forever.
         dirs = " ".join(shlex.quote(d) for d in what)
+        # The loop and `head` (a subshell and a process) only where one of the directories exists.
         return ("echo '@@dropins'\n"
-                f"for d in {dirs}; do [ -d \"$d\" ] || continue; "
+                f"dd=; for d in {dirs}; do [ -d \"$d\" ] && dd=1; done\n"
+                f"[ -z \"$dd\" ] || for d in {dirs}; do [ -d \"$d\" ] || continue; "
                 "find \"$d\" -maxdepth 1 -name '*.conf' -xtype f -exec sha256sum -- {} + 2>/dev/null; "
                 f"done | head -n {MAX_DROP_INS + 1}")
 

@@ -59,7 +59,7 @@ function flush(   n, w, i, b, q, c, r, sk, o, v) {
       if (o == "-C" || o == "--config") c = v
       if (o == "-r" || o == "--require") r = v
     }
-    if (sk && !q) print id "\t+" wd "\t+" c "\t+" r
+    if (sk && !q && ++found <= max) print id "\t+" wd "\t+" c "\t+" r
   }
   id = ""; argv = ""; wd = ""
 }
@@ -73,7 +73,9 @@ function flush(   n, w, i, b, q, c, r, sk, o, v) {
 END { flush() }
 """
 
-# sh: for each such unit, find the file as Sidekiq would and print it, bounded.
+# sh: for each such unit, find the file as Sidekiq would and print it, bounded: one awk prints its
+# first lines each prefixed by `|` and ended by a newline (`head | sed` was two starts, and left a
+# last line without a newline unended, gluing the next header to it).
 _PRINT_SH = r"""
   wd=${wd#+} c=${c#+} r=${r#+}
   echo "@@sidekiqconf $u"
@@ -90,7 +92,7 @@ _PRINT_SH = r"""
   fi
   if [ ! -f "$f" ] || [ ! -r "$f" ]; then echo "!unreadable $f"
   elif [ "$(wc -c <"$f")" -gt %(bytes)d ]; then echo "!toolarge $f"
-  else echo "!file $f"; head -n %(lines)d "$f" | sed 's/^/|/'; fi
+  else echo "!file $f"; awk '{ print "|" $0 } NR >= %(lines)d { exit }' "$f"; fi
 """
 
 
@@ -121,8 +123,9 @@ class SidekiqConfigs(Resource):
     def script(self, what: Any) -> str:
         body = _PRINT_SH % {"bytes": MAX_BYTES, "lines": MAX_LINES}
         return (f"echo '@@{SECTION}'\n"
-                f"printf '%s\\n\\n' \"$show\" | awk {shlex.quote(_FIND_AWK)} | head -n {MAX_UNITS} | "
-                "while IFS=\"$(printf '\\t')\" read -r u wd c r; do" + body + "done")
+                f"printf '%s\\n\\n' \"$show\" | awk -v max={MAX_UNITS} {shlex.quote(_FIND_AWK)} | "
+                # a tab written into the script: `$(printf '\\t')` was a subshell at every turn
+                "while IFS='\t' read -r u wd c r; do" + body + "done")
 
     def parser(self, host: str) -> SectionParser:
         return _Section(host)

@@ -29,7 +29,7 @@ cluster unit, a failed readiness check, a role other than the declared one.  `no
 runs: `15/main: primary, accepting on 5432`.  Move gates (issue 15, part B) read the same facts
 through `HostState.facts_of("stores")` and `clusters_of`/`redis_of`.
 
-Section `@@stores` (every line bounded by the script with head/cut, and again by the parser):
+Section `@@stores` (every line bounded by the script with one awk, and again by the parser):
 
     service UNIT KIND PORT probe|-     one per declared data store on the host: what was asked
     pg-unit UNIT LOAD ACTIVE SUB       each postgresql@*.service systemd has loaded
@@ -411,7 +411,7 @@ pg_sql() {
   { timeout @TIMEOUT@ runuser -u postgres -- env PGCONNECT_TIMEOUT=5 \
       PGOPTIONS='-c default_transaction_read_only=on -c statement_timeout=5000 -c lock_timeout=1000' \
       "$s" -X -A -t -q -F '|' -d postgres -p "$1" -c "$pg_query" </dev/null 2>&1; echo "exit $?"; } |
-    head -n @MAXSQL@ | cut -c1-@MAXLINE@ | sed "s/^/pg-sql $1 /"
+    awk -v n=@MAXSQL@ -v w=@MAXLINE@ -v p="pg-sql $1 " "$bound_awk"
 }
 """
 
@@ -427,20 +427,22 @@ pg_clusters() {
   { [ -e "$1" ] || [ -L "$1" ]; } || return 0
   found=$(awk -v incl="$incl" -v proc=@PROC@ @AWK@ "$@" 2>/dev/null) || found=fallback
   if [ "$found" = fallback ]; then timeout @TIMEOUT@ pg_lsclusters -s --no-header </dev/null 2>/dev/null; return; fi
-  printf '%s\n' "$found" | while read -r v c p st d; do
+  # a here-document, not `printf | while`: no subshell for the loop
+  while read -r v c p st d; do
     [ -n "$v" ] || continue
     o=$(stat -c %U -- "$d" 2>/dev/null) || o='<unknown>'
     [ -e "@PGLIB@/$v/bin/postgres" ] || st=$st,binaries_missing
     echo "$v $c $p $st $o $d"
-  done
+  done <<EOF
+$found
+EOF
 }
 """
 
 _PG_CLUSTERS = r"""
-@UNITS@ | head -n @MAXCL@ |
-  while read -r u l a s _; do echo "pg-unit $u $l $a $s"; done
+@UNITS@
 if command -v pg_lsclusters >/dev/null 2>&1; then
-  pg_clusters | head -n @MAXCL@ | cut -c1-@MAXLINE@ |
+  pg_clusters | awk -v n=@MAXCL@ -v w=@MAXLINE@ -v p= "$bound_awk" |
   while read -r v c p st o _; do
     [ -n "$v" ] || continue
     echo "pg-cluster $v $c $p $st $o"
@@ -457,14 +459,21 @@ else
 
 # The cluster units systemd has loaded: from the units' `show` the script already ran when a
 # discovery pattern covers every `postgresql@*.service` (its glob then named them all), else asked.
-_UNITS_ASKED = "systemctl list-units --all --plain --no-legend --no-pager -- 'postgresql@*.service' 2>/dev/null"
+# Either way one awk prints the first @MAXCL@ as `pg-unit UNIT LOAD ACTIVE SUB`, its first four
+# words split as `read -r u l a s _` split them (no `head`, no `while` subshell).
+_UNITS_ASKED = ("systemctl list-units --all --plain --no-legend --no-pager -- 'postgresql@*.service' 2>/dev/null |\n"
+                "  awk 'NR <= @MAXCL@ { print \"pg-unit \" $1 \" \" $2 \" \" $3 \" \" $4 } NR >= @MAXCL@ { exit }'")
 _UNITS_FROM_SHOW = r"""printf '%s\n\n' "$show" | awk '
 /^Id=/ { id = substr($0, 4) } /^LoadState=/ { l = substr($0, 11) } /^ActiveState=/ { a = substr($0, 13) }
 /^SubState=/ { s = substr($0, 10) }
 /^$/ { if (id ~ /^postgresql@.+\.service$/ && !(id in seen)) { seen[id] = 1; u[++n] = id " " l " " a " " s }
        id = ""; l = ""; a = ""; s = "" }
 END { for (i = 2; i <= n; i++) for (j = i; j > 1 && u[j - 1] > u[j]; j--) { t = u[j]; u[j] = u[j - 1]; u[j - 1] = t }
-      for (i = 1; i <= n; i++) print u[i] }'"""
+      for (i = 1; i <= n && i <= @MAXCL@; i++) { $0 = u[i]; print "pg-unit " $1 " " $2 " " $3 " " $4 } }'"""
+
+# awk doing what `head -n N | cut -c1-W | sed "s/^/P/"` did, in one process: the first N lines,
+# each cut to W characters (bytes: LC_ALL=C) and prefixed by P.
+BOUND_AWK = "{ print p substr($0, 1, w) } NR >= n { exit }"
 
 _PG_AWK = (Path(__file__).with_name("pg_clusters.awk")).read_text()
 
@@ -480,8 +489,11 @@ redis_probe() {
   if ! command -v redis-cli >/dev/null 2>&1; then
     printf 'redis %s redis-cli is not installed\nredis %s exit 127\n' "$1" "$1"; return
   fi
-  { printf '%s\n' @COMMANDS@ | rcli "$1" 2>&1; echo "exit $?"; } | head -n @MAXREDIS@ | cut -c1-@MAXLINE@ |
-    sed "s/^/redis $1 /"
+  # the commands in a here-document, not `printf |`: no subshell to feed them
+  { rcli "$1" 2>&1 <<'EOF'
+@COMMANDS@
+EOF
+    echo "exit $?"; } | awk -v n=@MAXREDIS@ -v w=@MAXLINE@ -v p="redis $1 " "$bound_awk"
 }
 """
 
@@ -497,6 +509,9 @@ def section_script(what: ToCollect, *, pg_lib: str = "/usr/lib/postgresql", pg_c
               for s in what.services]
     postgres = [s for s in what.services if s.kind == Kind.POSTGRES]
     bouncers = [s for s in what.services if s.kind == Kind.PGBOUNCER]
+    redis = dict.fromkeys(s.port for s in what.services if s.kind == Kind.REDIS)
+    if postgres or bouncers or redis:
+        parts.append(f"bound_awk={q(BOUND_AWK)}")
     if postgres or bouncers:
         parts.append(_fill(_PG_FUNCTIONS))
     if postgres:
@@ -505,7 +520,8 @@ def section_script(what: ToCollect, *, pg_lib: str = "/usr/lib/postgresql", pg_c
         parts.append(f"pg_query={q(SQL)}")
         parts.append(f"pg_probe={q(' '.join(sorted(ids)))}")
         parts.append(pg_clusters_function(pg_conf=pg_conf, proc=proc, pg_lib=pg_lib))
-        parts.append(_fill(_PG_CLUSTERS).replace("@UNITS@", _UNITS_FROM_SHOW if what.units_shown else _UNITS_ASKED)
+        units = _fill(_UNITS_FROM_SHOW if what.units_shown else _UNITS_ASKED)
+        parts.append(_fill(_PG_CLUSTERS).replace("@UNITS@", units)
                      .replace("/usr/lib/postgresql", pg_lib).rstrip("\n"))
         ports = dict.fromkeys(s.port for s in postgres)
         parts.append(f"  for p in {' '.join(str(p) for p in ports)}; do pg_ready \"$p\" ''; done")
@@ -515,14 +531,13 @@ def section_script(what: ToCollect, *, pg_lib: str = "/usr/lib/postgresql", pg_c
         parts.append("fi")
     for port in dict.fromkeys(s.port for s in bouncers):
         parts.append(f"pg_ready {port} ''")
-    redis = dict.fromkeys(s.port for s in what.services if s.kind == Kind.REDIS)
     if redis:
         parts.append("sk_err= sk_user= sk_pass=")
         if what.env_path:
             parts.append(f"f={q(what.env_path)}")
             read_env = redis_settings_command('"$f"')
             parts.append(f'if [ -r "$f" ] && conf=$({read_env} 2>/dev/null); then eval "$conf"; fi')
-        parts.append(_fill(_REDIS).replace("@COMMANDS@", " ".join(q(c) for c in REDIS_COMMANDS)).strip("\n"))
+        parts.append(_fill(_REDIS).replace("@COMMANDS@", "\n".join(REDIS_COMMANDS)).strip("\n"))
         parts.append(f"for p in {' '.join(str(p) for p in redis)}; do redis_probe \"$p\"; done")
     parts.append(")")
     return "\n".join(parts)

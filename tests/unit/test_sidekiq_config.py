@@ -387,3 +387,19 @@ def test_db_pool_is_judged_against_the_concurrency_the_config_gives() -> None:
     report = build_status(stock(), {**observed, "freud": freud})
     assert report.sidekiq[0].concurrency == 5
     assert [x.code for x in report.queue_findings] == ["sidekiq.db-pool"]
+
+
+def test_a_config_file_without_a_last_newline_does_not_swallow_the_next_units_header(tmp_path: Path) -> None:
+    """`head | sed` left the last line unended: the next unit's `@@sidekiqconf` header was glued to it."""
+    for name in ("a", "b"):
+        (tmp_path / name / "config").mkdir(parents=True)
+        (tmp_path / name / "config" / "sidekiq.yml").write_text(f":queues:\n  - {name}q")  # no newline at the end
+    show = "".join(f"Id=mastodon-sidekiq-{name}.service\nExecStart={{ path=/b ; argv[]=/b exec sidekiq -c 5 ; "
+                   f"ignore_errors=no }}\nWorkingDirectory={tmp_path / name}\n\n" for name in ("a", "b"))
+    out, found = run_section(show)
+    by_unit = {f.unit: f for f in found}
+    assert set(by_unit) == {"mastodon-sidekiq-a.service", "mastodon-sidekiq-b.service"}, out
+    for name in ("a", "b"):
+        config = by_unit[f"mastodon-sidekiq-{name}.service"].config
+        assert config is not None and [q for q, _ in config.top.queues] == [f"{name}q"]
+    assert out.endswith("|  - bq\n")
