@@ -58,6 +58,14 @@ def _write(text: str) -> None:
     sys.stdout.write(text)
 
 
+def _write_plan(plan: Plan) -> None:
+    """The plan as text, written in pieces (`joined`): the same bytes as `_write(plan_text(...))`."""
+    from fleet.output.text import joined, plan_lines
+
+    for piece in joined(plan_lines(plan, color=_color())):
+        sys.stdout.write(piece)
+
+
 def _color() -> bool:
     from fleet.output.text import use_color
 
@@ -81,9 +89,7 @@ class TerminalReporter:
         print(findings_text(findings, color=use_color(sys.stderr.isatty())), file=sys.stderr)
 
     def review(self, plan: Plan) -> None:
-        from fleet.output.text import plan_text
-
-        _write(plan_text(plan, color=_color()))
+        _write_plan(plan)
 
     def confirm(self, question: str) -> bool | None:
         if not sys.stdin.isatty():
@@ -454,9 +460,7 @@ def _print_plan(plan: Plan, as_json: bool) -> None:
 
         _write(json.dumps(json.plan_json(plan)))
     else:
-        from fleet.output.text import plan_text
-
-        _write(plan_text(plan, color=_color()))
+        _write_plan(plan)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
