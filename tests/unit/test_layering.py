@@ -109,10 +109,11 @@ def test_importing_a_module_loads_nothing_above_it(module: str, never: tuple[str
 
 
 # What `fleet --help` and `fleet check` never need: the libraries of tables, graphs and SSH, the
-# lab's machinery (its parser is part of --help, its booting is not), the collector and plans.
+# lab's machinery (its parser is part of --help, its booting is not), the collector and plans;
+# and, for a desired state without [watch] (the example's), the notifications.
 NOT_FOR_HELP_OR_CHECK = {"paramiko", "networkx", "tabulate", "fleet.lab.lifecycle", "fleet.lab.image",
                          "fleet.lab.machines", "fleet.collect.collector", "fleet.collect.parse", "fleet.plan",
-                         "fleet.transport.ssh"}
+                         "fleet.transport.ssh", "fleet.notify"}
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["check"], ["check", "--json"]])
