@@ -439,7 +439,10 @@ def _offline(active: bool) -> Iterator[None]:
     """An offline command (`--observed`, `show`) reads, builds and prints a few million objects
     and ends: the cycle collector, run again and again over a heap that only grows, cost it a
     fifth of its CPU at 1,000 hosts, for no cycle worth collecting before the process exits.
-    Paused for the command, back on after it (refcounting frees what it can all along)."""
+    Paused for the command, back on after it (refcounting frees what it can all along).  What
+    the command made is handed to the collector's oldest generation as it is (`freeze` then
+    `unfreeze`, each a splice of lists): switched back on with all of it young, the collector
+    traversed the whole heap at the next allocation (~45 ms at 1,000 bare hosts) to find nothing."""
     if not active or not gc.isenabled():
         yield
         return
@@ -447,6 +450,8 @@ def _offline(active: bool) -> Iterator[None]:
     try:
         yield
     finally:
+        gc.freeze()  # every tracked object to the permanent generation, the young count to 0
+        gc.unfreeze()  # and from there into the oldest: collected with it, when that one is
         gc.enable()
 
 
