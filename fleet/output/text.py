@@ -441,9 +441,10 @@ def plan_lines(plan: Plan, *, color: bool = False, show_waves: bool = True) -> l
     if show_waves and plan.waves and plan.changes:
         out.append("")
         out.append(f"Order ({len(plan.waves)} wave(s); each wave runs in parallel after the previous one):")
-        change, shorts = plan.change, _Shorts()
+        shorts = _Shorts()
+        short = {c.id: shorts.of(c) for c in plan.changes}  # an id's last change, as `Plan.change` finds it
         for i, wave in enumerate(plan.waves, 1):
-            out.append(one_line(f"  {i}. " + ", ".join([shorts.of(change(cid)) for cid in wave])))
+            out.append(one_line(f"  {i}. " + ", ".join(map(short.__getitem__, wave))))
     out.append("")
     out.append(summary_line(plan))
     return out
