@@ -149,7 +149,7 @@ class Plan:
         texts: dict[str, int] = {}
         hosts = {h: i for i, h in enumerate(self.hosts)}
         ids = [c.id for c in self.changes]
-        index = dict(zip(ids, range(len(ids))))  # a repeated id: its last position
+        index = dict(zip(ids, range(len(ids)), strict=True))  # a repeated id: its last position
         payloads: dict[Any, str | None] = {}  # a payload (its key) -> its text, or None: it has none
         middles: dict[tuple[Any, ...], str] = {}  # (action, target … payload key) -> the row's fields 2 to 8
         dense = _DENSE.encode
@@ -158,7 +158,7 @@ class Plan:
             return "[null]" if value is None else str(texts.setdefault(value, len(texts)))
 
         deps_of = self.deps.get
-        shown = dict(zip(ids, map(str, range(len(ids)))))  # a change id -> its position, as the file writes it
+        shown = dict(zip(ids, map(str, range(len(ids))), strict=True))  # an id -> its position, as written
         rows = []
         for c, cid in zip(self.changes, ids, strict=True):
             key: Any = c.payload

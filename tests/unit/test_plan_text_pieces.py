@@ -10,10 +10,10 @@ import io
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_plan_text_fast import shared_body_plan
 
 from fleet import cli
 from fleet.output import text as render
-from test_plan_text_fast import shared_body_plan
 
 lines = st.lists(st.text(st.sampled_from(["a", "\n", "—", "é", " "]), max_size=4), max_size=12)
 
