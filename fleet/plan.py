@@ -149,7 +149,7 @@ class Plan:
         texts: dict[str, int] = {}
         hosts = {h: i for i, h in enumerate(self.hosts)}
         ids = [c.id for c in self.changes]
-        index = dict(zip(ids, range(len(ids)), strict=True))  # a repeated id: its last position
+        index = {cid: i for i, cid in enumerate(ids)}
         payloads: dict[Any, str | None] = {}  # a payload (its key) -> its text, or None: it has none
         middles: dict[tuple[Any, ...], str] = {}  # (action, target … payload key) -> the row's fields 2 to 8
         dense = _DENSE.encode
@@ -157,8 +157,7 @@ class Plan:
         def text(value: str | None) -> str:  # a text field: its index in `texts`, None as [null]
             return "[null]" if value is None else str(texts.setdefault(value, len(texts)))
 
-        deps_of = self.deps.get
-        shown = dict(zip(ids, map(str, range(len(ids))), strict=True))  # an id -> its position, as written
+        deps_of, position = self.deps.get, index.get
         rows = []
         for c, cid in zip(self.changes, ids, strict=True):
             key: Any = c.payload
@@ -178,10 +177,9 @@ class Plan:
                 middle = middles[whole] = ",".join(fields)
             h = hosts.get(c.host)
             deps = deps_of(cid, ())
-            try:
-                refs_json = ",".join(map(shown.__getitem__, deps))
-            except KeyError:  # a group, or a change the plan lacks: not a position, [name]
-                refs_json = dense([index[d] if d in index else [d] for d in deps])[1:-1]
+            refs = list(map(position, deps))  # a group, or a change the plan lacks: not a position, [name]
+            refs_json = ",".join(map(str, refs)) if None not in refs else \
+                dense([index[d] if d in index else [d] for d in deps])[1:-1]
             rows.append(f"[{dense([c.host]) if h is None else h},{middle},[{refs_json}]]")
         waves = [[index[cid] if cid in index else [cid] for cid in w] for w in self.waves]
         groups = {name: [index[cid] if cid in index else [cid] for cid in members]
