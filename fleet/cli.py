@@ -58,6 +58,14 @@ def _write(text: str) -> None:
     sys.stdout.write(text)
 
 
+def _write_plan(plan: Plan) -> None:
+    """The plan as text, written in pieces (`joined`): the same bytes as `_write(plan_text(...))`."""
+    from fleet.output.text import joined, plan_lines
+
+    for piece in joined(plan_lines(plan, color=_color())):
+        sys.stdout.write(piece)
+
+
 def _color() -> bool:
     from fleet.output.text import use_color
 
@@ -81,9 +89,7 @@ class TerminalReporter:
         print(findings_text(findings, color=use_color(sys.stderr.isatty())), file=sys.stderr)
 
     def review(self, plan: Plan) -> None:
-        from fleet.output.text import plan_text
-
-        _write(plan_text(plan, color=_color()))
+        _write_plan(plan)
 
     def confirm(self, question: str) -> bool | None:
         if not sys.stdin.isatty():
@@ -433,7 +439,10 @@ def _offline(active: bool) -> Iterator[None]:
     """An offline command (`--observed`, `show`) reads, builds and prints a few million objects
     and ends: the cycle collector, run again and again over a heap that only grows, cost it a
     fifth of its CPU at 1,000 hosts, for no cycle worth collecting before the process exits.
-    Paused for the command, back on after it (refcounting frees what it can all along)."""
+    Paused for the command, back on after it (refcounting frees what it can all along).  What
+    the command made is handed to the collector's oldest generation as it is (`freeze` then
+    `unfreeze`, each a splice of lists): switched back on with all of it young, the collector
+    traversed the whole heap at the next allocation (~45 ms at 1,000 bare hosts) to find nothing."""
     if not active or not gc.isenabled():
         yield
         return
@@ -441,6 +450,8 @@ def _offline(active: bool) -> Iterator[None]:
     try:
         yield
     finally:
+        gc.freeze()  # every tracked object to the permanent generation, the young count to 0
+        gc.unfreeze()  # and from there into the oldest: collected with it, when that one is
         gc.enable()
 
 
@@ -454,9 +465,7 @@ def _print_plan(plan: Plan, as_json: bool) -> None:
 
         _write(json.dumps(json.plan_json(plan)))
     else:
-        from fleet.output.text import plan_text
-
-        _write(plan_text(plan, color=_color()))
+        _write_plan(plan)
 
 
 def _run_plan(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from fleet.actions import SUMMARY_BUCKETS, Change
@@ -385,6 +385,22 @@ def _details(c: Change, color: bool) -> list[str]:
 
 
 def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> str:
+    return "\n".join(plan_lines(plan, color=color, show_waves=show_waves)) + "\n"
+
+
+def joined(lines: list[str], per: int = 4096) -> Iterator[str]:
+    """`"\n".join(lines) + "\n"` in pieces of `per` lines, each ending in its line break: what
+    `"".join` of them makes is that text exactly.  A bare 1,000-host plan is 570,000 lines, 25 MB;
+    printed in pieces it is never in memory whole (once joined, once more with its last line
+    break, once encoded: ~125 MB of fresh pages, 0.1 s of page faults, for nothing)."""
+    if not lines:
+        yield "\n"
+    for i in range(0, len(lines), per):
+        yield "\n".join(lines[i:i + per]) + "\n"
+
+
+def plan_lines(plan: Plan, *, color: bool = False, show_waves: bool = True) -> list[str]:
+    """`plan_text`'s lines (an entry may hold several, a shared diff body), before they are joined."""
     out = [one_line(f"Plan for {plan.fleet}{' (lab)' if plan.lab else ''}: {len(plan.hosts)} host(s), "
                  f"computed {plan.created_at}")]
     if plan.observed:
@@ -425,12 +441,13 @@ def plan_text(plan: Plan, *, color: bool = False, show_waves: bool = True) -> st
     if show_waves and plan.waves and plan.changes:
         out.append("")
         out.append(f"Order ({len(plan.waves)} wave(s); each wave runs in parallel after the previous one):")
-        change, shorts = plan.change, _Shorts()
+        shorts = _Shorts()
+        short = {c.id: shorts.of(c) for c in plan.changes}  # an id's last change, as `Plan.change` finds it
         for i, wave in enumerate(plan.waves, 1):
-            out.append(one_line(f"  {i}. " + ", ".join([shorts.of(change(cid)) for cid in wave])))
+            out.append(one_line(f"  {i}. " + ", ".join(map(short.__getitem__, wave))))
     out.append("")
     out.append(summary_line(plan))
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _short(c: Change) -> str:

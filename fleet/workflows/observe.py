@@ -14,19 +14,21 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleet import config
-from fleet.collect.collector import HistoryAsk, collect_all
 from fleet.errors import FleetError, ParseError
-from fleet.history import HistoryRead
-from fleet.history_cache import HistoryCache
 from fleet.journal import Journal, journal_path, operator
 from fleet.model import Desired, Host, HostError, HostResult, HostState
 from fleet.sidekiq import find_view, quiet_since
 from fleet.snapshot import from_record, host_summary, pack, unpack
 from fleet.targets import Targets
-from fleet.transport.protocol import Transport
 from fleet.workflows.base import Common, Reporter, Scope
+
+if TYPE_CHECKING:  # what observing the hosts needs, imported where it is done: `--observed` reads a file
+    from fleet.collect.collector import HistoryAsk
+    from fleet.history import HistoryRead
+    from fleet.transport.protocol import Transport
 
 # How many earlier snapshots to look through for Sidekiq's view (a status of a fleet without it
 # reads none: only an observation with a quiet process looks back at all).
@@ -60,6 +62,8 @@ def observe(common: Common, scope: Scope, command: str, desired: Desired, target
             reporter: Reporter) -> Observation:
     """Collect every target host, with progress for a person watching, and keep the observation
     as a snapshot in the journal, named by the `command` that took it."""
+    from fleet.collect.collector import collect_all
+
     def progress(name: str, result: HostResult) -> None:
         what = "ok" if isinstance(result, HostState) else f"FAILED ({result.kind})"
         reporter.progress(f"  {name}: {what}")
@@ -106,6 +110,9 @@ def kept_states(common: Common, desired: Desired, hosts: Sequence[Host]) -> dict
 def history_asks(common: Common, hosts: Sequence[Host], reporter: Reporter) -> dict[str, HistoryAsk]:
     """What to ask each host's history for, from the journal's cache; none when the journal
     cannot be opened (said once: the observation itself does not need it)."""
+    from fleet.collect.collector import HistoryAsk
+    from fleet.history_cache import HistoryCache
+
     try:
         with Journal.open(journal_path(common.state_dir)) as journal:
             cache = HistoryCache(journal)
@@ -119,6 +126,8 @@ def merge_history(common: Common, reads: dict[str, HistoryRead | ParseError], re
                   ) -> tuple[dict[str, str], list[str]]:
     """Store what the hosts' history sections gave; (host -> why its history could not be read,
     hosts with more to read)."""
+    from fleet.history_cache import HistoryCache
+
     problems = {h: r.message for h, r in reads.items() if isinstance(r, ParseError)}
     good = [r for r in reads.values() if not isinstance(r, ParseError)]
     for h, r in reads.items():

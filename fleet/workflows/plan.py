@@ -8,6 +8,7 @@ import os
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleet import config
 from fleet.errors import FleetError
@@ -15,10 +16,12 @@ from fleet.model import Desired
 from fleet.plan import Plan, build_plan, plan_from_json
 from fleet.secrets import ensure_lab_secrets, load_secrets
 from fleet.targets import Targets, resolve
-from fleet.transport.protocol import Transport
 from fleet.workflows import observe as observing
 from fleet.workflows.base import Common, Reporter, Scope
 from fleet.workflows.check import load_valid
+
+if TYPE_CHECKING:
+    from fleet.transport.protocol import Transport
 
 
 @dataclass(frozen=True)

@@ -109,10 +109,11 @@ def test_importing_a_module_loads_nothing_above_it(module: str, never: tuple[str
 
 
 # What `fleet --help` and `fleet check` never need: the libraries of tables, graphs and SSH, the
-# lab's machinery (its parser is part of --help, its booting is not), the collector and plans.
+# lab's machinery (its parser is part of --help, its booting is not), the collector and plans;
+# and, for a desired state without [watch] (the example's), the notifications.
 NOT_FOR_HELP_OR_CHECK = {"paramiko", "networkx", "tabulate", "fleet.lab.lifecycle", "fleet.lab.image",
                          "fleet.lab.machines", "fleet.collect.collector", "fleet.collect.parse", "fleet.plan",
-                         "fleet.transport.ssh"}
+                         "fleet.transport.ssh", "fleet.notify"}
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["check"], ["check", "--json"]])
@@ -144,3 +145,29 @@ def test_planning_and_rendering_a_plan_load_neither_networkx_paramiko_nor_tabula
     waves, *loaded = done.stdout.split()
     assert int(waves) > 1
     assert not {m for m in loaded for n in ("networkx", "paramiko", "tabulate") if m == n or m.startswith(n + ".")}
+
+
+def test_a_plan_from_a_kept_observation_loads_no_collector_transport_history_or_notifications(
+        tmp_path: Path) -> None:
+    """`plan --observed FILE` reads a file and contacts no host: the collector, the transport,
+    the hosts' history and (without [watch]) the notifications are not imported (issue 19)."""
+    probe = ("import contextlib, io, json, sys\nsys.path.insert(0, 'tests/unit')\n"
+             "from observed import EXAMPLE_SECRETS, bare, example\n"
+             "from fleet import snapshot\n"
+             f"obs, secrets = {str(tmp_path / 'obs.json')!r}, {str(tmp_path / 'secrets.toml')!r}\n"
+             "open(obs, 'w').write(json.dumps({'observation': snapshot.to_record(bare(example()))}))\n"
+             "open(secrets, 'w').write('[mastodon]\\n' + ''.join(f'{k} = {json.dumps(v)}\\n'"
+             " for (_, k), v in EXAMPLE_SECRETS.items()))\n"
+             "import os\nos.chmod(secrets, 0o600)\n"
+             "before = set(sys.modules)\n"
+             "from fleet import cli\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n"
+             f"    code = cli.main(['--dir', {str(REPO)!r}, 'plan', '--observed', obs, '--secrets', secrets])\n"
+             "print(code, *sorted(set(sys.modules) - before))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          check=True, stdin=subprocess.DEVNULL)
+    code, *loaded = done.stdout.split()
+    assert code == "2", done.stderr  # changes: a bare fleet
+    never = ("fleet.collect.collector", "fleet.history", "fleet.history_cache", "fleet.transport", "fleet.notify",
+             "paramiko", "networkx", "tabulate")
+    assert not {m for m in loaded for n in never if m == n or m.startswith(n + ".")}

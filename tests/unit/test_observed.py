@@ -250,3 +250,25 @@ def test_an_offline_plan_and_show_run_without_the_cycle_collector_and_give_it_ba
     assert cli.main(["--dir", str(example.root), "show", str(saved)]) == 2
     assert shown == [False] and gc.isenabled()
     assert "Plan for" in capsys.readouterr().out
+
+
+def test_what_an_offline_command_made_goes_to_the_oldest_generation_untraversed() -> None:
+    """Back on after an offline command, the cycle collector does not traverse all it made as
+    young objects at the next allocation: they are in its oldest generation, uncollected."""
+    import gc
+
+    from fleet import cli
+
+    assert gc.isenabled()
+    with cli._offline(True):
+        made = [[i] for i in range(50_000)]
+    runs: list[int] = []
+    callback = lambda phase, info: runs.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    gc.callbacks.append(callback)
+    try:
+        more = [[i] for i in range(1_000)]  # allocations that would start a collection of the young
+    finally:
+        gc.callbacks.remove(callback)
+    assert gc.isenabled() and more
+    assert runs == [] or max(runs) < 2
+    assert any(o is made[0] for o in gc.get_objects(generation=2))

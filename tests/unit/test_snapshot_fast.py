@@ -12,7 +12,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from observed import EXAMPLE_SECRETS, converged, fleets, unreachable
+from observed import EXAMPLE_SECRETS, bare, converged, fleets, unreachable
 from observed import example as example_desired
 
 from fleet import snapshot
@@ -230,3 +230,37 @@ def test_what_the_fast_path_declines_the_reader_still_reads() -> None:
     read = snapshot.from_record(record)[host]
     assert isinstance(read, HostState)
     assert read.units[0].unit_file_state == "enabled" and read.facts.uptime_seconds == float(2 ** 60)
+
+
+def test_a_unit_not_installed_is_read_once_for_every_host_that_has_it_alike() -> None:
+    """A bare fleet's hosts hold the same not-installed units (nothing in their lists): the fast
+    path makes each once and hands the same frozen `UnitState` to the next host."""
+    record = base_record(bare(example_desired()), with_sidekiq=False)
+    read = [h for h in snapshot.from_record(record).values() if isinstance(h, HostState)]
+    first, *others = read
+    assert others and first.units
+    for h in others:
+        for u in h.units:
+            same = first.unit(u.unit)
+            assert same is None or u is same
+    assert read == [h for h in snapshot._from_record(record, "obs.json", fast=False).values()
+                    if isinstance(h, HostState)]
+
+
+def test_a_later_host_s_unit_equal_in_value_but_not_in_type_is_refused_as_the_reader_refuses_it() -> None:
+    """The units read before are keyed by value, and `False == 0`, `0.0 == 0`, `Whole(0) == 0`:
+    each place of a later host's bare unit damaged alone still reads, or is refused, as the
+    reader alone does."""
+    record = base_record(bare(example_desired()), with_sidekiq=False)
+    hosts = list(record["hosts"])
+    earlier = [u for h in hosts[:-1] for u in record["hosts"][h]["units"]]
+    unit = next(u for u in record["hosts"][hosts[-1]]["units"] if u in earlier)  # read before, alike
+    assert not any(unit[k] for k in ("exec_start", "drop_ins", "environment", "environment_files", "file_hashes"))
+    cases = 0
+    for key, original in list(unit.items()):
+        for value in [*VALUES, False, 0.0, Whole(0), Text(original) if isinstance(original, str) else 1.0]:
+            unit[key] = value
+            assert outcome(record, fast=True) == outcome(record, fast=False), (key, str(value)[:40])
+            cases += 1
+        unit[key] = original
+    assert cases > 400
