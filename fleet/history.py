@@ -46,7 +46,7 @@ from fleet.actions import Change
 from fleet.errors import ParseError
 from fleet.journal import _details, scrub
 from fleet.remote import STATE
-from fleet.textutil import sha256_hex
+from fleet.textutil import digits, sha256_hex
 from fleet.transport.protocol import quote
 
 HISTORY_FILE = "history.jsonl"
@@ -516,7 +516,7 @@ def parse_appended(stdout: str) -> tuple[int, str] | None:
     """(seq, prev) of the record the snippet appended, from the command's output."""
     for line in stdout.splitlines():
         parts = line.split(" ")
-        if len(parts) == 3 and parts[0] == "@@history" and parts[1].isdigit() and _HEX64.fullmatch(parts[2]):
+        if len(parts) == 3 and parts[0] == "@@history" and digits(parts[1]) and _HEX64.fullmatch(parts[2]):
             return int(parts[1]), parts[2]
     return None
 
@@ -681,7 +681,7 @@ def parse_read(host: str, body: str, last: LastSeen | None, *, known: Mapping[in
             status = line
         elif word == "file" and not anchor and status == "ok":
             parts = rest.split(" ")
-            if (len(parts) != 3 or not _FILE_NAME.fullmatch(parts[0]) or not parts[1].isdigit()
+            if (len(parts) != 3 or not _FILE_NAME.fullmatch(parts[0]) or not digits(parts[1])
                     or parts[2] not in ("0", "1") or len(files) > KEEP_ROTATED):
                 raise _malformed(host, line)
             files.append((parts[0], int(parts[1]), parts[2] == "1"))
@@ -691,7 +691,7 @@ def parse_read(host: str, body: str, last: LastSeen | None, *, known: Mapping[in
             anchor = rest
         elif word == "in" and anchor and rest in {name for name, _, _ in files}:
             current = rest
-        elif word == "long" and current and len(rest.split(" ")) == 2 and rest.replace(" ", "").isdigit():
+        elif word == "long" and current and len(rest.split(" ")) == 2 and digits(rest.replace(" ", "")):
             printed.append((current, None))
         elif line == "more" and anchor and not more:
             more = True

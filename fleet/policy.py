@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from fleet.mastodon import BOOLEAN_KEYS, KNOWN_ENV_KEYS, looks_secret
 from fleet.model import DEFAULT_PORTS, SIDEKIQ_QUEUES, Desired, EnvFile, Finding, Kind, Service
-from fleet.textutil import damerau_levenshtein, did_you_mean
+from fleet.textutil import damerau_levenshtein, did_you_mean, digits
 
 
 @dataclass(frozen=True)
@@ -531,7 +531,7 @@ def _target(setting: StoreSetting, values: dict[str, str]) -> _Target | None:
         if setting.kind == Kind.ELASTICSEARCH and "://" in host:  # ES_HOST may carry a scheme
             host = urlsplit(host).hostname or ""
         port_text = _port_text(setting, values)
-        port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else None
+        port = int(port_text) if digits(port_text) and 0 < int(port_text) < 65536 else None
         local = host.startswith("/")  # DB_HOST may be a Unix socket directory: the host itself
         return _Target("" if local else host, port, value)
     try:

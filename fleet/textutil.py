@@ -82,6 +82,12 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     return f"did you mean {s}?" if s else ""
 
 
+def digits(text: str) -> bool:
+    """ASCII digits only, at least one: a number as int() reads it.  str.isdigit() also says yes
+    to '¹' or '①', on which int() raises: never enough for text from a file, a plan or a host."""
+    return text.isascii() and text.isdigit()
+
+
 def mask(value: str) -> str:
     """How a secret is shown anywhere fleet prints or stores it."""
     return f"(sensitive, sha256:{sha256_hex(value)[:8]})"

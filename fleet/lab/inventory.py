@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fleet.errors import LabError
 from fleet.lab import settings
+from fleet.textutil import digits
 
 HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -68,7 +69,7 @@ def read_inventory(hosts_dir: Path) -> list[LabHost]:
         aliases: tuple[str, ...] = ()
         if isinstance(address, str) and address != name and HOSTNAME.match(
             address.split(".")[0]
-        ) and not address.replace(".", "").isdigit():
+        ) and not digits(address.replace(".", "")):
             aliases = (address,)
         hosts.append(
             LabHost(name=name, index=index, address=settings.address_of(index), user=user,

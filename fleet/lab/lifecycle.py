@@ -25,6 +25,7 @@ from fleet.lab.inventory import LabHost, read_inventory
 from fleet.lab.settings import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT  # `fleet lab up --timeout`'s default
 from fleet.lab.settings import LabPaths
 from fleet.secrets import ensure_lab_redis_password
+from fleet.textutil import digits
 
 Report = Callable[[str], None]
 
@@ -212,7 +213,7 @@ def _stray_nspawns(paths: LabPaths) -> set[int]:
     found = set()
     needle = str(paths.hosts).encode() + b"/"
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and system.comm(int(entry.name)) == "systemd-nspawn":
+        if digits(entry.name) and system.comm(int(entry.name)) == "systemd-nspawn":
             try:
                 if needle in (entry / "cmdline").read_bytes():
                     found.add(int(entry.name))

@@ -11,6 +11,7 @@ import json
 
 from fleet.lab import settings, system
 from fleet.lab.inventory import LabHost
+from fleet.textutil import digits
 
 
 def create_bridge() -> None:
@@ -52,7 +53,7 @@ def lab_links() -> list[str]:
 
 def namespace_pids(ns: str) -> set[int]:
     done = system.run(["ip", "netns", "pids", ns], check=False)
-    return {int(p) for p in done.stdout.split() if p.isdigit()}
+    return {int(p) for p in done.stdout.split() if digits(p)}
 
 
 def delete_namespace(ns: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fleet.errors import LabError
 from fleet.lab import settings
+from fleet.textutil import digits
 
 # Which Debian package provides each tool the lab calls.
 TOOLS: dict[str, str] = {
@@ -110,7 +111,7 @@ def _unescape_mount_field(field: str) -> str:
     # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and len(field) >= i + 4:
+        if field[i] == "\\" and digits(field[i + 1 : i + 4]) and len(field) >= i + 4:
             out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
@@ -269,7 +270,7 @@ def restore_inotify_limit(saved: Path) -> str | None:
     if not saved.exists():
         return None
     value = saved.read_text().strip()
-    if value.isdigit():
+    if digits(value):
         settings.INOTIFY_SYSCTL.write_text(f"{value}\n")
     saved.unlink()
     return value

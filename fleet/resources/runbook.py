@@ -43,6 +43,7 @@ from fleet.policy import resolve_host
 from fleet.resources import runbook_quiet, runbook_redis
 from fleet.resources.base import PLAIN, ActionSpec, Detail, Execution, PayloadError, Resource, StepView, empty
 from fleet.resources.stores import clusters_of
+from fleet.textutil import digits
 
 # The runbook's steps before the plan's own changes, in order; the stop of the source comes last.
 # Sidekiq's quiet and drain (fleet/resources/runbook_quiet.py) come only when the run has Sidekiq.
@@ -377,7 +378,7 @@ class MoveSteps(Resource):
         if not isinstance(meta, dict) or sorted(meta) != sorted(_META) or not all(
                 isinstance(v, str) for v in meta.values()):
             raise PayloadError(f"its meta is not the move's {', '.join(_META)}")
-        if not (meta["source_port"].isdigit() and meta["target_port"].isdigit()):
+        if not (digits(meta["source_port"]) and digits(meta["target_port"])):
             raise PayloadError("its ports are not numbers")
         return MovePayload(meta["source"], meta["target"], int(meta["source_port"]), int(meta["target_port"]),
                            meta["source_unit"])

@@ -55,6 +55,7 @@ from fleet.sidekiq import (
     redis_prelude,
     sidekiq_units,
 )
+from fleet.textutil import digits
 from fleet.units import describe_unit
 
 QUIET, DRAINED = Action.MOVE_QUIET, Action.MOVE_DRAINED
@@ -255,7 +256,7 @@ def read_tstp(host: str, out: str) -> list[Quieted]:
     found = []
     for line in out.splitlines():
         parts = line.split(" ")
-        if len(parts) == 4 and parts[0] == "@@quiet" and parts[3].isdigit():
+        if len(parts) == 4 and parts[0] == "@@quiet" and digits(parts[3]):
             found.append(Quieted(host, parts[1], parts[2], int(parts[3])))
     return found
 
@@ -278,7 +279,7 @@ def read_poll(out: str) -> tuple[str, dict[str, Beat], dict[str, int | None]]:
                 beats[prefix] = Beat("" if identity == "-" else identity, quiet, busy)
         elif tag == "q":
             n, _, name = rest.partition(" ")
-            queues[name] = int(n) if n.isdigit() else None
+            queues[name] = int(n) if digits(n) else None
     return "", beats, queues
 
 

@@ -55,6 +55,7 @@ from fleet.errors import ParseError
 from fleet.model import Desired, HostState, Kind, Service
 from fleet.resources.base import Problem, Resource
 from fleet.sidekiq import redis_settings_command
+from fleet.textutil import digits
 
 SECTION = "stores"
 KINDS = (Kind.POSTGRES, Kind.REDIS, Kind.PGBOUNCER)
@@ -571,7 +572,7 @@ _REPLY = re.compile(r'(?:"|ERROR,|NULL|-?[0-9])')
 
 
 def _port(text: str) -> int | None:
-    return int(text) if text.isdigit() and 0 < int(text) < 65536 and len(text) <= 5 else None
+    return int(text) if digits(text) and 0 < int(text) < 65536 and len(text) <= 5 else None
 
 
 class _StoresSection:
@@ -633,7 +634,7 @@ class _StoresSection:
         elif tag == "pg-ready":
             f = rest.split(" ")
             port = _port(f[0])
-            if len(f) != 2 or port is None or not (f[1] == "-" or f[1].isdigit() and len(f[1]) <= 3):
+            if len(f) != 2 or port is None or not (f[1] == "-" or digits(f[1]) and len(f[1]) <= 3):
                 raise self.bad(f"holds a malformed readiness line {line[:80]!r}")
             self.ready.setdefault(port, None if f[1] == "-" else int(f[1]))
         elif tag in ("pg-sql", "redis"):
