@@ -89,7 +89,16 @@ class Plan:
 
     @cached_property
     def _by_id(self) -> dict[str, Change]:
-        return {c.id: c for c in self.changes}
+        return dict(zip(self._ids, self.changes))
+
+    def ids(self) -> tuple[str, ...]:
+        """Each change's id, in plan order (a change's id is made anew each time it is asked for:
+        the plan file, the text's order and the plan's own indexes ask for 62,000 of them)."""
+        return self._ids
+
+    @cached_property
+    def _ids(self) -> tuple[str, ...]:
+        return tuple([c.id for c in self.changes])
 
     def waits_for(self, change_id: str) -> tuple[str, ...]:
         """Every change `change_id` waits for, groups spelled out, in plan order (what `deps`
@@ -98,7 +107,7 @@ class Plan:
 
     @cached_property
     def _position(self) -> dict[str, int]:
-        return {c.id: i for i, c in enumerate(self.changes)}
+        return dict(zip(self._ids, range(len(self.changes))))
 
     def summary(self) -> dict[str, int]:
         """How many changes fall in each bucket (install, change, start …), as each resource counts."""
@@ -147,9 +156,12 @@ class Plan:
         of a row that hosts share (action, target … payload) is made once per distinct part, the
         host's index and the deps per change (a bare plan repeats each row's middle per host)."""
         texts: dict[str, int] = {}
-        hosts = {h: i for i, h in enumerate(self.hosts)}
-        ids = [c.id for c in self.changes]
-        index = {cid: i for i, cid in enumerate(ids)}
+        hosts = {h: str(i) for i, h in enumerate(self.hosts)}  # a host -> its index as text
+        ids = self._ids
+        index = dict(zip(ids, range(len(ids))))
+        # each change's position as text, made once: a row's deps are those texts joined (a bare
+        # plan has 140,000 deps), unless one is a group or a change the plan lacks (below)
+        spelled = dict(zip(ids, map(str, range(len(ids)))))
         payloads: dict[Any, str | None] = {}  # a payload (its key) -> its text, or None: it has none
         middles: dict[tuple[Any, ...], str] = {}  # (action, target … payload key) -> the row's fields 2 to 8
         dense = _DENSE.encode
@@ -157,8 +169,9 @@ class Plan:
         def text(value: str | None) -> str:  # a text field: its index in `texts`, None as [null]
             return "[null]" if value is None else str(texts.setdefault(value, len(texts)))
 
-        deps_of, position = self.deps.get, index.get
+        deps_of, spell, join, host_of, middle_of = self.deps.get, spelled.__getitem__, ",".join, hosts.get, middles.get
         rows = []
+        add = rows.append
         for c, cid in zip(self.changes, ids, strict=True):
             key: Any = c.payload
             if isinstance(key, UnitFilePayload):
@@ -166,7 +179,7 @@ class Plan:
                 key = (key.content_hash, key.remove_files, key.diff[len(lines):]
                        if key.diff.startswith(lines) else (c.host, key.diff))
             whole = (c.action, c.target, c.service, c.reason, c.before, c.after, key)
-            middle = middles.get(whole)
+            middle = middle_of(whole)
             if middle is None:
                 fields = [dense(c.action._value_), text(c.target), text(c.service), text(c.reason), text(c.before),
                           text(c.after)]
@@ -175,12 +188,13 @@ class Plan:
                 payload = payloads[key]
                 fields.append("null" if payload is None else text(payload))
                 middle = middles[whole] = ",".join(fields)
-            h = hosts.get(c.host)
+            h = host_of(c.host)
             deps = deps_of(cid, ())
-            refs = list(map(position, deps))  # a group, or a change the plan lacks: not a position, [name]
-            refs_json = ",".join(map(str, refs)) if None not in refs else \
-                dense([index[d] if d in index else [d] for d in deps])[1:-1]
-            rows.append(f"[{dense([c.host]) if h is None else h},{middle},[{refs_json}]]")
+            try:
+                refs_json = join(map(spell, deps))
+            except KeyError:  # a group, or a change the plan lacks: not a position, [name]
+                refs_json = dense([index[d] if d in index else [d] for d in deps])[1:-1]
+            add(f"[{dense([c.host]) if h is None else h},{middle},[{refs_json}]]")
         waves = [[index[cid] if cid in index else [cid] for cid in w] for w in self.waves]
         groups = {name: [index[cid] if cid in index else [cid] for cid in members]
                   for name, members in self.groups.items()}
