@@ -89,7 +89,7 @@ class Plan:
 
     @cached_property
     def _by_id(self) -> dict[str, Change]:
-        return dict(zip(self._ids, self.changes))
+        return dict(zip(self._ids, self.changes, strict=True))
 
     def ids(self) -> tuple[str, ...]:
         """Each change's id, in plan order (a change's id is made anew each time it is asked for:
@@ -107,7 +107,7 @@ class Plan:
 
     @cached_property
     def _position(self) -> dict[str, int]:
-        return dict(zip(self._ids, range(len(self.changes))))
+        return dict(zip(self._ids, range(len(self.changes)), strict=True))
 
     def summary(self) -> dict[str, int]:
         """How many changes fall in each bucket (install, change, start …), as each resource counts."""
@@ -158,10 +158,10 @@ class Plan:
         texts: dict[str, int] = {}
         hosts = {h: str(i) for i, h in enumerate(self.hosts)}  # a host -> its index as text
         ids = self._ids
-        index = dict(zip(ids, range(len(ids))))
+        index = dict(zip(ids, range(len(ids)), strict=True))
         # each change's position as text, made once: a row's deps are those texts joined (a bare
         # plan has 140,000 deps), unless one is a group or a change the plan lacks (below)
-        spelled = dict(zip(ids, map(str, range(len(ids)))))
+        spelled = dict(zip(ids, map(str, range(len(ids))), strict=True))
         payloads: dict[Any, str | None] = {}  # a payload (its key) -> its text, or None: it has none
         middles: dict[tuple[Any, ...], str] = {}  # (action, target … payload key) -> the row's fields 2 to 8
         dense = _DENSE.encode
@@ -170,7 +170,7 @@ class Plan:
             return "[null]" if value is None else str(texts.setdefault(value, len(texts)))
 
         deps_of, spell, join, host_of, middle_of = self.deps.get, spelled.__getitem__, ",".join, hosts.get, middles.get
-        rows = []
+        rows: list[str] = []
         add = rows.append
         for c, cid in zip(self.changes, ids, strict=True):
             key: Any = c.payload

@@ -442,7 +442,7 @@ def plan_lines(plan: Plan, *, color: bool = False, show_waves: bool = True) -> l
         out.append("")
         out.append(f"Order ({len(plan.waves)} wave(s); each wave runs in parallel after the previous one):")
         shorts = _Shorts()
-        short = dict(zip(plan.ids(), map(shorts.of, plan.changes)))  # an id's last change, as `Plan.change` finds it
+        short = dict(zip(plan.ids(), map(shorts.of, plan.changes), strict=True))  # an id: its last change's
         for i, wave in enumerate(plan.waves, 1):
             out.append(one_line(f"  {i}. " + ", ".join(map(short.__getitem__, wave))))
     out.append("")

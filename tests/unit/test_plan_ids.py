@@ -41,7 +41,8 @@ def _twice() -> Plan:
 
 def test_an_id_naming_two_changes_is_the_last_of_them_as_before() -> None:
     plan = _twice()
-    assert plan.ids() == ("a:start:web.service", "a:enable:web.service", "a:start:web.service", "b:daemon-reload:systemd")
+    assert plan.ids() == ("a:start:web.service", "a:enable:web.service", "a:start:web.service",
+                          "b:daemon-reload:systemd")
     assert plan.change("a:start:web.service") is plan.changes[2]
     # in plan order, the id at its last change's position (2), after a:enable (1)
     assert plan.waits_for("a:enable:web.service") == ("a:enable:web.service", "a:start:web.service")
