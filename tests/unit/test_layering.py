@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,19 @@ def test_a_layer_does_not_import_the_one_above_it(module: str, must_not: str) ->
     assert not {n for n in imported if n == must_not or n.startswith(must_not + ".")}
 
 
+def _probe(probe: str) -> list[str]:
+    """What a fresh interpreter running `probe` printed, as words (the probe prints the modules
+    it loaded, after any first word of its own)."""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          check=True, stdin=subprocess.DEVNULL)
+    return done.stdout.split()
+
+
+def _among(loaded: Iterable[str], packages: Collection[str]) -> set[str]:
+    """The modules of `loaded` that are one of `packages` or inside one."""
+    return {m for m in loaded for n in packages if m == n or m.startswith(n + ".")}
+
+
 @pytest.mark.parametrize(("module", "never"), [
     ("fleet.output.text", ("fleet.apply", "fleet.transport.ssh", "fleet.lab")),
     ("fleet.targets", ("fleet.lab",)),
@@ -101,11 +115,9 @@ def test_a_layer_does_not_import_the_one_above_it(module: str, must_not: str) ->
 ])
 def test_importing_a_module_loads_nothing_above_it(module: str, never: tuple[str, ...]) -> None:
     probe = f"import sys, {module}\nprint(*sorted(m for m in sys.modules if m.startswith('fleet')))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60,
-                          check=True, stdin=subprocess.DEVNULL)
-    loaded = set(done.stdout.split())
+    loaded = set(_probe(probe))
     assert module in loaded
-    assert not {m for m in loaded for n in never if m == n or m.startswith(n + ".")}
+    assert not _among(loaded, never)
 
 
 # What `fleet --help` and `fleet check` never need: the libraries of tables, graphs and SSH, the
@@ -124,11 +136,9 @@ def test_help_and_check_load_neither_paramiko_networkx_nor_tabulate(argv: list[s
              "with contextlib.redirect_stdout(io.StringIO()):\n"
              f"    code = cli.main({['--dir', str(REPO), *argv]!r})\n"
              "print(code, *sorted(sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60,
-                          check=True, stdin=subprocess.DEVNULL)
-    code, *loaded = done.stdout.split()
+    code, *loaded = _probe(probe)
     assert code == "0"
-    assert not {m for m in loaded for n in NOT_FOR_HELP_OR_CHECK if m == n or m.startswith(n + ".")}
+    assert not _among(loaded, NOT_FOR_HELP_OR_CHECK)
 
 
 def test_planning_and_rendering_a_plan_load_neither_networkx_paramiko_nor_tabulate() -> None:
@@ -140,11 +150,9 @@ def test_planning_and_rendering_a_plan_load_neither_networkx_paramiko_nor_tabula
              "plan = build_plan(example(), bare(example()), EXAMPLE_SECRETS)\n"
              "plan_text(plan_from_json(plan.to_json(), 'plan.json'))\n"
              "print(len(plan.waves), *sorted(sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60,
-                          check=True, stdin=subprocess.DEVNULL)
-    waves, *loaded = done.stdout.split()
+    waves, *loaded = _probe(probe)
     assert int(waves) > 1
-    assert not {m for m in loaded for n in ("networkx", "paramiko", "tabulate") if m == n or m.startswith(n + ".")}
+    assert not _among(loaded, ("networkx", "paramiko", "tabulate"))
 
 
 def test_a_plan_from_a_kept_observation_loads_no_collector_transport_history_or_notifications(
@@ -164,10 +172,7 @@ def test_a_plan_from_a_kept_observation_loads_no_collector_transport_history_or_
              "with contextlib.redirect_stdout(io.StringIO()):\n"
              f"    code = cli.main(['--dir', {str(REPO)!r}, 'plan', '--observed', obs, '--secrets', secrets])\n"
              "print(code, *sorted(set(sys.modules) - before))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60,
-                          check=True, stdin=subprocess.DEVNULL)
-    code, *loaded = done.stdout.split()
-    assert code == "2", done.stderr  # changes: a bare fleet
-    never = ("fleet.collect.collector", "fleet.history", "fleet.history_cache", "fleet.transport", "fleet.notify",
-             "paramiko", "networkx", "tabulate")
-    assert not {m for m in loaded for n in never if m == n or m.startswith(n + ".")}
+    code, *loaded = _probe(probe)
+    assert code == "2"  # changes: a bare fleet
+    assert not _among(loaded, ("fleet.collect.collector", "fleet.history", "fleet.history_cache", "fleet.transport",
+                               "fleet.notify", "paramiko", "networkx", "tabulate"))
