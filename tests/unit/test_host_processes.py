@@ -1,4 +1,4 @@
-"""Fewer processes on the host (docs/PERFORMANCE.md, "Fifth round"): the database host's sections
+"""Fewer processes on the host (docs/PERFORMANCE.md, "Fifth status round"): the database host's sections
 start no `head`, `cut`, `sed` or `grep` any more, and what replaced them prints what they printed.
 
 Each replaced pipeline is kept here as it was (`OLD_…`) and run next to the section's own text on
