@@ -82,25 +82,27 @@ def minimal_command(units: tuple[str, ...]) -> str:
     return f"systemctl show --no-pager -p {MINIMAL_PROPERTIES} -- " + " ".join(shlex.quote(u) for u in units)
 
 
-def _instrumented(parts: list[tuple[str, str]], repeats: int) -> str:
-    """The parts run `repeats` times in one shell, stdout discarded; after each part, on fd 3, the
-    part's name, PID 1's utime/stime (ticks: the work systemd does to answer systemctl) and `times`
-    (the shell's and its children's CPU).  Only builtins measure: no fork is counted twice."""
-    mark = ("read -r _ _ _ _ _ _ _ _ _ _ _ _ _ u1 s1 _ </proc/1/stat; "
-            "echo \"@prof {name} $u1 $s1\" >&3; times >&3")
+def _marked(parts: list[tuple[str, str]], repeats: int, mark: str) -> str:
+    """The parts run `repeats` times in one shell, stdout discarded; after each part (and once
+    before the first), `mark` with the part's `{name}`, which writes to fd 3."""
     body = "\n".join(f"{text}\n{mark.format(name=name)}" for name, text in parts)
     return (f"exec 3>&1\n{mark.format(name='start')}\n"
             f"i=0; while [ $i -lt {int(repeats)} ]; do\n{body}\ni=$((i + 1)); done >/dev/null 2>&1\n")
+
+
+def _instrumented(parts: list[tuple[str, str]], repeats: int) -> str:
+    """`_marked` with the part's name, PID 1's utime/stime (ticks: the work systemd does to answer
+    systemctl) and `times` (the shell's and its children's CPU).  Only builtins measure: no fork is
+    counted twice."""
+    return _marked(parts, repeats, "read -r _ _ _ _ _ _ _ _ _ _ _ _ _ u1 s1 _ </proc/1/stat; "
+                                   "echo \"@prof {name} $u1 $s1\" >&3; times >&3")
 
 
 def _pid_marked(parts: list[tuple[str, str]], repeats: int) -> str:
-    """The parts run `repeats` times in one shell, stdout discarded; after each part, on fd 3, the
-    last PID the host's PID namespace gave out (/proc/loadavg): the processes the part started
-    (forks, subshells included), whatever the machine's load — the lab host runs little else."""
-    mark = 'read -r _ _ _ _ lp _ </proc/loadavg; echo "@pid {name} $lp" >&3'
-    body = "\n".join(f"{text}\n{mark.format(name=name)}" for name, text in parts)
-    return (f"exec 3>&1\n{mark.format(name='start')}\n"
-            f"i=0; while [ $i -lt {int(repeats)} ]; do\n{body}\ni=$((i + 1)); done >/dev/null 2>&1\n")
+    """`_marked` with the last PID the host's PID namespace gave out (/proc/loadavg): the processes
+    each part started (forks, subshells included), whatever the machine's load — the lab host runs
+    little else."""
+    return _marked(parts, repeats, 'read -r _ _ _ _ lp _ </proc/loadavg; echo "@pid {name} $lp" >&3')
 
 
 def _forks_per_part(out: str) -> dict[str, float]:
