@@ -211,17 +211,26 @@ def _check_unit_secrets(desired: Desired) -> list[Finding]:
 
 
 def declared_sidekiq(desired: Desired) -> list[SidekiqProcess]:
+    """One process per Sidekiq service, host and unit.  A service's processes differ only in
+    host, unit and DB_POOL: each is made from the service's shared fields (18,000 processes at
+    1,000 hosts: the dataclass's `__init__`, a frozen setter per field, was most of the check)."""
     procs: list[SidekiqProcess] = []
     db_pool = _db_pools(desired)
+    new = object.__new__
     for s in desired.services:
         if s.sidekiq is None:
             continue
         queues, key = s.sidekiq.queue_names(), f"services.{s.name}"
         unknown = "reads its queues from config/sidekiq.yml on the host" if s.sidekiq.queues_from_config else ""
+        concurrency, file = s.sidekiq.concurrency, desired.source
         for h in s.hosts:
-            procs.extend(SidekiqProcess(
-                host=h, unit=unit, queues=queues, concurrency=s.sidekiq.concurrency, db_pool=db_pool(s, h),
-                key=key, file=desired.source, unknown=unknown) for unit in s.units_on(h))
+            pool = db_pool(s, h)
+            for unit in s.units_on(h):
+                p = new(SidekiqProcess)
+                # every field, in the dataclass's order (test_worked_out_once.py pins it)
+                p.__dict__.update(host=h, unit=unit, queues=queues, concurrency=concurrency, db_pool=pool,
+                                  key=key, file=file, unknown=unknown, source="")
+                procs.append(p)
     return procs
 
 
@@ -229,14 +238,19 @@ def _db_pools(desired: Desired) -> Callable[[Service, str], int | None]:
     """`_effective_db_pool`, worked out once per service and set of env files: a host without
     overrides sees exactly its env files' values, so hosts with the same env files share the
     answer (a Sidekiq service on 1,000 hosts asked 1,000 times).  A host with an override in
-    any env file is worked out on its own."""
+    any env file is worked out on its own.  A host's set of env files is found once, not once
+    per Sidekiq service on it."""
     overridden = {h for ef in desired.env_files for h, _ in ef.overrides}
     memo: dict[tuple[int, tuple[int, ...]], int | None] = {}
+    files_of: dict[str, tuple[int, ...]] = {}
 
     def of(service: Service, host: str) -> int | None:
         if host in overridden:
             return _effective_db_pool(desired, service, host)
-        key = (id(service), tuple(map(id, desired.env_files_on(host))))  # all alive for this call
+        files = files_of.get(host)
+        if files is None:
+            files = files_of[host] = tuple(map(id, desired.env_files_on(host)))  # all alive for this call
+        key = (id(service), files)
         if key not in memo:
             memo[key] = _effective_db_pool(desired, service, host)
         return memo[key]
@@ -299,6 +313,9 @@ def _check_env_files(desired: Desired) -> list[Finding]:
 def _check_env_consistency(desired: Desired) -> list[Finding]:
     """Hosts of one service must see the same value for a key, unless declared as an override."""
     out: list[Finding] = []
+    # path -> host -> (ids, the host's env files at that path): found once per host and path, not
+    # once more for every service on the host that loads the path
+    at_path: dict[str, dict[str, tuple[tuple[int, ...], list[EnvFile]]]] = {}
     for svc in desired.services:
         if svc.unit_spec is None:
             continue
@@ -306,13 +323,16 @@ def _check_env_consistency(desired: Desired) -> list[Finding]:
             # A host's values here are its env files' `values` (not its overrides): the same for
             # every host with the same env files (in the same order), so hosts are grouped by them
             # and each group's values merged once, not once per host and key.
+            on = at_path.setdefault(path, {})
             groups: dict[tuple[int, ...], tuple[dict[str, str], list[str]]] = {}
             for h in svc.hosts:
-                files = [ef for ef in desired.env_files_on(h) if ef.path == path]
-                ids = tuple(map(id, files))  # all alive for this call
-                group = groups.get(ids)
+                mine = on.get(h)
+                if mine is None:
+                    files = [ef for ef in desired.env_files_on(h) if ef.path == path]
+                    mine = on[h] = (tuple(map(id, files)), files)  # all alive for this call
+                group = groups.get(mine[0])
                 if group is None:
-                    group = groups[ids] = ({k: v for ef in files for k, v in ef.values}, [])
+                    group = groups[mine[0]] = ({k: v for ef in mine[1] for k, v in ef.values}, [])
                 group[1].append(h)
             keys = dict.fromkeys(k for values, _ in groups.values() for k in values)  # in the hosts' order
             for k in keys:

@@ -204,3 +204,33 @@ def test_a_missing_env_file_copied_from_host_to_host_is_each_hosts_own() -> None
     writes = {c.host: c for c in together if c.action.value == "write-env"}
     assert writes["b1"].payload != writes["a1"].payload == writes["a2"].payload == writes["a4"].payload
     assert "b1-db" in str(writes["b1"].payload) and "b1-db" not in str(writes["a2"].payload)
+
+
+def test_a_declared_sidekiq_process_is_the_one_its_constructor_makes() -> None:
+    """declared_sidekiq fills each process's fields from its service's shared ones: every field
+    is there, in the dataclass's order, and the process equals (and hashes as) a constructed one."""
+    from dataclasses import asdict, fields
+
+    procs = policy.declared_sidekiq(sidekiq_fleet())
+    made = [policy.SidekiqProcess(**asdict(p)) for p in procs]
+    assert [list(vars(p)) for p in procs] == [[f.name for f in fields(policy.SidekiqProcess)]] * len(procs)
+    assert procs == made and [hash(p) for p in procs] == [hash(p) for p in made]
+    assert [repr(p) for p in procs] == [repr(p) for p in made]
+    assert procs[0] == policy.SidekiqProcess("a", "sk.service", ("default",), 5, 7, key="services.sk", file="")
+
+
+def test_services_sharing_an_env_file_path_each_name_their_own_hosts_values() -> None:
+    """Hosts' env files at a path are found once per host, then shared by every service that
+    loads the path: each service's finding still lists only its own hosts, with their values."""
+    spec = UnitSpec(exec_start="/bin/x", environment_files=("/e", "/f"))
+    d = Desired(name="t", hosts=tuple(Host(h, h) for h in "abcd"),
+                services=(Service("s", Kind.WEB, "s.service", ("a", "b", "c"), unit_spec=spec),
+                          Service("t", Kind.WEB, "t.service", ("c", "d"), unit_spec=spec)),
+                env_files=(EnvFile("e1", "/e", ("a", "c"), values=(("S3_BUCKET", "one"),)),
+                           EnvFile("e2", "/e", ("b", "d"), values=(("S3_BUCKET", "two"),)),
+                           EnvFile("f1", "/f", ("c",), values=(("CDN_HOST", "x"),)),
+                           EnvFile("f2", "/f", ("d",), values=(("CDN_HOST", "y"),))))
+    found = [f.message for f in policy.check(d) if f.code == "env.inconsistent"]
+    assert found == ["S3_BUCKET differs between hosts of service s (a='one', b='two', c='one')",
+                     "S3_BUCKET differs between hosts of service t (c='one', d='two')",
+                     "CDN_HOST differs between hosts of service t (c='x', d='y')"]
