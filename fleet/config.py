@@ -193,15 +193,65 @@ def file_kind(mode: int) -> str:
 def read_regular_file(path: Path, limit: int | None = None) -> bytes:
     """The bytes of a regular file, or OSError: NotAFileError for a directory/FIFO/device (never
     blocking on a FIFO: it is opened non-blocking and judged by fstat before any read),
-    FileTooLargeError when `limit` bytes would not hold it."""
+    FileTooLargeError when `limit` bytes would not hold it.  Read with os.read, the first read
+    sized by fstat: a buffered `read(limit)` sized its buffer by the limit (1 MiB for each of
+    1,000 host files of ~100 bytes)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotAFileError(path, file_kind(st.st_mode))
         if limit is not None and st.st_size >= limit:
             raise FileTooLargeError(path, st.st_size)
-        return f.read() if limit is None else f.read(limit)
+        chunks: list[bytes] = []
+        left = -1 if limit is None else limit  # bytes still allowed; -1: no limit
+        size = st.st_size + 1  # one more than fstat said: a file that grew since is read on to its end
+        while left:
+            chunk = os.read(fd, size if left < 0 else min(size, left))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk) if left > 0 else 0
+            size = 1 << 16
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# One `key = value` line of the shape every host file has (a bare key; a basic string without
+# escapes or control characters, true/false, a decimal integer, an array of such strings on one
+# line); a blank line; a comment.  A file of only such lines means in TOML exactly what
+# _simple_toml makes of it; anything else is tomllib's to read (and to name the error in).
+_STRING = r'"[^"\\\x00-\x1f\x7f]*"'
+_SIMPLE_LINE = re.compile(
+    rf"[ \t]*(?:#[^\x00-\x08\x0a-\x1f\x7f]*|([A-Za-z0-9_-]+)[ \t]*=[ \t]*"
+    rf"({_STRING}|true|false|0|[1-9][0-9]{{0,17}}|\[[ \t]*\]|\[[ \t]*{_STRING}(?:[ \t]*,[ \t]*{_STRING})*[ \t]*\])"
+    rf"[ \t]*)?")
+_ARRAY_ITEM = re.compile(_STRING)
+
+
+def _simple_toml(text: str) -> dict[str, Any] | None:
+    """What tomllib would read from `text` when every line is a _SIMPLE_LINE and no key repeats;
+    None otherwise.  A host file is such a text: read ~4× faster than by tomllib's parser."""
+    out: dict[str, Any] = {}
+    for line in text.split("\n"):
+        m = _SIMPLE_LINE.fullmatch(line)
+        if m is None:
+            return None
+        key, value = m.groups()
+        if key is None:
+            continue
+        if key in out:
+            return None  # tomllib names the duplicate
+        if value[0] == '"':
+            out[key] = value[1:-1]
+        elif value[0] == "[":
+            out[key] = [item[1:-1] for item in _ARRAY_ITEM.findall(value)]
+        elif value in ("true", "false"):
+            out[key] = value == "true"
+        else:
+            out[key] = int(value)
+    return out
 
 
 def read_toml(path: Path, ctx: _Ctx) -> dict[str, Any] | None:
@@ -227,6 +277,9 @@ def read_toml(path: Path, ctx: _Ctx) -> dict[str, Any] | None:
     except UnicodeDecodeError as e:
         ctx.error("", f"file is not valid UTF-8 (byte {e.start})", "save the file as UTF-8", "config.encoding")
         return None
+    simple = _simple_toml(ctx.text)
+    if simple is not None:
+        return simple
     try:
         return tomllib.loads(ctx.text)
     except RecursionError:
@@ -395,20 +448,23 @@ def _load_hosts(hosts_dir: Path) -> tuple[tuple[Host, ...], list[Finding], tuple
                                 file=str(hosts_dir), hint="add one <name>.toml per host"))
     seen: dict[tuple[str, int], Host] = {}
     for h in hosts:
-        other = seen.get((_same_address(h.address), h.port))
+        where = (_same_address(h.address), h.port)
+        other = seen.get(where)
         if other is not None:
             findings.append(Finding("error", "hosts.same-address",
                                     f"hosts {other.name} and {h.name} both point at {h.address}:{h.port}",
                                     file=h.source, key="address",
                                     hint="two names for one machine would make fleet act on it twice; "
                                          "give each host its own address"))
-        seen[(_same_address(h.address), h.port)] = h
+        seen[where] = h
     return tuple(hosts), findings, tuple(broken), [p.stem for p in files]
 
 
 def _same_address(address: str) -> str:
     """One spelling per machine: DNS names are case-insensitive and may end in a dot; IP
     addresses have many spellings (0::1 is ::1)."""
+    if ":" not in address and not address.replace(".", "").isdigit():  # a name: no IPv6, not only digits
+        return address.lower().rstrip(".")
     try:
         return str(ipaddress.ip_address(address))
     except ValueError:
