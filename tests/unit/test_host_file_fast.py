@@ -61,7 +61,8 @@ def test_a_simple_text_reads_as_tomllib_reads_it_and_any_other_is_left_to_tomlli
 
 
 def test_the_bench_host_file_shape_is_read_by_the_fast_path() -> None:
-    text = 'name = "h00000"\naddress = "h00000.bench.internal"\nuser = "deploy"\nsudo = true\nroles = ["db", "worker"]\n'
+    text = ('name = "h00000"\naddress = "h00000.bench.internal"\nuser = "deploy"\nsudo = true\n'
+            'roles = ["db", "worker"]\n')
     assert config._simple_toml(text) == tomllib.loads(text)
     assert list(config._simple_toml(text) or {}) == ["name", "address", "user", "sudo", "roles"]
 
