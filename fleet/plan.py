@@ -158,9 +158,9 @@ class Plan:
         texts: dict[str, int] = {}
         hosts = {h: str(i) for i, h in enumerate(self.hosts)}  # a host -> its index as text
         ids = self._ids
-        index = dict(zip(ids, range(len(ids)), strict=True))
-        # each change's position as text, made once: a row's deps are those texts joined (a bare
-        # plan has 140,000 deps), unless one is a group or a change the plan lacks (below)
+        # each change's position as text, made once: a row's deps and a wave are those texts joined
+        # (a bare plan has 140,000 deps), unless one is a group or a change the plan lacks: then
+        # each is spelled from the positions (`_position`, made only then), [name] where it is none
         spelled = dict(zip(ids, map(str, range(len(ids))), strict=True))
         payloads: dict[Any, str | None] = {}  # a payload (its key) -> its text, or None: it has none
         middles: dict[tuple[Any, ...], str] = {}  # (action, target … payload key) -> the row's fields 2 to 8
@@ -168,6 +168,10 @@ class Plan:
 
         def text(value: str | None) -> str:  # a text field: its index in `texts`, None as [null]
             return "[null]" if value is None else str(texts.setdefault(value, len(texts)))
+
+        def placed(refs: Iterable[str]) -> list[Any]:  # positions, or [name] where there is none
+            index = self._position
+            return [index[d] if d in index else [d] for d in refs]
 
         deps_of, spell, join, host_of, middle_of = self.deps.get, spelled.__getitem__, ",".join, hosts.get, middles.get
         rows: list[str] = []
@@ -193,14 +197,16 @@ class Plan:
             try:
                 refs_json = join(map(spell, deps))
             except KeyError:  # a group, or a change the plan lacks: not a position, [name]
-                refs_json = dense([index[d] if d in index else [d] for d in deps])[1:-1]
+                refs_json = dense(placed(deps))[1:-1]
             add(f"[{dense([c.host]) if h is None else h},{middle},[{refs_json}]]")
-        waves = [[index[cid] if cid in index else [cid] for cid in w] for w in self.waves]
-        groups = {name: [index[cid] if cid in index else [cid] for cid in members]
-                  for name, members in self.groups.items()}
+        try:  # each wave its positions' texts joined: no index of 62,000 positions built for them
+            waves = ["[" + join(map(spell, w)) + "]" for w in self.waves]
+        except KeyError:
+            waves = [dense(placed(w)) for w in self.waves]
+        groups = {name: placed(members) for name, members in self.groups.items()}
         head = {k: v for k, v in self._data([]).items() if k not in ("format", "changes", "groups", "waves")}
         return _file_text({"format": FILE_FORMAT, **head, "groups": groups},
-                          {"texts": list(map(dense, texts)), "changes": rows, "waves": list(map(dense, waves))})
+                          {"texts": list(map(dense, texts)), "changes": rows, "waves": waves})
 
     @property
     def plan_id(self) -> str:
