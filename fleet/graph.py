@@ -76,6 +76,7 @@ class _Rules:
     runs: list[int]  # positions of the starts/restarts, in plan order
     prunes: list[int]  # positions of the prunes, in plan order
     mbb_at: int
+    unique: bool  # each change's id its own: node[i] == i
 
 
 def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
@@ -176,7 +177,7 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
             add(node[restarts[j - k]] * width + node[restarts[j]])
     prune = Phase.PRUNE
     prunes = [i for i, phase in enumerate(phases) if phase is prune]
-    return _Rules(ids=ids, node=node, edges=edges, runs=runs, prunes=prunes, mbb_at=mbb_at)
+    return _Rules(ids=ids, node=node, edges=edges, runs=runs, prunes=prunes, mbb_at=mbb_at, unique=len(last) == count)
 
 
 def _graph(rules: _Rules) -> nx.DiGraph:
@@ -215,7 +216,7 @@ def order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, Waves, Gro
     ids, node = rules.ids, rules.node
     width = len(ids) + 1
     barrier = width - 1  # one node more: runs -> barrier -> prunes, if there are both
-    nodes = sorted(set(node))  # positions of the distinct change ids
+    nodes = node if rules.unique else sorted(set(node))  # positions of the distinct change ids
     runs = sorted({node[i] for i in rules.runs})
     prunes = sorted({node[i] for i in rules.prunes})
     mbb = bool(runs and prunes)
@@ -235,13 +236,12 @@ def order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, Waves, Gro
     # Grouped by b instead, a still ascending within: a stable sort of the edges by b alone (small
     # ints, each comparison fast), rather than of b * width + a.
     sources = list(map(edge_from.__getitem__, sorted(range(len(targets)), key=targets.__getitem__)))
-    in_count = Counter(targets)
-    in_at = _starts(in_count, width)  # v's sources: sources[in_at[v]:in_at[v + 1]]
+    indegree = list(map(Counter(targets).get, range(width), repeat(0)))
+    in_at = [0, *accumulate(indegree)]  # v's sources: sources[in_at[v]:in_at[v + 1]]
 
     # Topological generations (Kahn, a generation at a time): a change's wave is one more than
     # its latest predecessor's.  The barrier takes no wave: it is done in its latest run's
     # generation, and the prunes it frees go to the next.
-    indegree = list(map(in_count.get, range(width), repeat(0)))
     level = [0] * width
     ready = [v for v in nodes if not indegree[v]]
     done = generation = 0
@@ -277,7 +277,7 @@ def order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, Waves, Gro
     # and named in C, in plan order of first appearance, as networkx lists nodes.
     names = [*ids, EVERY_RUN]
     named = tuple(map(names.__getitem__, sources))  # a tuple: a slice of it is the deps' tuple, made once
-    firsts = list(dict.fromkeys(node))
+    firsts = node if rules.unique else list(dict.fromkeys(node))  # in plan order of first appearance
     deps: Deps = dict(zip(map(names.__getitem__, firsts), [named[in_at[v]:in_at[v + 1]] for v in firsts], strict=True))
     waves_at: dict[int, list[str]] = defaultdict(list)
     for v in nodes:
