@@ -32,18 +32,26 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain, repeat
+from itertools import accumulate, chain, groupby, repeat
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
-from fleet.actions import Change, Phase
+from fleet.actions import Action, Change, Phase
 from fleet.errors import FleetError
 from fleet.model import Desired
+from fleet.resources.base import Resource
 from fleet.resources.registry import BY_ACTION, SPECS
 
 if TYPE_CHECKING:  # networkx is imported where a graph is drawn (a cycle, build_graph), not to order:
     import networkx as nx  # a plan pays ~0.2 s for its import otherwise
+
+
+_ID = attrgetter("id")
+_HOST = attrgetter("host")
+_ACTION = attrgetter("action")
+_PHASE = attrgetter("phase")
 
 
 class CycleError(FleetError):
@@ -68,51 +76,87 @@ class _Rules:
     runs: list[int]  # positions of the starts/restarts, in plan order
     prunes: list[int]  # positions of the prunes, in plan order
     mbb_at: int
+    unique: bool  # each change's id its own: node[i] == i
 
 
 def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
-    ids = [c.id for c in changes]
-    last = {cid: i for i, cid in enumerate(ids)}
-    node = [last[cid] for cid in ids]
-    width = len(ids) + 1
+    ids = list(map(_ID, changes))
+    count = len(ids)
+    last = dict(zip(ids, range(count), strict=True))  # an id's last position, as a node
+    node = list(range(count)) if len(last) == count else list(map(last.__getitem__, ids))
+    width = count + 1
     edges: list[int] = []
     add = edges.append
-    specs = [SPECS[c.action] for c in changes]
-    phases = [sp.phase for sp in specs]
-    by_host: dict[str, list[int]] = defaultdict(list)
-    for i, c in enumerate(changes):
-        by_host[c.host].append(i)
+    actions = list(map(_ACTION, changes))
+    specs = list(map(SPECS.__getitem__, actions))
+    phases = list(map(_PHASE, specs))
+    # Per action, made once: whether it needs a reload, whether a reload comes before it, and its
+    # resource's `affects` (None where the resource keeps the default: it affects nothing).
+    needs = dict.fromkeys(actions, False)
+    after_reload = dict(needs)
+    affects: dict[Action, Callable[[Change, Desired], Iterable[str]] | None] = dict.fromkeys(needs)
     run, reload, enable = Phase.RUN, Phase.RELOAD, Phase.ENABLE
-    runs = [i for i, phase in enumerate(phases) if phase == run]
+    for a in needs:
+        needs[a] = SPECS[a].needs_reload
+        after_reload[a] = SPECS[a].phase in (enable, run)
+        owner = BY_ACTION[a]
+        affects[a] = None if type(owner).affects is Resource.affects else owner.affects
+    by_host: dict[str, list[int]] = {}
+    at = 0
+    for host, same in groupby(map(_HOST, changes)):  # a host's changes are together in a plan the diff made
+        k = len(list(same))
+        here = by_host.get(host)
+        if here is None:
+            by_host[host] = list(range(at, at + k))
+        else:
+            here += range(at, at + k)
+        at += k
+    runs = [i for i, phase in enumerate(phases) if phase is run]
     service_units = {s.name: s for s in desired.services}
 
     for cs in by_host.values():
-        reloads = [node[i] for i in cs if phases[i] == reload]
-        affecting: dict[str, list[int]] = defaultdict(list)  # unit -> this host's changes that affect it
+        reloads = [node[i] for i in cs if phases[i] is reload]
+        affecting: dict[str, list[int]] = {}  # unit -> this host's changes that affect it
         for i in cs:
-            if not (reloads and specs[i].needs_reload):  # else it reaches the runs through the reload
-                c = changes[i]
-                for unit in BY_ACTION[c.action].affects(c, desired):
-                    affecting[unit].append(node[i])
-        for i in cs:
-            n, phase = node[i], phases[i]
-            if reloads:
-                if specs[i].needs_reload:
+            a = actions[i]
+            f = affects[a]
+            if f is not None and not (reloads and needs[a]):  # else it reaches the runs through the reload
+                for unit in f(changes[i], desired):
+                    got = affecting.get(unit)
+                    if got is None:
+                        affecting[unit] = [node[i]]
+                    else:
+                        got.append(node[i])
+        if reloads:
+            into = [r * width for r in reloads]  # r -> n is r * width + n
+            for i in cs:
+                n, a = node[i], actions[i]
+                if needs[a]:
                     edges += [n * width + r for r in reloads]
-                if phase == enable or phase == run:
-                    edges += [r * width + n for r in reloads]
-            if phase == run and affecting:
-                edges += [a * width + n for a in affecting.get(changes[i].target, ())]
+                if after_reload[a]:
+                    edges += [r + n for r in into]
+                if affecting and phases[i] is run:
+                    edges += [x * width + n for x in affecting.get(changes[i].target, ())]
+        elif affecting:
+            for i in cs:
+                if phases[i] is run:
+                    n = node[i]
+                    edges += [x * width + n for x in affecting.get(changes[i].target, ())]
 
     runs_of: dict[str, list[int]] = defaultdict(list)  # service -> positions of its starts and restarts
-    for i in runs:
-        runs_of[changes[i].service or ""].append(i)
+    run_services = [changes[i].service or "" for i in runs]
+    for i, name in zip(runs, run_services, strict=True):
+        runs_of[name].append(i)
 
-    for i in runs:
-        svc = service_units.get(changes[i].service or "")
-        for req in svc.requires if svc is not None else ():
-            for r in runs_of.get(req, ()):
-                add(node[r] * width + node[i])
+    # `requires`: what a service's runs wait for, worked out once per service (as r * width, the
+    # edge r -> n being r * width + n), then given to each of its runs.
+    required = {name: [node[r] * width for req in svc.requires for r in runs_of.get(req, ())]
+                for name, svc in service_units.items()}
+    for i, name in zip(runs, run_services, strict=True):
+        before = required.get(name)
+        if before:
+            n = node[i]
+            edges += [r + n for r in before]
 
     mbb_at = len(edges)
 
@@ -131,8 +175,9 @@ def _rules(changes: Sequence[Change], desired: Desired) -> _Rules:
         k = max(1, svc.max_unavailable)
         for j in range(k, len(restarts)):
             add(node[restarts[j - k]] * width + node[restarts[j]])
-    prunes = [i for i, sp in enumerate(specs) if sp.phase == Phase.PRUNE]
-    return _Rules(ids=ids, node=node, edges=edges, runs=runs, prunes=prunes, mbb_at=mbb_at)
+    prune = Phase.PRUNE
+    prunes = [i for i, phase in enumerate(phases) if phase is prune]
+    return _Rules(ids=ids, node=node, edges=edges, runs=runs, prunes=prunes, mbb_at=mbb_at, unique=len(last) == count)
 
 
 def _graph(rules: _Rules) -> nx.DiGraph:
@@ -171,28 +216,32 @@ def order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, Waves, Gro
     ids, node = rules.ids, rules.node
     width = len(ids) + 1
     barrier = width - 1  # one node more: runs -> barrier -> prunes, if there are both
-    nodes = sorted(set(node))  # positions of the distinct change ids
+    nodes = node if rules.unique else sorted(set(node))  # positions of the distinct change ids
     runs = sorted({node[i] for i in rules.runs})
     prunes = sorted({node[i] for i in rules.prunes})
     mbb = bool(runs and prunes)
-    edges = set(rules.edges)  # a rule may make an edge twice, networkx keeps one
+    edges = rules.edges
     if mbb:
-        edges.update([r * width + barrier for r in runs], [barrier * width + p for p in prunes])
+        edges = [*edges, *[r * width + barrier for r in runs], *[barrier * width + p for p in prunes]]
     # Every edge a -> b is the int a * width + b: sorted, they are grouped by a; a node's edges
     # are a slice, found from how many each node has (Counter and accumulate work in C: a bare
     # 1,000-host plan has 140,000 edges, and Python-level work per edge was most of the time).
-    out_edges = sorted(edges)
+    # Sorted as the rules made them, then repeats dropped (a rule may make an edge twice, networkx
+    # keeps one): the rules make them mostly in order, and sorting that is ~7x faster than sorting
+    # a set's hash order (these ints exceed 2**30, where each comparison is slow).
+    out_edges = list(dict.fromkeys(sorted(edges)))
     targets = [e % width for e in out_edges]  # b of each edge, grouped by a (then ascending)
-    out_at = _starts(Counter([e // width for e in out_edges]), width)  # u's targets: targets[out_at[u]:out_at[u + 1]]
-    in_edges = sorted([b * width + a for a, b in zip([e // width for e in out_edges], targets, strict=True)])
-    sources = [e % width for e in in_edges]  # a of each edge, grouped by b (then ascending)
-    in_count = Counter(targets)
-    in_at = _starts(in_count, width)  # v's sources: sources[in_at[v]:in_at[v + 1]]
+    edge_from = [e // width for e in out_edges]  # a of each edge, ascending
+    out_at = _starts(Counter(edge_from), width)  # u's targets: targets[out_at[u]:out_at[u + 1]]
+    # Grouped by b instead, a still ascending within: a stable sort of the edges by b alone (small
+    # ints, each comparison fast), rather than of b * width + a.
+    sources = list(map(edge_from.__getitem__, sorted(range(len(targets)), key=targets.__getitem__)))
+    indegree = list(map(Counter(targets).get, range(width), repeat(0)))
+    in_at = [0, *accumulate(indegree)]  # v's sources: sources[in_at[v]:in_at[v + 1]]
 
     # Topological generations (Kahn, a generation at a time): a change's wave is one more than
     # its latest predecessor's.  The barrier takes no wave: it is done in its latest run's
     # generation, and the prunes it frees go to the next.
-    indegree = list(map(in_count.get, range(width), repeat(0)))
     level = [0] * width
     ready = [v for v in nodes if not indegree[v]]
     done = generation = 0
@@ -223,14 +272,13 @@ def order(changes: Sequence[Change], desired: Desired) -> tuple[Deps, Waves, Gro
         raise CycleError(f"the changes cannot be ordered: {chain_text}",
                          hint="this comes from `requires` between services; break the cycle there")
 
-    deps: Deps = {}
-    name = ids.__getitem__
-    for v in dict.fromkeys(node):  # in plan order of first appearance, as networkx lists nodes
-        before = sources[in_at[v]:in_at[v + 1]]  # ascending: in plan order, the barrier (the largest) last
-        if mbb and before and before[-1] == barrier:  # a prune: what else it waits for, then every run
-            deps[ids[v]] = (*map(name, before[:-1]), EVERY_RUN)
-        else:
-            deps[ids[v]] = tuple(map(name, before))
+    # A node's deps are its sources' names, the barrier named EVERY_RUN (it is the largest node,
+    # so last: a prune's deps are what else it waits for, then every run); each node's slice made
+    # and named in C, in plan order of first appearance, as networkx lists nodes.
+    names = [*ids, EVERY_RUN]
+    named = tuple(map(names.__getitem__, sources))  # a tuple: a slice of it is the deps' tuple, made once
+    firsts = node if rules.unique else list(dict.fromkeys(node))  # in plan order of first appearance
+    deps: Deps = dict(zip(map(names.__getitem__, firsts), [named[in_at[v]:in_at[v + 1]] for v in firsts], strict=True))
     waves_at: dict[int, list[str]] = defaultdict(list)
     for v in nodes:
         waves_at[level[v]].append(ids[v])

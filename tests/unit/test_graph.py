@@ -449,3 +449,35 @@ def test_order_matches_the_reference_on_any_fleet(data: st.DataObject) -> None:
     desired = example()
     observed = data.draw(fleets(desired, S), label="observed")
     assert_as_reference(list(diff(desired, observed, S).changes), desired)
+
+
+# `order` takes shortcuts that hold for a plan the diff made — a host's changes next to each other,
+# each id once, its rules' edges mostly in order — and must not depend on them: the same changes
+# in any order, some listed twice (but a run), are still ordered as the reference orders them.
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_order_matches_the_reference_with_the_changes_shuffled_and_repeated(data: st.DataObject) -> None:
+    desired = example()
+    observed = data.draw(fleets(desired, S), label="observed")
+    changes = list(diff(desired, observed, S).changes)
+    shuffled = data.draw(st.permutations(changes), label="shuffled")
+    # a start or restart listed twice would wait for itself (a rolling restart's chain), here as in the reference
+    once = [c for c in changes if c.action not in (Action.START, Action.RESTART)]
+    again = data.draw(st.lists(st.sampled_from(once), max_size=3) if once else st.just([]), label="again")
+    assert_as_reference([*shuffled, *again], desired)
+
+
+def test_a_hosts_changes_apart_in_the_plan_are_still_ordered_as_one_hosts() -> None:
+    """fritz's write and reload, then another host's, then fritz's enable and start: the reload
+    still comes between them (the rules group a host's changes wherever they stand)."""
+    desired = example()
+    changes = list(diff(desired, bare(desired), S).changes)
+    fritz = [c for c in changes if c.host == "fritz"]
+    cut = next(i for i, c in enumerate(fritz) if c.action == Action.ENABLE)
+    others = [c for c in changes if c.host != "fritz"]
+    mixed = [*fritz[:cut], *others, *fritz[cut:]]
+    assert_as_reference(mixed, desired)
+    deps, _ = order(mixed, desired)
+    enable = fritz[cut]
+    assert "fritz:daemon-reload:systemd" in deps[enable.id]
