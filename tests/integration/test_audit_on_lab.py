@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from helpers import fleet, fleet_json, install_unit, reset_all, sidekiq_unit
+from helpers import converge, fleet, fleet_json, install_unit, sidekiq_unit
 
 ENV = "/home/mastodon/live/.env.production"
 
@@ -15,21 +15,8 @@ def snapshots(lab: Any) -> list[dict[str, Any]]:
     return data
 
 
-def converge(lab: Any) -> None:
-    """The example converged.  A lab the previous module left converged (test_adopt_on_lab ends
-    so: its plan is empty, and no lock is left) is used as it is; anything else is reset to bare and
-    applied.  The facts checked start at the baseline audit below, so how the fleet got converged
-    does not matter."""
-    for h in lab.names:
-        lab.ssh(h, "rm -rf /home/mastodon/live/STANDIN_FAIL /var/lib/fleet/lock", user="root", check=False)
-    if fleet(lab, "plan").returncode != 0:
-        reset_all(lab)
-        done = fleet(lab, "apply", "--yes", "--settle", "1", timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-
 def test_the_postmortem_incident_is_audited_attributed_and_repaired(lab: Any) -> None:
-    converge(lab)
+    converge(lab)  # test_adopt_on_lab, before this module, ends with the example converged
     clean = fleet_json(lab, "audit")
     assert [f for f in clean["findings"] if f["severity"] == "error"] == []
     baseline = clean["snapshot"]
