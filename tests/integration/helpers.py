@@ -107,6 +107,19 @@ def reset_all(lab: Any) -> None:
         list(pool.map(lambda h: reset_host(lab, h), lab.names))  # re-raises the first host's failure
 
 
+def converge(lab: Any) -> None:
+    """The example converged (REPO's desired state, the session's state dir).  A lab the previous
+    module left converged — fleet's plan is empty — is used as it is, after removing any apply lock
+    and injected failure left on a host; anything else is reset to bare and applied (--settle 1).
+    For tests whose facts start from a converged fleet, not from how it got there."""
+    for h in lab.names:
+        lab.ssh(h, "rm -rf /home/mastodon/live/STANDIN_FAIL /var/lib/fleet/lock", user="root", check=False)
+    if fleet(lab, "plan").returncode != 0:
+        reset_all(lab)
+        done = fleet(lab, "apply", "--yes", "--settle", "1", timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
 def wait_for_ssh(lab: Any, host: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

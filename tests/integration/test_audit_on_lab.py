@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from helpers import fleet, fleet_json, install_unit, reset_all, sidekiq_unit
+from helpers import converge, fleet, fleet_json, install_unit, sidekiq_unit
 
 ENV = "/home/mastodon/live/.env.production"
 
@@ -16,9 +16,7 @@ def snapshots(lab: Any) -> list[dict[str, Any]]:
 
 
 def test_the_postmortem_incident_is_audited_attributed_and_repaired(lab: Any) -> None:
-    reset_all(lab)
-    converge = fleet(lab, "apply", "--yes", "--settle", "1", timeout=300)
-    assert converge.returncode == 0, converge.stdout + converge.stderr
+    converge(lab)  # test_adopt_on_lab, before this module, ends with the example converged
     clean = fleet_json(lab, "audit")
     assert [f for f in clean["findings"] if f["severity"] == "error"] == []
     baseline = clean["snapshot"]

@@ -25,12 +25,12 @@ def cell(report: dict[str, Any], service: str, host: str = DB) -> dict[str, Any]
 @pytest.fixture(scope="module")
 def converged_once(lab: Any) -> Iterator[Any]:
     """Converged once for the module: each test leaves the lab as it found it (the cluster it killed
-    started again, the standby cluster it made dropped), so the next needs no reset and apply."""
+    started again, the standby cluster it made dropped), so the next needs no reset and apply — and
+    the module leaves the example converged, which the next module's `converge` starts from."""
     reset_all(lab)
     done = fleet(lab, "apply", "--yes", "--settle", "1", timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     yield lab
-    reset_all(lab)
 
 
 @pytest.fixture

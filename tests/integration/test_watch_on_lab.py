@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, fleet, fleet_argv, reset_all
+from helpers import REPO, converge, fleet, fleet_argv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the receiver and the browser harness
 
@@ -122,9 +122,7 @@ def needles(lab: Any, receiver: Receiver, *, short: bool = True) -> list[str]:
 
 def test_watch_tells_a_hand_edit_once_the_fix_and_survives_a_dead_receiver_and_a_kill(
         lab: Any, receiver: Receiver, tmp_path: Path) -> None:
-    reset_all(lab)
-    converge = fleet(lab, "apply", "--yes", "--settle", "1", timeout=300)
-    assert converge.returncode == 0, converge.stdout + converge.stderr
+    converge(lab)  # test_stores_on_lab, before this module, ends with the example converged
     (lab.state_dir / "watch-outbox.json").unlink(missing_ok=True)  # a watch starting afresh on this fleet
     w = Watching(lab, tmp_path)
 
