@@ -20,7 +20,6 @@ import getpass
 import json
 import os
 import re
-import secrets
 import socket
 import sqlite3
 import threading
@@ -343,6 +342,8 @@ def _printable(s: str) -> str:
 
 def new_run_id(now: float) -> str:
     """Time-sortable: `20261128T140307-a1b2c3` (UTC)."""
+    import secrets  # here, not at the top: `secrets` imports `random`, which `status` and `plan` never need
+
     return f"{datetime.fromtimestamp(now, UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 

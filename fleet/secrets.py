@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets as random_source
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -114,6 +113,8 @@ def ensure_lab_redis_password(lab_dir: Path) -> str:
         raise FleetError(f"the lab's Redis password file {path} does not hold a password fleet made",
                          hint="remove it: `fleet lab up` and `fleet --lab` make a new one")
     if not value:
+        import secrets as random_source  # only the lab makes secrets: `plan` need not import `random`
+
         value = random_source.token_hex(24)
         _write_private(path, value + "\n")
     return value
@@ -141,6 +142,8 @@ def ensure_lab_secrets(desired: Desired, path: Path) -> bool:
         why = "it nests too deeply to be read" if isinstance(e, RecursionError) else "it is not a readable TOML file"
         raise FleetError(f"cannot read the lab secrets file {path}: {why}",
                          hint="fix it, or remove it to have fleet --lab generate new random secrets") from None
+    import secrets as random_source  # only the lab makes secrets: `plan` need not import `random`
+
     changed = False
     redis_password = ""
     for ef in desired.env_files:
