@@ -4,7 +4,6 @@ every document fleet writes is made of (`indented_json`)."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import re
@@ -94,6 +93,8 @@ def mask(value: str) -> str:
 
 
 def sha256_hex(value: str | bytes) -> str:
+    import hashlib
+
     data = value.encode() if isinstance(value, str) else value
     return hashlib.sha256(data).hexdigest()
 
