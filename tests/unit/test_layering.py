@@ -126,6 +126,10 @@ def test_importing_a_module_loads_nothing_above_it(module: str, never: tuple[str
 NOT_FOR_HELP_OR_CHECK = {"paramiko", "networkx", "tabulate", "fleet.lab.lifecycle", "fleet.lab.image",
                          "fleet.lab.machines", "fleet.collect.collector", "fleet.collect.parse", "fleet.plan",
                          "fleet.transport.ssh", "fleet.notify"}
+# Nor the standard library's modules fleet needs for one rarely-used function (issue 19, ninth
+# round): importlib.resources (with tempfile and zipfile) for one data file, secrets (with random)
+# to make a secret, hashlib (OpenSSL, ~4 ms) to hash.
+NOT_AT_START_UP = {"importlib.resources", "tempfile", "zipfile", "secrets", "random", "hashlib", "_hashlib"}
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["check"], ["check", "--json"]])
@@ -139,6 +143,7 @@ def test_help_and_check_load_neither_paramiko_networkx_nor_tabulate(argv: list[s
     code, *loaded = _probe(probe)
     assert code == "0"
     assert not _among(loaded, NOT_FOR_HELP_OR_CHECK)
+    assert not _among(loaded, NOT_AT_START_UP)
 
 
 def test_planning_and_rendering_a_plan_load_neither_networkx_paramiko_nor_tabulate() -> None:
@@ -176,3 +181,6 @@ def test_a_plan_from_a_kept_observation_loads_no_collector_transport_history_or_
     assert code == "2"  # changes: a bare fleet
     assert not _among(loaded, ("fleet.collect.collector", "fleet.history", "fleet.history_cache", "fleet.transport",
                                "fleet.notify", "paramiko", "networkx", "tabulate"))
+    # a plan hashes (hashlib), and writes no file without -o; it makes no secret and reads fleet's
+    # data file without importlib.resources
+    assert not _among(loaded, NOT_AT_START_UP - {"hashlib", "_hashlib"})

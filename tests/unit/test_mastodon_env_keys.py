@@ -17,7 +17,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fleet import policy
+from fleet import mastodon, policy
 from fleet.envfile import key_problem
 from fleet.mastodon import DOCUMENTED_ENV_KEYS, ENV_KEYS_DATA, KNOWN_ENV_KEYS, S3_KEYS, looks_secret, parse_env_key_list
 from fleet.textutil import damerau_levenshtein, edit_distance
@@ -35,6 +35,15 @@ def test_the_list_holds_as_many_keys_as_its_header_says_and_none_twice() -> None
     keys = parse_env_key_list(DATA)
     (count,) = re.findall(r"^# count: (\d+)$", DATA, re.MULTILINE)
     assert len(keys) == int(count) == len(set(keys)) == len(DOCUMENTED_ENV_KEYS) == 273
+
+
+def test_the_list_is_read_through_the_package_loader_as_importlib_resources_reads_it() -> None:
+    """fleet reads it with pkgutil (not importlib.resources, whose import costs every command
+    ~5-10 ms: issue 19's ninth round): the same text, the same keys."""
+    assert mastodon._package_data(ENV_KEYS_DATA) == DATA
+    assert DOCUMENTED_ENV_KEYS == frozenset(parse_env_key_list(DATA))
+    with pytest.raises(OSError):
+        mastodon._package_data("data/no-such-file.txt")
 
 
 def test_the_list_names_the_reference_and_the_documentation_commit_it_was_taken_from() -> None:
