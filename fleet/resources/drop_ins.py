@@ -23,7 +23,6 @@ line break comes escaped, the line starting with a backslash (as GNU sha256sum w
 
 from __future__ import annotations
 
-import difflib
 import posixpath
 import re
 import shlex
@@ -283,6 +282,8 @@ def _unit_of(path: str) -> str | None:
 
 
 def _unified_diff(before: str, after: str, fromfile: str, tofile: str) -> str:
+    import difflib  # only a drifted drop-in is diffed: start-up need not import it
+
     lines = list(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
                                       fromfile=fromfile, tofile=tofile))
     return "".join(lines)

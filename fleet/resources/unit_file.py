@@ -12,7 +12,6 @@ instance's, not the template's, and are left alone.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -76,6 +75,8 @@ class UnitTexts:
         """`difflib.unified_diff` of the two texts, joined; only its ---/+++ lines name the host."""
         body = self._bodies.get((before, after))
         if body is None:
+            import difflib  # only a drifted unit file is diffed: start-up need not import it
+
             lines = list(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
                                               fromfile="-", tofile="+"))
             body = "".join(lines[2:])  # without the two header lines, which unified_diff omits for no change

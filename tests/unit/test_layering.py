@@ -128,8 +128,9 @@ NOT_FOR_HELP_OR_CHECK = {"paramiko", "networkx", "tabulate", "fleet.lab.lifecycl
                          "fleet.transport.ssh", "fleet.notify"}
 # Nor the standard library's modules fleet needs for one rarely-used function (issue 19, ninth
 # round): importlib.resources (with tempfile and zipfile) for one data file, secrets (with random)
-# to make a secret, hashlib (OpenSSL, ~4 ms) to hash.
-NOT_AT_START_UP = {"importlib.resources", "tempfile", "zipfile", "secrets", "random", "hashlib", "_hashlib"}
+# to make a secret, hashlib (OpenSSL, ~4 ms) to hash, difflib to show a drifted unit file.
+NOT_AT_START_UP = {"importlib.resources", "tempfile", "zipfile", "secrets", "random", "hashlib", "_hashlib",
+                   "difflib"}
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["check"], ["check", "--json"]])
@@ -181,6 +182,6 @@ def test_a_plan_from_a_kept_observation_loads_no_collector_transport_history_or_
     assert code == "2"  # changes: a bare fleet
     assert not _among(loaded, ("fleet.collect.collector", "fleet.history", "fleet.history_cache", "fleet.transport",
                                "fleet.notify", "paramiko", "networkx", "tabulate"))
-    # a plan hashes (hashlib), and writes no file without -o; it makes no secret and reads fleet's
-    # data file without importlib.resources
-    assert not _among(loaded, NOT_AT_START_UP - {"hashlib", "_hashlib"})
+    # a plan hashes (hashlib) and diffs the unit files it writes (difflib), and writes no file
+    # without -o; it makes no secret and reads fleet's data file without importlib.resources
+    assert not _among(loaded, NOT_AT_START_UP - {"hashlib", "_hashlib", "difflib"})
