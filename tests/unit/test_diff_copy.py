@@ -107,6 +107,16 @@ def test_where_the_copy_must_not_be_made(monkeypatch: pytest.MonkeyPatch) -> Non
     assert sorted(set(asked)) == ["h1", "h2", "h3", "h4", "h5"]  # a and h7 copied from h1
     monkeypatch.undo()
     check_each_hosts_own(desired, observed)
+    # drop-ins: what a host has in the unit's drop-in directory is in its drop-ins section, not in
+    # its units: d2's cfg.service looks as bare as d1's, its undeclared drop-in is its own
+    from fleet.resources.drop_ins import DropIn
+
+    with_dropins = fleet_of(("d1", "d2"), dropins_on=("d1", "d2"))
+    theirs = DropIn("cfg.service", "/etc/systemd/system/cfg.service.d/90-theirs.conf", "a" * 64)
+    observed = {"d1": HostState("d1", HostFacts(), (), (), extra=(("dropins", ()),)),
+                "d2": HostState("d2", HostFacts(), (), (), extra=(("dropins", (theirs,)),))}
+    changes = check_each_hosts_own(with_dropins, observed)
+    assert [c.host for c in changes if c.action.value == "remove-drop-in"] == ["d2"]
     first_a = fleet_of(("a", "h1", "h2"))
     observed = {h: HostState(h, HostFacts(), (), ()) for h in ("a", "h1", "h2")}
     asked = counting(monkeypatch)
