@@ -46,7 +46,7 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
     whole = all(isinstance(observed.get(h.name), HostState) for h in desired.hosts)
     cache: dict[str, Any] = {}
     groups = _groups(RESOURCES)
-    copies = _GroupCopies()
+    copies = _GroupCopies(groups)
     for host in desired.hosts:
         result = observed.get(host.name)
         if result is None:
@@ -59,13 +59,15 @@ def diff(desired: Desired, observed: Mapping[str, HostResult], secrets: Mapping[
         for group in groups:
             if group[0].per_service:
                 services = desired.services_on(host.name)
-                if copies.copy(ctx, group, services):
+                key = copies.key(ctx, group, services)
+                if key is not None and copies.copy(ctx, key, services):
                     continue
-                mark = copies.mark(ctx)
+                mark = copies.mark(ctx, key) if key is not None else None
                 for s in services:
                     for r in group:
                         r.diff_service(ctx, s)
-                copies.learn(ctx, group, services, mark)
+                if key is not None and mark is not None:
+                    copies.learn(ctx, key, services, mark)
             else:
                 group[0].diff_host(ctx)
         for r in RESOURCES:
@@ -99,25 +101,38 @@ _COPYABLE_GROUP = ("unit file", "drop-ins", "unit state")
 # per copied change: action, target, reason, service, before, after, and for a write-unit its
 # content hash and the diff below its ---/+++ lines (None: no payload)
 _Row = tuple[Action, str, str, "str | None", str, str, "tuple[str, str] | None"]
+_Key = tuple[tuple[int, tuple[str, ...]], ...]
+_Mark = tuple[int, int, int, int, bool]
 
 
 class _GroupCopies:
-    def __init__(self) -> None:
-        # services' ids and their units on the host -> (the services, every unit looked at,
-        # the rows, units rewritten, a reload needed), or None: learnt once, not copyable
-        self._made: dict[tuple[Any, ...], tuple[tuple[Service, ...], tuple[str, ...], tuple[_Row, ...],
-                                                frozenset[str], bool] | None] = {}
+    def __init__(self, groups: Sequence[tuple[Resource, ...]]) -> None:
+        self._groups = {id(g) for g in groups if tuple(r.kind for r in g) == _COPYABLE_GROUP}
+        # services' ids and all their units on the host -> (the services, the other units looked
+        # at (unit files, probes), the rows, units rewritten, a reload needed), or None: learnt
+        # once, not copyable
+        self._made: dict[_Key, tuple[tuple[Service, ...], tuple[str, ...], tuple[_Row, ...], frozenset[str],
+                                     bool] | None] = {}
 
-    @staticmethod
-    def _key(group: tuple[Resource, ...], services: tuple[Service, ...], host: str) -> tuple[Any, ...] | None:
-        if tuple(r.kind for r in group) != _COPYABLE_GROUP:
+    def key(self, ctx: HostDiff, group: tuple[Resource, ...], services: tuple[Service, ...]) -> _Key | None:
+        """The services' ids and all their units on ctx's host, when none of them is there yet
+        (on a host where one is: None at the first, with no more looked up)."""
+        if id(group) not in self._groups:
             return None
-        return tuple((id(s), s.all_units_on(host)) for s in services)
+        host, unit_of = ctx.host, ctx.state.unit
+        out = []
+        for s in services:
+            units = s.all_units_on(host)
+            for u in units:
+                if not not_there(unit_of(u)):
+                    return None
+            out.append((id(s), units))
+        return tuple(out)
 
-    def copy(self, ctx: HostDiff, group: tuple[Resource, ...], services: tuple[Service, ...]) -> bool:
-        """The group's changes on ctx's host, copied if an earlier host taught them; False if not."""
-        key = self._key(group, services, ctx.host)
-        made = self._made.get(key) if key is not None else None
+    def copy(self, ctx: HostDiff, key: _Key, services: tuple[Service, ...]) -> bool:
+        """The group's changes on ctx's host (where `key`'s units are not there), copied if an
+        earlier host taught them; False if not."""
+        made = self._made.get(key)
         if made is None or len(made[0]) != len(services) or not all(map(_same, made[0], services)):
             return False
         unit_of = ctx.state.unit
@@ -138,33 +153,32 @@ class _GroupCopies:
             ctx.reload_needed = True
         return True
 
-    @staticmethod
-    def mark(ctx: HostDiff) -> tuple[int, int, int, frozenset[str], int, bool]:
-        return (len(ctx.changes), len(ctx.problems), len(ctx.notes), frozenset(ctx.rewritten_units),
-                len(ctx.written_paths), ctx.reload_needed)
+    def mark(self, ctx: HostDiff, key: _Key) -> _Mark | None:
+        """Where ctx stands before the group runs, when what it makes may be learnt."""
+        if key in self._made or ctx.rewritten_units:
+            return None
+        return (len(ctx.changes), len(ctx.problems), len(ctx.notes), len(ctx.written_paths), ctx.reload_needed)
 
-    def learn(self, ctx: HostDiff, group: tuple[Resource, ...], services: tuple[Service, ...],
-              mark: tuple[int, int, int, frozenset[str], int, bool]) -> None:
+    def learn(self, ctx: HostDiff, key: _Key, services: tuple[Service, ...], mark: _Mark) -> None:
         """What the group just made on ctx's host, kept for the next hosts with the same services
         and units if every unit looked at is not there and the host's name is in no field but the
         diff's ---/+++ lines; learnt once (a copy that cannot be made is not tried again)."""
-        key = self._key(group, services, ctx.host)
-        if key is None or key in self._made:
-            return
         host = ctx.host
-        looked_at: dict[str, None] = {}
+        mine = {u for _, units in key for u in units}
+        extra: dict[str, None] = {}
         for s in services:
-            looked_at.update(dict.fromkeys(s.all_units_on(host)))
             for unit, _, probe in unit_files(s, host):
-                looked_at[probe] = looked_at[unit] = None
-        if not all(not_there(ctx.state.unit(u)) for u in looked_at):
+                extra[probe] = extra[unit] = None
+        others = tuple(u for u in extra if u not in mine)
+        if not all(not_there(ctx.state.unit(u)) for u in others):
             return  # not a first install here: learnt from a host where it is
         self._made[key] = None
-        if (any(s.dropins is not None and not s.observe_only for s in services) or mark[3]
-                or (len(ctx.problems), len(ctx.notes), len(ctx.written_paths)) != (mark[1], mark[2], mark[4])):
+        if (any(s.dropins is not None and not s.observe_only for s in services)
+                or (len(ctx.problems), len(ctx.notes), len(ctx.written_paths)) != mark[1:4]):
             return
+        made = ctx.changes[mark[0]:]
         rows: list[_Row] = []
-        for c in ctx.changes[mark[0]:]:
+        for c in made:
             p = c.payload
             texts = [c.target, c.reason, c.before, c.after, c.service or ""]
             file: tuple[str, str] | None = None
@@ -179,8 +193,7 @@ class _GroupCopies:
             if c.host != host or any(host in t for t in texts):
                 return
             rows.append((c.action, c.target, c.reason, c.service, c.before, c.after, file))
-        made = ctx.changes[mark[0]:]
-        self._made[key] = (services, tuple(looked_at), tuple(rows), frozenset(ctx.rewritten_units),
+        self._made[key] = (services, others, tuple(rows), frozenset(ctx.rewritten_units),
                            any(ctx.specs[c.action].needs_reload for c in made))
 
 
