@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.lab import Lab, run_parallel
-from bench.status import BASELINE, KEX, _load, floor_argvs, kept, machine_busy
+from bench.status import BASELINE, KEX, _load, floor_argvs, history_asks_for, kept, machine_busy
 
 
 def _baseline(seconds: float = 3.0) -> float:
@@ -140,22 +140,27 @@ def profile_parts(lab: Lab, directory: Path, repeats: int = 20) -> dict[str, Any
     """Host CPU per part of fleet's script (and of the minimal collector's one `systemctl show`),
     measured on the host itself, as root, `repeats` runs in one shell: no SSH session counted.
     `fleet` is the script as fleet sends it after a first collection (what the lab's newest kept
-    snapshot lets it skip offered: idle units, part `idle`; env files whose hash it knows),
-    `fleet_first` as a first collection sends it, and with BENCH_BASELINE_PYTHONPATH set,
+    snapshot lets it skip offered: idle units, part `idle`; env files whose hash it knows; the
+    host history read from where the journal last saw it, part `history`), `fleet_first` as a first
+    collection sends it (the whole history read), and with BENCH_BASELINE_PYTHONPATH set,
     `baseline` as that fleet sends it after a first collection.  Each case also counts the processes
     each part starts (`per_part_processes`, the median of 5 runs): CPU shares the machine's noise,
     that count does not."""
+    from fleet.collect.collector import HistoryAsk, _history_section
     from fleet.collect.script import build_script, known_env, reuse_offers, script_parts, spec_for
 
     desired, targets = _load(directory, lab.state_dir)
     seen = kept(desired, targets, lab.state_dir)
+    asks = history_asks_for(targets, lab.state_dir)
     out: dict[str, Any] = {"repeats": repeats, "hosts": {}}
     for host in (next(h for h in targets.hosts if not h.sudo), next(h for h in targets.hosts if h.sudo)):
         first = spec_for(desired, host.name)
         spec = reuse_offers(first, seen.get(host.name))
         once = lab.root(host.name, host.sudo, build_script(spec), timeout=120).stdout
         reused = once.split("@@reused\n", 1)[1].split("@@", 1)[0].split() if "@@reused\n" in once else []
-        cases = {"fleet": script_parts(spec), "fleet_first": script_parts(first),
+        history = _history_section(asks.get(host.name))
+        cases = {"fleet": script_parts(spec, history=history),
+                 "fleet_first": script_parts(first, history=_history_section(HistoryAsk())),
                  "minimal": [("systemctl_show", minimal_command(spec.units))]}
         if BASELINE:
             cases["baseline"] = _baseline_parts(directory, lab.state_dir, host.name)

@@ -5,10 +5,10 @@ Two floors: OpenSSH running fleet's own script (below), and issue 19's minimal c
 measured against).  The three alternate, in a rotating order.
 
 The floor: one OpenSSH client process per host, all started at once, each running fleet's own
-remote collection script for that host (`build_script(spec_for(desired, host))`, wrapped by
-`sudo_command` for hosts with `sudo = true`, exactly as the transport sends it), with the key
-exchange paramiko negotiates forced on OpenSSH (`-o KexAlgorithms=…`).  Floor and fleet runs
-alternate, so both see the same machine load; each run's ratio is fleet / floor of that run.
+remote collection script for that host, history section included, exactly as the transport sends
+it (`floor_wires`), with the key exchange paramiko negotiates forced on OpenSSH (`-o
+KexAlgorithms=…`).  Floor and fleet runs alternate, so both see the same machine load; each run's
+ratio is fleet / floor of that run.
 
 With BENCH_BASELINE_PYTHONPATH set to a directory holding another fleet package (e.g. `git archive
 COMMIT fleet | tar -x -C DIR`), a fourth variant runs the same `fleet` command with that package
@@ -60,21 +60,48 @@ def kept(desired: Any, targets: Any, state_dir: Path) -> dict[str, Any]:
     return kept_states(common, desired, targets.hosts)
 
 
-def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
-    """One OpenSSH command line per host, carrying fleet's exact remote command for it (with what
-    the newest kept snapshot lets it skip offered — idle units, known env files — as fleet's own run
-    after the first has them)."""
-    from fleet.collect.script import build_script, reuse_offers, spec_for
-    from fleet.transport.protocol import sudo_command
+class _Quiet:
+    """A workflow reporter that keeps what it is told (the bench prints none of it)."""
 
-    desired, targets = _load(directory, lab.state_dir)
-    seen = kept(desired, targets, lab.state_dir)
-    argvs = []
-    for host in targets.hosts:
-        script = build_script(reuse_offers(spec_for(desired, host.name), seen.get(host.name)))
-        wire = sudo_command(script) if host.sudo else script
-        argvs.append(lab.ssh_argv(host.name, wire, "-o", f"KexAlgorithms={kex}"))
-    return argvs
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+
+    def progress(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def floor_wires(directory: Path, state_dir: Path) -> dict[str, str]:
+    """Host name -> the exact text fleet's transport sends that host for `fleet status` now: the
+    collection script with what the newest kept snapshot lets it skip offered (idle units, known
+    env files), the host history's section asked from where the journal last saw it, the
+    transport's `exec </dev/null` and, for `sudo = true` hosts, its sudo wrapping.  (Until
+    3 December the floor left the history section out, so it ran less than fleet's script.)"""
+    from fleet.collect.collector import collection_scripts
+    from fleet.transport.ssh import _eof_safe
+
+    desired, targets = _load(directory, state_dir)
+    _, scripts = collection_scripts(desired, targets.hosts, history_of=history_asks_for(targets, state_dir),
+                                    kept=kept(desired, targets, state_dir))
+    return {h.name: _eof_safe(scripts[h.name], None, h.sudo) for h in targets.hosts}
+
+
+def history_asks_for(targets: Any, state_dir: Path) -> dict[str, Any]:
+    """What `fleet status` asks each host's history for now (fleet.workflows.observe.history_asks)."""
+    from fleet.workflows.base import Common
+    from fleet.workflows.observe import history_asks
+
+    common = Common(desired=Path("desired_state.toml"), hosts=Path("hosts"), state_dir=state_dir, lab=True)
+    return history_asks(common, targets.hosts, _Quiet())
+
+
+def floor_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:
+    """One OpenSSH command line per host, carrying fleet's exact remote command for it
+    (`floor_wires`)."""
+    return [lab.ssh_argv(host, wire, "-o", f"KexAlgorithms={kex}")
+            for host, wire in floor_wires(directory, lab.state_dir).items()]
 
 
 def minimal_argvs(lab: Lab, directory: Path, kex: str = KEX) -> list[list[str]]:

@@ -83,9 +83,7 @@ def collect_all(
     env files' parses stand for the files while they hash the same (script.reuse_offers)."""
     targets = list(desired.hosts if hosts is None else hosts)
     asks = history_of or {}
-    specs: dict[str, CollectSpec] = {h.name: reuse_offers(spec_for(desired, h.name), (kept or {}).get(h.name))
-                                     for h in targets}
-    scripts = {h.name: build_script(specs[h.name], history=_history_section(asks.get(h.name))) for h in targets}
+    specs, scripts = collection_scripts(desired, targets, history_of=asks, kept=kept)
     results: dict[str, HostResult] = {}
     reads: dict[str, history.HistoryRead | ParseError] = {}
     known = {name: {p: e for p, h in known_env(spec).items()
@@ -112,6 +110,15 @@ def collect_all(
             results[name] = to_result(name, outcome, specs.get(name), known.get(name))
     return Collection({h.name: results[h.name] for h in targets if h.name in results},
                       {h.name: reads[h.name] for h in targets if h.name in reads})
+
+
+def collection_scripts(desired: Desired, hosts: Sequence[Host], *, history_of: Mapping[str, HistoryAsk] | None = None,
+                       kept: Mapping[str, HostState] | None = None) -> tuple[dict[str, CollectSpec], dict[str, str]]:
+    """What `collect_all` asks each host to look at, and the remote script it sends for it (before
+    the transport's sudo and stdin wrapping): the bench's OpenSSH floor sends these same texts."""
+    asks = history_of or {}
+    specs = {h.name: reuse_offers(spec_for(desired, h.name), (kept or {}).get(h.name)) for h in hosts}
+    return specs, {h.name: build_script(specs[h.name], history=_history_section(asks.get(h.name))) for h in hosts}
 
 
 def _history_section(ask: HistoryAsk | None) -> str:
