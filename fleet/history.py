@@ -554,7 +554,9 @@ def read_section(last: LastSeen | None, *, state_dir: str = STATE, max_bytes: in
                                or another run's was appended by a run no longer holding the host)
         end
     With `anchor ok` the lines start at the last-seen record; otherwise (never seen, no longer
-    there, or the part up to it changed) at the start of the oldest file."""
+    there, or the part up to it changed) at the start of the oldest file.  When nothing follows
+    the anchor (the common case: no change since the last collection), the digest is the one the
+    anchor's check just computed over the same bytes — no second `head | sha256sum`."""
     d, f, lock = _state(state_dir)
     seq = last.seq if last else 0
     want = quote(last.digest if last else "")
@@ -605,7 +607,8 @@ read -r lk lo <<EOF
 $r
 EOF
 case "$lk$lo" in *[!0-9]*|'') lk=0;; esac
-if [ "$lk" -gt 0 ]; then
+if [ "$anchor" = ok ] && [ "$lk" -eq "$k" ] && [ "$lo" -eq "$o" ]; then echo "digest $got"
+elif [ "$lk" -gt 0 ]; then
   i=0; for x in "$@"; do i=$((i + 1)); [ "$i" -eq "$lk" ] && lf=$x; done
   got=$(head -c "$lo" -- "$lf" | sha256sum); echo "digest ${{got%% *}}"
 fi
