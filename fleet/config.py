@@ -55,7 +55,7 @@ from fleet.model import (
 )
 from fleet.sidekiq import load_policy
 from fleet.sidekiq_settings import parse_argv
-from fleet.textutil import did_you_mean
+from fleet.textutil import did_you_mean, digits
 from fleet.unitfile import (
     DROPIN_NAME,
     KEY,
@@ -463,7 +463,7 @@ def _load_hosts(hosts_dir: Path) -> tuple[tuple[Host, ...], list[Finding], tuple
 def _same_address(address: str) -> str:
     """One spelling per machine: DNS names are case-insensitive and may end in a dot; IP
     addresses have many spellings (0::1 is ::1)."""
-    if ":" not in address and not address.replace(".", "").isdigit():  # a name: no IPv6, not only digits
+    if ":" not in address and not digits(address.replace(".", "")):  # a name: no IPv6, not only ASCII digits
         return address.lower().rstrip(".")
     try:
         return str(ipaddress.ip_address(address))
