@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from logged_tools import logging_tools, started
 from observed import EXAMPLE_SECRETS, bare, converged, example
 
 from fleet import history
@@ -684,40 +684,30 @@ def test_a_change_of_thousands_of_long_non_ascii_keys_still_makes_a_readable_rec
     assert json.loads(line)["truncated"] is True and r.keys[:3] == ("KEY_0", "KEY_1", "KEY_2")
 
 
-def _logged_hashing(directory: Path) -> tuple[Path, str]:
-    """head and sha256sum that log their start, then run the real ones; (log, PATH)."""
-    directory.mkdir()
-    log = directory / "started.log"
-    for tool in ("head", "sha256sum"):
-        real = shutil.which(tool)
-        assert real is not None
-        (directory / tool).write_text(f'#!/bin/sh\necho {tool} >>{log}\nexec {real} "$@"\n')
-        (directory / tool).chmod(0o755)
-    return log, f"{directory}:{os.environ.get('PATH', '/usr/bin:/bin')}"
-
-
 def test_with_nothing_new_the_anchors_hash_is_the_digest_and_is_made_once(tmp_path: Path) -> None:
     state = tmp_path / "s"
     appended(state, 5)
     first = read(state, None)
     assert first.last_seen is not None and first.last_seen.digest
-    log, path = _logged_hashing(tmp_path / "logged")
-    done = subprocess.run(["sh", "-c", read_section(first.last_seen, state_dir=str(state))], capture_output=True,
-                          env={**os.environ, "PATH": path}, timeout=60)
-    assert done.returncode == 0 and done.stderr == b"", done.stderr
-    rest = done.stdout.decode().partition("\n")[2]
-    again = parse_read(HOST, rest, first.last_seen)
+    log = logging_tools(tmp_path / "logged", ("head", "sha256sum"))
+    path = f"{tmp_path / 'logged'}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+
+    def logged_read() -> HistoryRead:  # `read` from where `first` left off, head and sha256sum logged
+        log.unlink(missing_ok=True)
+        done = subprocess.run(["sh", "-c", read_section(first.last_seen, state_dir=str(state))], capture_output=True,
+                              env={**os.environ, "PATH": path}, timeout=60)
+        assert done.returncode == 0 and done.stderr == b"", done.stderr
+        return parse_read(HOST, done.stdout.decode().partition("\n")[2], first.last_seen)
+
+    again = logged_read()
     assert again.status == "ok" and again.records == () and again.breaks == ()
     assert again.last_seen == first.last_seen  # the digest of the same bytes, up to the anchor
     # the anchor's check and no second hash (a pipeline's two tools start in either order)
-    assert sorted(log.read_text().split()) == ["head", "sha256sum"]
+    assert sorted(started(log)) == ["head", "sha256sum"]
     # one record more: its own digest, hashed after the anchor's check
     appended(state, 1, first=5)
-    log.unlink()
-    done = subprocess.run(["sh", "-c", read_section(first.last_seen, state_dir=str(state))], capture_output=True,
-                          env={**os.environ, "PATH": path}, timeout=60)
-    newer = parse_read(HOST, done.stdout.decode().partition("\n")[2], first.last_seen)
+    newer = logged_read()
     assert [r.seq for r in newer.records] == [first.last_seen.seq + 1]
     assert newer.last_seen is not None and newer.last_seen.digest != first.last_seen.digest
     assert newer.last_seen == read(state, None).last_seen
-    assert sorted(log.read_text().split()) == ["head", "head", "sha256sum", "sha256sum"]
+    assert sorted(started(log)) == ["head", "head", "sha256sum", "sha256sum"]

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from logged_tools import logging_tools, started
 from redis_server import PASSWORD, REDIS_CLI, Redis
 from test_stores_script import PG, path, run, tools  # noqa: F401  (`tools`: the stand-ins' fixture)
 
@@ -29,28 +30,11 @@ def sh(script: str, stdin: bytes = b"", **env: str) -> bytes:
     return done.stdout
 
 
-def logging_tools(directory: Path) -> Path:
-    """head, cut, sed and grep that log their start, then run the real ones."""
-    directory.mkdir()
-    log = directory / "started.log"
-    for tool in LOGGED:
-        real = shutil.which(tool)
-        assert real is not None
-        wrapper = directory / tool
-        wrapper.write_text(f'#!/bin/sh\necho {tool} >>{log}\nexec {real} "$@"\n')
-        wrapper.chmod(0o755)
-    return log
-
-
-def started(log: Path) -> list[str]:
-    return log.read_text().split() if log.exists() else []
-
-
 # ------------------------------------------------------------------ no head, cut, sed or grep
 
 
 def test_the_stores_section_starts_no_head_cut_or_sed(tools: Path) -> None:  # noqa: F811
-    log = logging_tools(tools / "logged")
+    log = logging_tools(tools / "logged", LOGGED)
     what = ToCollect((Asked(PG.unit, "postgres", 5432, probe=True), Asked("pgbouncer.service", "pgbouncer", 6432)))
     found, _ = run(what, tools, f"{tools / 'logged'}:{path(tools)}")
     assert found.units and found.clusters and found.probes  # every part ran
@@ -69,7 +53,7 @@ def test_the_redis_probe_and_sidekiqs_view_start_no_head_cut_sed_or_grep(redis: 
     redis.cli("LPUSH", "queue:default", "x")
     env = tmp_path / ".env.production"
     env.write_text(redis.env())
-    log = logging_tools(tmp_path / "logged")
+    log = logging_tools(tmp_path / "logged", LOGGED)
     logged = f"{tmp_path / 'logged'}:/usr/sbin:/usr/bin:/sbin:/bin"
     found, out = run(ToCollect((Asked("redis-server.service", "redis", redis.port),), str(env)), tmp_path, logged)
     assert found.redis[0].queued == 1 and PASSWORD not in out
@@ -233,10 +217,7 @@ def test_the_sidekiq_config_candidates_are_bounded_by_the_awk_as_head_bounded_th
 def test_the_hashes_part_starts_no_awk_and_the_sidekiq_config_part_no_head(tmp_path: Path) -> None:
     from fleet.collect.script import CollectSpec, script_parts
 
-    log = logging_tools(tmp_path / "logged")
-    real_awk = shutil.which("awk")
-    (tmp_path / "logged" / "awk").write_text(f'#!/bin/sh\necho awk >>{log}\nexec {real_awk} "$@"\n')
-    (tmp_path / "logged" / "awk").chmod(0o755)
+    log = logging_tools(tmp_path / "logged", (*LOGGED, "awk"))
     unit = tmp_path / "u.service"
     unit.write_text("[Service]\nExecStart=/bin/true\n")
     show = f"Id=u.service\nFragmentPath={unit}\nDropInPaths=\n\n" + _sidekiqs(1, "bundle exec sidekiq")
@@ -292,7 +273,7 @@ def test_the_sidekiq_config_loop_splits_on_a_written_tab_as_on_printfs() -> None
 def test_the_drop_ins_part_starts_nothing_where_no_directory_exists_and_prints_as_before(tmp_path: Path) -> None:
     from fleet.resources.drop_ins import DropIns
 
-    log = logging_tools(tmp_path / "logged")
+    log = logging_tools(tmp_path / "logged", LOGGED)
     logged = f"{tmp_path / 'logged'}:/usr/sbin:/usr/bin:/sbin:/bin"
     gone, there = tmp_path / "gone.service.d", tmp_path / "there.service.d"
     script = DropIns().script((str(gone), str(there)))
