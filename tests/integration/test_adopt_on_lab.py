@@ -20,6 +20,16 @@ def stock(lab: Any) -> Iterator[Any]:
     unshape_stock(lab)
 
 
+def checks_and_plans_nothing(lab: Any, target: Path) -> None:
+    """The adopted fleet in `target` passes `fleet check` and its plan is complete and empty."""
+    check = fleet(lab, "check", "--json", directory=target)
+    assert check.returncode == 0 and json.loads(check.stdout)["errors"] == 0, check.stdout + check.stderr
+    plan = fleet(lab, "plan", "--json", directory=target)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    document = json.loads(plan.stdout)
+    assert document["complete"] is True and document["changes"] == [], document["changes"]
+
+
 def test_adopting_the_stock_lab_writes_a_fleet_whose_plan_is_empty(stock: Any, tmp_path: Path) -> None:
     target = tmp_path / "adopted"
     done = fleet(stock, "adopt", str(target), directory=STOCK)  # STOCK's hosts/ is the inventory
@@ -28,12 +38,7 @@ def test_adopting_the_stock_lab_writes_a_fleet_whose_plan_is_empty(stock: Any, t
     for host in ("fritz", "freud"):
         for unit in units_on(host):
             assert (target / "units" / unit).read_bytes() == file_on(stock, host, f"/etc/systemd/system/{unit}")
-    check = fleet(stock, "check", "--json", directory=target)
-    assert check.returncode == 0 and json.loads(check.stdout)["errors"] == 0, check.stdout + check.stderr
-    plan = fleet(stock, "plan", "--json", directory=target)
-    assert plan.returncode == 0, plan.stdout + plan.stderr
-    document = json.loads(plan.stdout)
-    assert document["complete"] is True and document["changes"] == [], document["changes"]
+    checks_and_plans_nothing(stock, target)
 
 
 def test_adopt_refuses_a_non_empty_target_and_leaves_it_as_it_was(stock: Any, tmp_path: Path) -> None:
@@ -91,9 +96,4 @@ def test_adopting_the_converged_example_declares_its_env_files_and_data_stores_a
             value = line.partition("=")[2].strip().strip('"')
             if len(value) >= 8:
                 assert all(value not in p.read_text() for p in target.rglob("*") if p.is_file())
-    check = fleet(lab, "check", "--json", directory=target)
-    assert check.returncode == 0 and json.loads(check.stdout)["errors"] == 0, check.stdout + check.stderr
-    plan = fleet(lab, "plan", "--json", directory=target)
-    assert plan.returncode == 0, plan.stdout + plan.stderr
-    document = json.loads(plan.stdout)
-    assert document["complete"] is True and document["changes"] == [], document["changes"]
+    checks_and_plans_nothing(lab, target)
